@@ -1,0 +1,273 @@
+//! The device's QUIC client: enrolment and sync sessions over real connections.
+//!
+//! This module only moves frames between a QUIC stream and the sans-IO [`SyncSession`]; all
+//! protocol decisions live in [`crate::sync`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::identity::Identity;
+use crate::protocol::{
+    ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, ServerMessage, close,
+    enrol_signed_bytes,
+};
+use crate::store::{DeviceStore, Enrolment, StoreError};
+use crate::sync::{SyncError, SyncSession, SyncStats};
+use crate::tls::{SERVER_NAME, TlsError, client_config};
+use crate::token::{EnrolmentToken, TokenError};
+use crate::wire::{WireError, read_frame, write_frame};
+
+/// How long a device waits for the server before giving up on a step.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the server address `{0}` is not a valid IP address and port")]
+    BadAddress(String),
+    #[error("could not reach the server: {0}")]
+    Unreachable(String),
+    #[error("the server did not prove the key pinned at enrolment; refusing to talk to it")]
+    ServerKeyMismatch,
+    #[error("the server refused this device's key: it is not enrolled or has been revoked")]
+    DeviceRefused,
+    #[error("enrolment refused: {0}")]
+    EnrolmentRefused(String),
+    #[error("the connection failed: {0}")]
+    Connection(String),
+    #[error("the server sent something invalid: {0}")]
+    Protocol(String),
+    #[error("the server did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What one sync did, with the bytes that crossed the network.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    pub stats: SyncStats,
+    /// Protocol frame bytes sent and received after the handshake.
+    pub frame_bytes_sent: u64,
+    pub frame_bytes_received: u64,
+    /// UDP payload bytes of the whole connection, handshake included.
+    pub udp_bytes_sent: u64,
+    pub udp_bytes_received: u64,
+    pub duration: Duration,
+}
+
+impl SyncReport {
+    pub fn frame_bytes(&self) -> u64 {
+        self.frame_bytes_sent + self.frame_bytes_received
+    }
+
+    pub fn udp_bytes(&self) -> u64 {
+        self.udp_bytes_sent + self.udp_bytes_received
+    }
+}
+
+/// An open connection with one session stream: the low-level handle tests use to speak the
+/// protocol frame by frame.
+pub struct DeviceConnection {
+    endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    sent: u64,
+    received: u64,
+}
+
+impl DeviceConnection {
+    /// Connects with the device's identity and opens the session stream.
+    pub async fn open(store: &DeviceStore) -> Result<Self, ClientError> {
+        let enrolment = store.require_enrolment()?;
+        let identity = store.identity()?;
+        Self::open_with(
+            &enrolment.server_addr,
+            crate::identity::fingerprint(&enrolment.server_key),
+            Some(&identity),
+            ALPN_SYNC,
+        )
+        .await
+    }
+
+    async fn open_with(
+        addr: &str,
+        fingerprint: [u8; 32],
+        identity: Option<&Identity>,
+        alpn: &[u8],
+    ) -> Result<Self, ClientError> {
+        let addr: SocketAddr = addr.parse().map_err(|_| ClientError::BadAddress(addr.to_string()))?;
+        let bind: SocketAddr =
+            if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid bind address");
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        endpoint.set_default_client_config(client_config(identity, fingerprint, alpn)?);
+        let connecting =
+            endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let connection = tokio::time::timeout(STEP_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout(STEP_TIMEOUT))?
+            .map_err(|e| match e {
+                quinn::ConnectionError::TransportError(ref t) if is_crypto_error(u64::from(t.code)) => {
+                    ClientError::ServerKeyMismatch
+                }
+                quinn::ConnectionError::TimedOut => {
+                    ClientError::Unreachable("no answer from the server".into())
+                }
+                other => map_connection_error(&other),
+            })?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| map_connection_error(&e))?;
+        Ok(Self { endpoint, connection, send, recv, sent: 0, received: 0 })
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, message: &ClientMessage) -> Result<(), ClientError> {
+        self.send_any(message).await
+    }
+
+    async fn send_any<T: serde::Serialize>(&mut self, message: &T) -> Result<(), ClientError> {
+        let n = write_frame(&mut self.send, message).await.map_err(|e| map_wire_error(&e))?;
+        self.sent += n as u64;
+        Ok(())
+    }
+
+    /// Sends raw bytes, valid frames or not (for tests of the server's defences).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send.write_all(bytes).await.map_err(|e| map_wire_error(&WireError::Write(e)))
+    }
+
+    /// Receives one message; `None` when the server finished the stream.
+    pub async fn recv(&mut self) -> Result<Option<ServerMessage>, ClientError> {
+        self.recv_any().await
+    }
+
+    async fn recv_any<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ClientError> {
+        let read = tokio::time::timeout(STEP_TIMEOUT, read_frame::<T>(&mut self.recv))
+            .await
+            .map_err(|_| ClientError::Timeout(STEP_TIMEOUT))?;
+        match read.map_err(|e| map_wire_error(&e))? {
+            Some((message, n)) => {
+                self.received += n as u64;
+                Ok(Some(message))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Finishes our side, waits for the server to finish its side, and closes.
+    pub async fn finish(mut self) -> Result<(u64, u64, quinn::ConnectionStats), ClientError> {
+        let _ = self.send.finish();
+        // The server finishes its stream only after it processed everything we sent.
+        while self.recv_any::<ServerMessage>().await?.is_some() {}
+        let stats = self.connection.stats();
+        self.connection.close(close::DONE.into(), b"done");
+        self.endpoint.wait_idle().await;
+        Ok((self.sent, self.received, stats))
+    }
+}
+
+fn is_crypto_error(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
+
+fn map_connection_error(e: &quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(close) if is_crypto_error(u64::from(close.error_code)) => {
+            ClientError::DeviceRefused
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            if u64::from(close.error_code) == u64::from(close::REFUSED) {
+                ClientError::EnrolmentRefused(reason)
+            } else {
+                ClientError::Connection(format!("closed by the server: {reason}"))
+            }
+        }
+        quinn::ConnectionError::TimedOut => ClientError::Unreachable("the connection timed out".into()),
+        other => ClientError::Connection(other.to_string()),
+    }
+}
+
+fn map_wire_error(e: &WireError) -> ClientError {
+    match e.connection_error() {
+        Some(c) => map_connection_error(c),
+        None => ClientError::Protocol(e.to_string()),
+    }
+}
+
+/// Enrols this device with the one-time token an operator gave it.
+pub async fn enrol(store: &DeviceStore, token: &str) -> Result<Enrolment, ClientError> {
+    if store.enrolment()?.is_some() {
+        return Err(StoreError::AlreadyEnrolled.into());
+    }
+    let token = EnrolmentToken::decode(token)?;
+    let identity = store.identity()?;
+    let mut conn =
+        DeviceConnection::open_with(&token.server_addr, token.server_fingerprint, None, ALPN_ENROL).await?;
+    let device_key = identity.public_key();
+    let signature = identity.sign(&enrol_signed_bytes(&token.secret, &device_key));
+    let request = EnrolRequest {
+        secret: serde_bytes::ByteBuf::from(token.secret.to_vec()),
+        device_key,
+        signature: serde_bytes::ByteBuf::from(signature.to_vec()),
+    };
+    conn.send_any(&request).await?;
+    let response: EnrolResponse = conn
+        .recv_any()
+        .await?
+        .ok_or_else(|| ClientError::Protocol("the server closed without answering".into()))?;
+    let _ = conn.finish().await;
+    match response {
+        EnrolResponse::Enrolled { device_name, role, server_key } => {
+            if crate::identity::fingerprint(&server_key) != token.server_fingerprint {
+                return Err(ClientError::ServerKeyMismatch);
+            }
+            let enrolment = Enrolment {
+                server_addr: token.server_addr.clone(),
+                server_key,
+                device_name,
+                role,
+                enrolled_at_ms: crate::now_ms(),
+            };
+            store.set_enrolment(&enrolment)?;
+            Ok(enrolment)
+        }
+        EnrolResponse::Refused { message } => Err(ClientError::EnrolmentRefused(message)),
+    }
+}
+
+/// Runs one sync session: uploads offline changes, receives what changed, disconnects.
+pub async fn sync(store: &mut DeviceStore) -> Result<SyncReport, ClientError> {
+    let started = Instant::now();
+    let mut conn = DeviceConnection::open(store).await?;
+    let (mut session, first) = SyncSession::start(store)?;
+    for message in &first {
+        conn.send(message).await?;
+    }
+    while !session.is_done() {
+        let message = conn
+            .recv()
+            .await?
+            .ok_or_else(|| ClientError::Protocol("the server ended the session early".into()))?;
+        for reply in session.handle(message, store)? {
+            conn.send(&reply).await?;
+        }
+    }
+    let stats = session.stats().clone();
+    let (sent, received, udp) = conn.finish().await?;
+    Ok(SyncReport {
+        stats,
+        frame_bytes_sent: sent,
+        frame_bytes_received: received,
+        udp_bytes_sent: udp.udp_tx.bytes,
+        udp_bytes_received: udp.udp_rx.bytes,
+        duration: started.elapsed(),
+    })
+}

@@ -1,0 +1,38 @@
+//! `care-node`: everything a care-sync device runs.
+//!
+//! - [`nhs`]: NHS number validation; the only way an NHS number enters the system.
+//! - [`summary`]: the patient-summary Automerge document and its typed API.
+//! - [`crypto`]: the data key, sealed values, lookup hashes and key wrapping.
+//! - [`identity`]: ed25519 device and server identities.
+//! - [`store`]: the encrypted SQLite replica on the device.
+//! - [`protocol`]: the sync protocol's messages and framing (shared with the server).
+//! - [`sync`]: the device half of the sync protocol, as a sans-IO state machine.
+//! - [`token`]: enrolment tokens.
+//! - [`tls`]: rustls configuration and the ed25519 key verifiers (shared with the server).
+//! - [`client`]: the QUIC client that moves protocol frames.
+//! - [`view`]: the text view of a summary, with its "as of" time.
+//! - [`wire`]: frame reads and writes over QUIC streams.
+//!
+//! Nothing in this crate logs or puts in an error message a patient's name, NHS number or date of
+//! birth; logs carry opaque ids only.
+
+pub mod client;
+pub mod crypto;
+pub mod identity;
+pub mod nhs;
+pub mod protocol;
+pub mod store;
+pub mod summary;
+pub mod sync;
+pub mod tls;
+pub mod token;
+pub mod view;
+pub mod wire;
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

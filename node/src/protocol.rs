@@ -1,0 +1,212 @@
+//! The sync protocol's messages and framing, shared by device and server.
+//!
+//! A sync session is one bidirectional QUIC stream on a connection with ALPN [`ALPN_SYNC`].
+//! Every frame is `u32 length (big-endian) | u8 protocol version | postcard message`; the length
+//! counts the version byte and the message and may not exceed [`MAX_FRAME_LEN`]. A frame that is
+//! too long, of another version, or not a valid message ends that connection with a clear error.
+//!
+//! The exchange (see `docs/protocol.md`):
+//! ```text
+//! device: Hello{cursor, resume}         server: Welcome{device name, role, time}
+//! device: Upload{through, docs}...      server: UploadAck{through}...   (durable before acked)
+//! device: UploadDone                    server: Docs{round, items}... RoundDone{round}
+//! device: RoundAck{round}
+//! ```
+//! `cursor` is the server change sequence number up to which the device holds every change of
+//! every document it holds; a round sends only what lies after it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::summary::PatientId;
+
+/// ALPN of sync connections; the device must present an enrolled key.
+pub const ALPN_SYNC: &[u8] = b"care-sync/1";
+/// ALPN of enrolment connections; the device presents no certificate, only its token.
+pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
+/// Version byte carried by every frame.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The largest frame either side accepts (version byte and message).
+pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// Soft target for the size of one `Docs` or `Upload` frame.
+pub const TARGET_BATCH_BYTES: usize = 512 * 1024;
+
+/// QUIC application close codes.
+pub mod close {
+    /// The session ended normally.
+    pub const DONE: u32 = 0;
+    /// A frame was malformed, oversized, unexpected or of another version.
+    pub const PROTOCOL: u32 = 1;
+    /// The peer is not allowed to do this (unknown device, foreign actor, bad token).
+    pub const REFUSED: u32 = 2;
+    /// Something failed on this side; the peer may retry later.
+    pub const INTERNAL: u32 = 3;
+}
+
+/// Where an interrupted round stopped: every document up to and including `through` (in the
+/// round's patient order) was applied at `round`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub round: u64,
+    pub through: PatientId,
+}
+
+/// Changes of one document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocChanges {
+    pub doc: PatientId,
+    pub changes: Vec<serde_bytes::ByteBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    Hello {
+        cursor: u64,
+        resume: Option<Resume>,
+    },
+    /// Offline changes; `through` is the device's outbox position this batch reaches.
+    Upload {
+        through: u64,
+        docs: Vec<DocChanges>,
+    },
+    UploadDone,
+    RoundAck {
+        round: u64,
+    },
+}
+
+/// What the server sends for one document in a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DocBody {
+    /// The whole document (`save()`), for a document newly in scope.
+    Whole(serde_bytes::ByteBuf),
+    /// Changes after the device's cursor, in server order.
+    Changes(Vec<serde_bytes::ByteBuf>),
+    /// The patient left the device's scope: delete the document.
+    Purge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocItem {
+    pub doc: PatientId,
+    pub body: DocBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Welcome {
+        device_name: String,
+        role: String,
+        server_time_ms: i64,
+    },
+    /// Every upload up to `through` is durable on the server.
+    UploadAck {
+        through: u64,
+    },
+    /// Items of a round, in ascending patient id order across frames.
+    Docs {
+        round: u64,
+        items: Vec<DocItem>,
+    },
+    /// The round is complete: the device's cursor becomes `round`.
+    RoundDone {
+        round: u64,
+        documents_in_scope: u64,
+    },
+    /// The server refuses the session; the message holds no patient data.
+    Refused {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub secret: serde_bytes::ByteBuf,
+    pub device_key: [u8; 32],
+    /// ed25519 over [`enrol_signed_bytes`], proving the device holds the key it enrols.
+    pub signature: serde_bytes::ByteBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrolResponse {
+    Enrolled { device_name: String, role: String, server_key: [u8; 32] },
+    Refused { message: String },
+}
+
+/// The bytes a device signs to enrol: a domain tag, the token secret and its public key.
+pub fn enrol_signed_bytes(secret: &[u8], device_key: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"care-sync enrol v1\0".to_vec();
+    m.extend_from_slice(secret);
+    m.extend_from_slice(device_key);
+    m
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge(usize),
+    #[error("frame is empty")]
+    Empty,
+    #[error("frame has protocol version {0}, this side speaks version {PROTOCOL_VERSION}")]
+    WrongVersion(u8),
+    #[error("frame is not a valid message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message as one frame, length prefix included.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    out.push(PROTOCOL_VERSION);
+    let out = postcard::to_extend(message, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut out = out;
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Checks a frame's announced length before anything is read.
+pub fn check_frame_len(len: u32) -> Result<usize, FrameError> {
+    let len = len as usize;
+    match len {
+        0 => Err(FrameError::Empty),
+        n if n > MAX_FRAME_LEN => Err(FrameError::TooLarge(n)),
+        n => Ok(n),
+    }
+}
+
+/// Decodes a frame body (after the length prefix).
+pub fn decode_frame<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (&version, message) = body.split_first().ok_or(FrameError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::WrongVersion(version));
+    }
+    postcard::from_bytes(message).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let msg = ClientMessage::Hello { cursor: 42, resume: None };
+        let frame = encode_frame(&msg).unwrap();
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap());
+        assert_eq!(check_frame_len(len).unwrap(), frame.len() - 4);
+        assert_eq!(decode_frame::<ClientMessage>(&frame[4..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn bad_frames_are_refused_with_a_reason() {
+        assert!(matches!(check_frame_len(u32::MAX), Err(FrameError::TooLarge(_))));
+        assert!(matches!(check_frame_len(0), Err(FrameError::Empty)));
+        assert!(matches!(decode_frame::<ClientMessage>(&[9, 0]), Err(FrameError::WrongVersion(9))));
+        assert!(matches!(
+            decode_frame::<ClientMessage>(&[PROTOCOL_VERSION, 200, 1, 2]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

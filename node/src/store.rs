@@ -1,0 +1,565 @@
+//! The device's encrypted replica: one SQLite file.
+//!
+//! Tables (see `docs/architecture.md`):
+//! - `meta`: plaintext, nothing identifiable: format version and the wrapped data key.
+//! - `secrets`: sealed values by name: the device identity, the enrolment, the sync state.
+//! - `documents`: one row per patient; `doc_key` and `nhs_key` are keyed BLAKE3 hashes; `card`
+//!   (name, NHS number, date of birth, postcode for listing) and `body` (the Automerge document
+//!   and its sync bookkeeping) are sealed, bound to the row's key and version.
+//! - `outbox`: local changes the server has not acknowledged yet, sealed.
+//!
+//! Every value is sealed with the store's [`DataKey`]; a value copied to another row, tampered
+//! with or read under another key is an error ([`StoreError::Tampered`]), never silently used.
+//! `secure_delete` is on, so purged documents are overwritten in the file.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{CryptoError, DataKey, KeyWrapper, LookupHasher};
+use crate::identity::{Identity, short_hex};
+use crate::nhs::NhsNumber;
+use crate::protocol::{DocBody, DocItem, Resume};
+use crate::summary::{PatientId, PatientSummary, SectionEntry, SummaryError};
+
+const FORMAT_VERSION: &str = "care-node-store/1";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the store database failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the file is not a care-node store (or is corrupt)")]
+    NotAStore,
+    #[error("the store was made by a newer care-node ({0})")]
+    UnknownFormat(String),
+    #[error("the store's data key could not be unwrapped: {0}")]
+    Key(#[source] CryptoError),
+    #[error("stored row {row} failed authentication: tampered, corrupt or swapped with another row")]
+    Tampered { row: String },
+    #[error("stored row {row} could not be decoded: {reason}")]
+    Decode { row: String, reason: String },
+    #[error("patient document is invalid: {0}")]
+    Summary(#[from] SummaryError),
+    #[error("this device is not enrolled yet; run `care-node enrol TOKEN`")]
+    NotEnrolled,
+    #[error("this device is already enrolled")]
+    AlreadyEnrolled,
+    #[error("no patient with that NHS number is on this device")]
+    UnknownPatient,
+    #[error("received document {doc} lacks changes it depends on")]
+    MissingDependencies { doc: String },
+}
+
+/// What the device learnt when it enrolled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub server_addr: String,
+    pub server_key: [u8; 32],
+    pub device_name: String,
+    pub role: String,
+    pub enrolled_at_ms: i64,
+}
+
+/// The device's progress through the server's change sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// Every document held is complete up to this server sequence number.
+    pub cursor: u64,
+    /// Where an interrupted round stopped, if one did.
+    pub resume: Option<Resume>,
+    /// When the last complete sync finished (device clock) and what the server's clock said.
+    pub last_sync_ms: Option<i64>,
+    pub last_sync_server_ms: Option<i64>,
+}
+
+/// One local change waiting for the server's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub outbox_id: u64,
+    pub doc: PatientId,
+    pub change: Vec<u8>,
+}
+
+/// What `list` shows of a patient without opening the document.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientCard {
+    pub patient_id: PatientId,
+    pub nhs_number: String,
+    pub name: String,
+    pub date_of_birth: String,
+    pub postcode: String,
+}
+
+impl std::fmt::Debug for PatientCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PatientCard({})", self.patient_id)
+    }
+}
+
+/// A patient document as stored, with when the device last received server data for it.
+pub struct StoredPatient {
+    pub summary: PatientSummary,
+    /// Device time of the last sync that brought this document up to date ("as of").
+    pub received_at_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DocumentBody {
+    patient_id: PatientId,
+    received_at_ms: i64,
+    #[serde(with = "serde_bytes")]
+    automerge: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OutboxBody {
+    patient_id: PatientId,
+    #[serde(with = "serde_bytes")]
+    change: Vec<u8>,
+}
+
+/// The encrypted device store.
+pub struct DeviceStore {
+    conn: Connection,
+    key: DataKey,
+    lookup: LookupHasher,
+}
+
+impl std::fmt::Debug for DeviceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceStore")
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    doc_key BLOB PRIMARY KEY,
+    nhs_key BLOB NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    card BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL
+);
+";
+
+impl DeviceStore {
+    /// Opens the store at `path`, creating it (with a new data key and device identity) if the
+    /// file does not exist. A wrong passphrase or a foreign file is an error; nothing is changed.
+    pub fn open(path: &Path, wrapper: &dyn KeyWrapper) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::configure(&conn)?;
+        let exists: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'meta'", [], |r| r.get::<_, i64>(0))
+            .map_err(not_a_store)?
+            > 0;
+        let key = if exists {
+            let format: Option<String> = conn
+                .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
+                .optional()?;
+            match format.as_deref() {
+                Some(FORMAT_VERSION) => {}
+                Some(other) => return Err(StoreError::UnknownFormat(other.to_string())),
+                None => return Err(StoreError::NotAStore),
+            }
+            let wrapped: Vec<u8> = conn
+                .query_row("SELECT value FROM meta WHERE name = 'wrapped_key'", [], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NotAStore)?;
+            wrapper.unwrap(&wrapped).map_err(StoreError::Key)?
+        } else {
+            let key = DataKey::generate();
+            let wrapped = wrapper.wrap(&key).map_err(StoreError::Key)?;
+            conn.execute_batch(&format!("BEGIN; {SCHEMA}"))?;
+            conn.execute("INSERT INTO meta VALUES ('format', ?1)", [FORMAT_VERSION.as_bytes()])?;
+            conn.execute("INSERT INTO meta VALUES ('key_wrapping', ?1)", [wrapper.kind().as_bytes()])?;
+            conn.execute("INSERT INTO meta VALUES ('wrapped_key', ?1)", [&wrapped])?;
+            conn.execute_batch("COMMIT")?;
+            key
+        };
+        let lookup = key.lookup_hasher();
+        let store = Self { conn, key, lookup };
+        if store.get_secret::<Zeroizing<Vec<u8>>>("identity")?.is_none() {
+            let identity = Identity::generate();
+            store.put_secret("identity", &Zeroizing::new(identity.seed().to_vec()))?;
+        }
+        Ok(store)
+    }
+
+    fn configure(conn: &Connection) -> Result<(), StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(not_a_store)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// This device's ed25519 identity.
+    pub fn identity(&self) -> Result<Identity, StoreError> {
+        let seed: Zeroizing<Vec<u8>> = self.get_secret("identity")?.ok_or_else(|| StoreError::NotAStore)?;
+        let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| StoreError::Decode {
+            row: "secrets/identity".into(),
+            reason: "not a 32-byte seed".into(),
+        })?;
+        Ok(Identity::from_seed(&seed))
+    }
+
+    pub fn enrolment(&self) -> Result<Option<Enrolment>, StoreError> {
+        self.get_secret("enrolment")
+    }
+
+    /// The enrolment, or [`StoreError::NotEnrolled`].
+    pub fn require_enrolment(&self) -> Result<Enrolment, StoreError> {
+        self.enrolment()?.ok_or(StoreError::NotEnrolled)
+    }
+
+    pub fn set_enrolment(&self, enrolment: &Enrolment) -> Result<(), StoreError> {
+        if self.enrolment()?.is_some() {
+            return Err(StoreError::AlreadyEnrolled);
+        }
+        self.put_secret("enrolment", enrolment)
+    }
+
+    /// Points the device at a new server address (the pinned server key stays the same).
+    pub fn update_server_addr(&self, addr: &str) -> Result<(), StoreError> {
+        let mut enrolment = self.require_enrolment()?;
+        enrolment.server_addr = addr.to_string();
+        self.put_secret("enrolment", &enrolment)
+    }
+
+    pub fn sync_state(&self) -> Result<SyncState, StoreError> {
+        Ok(self.get_secret("sync")?.unwrap_or_default())
+    }
+
+    fn nhs_key(&self, nhs: &NhsNumber) -> [u8; 32] {
+        self.lookup.hash("nhs", nhs.as_str())
+    }
+
+    fn doc_key(&self, doc: &PatientId) -> [u8; 32] {
+        self.lookup.hash("doc", &doc.to_string())
+    }
+
+    /// The number of patient documents held.
+    pub fn document_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Every patient on the device, ordered by name.
+    pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT doc_key, version, card FROM documents")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+        let mut cards = Vec::new();
+        for row in rows {
+            let (doc_key, version, card) = row?;
+            cards.push(self.open_row::<PatientCard>("card", &doc_key, version, &card)?);
+        }
+        cards.sort_by(|a, b| a.name.cmp(&b.name).then(a.patient_id.cmp(&b.patient_id)));
+        Ok(cards)
+    }
+
+    /// The patient with this NHS number, if the device holds them.
+    pub fn find_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<StoredPatient>, StoreError> {
+        self.read_document("nhs_key", &self.nhs_key(nhs))
+    }
+
+    /// The patient document with this id, if the device holds it.
+    pub fn get(&self, doc: &PatientId) -> Result<Option<StoredPatient>, StoreError> {
+        self.read_document("doc_key", &self.doc_key(doc))
+    }
+
+    fn read_document(&self, column: &str, key: &[u8; 32]) -> Result<Option<StoredPatient>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT doc_key, version, body FROM documents WHERE {column} = ?1"),
+                [key.as_slice()],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)),
+            )
+            .optional()?;
+        let Some((doc_key, version, body)) = row else { return Ok(None) };
+        let body: DocumentBody = self.open_row("body", &doc_key, version, &body)?;
+        let summary = PatientSummary::load(&body.automerge)?;
+        Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
+    }
+
+    /// Adds an entry to a patient's summary on this device (works offline). The new change is
+    /// stored together with the document and queued for upload in one transaction.
+    pub fn add_entry<T: SectionEntry>(
+        &mut self,
+        nhs: &NhsNumber,
+        entry: &T,
+    ) -> Result<crate::summary::EntryId, StoreError> {
+        let identity = self.identity()?;
+        let mut patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
+        patient.summary.set_actor(&identity.public_key());
+        let entry_id = patient.summary.add(entry)?;
+        let change =
+            patient.summary.last_local_change().expect("a committed add always makes a local change");
+        let patient_id = patient.summary.patient_id()?;
+        let tx = self.conn.transaction()?;
+        write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms)?;
+        let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
+        tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
+        let id = tx.last_insert_rowid();
+        let sealed = seal_row(&self.key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
+        tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+        tx.commit()?;
+        Ok(entry_id)
+    }
+
+    /// Local changes after outbox position `after`, oldest first, up to about `max_bytes`.
+    pub fn pending_changes(&self, after: u64, max_bytes: usize) -> Result<Vec<PendingChange>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id, body FROM outbox WHERE id > ?1 ORDER BY id")?;
+        let mut rows = stmt.query([after as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let body: Vec<u8> = row.get(1)?;
+            let body: OutboxBody = self.open_row("outbox", &id.to_be_bytes(), 0, &body)?;
+            bytes += body.change.len();
+            out.push(PendingChange { outbox_id: id as u64, doc: body.patient_id, change: body.change });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many local changes wait for upload.
+    pub fn pending_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Forgets local changes the server has made durable.
+    pub fn acknowledge_uploads(&mut self, through: u64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM outbox WHERE id <= ?1", [through as i64])?;
+        Ok(())
+    }
+
+    /// Applies one item of a sync round in one transaction together with the round's progress,
+    /// so a cut link or a crash leaves either both or neither.
+    pub fn apply_item(&mut self, round: u64, item: &DocItem, now_ms: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let doc_key = self.lookup.hash("doc", &item.doc.to_string());
+        match &item.body {
+            DocBody::Purge => {
+                tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
+            }
+            DocBody::Whole(bytes) => {
+                let mut summary = match read_body(&tx, &self.key, &doc_key)? {
+                    Some(existing) => {
+                        let mut s = PatientSummary::load(&existing.automerge)?;
+                        s.merge_saved(bytes)?;
+                        s
+                    }
+                    None => PatientSummary::load(bytes)?,
+                };
+                check_received(&mut summary, &item.doc)?;
+                write_document(&tx, &self.key, &self.lookup, &mut summary, now_ms)?;
+            }
+            DocBody::Changes(changes) => {
+                let existing = read_body(&tx, &self.key, &doc_key)?
+                    .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
+                let mut summary = PatientSummary::load(&existing.automerge)?;
+                let decoded = changes
+                    .iter()
+                    .map(|c| automerge::Change::try_from(c.as_slice()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Decode {
+                        row: format!("change for {}", short_hex(item.doc.as_bytes())),
+                        reason: e.to_string(),
+                    })?;
+                summary.apply_changes(decoded)?;
+                check_received(&mut summary, &item.doc)?;
+                write_document(&tx, &self.key, &self.lookup, &mut summary, now_ms)?;
+            }
+        }
+        let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
+        state.resume = Some(Resume { round, through: item.doc });
+        put_secret(&tx, &self.key, "sync", &state)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Completes a round: the cursor moves to `round` and the interrupted-round marker goes.
+    pub fn finish_round(&mut self, round: u64, server_time_ms: i64, now_ms: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
+        state.cursor = round;
+        state.resume = None;
+        state.last_sync_ms = Some(now_ms);
+        state.last_sync_server_ms = Some(server_time_ms);
+        put_secret(&tx, &self.key, "sync", &state)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_secret<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        get_secret(&self.conn, &self.key, name)
+    }
+
+    fn put_secret<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        put_secret(&self.conn, &self.key, name, value)
+    }
+
+    fn open_row<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: &str,
+        key: &[u8],
+        version: i64,
+        sealed: &[u8],
+    ) -> Result<T, StoreError> {
+        open_row(&self.key, table, key, version, sealed)
+    }
+
+    /// Direct access to the database, for tests that tamper with the file.
+    #[doc(hidden)]
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// A received document must be the one it claims to be.
+fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), StoreError> {
+    if summary.has_missing_deps() {
+        return Err(StoreError::MissingDependencies { doc: short_hex(doc.as_bytes()) });
+    }
+    if summary.patient_id()? != *doc {
+        return Err(StoreError::Decode {
+            row: format!("document {}", short_hex(doc.as_bytes())),
+            reason: "the document names another patient".into(),
+        });
+    }
+    Ok(())
+}
+
+fn not_a_store(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotAStore,
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn row_aad(table: &str, key: &[u8], version: i64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(table.len() + key.len() + 10);
+    aad.extend_from_slice(table.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(key);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+fn row_name(table: &str, key: &[u8]) -> String {
+    format!("{table}/{}", short_hex(key))
+}
+
+fn seal_row<T: Serialize>(
+    key: &DataKey,
+    table: &str,
+    row: &[u8],
+    version: i64,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let plain = Zeroizing::new(
+        postcard::to_allocvec(value)
+            .map_err(|e| StoreError::Decode { row: row_name(table, row), reason: e.to_string() })?,
+    );
+    Ok(key.seal(&plain, &row_aad(table, row, version)))
+}
+
+fn open_row<T: for<'de> Deserialize<'de>>(
+    key: &DataKey,
+    table: &str,
+    row: &[u8],
+    version: i64,
+    sealed: &[u8],
+) -> Result<T, StoreError> {
+    let plain = key
+        .open(sealed, &row_aad(table, row, version))
+        .map_err(|_| StoreError::Tampered { row: row_name(table, row) })?;
+    postcard::from_bytes(&plain)
+        .map_err(|e| StoreError::Decode { row: row_name(table, row), reason: e.to_string() })
+}
+
+fn get_secret<T: for<'de> Deserialize<'de>>(
+    conn: &Connection,
+    key: &DataKey,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    let sealed: Option<Vec<u8>> =
+        conn.query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    sealed.map(|s| open_row(key, "secrets", name.as_bytes(), 0, &s)).transpose()
+}
+
+fn put_secret<T: Serialize>(
+    conn: &Connection,
+    key: &DataKey,
+    name: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let sealed = seal_row(key, "secrets", name.as_bytes(), 0, value)?;
+    conn.execute(
+        "INSERT INTO secrets (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![name, sealed],
+    )?;
+    Ok(())
+}
+
+fn read_body(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    doc_key: &[u8; 32],
+) -> Result<Option<DocumentBody>, StoreError> {
+    let row = tx
+        .query_row("SELECT version, body FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    row.map(|(version, body)| open_row(key, "body", doc_key, version, &body)).transpose()
+}
+
+/// Writes a patient's document and card under a new row version.
+fn write_document(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    summary: &mut PatientSummary,
+    received_at_ms: i64,
+) -> Result<(), StoreError> {
+    let patient_id = summary.patient_id()?;
+    let demographics = summary.demographics()?;
+    let nhs = summary.nhs_number()?;
+    let doc_key = lookup.hash("doc", &patient_id.to_string());
+    let nhs_key = lookup.hash("nhs", nhs.as_str());
+    let version: i64 = tx
+        .query_row("SELECT version FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| r.get(0))
+        .optional()?
+        .map_or(1, |v: i64| v + 1);
+    let card = PatientCard {
+        patient_id,
+        nhs_number: demographics.nhs_number,
+        name: demographics.name,
+        date_of_birth: demographics.date_of_birth,
+        postcode: demographics.postcode,
+    };
+    let body = DocumentBody { patient_id, received_at_ms, automerge: summary.save() };
+    let card = seal_row(key, "card", &doc_key, version, &card)?;
+    let body = seal_row(key, "body", &doc_key, version, &body)?;
+    tx.execute(
+        "INSERT INTO documents (doc_key, nhs_key, version, card, body) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (doc_key) DO UPDATE SET nhs_key = excluded.nhs_key, version = excluded.version,
+             card = excluded.card, body = excluded.body",
+        params![doc_key.as_slice(), nhs_key.as_slice(), version, card, body],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The device half of the sync protocol, as a sans-IO state machine.
+//!
+//! [`SyncSession::start`] gives the first frames to send; [`SyncSession::handle`] takes each
+//! frame the server sends and returns the frames to send back. The session reads and writes the
+//! [`DeviceStore`] but never touches a socket, so the protocol is tested without a network (see
+//! the server crate's `session` tests, which drive both halves against each other).
+//!
+//! Uploads are pipelined: up to [`UPLOAD_WINDOW`] batches are in flight, and a local change is
+//! forgotten only when the server says it is durable.
+
+use crate::protocol::{ClientMessage, DocChanges, ServerMessage, TARGET_BATCH_BYTES};
+use crate::store::{DeviceStore, StoreError};
+
+/// How many upload batches may wait for their acknowledgement at once.
+pub const UPLOAD_WINDOW: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the server refused the session: {0}")]
+    Refused(String),
+    #[error("the server broke the protocol: {0}")]
+    Protocol(String),
+}
+
+/// What a session moved, for progress and for the figures the demo prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub uploaded_changes: u64,
+    pub documents_received: u64,
+    pub documents_purged: u64,
+    pub changes_received: u64,
+    pub documents_in_scope: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitWelcome,
+    Uploading,
+    Downloading,
+    Done,
+}
+
+/// One sync session of a device.
+#[derive(Debug)]
+pub struct SyncSession {
+    phase: Phase,
+    /// Outbox position of the last batch sent.
+    upload_sent_through: u64,
+    upload_in_flight: usize,
+    upload_finished: bool,
+    round: Option<u64>,
+    stats: SyncStats,
+    server: Option<ServerView>,
+}
+
+/// Who the server says this device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerView {
+    pub device_name: String,
+    pub role: String,
+    pub server_time_ms: i64,
+}
+
+impl SyncSession {
+    /// Starts a session: the `Hello` frame and the first upload batches.
+    pub fn start(store: &DeviceStore) -> Result<(Self, Vec<ClientMessage>), SyncError> {
+        let state = store.sync_state()?;
+        let mut session = Self {
+            phase: Phase::AwaitWelcome,
+            upload_sent_through: 0,
+            upload_in_flight: 0,
+            upload_finished: false,
+            round: None,
+            stats: SyncStats::default(),
+            server: None,
+        };
+        let mut out = vec![ClientMessage::Hello { cursor: state.cursor, resume: state.resume }];
+        session.fill_upload_window(store, &mut out)?;
+        Ok((session, out))
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// The device name and role the server knows this device by, once welcomed.
+    pub fn server_view(&self) -> Option<&ServerView> {
+        self.server.as_ref()
+    }
+
+    fn fill_upload_window(
+        &mut self,
+        store: &DeviceStore,
+        out: &mut Vec<ClientMessage>,
+    ) -> Result<(), SyncError> {
+        while !self.upload_finished && self.upload_in_flight < UPLOAD_WINDOW {
+            let pending = store.pending_changes(self.upload_sent_through, TARGET_BATCH_BYTES)?;
+            let Some(last) = pending.last() else {
+                self.upload_finished = true;
+                out.push(ClientMessage::UploadDone);
+                break;
+            };
+            self.upload_sent_through = last.outbox_id;
+            let mut docs: Vec<DocChanges> = Vec::new();
+            for change in pending {
+                self.stats.uploaded_changes += 1;
+                let bytes = serde_bytes::ByteBuf::from(change.change);
+                match docs.last_mut() {
+                    Some(d) if d.doc == change.doc => d.changes.push(bytes),
+                    _ => docs.push(DocChanges { doc: change.doc, changes: vec![bytes] }),
+                }
+            }
+            out.push(ClientMessage::Upload { through: self.upload_sent_through, docs });
+            self.upload_in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Handles one server frame; returns the frames to send back.
+    pub fn handle(
+        &mut self,
+        message: ServerMessage,
+        store: &mut DeviceStore,
+    ) -> Result<Vec<ClientMessage>, SyncError> {
+        let mut out = Vec::new();
+        match (self.phase, message) {
+            (_, ServerMessage::Refused { message }) => {
+                self.phase = Phase::Done;
+                return Err(SyncError::Refused(message));
+            }
+            (Phase::AwaitWelcome, ServerMessage::Welcome { device_name, role, server_time_ms }) => {
+                self.server = Some(ServerView { device_name, role, server_time_ms });
+                self.phase = Phase::Uploading;
+            }
+            (Phase::Uploading, ServerMessage::UploadAck { through }) => {
+                if through > self.upload_sent_through || self.upload_in_flight == 0 {
+                    return Err(SyncError::Protocol("acknowledgement of an upload never sent".into()));
+                }
+                store.acknowledge_uploads(through)?;
+                self.upload_in_flight -= 1;
+                self.fill_upload_window(store, &mut out)?;
+            }
+            (Phase::Uploading | Phase::Downloading, ServerMessage::Docs { round, items }) => {
+                if self.upload_in_flight > 0 || !self.upload_finished {
+                    return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
+                }
+                if *self.round.get_or_insert(round) != round {
+                    return Err(SyncError::Protocol("documents of two rounds in one session".into()));
+                }
+                self.phase = Phase::Downloading;
+                let now = crate::now_ms();
+                for item in &items {
+                    store.apply_item(round, item, now)?;
+                    match &item.body {
+                        crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
+                        crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,
+                        crate::protocol::DocBody::Purge => self.stats.documents_purged += 1,
+                    }
+                }
+            }
+            (
+                Phase::Uploading | Phase::Downloading,
+                ServerMessage::RoundDone { round, documents_in_scope },
+            ) => {
+                if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
+                    return Err(SyncError::Protocol("round finished out of order".into()));
+                }
+                let server_time = self.server.as_ref().map_or(0, |s| s.server_time_ms);
+                store.finish_round(round, server_time, crate::now_ms())?;
+                self.stats.documents_in_scope = documents_in_scope;
+                self.phase = Phase::Done;
+                out.push(ClientMessage::RoundAck { round });
+            }
+            (phase, other) => {
+                return Err(SyncError::Protocol(format!(
+                    "unexpected {} while {phase:?}",
+                    message_name(&other)
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn message_name(message: &ServerMessage) -> &'static str {
+    match message {
+        ServerMessage::Welcome { .. } => "Welcome",
+        ServerMessage::UploadAck { .. } => "UploadAck",
+        ServerMessage::Docs { .. } => "Docs",
+        ServerMessage::RoundDone { .. } => "RoundDone",
+        ServerMessage::Refused { .. } => "Refused",
+    }
+}

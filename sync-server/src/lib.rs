@@ -1,0 +1,29 @@
+//! `care-sync-server`: the regional authority of care-sync.
+//!
+//! - [`store`]: what the server stores, as the [`store::ServerStore`] trait.
+//! - [`sqlite`]: the embedded default store (SQLite, WAL).
+//! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
+//! - [`server`]: the QUIC endpoint: enrolment and sync connections.
+//! - [`ops`]: operator actions (tokens, caseloads, revocation) shared by CLI, demo and tests.
+//! - [`population`]: the deterministic synthetic population.
+//! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
+//!
+//! Logs and errors name devices and opaque document ids, never a patient.
+
+pub mod demo;
+pub mod ops;
+pub mod population;
+pub mod server;
+pub mod session;
+pub mod sqlite;
+pub mod store;
+
+use automerge::ActorId;
+use care_node::identity::Identity;
+
+/// The Automerge actor of changes the server itself authors (imports, feeds, synthetic data).
+/// It is 16 bytes long, so it can never equal a device's 32-byte key.
+pub fn server_actor(identity: &Identity) -> ActorId {
+    let hash = blake3::derive_key("care-sync server actor v1", &identity.public_key());
+    ActorId::from(&hash[..16])
+}

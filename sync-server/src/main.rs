@@ -1,0 +1,228 @@
+//! `care-sync-server`: the operator's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use care_sync_server::demo::{self, DemoOptions};
+use care_sync_server::ops;
+use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::{Role, ServerStore};
+use clap::{Parser, Subcommand};
+
+/// The default address `serve` listens on and tokens point to.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// The default data directory of every command but `demo`.
+const DEFAULT_DATA_DIR: &str = "./care-sync-data";
+
+#[derive(Parser)]
+#[command(name = "care-sync-server", version, about = "care-sync regional server and operator tools")]
+struct Cli {
+    /// Where the server keeps its store [default: ./care-sync-data; for `demo`, a temporary
+    /// directory removed afterwards].
+    #[arg(long, global = true, env = "CARE_SYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the QUIC sync server until interrupted.
+    Serve {
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
+    /// Prints a one-time enrolment token for a new device.
+    EnrolDevice {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The address devices reach the server on (default: where `serve` last listened).
+        #[arg(long)]
+        server_addr: Option<SocketAddr>,
+        /// How long the token stays valid.
+        #[arg(long, default_value_t = 24)]
+        expires_in_hours: u64,
+    },
+    /// Lists devices with their state and last sync.
+    Devices,
+    /// Revokes a device: its next handshake fails.
+    RevokeDevice { name: String },
+    /// Manages community nurses' caseloads.
+    Caseload {
+        #[command(subcommand)]
+        action: CaseloadAction,
+    },
+    /// Adds synthetic patients (test-range NHS numbers) to the store.
+    Generate {
+        #[arg(long, default_value_t = 1000)]
+        patients: usize,
+        #[arg(long, default_value_t = demo::DEMO_SEED)]
+        seed: u64,
+    },
+    /// Runs the end-to-end demonstration on a fresh server and two devices.
+    Demo {
+        #[arg(long, default_value_t = 2000)]
+        patients: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaseloadAction {
+    Add {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        nhs: String,
+    },
+    Remove {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        nhs: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, String> {
+    SqliteStore::open(dir).map(|s| Arc::new(s) as Arc<dyn ServerStore>).map_err(|e| e.to_string())
+}
+
+fn advertised_addr_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("advertised-addr")
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    if let Command::Demo { patients } = cli.command {
+        let mut stdout = std::io::stdout();
+        let options = DemoOptions { patients, data_dir: cli.data_dir };
+        return demo::run(options, &mut stdout).await.map(|_| ()).map_err(|e| e.to_string());
+    }
+    let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    match cli.command {
+        Command::Serve { listen } => {
+            let store = open(&dir)?;
+            let running = care_sync_server::server::start(store, listen).await.map_err(|e| e.to_string())?;
+            std::fs::write(advertised_addr_file(&dir), running.addr.to_string())
+                .map_err(|e| e.to_string())?;
+            println!("care-sync server listening on {} (data in {})", running.addr, dir.display());
+            tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+            println!("shutting down");
+            running.shutdown().await;
+        }
+        Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
+            let store = open(&dir)?;
+            let addr = match server_addr {
+                Some(a) => a,
+                None => std::fs::read_to_string(advertised_addr_file(&dir))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            };
+            let ttl = Duration::from_secs(expires_in_hours * 3600);
+            let token =
+                ops::issue_token(store.as_ref(), &name, role, addr, ttl).map_err(|e| e.to_string())?;
+            eprintln!(
+                "one-time token for {name} ({}), valid for {expires_in_hours} h, server {addr}:",
+                role.as_str()
+            );
+            println!("{token}");
+        }
+        Command::Devices => {
+            let store = open(&dir)?;
+            println!("{:<20} {:<16} {:<10} {:<22} {:>8}", "NAME", "ROLE", "STATE", "LAST SYNC", "CURSOR");
+            for d in store.devices().map_err(|e| e.to_string())? {
+                let state = match (d.revoked_at_ms, d.public_key) {
+                    (Some(_), _) => "revoked",
+                    (None, Some(_)) => "enrolled",
+                    (None, None) => "pending",
+                };
+                let last = d.last_sync_ms.map_or("never".to_string(), care_node::view::format_time);
+                println!(
+                    "{:<20} {:<16} {:<10} {:<22} {:>8}",
+                    d.name,
+                    d.role.as_str(),
+                    state,
+                    last,
+                    d.acked_cursor
+                );
+            }
+        }
+        Command::RevokeDevice { name } => {
+            let store = open(&dir)?;
+            ops::revoke(store.as_ref(), &name).map_err(|e| e.to_string())?;
+            println!("revoked {name}: its next connection will be refused");
+        }
+        Command::Caseload { action } => {
+            let store = open(&dir)?;
+            match action {
+                CaseloadAction::Add { device, nhs } => {
+                    let added =
+                        ops::caseload_add(store.as_ref(), &device, &nhs).map_err(|e| e.to_string())?;
+                    println!("{}", if added { "added to the caseload" } else { "already on the caseload" });
+                }
+                CaseloadAction::Remove { device, nhs } => {
+                    let removed =
+                        ops::caseload_remove(store.as_ref(), &device, &nhs).map_err(|e| e.to_string())?;
+                    println!(
+                        "{}",
+                        if removed {
+                            "removed; the device purges the record at its next sync"
+                        } else {
+                            "was not on the caseload"
+                        }
+                    );
+                }
+            }
+        }
+        Command::Generate { patients, seed } => {
+            let store = open(&dir)?;
+            let identity = store.server_identity().map_err(|e| e.to_string())?;
+            let mut population = care_sync_server::population::Population::new(
+                seed,
+                care_sync_server::server_actor(&identity),
+            );
+            let now = care_node::now_ms();
+            let mut made = 0;
+            while made < patients {
+                let batch = (patients - made).min(500);
+                let mut summaries = (0..batch)
+                    .map(|_| population.next_patient(now))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                store.insert_patients(&mut summaries).map_err(|e| e.to_string())?;
+                made += batch;
+                eprint!("\rgenerated {made}/{patients}");
+            }
+            eprintln!();
+        }
+        Command::Demo { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CARE_SYNC_LOG")
+                .unwrap_or_else(|_| "warn,care_sync_server=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

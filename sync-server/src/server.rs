@@ -1,0 +1,316 @@
+//! The regional QUIC server: accepts devices, runs enrolment and sync sessions.
+//!
+//! One task per connection (inside a span naming the device, never a patient), one session
+//! stream per connection, size-capped frame reads, and a deadline on every read. A malformed
+//! frame ends only that connection. Store work runs on the blocking pool.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use care_node::identity::{PublicKey, short_hex, verify};
+use care_node::protocol::{
+    ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, ServerMessage, close,
+    enrol_signed_bytes,
+};
+use care_node::tls::{DeviceKeyPolicy, certificate_key, server_config};
+use care_node::token::EnrolmentToken;
+use care_node::wire::{WireError, read_frame, write_frame};
+use tracing::Instrument;
+
+use crate::session::{ServerSession, SessionError};
+use crate::store::{DeviceRecord, ServerStore};
+
+/// How long the server waits for a device's next frame.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server waits for a device to close after the session ended.
+pub const LINGER: Duration = Duration::from_secs(10);
+/// Connections beyond this are refused.
+pub const MAX_CONNECTIONS: usize = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("could not listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] care_node::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Admits enrolled, unrevoked device keys, asking the store at every handshake so that a
+/// revocation takes effect at once.
+#[derive(Debug)]
+struct StorePolicy(Arc<dyn ServerStore>);
+
+impl std::fmt::Debug for dyn ServerStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerStore")
+    }
+}
+
+impl DeviceKeyPolicy for StorePolicy {
+    fn is_allowed(&self, key: &PublicKey) -> bool {
+        match self.0.device_by_key(key) {
+            Ok(Some(device)) => device.revoked_at_ms.is_none(),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "device lookup failed during handshake");
+                false
+            }
+        }
+    }
+}
+
+struct Shared {
+    store: Arc<dyn ServerStore>,
+    server_key: PublicKey,
+    /// The live connection of each device; a newer one supersedes it.
+    live: Mutex<HashMap<i64, quinn::Connection>>,
+}
+
+/// A server running on a tokio runtime.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting, closes every connection and waits for them to go.
+    pub async fn shutdown(self) {
+        self.endpoint.close(close::DONE.into(), b"server shutting down");
+        self.endpoint.wait_idle().await;
+        self.task.abort();
+    }
+
+    /// The server's endpoint, for tests that need to know about connections.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+}
+
+/// Starts the server on `listen` (port 0 picks a free port).
+pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<RunningServer, ServerError> {
+    let identity = store.server_identity()?;
+    let config = server_config(&identity, Arc::new(StorePolicy(store.clone())))?;
+    let endpoint = quinn::Endpoint::server(config, listen).map_err(|e| ServerError::Bind(listen, e))?;
+    let addr = endpoint.local_addr().map_err(|e| ServerError::Bind(listen, e))?;
+    let shared =
+        Arc::new(Shared { store, server_key: identity.public_key(), live: Mutex::new(HashMap::new()) });
+    let accept = endpoint.clone();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = accept.accept().await {
+            if accept.open_connections() > MAX_CONNECTIONS {
+                incoming.refuse();
+                continue;
+            }
+            let shared = shared.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = handle_connection(incoming, shared).await {
+                        tracing::info!(error = %e, "connection ended with an error");
+                    }
+                }
+                .instrument(tracing::info_span!("connection", %remote)),
+            );
+        }
+    });
+    tracing::info!(%addr, server_key = %short_hex(&identity.public_key()), "care-sync server listening");
+    Ok(RunningServer { addr, endpoint, task })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("unknown application protocol")]
+    UnknownAlpn,
+    #[error("sync connection without an enrolled device key")]
+    NoDevice,
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("the device sent nothing for {0:?}")]
+    Timeout(Duration),
+    #[error("the store task failed")]
+    Join,
+}
+
+async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+    let conn = incoming.await?;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(ALPN_SYNC) => handle_sync(conn, shared).await,
+        Some(ALPN_ENROL) => handle_enrol(conn, shared).await,
+        _ => {
+            conn.close(close::PROTOCOL.into(), b"unknown application protocol");
+            Err(ConnectionError::UnknownAlpn)
+        }
+    }
+}
+
+fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certificate_key(certs.first()?)
+}
+
+async fn read_with_deadline<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, ConnectionError> {
+    match tokio::time::timeout(READ_TIMEOUT, read_frame::<T>(recv)).await {
+        Ok(result) => Ok(result?.map(|(message, _)| message)),
+        Err(_) => Err(ConnectionError::Timeout(READ_TIMEOUT)),
+    }
+}
+
+/// Ends a connection because of `error`, telling the device why (never with patient data).
+fn close_with(conn: &quinn::Connection, error: &ConnectionError) {
+    let code = match error {
+        ConnectionError::Session(SessionError::Upload(_)) => close::REFUSED,
+        ConnectionError::Session(SessionError::Store(_)) | ConnectionError::Join => close::INTERNAL,
+        _ => close::PROTOCOL,
+    };
+    let reason = error.to_string();
+    conn.close(code.into(), &reason.as_bytes()[..reason.len().min(512)]);
+}
+
+async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+    let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
+        Some(Ok(Some(device))) if device.revoked_at_ms.is_none() => device,
+        _ => {
+            conn.close(close::REFUSED.into(), b"not an enrolled device");
+            return Err(ConnectionError::NoDevice);
+        }
+    };
+    let span = tracing::info_span!("sync", device = %device.name);
+    async move {
+        if let Some(old) = shared.live.lock().expect("live map").insert(device.id, conn.clone()) {
+            old.close(close::DONE.into(), b"superseded by a newer connection of this device");
+        }
+        let result = run_sync(&conn, device.clone(), &shared).await;
+        {
+            let mut live = shared.live.lock().expect("live map");
+            if live.get(&device.id).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                live.remove(&device.id);
+            }
+        }
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "sync session failed");
+            close_with(&conn, e);
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run_sync(
+    conn: &quinn::Connection,
+    device: DeviceRecord,
+    shared: &Shared,
+) -> Result<(), ConnectionError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let mut session = ServerSession::new(device);
+    while !session.is_done() {
+        let Some(message) = read_with_deadline::<ClientMessage>(&mut recv).await? else {
+            return Err(SessionError::Protocol("the device ended the session early".into()).into());
+        };
+        let store = shared.store.clone();
+        let (back, replies) = tokio::task::spawn_blocking(move || {
+            let replies = session.handle(message, store.as_ref(), care_node::now_ms());
+            (session, replies)
+        })
+        .await
+        .map_err(|_| ConnectionError::Join)?;
+        session = back;
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(e) => {
+                if let SessionError::Upload(reason) = &e {
+                    let _ =
+                        write_frame(&mut send, &ServerMessage::Refused { message: reason.to_string() }).await;
+                }
+                return Err(e.into());
+            }
+        };
+        for reply in &replies {
+            write_frame(&mut send, reply).await?;
+        }
+        while session.is_downloading() {
+            let store = shared.store.clone();
+            let (back, page) = tokio::task::spawn_blocking(move || {
+                let page = session.next_page(store.as_ref());
+                (session, page)
+            })
+            .await
+            .map_err(|_| ConnectionError::Join)?;
+            session = back;
+            if let Some(page) = page? {
+                write_frame(&mut send, &page).await?;
+            }
+        }
+    }
+    finish_and_linger(conn, send, &mut recv).await;
+    Ok(())
+}
+
+/// Finishes our stream and waits for the device to close the connection: dropping the
+/// connection first would discard frames still in flight (close is not delivery).
+async fn finish_and_linger(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    let _ = send.finish();
+    let _ = read_with_deadline::<ClientMessage>(recv).await;
+    let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+}
+
+async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let Some(request) = read_with_deadline::<EnrolRequest>(&mut recv).await? else {
+        return Ok(());
+    };
+    let response = enrol(&request, &shared).await;
+    if let EnrolResponse::Refused { message } = &response {
+        tracing::info!(reason = %message, "enrolment refused");
+    }
+    write_frame(&mut send, &response).await?;
+    finish_and_linger(&conn, send, &mut recv).await;
+    Ok(())
+}
+
+async fn enrol(request: &EnrolRequest, shared: &Shared) -> EnrolResponse {
+    let refused = |message: String| EnrolResponse::Refused { message };
+    let Ok(signature) = <[u8; 64]>::try_from(request.signature.as_slice()) else {
+        return refused(crate::store::EnrolError::BadSignature.to_string());
+    };
+    if !verify(&request.device_key, &enrol_signed_bytes(&request.secret, &request.device_key), &signature) {
+        return refused(crate::store::EnrolError::BadSignature.to_string());
+    }
+    let hash = EnrolmentToken::secret_hash(&request.secret);
+    let store = shared.store.clone();
+    let key = request.device_key;
+    let result =
+        tokio::task::spawn_blocking(move || store.redeem_enrolment(hash, key, care_node::now_ms())).await;
+    match result {
+        Ok(Ok(device)) => {
+            tracing::info!(device = %device.name, role = device.role.as_str(), "device enrolled");
+            EnrolResponse::Enrolled {
+                device_name: device.name,
+                role: device.role.as_str().to_string(),
+                server_key: shared.server_key,
+            }
+        }
+        Ok(Err(e)) => refused(e.to_string()),
+        Err(_) => refused(crate::store::EnrolError::Internal.to_string()),
+    }
+}

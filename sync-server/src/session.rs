@@ -1,0 +1,229 @@
+//! The server half of the sync protocol, as a state machine over a [`ServerStore`].
+//!
+//! It never touches a socket: [`ServerSession::handle`] takes a device frame and returns the
+//! replies; [`ServerSession::next_page`] yields the round's pages one at a time, so a round over
+//! ten thousand documents is streamed with bounded memory and QUIC flow control as back-pressure.
+//!
+//! A round at sequence number `M` sends, in ascending patient order: whole documents newly in
+//! scope, the changes in `(cursor, M]` of held documents (minus the device's own), and purges of
+//! documents that left scope. Before a page goes out the store records what it sends whole or
+//! purges; the device's next `Hello` (or its `RoundAck`) settles that record.
+
+use std::collections::HashSet;
+
+use care_node::identity::short_hex;
+use care_node::protocol::{ClientMessage, DocBody, DocItem, Resume, ServerMessage, TARGET_BATCH_BYTES};
+use care_node::summary::PatientId;
+use serde_bytes::ByteBuf;
+
+use crate::store::{ChangesByDoc, DeviceRecord, RoundOutcome, ServerStore, StoreError, UploadError};
+
+/// Most items in one `Docs` frame.
+pub const MAX_ITEMS_PER_PAGE: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("upload refused: {0}")]
+    Upload(#[from] UploadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    Uploading,
+    Downloading,
+    AwaitAck,
+    Done,
+}
+
+#[derive(Debug)]
+struct Round {
+    seq: u64,
+    /// Documents with something to send, ascending.
+    order: Vec<PatientId>,
+    next: usize,
+    scope: HashSet<PatientId>,
+    held: HashSet<PatientId>,
+    changes: ChangesByDoc,
+    documents_in_scope: u64,
+}
+
+/// One device's sync session on the server.
+#[derive(Debug)]
+pub struct ServerSession {
+    device: DeviceRecord,
+    phase: Phase,
+    cursor: u64,
+    resume: Option<Resume>,
+    round: Option<Round>,
+}
+
+impl ServerSession {
+    pub fn new(device: DeviceRecord) -> Self {
+        Self { device, phase: Phase::AwaitHello, cursor: 0, resume: None, round: None }
+    }
+
+    pub fn device(&self) -> &DeviceRecord {
+        &self.device
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// True while the session has round pages to send.
+    pub fn is_downloading(&self) -> bool {
+        self.phase == Phase::Downloading
+    }
+
+    /// Handles one device frame.
+    pub fn handle(
+        &mut self,
+        message: ClientMessage,
+        store: &dyn ServerStore,
+        now_ms: i64,
+    ) -> Result<Vec<ServerMessage>, SessionError> {
+        match (self.phase, message) {
+            (Phase::AwaitHello, ClientMessage::Hello { cursor, resume }) => {
+                self.hello(cursor, resume, store, now_ms)?;
+                self.phase = Phase::Uploading;
+                Ok(vec![ServerMessage::Welcome {
+                    device_name: self.device.name.clone(),
+                    role: self.device.role.as_str().to_string(),
+                    server_time_ms: now_ms,
+                }])
+            }
+            (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
+                let accepted = store.apply_device_changes(&self.device, &docs)?;
+                tracing::debug!(accepted, "upload batch durable");
+                Ok(vec![ServerMessage::UploadAck { through }])
+            }
+            (Phase::Uploading, ClientMessage::UploadDone) => {
+                self.plan_round(store)?;
+                self.phase = Phase::Downloading;
+                Ok(Vec::new())
+            }
+            (Phase::AwaitAck, ClientMessage::RoundAck { round }) => {
+                let expected = self.round.as_ref().map(|r| r.seq);
+                if expected != Some(round) {
+                    return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
+                }
+                store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
+                self.phase = Phase::Done;
+                Ok(Vec::new())
+            }
+            (phase, message) => {
+                Err(SessionError::Protocol(format!("unexpected {} while {phase:?}", message_name(&message))))
+            }
+        }
+    }
+
+    fn hello(
+        &mut self,
+        cursor: u64,
+        resume: Option<Resume>,
+        store: &dyn ServerStore,
+        now_ms: i64,
+    ) -> Result<(), SessionError> {
+        let max = store.max_seq()?;
+        self.cursor = if cursor > max {
+            // A server restored from an older backup: resend from the start (applying is idempotent).
+            tracing::warn!(device = %self.device.name, "device cursor is ahead of the server; resending held documents' changes");
+            0
+        } else {
+            cursor
+        };
+        if let Some(pending) = store.pending_round(self.device.id)? {
+            let outcome = match resume {
+                _ if cursor >= pending => RoundOutcome::Complete,
+                Some(r) if r.round == pending => RoundOutcome::Through(r.through),
+                _ => RoundOutcome::Nothing,
+            };
+            store.settle_round(self.device.id, pending, outcome, now_ms)?;
+            self.resume =
+                resume.filter(|r| r.round == pending && r.round <= max && outcome != RoundOutcome::Complete);
+        }
+        Ok(())
+    }
+
+    fn after_for(&self, doc: &PatientId) -> u64 {
+        match self.resume {
+            Some(r) if *doc <= r.through => r.round.max(self.cursor),
+            _ => self.cursor,
+        }
+    }
+
+    fn plan_round(&mut self, store: &dyn ServerStore) -> Result<(), SessionError> {
+        let seq = store.max_seq()?;
+        let scope: HashSet<PatientId> = store.scope(self.device.id)?.into_iter().collect();
+        let held = store.held(self.device.id)?;
+        let mut changes = store.changes_between(self.cursor, seq, self.device.id)?;
+        for (doc, list) in changes.iter_mut() {
+            let after = self.after_for(doc);
+            list.retain(|(s, _)| *s > after);
+        }
+        changes.retain(|doc, list| !list.is_empty() && held.contains(doc) && scope.contains(doc));
+        let mut order: Vec<PatientId> =
+            scope.difference(&held).chain(held.difference(&scope)).chain(changes.keys()).copied().collect();
+        order.sort_unstable();
+        order.dedup();
+        tracing::debug!(round = seq, items = order.len(), in_scope = scope.len(), "round planned");
+        self.round =
+            Some(Round { seq, order, next: 0, documents_in_scope: scope.len() as u64, scope, held, changes });
+        Ok(())
+    }
+
+    /// The next frame of the round: a page of documents, then `RoundDone`, then `None`.
+    pub fn next_page(&mut self, store: &dyn ServerStore) -> Result<Option<ServerMessage>, SessionError> {
+        if self.phase != Phase::Downloading {
+            return Ok(None);
+        }
+        let round = self.round.as_mut().expect("a downloading session has a round");
+        if round.next >= round.order.len() {
+            self.phase = Phase::AwaitAck;
+            return Ok(Some(ServerMessage::RoundDone {
+                round: round.seq,
+                documents_in_scope: round.documents_in_scope,
+            }));
+        }
+        let (mut items, mut bytes, mut whole, mut purged) = (Vec::new(), 0usize, Vec::new(), Vec::new());
+        while round.next < round.order.len() && bytes < TARGET_BATCH_BYTES && items.len() < MAX_ITEMS_PER_PAGE
+        {
+            let doc = round.order[round.next];
+            round.next += 1;
+            let body = if !round.scope.contains(&doc) {
+                purged.push(doc);
+                DocBody::Purge
+            } else if !round.held.contains(&doc) {
+                let Some(saved) = store.load_document(&doc)? else {
+                    tracing::warn!(doc = %short_hex(doc.as_bytes()), "patient in scope has no document");
+                    continue;
+                };
+                whole.push(doc);
+                bytes += saved.len();
+                DocBody::Whole(ByteBuf::from(saved))
+            } else {
+                let list = round.changes.remove(&doc).unwrap_or_default();
+                bytes += list.iter().map(|(_, c)| c.len()).sum::<usize>();
+                DocBody::Changes(list.into_iter().map(|(_, c)| ByteBuf::from(c)).collect())
+            };
+            items.push(DocItem { doc, body });
+        }
+        store.record_round_page(self.device.id, round.seq, &whole, &purged)?;
+        Ok(Some(ServerMessage::Docs { round: round.seq, items }))
+    }
+}
+
+fn message_name(message: &ClientMessage) -> &'static str {
+    match message {
+        ClientMessage::Hello { .. } => "Hello",
+        ClientMessage::Upload { .. } => "Upload",
+        ClientMessage::UploadDone => "UploadDone",
+        ClientMessage::RoundAck { .. } => "RoundAck",
+    }
+}

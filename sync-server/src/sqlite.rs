@@ -1,0 +1,528 @@
+//! The embedded default store: one SQLite file in WAL mode.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use care_node::identity::{Identity, PublicKey, short_hex};
+use care_node::nhs::NhsNumber;
+use care_node::protocol::DocChanges;
+use care_node::summary::{PatientId, PatientSummary};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::store::{
+    ChangesByDoc, DeviceRecord, EnrolError, Role, RoundOutcome, ServerStore, StoreError, UploadError,
+};
+
+const FORMAT: &str = "care-sync-server/1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    id BLOB PRIMARY KEY,
+    nhs_number TEXT NOT NULL UNIQUE,
+    doc BLOB NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    patient_id BLOB NOT NULL,
+    author_device INTEGER,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_patient ON changes (patient_id, seq);
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    public_key BLOB UNIQUE,
+    enrolled_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    acked_cursor INTEGER NOT NULL DEFAULT 0,
+    last_sync_ms INTEGER,
+    pending_round INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrolment_tokens (
+    secret_hash BLOB PRIMARY KEY,
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS caseload (
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL REFERENCES patients (id),
+    PRIMARY KEY (device_id, patient_id)
+);
+-- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round
+CREATE TABLE IF NOT EXISTS device_docs (
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    PRIMARY KEY (device_id, patient_id)
+);
+";
+
+/// Held documents.
+const HELD: i64 = 0;
+/// Sent whole in the pending round, not yet confirmed.
+const SENDING: i64 = 1;
+/// Purged in the pending round, not yet confirmed.
+const PURGING: i64 = 2;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn patient_id(bytes: Vec<u8>) -> rusqlite::Result<PatientId> {
+    PatientId::from_slice(&bytes)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
+}
+
+fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    let role: String = r.get("role")?;
+    let key: Option<Vec<u8>> = r.get("public_key")?;
+    Ok(DeviceRecord {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        role: role.parse().unwrap_or(Role::AmbulanceCrew),
+        public_key: key.and_then(|k| k.try_into().ok()),
+        enrolled_at_ms: r.get("enrolled_at_ms")?,
+        revoked_at_ms: r.get("revoked_at_ms")?,
+        acked_cursor: r.get::<_, i64>("acked_cursor")? as u64,
+        last_sync_ms: r.get("last_sync_ms")?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `dir/server.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let conn = Connection::open(dir.join("server.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        let format: Option<String> = conn
+            .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
+            .optional()?;
+        match format.as_deref() {
+            None => {
+                conn.execute("INSERT INTO meta VALUES ('format', ?1)", [FORMAT.as_bytes()])?;
+            }
+            Some(FORMAT) => {}
+            Some(_) => return Err(StoreError::UnknownFormat),
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Appends changes to the log and saves the document, inside the caller's transaction.
+fn log_changes(
+    tx: &Transaction<'_>,
+    patient: &PatientId,
+    author: Option<i64>,
+    changes: &[automerge::Change],
+    summary: &mut PatientSummary,
+) -> rusqlite::Result<()> {
+    let mut last = None;
+    for change in changes {
+        tx.execute(
+            "INSERT INTO changes (patient_id, author_device, hash, body) VALUES (?1, ?2, ?3, ?4)",
+            params![patient.as_bytes().as_slice(), author, change.hash().0.as_slice(), change.raw_bytes()],
+        )?;
+        last = Some(tx.last_insert_rowid());
+    }
+    if let Some(seq) = last {
+        tx.execute(
+            "UPDATE patients SET doc = ?1, last_seq = ?2 WHERE id = ?3",
+            params![summary.save(), seq, patient.as_bytes().as_slice()],
+        )?;
+    }
+    Ok(())
+}
+
+impl ServerStore for SqliteStore {
+    fn server_identity(&self) -> Result<Identity, StoreError> {
+        let conn = self.conn();
+        let seed: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| r.get(0)).optional()?;
+        if let Some(seed) = seed.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
+            return Ok(Identity::from_seed(&seed));
+        }
+        let identity = Identity::generate();
+        conn.execute("INSERT INTO meta VALUES ('identity', ?1)", [identity.seed().as_slice()])?;
+        Ok(identity)
+    }
+
+    fn create_enrolment(
+        &self,
+        name: &str,
+        role: Role,
+        secret_hash: [u8; 32],
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing =
+            tx.query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row).optional()?;
+        let device_id = match existing {
+            Some(d) if d.public_key.is_some() || d.revoked_at_ms.is_some() => {
+                return Err(StoreError::AlreadyEnrolled(name.to_string()));
+            }
+            Some(d) => {
+                tx.execute("UPDATE devices SET role = ?1 WHERE id = ?2", params![role.as_str(), d.id])?;
+                // A new token replaces any earlier unused one.
+                tx.execute(
+                    "DELETE FROM enrolment_tokens WHERE device_id = ?1 AND used_at_ms IS NULL",
+                    [d.id],
+                )?;
+                d.id
+            }
+            None => {
+                tx.execute("INSERT INTO devices (name, role) VALUES (?1, ?2)", params![name, role.as_str()])?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.execute(
+            "INSERT INTO enrolment_tokens (secret_hash, device_id, expires_at_ms) VALUES (?1, ?2, ?3)",
+            params![secret_hash.as_slice(), device_id, expires_at_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn redeem_enrolment(
+        &self,
+        secret_hash: [u8; 32],
+        key: PublicKey,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, EnrolError> {
+        let internal = |e: rusqlite::Error| {
+            tracing::error!(error = %e, "enrolment failed in the store");
+            EnrolError::Internal
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(internal)?;
+        let token = tx
+            .query_row(
+                "SELECT device_id, expires_at_ms, used_at_ms FROM enrolment_tokens WHERE secret_hash = ?1",
+                [secret_hash.as_slice()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?)),
+            )
+            .optional()
+            .map_err(internal)?;
+        let (device_id, expires, used) = token.ok_or(EnrolError::UnknownToken)?;
+        if used.is_some() {
+            return Err(EnrolError::AlreadyUsed);
+        }
+        if now_ms > expires {
+            return Err(EnrolError::Expired);
+        }
+        let device = tx
+            .query_row("SELECT * FROM devices WHERE id = ?1", [device_id], device_from_row)
+            .map_err(internal)?;
+        if device.revoked_at_ms.is_some() {
+            return Err(EnrolError::Revoked);
+        }
+        let key_in_use: bool = tx
+            .query_row("SELECT count(*) FROM devices WHERE public_key = ?1", [key.as_slice()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(internal)?
+            > 0;
+        if key_in_use || device.public_key.is_some() {
+            return Err(EnrolError::KeyInUse);
+        }
+        tx.execute(
+            "UPDATE devices SET public_key = ?1, enrolled_at_ms = ?2 WHERE id = ?3",
+            params![key.as_slice(), now_ms, device_id],
+        )
+        .map_err(internal)?;
+        tx.execute(
+            "UPDATE enrolment_tokens SET used_at_ms = ?1 WHERE secret_hash = ?2",
+            params![now_ms, secret_hash.as_slice()],
+        )
+        .map_err(internal)?;
+        let device = tx
+            .query_row("SELECT * FROM devices WHERE id = ?1", [device_id], device_from_row)
+            .map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        Ok(device)
+    }
+
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row)
+            .optional()?)
+    }
+
+    fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM devices WHERE public_key = ?1", [key.as_slice()], device_from_row)
+            .optional()?)
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT * FROM devices ORDER BY name")?;
+        let rows = stmt.query_map([], device_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE devices SET revoked_at_ms = coalesce(revoked_at_ms, ?1) WHERE name = ?2",
+            params![now_ms, name],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDevice(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut ids = Vec::with_capacity(summaries.len());
+        for summary in summaries.iter_mut() {
+            let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), e))?;
+            let nhs = summary.nhs_number().map_err(|e| StoreError::Document(short_hex(id.as_bytes()), e))?;
+            let inserted = tx.execute(
+                "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
+                params![id.as_bytes().as_slice(), nhs.as_str()],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::DuplicatePatient);
+            }
+            let changes = summary.all_changes();
+            log_changes(&tx, &id, None, &changes, summary)?;
+            ids.push(id);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .conn()
+            .query_row("SELECT id FROM patients WHERE nhs_number = ?1", [nhs.as_str()], |r| r.get(0))
+            .optional()?;
+        Ok(id.map(patient_id).transpose()?)
+    }
+
+    fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn patient_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT INTO caseload (device_id, patient_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![device, patient.as_bytes().as_slice()],
+        )? > 0)
+    }
+
+    fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM caseload WHERE device_id = ?1 AND patient_id = ?2",
+            params![device, patient.as_bytes().as_slice()],
+        )? > 0)
+    }
+
+    fn scope(&self, device: i64) -> Result<Vec<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT patient_id FROM caseload WHERE device_id = ?1 ORDER BY patient_id")?;
+        let rows = stmt.query_map([device], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn apply_device_changes(&self, device: &DeviceRecord, docs: &[DocChanges]) -> Result<usize, UploadError> {
+        let actor = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let mut accepted = 0;
+        for doc in docs {
+            let doc_id = short_hex(doc.doc.as_bytes());
+            let held: bool = tx
+                .query_row(
+                    "SELECT count(*) FROM device_docs WHERE device_id = ?1 AND patient_id = ?2 AND state IN (0, 2)",
+                    params![device.id, doc.doc.as_bytes().as_slice()],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(StoreError::from)?
+                > 0;
+            if !held {
+                return Err(UploadError::NotHeld(doc_id));
+            }
+            let mut changes = Vec::with_capacity(doc.changes.len());
+            for bytes in &doc.changes {
+                let change = automerge::Change::try_from(bytes.as_slice())
+                    .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
+                if change.actor_id().to_bytes() != actor.as_slice() {
+                    return Err(UploadError::ForeignActor(doc_id));
+                }
+                changes.push(change);
+            }
+            let saved: Vec<u8> = tx
+                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.doc.as_bytes().as_slice()], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(StoreError::from)?
+                .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;
+            let mut summary =
+                PatientSummary::load(&saved).map_err(|e| StoreError::Document(doc_id.clone(), e))?;
+            let new: Vec<_> = changes.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
+            if new.is_empty() {
+                continue;
+            }
+            summary
+                .apply_changes(new.clone())
+                .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
+            if summary.has_missing_deps() {
+                return Err(UploadError::MissingDependencies(doc_id));
+            }
+            accepted += new.len();
+            log_changes(&tx, &doc.doc, Some(device.id), &new, &mut summary).map_err(StoreError::from)?;
+        }
+        tx.commit().map_err(StoreError::from)?;
+        Ok(accepted)
+    }
+
+    fn max_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    fn changes_between(
+        &self,
+        after: u64,
+        upto: u64,
+        exclude_device: i64,
+    ) -> Result<ChangesByDoc, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, patient_id, body FROM changes
+             WHERE seq > ?1 AND seq <= ?2 AND (author_device IS NULL OR author_device != ?3) ORDER BY seq",
+        )?;
+        let mut rows = stmt.query(params![after as i64, upto as i64, exclude_device])?;
+        let mut out = ChangesByDoc::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            out.entry(patient_id(row.get(1)?)?).or_default().push((seq as u64, row.get(2)?));
+        }
+        Ok(out)
+    }
+
+    fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT patient_id FROM device_docs WHERE device_id = ?1 AND state = ?2")?;
+        let rows = stmt.query_map(params![device, HELD], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
+        let round: Option<i64> =
+            self.conn()
+                .query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        Ok(round.map(|r| r as u64))
+    }
+
+    fn record_round_page(
+        &self,
+        device: i64,
+        round: u64,
+        whole: &[PatientId],
+        purged: &[PatientId],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
+        for (ids, state) in [(whole, SENDING), (purged, PURGING)] {
+            let mut stmt = tx.prepare(
+                "INSERT INTO device_docs (device_id, patient_id, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state",
+            )?;
+            for id in ids {
+                stmt.execute(params![device, id.as_bytes().as_slice(), state])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn settle_round(
+        &self,
+        device: i64,
+        round: u64,
+        outcome: RoundOutcome,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let pending: Option<i64> =
+            tx.query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        if pending == Some(round as i64) {
+            // Confirmed rows: `sending` becomes held and `purging` goes; unconfirmed rows revert.
+            let (confirmed_sql, unconfirmed_sql) = ("patient_id <= ?2", "patient_id > ?2");
+            let through: Vec<u8> = match outcome {
+                RoundOutcome::Complete => vec![0xff; 17],
+                RoundOutcome::Through(p) => p.as_bytes().to_vec(),
+                RoundOutcome::Nothing => Vec::new(),
+            };
+            tx.execute(
+                &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {SENDING} AND {confirmed_sql}"),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM device_docs WHERE device_id = ?1 AND state = {PURGING} AND {confirmed_sql}"
+                ),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM device_docs WHERE device_id = ?1 AND state = {SENDING} AND {unconfirmed_sql}"
+                ),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {PURGING} AND {unconfirmed_sql}"),
+                params![device, through],
+            )?;
+            tx.execute("UPDATE devices SET pending_round = NULL WHERE id = ?1", [device])?;
+        }
+        if outcome == RoundOutcome::Complete {
+            tx.execute(
+                "UPDATE devices SET acked_cursor = max(acked_cursor, ?1), last_sync_ms = ?2 WHERE id = ?3",
+                params![round as i64, now_ms, device],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! What the server stores, as a trait: the sync session, enrolment and the operator commands
+//! use only [`ServerStore`], so another backend (a shared PostgreSQL) can replace the embedded
+//! SQLite one ([`crate::sqlite::SqliteStore`]) without touching them.
+//!
+//! The change log: every accepted Automerge change gets a global, increasing sequence number.
+//! A device's cursor names a position in it; a round sends only what lies after the cursor.
+
+use std::collections::{BTreeMap, HashSet};
+
+use care_node::identity::{Identity, PublicKey};
+use care_node::nhs::NhsNumber;
+use care_node::protocol::DocChanges;
+use care_node::summary::{PatientId, PatientSummary};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the server database failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("could not create the data directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("patient document {0} is invalid: {1}")]
+    Document(String, care_node::summary::SummaryError),
+    #[error("no device named `{0}`")]
+    UnknownDevice(String),
+    #[error("device `{0}` is already enrolled; revoke it or choose another name")]
+    AlreadyEnrolled(String),
+    #[error("no patient with that NHS number on this server")]
+    UnknownPatient,
+    #[error("a patient with that NHS number already exists")]
+    DuplicatePatient,
+    #[error("the server database is from a newer care-sync-server")]
+    UnknownFormat,
+}
+
+/// Why an upload was refused. The whole batch is refused; nothing of it is applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UploadError {
+    #[error("a change for document {0} is authored by another actor than the uploading device")]
+    ForeignActor(String),
+    #[error("document {0} is not on this device; changes to it are not accepted")]
+    NotHeld(String),
+    #[error("a change for document {0} is malformed: {1}")]
+    Malformed(String, String),
+    #[error("changes for document {0} depend on changes the server does not have")]
+    MissingDependencies(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why an enrolment token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnrolError {
+    #[error("unknown enrolment token")]
+    UnknownToken,
+    #[error("this enrolment token was already used")]
+    AlreadyUsed,
+    #[error("this enrolment token has expired; ask the operator for a new one")]
+    Expired,
+    #[error("the device this token was made for has been revoked")]
+    Revoked,
+    #[error("this device key is already enrolled")]
+    KeyInUse,
+    #[error("the proof of key possession is invalid")]
+    BadSignature,
+    #[error("the server could not record the enrolment")]
+    Internal,
+}
+
+/// The roles a device can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    AmbulanceCrew,
+    CommunityNurse,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::AmbulanceCrew => "ambulance-crew",
+            Role::CommunityNurse => "community-nurse",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ambulance-crew" => Ok(Role::AmbulanceCrew),
+            "community-nurse" => Ok(Role::CommunityNurse),
+            other => Err(format!("unknown role `{other}` (expected ambulance-crew or community-nurse)")),
+        }
+    }
+}
+
+/// A device as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub public_key: Option<PublicKey>,
+    pub enrolled_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    /// The cursor the device last acknowledged, and when.
+    pub acked_cursor: u64,
+    pub last_sync_ms: Option<i64>,
+}
+
+/// How a device stands with respect to its last round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundOutcome {
+    /// The device applied the whole round.
+    Complete,
+    /// The device applied the round up to and including this patient.
+    Through(PatientId),
+    /// The device applied nothing of the round.
+    Nothing,
+}
+
+/// The changes in a cursor window, grouped by document, in sequence order.
+pub type ChangesByDoc = BTreeMap<PatientId, Vec<(u64, Vec<u8>)>>;
+
+/// The storage the regional server needs.
+pub trait ServerStore: Send + Sync {
+    /// The server's ed25519 identity, created on first use.
+    fn server_identity(&self) -> Result<Identity, StoreError>;
+
+    // --- devices and enrolment
+    /// Registers (or re-issues) a token for a named device that is not enrolled yet.
+    fn create_enrolment(
+        &self,
+        name: &str,
+        role: Role,
+        secret_hash: [u8; 32],
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Binds a device key to the token's device, once, atomically.
+    fn redeem_enrolment(
+        &self,
+        secret_hash: [u8; 32],
+        key: PublicKey,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, EnrolError>;
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError>;
+    fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError>;
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    // --- patients
+    /// Stores new patient documents in one transaction and logs their changes as server-authored.
+    fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError>;
+    fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError>;
+    fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError>;
+    fn patient_count(&self) -> Result<u64, StoreError>;
+
+    // --- scope
+    fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
+    fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
+    /// The patients the device may hold now, sorted.
+    fn scope(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
+
+    // --- sync
+    /// Applies a device's changes atomically (all or nothing) after checking authorship.
+    fn apply_device_changes(&self, device: &DeviceRecord, docs: &[DocChanges]) -> Result<usize, UploadError>;
+    /// The newest sequence number.
+    fn max_seq(&self) -> Result<u64, StoreError>;
+    /// Changes with `after < seq <= upto`, not authored by `exclude_device`, by document.
+    fn changes_between(&self, after: u64, upto: u64, exclude_device: i64)
+    -> Result<ChangesByDoc, StoreError>;
+    /// Documents the device holds for sure (its confirmed set).
+    fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;
+    /// The round the device was sent but has not confirmed, if any.
+    fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError>;
+    /// Records, before a page is sent, which documents it sends whole and which it purges.
+    fn record_round_page(
+        &self,
+        device: i64,
+        round: u64,
+        whole: &[PatientId],
+        purged: &[PatientId],
+    ) -> Result<(), StoreError>;
+    /// Settles the pending round with what the device says it applied.
+    fn settle_round(
+        &self,
+        device: i64,
+        round: u64,
+        outcome: RoundOutcome,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+}
