@@ -41,6 +41,8 @@ pub enum ClientError {
     DeviceRefused,
     #[error("enrolment refused: {0}")]
     EnrolmentRefused(String),
+    #[error("the server refused: {0}")]
+    Refused(String),
     #[error("the connection failed: {0}")]
     Connection(String),
     #[error("the server sent something invalid: {0}")]
@@ -185,7 +187,7 @@ fn map_connection_error(e: &quinn::ConnectionError) -> ClientError {
         quinn::ConnectionError::ApplicationClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
             if u64::from(close.error_code) == u64::from(close::REFUSED) {
-                ClientError::EnrolmentRefused(reason)
+                ClientError::Refused(reason)
             } else {
                 ClientError::Connection(format!("closed by the server: {reason}"))
             }

@@ -227,6 +227,17 @@ impl DeviceStore {
         self.put_secret("enrolment", enrolment)
     }
 
+    /// Provenance for an entry this device records now.
+    pub fn provenance(&self) -> Result<crate::summary::Provenance, StoreError> {
+        let enrolment = self.require_enrolment()?;
+        Ok(crate::summary::Provenance {
+            device: short_hex(&self.identity()?.public_key()),
+            device_name: enrolment.device_name,
+            role: enrolment.role,
+            recorded_at_ms: crate::now_ms(),
+        })
+    }
+
     /// Points the device at a new server address (the pinned server key stays the same).
     pub fn update_server_addr(&self, addr: &str) -> Result<(), StoreError> {
         let mut enrolment = self.require_enrolment()?;

@@ -15,7 +15,7 @@ use care_node::client::{self, ClientError, SyncReport};
 use care_node::crypto::PassphraseWrapper;
 use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError as DeviceStoreError};
-use care_node::summary::{Alert, Allergy, CONFIRMED, Provenance};
+use care_node::summary::{Alert, Allergy, CONFIRMED};
 
 use crate::ops::{self, OpsError};
 use crate::population::Population;
@@ -191,8 +191,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     let offline =
         [("ambulance-1", "Chlorhexidine", "anaphylaxis"), ("nurse-1", "Adhesive dressings", "blistering")];
     for (device, (_, substance, reaction)) in devices.iter_mut().zip(offline) {
-        let enrolment = device.store.require_enrolment()?;
-        let identity = device.store.identity()?;
+        let provenance = device.store.provenance()?;
         device.store.add_entry(
             &shared,
             &Allergy {
@@ -200,12 +199,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
                 reaction: Some(reaction.into()),
                 severity: Some("severe".into()),
                 verification_status: CONFIRMED.into(),
-                provenance: Provenance {
-                    device: care_node::identity::short_hex(&identity.public_key()),
-                    device_name: enrolment.device_name.clone(),
-                    role: enrolment.role.clone(),
-                    recorded_at_ms: care_node::now_ms(),
-                },
+                provenance,
             },
         )?;
         let _ = writeln!(

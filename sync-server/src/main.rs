@@ -212,7 +212,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CARE_SYNC_LOG")
-                .unwrap_or_else(|_| "warn,care_sync_server=info".into()),
+                .unwrap_or_else(|_| default_log_filter().into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -225,4 +225,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `serve` reports connections and enrolments; the other commands print only warnings.
+fn default_log_filter() -> &'static str {
+    if std::env::args().any(|a| a == "serve") { "warn,care_sync_server=info" } else { "warn" }
 }

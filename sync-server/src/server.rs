@@ -235,8 +235,11 @@ async fn run_sync(
             Ok(replies) => replies,
             Err(e) => {
                 if let SessionError::Upload(reason) = &e {
-                    let _ =
-                        write_frame(&mut send, &ServerMessage::Refused { message: reason.to_string() }).await;
+                    // Tell the device why in a frame it will read, then let it hang up first.
+                    let refusal = ServerMessage::Refused { message: reason.to_string() };
+                    let _ = write_frame(&mut send, &refusal).await;
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(LINGER, conn.closed()).await;
                 }
                 return Err(e.into());
             }

@@ -1,1 +1,145 @@
+//! Shared helpers of the end-to-end tests: a real server on 127.0.0.1 (port 0) with a real
+//! store, and devices with real encrypted stores, all speaking real QUIC.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use care_node::crypto::{KdfParams, PassphraseWrapper};
+use care_node::nhs::NhsNumber;
+use care_node::store::DeviceStore;
+use care_node::summary::{Allergy, CONFIRMED};
+use care_sync_server::ops;
+use care_sync_server::population::Population;
+use care_sync_server::server::{self, RunningServer};
+use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::{Role, ServerStore};
+
+/// The passphrase of every test device.
+pub const PASSPHRASE: &str = "test passphrase";
+
+/// Argon2id costs small enough for tests; the format records them, so stores still open.
+pub fn cheap_wrapper(passphrase: &str) -> PassphraseWrapper {
+    PassphraseWrapper::with_params(passphrase, KdfParams { memory_kib: 256, iterations: 1, parallelism: 1 })
+}
+
+/// A running server with its store and synthetic patients.
+pub struct TestServer {
+    pub store: Arc<dyn ServerStore>,
+    pub running: Option<RunningServer>,
+    pub addr: SocketAddr,
+    pub patients: Vec<NhsNumber>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with `patients` synthetic patients on 127.0.0.1, port 0.
+    pub async fn start(patients: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
+        let identity = store.server_identity().expect("server identity");
+        let mut population = Population::new(1, care_sync_server::server_actor(&identity));
+        let mut summaries = (0..patients)
+            .map(|_| population.next_patient(care_node::now_ms()).expect("patient"))
+            .collect::<Vec<_>>();
+        store.insert_patients(&mut summaries).expect("insert patients");
+        let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
+        let running =
+            server::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.expect("server starts");
+        let addr = running.addr;
+        Self { store, running: Some(running), addr, patients, _dir: dir }
+    }
+
+    /// A one-time token for a new device.
+    pub fn token(&self, name: &str, role: Role) -> String {
+        ops::issue_token(self.store.as_ref(), name, role, self.addr, ops::DEFAULT_TOKEN_TTL).expect("token")
+    }
+
+    /// Puts the patients with these indices on a device's caseload.
+    pub fn caseload(&self, device: &str, patients: impl IntoIterator<Item = usize>) {
+        for i in patients {
+            ops::caseload_add(self.store.as_ref(), device, self.patients[i].as_str()).expect("caseload add");
+        }
+    }
+
+    /// Stops the server (the store stays), as a crash or an outage would.
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Starts the server again on the same address.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = server::start(self.store.clone(), self.addr).await.expect("server restarts");
+        self.running = Some(running);
+    }
+}
+
+/// A device with its own encrypted store in a temporary directory.
+pub struct TestDevice {
+    pub name: String,
+    pub store: DeviceStore,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDevice {
+    /// A new, unenrolled device.
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("store.db");
+        let store = DeviceStore::open(&path, &cheap_wrapper(PASSPHRASE)).expect("device store");
+        Self { name: name.to_string(), store, path, _dir: dir }
+    }
+
+    /// A device enrolled with `server` under `name` and `role`.
+    pub async fn enrolled(server: &TestServer, name: &str, role: Role) -> Self {
+        let device = Self::new(name);
+        care_node::client::enrol(&device.store, &server.token(name, role)).await.expect("enrolment");
+        device
+    }
+
+    pub async fn sync(&mut self) -> Result<care_node::client::SyncReport, care_node::client::ClientError> {
+        care_node::client::sync(&mut self.store).await
+    }
+
+    /// Records an allergy offline.
+    pub fn add_allergy(&mut self, nhs: &NhsNumber, substance: &str) {
+        let entry = Allergy {
+            substance: substance.into(),
+            reaction: Some("rash".into()),
+            severity: None,
+            verification_status: CONFIRMED.into(),
+            provenance: self.store.provenance().expect("provenance"),
+        };
+        self.store.add_entry(nhs, &entry).expect("add allergy");
+    }
+
+    /// The allergies' substances of a patient on this device, in display order.
+    pub fn allergies(&self, nhs: &NhsNumber) -> Vec<String> {
+        let patient = self.store.find_by_nhs(nhs).expect("read").expect("patient on device");
+        patient.summary.entries::<Allergy>().expect("entries").into_iter().map(|(_, a)| a.substance).collect()
+    }
+
+    /// The raw bytes of the store's files (database and write-ahead log).
+    pub fn raw_bytes(&self) -> Vec<u8> {
+        let mut bytes = std::fs::read(&self.path).expect("store file");
+        if let Ok(wal) = std::fs::read(self.path.with_extension("db-wal")) {
+            bytes.extend(wal);
+        }
+        bytes
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Runs a future with a deadline, so a hung test fails instead of hanging CI.
+pub async fn within<T>(seconds: u64, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(seconds), future).await.expect("finished in time")
+}
