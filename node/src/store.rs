@@ -30,7 +30,7 @@ const FORMAT_VERSION: &str = "care-node-store/1";
 #[non_exhaustive]
 pub enum StoreError {
     #[error("the store database failed: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(Box<rusqlite::Error>),
     #[error("the file is not a care-node store (or is corrupt)")]
     NotAStore,
     #[error("the store was made by a newer care-node ({0})")]
@@ -42,7 +42,7 @@ pub enum StoreError {
     #[error("stored row {row} could not be decoded: {reason}")]
     Decode { row: String, reason: String },
     #[error("patient document is invalid: {0}")]
-    Summary(#[from] SummaryError),
+    Summary(Box<SummaryError>),
     #[error("this device is not enrolled yet; run `care-node enrol TOKEN`")]
     NotEnrolled,
     #[error("this device is already enrolled")]
@@ -51,6 +51,18 @@ pub enum StoreError {
     UnknownPatient,
     #[error("received document {doc} lacks changes it depends on")]
     MissingDependencies { doc: String },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(Box::new(e))
+    }
+}
+
+impl From<SummaryError> for StoreError {
+    fn from(e: SummaryError) -> Self {
+        Self::Summary(Box::new(e))
+    }
 }
 
 /// What the device learnt when it enrolled.
@@ -456,7 +468,7 @@ fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), S
 fn not_a_store(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotAStore,
-        _ => StoreError::Sqlite(e),
+        _ => StoreError::from(e),
     }
 }
 

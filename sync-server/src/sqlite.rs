@@ -299,8 +299,10 @@ impl ServerStore for SqliteStore {
         let tx = conn.transaction()?;
         let mut ids = Vec::with_capacity(summaries.len());
         for summary in summaries.iter_mut() {
-            let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), e))?;
-            let nhs = summary.nhs_number().map_err(|e| StoreError::Document(short_hex(id.as_bytes()), e))?;
+            let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), Box::new(e)))?;
+            let nhs = summary
+                .nhs_number()
+                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?;
             let inserted = tx.execute(
                 "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
                 params![id.as_bytes().as_slice(), nhs.as_str()],
@@ -393,8 +395,8 @@ impl ServerStore for SqliteStore {
                 .optional()
                 .map_err(StoreError::from)?
                 .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;
-            let mut summary =
-                PatientSummary::load(&saved).map_err(|e| StoreError::Document(doc_id.clone(), e))?;
+            let mut summary = PatientSummary::load(&saved)
+                .map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
             let new: Vec<_> = changes.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
             if new.is_empty() {
                 continue;

@@ -16,11 +16,11 @@ use care_node::summary::{PatientId, PatientSummary};
 #[non_exhaustive]
 pub enum StoreError {
     #[error("the server database failed: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(Box<rusqlite::Error>),
     #[error("could not create the data directory: {0}")]
     Io(#[from] std::io::Error),
     #[error("patient document {0} is invalid: {1}")]
-    Document(String, care_node::summary::SummaryError),
+    Document(String, Box<care_node::summary::SummaryError>),
     #[error("no device named `{0}`")]
     UnknownDevice(String),
     #[error("device `{0}` is already enrolled; revoke it or choose another name")]
@@ -31,6 +31,12 @@ pub enum StoreError {
     DuplicatePatient,
     #[error("the server database is from a newer care-sync-server")]
     UnknownFormat,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(Box::new(e))
+    }
 }
 
 /// Why an upload was refused. The whole batch is refused; nothing of it is applied.

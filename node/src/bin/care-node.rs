@@ -113,7 +113,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 let nhs = NhsNumber::parse(&card.nhs_number).map(|n| n.formatted()).unwrap_or_default();
                 println!("{nhs:<13} {:<28} {:<11} {}", card.name, card.date_of_birth, card.postcode);
             }
-            println!("{} patients on this device", cards.len());
+            println!("{} patient(s) on this device", cards.len());
         }
         Command::Show { nhs_number } => {
             let nhs = parse_nhs(&nhs_number)?;

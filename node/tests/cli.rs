@@ -1,0 +1,43 @@
+//! The `care-node` command line, offline: clear errors, nothing identifiable on screen by accident.
+
+use std::process::Command;
+
+fn care_node(store: &std::path::Path, passphrase: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_care-node"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .env("CARE_NODE_PASSPHRASE", passphrase)
+        .output()
+        .expect("care-node runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_cli_works_offline_and_explains_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("device.db");
+    let (ok, text) = care_node(&store, "pass", &["status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("not enrolled"), "{text}");
+
+    let (ok, text) = care_node(&store, "pass", &["list"]);
+    assert!(ok && text.contains("0 patient(s)"), "{text}");
+
+    let (ok, text) = care_node(&store, "wrong", &["list"]);
+    assert!(!ok && text.contains("wrong passphrase"), "{text}");
+
+    let (ok, text) = care_node(&store, "pass", &["show", "9990000010"]);
+    assert!(!ok && text.contains("check digit"), "{text}");
+    assert!(!text.contains("9990000010"), "the error does not echo the number: {text}");
+
+    let (ok, text) = care_node(&store, "pass", &["add-allergy", "9990000018", "--substance", "Latex"]);
+    assert!(!ok && text.contains("not enrolled"), "{text}");
+
+    let (ok, text) = care_node(&store, "pass", &["sync"]);
+    assert!(!ok && text.contains("not enrolled"), "{text}");
+
+    let (ok, text) = care_node(&store, "pass", &["enrol", "not-a-token"]);
+    assert!(!ok && text.contains("not an enrolment token"), "{text}");
+}

@@ -1,0 +1,174 @@
+//! The sync protocol without a network: the device's and the server's state machines driven
+//! against each other in memory, every message through the real frame codec.
+
+use std::collections::VecDeque;
+
+use care_node::crypto::{KdfParams, PassphraseWrapper};
+use care_node::protocol::{ClientMessage, DocBody, ServerMessage, decode_frame, encode_frame};
+use care_node::store::DeviceStore;
+use care_node::summary::{Allergy, CONFIRMED};
+use care_node::sync::SyncSession;
+use care_sync_server::population::Population;
+use care_sync_server::session::ServerSession;
+use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::{DeviceRecord, Role, ServerStore};
+
+struct World {
+    server: SqliteStore,
+    device: DeviceStore,
+    record: DeviceRecord,
+    patients: Vec<care_node::nhs::NhsNumber>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn world(patients: usize) -> World {
+    let (sd, dd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = SqliteStore::open(sd.path()).unwrap();
+    let identity = server.server_identity().unwrap();
+    let mut population = Population::new(3, care_sync_server::server_actor(&identity));
+    let mut summaries: Vec<_> = (0..patients).map(|_| population.next_patient(0).unwrap()).collect();
+    let ids = server.insert_patients(&mut summaries).unwrap();
+    let wrapper =
+        PassphraseWrapper::with_params("p", KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 });
+    let device = DeviceStore::open(&dd.path().join("d.db"), &wrapper).unwrap();
+    let secret = [9u8; 32];
+    server.create_enrolment("tablet", Role::AmbulanceCrew, secret, i64::MAX).unwrap();
+    let record = server.redeem_enrolment(secret, device.identity().unwrap().public_key(), 0).unwrap();
+    for id in &ids {
+        server.caseload_add(record.id, id).unwrap();
+    }
+    let patients = summaries.iter().map(|s| s.nhs_number().unwrap()).collect();
+    World { server, device, record, patients, _dirs: (sd, dd) }
+}
+
+fn wire<T: serde::Serialize + serde::de::DeserializeOwned>(message: &T) -> T {
+    let frame = encode_frame(message).unwrap();
+    decode_frame(&frame[4..]).unwrap()
+}
+
+/// What the server sent in one session.
+#[derive(Debug, Default)]
+struct Sent {
+    whole: usize,
+    changes: usize,
+    pages: usize,
+    completed: bool,
+}
+
+/// Runs one session; `cut_after_pages` drops the link after that many document pages.
+fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
+    let mut sent = Sent::default();
+    let (mut client, first) = SyncSession::start(&w.device).unwrap();
+    let mut server = ServerSession::new(w.record.clone());
+    let mut to_server: VecDeque<ClientMessage> = first.into();
+    loop {
+        while let Some(message) = to_server.pop_front() {
+            for reply in server.handle(wire(&message), &w.server, 1).unwrap() {
+                to_server.extend(client.handle(wire(&reply), &mut w.device).unwrap());
+            }
+        }
+        while server.is_downloading() {
+            let Some(page) = server.next_page(&w.server).unwrap() else { break };
+            if let ServerMessage::Docs { items, .. } = &page {
+                if cut_after_pages == Some(sent.pages) {
+                    return sent;
+                }
+                sent.pages += 1;
+                for item in items {
+                    match item.body {
+                        DocBody::Whole(_) => sent.whole += 1,
+                        DocBody::Changes(_) => sent.changes += 1,
+                        DocBody::Purge => {}
+                    }
+                }
+            }
+            to_server.extend(client.handle(wire(&page), &mut w.device).unwrap());
+        }
+        if to_server.is_empty() {
+            break;
+        }
+    }
+    sent.completed = client.is_done() && server.is_done();
+    sent
+}
+
+#[test]
+fn a_cut_round_resumes_without_resending_applied_documents() {
+    let mut w = world(2_500);
+    let first = session(&mut w, Some(2));
+    assert_eq!(first.pages, 2);
+    let applied = w.device.document_count().unwrap() as usize;
+    assert_eq!(applied, first.whole, "every delivered document was applied");
+    assert!(applied > 0 && applied < 2_500);
+
+    let second = session(&mut w, None);
+    assert!(second.completed);
+    assert_eq!(second.whole, 2_500 - applied, "nothing applied before the cut is sent again");
+    assert_eq!(w.device.document_count().unwrap(), 2_500);
+
+    let third = session(&mut w, None);
+    assert_eq!(
+        (third.whole, third.changes, third.pages),
+        (0, 0, 0),
+        "an unchanged reconnect sends no documents"
+    );
+}
+
+#[test]
+fn a_round_cut_before_any_page_sends_everything_next_time() {
+    let mut w = world(30);
+    let first = session(&mut w, Some(0));
+    assert_eq!(w.device.document_count().unwrap(), 0);
+    assert_eq!(first.whole, 0);
+    let second = session(&mut w, None);
+    assert_eq!(second.whole, 30);
+}
+
+#[test]
+fn an_upload_whose_ack_was_lost_is_not_applied_twice() {
+    let mut w = world(5);
+    assert!(session(&mut w, None).completed);
+    let nhs = w.patients[2].clone();
+    let provenance = care_node::summary::Provenance {
+        device: "t".into(),
+        device_name: "tablet".into(),
+        role: "ambulance-crew".into(),
+        recorded_at_ms: 5,
+    };
+    let entry = Allergy {
+        substance: "Latex".into(),
+        reaction: None,
+        severity: None,
+        verification_status: CONFIRMED.into(),
+        provenance,
+    };
+    w.device.add_entry(&nhs, &entry).unwrap();
+
+    // The server applies the upload, but the acknowledgement never reaches the device.
+    let (_client, first) = SyncSession::start(&w.device).unwrap();
+    let mut server = ServerSession::new(w.record.clone());
+    let seq_before = w.server.max_seq().unwrap();
+    for message in first {
+        let done = matches!(message, ClientMessage::UploadDone);
+        let _ = server.handle(wire(&message), &w.server, 1).unwrap();
+        if done {
+            break;
+        }
+    }
+    assert_eq!(w.server.max_seq().unwrap(), seq_before + 1, "the change is durable on the server");
+    assert_eq!(w.device.pending_count().unwrap(), 1, "the device still holds it, unacknowledged");
+
+    let again = session(&mut w, None);
+    assert!(again.completed);
+    assert_eq!(w.server.max_seq().unwrap(), seq_before + 1, "uploading it again adds nothing");
+    assert_eq!(w.device.pending_count().unwrap(), 0);
+    assert_eq!(again.changes, 0, "the device is not sent its own change back");
+}
+
+#[test]
+fn a_message_out_of_order_is_a_protocol_error() {
+    let w = world(1);
+    let mut server = ServerSession::new(w.record.clone());
+    let err = server.handle(ClientMessage::UploadDone, &w.server, 1).unwrap_err();
+    assert!(err.to_string().contains("unexpected UploadDone"), "{err}");
+}
