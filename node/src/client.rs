@@ -19,6 +19,8 @@ use crate::wire::{WireError, read_frame, write_frame};
 
 /// How long a device waits for the server before giving up on a step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a device tries to reach the server before saying it is unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -113,9 +115,9 @@ impl DeviceConnection {
         endpoint.set_default_client_config(client_config(identity, fingerprint, alpn)?);
         let connecting =
             endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        let connection = tokio::time::timeout(STEP_TIMEOUT, connecting)
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| ClientError::Timeout(STEP_TIMEOUT))?
+            .map_err(|_| ClientError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| match e {
                 quinn::ConnectionError::TransportError(ref t) if is_crypto_error(u64::from(t.code)) => {
                     ClientError::ServerKeyMismatch

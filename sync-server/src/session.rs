@@ -162,7 +162,7 @@ impl ServerSession {
         let seq = store.max_seq()?;
         let scope: HashSet<PatientId> = store.scope(self.device.id)?.into_iter().collect();
         let held = store.held(self.device.id)?;
-        let mut changes = store.changes_between(self.cursor, seq, self.device.id)?;
+        let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
         for (doc, list) in changes.iter_mut() {
             let after = self.after_for(doc);
             list.retain(|(s, _)| *s > after);

@@ -419,18 +419,15 @@ impl ServerStore for SqliteStore {
             as u64)
     }
 
-    fn changes_between(
-        &self,
-        after: u64,
-        upto: u64,
-        exclude_device: i64,
-    ) -> Result<ChangesByDoc, StoreError> {
+    fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT seq, patient_id, body FROM changes
-             WHERE seq > ?1 AND seq <= ?2 AND (author_device IS NULL OR author_device != ?3) ORDER BY seq",
+            "SELECT c.seq, c.patient_id, c.body FROM device_docs d
+             JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
+             WHERE d.device_id = ?1 AND d.state = 0 AND (c.author_device IS NULL OR c.author_device != ?1)
+             ORDER BY c.seq",
         )?;
-        let mut rows = stmt.query(params![after as i64, upto as i64, exclude_device])?;
+        let mut rows = stmt.query(params![device, after as i64, upto as i64])?;
         let mut out = ChangesByDoc::new();
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;

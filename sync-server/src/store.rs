@@ -174,9 +174,9 @@ pub trait ServerStore: Send + Sync {
     fn apply_device_changes(&self, device: &DeviceRecord, docs: &[DocChanges]) -> Result<usize, UploadError>;
     /// The newest sequence number.
     fn max_seq(&self) -> Result<u64, StoreError>;
-    /// Changes with `after < seq <= upto`, not authored by `exclude_device`, by document.
-    fn changes_between(&self, after: u64, upto: u64, exclude_device: i64)
-    -> Result<ChangesByDoc, StoreError>;
+    /// Changes with `after < seq <= upto` to documents the device holds, not authored by it,
+    /// by document. Costs what changed for this device, not what changed in the region.
+    fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;
     /// Documents the device holds for sure (its confirmed set).
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;
     /// The round the device was sent but has not confirmed, if any.

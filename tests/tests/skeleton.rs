@@ -283,3 +283,15 @@ async fn reconnecting_with_nothing_changed_costs_a_few_hundred_bytes() {
     assert_eq!(again.stats.documents_received + again.stats.changes_received, 0);
     assert!(again.frame_bytes() < 300, "reconnect moved {} frame bytes", again.frame_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_refuses_a_server_whose_key_it_did_not_pin() {
+    let server = TestServer::start(2).await;
+    let impostor = TestServer::start(2).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-9", Role::AmbulanceCrew).await;
+    crew.store.update_server_addr(&impostor.addr.to_string()).unwrap();
+    let err = within(30, crew.sync()).await.unwrap_err();
+    assert!(matches!(err, ClientError::ServerKeyMismatch), "got {err:?}");
+    crew.store.update_server_addr(&server.addr.to_string()).unwrap();
+    within(30, crew.sync()).await.expect("the real server is accepted");
+}
