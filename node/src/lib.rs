@@ -1,6 +1,7 @@
 //! `care-node`: everything a care-sync device runs.
 //!
 //! - [`nhs`]: NHS number validation; the only way an NHS number enters the system.
+//! - [`news2`]: the NEWS2 early warning score (RCP 2017).
 //! - [`summary`]: the patient-summary Automerge document and its typed API.
 //! - [`crypto`]: the data key, sealed values, lookup hashes and key wrapping.
 //! - [`identity`]: ed25519 device and server identities.
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod crypto;
 pub mod identity;
+pub mod news2;
 pub mod nhs;
 pub mod protocol;
 pub mod store;

@@ -87,6 +87,13 @@ pub struct SyncState {
     pub last_sync_server_ms: Option<i64>,
 }
 
+impl SyncState {
+    /// This device's clock minus the server's, as measured at the last sync.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        Some(self.last_sync_ms? - self.last_sync_server_ms?)
+    }
+}
+
 /// One local change waiting for the server's acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingChange {
@@ -99,10 +106,11 @@ pub struct PendingChange {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatientCard {
     pub patient_id: PatientId,
-    pub nhs_number: String,
+    /// `None` for a provisional record.
+    pub nhs_number: Option<String>,
     pub name: String,
-    pub date_of_birth: String,
-    pub postcode: String,
+    pub date_of_birth: Option<String>,
+    pub postcode: Option<String>,
 }
 
 impl std::fmt::Debug for PatientCard {
@@ -242,11 +250,15 @@ impl DeviceStore {
     /// Provenance for an entry this device records now.
     pub fn provenance(&self) -> Result<crate::summary::Provenance, StoreError> {
         let enrolment = self.require_enrolment()?;
+        let sync = self.sync_state()?;
         Ok(crate::summary::Provenance {
             device: short_hex(&self.identity()?.public_key()),
             device_name: enrolment.device_name,
             role: enrolment.role,
             recorded_at_ms: crate::now_ms(),
+            clock_offset_ms: sync.clock_offset_ms(),
+            person: None,
+            source: None,
         })
     }
 
@@ -313,29 +325,70 @@ impl DeviceStore {
         Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
     }
 
-    /// Adds an entry to a patient's summary on this device (works offline). The new change is
-    /// stored together with the document and queued for upload in one transaction.
+    /// Adds an entry to a patient's summary on this device (works offline).
     pub fn add_entry<T: SectionEntry>(
         &mut self,
         nhs: &NhsNumber,
         entry: &T,
     ) -> Result<crate::summary::EntryId, StoreError> {
+        self.edit(nhs, |summary| summary.add(entry))
+    }
+
+    /// Marks an entry as entered in error on this device (works offline).
+    pub fn mark_entered_in_error(
+        &mut self,
+        nhs: &NhsNumber,
+        section: crate::summary::Section,
+        entry: crate::summary::EntryId,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let provenance = self.provenance()?;
+        self.edit(nhs, |summary| summary.mark_entered_in_error(section, entry, reason, &provenance))
+    }
+
+    /// Records a crew attendance with observations and their NEWS2 score (works offline).
+    pub fn record_attendance(
+        &mut self,
+        nhs: &NhsNumber,
+        observations: &crate::news2::Observations,
+        reason: Option<&str>,
+    ) -> Result<(crate::summary::EntryId, crate::news2::News2), StoreError> {
+        let provenance = self.provenance()?;
+        let news2 = crate::news2::score(observations);
+        let mut encounter = crate::summary::Encounter::new("attendance", "finished", provenance.clone());
+        encounter.class = Some("emergency".into());
+        encounter.start = crate::view::iso_time(provenance.corrected_time_ms());
+        encounter.reason = reason.map(str::to_string);
+        encounter.vitals = Some(observations.to_vitals());
+        let id = self.edit(nhs, |summary| summary.add(&encounter))?;
+        Ok((id, news2))
+    }
+
+    /// Runs a local edit on a patient's summary as this device: the changes it makes are stored
+    /// with the document and queued for upload, in one transaction.
+    pub fn edit<R>(
+        &mut self,
+        nhs: &NhsNumber,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
         let identity = self.identity()?;
         let mut patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
         patient.summary.set_actor(&identity.public_key());
-        let entry_id = patient.summary.add(entry)?;
-        let change =
-            patient.summary.last_local_change().expect("a committed add always makes a local change");
+        let before = patient.summary.heads();
+        let result = change(&mut patient.summary)?;
+        let changes = patient.summary.changes_since(&before);
         let patient_id = patient.summary.patient_id()?;
         let tx = self.conn.transaction()?;
         write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms)?;
-        let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
-        tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
-        let id = tx.last_insert_rowid();
-        let sealed = seal_row(&self.key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
-        tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+        for change in changes {
+            let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
+            tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
+            let id = tx.last_insert_rowid();
+            let sealed = seal_row(&self.key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
+            tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+        }
         tx.commit()?;
-        Ok(entry_id)
+        Ok(result)
     }
 
     /// Local changes after outbox position `after`, oldest first, up to about `max_bytes`.
@@ -561,9 +614,12 @@ fn write_document(
 ) -> Result<(), StoreError> {
     let patient_id = summary.patient_id()?;
     let demographics = summary.demographics()?;
-    let nhs = summary.nhs_number()?;
     let doc_key = lookup.hash("doc", &patient_id.to_string());
-    let nhs_key = lookup.hash("nhs", nhs.as_str());
+    // A provisional record (no NHS number yet) is found by its id only.
+    let nhs_key = match &demographics.nhs_number {
+        Some(nhs) => lookup.hash("nhs", NhsNumber::parse(nhs).map_err(|_| SummaryError::InvalidNhsNumber)?.as_str()),
+        None => lookup.hash("provisional", &patient_id.to_string()),
+    };
     let version: i64 = tx
         .query_row("SELECT version FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| r.get(0))
         .optional()?

@@ -1,19 +1,28 @@
-//! What a clinician sees: the one-glance text view of a summary, always with its "as of" time.
+//! What a clinician sees: the one-glance text view of a summary, always with its "as of" time,
+//! alerts first, conflicts spelled out, and required sections never silently empty.
 
 use std::fmt::Write;
 
 use crate::nhs::NhsNumber;
 use crate::store::{StoredPatient, SyncState};
-use crate::summary::{Alert, Allergy, Medication, Problem, Provenance, SectionEntry, SummaryError};
+use crate::summary::{
+    Alert, Allergy, CarePlan, Contact, Encounter, Medication, PatientSummary, Problem, Provenance, Report,
+    SectionEntry, SectionState, SummaryError,
+};
 
 /// Formats milliseconds since the epoch as `2026-11-25 17:04 UTC`.
 pub fn format_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok()
-        })
+        .and_then(|t| t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok())
         .unwrap_or_else(|| "unknown time".into())
+}
+
+/// Formats milliseconds since the epoch as ISO 8601 (`2026-11-25T17:04:00Z`), for record fields.
+pub fn iso_time(ms: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
 }
 
 fn age_text(now_ms: i64, then_ms: i64) -> String {
@@ -27,31 +36,61 @@ fn age_text(now_ms: i64, then_ms: i64) -> String {
 }
 
 fn by(p: &Provenance) -> String {
-    format!("{} ({}), {}", p.device_name, p.role, format_time(p.recorded_at_ms))
+    let clock = if p.clock_offset_ms.is_some() { "" } else { " device time" };
+    format!("{} ({}), {}{clock}", p.device_name, p.role, format_time(p.corrected_time_ms()))
 }
 
-fn section<T: SectionEntry>(
-    out: &mut String,
-    title: &str,
-    entries: Vec<(uuid::Uuid, T)>,
-    line: impl Fn(&T) -> String,
-) {
+fn section<T: SectionEntry>(out: &mut String, summary: &mut PatientSummary, title: &str) -> Result<(), SummaryError> {
+    let all = summary.entries::<T>()?;
+    let hidden = all.iter().filter(|e| e.entered_in_error.is_some()).count();
+    let shown: Vec<_> = all.into_iter().filter(|e| e.entered_in_error.is_none()).collect();
+    let state = if T::SECTION.requires_assertion() { Some(summary.section_state(T::SECTION)?) } else { None };
+    if shown.is_empty() && state.is_none() && hidden == 0 {
+        return Ok(());
+    }
     let _ = writeln!(out, "{title}:");
-    if entries.is_empty() {
-        let _ = writeln!(out, "  (none recorded)");
+    match state {
+        Some(SectionState::NoInformation) => {
+            let _ = writeln!(out, "  no information recorded");
+        }
+        Some(SectionState::NoneKnown(p)) => {
+            let _ = writeln!(out, "  none known   [{}]", by(&p));
+        }
+        _ => {}
     }
-    for (_, entry) in entries {
-        let _ = writeln!(out, "  - {}   [{}]", line(&entry), by(entry.provenance()));
+    for entry in shown {
+        let _ = writeln!(out, "  - {}   [{}]", entry.data.summary_line(), by(entry.data.provenance()));
+        for conflict in entry.conflicts {
+            let _ = writeln!(out, "    ! CONFLICTING {}:", conflict.field);
+            for v in conflict.values {
+                let _ = writeln!(out, "      {} — {}, {}", v.value, v.author, format_time(v.at_ms));
+            }
+        }
     }
+    if hidden > 0 {
+        let _ = writeln!(out, "  ({hidden} entered in error, hidden)");
+    }
+    Ok(())
 }
 
-/// The summary as a crew sees it: alerts first, then allergies, medications, problems.
-pub fn render(patient: &StoredPatient, sync: &SyncState, now_ms: i64) -> Result<String, SummaryError> {
-    let s = &patient.summary;
+/// The summary as a crew sees it: identity and currency, alerts, allergies, medications,
+/// problems, then plans, contacts, encounters and results.
+pub fn render(patient: &mut StoredPatient, sync: &SyncState, now_ms: i64) -> Result<String, SummaryError> {
+    let s = &mut patient.summary;
     let d = s.demographics()?;
-    let nhs = NhsNumber::parse(&d.nhs_number).map_err(|_| SummaryError::InvalidNhsNumber)?;
+    let nhs = match &d.nhs_number {
+        Some(n) => NhsNumber::parse(n).map_err(|_| SummaryError::InvalidNhsNumber)?.formatted(),
+        None => "none (provisional record)".into(),
+    };
     let mut out = String::new();
-    let _ = writeln!(out, "{}   NHS {}   born {}   {}", d.name, nhs.formatted(), d.date_of_birth, d.postcode);
+    let _ = writeln!(
+        out,
+        "{}   NHS {}   born {}   {}",
+        d.name,
+        nhs,
+        d.date_of_birth.as_deref().unwrap_or("unknown"),
+        d.postcode.as_deref().unwrap_or("")
+    );
     let _ = writeln!(
         out,
         "As of {} ({}); last sync {}",
@@ -59,22 +98,44 @@ pub fn render(patient: &StoredPatient, sync: &SyncState, now_ms: i64) -> Result<
         age_text(now_ms, patient.received_at_ms),
         sync.last_sync_ms.map_or("never".into(), |t| format!("{} ({})", format_time(t), age_text(now_ms, t)))
     );
-    section(&mut out, "ALERTS", s.entries::<Alert>()?, |a| format!("{}: {}", a.kind, a.description));
-    section(&mut out, "Allergies", s.entries::<Allergy>()?, |a| {
-        let mut t = a.substance.clone();
-        if let Some(r) = &a.reaction {
-            let _ = write!(t, " — {r}");
+    section::<Alert>(&mut out, s, "ALERTS")?;
+    section::<Allergy>(&mut out, s, "Allergies")?;
+    section::<Medication>(&mut out, s, "Medications")?;
+    section::<Problem>(&mut out, s, "Problems")?;
+    section::<CarePlan>(&mut out, s, "Care plans")?;
+    section::<Contact>(&mut out, s, "Contacts")?;
+    section::<Encounter>(&mut out, s, "Encounters")?;
+    section::<Report>(&mut out, s, "Results and letters")?;
+    Ok(out)
+}
+
+/// What a NEWS2 score calls for, in words.
+pub fn risk_text(news2: &crate::news2::News2) -> &'static str {
+    match news2.risk {
+        crate::news2::ClinicalRisk::Low => "low risk",
+        crate::news2::ClinicalRisk::LowMediumSingleParameter => "a single parameter scores 3: urgent review",
+        crate::news2::ClinicalRisk::Medium => "medium risk: urgent response",
+        crate::news2::ClinicalRisk::High => "high risk: emergency response",
+    }
+}
+
+/// Every entry's id by section (entered-in-error ones marked), for `show --ids`.
+pub fn entry_ids(summary: &mut PatientSummary) -> Result<String, SummaryError> {
+    fn ids<T: SectionEntry>(out: &mut String, summary: &mut PatientSummary) -> Result<(), SummaryError> {
+        for e in summary.entries::<T>()? {
+            let flag = if e.entered_in_error.is_some() { " (entered in error)" } else { "" };
+            let _ = writeln!(out, "  {:<12} {}  {}{flag}", T::SECTION.key(), e.id, e.data.summary_line());
         }
-        if let Some(sev) = &a.severity {
-            let _ = write!(t, " ({sev})");
-        }
-        t
-    });
-    section(&mut out, "Medications", s.entries::<Medication>()?, |m| {
-        format!("{}{}", m.name, m.dose.as_ref().map(|d| format!(", {d}")).unwrap_or_default())
-    });
-    section(&mut out, "Problems", s.entries::<Problem>()?, |p| {
-        format!("{} ({})", p.description, p.clinical_status)
-    });
+        Ok(())
+    }
+    let mut out = String::from("Entry ids:\n");
+    ids::<Alert>(&mut out, summary)?;
+    ids::<Allergy>(&mut out, summary)?;
+    ids::<Medication>(&mut out, summary)?;
+    ids::<Problem>(&mut out, summary)?;
+    ids::<CarePlan>(&mut out, summary)?;
+    ids::<Contact>(&mut out, summary)?;
+    ids::<Encounter>(&mut out, summary)?;
+    ids::<Report>(&mut out, summary)?;
     Ok(out)
 }

@@ -10,7 +10,8 @@ use care_node::client;
 use care_node::crypto::PassphraseWrapper;
 use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError};
-use care_node::summary::{Alert, Allergy, CONFIRMED, Medication, Problem};
+use care_node::news2::{Consciousness, Observations};
+use care_node::summary::{Alert, Allergy, Medication, Problem, Section, alert_kind};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -32,7 +33,12 @@ enum Command {
     /// Lists the patients on this device.
     List,
     /// Shows a patient's summary (with "as of" and last-sync times).
-    Show { nhs_number: String },
+    Show {
+        nhs_number: String,
+        /// Also print entry ids (to mark one entered in error).
+        #[arg(long)]
+        ids: bool,
+    },
     /// Records an allergy (works offline).
     AddAllergy {
         nhs_number: String,
@@ -55,6 +61,48 @@ enum Command {
         #[arg(long)]
         detail: Option<String>,
     },
+    /// Records a crew attendance with observations and prints NEWS2 (works offline).
+    RecordObs {
+        nhs_number: String,
+        /// Respiration rate per minute.
+        #[arg(long)]
+        rr: u32,
+        /// Oxygen saturation, %.
+        #[arg(long)]
+        spo2: u32,
+        /// Use SpO2 scale 2 (confirmed hypercapnic respiratory failure only).
+        #[arg(long)]
+        scale2: bool,
+        /// The patient is on supplemental oxygen.
+        #[arg(long)]
+        oxygen: bool,
+        /// Systolic blood pressure, mmHg.
+        #[arg(long)]
+        sbp: u32,
+        /// Pulse per minute.
+        #[arg(long)]
+        pulse: u32,
+        /// Consciousness: A, C (new confusion), V, P or U.
+        #[arg(long)]
+        acvpu: String,
+        /// Temperature, °C.
+        #[arg(long)]
+        temp: f64,
+        /// Reason for the attendance.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Marks an entry as entered in error (kept for the record, hidden from the clinical view).
+    MarkError {
+        nhs_number: String,
+        #[arg(long, value_enum)]
+        section: SectionChoice,
+        /// The entry id (see `show --ids`).
+        #[arg(long)]
+        entry: uuid::Uuid,
+        #[arg(long)]
+        reason: String,
+    },
     /// Shows enrolment, last sync and pending changes.
     Status,
 }
@@ -64,6 +112,33 @@ enum SectionArg {
     Problems,
     Medications,
     Alerts,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SectionChoice {
+    Alerts,
+    Allergies,
+    Medications,
+    Problems,
+    CarePlans,
+    Contacts,
+    Encounters,
+    Results,
+}
+
+impl From<SectionChoice> for Section {
+    fn from(s: SectionChoice) -> Self {
+        match s {
+            SectionChoice::Alerts => Section::Alerts,
+            SectionChoice::Allergies => Section::Allergies,
+            SectionChoice::Medications => Section::Medications,
+            SectionChoice::Problems => Section::Problems,
+            SectionChoice::CarePlans => Section::CarePlans,
+            SectionChoice::Contacts => Section::Contacts,
+            SectionChoice::Encounters => Section::Encounters,
+            SectionChoice::Results => Section::Results,
+        }
+    }
 }
 
 fn passphrase() -> Result<String, String> {
@@ -110,62 +185,78 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::List => {
             let cards = store.list().map_err(err)?;
             for card in &cards {
-                let nhs = NhsNumber::parse(&card.nhs_number).map(|n| n.formatted()).unwrap_or_default();
-                println!("{nhs:<13} {:<28} {:<11} {}", card.name, card.date_of_birth, card.postcode);
+                let nhs = card
+                    .nhs_number
+                    .as_deref()
+                    .and_then(|n| NhsNumber::parse(n).ok())
+                    .map_or("provisional".to_string(), |n| n.formatted());
+                println!(
+                    "{nhs:<13} {:<28} {:<11} {}",
+                    card.name,
+                    card.date_of_birth.as_deref().unwrap_or("-"),
+                    card.postcode.as_deref().unwrap_or("-")
+                );
             }
             println!("{} patient(s) on this device", cards.len());
         }
-        Command::Show { nhs_number } => {
+        Command::Show { nhs_number, ids } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let patient =
+            let mut patient =
                 store.find_by_nhs(&nhs).map_err(err)?.ok_or_else(|| err(StoreError::UnknownPatient))?;
             let sync = store.sync_state().map_err(err)?;
-            print!("{}", care_node::view::render(&patient, &sync, care_node::now_ms()).map_err(err)?);
+            print!("{}", care_node::view::render(&mut patient, &sync, care_node::now_ms()).map_err(err)?);
+            if ids {
+                print!("{}", care_node::view::entry_ids(&mut patient.summary).map_err(err)?);
+            }
         }
         Command::AddAllergy { nhs_number, substance, reaction, severity } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let provenance = store.provenance().map_err(err)?;
-            let entry =
-                Allergy { substance, reaction, severity, verification_status: CONFIRMED.into(), provenance };
+            let mut entry = Allergy::new(&substance, store.provenance().map_err(err)?);
+            entry.reaction = reaction;
+            entry.severity = severity;
             let id = store.add_entry(&nhs, &entry).map_err(err)?;
             println!("recorded allergy {id}; it will upload at the next sync");
         }
         Command::Add { nhs_number, section, text, detail } => {
             let nhs = parse_nhs(&nhs_number)?;
             let provenance = store.provenance().map_err(err)?;
-            let verification_status = CONFIRMED.to_string();
             let id = match section {
-                SectionArg::Problems => store.add_entry(
-                    &nhs,
-                    &Problem {
-                        description: text,
-                        clinical_status: "active".into(),
-                        verification_status,
-                        provenance,
-                    },
-                ),
-                SectionArg::Medications => store.add_entry(
-                    &nhs,
-                    &Medication {
-                        name: text,
-                        dose: detail,
-                        status: "active".into(),
-                        verification_status,
-                        provenance,
-                    },
-                ),
-                SectionArg::Alerts => store.add_entry(
-                    &nhs,
-                    &Alert {
-                        kind: detail.unwrap_or_else(|| "clinical".into()),
-                        description: text,
-                        verification_status,
-                        provenance,
-                    },
-                ),
+                SectionArg::Problems => store.add_entry(&nhs, &Problem::new(&text, provenance)),
+                SectionArg::Medications => {
+                    let mut m = Medication::new(&text, provenance);
+                    m.dose = detail;
+                    store.add_entry(&nhs, &m)
+                }
+                SectionArg::Alerts => {
+                    let kind = detail.unwrap_or_else(|| alert_kind::CLINICAL.into());
+                    store.add_entry(&nhs, &Alert::new(&kind, &text, provenance))
+                }
             }
             .map_err(err)?;
             println!("recorded entry {id}; it will upload at the next sync");
+        }
+        Command::RecordObs { nhs_number, rr, spo2, scale2, oxygen, sbp, pulse, acvpu, temp, reason } => {
+            let nhs = parse_nhs(&nhs_number)?;
+            let consciousness = Consciousness::from_letter(&acvpu)
+                .ok_or_else(|| "consciousness must be one of A, C, V, P, U".to_string())?;
+            let observations = Observations {
+                respiration_rate: rr,
+                spo2,
+                spo2_scale_2: scale2,
+                on_oxygen: oxygen,
+                systolic_bp: sbp,
+                pulse,
+                consciousness,
+                temperature_c: temp,
+            };
+            let (id, news2) = store.record_attendance(&nhs, &observations, reason.as_deref()).map_err(err)?;
+            println!("NEWS2 {} — {}", news2.total, care_node::view::risk_text(&news2));
+            println!("recorded attendance {id}; it will upload at the next sync");
+        }
+        Command::MarkError { nhs_number, section, entry, reason } => {
+            let nhs = parse_nhs(&nhs_number)?;
+            store.mark_entered_in_error(&nhs, section.into(), entry, &reason).map_err(err)?;
+            println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
         Command::Status => {
             match store.enrolment().map_err(err)? {
