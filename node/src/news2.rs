@@ -168,7 +168,13 @@ pub fn score(o: &Observations) -> News2 {
         temperature: temperature(o.temperature_c),
         risk: ClinicalRisk::Low,
     };
-    n.total = n.respiration_rate + n.spo2 + n.air_or_oxygen + n.systolic_bp + n.pulse + n.consciousness + n.temperature;
+    n.total = n.respiration_rate
+        + n.spo2
+        + n.air_or_oxygen
+        + n.systolic_bp
+        + n.pulse
+        + n.consciousness
+        + n.temperature;
     n.risk = match n.total {
         7.. => ClinicalRisk::High,
         5..=6 => ClinicalRisk::Medium,
@@ -265,7 +271,9 @@ mod tests {
 
     #[test]
     fn respiration_rate_bands() {
-        for (rr, expected) in [(8, 3), (9, 1), (11, 1), (12, 0), (20, 0), (21, 2), (24, 2), (25, 3), (0, 3), (60, 3)] {
+        for (rr, expected) in
+            [(8, 3), (9, 1), (11, 1), (12, 0), (20, 0), (21, 2), (24, 2), (25, 3), (0, 3), (60, 3)]
+        {
             assert_eq!(total_with(|o| o.respiration_rate = rr), expected, "RR {rr}");
         }
     }
@@ -280,11 +288,22 @@ mod tests {
     #[test]
     fn spo2_scale_2_bands_on_air_and_oxygen() {
         // On air (the oxygen parameter scores 0).
-        for (s, expected) in [(83, 3), (84, 2), (85, 2), (86, 1), (87, 1), (88, 0), (92, 0), (93, 0), (100, 0)] {
-            assert_eq!(total_with(|o| { o.spo2_scale_2 = true; o.spo2 = s }), expected, "scale 2 on air {s}");
+        for (s, expected) in
+            [(83, 3), (84, 2), (85, 2), (86, 1), (87, 1), (88, 0), (92, 0), (93, 0), (100, 0)]
+        {
+            assert_eq!(
+                total_with(|o| {
+                    o.spo2_scale_2 = true;
+                    o.spo2 = s
+                }),
+                expected,
+                "scale 2 on air {s}"
+            );
         }
         // On oxygen: 2 for oxygen plus the SpO2 score.
-        for (s, expected) in [(83, 3), (87, 1), (88, 0), (92, 0), (93, 1), (94, 1), (95, 2), (96, 2), (97, 3), (100, 3)] {
+        for (s, expected) in
+            [(83, 3), (87, 1), (88, 0), (92, 0), (93, 1), (94, 1), (95, 2), (96, 2), (97, 3), (100, 3)]
+        {
             let total = total_with(|o| {
                 o.spo2_scale_2 = true;
                 o.on_oxygen = true;
@@ -308,7 +327,9 @@ mod tests {
 
     #[test]
     fn pulse_bands() {
-        for (p, expected) in [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)] {
+        for (p, expected) in
+            [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)]
+        {
             assert_eq!(total_with(|o| o.pulse = p), expected, "pulse {p}");
         }
     }
@@ -316,14 +337,27 @@ mod tests {
     #[test]
     fn consciousness_bands() {
         assert_eq!(total_with(|o| o.consciousness = Consciousness::Alert), 0);
-        for c in [Consciousness::Confusion, Consciousness::Voice, Consciousness::Pain, Consciousness::Unresponsive] {
+        for c in
+            [Consciousness::Confusion, Consciousness::Voice, Consciousness::Pain, Consciousness::Unresponsive]
+        {
             assert_eq!(total_with(|o| o.consciousness = c), 3, "{c:?}");
         }
     }
 
     #[test]
     fn temperature_bands() {
-        for (t, expected) in [(35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1), (39.1, 2), (42.0, 2), (30.0, 3)] {
+        for (t, expected) in [
+            (35.0, 3),
+            (35.1, 1),
+            (36.0, 1),
+            (36.1, 0),
+            (38.0, 0),
+            (38.1, 1),
+            (39.0, 1),
+            (39.1, 2),
+            (42.0, 2),
+            (30.0, 3),
+        ] {
             assert_eq!(total_with(|o| o.temperature_c = t), expected, "T {t}");
         }
     }

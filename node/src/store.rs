@@ -617,7 +617,9 @@ fn write_document(
     let doc_key = lookup.hash("doc", &patient_id.to_string());
     // A provisional record (no NHS number yet) is found by its id only.
     let nhs_key = match &demographics.nhs_number {
-        Some(nhs) => lookup.hash("nhs", NhsNumber::parse(nhs).map_err(|_| SummaryError::InvalidNhsNumber)?.as_str()),
+        Some(nhs) => {
+            lookup.hash("nhs", NhsNumber::parse(nhs).map_err(|_| SummaryError::InvalidNhsNumber)?.as_str())
+        }
         None => lookup.hash("provisional", &patient_id.to_string()),
     };
     let version: i64 = tx

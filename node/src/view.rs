@@ -14,7 +14,9 @@ use crate::summary::{
 pub fn format_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok())
+        .and_then(|t| {
+            t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok()
+        })
         .unwrap_or_else(|| "unknown time".into())
 }
 
@@ -40,7 +42,11 @@ fn by(p: &Provenance) -> String {
     format!("{} ({}), {}{clock}", p.device_name, p.role, format_time(p.corrected_time_ms()))
 }
 
-fn section<T: SectionEntry>(out: &mut String, summary: &mut PatientSummary, title: &str) -> Result<(), SummaryError> {
+fn section<T: SectionEntry>(
+    out: &mut String,
+    summary: &mut PatientSummary,
+    title: &str,
+) -> Result<(), SummaryError> {
     let all = summary.entries::<T>()?;
     let hidden = all.iter().filter(|e| e.entered_in_error.is_some()).count();
     let shown: Vec<_> = all.into_iter().filter(|e| e.entered_in_error.is_none()).collect();

@@ -15,7 +15,7 @@ use care_node::client::{self, ClientError, SyncReport};
 use care_node::crypto::PassphraseWrapper;
 use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError as DeviceStoreError};
-use care_node::summary::{Alert, Allergy, CONFIRMED};
+use care_node::summary::{Alert, Allergy};
 
 use crate::ops::{self, OpsError};
 use crate::population::Population;
@@ -158,7 +158,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     let now = care_node::now_ms();
     let mut shared: Option<NhsNumber> = None;
     for i in 0..options.patients {
-        let patient = population.next_patient(now)?;
+        let mut patient = population.next_patient(now)?;
         let nhs = patient.nhs_number()?;
         let on_ambulance = i < options.patients.div_ceil(2);
         let on_nurse = i % 3 == 0;
@@ -191,17 +191,10 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     let offline =
         [("ambulance-1", "Chlorhexidine", "anaphylaxis"), ("nurse-1", "Adhesive dressings", "blistering")];
     for (device, (_, substance, reaction)) in devices.iter_mut().zip(offline) {
-        let provenance = device.store.provenance()?;
-        device.store.add_entry(
-            &shared,
-            &Allergy {
-                substance: substance.into(),
-                reaction: Some(reaction.into()),
-                severity: Some("severe".into()),
-                verification_status: CONFIRMED.into(),
-                provenance,
-            },
-        )?;
+        let mut allergy = Allergy::new(substance, device.store.provenance()?);
+        allergy.reaction = Some(reaction.into());
+        allergy.severity = Some("severe".into());
+        device.store.add_entry(&shared, &allergy)?;
         let _ = writeln!(
             out,
             "{}: recorded an allergy offline ({} change waiting)",
@@ -223,18 +216,19 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     running.shutdown().await;
 
     let allergies = |store: &DeviceStore| -> Result<Vec<String>, DemoError> {
-        let patient = store
+        let mut patient = store
             .find_by_nhs(&shared)?
             .ok_or_else(|| DemoError::Check("the shared patient is missing".into()))?;
-        Ok(patient.summary.entries::<Allergy>()?.into_iter().map(|(_, a)| a.substance).collect())
+        Ok(patient.summary.clinical_entries::<Allergy>()?.into_iter().map(|e| e.data.substance).collect())
     };
     let on_ambulance = allergies(&devices[0].store)?;
     let on_nurse = allergies(&devices[1].store)?;
     let crew = &devices[0].store;
-    let patient =
+    let mut patient =
         crew.find_by_nhs(&shared)?.ok_or_else(|| DemoError::Check("the shared patient is missing".into()))?;
     let _ = writeln!(out, "\nWhat the crew of ambulance-1 sees:\n");
-    let _ = writeln!(out, "{}", care_node::view::render(&patient, &crew.sync_state()?, care_node::now_ms())?);
+    let _ =
+        writeln!(out, "{}", care_node::view::render(&mut patient, &crew.sync_state()?, care_node::now_ms())?);
     let both = ["Chlorhexidine", "Adhesive dressings"];
     let converged = on_ambulance == on_nurse && both.iter().all(|a| on_ambulance.iter().any(|x| x == a));
     let _ = writeln!(

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use care_node::identity::{Identity, PublicKey, short_hex};
 use care_node::nhs::NhsNumber;
 use care_node::protocol::DocChanges;
-use care_node::summary::{PatientId, PatientSummary};
+use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::{
@@ -120,7 +120,59 @@ impl SqliteStore {
             Some(FORMAT) => {}
             Some(_) => return Err(StoreError::UnknownFormat),
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        let store = Self { conn: Mutex::new(conn) };
+        store.migrate_documents()?;
+        Ok(store)
+    }
+
+    /// Brings every stored document to the current schema version, once per version, as the
+    /// server's own changes (which then reach devices like any other change).
+    fn migrate_documents(&self) -> Result<(), StoreError> {
+        let done: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT CAST(CAST(value AS TEXT) AS INTEGER) FROM meta WHERE name = 'doc_schema'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if done.is_some_and(|v| v as u64 >= SCHEMA_VERSION) {
+            return Ok(());
+        }
+        let actor = crate::server_actor(&self.server_identity()?);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<PatientId> = {
+            let mut stmt = tx.prepare("SELECT id FROM patients")?;
+            stmt.query_map([], |r| patient_id(r.get(0)?))?.collect::<Result<_, _>>()?
+        };
+        let mut migrated = 0;
+        for id in ids {
+            let saved: Vec<u8> =
+                tx.query_row("SELECT doc FROM patients WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                    r.get(0)
+                })?;
+            let mut summary = PatientSummary::load(&saved)
+                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?;
+            let before = summary.heads();
+            if summary
+                .migrate(actor.clone(), care_node::now_ms())
+                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?
+            {
+                let changes = summary.changes_since(&before);
+                log_changes(&tx, &id, None, &changes, &mut summary)?;
+                migrated += 1;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('doc_schema', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [SCHEMA_VERSION.to_string().as_bytes()],
+        )?;
+        tx.commit()?;
+        if migrated > 0 {
+            tracing::info!(migrated, "patient documents migrated to schema version {SCHEMA_VERSION}");
+        }
+        Ok(())
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -385,6 +437,9 @@ impl ServerStore for SqliteStore {
                     .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
                 if change.actor_id().to_bytes() != actor.as_slice() {
                     return Err(UploadError::ForeignActor(doc_id));
+                }
+                if care_node::summary::change_deletes(&change) {
+                    return Err(UploadError::Deletes(doc_id));
                 }
                 changes.push(change);
             }

@@ -47,6 +47,10 @@ pub enum UploadError {
     ForeignActor(String),
     #[error("document {0} is not on this device; changes to it are not accepted")]
     NotHeld(String),
+    #[error(
+        "a change for document {0} deletes data; clinical facts are marked entered-in-error, never deleted"
+    )]
+    Deletes(String),
     #[error("a change for document {0} is malformed: {1}")]
     Malformed(String, String),
     #[error("changes for document {0} depend on changes the server does not have")]

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::protocol::{ClientMessage, DocBody, ServerMessage, decode_frame, encode_frame};
 use care_node::store::DeviceStore;
-use care_node::summary::{Allergy, CONFIRMED};
+use care_node::summary::Allergy;
 use care_node::sync::SyncSession;
 use care_sync_server::population::Population;
 use care_sync_server::session::ServerSession;
@@ -129,19 +129,8 @@ fn an_upload_whose_ack_was_lost_is_not_applied_twice() {
     let mut w = world(5);
     assert!(session(&mut w, None).completed);
     let nhs = w.patients[2].clone();
-    let provenance = care_node::summary::Provenance {
-        device: "t".into(),
-        device_name: "tablet".into(),
-        role: "ambulance-crew".into(),
-        recorded_at_ms: 5,
-    };
-    let entry = Allergy {
-        substance: "Latex".into(),
-        reaction: None,
-        severity: None,
-        verification_status: CONFIRMED.into(),
-        provenance,
-    };
+    let entry =
+        Allergy::new("Latex", care_node::summary::Provenance::new("t", "tablet", "ambulance-crew", 5));
     w.device.add_entry(&nhs, &entry).unwrap();
 
     // The server applies the upload, but the acknowledgement never reaches the device.

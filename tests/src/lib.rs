@@ -9,7 +9,7 @@ use std::time::Duration;
 use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::nhs::NhsNumber;
 use care_node::store::DeviceStore;
-use care_node::summary::{Allergy, CONFIRMED};
+use care_node::summary::Allergy;
 use care_sync_server::ops;
 use care_sync_server::population::Population;
 use care_sync_server::server::{self, RunningServer};
@@ -108,20 +108,20 @@ impl TestDevice {
 
     /// Records an allergy offline.
     pub fn add_allergy(&mut self, nhs: &NhsNumber, substance: &str) {
-        let entry = Allergy {
-            substance: substance.into(),
-            reaction: Some("rash".into()),
-            severity: None,
-            verification_status: CONFIRMED.into(),
-            provenance: self.store.provenance().expect("provenance"),
-        };
+        let entry = Allergy::new(substance, self.store.provenance().expect("provenance"));
         self.store.add_entry(nhs, &entry).expect("add allergy");
     }
 
     /// The allergies' substances of a patient on this device, in display order.
     pub fn allergies(&self, nhs: &NhsNumber) -> Vec<String> {
-        let patient = self.store.find_by_nhs(nhs).expect("read").expect("patient on device");
-        patient.summary.entries::<Allergy>().expect("entries").into_iter().map(|(_, a)| a.substance).collect()
+        let mut patient = self.store.find_by_nhs(nhs).expect("read").expect("patient on device");
+        patient
+            .summary
+            .clinical_entries::<Allergy>()
+            .expect("entries")
+            .into_iter()
+            .map(|e| e.data.substance)
+            .collect()
     }
 
     /// The raw bytes of the store's files (database and write-ahead log).

@@ -127,9 +127,9 @@ async fn the_device_store_never_holds_identifiable_data_in_plaintext() {
     let raw = crew.raw_bytes();
     assert!(raw.len() > 30 * 1000, "the store really holds the documents");
     for card in crew.store.list().unwrap() {
-        assert!(!contains(&raw, card.nhs_number.as_bytes()), "an NHS number is in plaintext");
+        assert!(!contains(&raw, card.nhs_number.unwrap().as_bytes()), "an NHS number is in plaintext");
         assert!(!contains(&raw, card.name.as_bytes()), "a name is in plaintext");
-        assert!(!contains(&raw, card.date_of_birth.as_bytes()), "a date of birth is in plaintext");
+        assert!(!contains(&raw, card.date_of_birth.unwrap().as_bytes()), "a date of birth is in plaintext");
     }
     assert!(!contains(&raw, b"Chlorhexidine"));
 }
@@ -191,16 +191,7 @@ async fn a_device_cannot_upload_changes_authored_by_another_device() {
     let mut patient = crew.store.find_by_nhs(&nhs).unwrap().unwrap();
     let patient_id = patient.summary.patient_id().unwrap();
     patient.summary.set_actor(&nurse.store.identity().unwrap().public_key());
-    patient
-        .summary
-        .add(&Allergy {
-            substance: "Forged".into(),
-            reaction: None,
-            severity: None,
-            verification_status: "confirmed".into(),
-            provenance: nurse.store.provenance().unwrap(),
-        })
-        .unwrap();
+    patient.summary.add(&Allergy::new("Forged", nurse.store.provenance().unwrap())).unwrap();
     let forged = patient.summary.last_local_change().unwrap().raw_bytes().to_vec();
 
     let mut conn = within(30, DeviceConnection::open(&crew.store)).await.unwrap();
@@ -219,8 +210,8 @@ async fn a_device_cannot_upload_changes_authored_by_another_device() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     let saved = server.store.load_document(&patient_id).unwrap().unwrap();
-    let on_server = care_node::summary::PatientSummary::load(&saved).unwrap();
-    assert!(on_server.entries::<Allergy>().unwrap().iter().all(|(_, a)| a.substance != "Forged"));
+    let mut on_server = care_node::summary::PatientSummary::load(&saved).unwrap();
+    assert!(on_server.entries::<Allergy>().unwrap().iter().all(|e| e.data.substance != "Forged"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

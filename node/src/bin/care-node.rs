@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use care_node::client;
 use care_node::crypto::PassphraseWrapper;
+use care_node::news2::{Consciousness, Observations};
 use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError};
-use care_node::news2::{Consciousness, Observations};
 use care_node::summary::{Alert, Allergy, Medication, Problem, Section, alert_kind};
 use clap::{Parser, Subcommand, ValueEnum};
 

@@ -8,7 +8,7 @@
 //! Shipped migrations are never edited; a new schema version adds a new step.
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, ObjType, ReadDoc, ROOT};
+use automerge::{ActorId, ObjType, ROOT, ReadDoc};
 
 use super::{PatientSummary, SCHEMA_VERSION, Section, SummaryError};
 
@@ -31,7 +31,9 @@ impl PatientSummary {
             }
         }
         doc.put(ROOT, "schema_version", SCHEMA_VERSION)?;
-        doc.commit_with(CommitOptions::default().with_time(now_ms / 1000).with_message("migrate to schema 2"));
+        doc.commit_with(
+            CommitOptions::default().with_time(now_ms / 1000).with_message("migrate to schema 2"),
+        );
         Ok(true)
     }
 }

@@ -21,7 +21,7 @@ mod entries;
 pub mod migrate;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ReadDoc, ROOT, ScalarValue, Value};
+use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 use autosurgeon::{Hydrate, Reconcile, hydrate_prop, reconcile_prop};
 use uuid::Uuid;
 
@@ -153,7 +153,10 @@ section_entry!(Allergy, Section::Allergies, |a| {
     if let Some(r) = &a.reaction {
         line.push_str(&format!(" — {r}"));
     }
-    let extra = join(&[a.severity.as_deref(), a.criticality.as_deref().map(|c| if c == "high" { "high criticality" } else { c })]);
+    let extra = join(&[
+        a.severity.as_deref(),
+        a.criticality.as_deref().map(|c| if c == "high" { "high criticality" } else { c }),
+    ]);
     if !extra.is_empty() {
         line.push_str(&format!(" ({extra})"));
     }
@@ -161,18 +164,30 @@ section_entry!(Allergy, Section::Allergies, |a| {
 });
 section_entry!(Medication, Section::Medications, |m| {
     let details = join(&[m.dose.as_deref(), m.route.as_deref(), m.frequency.as_deref()]);
-    if details.is_empty() { format!("{} [{}]", m.name, m.status) } else { format!("{}, {details} [{}]", m.name, m.status) }
+    if details.is_empty() {
+        format!("{} [{}]", m.name, m.status)
+    } else {
+        format!("{}, {details} [{}]", m.name, m.status)
+    }
 });
 section_entry!(Alert, Section::Alerts, |a| {
     let mut line = format!("{}: {}", a.kind, a.description);
     if let Some(d) = &a.decision_date {
-        line.push_str(&format!(" (decided {d}{})", a.author.as_ref().map(|x| format!(" by {x}")).unwrap_or_default()));
+        line.push_str(&format!(
+            " (decided {d}{})",
+            a.author.as_ref().map(|x| format!(" by {x}")).unwrap_or_default()
+        ));
     }
     line
 });
 section_entry!(CarePlan, Section::CarePlans, |c| format!("{} [{}]", c.title, c.status));
 section_entry!(Contact, Section::Contacts, |c| {
-    format!("{}: {}{}", c.relationship, c.name, c.phone.as_ref().map(|p| format!(", {p}")).unwrap_or_default())
+    format!(
+        "{}: {}{}",
+        c.relationship,
+        c.name,
+        c.phone.as_ref().map(|p| format!(", {p}")).unwrap_or_default()
+    )
 });
 section_entry!(Encounter, Section::Encounters, |e| {
     let mut line = format!("{} [{}]", e.kind, e.status);
@@ -193,7 +208,11 @@ section_entry!(Encounter, Section::Encounters, |e| {
 });
 section_entry!(Report, Section::Results, |r| {
     let value = join(&[r.value.as_deref(), r.unit.as_deref()]);
-    if value.is_empty() { format!("{}: {} [{}]", r.kind, r.title, r.status) } else { format!("{}: {} = {value} [{}]", r.kind, r.title, r.status) }
+    if value.is_empty() {
+        format!("{}: {} [{}]", r.kind, r.title, r.status)
+    } else {
+        format!("{}: {} = {value} [{}]", r.kind, r.title, r.status)
+    }
 });
 
 /// An entry with what the record knows around it.
@@ -426,7 +445,8 @@ impl PatientSummary {
         provenance: &Provenance,
     ) -> Result<(), SummaryError> {
         let section_obj = self.section_obj(section)?;
-        let entry = self.map_at(&section_obj, &id.to_string())?.ok_or(SummaryError::UnknownEntry(id.to_string()))?;
+        let entry =
+            self.map_at(&section_obj, &id.to_string())?.ok_or(SummaryError::UnknownEntry(id.to_string()))?;
         self.register_actor(provenance)?;
         self.doc.put(&entry, "verification_status", ENTERED_IN_ERROR)?;
         let marker = EnteredInError { reason: reason.to_string(), provenance: provenance.clone() };
@@ -448,7 +468,8 @@ impl PatientSummary {
             return Err(SummaryError::Layout(format!("field {field} cannot be set directly")));
         }
         let section_obj = self.section_obj(section)?;
-        let entry = self.map_at(&section_obj, &id.to_string())?.ok_or(SummaryError::UnknownEntry(id.to_string()))?;
+        let entry =
+            self.map_at(&section_obj, &id.to_string())?.ok_or(SummaryError::UnknownEntry(id.to_string()))?;
         self.register_actor(provenance)?;
         let value = if field == "verification_status" && self.entered_in_error_of(&entry)?.is_some() {
             ENTERED_IN_ERROR
@@ -472,7 +493,8 @@ impl PatientSummary {
             let Some((Value::Object(ObjType::Map), obj)) = self.doc.get(&section, key.as_str())? else {
                 return Err(SummaryError::Layout("an entry is not a map".into()));
             };
-            let id: EntryId = key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
+            let id: EntryId =
+                key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
             let data: T = hydrate_prop(&self.doc, &section, key.as_str())?;
             let entered_in_error = self.entered_in_error_of(&obj)?;
             let conflicts = self.conflicts_of(&obj)?;
@@ -509,7 +531,11 @@ impl PatientSummary {
             }
             let mut rendered = Vec::new();
             for (value, id) in values {
-                rendered.push(ConflictValue { value, author: self.author_of(&id)?, at_ms: self.time_of(&id) });
+                rendered.push(ConflictValue {
+                    value,
+                    author: self.author_of(&id)?,
+                    at_ms: self.time_of(&id),
+                });
             }
             rendered.dedup_by(|a, b| a.value == b.value);
             if rendered.len() > 1 {
@@ -562,7 +588,8 @@ impl PatientSummary {
             let keys: Vec<String> = self.doc.keys(&obj).collect();
             for key in keys {
                 let Some(entry) = self.map_at(&obj, &key)? else { continue };
-                let id: EntryId = key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
+                let id: EntryId =
+                    key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
                 for conflict in self.conflicts_of(&entry)? {
                     out.push((section, id, conflict));
                 }
@@ -572,8 +599,13 @@ impl PatientSummary {
     }
 
     /// Asserts that a required IPS section has nothing to record ("no known allergies").
-    pub fn assert_none_known(&mut self, section: Section, provenance: &Provenance) -> Result<(), SummaryError> {
-        let assertions = self.map_at(&ROOT, "assertions")?.ok_or(SummaryError::NeedsMigration("assertions"))?;
+    pub fn assert_none_known(
+        &mut self,
+        section: Section,
+        provenance: &Provenance,
+    ) -> Result<(), SummaryError> {
+        let assertions =
+            self.map_at(&ROOT, "assertions")?.ok_or(SummaryError::NeedsMigration("assertions"))?;
         self.register_actor(provenance)?;
         let assertion = Assertion { status: "none-known".into(), provenance: provenance.clone() };
         reconcile_prop(&mut self.doc, &assertions, section.key(), &assertion)?;

@@ -149,11 +149,13 @@ fn concurrent_values_of_one_field_are_surfaced_with_their_authors() {
     a.register_actor(&provenance("ambulance-1", 0)).unwrap();
     b.register_actor(&provenance("nurse-1", 0)).unwrap();
     a.set_field(Section::Alerts, id, "description", "DNACPR", &provenance("ambulance-1", 10_000)).unwrap();
-    b.set_field(Section::Alerts, id, "description", "For full escalation", &provenance("nurse-1", 20_000)).unwrap();
+    b.set_field(Section::Alerts, id, "description", "For full escalation", &provenance("nurse-1", 20_000))
+        .unwrap();
     converge(&mut [&mut server, &mut a, &mut b]);
     for replica in [&mut server, &mut a, &mut b] {
         let entries = replica.entries::<Alert>().unwrap();
-        let conflict = entries[0].conflicts.iter().find(|c| c.field == "description").expect("conflict surfaced");
+        let conflict =
+            entries[0].conflicts.iter().find(|c| c.field == "description").expect("conflict surfaced");
         let mut values: Vec<_> = conflict.values.iter().map(|v| v.value.as_str()).collect();
         values.sort();
         assert_eq!(values, vec!["DNACPR", "For full escalation"]);
@@ -179,7 +181,10 @@ fn re_importing_a_source_fact_never_duplicates() {
     let patient = server.patient_id().unwrap();
     let id = PatientSummary::source_entry_id(&patient, Section::Allergies, "AllergyIntolerance/gp-1");
     assert!(server.upsert(id, &allergy("latex", "server", 1)).unwrap());
-    assert!(!server.upsert(id, &allergy("latex", "server", 1)).unwrap(), "identical re-import changes nothing");
+    assert!(
+        !server.upsert(id, &allergy("latex", "server", 1)).unwrap(),
+        "identical re-import changes nothing"
+    );
     assert_eq!(server.entries::<Allergy>().unwrap().len(), 1);
     assert_eq!(id, PatientSummary::source_entry_id(&patient, Section::Allergies, "AllergyIntolerance/gp-1"));
 }
@@ -190,7 +195,12 @@ fn version_1_document() -> Vec<u8> {
     doc.put(ROOT, "schema_version", 1u64).unwrap();
     doc.put(ROOT, "patient_id", Uuid::new_v4().to_string()).unwrap();
     let d = doc.put_object(ROOT, "demographics", ObjType::Map).unwrap();
-    for (k, v) in [("nhs_number", "9990000018"), ("name", "Old Format"), ("date_of_birth", "1940-02-03"), ("postcode", "PO30 1AA")] {
+    for (k, v) in [
+        ("nhs_number", "9990000018"),
+        ("name", "Old Format"),
+        ("date_of_birth", "1940-02-03"),
+        ("postcode", "PO30 1AA"),
+    ] {
         doc.put(&d, k, v).unwrap();
     }
     for section in ["problems", "allergies", "medications", "alerts"] {
@@ -223,14 +233,17 @@ fn a_version_1_document_opens_and_migrates() {
     assert_eq!(allergies[0].data.substance, "Penicillin");
     assert_eq!(allergies[0].data.code, None);
     assert!(old.entries::<Encounter>().unwrap().is_empty(), "a section it lacks reads as empty");
-    assert!(matches!(old.add(&Contact {
-        name: "x".into(),
-        relationship: "carer".into(),
-        phone: None,
-        note: None,
-        verification_status: CONFIRMED.into(),
-        provenance: provenance("a", 0),
-    }), Err(SummaryError::NeedsMigration("contacts"))));
+    assert!(matches!(
+        old.add(&Contact {
+            name: "x".into(),
+            relationship: "carer".into(),
+            phone: None,
+            note: None,
+            verification_status: CONFIRMED.into(),
+            provenance: provenance("a", 0),
+        }),
+        Err(SummaryError::NeedsMigration("contacts"))
+    ));
 
     assert!(old.migrate(ActorId::from(&[0u8; 16][..]), 0).unwrap());
     assert_eq!(old.schema_version().unwrap(), SCHEMA_VERSION);
