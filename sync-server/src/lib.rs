@@ -5,12 +5,14 @@
 //! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
 //! - [`server`]: the QUIC endpoint: enrolment and sync connections.
 //! - [`ops`]: operator actions (tokens, caseloads, revocation) shared by CLI, demo and tests.
+//! - [`fhir`]: FHIR R4 IPS bundles in (import) and out (export).
 //! - [`population`]: the deterministic synthetic population.
 //! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
 //!
 //! Logs and errors name devices and opaque document ids, never a patient.
 
 pub mod demo;
+pub mod fhir;
 pub mod ops;
 pub mod population;
 pub mod server;

@@ -57,12 +57,32 @@ enum Command {
         #[command(subcommand)]
         action: CaseloadAction,
     },
-    /// Adds synthetic patients (test-range NHS numbers) to the store.
+    /// Adds synthetic patients (test-range NHS numbers) to the store, or writes them as FHIR
+    /// Bundles with `--fhir-out DIR`.
     Generate {
         #[arg(long, default_value_t = 1000)]
         patients: usize,
         #[arg(long, default_value_t = demo::DEMO_SEED)]
         seed: u64,
+        /// Write one FHIR IPS Bundle per patient into this directory instead of the store.
+        #[arg(long)]
+        fhir_out: Option<PathBuf>,
+    },
+    /// Imports FHIR R4 Bundles (one patient each); each Bundle is applied whole or not at all.
+    ImportFhir {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The name recorded as the source of entries without care-sync provenance.
+        #[arg(long, default_value = "FHIR import")]
+        feed: String,
+    },
+    /// Writes a patient's summary as a FHIR IPS document Bundle.
+    ExportFhir {
+        #[arg(long)]
+        nhs: String,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Runs the end-to-end demonstration on a fresh server and two devices.
     Demo {
@@ -182,7 +202,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
             }
         }
-        Command::Generate { patients, seed } => {
+        Command::Generate { patients, seed, fhir_out } => {
             let store = open(&dir)?;
             let identity = store.server_identity().map_err(|e| e.to_string())?;
             let mut population = care_sync_server::population::Population::new(
@@ -190,6 +210,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 care_sync_server::server_actor(&identity),
             );
             let now = care_node::now_ms();
+            if let Some(out) = &fhir_out {
+                std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+            }
             let mut made = 0;
             while made < patients {
                 let batch = (patients - made).min(500);
@@ -197,11 +220,85 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .map(|_| population.next_patient(now))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
-                store.insert_patients(&mut summaries).map_err(|e| e.to_string())?;
-                made += batch;
+                match &fhir_out {
+                    Some(out) => {
+                        for summary in &mut summaries {
+                            let bundle = care_sync_server::fhir::export::export_ips(summary, now)
+                                .map_err(|e| e.to_string())?;
+                            let path = out.join(format!("patient-{:06}.json", made + 1));
+                            let text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
+                            std::fs::write(&path, text)
+                                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                            made += 1;
+                        }
+                    }
+                    None => {
+                        store.insert_patients(&mut summaries).map_err(|e| e.to_string())?;
+                        made += batch;
+                    }
+                }
                 eprint!("\rgenerated {made}/{patients}");
             }
             eprintln!();
+        }
+        Command::ImportFhir { files, feed } => {
+            let store = open(&dir)?;
+            let (mut ok, mut failed) = (0, 0);
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                let result = care_sync_server::fhir::import::parse_bundle(&text).and_then(|bundle| {
+                    care_sync_server::fhir::import::import_bundle(
+                        store.as_ref(),
+                        &bundle,
+                        &feed,
+                        care_node::now_ms(),
+                    )
+                });
+                match result {
+                    Ok(outcome) => {
+                        ok += 1;
+                        println!(
+                            "{}: {} patient, {} entries written, {} unchanged",
+                            file.display(),
+                            if outcome.created { "new" } else { "existing" },
+                            outcome.entries_written,
+                            outcome.entries_unchanged
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{}: refused, nothing imported: {e}", file.display());
+                    }
+                }
+            }
+            println!("{ok} bundle(s) imported, {failed} refused");
+            if failed > 0 {
+                return Err(format!("{failed} bundle(s) refused"));
+            }
+        }
+        Command::ExportFhir { nhs, out } => {
+            let store = open(&dir)?;
+            let nhs =
+                care_node::nhs::NhsNumber::parse(&nhs).map_err(|e| format!("invalid NHS number: {e}"))?;
+            let id = store
+                .patient_by_nhs(&nhs)
+                .map_err(|e| e.to_string())?
+                .ok_or("no patient with that NHS number on this server")?;
+            let saved =
+                store.load_document(&id).map_err(|e| e.to_string())?.ok_or("the patient has no document")?;
+            let mut summary = care_node::summary::PatientSummary::load(&saved).map_err(|e| e.to_string())?;
+            let bundle = care_sync_server::fhir::export::export_ips(&mut summary, care_node::now_ms())
+                .map_err(|e| e.to_string())?;
+            let text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => println!("{text}"),
+            }
         }
         Command::Demo { .. } => unreachable!("handled above"),
     }

@@ -20,7 +20,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS patients (
     id BLOB PRIMARY KEY,
-    nhs_number TEXT NOT NULL UNIQUE,
+    nhs_number TEXT UNIQUE, -- NULL for a provisional record
     doc BLOB NOT NULL,
     last_seq INTEGER NOT NULL
 );
@@ -352,12 +352,14 @@ impl ServerStore for SqliteStore {
         let mut ids = Vec::with_capacity(summaries.len());
         for summary in summaries.iter_mut() {
             let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), Box::new(e)))?;
-            let nhs = summary
-                .nhs_number()
-                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?;
+            let nhs = match summary.nhs_number() {
+                Ok(nhs) => Some(nhs.as_str().to_string()),
+                Err(care_node::summary::SummaryError::NoNhsNumber) => None,
+                Err(e) => return Err(StoreError::Document(short_hex(id.as_bytes()), Box::new(e))),
+            };
             let inserted = tx.execute(
                 "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
-                params![id.as_bytes().as_slice(), nhs.as_str()],
+                params![id.as_bytes().as_slice(), nhs],
             )?;
             if inserted == 0 {
                 return Err(StoreError::DuplicatePatient);
@@ -368,6 +370,35 @@ impl ServerStore for SqliteStore {
         }
         tx.commit()?;
         Ok(ids)
+    }
+
+    fn apply_server_changes(
+        &self,
+        patient: &PatientId,
+        changes: &[automerge::Change],
+    ) -> Result<(), StoreError> {
+        let doc_id = short_hex(patient.as_bytes());
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let saved: Vec<u8> = tx
+            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or(StoreError::UnknownPatient)?;
+        let mut summary =
+            PatientSummary::load(&saved).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+        let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
+        summary.apply_changes(new.clone()).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+        if summary.has_missing_deps() {
+            return Err(StoreError::Document(
+                doc_id,
+                Box::new(care_node::summary::SummaryError::Layout("changes lack their dependencies".into())),
+            ));
+        }
+        log_changes(&tx, patient, None, &new, &mut summary)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {

@@ -163,6 +163,13 @@ pub trait ServerStore: Send + Sync {
     // --- patients
     /// Stores new patient documents in one transaction and logs their changes as server-authored.
     fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError>;
+    /// Applies server-authored changes (imports, feeds) to a stored patient atomically, on top of
+    /// whatever the document holds now, and logs them.
+    fn apply_server_changes(
+        &self,
+        patient: &PatientId,
+        changes: &[automerge::Change],
+    ) -> Result<(), StoreError>;
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError>;
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError>;
     fn patient_count(&self) -> Result<u64, StoreError>;

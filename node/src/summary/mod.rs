@@ -124,6 +124,8 @@ impl Section {
 pub trait SectionEntry: Reconcile + Hydrate + Clone {
     const SECTION: Section;
     fn provenance(&self) -> &Provenance;
+    /// The FHIR verification status as recorded in this value.
+    fn verification_status(&self) -> &str;
     /// One line for a clinician.
     fn summary_line(&self) -> String;
 }
@@ -134,6 +136,9 @@ macro_rules! section_entry {
             const SECTION: Section = $section;
             fn provenance(&self) -> &Provenance {
                 &self.provenance
+            }
+            fn verification_status(&self) -> &str {
+                &self.verification_status
             }
             fn summary_line(&self) -> String {
                 let $e = self;

@@ -1,0 +1,35 @@
+//! FHIR R4 in and out: International Patient Summary bundles.
+//!
+//! - [`model`]: serde types for the resources we use.
+//! - [`import`]: a Bundle for one patient, validated whole, applied atomically and idempotently.
+//! - [`export`]: a patient's summary as an IPS document Bundle.
+//!
+//! Entries imported from a source keep a stable id derived from the source's identifier, so a
+//! re-import updates instead of duplicating. Exports carry each entry's id and provenance in
+//! care-sync identifiers and extensions, so export → import is lossless.
+
+pub mod export;
+pub mod import;
+pub mod model;
+
+/// Identifier system of care-sync entry ids (a UUID), written on export.
+pub const ENTRY_SYSTEM: &str = "https://care-sync.example/fhir/id/entry";
+/// Identifier system of care-sync patient ids, for patients without an NHS number.
+pub const PATIENT_SYSTEM: &str = "https://care-sync.example/fhir/id/patient";
+/// Extension carrying an entry's provenance.
+pub const PROVENANCE_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/provenance";
+/// Extension carrying an encounter's crew observations.
+pub const VITALS_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/vitals";
+/// Code system of alert kinds (Flag.category).
+pub const ALERT_KIND_SYSTEM: &str = "https://care-sync.example/fhir/CodeSystem/alert-kind";
+/// Code system of report kinds (result, letter, report).
+pub const REPORT_KIND_SYSTEM: &str = "https://care-sync.example/fhir/CodeSystem/report-kind";
+/// NHS number identifier system.
+pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+/// UK Core extension for the NHS number verification status.
+pub const NHS_STATUS_EXT: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-NHSNumberVerificationStatus";
+/// ODS organisation codes (GP practices).
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+/// IPS codes for absent and unknown data (no-known-allergies, no-allergy-info, ...).
+pub const ABSENT_UNKNOWN_SYSTEM: &str = "http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips";

@@ -1,0 +1,283 @@
+//! FHIR in and out: round trips, idempotent re-import, refusal of invalid Bundles (whole).
+
+use care_node::summary::{
+    self as s, Encounter, PatientSummary, Provenance, Section, SectionEntry, SectionState,
+};
+use care_sync_server::fhir::export::export_ips;
+use care_sync_server::fhir::import::{ImportError, import_bundle, parse_bundle};
+use care_sync_server::population::Population;
+use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::ServerStore;
+
+const GP_BUNDLE: &str = include_str!("data/ips-gp-bundle.json");
+
+fn store() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (SqliteStore::open(dir.path()).unwrap(), dir)
+}
+
+fn lines<T: SectionEntry + std::fmt::Debug>(summary: &mut PatientSummary, out: &mut Vec<String>) {
+    for e in summary.entries::<T>().unwrap() {
+        out.push(format!("{:?} {} {:?} error={}", T::SECTION, e.id, e.data, e.entered_in_error.is_some()));
+    }
+}
+
+/// Everything a round trip must keep, in an order that does not depend on replica history.
+fn snapshot(summary: &mut PatientSummary, with_errors: bool) -> Vec<String> {
+    let mut out = vec![format!("{:?}", summary.demographics().unwrap())];
+    lines::<s::Alert>(summary, &mut out);
+    lines::<s::Allergy>(summary, &mut out);
+    lines::<s::Medication>(summary, &mut out);
+    lines::<s::Problem>(summary, &mut out);
+    lines::<s::CarePlan>(summary, &mut out);
+    lines::<s::Contact>(summary, &mut out);
+    lines::<s::Encounter>(summary, &mut out);
+    lines::<s::Report>(summary, &mut out);
+    for section in [Section::Allergies, Section::Medications, Section::Problems] {
+        let state = match summary.section_state(section).unwrap() {
+            SectionState::NoneKnown(_) => "none-known",
+            SectionState::NoInformation => "no-information",
+            SectionState::Entries => "entries",
+        };
+        out.push(format!("{section:?} {state}"));
+    }
+    if !with_errors {
+        out.retain(|l| !l.ends_with("error=true"));
+    }
+    out.sort();
+    out
+}
+
+fn stored(store: &SqliteStore, id: &care_node::summary::PatientId) -> PatientSummary {
+    PatientSummary::load(&store.load_document(id).unwrap().unwrap()).unwrap()
+}
+
+fn import(
+    store: &SqliteStore,
+    json: &str,
+) -> Result<care_sync_server::fhir::import::ImportOutcome, ImportError> {
+    import_bundle(store, &parse_bundle(json)?, "test feed", 1_000)
+}
+
+#[test]
+fn a_gp_bundle_imports_every_resource_type() {
+    let (store, _d) = store();
+    let outcome = import(&store, GP_BUNDLE).unwrap();
+    assert!(outcome.created);
+    let mut p = stored(&store, &outcome.patient);
+    let d = p.demographics().unwrap();
+    assert_eq!(d.nhs_number.as_deref(), Some("9990000026"));
+    assert_eq!(d.name, "Edith May Testwoman");
+    assert_eq!(d.gp_practice_code.as_deref(), Some("Z81001"));
+    let allergy = &p.clinical_entries::<s::Allergy>().unwrap()[0].data;
+    assert_eq!(allergy.code.as_ref().unwrap().code, "764146007");
+    assert_eq!(allergy.reaction.as_deref(), Some("Anaphylaxis"));
+    assert_eq!(allergy.criticality.as_deref(), Some("high"));
+    let meds: Vec<_> = p.clinical_entries::<s::Medication>().unwrap().into_iter().map(|m| m.data).collect();
+    assert!(
+        meds.iter().any(|m| m.name == "Warfarin"
+            && m.code.is_some()
+            && m.frequency.as_deref() == Some("once daily"))
+    );
+    assert!(meds.iter().any(|m| m.name.starts_with("Amoxicillin") && m.kind.as_deref() == Some("acute")));
+    let alerts: Vec<_> = p.clinical_entries::<s::Alert>().unwrap().into_iter().map(|a| a.data).collect();
+    let respect = alerts
+        .iter()
+        .find(|a| a.kind == s::alert_kind::RESPECT_DNACPR)
+        .expect("Consent became a ReSPECT alert");
+    assert_eq!(
+        (respect.decision_date.as_deref(), respect.author.as_deref()),
+        (Some("2026-03-14"), Some("Dr A Example"))
+    );
+    assert!(alerts.iter().any(|a| a.kind == s::alert_kind::ACCESS));
+    assert_eq!(p.clinical_entries::<s::CarePlan>().unwrap().len(), 1);
+    assert_eq!(p.clinical_entries::<s::Contact>().unwrap()[0].data.name, "Robert Testwoman");
+    assert_eq!(p.clinical_entries::<Encounter>().unwrap()[0].data.location.as_deref(), Some("Ward 7"));
+    let reports: Vec<_> = p.clinical_entries::<s::Report>().unwrap().into_iter().map(|r| r.data).collect();
+    assert!(reports.iter().any(|r| r.kind == "result" && r.value.as_deref() == Some("2.4")));
+    assert!(
+        reports.iter().any(|r| r.kind == "report" && r.value.as_deref() == Some("Ejection fraction 35%"))
+    );
+    assert!(reports.iter().any(|r| r.kind == "letter" && r.title == "Discharge letter"));
+    // The asthma entry was entered in error at the source: kept, but not clinical.
+    let problems = p.entries::<s::Problem>().unwrap();
+    assert_eq!(problems.len(), 2);
+    assert_eq!(p.clinical_entries::<s::Problem>().unwrap().len(), 1);
+}
+
+#[test]
+fn re_importing_the_same_bundle_never_duplicates() {
+    let (store, _d) = store();
+    let first = import(&store, GP_BUNDLE).unwrap();
+    let before = snapshot(&mut stored(&store, &first.patient), true);
+    let seq = store.max_seq().unwrap();
+    let second = import(&store, GP_BUNDLE).unwrap();
+    assert!(!second.created);
+    assert_eq!(second.entries_written, 0);
+    assert_eq!(second.patient, first.patient);
+    assert_eq!(store.max_seq().unwrap(), seq, "nothing new was logged");
+    assert_eq!(snapshot(&mut stored(&store, &first.patient), true), before);
+    assert_eq!(store.patient_count().unwrap(), 1);
+}
+
+#[test]
+fn import_export_import_is_lossless() {
+    let (a, _da) = store();
+    let (b, _db) = store();
+    let first = import(&a, GP_BUNDLE).unwrap();
+    let mut in_a = stored(&a, &first.patient);
+    let exported = export_ips(&mut in_a, 2_000).unwrap();
+    let again = import(&b, &exported.to_string()).unwrap();
+    let mut in_b = stored(&b, &again.patient);
+    assert_eq!(snapshot(&mut in_b, false), snapshot(&mut in_a, false));
+    // And once more, from b: still the same.
+    let (c, _dc) = store();
+    let third = import(&c, &export_ips(&mut in_b, 3_000).unwrap().to_string()).unwrap();
+    assert_eq!(snapshot(&mut stored(&c, &third.patient), false), snapshot(&mut in_a, false));
+}
+
+#[test]
+fn the_synthetic_population_round_trips_through_fhir() {
+    let (store, _d) = store();
+    let mut population = Population::new(11, automerge::ActorId::from(&[7u8; 16][..]));
+    for _ in 0..60 {
+        let mut original = population.next_patient(5_000).unwrap();
+        // A crew attendance with vitals and NEWS2, as a device records it.
+        original.set_actor(&[9; 32]);
+        let mut attendance = Encounter::new(
+            "attendance",
+            "finished",
+            Provenance::new("ab12", "ambulance-1", "ambulance-crew", 6_000),
+        );
+        attendance.vitals = Some(
+            care_node::news2::Observations {
+                respiration_rate: 22,
+                spo2: 93,
+                spo2_scale_2: false,
+                on_oxygen: true,
+                systolic_bp: 105,
+                pulse: 112,
+                consciousness: care_node::news2::Consciousness::Alert,
+                temperature_c: 38.4,
+            }
+            .to_vitals(),
+        );
+        original.add(&attendance).unwrap();
+        let bundle = export_ips(&mut original, 7_000).unwrap();
+        let outcome = import(&store, &bundle.to_string()).unwrap();
+        let mut imported = stored(&store, &outcome.patient);
+        assert_eq!(snapshot(&mut imported, false), snapshot(&mut original, false));
+    }
+}
+
+#[test]
+fn entered_in_error_entries_are_left_out_of_the_ips() {
+    let (store, _d) = store();
+    let outcome = import(&store, GP_BUNDLE).unwrap();
+    let mut p = stored(&store, &outcome.patient);
+    let text = export_ips(&mut p, 0).unwrap().to_string();
+    assert!(!text.contains("wrong patient"), "the entered-in-error condition is not exported");
+    assert!(text.contains("Heart failure"));
+    assert!(text.contains("\"type\":\"document\""));
+    assert!(text.contains("60591-5"));
+    for loinc in ["10160-0", "48765-2", "11450-4"] {
+        assert!(text.contains(loinc), "required section {loinc}");
+    }
+}
+
+#[test]
+fn empty_required_sections_say_none_known_or_no_information() {
+    let (store, _d) = store();
+    let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[
+        {"resource":{"resourceType":"Patient","id":"p","identifier":[{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"9990000034"}],"name":[{"text":"Nora Example"}]}},
+        {"resource":{"resourceType":"AllergyIntolerance","code":{"coding":[{"system":"http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips","code":"no-known-allergies"}]},"patient":{"reference":"Patient/p"}}}]}"#;
+    let outcome = import(&store, bundle).unwrap();
+    let mut p = stored(&store, &outcome.patient);
+    assert!(matches!(p.section_state(Section::Allergies).unwrap(), SectionState::NoneKnown(_)));
+    assert_eq!(p.section_state(Section::Medications).unwrap(), SectionState::NoInformation);
+    let text = export_ips(&mut p, 0).unwrap().to_string();
+    assert!(text.contains("no-known-allergies"));
+    assert!(text.contains("no-medication-info"));
+    assert!(text.contains("no-problem-info"));
+}
+
+fn with_extra_entry(resource: &str) -> String {
+    let mut bundle: serde_json::Value = serde_json::from_str(GP_BUNDLE).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(resource).unwrap();
+    bundle["entry"].as_array_mut().unwrap().push(serde_json::json!({ "resource": extra }));
+    bundle.to_string()
+}
+
+#[test]
+fn invalid_bundles_are_refused_whole_with_the_resource_and_field_named() {
+    let (store, _d) = store();
+    let cases = [
+        (
+            r#"{"resourceType":"Condition","id":"c9","subject":{"reference":"Patient/pat-1"}}"#,
+            "Condition/c9",
+            "code is required",
+        ),
+        (r#"{"resourceType":"Condition","id":"c8","code":{"text":"x"}}"#, "Condition/c8", "subject"),
+        (
+            r#"{"resourceType":"Observation","id":"o9","status":"final","code":{"text":"x"},"valueString":5}"#,
+            "Observation/o9",
+            "valueString",
+        ),
+        (r#"{"resourceType":"Goal","id":"g1"}"#, "Goal/g1", "not supported"),
+        (
+            r#"{"resourceType":"AllergyIntolerance","id":"a9","criticality":"extreme","code":{"text":"x"},"patient":{"reference":"Patient/pat-1"}}"#,
+            "AllergyIntolerance/a9",
+            "criticality",
+        ),
+        (
+            r#"{"resourceType":"MedicationStatement","id":"m9","status":"active","medicationReference":{"reference":"Medication/nope"},"subject":{"reference":"Patient/pat-1"}}"#,
+            "MedicationStatement/m9",
+            "does not resolve",
+        ),
+    ];
+    for (resource, name, field) in cases {
+        let err = import(&store, &with_extra_entry(resource)).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains(field), "`{err}` should name {name} and {field}");
+        assert_eq!(store.patient_count().unwrap(), 0, "nothing of a refused bundle is stored");
+    }
+    // A bad NHS number and a wrongly typed birth date.
+    let bad_nhs = GP_BUNDLE.replace("9990000026", "9990000027");
+    let err = import(&store, &bad_nhs).unwrap_err().to_string();
+    assert!(
+        err.contains("Patient/pat-1") && err.contains("NHS number") && !err.contains("9990000027"),
+        "{err}"
+    );
+    let bad_date = GP_BUNDLE.replace("\"1930-05-17\"", "19300517");
+    let err = import(&store, &bad_date).unwrap_err().to_string();
+    assert!(err.contains("Patient/pat-1") && err.contains("birthDate"), "{err}");
+    assert_eq!(store.patient_count().unwrap(), 0);
+
+    // For a patient that exists, a refused bundle changes nothing at all.
+    let first = import(&store, GP_BUNDLE).unwrap();
+    let before = snapshot(&mut stored(&store, &first.patient), true);
+    let mut changed: serde_json::Value = serde_json::from_str(&with_extra_entry(
+        r#"{"resourceType":"Condition","id":"c10","subject":{"reference":"Patient/pat-1"}}"#,
+    ))
+    .unwrap();
+    changed["entry"][1]["resource"]["onsetDateTime"] = serde_json::json!("2001-01-01");
+    assert!(import(&store, &changed.to_string()).is_err());
+    assert_eq!(snapshot(&mut stored(&store, &first.patient), true), before);
+    assert!(matches!(import(&store, "{\"resourceType\":\"Patient\"}"), Err(ImportError::NotABundle(_))));
+    assert!(matches!(import(&store, "not json"), Err(ImportError::NotABundle(_))));
+}
+
+#[test]
+fn a_patient_without_an_nhs_number_gets_a_provisional_record() {
+    let (store, _d) = store();
+    let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[
+        {"resource":{"resourceType":"Patient","id":"unknown-1","name":[{"text":"Unknown male, approx 60"}],"gender":"male"}}]}"#;
+    let outcome = import(&store, bundle).unwrap();
+    let p = stored(&store, &outcome.patient);
+    assert!(p.demographics().unwrap().nhs_number.is_none());
+    // Its export carries the provisional id, so re-importing the export updates the same record.
+    let mut p = p;
+    let exported = export_ips(&mut p, 0).unwrap().to_string();
+    let again = import(&store, &exported).unwrap();
+    assert_eq!(again.patient, outcome.patient);
+    assert_eq!(store.patient_count().unwrap(), 1);
+}
