@@ -371,8 +371,26 @@ impl DeviceStore {
         nhs: &NhsNumber,
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
+        let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
+        self.edit_patient(patient, change)
+    }
+
+    /// [`DeviceStore::edit`] for a patient found by id (e.g. a provisional record).
+    pub fn edit_by_id<R>(
+        &mut self,
+        id: &PatientId,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
+        let patient = self.get(id)?.ok_or(StoreError::UnknownPatient)?;
+        self.edit_patient(patient, change)
+    }
+
+    fn edit_patient<R>(
+        &mut self,
+        mut patient: StoredPatient,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
         let identity = self.identity()?;
-        let mut patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
         patient.summary.set_actor(&identity.public_key());
         let before = patient.summary.heads();
         let result = change(&mut patient.summary)?;

@@ -84,6 +84,23 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Merges two records of one person: `--keep` absorbs `--merge` (NHS numbers or patient ids).
+    /// Never automatic; audited.
+    MergePatients {
+        #[arg(long)]
+        keep: String,
+        #[arg(long)]
+        merge: String,
+        /// Who decided the merge (recorded in the audit).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
+    /// Lists patients (id, NHS number or `provisional`) for operator tasks such as merging.
+    Patients {
+        /// Only records without an NHS number.
+        #[arg(long)]
+        provisional: bool,
+    },
     /// Runs the end-to-end demonstration on a fresh server and two devices.
     Demo {
         #[arg(long, default_value_t = 2000)]
@@ -298,6 +315,25 @@ async fn run(cli: Cli) -> Result<(), String> {
                     eprintln!("wrote {}", path.display());
                 }
                 None => println!("{text}"),
+            }
+        }
+        Command::MergePatients { keep, merge, operator } => {
+            let store = open(&dir)?;
+            let outcome =
+                ops::merge_patients(store.as_ref(), &keep, &merge, &operator).map_err(|e| e.to_string())?;
+            println!(
+                "merged: {} entries moved, {} caseload(s) moved; the merged record is kept for the record and \
+                 devices purge it at their next sync",
+                outcome.entries_moved, outcome.caseloads_moved
+            );
+        }
+        Command::Patients { provisional } => {
+            let store = open(&dir)?;
+            for (id, nhs) in store.patient_ids().map_err(|e| e.to_string())? {
+                if provisional && nhs.is_some() {
+                    continue;
+                }
+                println!("{id}  {}", nhs.as_deref().unwrap_or("provisional"));
             }
         }
         Command::Demo { .. } => unreachable!("handled above"),

@@ -58,6 +58,30 @@ pub fn caseload_remove(store: &dyn ServerStore, device_name: &str, nhs: &str) ->
     Ok(store.caseload_remove(device.id, &patient)?)
 }
 
+/// A patient named by NHS number (ten digits) or by care-sync patient id (a UUID).
+pub fn find_patient(store: &dyn ServerStore, key: &str) -> Result<care_node::summary::PatientId, OpsError> {
+    if let Ok(id) = key.trim().parse::<care_node::summary::PatientId>() {
+        return match store.load_document(&id)? {
+            Some(_) => Ok(id),
+            None => Err(StoreError::UnknownPatient.into()),
+        };
+    }
+    let nhs = NhsNumber::parse(key)?;
+    Ok(store.patient_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?)
+}
+
+/// Merges two records of one person (an operator's decision, audited): `keep` absorbs `merge`.
+pub fn merge_patients(
+    store: &dyn ServerStore,
+    keep: &str,
+    merge: &str,
+    operator: &str,
+) -> Result<crate::store::MergeOutcome, OpsError> {
+    let keep = find_patient(store, keep)?;
+    let merge = find_patient(store, merge)?;
+    Ok(store.merge_patients(&keep, &merge, operator, care_node::now_ms())?)
+}
+
 /// Revokes a device: its next handshake fails.
 pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     Ok(store.revoke_device(name, care_node::now_ms())?)

@@ -99,8 +99,18 @@ impl ServerSession {
                 }])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
-                let accepted = store.apply_device_changes(&self.device, &docs)?;
-                tracing::debug!(accepted, "upload batch durable");
+                let outcome = store.apply_device_changes(&self.device, &docs)?;
+                tracing::debug!(accepted = outcome.accepted, "upload batch durable");
+                // Entries recorded offline on a record an operator has since merged away are
+                // carried over to the kept record, never left behind.
+                for (merged, kept) in outcome.merged {
+                    store.merge_patients(
+                        &kept,
+                        &merged,
+                        "server (late changes of a merged record)",
+                        now_ms,
+                    )?;
+                }
                 Ok(vec![ServerMessage::UploadAck { through }])
             }
             (Phase::Uploading, ClientMessage::UploadDone) => {

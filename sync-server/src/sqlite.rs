@@ -11,7 +11,8 @@ use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::{
-    ChangesByDoc, DeviceRecord, EnrolError, Role, RoundOutcome, ServerStore, StoreError, UploadError,
+    AuditRecord, ChangesByDoc, DeviceRecord, EnrolError, MergeOutcome, Role, RoundOutcome, ServerStore,
+    StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -54,6 +55,17 @@ CREATE TABLE IF NOT EXISTS caseload (
     patient_id BLOB NOT NULL REFERENCES patients (id),
     PRIMARY KEY (device_id, patient_id)
 );
+-- Append-only: rows are never updated or deleted.
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    patient_id BLOB,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
 -- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round
 CREATE TABLE IF NOT EXISTS device_docs (
     device_id INTEGER NOT NULL REFERENCES devices (id),
@@ -180,14 +192,15 @@ impl SqliteStore {
     }
 }
 
-/// Appends changes to the log and saves the document, inside the caller's transaction.
+/// Appends changes to the log and saves the document, inside the caller's transaction. The
+/// NHS number column follows the document (a merged-away record gives its number up).
 fn log_changes(
     tx: &Transaction<'_>,
     patient: &PatientId,
     author: Option<i64>,
     changes: &[automerge::Change],
     summary: &mut PatientSummary,
-) -> rusqlite::Result<()> {
+) -> Result<(), StoreError> {
     let mut last = None;
     for change in changes {
         tx.execute(
@@ -197,11 +210,43 @@ fn log_changes(
         last = Some(tx.last_insert_rowid());
     }
     if let Some(seq) = last {
+        let document = |e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e));
+        let nhs = match summary.merged_into().map_err(document)? {
+            Some(_) => None,
+            None => summary.demographics().map_err(document)?.nhs_number,
+        };
         tx.execute(
-            "UPDATE patients SET doc = ?1, last_seq = ?2 WHERE id = ?3",
-            params![summary.save(), seq, patient.as_bytes().as_slice()],
-        )?;
+            "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3 WHERE id = ?4",
+            params![summary.save(), seq, nhs, patient.as_bytes().as_slice()],
+        )
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::DuplicatePatient,
+            _ => StoreError::from(e),
+        })?;
     }
+    Ok(())
+}
+
+fn load_in(tx: &Transaction<'_>, patient: &PatientId) -> Result<PatientSummary, StoreError> {
+    let saved: Vec<u8> = tx
+        .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| r.get(0))
+        .optional()?
+        .ok_or(StoreError::UnknownPatient)?;
+    PatientSummary::load(&saved).map_err(|e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e)))
+}
+
+fn audit_in(
+    tx: &Connection,
+    actor: &str,
+    action: &str,
+    patient: Option<&PatientId>,
+    detail: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit (at_ms, actor, action, patient_id, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail],
+    )?;
     Ok(())
 }
 
@@ -401,6 +446,113 @@ impl ServerStore for SqliteStore {
         Ok(())
     }
 
+    fn merge_patients(
+        &self,
+        keep: &PatientId,
+        merged: &PatientId,
+        operator: &str,
+        now_ms: i64,
+    ) -> Result<MergeOutcome, StoreError> {
+        if keep == merged {
+            return Err(StoreError::Merge("a record cannot be merged into itself".into()));
+        }
+        let actor = crate::server_actor(&self.server_identity()?);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        fn document(id: &PatientId) -> impl Fn(care_node::summary::SummaryError) -> StoreError + '_ {
+            move |e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e))
+        }
+        let mut kept = load_in(&tx, keep)?;
+        let mut gone = load_in(&tx, merged)?;
+        if kept.merged_into().map_err(document(keep))?.is_some() {
+            return Err(StoreError::Merge("the record to keep was itself merged away".into()));
+        }
+        if let Some(into) = gone.merged_into().map_err(document(merged))?
+            && into != *keep
+        {
+            return Err(StoreError::Merge("that record was already merged into another one".into()));
+        }
+        let (a, b) =
+            (kept.demographics().map_err(document(keep))?, gone.demographics().map_err(document(merged))?);
+        if let (Some(x), Some(y)) = (&a.nhs_number, &b.nhs_number)
+            && x != y
+        {
+            return Err(StoreError::Merge("the two records have different NHS numbers".into()));
+        }
+        kept.set_actor(actor.to_bytes());
+        gone.set_actor(actor.to_bytes());
+        let (kept_before, gone_before) = (kept.heads(), gone.heads());
+        let mut provenance =
+            care_node::summary::Provenance::new("server", "regional server", "server", now_ms);
+        provenance.clock_offset_ms = Some(0);
+        provenance.person = Some(operator.to_string());
+        if gone.merged_into().map_err(document(merged))?.is_none() {
+            gone.mark_merged_into(*keep, now_ms).map_err(document(merged))?;
+        }
+        let moved = kept.absorb(&mut gone, &provenance).map_err(document(keep))?;
+        // The merged record gives its NHS number up first, so the kept one may take it.
+        let changes = gone.changes_since(&gone_before);
+        log_changes(&tx, merged, None, &changes, &mut gone)?;
+        let changes = kept.changes_since(&kept_before);
+        log_changes(&tx, keep, None, &changes, &mut kept)?;
+        let caseloads = tx.execute(
+            "INSERT OR IGNORE INTO caseload (device_id, patient_id) SELECT device_id, ?1 FROM caseload WHERE patient_id = ?2",
+            params![keep.as_bytes().as_slice(), merged.as_bytes().as_slice()],
+        )?;
+        tx.execute("DELETE FROM caseload WHERE patient_id = ?1", [merged.as_bytes().as_slice()])?;
+        audit_in(
+            &tx,
+            operator,
+            "merge-patients",
+            Some(keep),
+            &format!(
+                "merged record {} into this one; {moved} entries moved; {caseloads} caseload(s) moved",
+                short_hex(merged.as_bytes())
+            ),
+            now_ms,
+        )?;
+        tx.commit()?;
+        Ok(MergeOutcome { entries_moved: moved, caseloads_moved: caseloads })
+    }
+
+    fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, nhs_number FROM patients ORDER BY nhs_number, id")?;
+        let rows = stmt.query_map([], |r| Ok((patient_id(r.get(0)?)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        patient: Option<&PatientId>,
+        detail: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        audit_in(&self.conn(), actor, action, patient, detail, now_ms)
+    }
+
+    fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, actor, action, patient_id, detail FROM audit
+             WHERE ?1 IS NULL OR patient_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([patient.map(|p| p.as_bytes().to_vec())], |r| {
+            let patient: Option<Vec<u8>> = r.get(4)?;
+            Ok(AuditRecord {
+                seq: r.get(0)?,
+                at_ms: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                patient: patient.map(patient_id).transpose()?,
+                detail: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {
         let id: Option<Vec<u8>> = self
             .conn()
@@ -444,11 +596,15 @@ impl ServerStore for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn apply_device_changes(&self, device: &DeviceRecord, docs: &[DocChanges]) -> Result<usize, UploadError> {
+    fn apply_device_changes(
+        &self,
+        device: &DeviceRecord,
+        docs: &[DocChanges],
+    ) -> Result<UploadOutcome, UploadError> {
         let actor = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
-        let mut accepted = 0;
+        let (mut accepted, mut merged) = (0, Vec::new());
         for doc in docs {
             let doc_id = short_hex(doc.doc.as_bytes());
             let held: bool = tx
@@ -494,10 +650,13 @@ impl ServerStore for SqliteStore {
                 return Err(UploadError::MissingDependencies(doc_id));
             }
             accepted += new.len();
-            log_changes(&tx, &doc.doc, Some(device.id), &new, &mut summary).map_err(StoreError::from)?;
+            log_changes(&tx, &doc.doc, Some(device.id), &new, &mut summary)?;
+            if let Ok(Some(into)) = summary.merged_into() {
+                merged.push((doc.doc, into));
+            }
         }
         tx.commit().map_err(StoreError::from)?;
-        Ok(accepted)
+        Ok(UploadOutcome { accepted, merged })
     }
 
     fn max_seq(&self) -> Result<u64, StoreError> {

@@ -27,8 +27,10 @@ pub enum StoreError {
     AlreadyEnrolled(String),
     #[error("no patient with that NHS number on this server")]
     UnknownPatient,
-    #[error("a patient with that NHS number already exists")]
+    #[error("a patient with that NHS number already exists; merge the two records with merge-patients")]
     DuplicatePatient,
+    #[error("cannot merge: {0}")]
+    Merge(String),
     #[error("the server database is from a newer care-sync-server")]
     UnknownFormat,
 }
@@ -131,6 +133,36 @@ pub enum RoundOutcome {
     Nothing,
 }
 
+/// What an accepted upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadOutcome {
+    pub accepted: usize,
+    /// Documents that had been merged into another record: `(merged, kept)`. Their new entries
+    /// must be carried over to the kept record.
+    pub merged: Vec<(PatientId, PatientId)>,
+}
+
+/// One line of the server's append-only audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub at_ms: i64,
+    /// Who: an operator's name, a device's name, or `server`.
+    pub actor: String,
+    /// What, e.g. `enrol-device`, `merge-patients`, `import-fhir`.
+    pub action: String,
+    pub patient: Option<PatientId>,
+    /// Opaque details (ids, counts); never patient data.
+    pub detail: String,
+}
+
+/// What merging two records did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeOutcome {
+    pub entries_moved: usize,
+    pub caseloads_moved: usize,
+}
+
 /// The changes in a cursor window, grouped by document, in sequence order.
 pub type ChangesByDoc = BTreeMap<PatientId, Vec<(u64, Vec<u8>)>>;
 
@@ -174,6 +206,29 @@ pub trait ServerStore: Send + Sync {
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError>;
     fn patient_count(&self) -> Result<u64, StoreError>;
 
+    /// Merges `merged` into `keep` atomically: `keep` absorbs every entry, `merged` is marked
+    /// and leaves every scope (devices purge it), and the audit records who did it.
+    fn merge_patients(
+        &self,
+        keep: &PatientId,
+        merged: &PatientId,
+        operator: &str,
+        now_ms: i64,
+    ) -> Result<MergeOutcome, StoreError>;
+    /// Every patient id with its NHS number (if any), for operator tools.
+    fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError>;
+
+    // --- audit
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        patient: Option<&PatientId>,
+        detail: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditRecord>, StoreError>;
+
     // --- scope
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
@@ -182,7 +237,11 @@ pub trait ServerStore: Send + Sync {
 
     // --- sync
     /// Applies a device's changes atomically (all or nothing) after checking authorship.
-    fn apply_device_changes(&self, device: &DeviceRecord, docs: &[DocChanges]) -> Result<usize, UploadError>;
+    fn apply_device_changes(
+        &self,
+        device: &DeviceRecord,
+        docs: &[DocChanges],
+    ) -> Result<UploadOutcome, UploadError>;
     /// The newest sequence number.
     fn max_seq(&self) -> Result<u64, StoreError>;
     /// Changes with `after < seq <= upto` to documents the device holds, not authored by it,

@@ -18,6 +18,7 @@
 //!   identical on every replica), never by device clocks alone.
 
 mod entries;
+mod merge;
 pub mod migrate;
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -698,6 +699,15 @@ impl PatientSummary {
     /// All changes of the document, in causal order.
     pub fn all_changes(&mut self) -> Vec<Change> {
         self.doc.get_changes(&[])
+    }
+
+    /// Makes a change that deletes a section, as a broken or hostile device might; for tests of
+    /// the server's refusal. Returns the change's bytes.
+    #[doc(hidden)]
+    pub fn delete_section_for_test(&mut self, section: Section) -> Vec<u8> {
+        self.doc.delete(ROOT, section.key()).expect("delete a root key");
+        self.doc.commit();
+        self.doc.get_last_local_change().expect("a change").raw_bytes().to_vec()
     }
 
     /// The underlying document, for migrations and tests.

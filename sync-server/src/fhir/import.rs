@@ -166,12 +166,7 @@ type EntryWriter = Box<dyn FnOnce(&mut PatientSummary, EntryId) -> Result<bool, 
 
 /// One mapped resource, ready to write.
 enum Mapped {
-    Entry(
-        Section,
-        Option<EntryId>,
-        String,
-        EntryWriter,
-    ),
+    Entry(Section, Option<EntryId>, String, EntryWriter),
     NoneKnown(Section, Provenance),
     Nothing,
 }

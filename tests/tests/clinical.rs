@@ -1,0 +1,223 @@
+//! Clinical safety across the wire: entered-in-error is sticky, conflicts are shown, crew
+//! observations with NEWS2 reach the nurse, and a merge never strands an offline entry.
+
+use care_node::news2::{ClinicalRisk, Consciousness, Observations};
+use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
+use care_node::summary::{self as s, PatientSummary, Section};
+use care_sync_e2e::{TestDevice, TestServer, within};
+use care_sync_server::fhir::import::{import_bundle, parse_bundle};
+use care_sync_server::ops;
+use care_sync_server::store::Role;
+
+async fn three_devices(server: &TestServer) -> [TestDevice; 3] {
+    let a = TestDevice::enrolled(server, "ambulance-1", Role::AmbulanceCrew).await;
+    let b = TestDevice::enrolled(server, "ambulance-2", Role::AmbulanceCrew).await;
+    let c = TestDevice::enrolled(server, "nurse-1", Role::CommunityNurse).await;
+    for name in ["ambulance-1", "ambulance-2", "nurse-1"] {
+        server.caseload(name, [0]);
+    }
+    [a, b, c]
+}
+
+async fn sync_all(devices: &mut [TestDevice]) {
+    // Two passes: everyone uploads, then everyone receives everyone else's changes.
+    for _ in 0..2 {
+        for d in devices.iter_mut() {
+            within(30, d.sync()).await.expect("sync");
+        }
+    }
+}
+
+fn summary(device: &TestDevice, nhs: &care_node::nhs::NhsNumber) -> PatientSummary {
+    device.store.find_by_nhs(nhs).unwrap().expect("patient on device").summary
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
+    let server = TestServer::start(2).await;
+    let mut devices = three_devices(&server).await;
+    let nhs = server.patients[0].clone();
+    sync_all(&mut devices).await;
+    devices[0].add_allergy(&nhs, "Peanut");
+    sync_all(&mut devices).await;
+    let id = summary(&devices[2], &nhs)
+        .clinical_entries::<s::Allergy>()
+        .unwrap()
+        .iter()
+        .find(|e| e.data.substance == "Peanut")
+        .unwrap()
+        .id;
+
+    // Offline: the crew that recorded it marks it in error; the others edit it.
+    devices[0]
+        .store
+        .mark_entered_in_error(&nhs, Section::Allergies, id, "recorded for the wrong patient")
+        .unwrap();
+    let p1 = devices[1].store.provenance().unwrap();
+    devices[1]
+        .store
+        .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "severity", "severe", &p1))
+        .unwrap();
+    let p2 = devices[2].store.provenance().unwrap();
+    devices[2]
+        .store
+        .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "verification_status", "confirmed", &p2))
+        .unwrap();
+    sync_all(&mut devices).await;
+
+    for device in &devices {
+        let mut sum = summary(device, &nhs);
+        let entry = sum
+            .entries::<s::Allergy>()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.id == id)
+            .expect("kept for the record");
+        assert!(entry.entered_in_error.is_some(), "{} shows it in error", device.name);
+        assert!(
+            sum.clinical_entries::<s::Allergy>().unwrap().iter().all(|e| e.id != id),
+            "hidden on {}",
+            device.name
+        );
+    }
+    let saved =
+        server.store.load_document(&summary(&devices[0], &nhs).patient_id().unwrap()).unwrap().unwrap();
+    let mut on_server = PatientSummary::load(&saved).unwrap();
+    assert!(on_server.clinical_entries::<s::Allergy>().unwrap().iter().all(|e| e.id != id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_values_are_shown_as_conflicts_on_every_device() {
+    let server = TestServer::start(1).await;
+    let mut devices = three_devices(&server).await;
+    let nhs = server.patients[0].clone();
+    sync_all(&mut devices).await;
+    let mut alert =
+        s::Alert::new(s::alert_kind::RESPECT_DNACPR, "For CPR", devices[2].store.provenance().unwrap());
+    alert.decision_date = Some("2026-11-01".into());
+    let id = devices[2].store.add_entry(&nhs, &alert).unwrap();
+    sync_all(&mut devices).await;
+    for (i, value) in [(0, "DNACPR: do not attempt resuscitation"), (1, "For full resuscitation")] {
+        let p = devices[i].store.provenance().unwrap();
+        devices[i]
+            .store
+            .edit(&nhs, |sum| sum.set_field(Section::Alerts, id, "description", value, &p))
+            .unwrap();
+    }
+    sync_all(&mut devices).await;
+    for device in &devices {
+        let mut sum = summary(device, &nhs);
+        let entry = sum.clinical_entries::<s::Alert>().unwrap().into_iter().find(|e| e.id == id).unwrap();
+        let conflict =
+            entry.conflicts.iter().find(|c| c.field == "description").expect("the conflict is surfaced");
+        let authors: Vec<_> = conflict.values.iter().map(|v| v.author.clone()).collect();
+        assert!(
+            authors.iter().any(|a| a.contains("ambulance-1"))
+                && authors.iter().any(|a| a.contains("ambulance-2")),
+            "{authors:?}"
+        );
+        let mut stored = device.store.find_by_nhs(&nhs).unwrap().unwrap();
+        let view =
+            care_node::view::render(&mut stored, &device.store.sync_state().unwrap(), care_node::now_ms())
+                .unwrap();
+        assert!(view.contains("CONFLICTING description"), "the view says so:\n{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crew_observations_with_news2_recorded_offline_reach_the_nurse() {
+    let mut server = TestServer::start(1).await;
+    let mut devices = three_devices(&server).await;
+    let nhs = server.patients[0].clone();
+    sync_all(&mut devices).await;
+    server.stop().await;
+    let observations = Observations {
+        respiration_rate: 24,
+        spo2: 91,
+        spo2_scale_2: false,
+        on_oxygen: true,
+        systolic_bp: 98,
+        pulse: 118,
+        consciousness: Consciousness::Confusion,
+        temperature_c: 38.6,
+    };
+    let (_, news2) = devices[0].store.record_attendance(&nhs, &observations, Some("fall at home")).unwrap();
+    assert_eq!(news2.total, 2 + 3 + 2 + 2 + 2 + 3 + 1);
+    assert_eq!(news2.risk, ClinicalRisk::High);
+    server.restart().await;
+    sync_all(&mut devices).await;
+    let mut on_nurse = summary(&devices[2], &nhs);
+    let attendance = on_nurse
+        .clinical_entries::<s::Encounter>()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.data.kind == "attendance")
+        .unwrap();
+    assert_eq!(attendance.data.vitals.as_ref().and_then(|v| v.news2), Some(15));
+    assert_eq!(attendance.data.provenance.device_name, "ambulance-1");
+    assert!(
+        attendance.data.provenance.clock_offset_ms.is_some(),
+        "the crew's clock offset travels with the entry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offline_entry_on_a_record_merged_meanwhile_reaches_the_kept_record() {
+    let server = TestServer::start(1).await;
+    let known_nhs = server.patients[0].clone();
+    let mut nurse = TestDevice::enrolled(&server, "nurse-2", Role::CommunityNurse).await;
+    let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[{"resource":{"resourceType":"Patient","id":"u","name":[{"text":"Unknown male"}]}}]}"#;
+    let provisional =
+        import_bundle(server.store.as_ref(), &parse_bundle(bundle).unwrap(), "ED", 1).unwrap().patient;
+    let device = server.store.device_by_name("nurse-2").unwrap().unwrap();
+    server.store.caseload_add(device.id, &provisional).unwrap();
+    within(30, nurse.sync()).await.unwrap();
+
+    // Offline, the nurse records an allergy on the provisional record...
+    assert_eq!(nurse.store.list().unwrap().len(), 1);
+    let allergy = s::Allergy::new("Chlorhexidine", nurse.store.provenance().unwrap());
+    // A provisional record has no NHS number to look it up by: edit it by id.
+    nurse.store.edit_by_id(&provisional, |sum| sum.add(&allergy)).unwrap();
+    // ...while an operator merges it into the known record.
+    ops::merge_patients(server.store.as_ref(), known_nhs.as_str(), &provisional.to_string(), "dr-ops")
+        .unwrap();
+
+    within(30, nurse.sync()).await.unwrap();
+    within(30, nurse.sync()).await.unwrap();
+    assert!(nurse.store.get(&provisional).unwrap().is_none(), "the merged record is purged from the device");
+    let on_device = nurse.allergies(&known_nhs);
+    assert!(
+        on_device.iter().any(|a| a == "Chlorhexidine"),
+        "the offline entry reached the kept record: {on_device:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_that_deletes_is_refused() {
+    let server = TestServer::start(1).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-9", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-9", [0]);
+    within(30, crew.sync()).await.unwrap();
+    let nhs = server.patients[0].clone();
+    let mut patient = crew.store.find_by_nhs(&nhs).unwrap().unwrap();
+    let id = patient.summary.patient_id().unwrap();
+    patient.summary.set_actor(&crew.store.identity().unwrap().public_key());
+    let change = patient.summary.delete_section_for_test(Section::Allergies);
+    let mut conn = within(30, care_node::client::DeviceConnection::open(&crew.store)).await.unwrap();
+    conn.send(&ClientMessage::Hello { cursor: crew.store.sync_state().unwrap().cursor, resume: None })
+        .await
+        .unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    conn.send(&ClientMessage::Upload {
+        through: 1,
+        docs: vec![DocChanges { doc: id, changes: vec![serde_bytes::ByteBuf::from(change)] }],
+    })
+    .await
+    .unwrap();
+    match within(30, conn.recv()).await {
+        Ok(Some(ServerMessage::Refused { message })) => {
+            assert!(message.contains("never deleted"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
