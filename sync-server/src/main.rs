@@ -128,29 +128,32 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
-fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, String> {
-    SqliteStore::open(dir).map(|s| Arc::new(s) as Arc<dyn ServerStore>).map_err(|e| e.to_string())
+fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::error::Error>> {
+    Ok(Arc::new(SqliteStore::open(dir)?))
 }
 
 fn advertised_addr_file(dir: &std::path::Path) -> PathBuf {
     dir.join("advertised-addr")
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// Errors of the operator commands, shown to the operator as one line.
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn run(cli: Cli) -> CliResult {
     if let Command::Demo { patients } = cli.command {
         let mut stdout = std::io::stdout();
         let options = DemoOptions { patients, data_dir: cli.data_dir };
-        return demo::run(options, &mut stdout).await.map(|_| ()).map_err(|e| e.to_string());
+        demo::run(options, &mut stdout).await?;
+        return Ok(());
     }
     let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     match cli.command {
         Command::Serve { listen } => {
             let store = open(&dir)?;
-            let running = care_sync_server::server::start(store, listen).await.map_err(|e| e.to_string())?;
-            std::fs::write(advertised_addr_file(&dir), running.addr.to_string())
-                .map_err(|e| e.to_string())?;
+            let running = care_sync_server::server::start(store, listen).await?;
+            std::fs::write(advertised_addr_file(&dir), running.addr.to_string())?;
             println!("care-sync server listening on {} (data in {})", running.addr, dir.display());
-            tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+            tokio::signal::ctrl_c().await?;
             println!("shutting down");
             running.shutdown().await;
         }
@@ -164,8 +167,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             };
             let ttl = Duration::from_secs(expires_in_hours * 3600);
-            let token =
-                ops::issue_token(store.as_ref(), &name, role, addr, ttl).map_err(|e| e.to_string())?;
+            let token = ops::issue_token(store.as_ref(), &name, role, addr, ttl)?;
             eprintln!(
                 "one-time token for {name} ({}), valid for {expires_in_hours} h, server {addr}:",
                 role.as_str()
@@ -175,7 +177,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Devices => {
             let store = open(&dir)?;
             println!("{:<20} {:<16} {:<10} {:<22} {:>8}", "NAME", "ROLE", "STATE", "LAST SYNC", "CURSOR");
-            for d in store.devices().map_err(|e| e.to_string())? {
+            for d in store.devices()? {
                 let state = match (d.revoked_at_ms, d.public_key) {
                     (Some(_), _) => "revoked",
                     (None, Some(_)) => "enrolled",
@@ -194,20 +196,18 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::RevokeDevice { name } => {
             let store = open(&dir)?;
-            ops::revoke(store.as_ref(), &name).map_err(|e| e.to_string())?;
+            ops::revoke(store.as_ref(), &name)?;
             println!("revoked {name}: its next connection will be refused");
         }
         Command::Caseload { action } => {
             let store = open(&dir)?;
             match action {
                 CaseloadAction::Add { device, nhs } => {
-                    let added =
-                        ops::caseload_add(store.as_ref(), &device, &nhs).map_err(|e| e.to_string())?;
+                    let added = ops::caseload_add(store.as_ref(), &device, &nhs)?;
                     println!("{}", if added { "added to the caseload" } else { "already on the caseload" });
                 }
                 CaseloadAction::Remove { device, nhs } => {
-                    let removed =
-                        ops::caseload_remove(store.as_ref(), &device, &nhs).map_err(|e| e.to_string())?;
+                    let removed = ops::caseload_remove(store.as_ref(), &device, &nhs)?;
                     println!(
                         "{}",
                         if removed {
@@ -221,7 +221,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Generate { patients, seed, fhir_out } => {
             let store = open(&dir)?;
-            let identity = store.server_identity().map_err(|e| e.to_string())?;
+            let identity = store.server_identity()?;
             let mut population = care_sync_server::population::Population::new(
                 seed,
                 care_sync_server::server_actor(&identity),
@@ -233,24 +233,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut made = 0;
             while made < patients {
                 let batch = (patients - made).min(500);
-                let mut summaries = (0..batch)
-                    .map(|_| population.next_patient(now))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())?;
+                let mut summaries =
+                    (0..batch).map(|_| population.next_patient(now)).collect::<Result<Vec<_>, _>>()?;
                 match &fhir_out {
                     Some(out) => {
                         for summary in &mut summaries {
-                            let bundle = care_sync_server::fhir::export::export_ips(summary, now)
-                                .map_err(|e| e.to_string())?;
+                            let bundle = care_sync_server::fhir::export::export_ips(summary, now)?;
                             let path = out.join(format!("patient-{:06}.json", made + 1));
-                            let text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
+                            let text = serde_json::to_string_pretty(&bundle)?;
                             std::fs::write(&path, text)
                                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                             made += 1;
                         }
                     }
                     None => {
-                        store.insert_patients(&mut summaries).map_err(|e| e.to_string())?;
+                        store.insert_patients(&mut summaries)?;
                         made += batch;
                     }
                 }
@@ -291,23 +288,26 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             println!("{ok} bundle(s) imported, {failed} refused");
             if failed > 0 {
-                return Err(format!("{failed} bundle(s) refused"));
+                return Err(format!("{failed} bundle(s) refused").into());
             }
         }
         Command::ExportFhir { nhs, out } => {
             let store = open(&dir)?;
             let nhs =
                 care_node::nhs::NhsNumber::parse(&nhs).map_err(|e| format!("invalid NHS number: {e}"))?;
-            let id = store
-                .patient_by_nhs(&nhs)
-                .map_err(|e| e.to_string())?
-                .ok_or("no patient with that NHS number on this server")?;
-            let saved =
-                store.load_document(&id).map_err(|e| e.to_string())?.ok_or("the patient has no document")?;
-            let mut summary = care_node::summary::PatientSummary::load(&saved).map_err(|e| e.to_string())?;
-            let bundle = care_sync_server::fhir::export::export_ips(&mut summary, care_node::now_ms())
-                .map_err(|e| e.to_string())?;
-            let text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
+            let id = store.patient_by_nhs(&nhs)?.ok_or("no patient with that NHS number on this server")?;
+            let saved = store.load_document(&id)?.ok_or("the patient has no document")?;
+            let mut summary = care_node::summary::PatientSummary::load(&saved)?;
+            let bundle = care_sync_server::fhir::export::export_ips(&mut summary, care_node::now_ms())?;
+            let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+            store.append_audit(
+                &operator,
+                "export-fhir",
+                Some(&id),
+                "IPS bundle exported",
+                care_node::now_ms(),
+            )?;
+            let text = serde_json::to_string_pretty(&bundle)?;
             match out {
                 Some(path) => {
                     std::fs::write(&path, text)
@@ -319,8 +319,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::MergePatients { keep, merge, operator } => {
             let store = open(&dir)?;
-            let outcome =
-                ops::merge_patients(store.as_ref(), &keep, &merge, &operator).map_err(|e| e.to_string())?;
+            let outcome = ops::merge_patients(store.as_ref(), &keep, &merge, &operator)?;
             println!(
                 "merged: {} entries moved, {} caseload(s) moved; the merged record is kept for the record and \
                  devices purge it at their next sync",
@@ -329,7 +328,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Patients { provisional } => {
             let store = open(&dir)?;
-            for (id, nhs) in store.patient_ids().map_err(|e| e.to_string())? {
+            for (id, nhs) in store.patient_ids()? {
                 if provisional && nhs.is_some() {
                     continue;
                 }

@@ -153,23 +153,22 @@ fn parse_nhs(s: &str) -> Result<NhsNumber, String> {
     NhsNumber::parse(s).map_err(|e| format!("invalid NHS number: {e}"))
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
+/// Errors of the device commands, shown as one line (never with patient data).
+type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-async fn run(cli: Cli) -> Result<(), String> {
-    let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(passphrase()?)).map_err(err)?;
+async fn run(cli: Cli) -> CliResult {
+    let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(passphrase()?))?;
     match cli.command {
         Command::Enrol { token } => {
-            let enrolment = client::enrol(&store, &token).await.map_err(err)?;
+            let enrolment = client::enrol(&store, &token).await?;
             println!(
                 "enrolled as {} ({}) with server {}",
                 enrolment.device_name, enrolment.role, enrolment.server_addr
             );
         }
         Command::Sync => {
-            let pending = store.pending_count().map_err(err)?;
-            let report = client::sync(&mut store).await.map_err(err)?;
+            let pending = store.pending_count()?;
+            let report = client::sync(&mut store).await?;
             println!(
                 "synced: {} uploaded (of {pending} pending), {} new documents, {} changes received, {} purged; \
                  {} in scope; {} bytes in {:.0} ms",
@@ -183,7 +182,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Command::List => {
-            let cards = store.list().map_err(err)?;
+            let cards = store.list()?;
             for card in &cards {
                 let nhs = card
                     .nhs_number
@@ -201,25 +200,24 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Show { nhs_number, ids } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let mut patient =
-                store.find_by_nhs(&nhs).map_err(err)?.ok_or_else(|| err(StoreError::UnknownPatient))?;
-            let sync = store.sync_state().map_err(err)?;
-            print!("{}", care_node::view::render(&mut patient, &sync, care_node::now_ms()).map_err(err)?);
+            let mut patient = store.find_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
+            let sync = store.sync_state()?;
+            print!("{}", care_node::view::render(&mut patient, &sync, care_node::now_ms())?);
             if ids {
-                print!("{}", care_node::view::entry_ids(&mut patient.summary).map_err(err)?);
+                print!("{}", care_node::view::entry_ids(&mut patient.summary)?);
             }
         }
         Command::AddAllergy { nhs_number, substance, reaction, severity } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let mut entry = Allergy::new(&substance, store.provenance().map_err(err)?);
+            let mut entry = Allergy::new(&substance, store.provenance()?);
             entry.reaction = reaction;
             entry.severity = severity;
-            let id = store.add_entry(&nhs, &entry).map_err(err)?;
+            let id = store.add_entry(&nhs, &entry)?;
             println!("recorded allergy {id}; it will upload at the next sync");
         }
         Command::Add { nhs_number, section, text, detail } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let provenance = store.provenance().map_err(err)?;
+            let provenance = store.provenance()?;
             let id = match section {
                 SectionArg::Problems => store.add_entry(&nhs, &Problem::new(&text, provenance)),
                 SectionArg::Medications => {
@@ -231,8 +229,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let kind = detail.unwrap_or_else(|| alert_kind::CLINICAL.into());
                     store.add_entry(&nhs, &Alert::new(&kind, &text, provenance))
                 }
-            }
-            .map_err(err)?;
+            }?;
             println!("recorded entry {id}; it will upload at the next sync");
         }
         Command::RecordObs { nhs_number, rr, spo2, scale2, oxygen, sbp, pulse, acvpu, temp, reason } => {
@@ -249,27 +246,27 @@ async fn run(cli: Cli) -> Result<(), String> {
                 consciousness,
                 temperature_c: temp,
             };
-            let (id, news2) = store.record_attendance(&nhs, &observations, reason.as_deref()).map_err(err)?;
+            let (id, news2) = store.record_attendance(&nhs, &observations, reason.as_deref())?;
             println!("NEWS2 {} — {}", news2.total, care_node::view::risk_text(&news2));
             println!("recorded attendance {id}; it will upload at the next sync");
         }
         Command::MarkError { nhs_number, section, entry, reason } => {
             let nhs = parse_nhs(&nhs_number)?;
-            store.mark_entered_in_error(&nhs, section.into(), entry, &reason).map_err(err)?;
+            store.mark_entered_in_error(&nhs, section.into(), entry, &reason)?;
             println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
         Command::Status => {
-            match store.enrolment().map_err(err)? {
+            match store.enrolment()? {
                 Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
                 None => println!("not enrolled"),
             }
-            let sync = store.sync_state().map_err(err)?;
+            let sync = store.sync_state()?;
             println!(
                 "last sync: {}",
                 sync.last_sync_ms.map_or("never".to_string(), care_node::view::format_time)
             );
-            println!("patients: {}", store.document_count().map_err(err)?);
-            println!("changes waiting for upload: {}", store.pending_count().map_err(err)?);
+            println!("patients: {}", store.document_count()?);
+            println!("changes waiting for upload: {}", store.pending_count()?);
         }
     }
     Ok(())

@@ -736,5 +736,15 @@ pub fn import_bundle(
             store.apply_server_changes(&patient_id, &changes)?;
         }
     }
+    store.append_audit(
+        feed,
+        "import-fhir",
+        Some(&patient_id),
+        &format!(
+            "{} record; {written} entries written, {unchanged} unchanged",
+            if created { "new" } else { "existing" }
+        ),
+        now_ms,
+    )?;
     Ok(ImportOutcome { patient: patient_id, created, entries_written: written, entries_unchanged: unchanged })
 }
