@@ -166,12 +166,11 @@ pub struct MergeOutcome {
 /// The changes in a cursor window, grouped by document, in sequence order.
 pub type ChangesByDoc = BTreeMap<PatientId, Vec<(u64, Vec<u8>)>>;
 
-/// The storage the regional server needs.
-pub trait ServerStore: Send + Sync {
+/// Devices, enrolment tokens and the server's own identity.
+pub trait DeviceRegistry: Send + Sync {
     /// The server's ed25519 identity, created on first use.
     fn server_identity(&self) -> Result<Identity, StoreError>;
 
-    // --- devices and enrolment
     /// Registers (or re-issues) a token for a named device that is not enrolled yet.
     fn create_enrolment(
         &self,
@@ -191,8 +190,10 @@ pub trait ServerStore: Send + Sync {
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError>;
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+}
 
-    // --- patients
+/// Patient documents: creation, server-side changes, lookups, merges.
+pub trait PatientRecords: Send + Sync {
     /// Stores new patient documents in one transaction and logs their changes as server-authored.
     fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError>;
     /// Applies server-authored changes (imports, feeds) to a stored patient atomically, on top of
@@ -217,8 +218,10 @@ pub trait ServerStore: Send + Sync {
     ) -> Result<MergeOutcome, StoreError>;
     /// Every patient id with its NHS number (if any), for operator tools.
     fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError>;
+}
 
-    // --- audit
+/// Who may see what (scopes, grants, consent) and the append-only audit.
+pub trait Governance: Send + Sync {
     fn append_audit(
         &self,
         actor: &str,
@@ -229,13 +232,14 @@ pub trait ServerStore: Send + Sync {
     ) -> Result<(), StoreError>;
     fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditRecord>, StoreError>;
 
-    // --- scope
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     /// The patients the device may hold now, sorted.
     fn scope(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
+}
 
-    // --- sync
+/// The change log and each device's progress through it.
+pub trait SyncLog: Send + Sync {
     /// Applies a device's changes atomically (all or nothing) after checking authorship.
     fn apply_device_changes(
         &self,
@@ -267,4 +271,15 @@ pub trait ServerStore: Send + Sync {
         outcome: RoundOutcome,
         now_ms: i64,
     ) -> Result<(), StoreError>;
+}
+
+/// Everything the regional server stores. Implemented by any type that implements the four
+/// parts; `use care_sync_server::store::prelude::*` brings them into scope.
+pub trait ServerStore: DeviceRegistry + PatientRecords + Governance + SyncLog {}
+
+impl<T: DeviceRegistry + PatientRecords + Governance + SyncLog> ServerStore for T {}
+
+/// The store traits, for `dyn ServerStore` callers.
+pub mod prelude {
+    pub use super::{DeviceRegistry, Governance, PatientRecords, ServerStore, SyncLog};
 }

@@ -7,7 +7,7 @@ use care_sync_server::fhir::export::export_ips;
 use care_sync_server::fhir::import::{ImportError, import_bundle, parse_bundle};
 use care_sync_server::population::Population;
 use care_sync_server::sqlite::SqliteStore;
-use care_sync_server::store::ServerStore;
+use care_sync_server::store::prelude::*;
 
 const GP_BUNDLE: &str = include_str!("data/ips-gp-bundle.json");
 

@@ -5,7 +5,8 @@ use care_node::summary::{self as s, PatientSummary};
 use care_sync_server::fhir::import::{import_bundle, parse_bundle};
 use care_sync_server::ops;
 use care_sync_server::sqlite::SqliteStore;
-use care_sync_server::store::{Role, ServerStore, StoreError};
+use care_sync_server::store::prelude::*;
+use care_sync_server::store::{Role, StoreError};
 
 fn bundle(patient: &str, extra: &str) -> String {
     format!(r#"{{"resourceType":"Bundle","type":"collection","entry":[{{"resource":{patient}}}{extra}]}}"#)

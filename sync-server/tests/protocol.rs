@@ -1,6 +1,7 @@
 //! The sync protocol without a network: the device's and the server's state machines driven
 //! against each other in memory, every message through the real frame codec.
 
+use care_sync_server::store::prelude::*;
 use std::collections::VecDeque;
 
 use care_node::crypto::{KdfParams, PassphraseWrapper};
@@ -11,7 +12,7 @@ use care_node::sync::SyncSession;
 use care_sync_server::population::Population;
 use care_sync_server::session::ServerSession;
 use care_sync_server::sqlite::SqliteStore;
-use care_sync_server::store::{DeviceRecord, Role, ServerStore};
+use care_sync_server::store::{DeviceRecord, Role};
 
 struct World {
     server: SqliteStore,

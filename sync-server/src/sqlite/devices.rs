@@ -1,0 +1,145 @@
+//! Devices, enrolment tokens and the server identity in SQLite.
+
+use super::*;
+
+impl DeviceRegistry for SqliteStore {
+    fn server_identity(&self) -> Result<Identity, StoreError> {
+        let conn = self.conn();
+        let seed: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| r.get(0)).optional()?;
+        if let Some(seed) = seed.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
+            return Ok(Identity::from_seed(&seed));
+        }
+        let identity = Identity::generate();
+        conn.execute("INSERT INTO meta VALUES ('identity', ?1)", [identity.seed().as_slice()])?;
+        Ok(identity)
+    }
+
+    fn create_enrolment(
+        &self,
+        name: &str,
+        role: Role,
+        secret_hash: [u8; 32],
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing =
+            tx.query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row).optional()?;
+        let device_id = match existing {
+            Some(d) if d.public_key.is_some() || d.revoked_at_ms.is_some() => {
+                return Err(StoreError::AlreadyEnrolled(name.to_string()));
+            }
+            Some(d) => {
+                tx.execute("UPDATE devices SET role = ?1 WHERE id = ?2", params![role.as_str(), d.id])?;
+                // A new token replaces any earlier unused one.
+                tx.execute(
+                    "DELETE FROM enrolment_tokens WHERE device_id = ?1 AND used_at_ms IS NULL",
+                    [d.id],
+                )?;
+                d.id
+            }
+            None => {
+                tx.execute("INSERT INTO devices (name, role) VALUES (?1, ?2)", params![name, role.as_str()])?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.execute(
+            "INSERT INTO enrolment_tokens (secret_hash, device_id, expires_at_ms) VALUES (?1, ?2, ?3)",
+            params![secret_hash.as_slice(), device_id, expires_at_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn redeem_enrolment(
+        &self,
+        secret_hash: [u8; 32],
+        key: PublicKey,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, EnrolError> {
+        let internal = |e: rusqlite::Error| {
+            tracing::error!(error = %e, "enrolment failed in the store");
+            EnrolError::Internal
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(internal)?;
+        let token = tx
+            .query_row(
+                "SELECT device_id, expires_at_ms, used_at_ms FROM enrolment_tokens WHERE secret_hash = ?1",
+                [secret_hash.as_slice()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?)),
+            )
+            .optional()
+            .map_err(internal)?;
+        let (device_id, expires, used) = token.ok_or(EnrolError::UnknownToken)?;
+        if used.is_some() {
+            return Err(EnrolError::AlreadyUsed);
+        }
+        if now_ms > expires {
+            return Err(EnrolError::Expired);
+        }
+        let device = tx
+            .query_row("SELECT * FROM devices WHERE id = ?1", [device_id], device_from_row)
+            .map_err(internal)?;
+        if device.revoked_at_ms.is_some() {
+            return Err(EnrolError::Revoked);
+        }
+        let key_in_use: bool = tx
+            .query_row("SELECT count(*) FROM devices WHERE public_key = ?1", [key.as_slice()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(internal)?
+            > 0;
+        if key_in_use || device.public_key.is_some() {
+            return Err(EnrolError::KeyInUse);
+        }
+        tx.execute(
+            "UPDATE devices SET public_key = ?1, enrolled_at_ms = ?2 WHERE id = ?3",
+            params![key.as_slice(), now_ms, device_id],
+        )
+        .map_err(internal)?;
+        tx.execute(
+            "UPDATE enrolment_tokens SET used_at_ms = ?1 WHERE secret_hash = ?2",
+            params![now_ms, secret_hash.as_slice()],
+        )
+        .map_err(internal)?;
+        let device = tx
+            .query_row("SELECT * FROM devices WHERE id = ?1", [device_id], device_from_row)
+            .map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        Ok(device)
+    }
+
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row)
+            .optional()?)
+    }
+
+    fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM devices WHERE public_key = ?1", [key.as_slice()], device_from_row)
+            .optional()?)
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT * FROM devices ORDER BY name")?;
+        let rows = stmt.query_map([], device_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE devices SET revoked_at_ms = coalesce(revoked_at_ms, ?1) WHERE name = ?2",
+            params![now_ms, name],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDevice(name.to_string()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,259 @@
+//! The embedded default store: one SQLite file in WAL mode.
+//!
+//! One file per part of the store: [`devices`], [`patients`], [`governance`], [`sync`].
+
+mod devices;
+mod governance;
+mod patients;
+mod sync;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use care_node::identity::{Identity, PublicKey, short_hex};
+use care_node::nhs::NhsNumber;
+use care_node::protocol::DocChanges;
+use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::store::prelude::*;
+use crate::store::{
+    AuditRecord, ChangesByDoc, DeviceRecord, EnrolError, MergeOutcome, Role, RoundOutcome, StoreError,
+    UploadError, UploadOutcome,
+};
+
+const FORMAT: &str = "care-sync-server/1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    id BLOB PRIMARY KEY,
+    nhs_number TEXT UNIQUE, -- NULL for a provisional record
+    doc BLOB NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    patient_id BLOB NOT NULL,
+    author_device INTEGER,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_patient ON changes (patient_id, seq);
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    public_key BLOB UNIQUE,
+    enrolled_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    acked_cursor INTEGER NOT NULL DEFAULT 0,
+    last_sync_ms INTEGER,
+    pending_round INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrolment_tokens (
+    secret_hash BLOB PRIMARY KEY,
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS caseload (
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL REFERENCES patients (id),
+    PRIMARY KEY (device_id, patient_id)
+);
+-- Append-only: rows are never updated or deleted.
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    patient_id BLOB,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
+-- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round
+CREATE TABLE IF NOT EXISTS device_docs (
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    PRIMARY KEY (device_id, patient_id)
+);
+";
+
+/// Held documents.
+const HELD: i64 = 0;
+/// Sent whole in the pending round, not yet confirmed.
+const SENDING: i64 = 1;
+/// Purged in the pending round, not yet confirmed.
+const PURGING: i64 = 2;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn patient_id(bytes: Vec<u8>) -> rusqlite::Result<PatientId> {
+    PatientId::from_slice(&bytes)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
+}
+
+fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    let role: String = r.get("role")?;
+    let key: Option<Vec<u8>> = r.get("public_key")?;
+    Ok(DeviceRecord {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        role: role.parse().unwrap_or(Role::AmbulanceCrew),
+        public_key: key.and_then(|k| k.try_into().ok()),
+        enrolled_at_ms: r.get("enrolled_at_ms")?,
+        revoked_at_ms: r.get("revoked_at_ms")?,
+        acked_cursor: r.get::<_, i64>("acked_cursor")? as u64,
+        last_sync_ms: r.get("last_sync_ms")?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `dir/server.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let conn = Connection::open(dir.join("server.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        let format: Option<String> = conn
+            .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
+            .optional()?;
+        match format.as_deref() {
+            None => {
+                conn.execute("INSERT INTO meta VALUES ('format', ?1)", [FORMAT.as_bytes()])?;
+            }
+            Some(FORMAT) => {}
+            Some(_) => return Err(StoreError::UnknownFormat),
+        }
+        let store = Self { conn: Mutex::new(conn) };
+        store.migrate_documents()?;
+        Ok(store)
+    }
+
+    /// Brings every stored document to the current schema version, once per version, as the
+    /// server's own changes (which then reach devices like any other change).
+    fn migrate_documents(&self) -> Result<(), StoreError> {
+        let done: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT CAST(CAST(value AS TEXT) AS INTEGER) FROM meta WHERE name = 'doc_schema'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if done.is_some_and(|v| v as u64 >= SCHEMA_VERSION) {
+            return Ok(());
+        }
+        let actor = crate::server_actor(&self.server_identity()?);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<PatientId> = {
+            let mut stmt = tx.prepare("SELECT id FROM patients")?;
+            stmt.query_map([], |r| patient_id(r.get(0)?))?.collect::<Result<_, _>>()?
+        };
+        let mut migrated = 0;
+        for id in ids {
+            let saved: Vec<u8> =
+                tx.query_row("SELECT doc FROM patients WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
+                    r.get(0)
+                })?;
+            let mut summary = PatientSummary::load(&saved)
+                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?;
+            let before = summary.heads();
+            if summary
+                .migrate(actor.clone(), care_node::now_ms())
+                .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?
+            {
+                let changes = summary.changes_since(&before);
+                log_changes(&tx, &id, None, &changes, &mut summary)?;
+                migrated += 1;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('doc_schema', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [SCHEMA_VERSION.to_string().as_bytes()],
+        )?;
+        tx.commit()?;
+        if migrated > 0 {
+            tracing::info!(migrated, "patient documents migrated to schema version {SCHEMA_VERSION}");
+        }
+        Ok(())
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Appends changes to the log and saves the document, inside the caller's transaction. The
+/// NHS number column follows the document (a merged-away record gives its number up).
+fn log_changes(
+    tx: &Transaction<'_>,
+    patient: &PatientId,
+    author: Option<i64>,
+    changes: &[automerge::Change],
+    summary: &mut PatientSummary,
+) -> Result<(), StoreError> {
+    let mut last = None;
+    for change in changes {
+        tx.execute(
+            "INSERT INTO changes (patient_id, author_device, hash, body) VALUES (?1, ?2, ?3, ?4)",
+            params![patient.as_bytes().as_slice(), author, change.hash().0.as_slice(), change.raw_bytes()],
+        )?;
+        last = Some(tx.last_insert_rowid());
+    }
+    if let Some(seq) = last {
+        let document = |e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e));
+        let nhs = match summary.merged_into().map_err(document)? {
+            Some(_) => None,
+            None => summary.demographics().map_err(document)?.nhs_number,
+        };
+        tx.execute(
+            "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3 WHERE id = ?4",
+            params![summary.save(), seq, nhs, patient.as_bytes().as_slice()],
+        )
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::DuplicatePatient,
+            _ => StoreError::from(e),
+        })?;
+    }
+    Ok(())
+}
+
+fn load_in(tx: &Transaction<'_>, patient: &PatientId) -> Result<PatientSummary, StoreError> {
+    let saved: Vec<u8> = tx
+        .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| r.get(0))
+        .optional()?
+        .ok_or(StoreError::UnknownPatient)?;
+    PatientSummary::load(&saved).map_err(|e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e)))
+}
+
+fn audit_in(
+    tx: &Connection,
+    actor: &str,
+    action: &str,
+    patient: Option<&PatientId>,
+    detail: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit (at_ms, actor, action, patient_id, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail],
+    )?;
+    Ok(())
+}

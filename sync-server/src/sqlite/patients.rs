@@ -1,0 +1,157 @@
+//! Patient documents in SQLite.
+
+use super::*;
+
+impl PatientRecords for SqliteStore {
+    fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut ids = Vec::with_capacity(summaries.len());
+        for summary in summaries.iter_mut() {
+            let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), Box::new(e)))?;
+            let nhs = match summary.nhs_number() {
+                Ok(nhs) => Some(nhs.as_str().to_string()),
+                Err(care_node::summary::SummaryError::NoNhsNumber) => None,
+                Err(e) => return Err(StoreError::Document(short_hex(id.as_bytes()), Box::new(e))),
+            };
+            let inserted = tx.execute(
+                "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
+                params![id.as_bytes().as_slice(), nhs],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::DuplicatePatient);
+            }
+            let changes = summary.all_changes();
+            log_changes(&tx, &id, None, &changes, summary)?;
+            ids.push(id);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn apply_server_changes(
+        &self,
+        patient: &PatientId,
+        changes: &[automerge::Change],
+    ) -> Result<(), StoreError> {
+        let doc_id = short_hex(patient.as_bytes());
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let saved: Vec<u8> = tx
+            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or(StoreError::UnknownPatient)?;
+        let mut summary =
+            PatientSummary::load(&saved).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+        let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
+        summary.apply_changes(new.clone()).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+        if summary.has_missing_deps() {
+            return Err(StoreError::Document(
+                doc_id,
+                Box::new(care_node::summary::SummaryError::Layout("changes lack their dependencies".into())),
+            ));
+        }
+        log_changes(&tx, patient, None, &new, &mut summary)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn merge_patients(
+        &self,
+        keep: &PatientId,
+        merged: &PatientId,
+        operator: &str,
+        now_ms: i64,
+    ) -> Result<MergeOutcome, StoreError> {
+        if keep == merged {
+            return Err(StoreError::Merge("a record cannot be merged into itself".into()));
+        }
+        let actor = crate::server_actor(&self.server_identity()?);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        fn document(id: &PatientId) -> impl Fn(care_node::summary::SummaryError) -> StoreError + '_ {
+            move |e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e))
+        }
+        let mut kept = load_in(&tx, keep)?;
+        let mut gone = load_in(&tx, merged)?;
+        if kept.merged_into().map_err(document(keep))?.is_some() {
+            return Err(StoreError::Merge("the record to keep was itself merged away".into()));
+        }
+        if let Some(into) = gone.merged_into().map_err(document(merged))?
+            && into != *keep
+        {
+            return Err(StoreError::Merge("that record was already merged into another one".into()));
+        }
+        let (a, b) =
+            (kept.demographics().map_err(document(keep))?, gone.demographics().map_err(document(merged))?);
+        if let (Some(x), Some(y)) = (&a.nhs_number, &b.nhs_number)
+            && x != y
+        {
+            return Err(StoreError::Merge("the two records have different NHS numbers".into()));
+        }
+        kept.set_actor(actor.to_bytes());
+        gone.set_actor(actor.to_bytes());
+        let (kept_before, gone_before) = (kept.heads(), gone.heads());
+        let mut provenance =
+            care_node::summary::Provenance::new("server", "regional server", "server", now_ms);
+        provenance.clock_offset_ms = Some(0);
+        provenance.person = Some(operator.to_string());
+        if gone.merged_into().map_err(document(merged))?.is_none() {
+            gone.mark_merged_into(*keep, now_ms).map_err(document(merged))?;
+        }
+        let moved = kept.absorb(&mut gone, &provenance).map_err(document(keep))?;
+        // The merged record gives its NHS number up first, so the kept one may take it.
+        let changes = gone.changes_since(&gone_before);
+        log_changes(&tx, merged, None, &changes, &mut gone)?;
+        let changes = kept.changes_since(&kept_before);
+        log_changes(&tx, keep, None, &changes, &mut kept)?;
+        let caseloads = tx.execute(
+            "INSERT OR IGNORE INTO caseload (device_id, patient_id) SELECT device_id, ?1 FROM caseload WHERE patient_id = ?2",
+            params![keep.as_bytes().as_slice(), merged.as_bytes().as_slice()],
+        )?;
+        tx.execute("DELETE FROM caseload WHERE patient_id = ?1", [merged.as_bytes().as_slice()])?;
+        audit_in(
+            &tx,
+            operator,
+            "merge-patients",
+            Some(keep),
+            &format!(
+                "merged record {} into this one; {moved} entries moved; {caseloads} caseload(s) moved",
+                short_hex(merged.as_bytes())
+            ),
+            now_ms,
+        )?;
+        tx.commit()?;
+        Ok(MergeOutcome { entries_moved: moved, caseloads_moved: caseloads })
+    }
+
+    fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, nhs_number FROM patients ORDER BY nhs_number, id")?;
+        let rows = stmt.query_map([], |r| Ok((patient_id(r.get(0)?)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .conn()
+            .query_row("SELECT id FROM patients WHERE nhs_number = ?1", [nhs.as_str()], |r| r.get(0))
+            .optional()?;
+        Ok(id.map(patient_id).transpose()?)
+    }
+
+    fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn patient_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}

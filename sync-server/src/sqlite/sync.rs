@@ -1,0 +1,179 @@
+//! The change log and device progress in SQLite.
+
+use super::*;
+
+impl SyncLog for SqliteStore {
+    fn apply_device_changes(
+        &self,
+        device: &DeviceRecord,
+        docs: &[DocChanges],
+    ) -> Result<UploadOutcome, UploadError> {
+        let actor = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let (mut accepted, mut merged) = (0, Vec::new());
+        for doc in docs {
+            let doc_id = short_hex(doc.doc.as_bytes());
+            let held: bool = tx
+                .query_row(
+                    "SELECT count(*) FROM device_docs WHERE device_id = ?1 AND patient_id = ?2 AND state IN (0, 2)",
+                    params![device.id, doc.doc.as_bytes().as_slice()],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(StoreError::from)?
+                > 0;
+            if !held {
+                return Err(UploadError::NotHeld(doc_id));
+            }
+            let mut changes = Vec::with_capacity(doc.changes.len());
+            for bytes in &doc.changes {
+                let change = automerge::Change::try_from(bytes.as_slice())
+                    .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
+                if change.actor_id().to_bytes() != actor.as_slice() {
+                    return Err(UploadError::ForeignActor(doc_id));
+                }
+                if care_node::summary::change_deletes(&change) {
+                    return Err(UploadError::Deletes(doc_id));
+                }
+                changes.push(change);
+            }
+            let saved: Vec<u8> = tx
+                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.doc.as_bytes().as_slice()], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(StoreError::from)?
+                .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;
+            let mut summary = PatientSummary::load(&saved)
+                .map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+            let new: Vec<_> = changes.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
+            if new.is_empty() {
+                continue;
+            }
+            summary
+                .apply_changes(new.clone())
+                .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
+            if summary.has_missing_deps() {
+                return Err(UploadError::MissingDependencies(doc_id));
+            }
+            accepted += new.len();
+            log_changes(&tx, &doc.doc, Some(device.id), &new, &mut summary)?;
+            if let Ok(Some(into)) = summary.merged_into() {
+                merged.push((doc.doc, into));
+            }
+        }
+        tx.commit().map_err(StoreError::from)?;
+        Ok(UploadOutcome { accepted, merged })
+    }
+
+    fn max_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT c.seq, c.patient_id, c.body FROM device_docs d
+             JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
+             WHERE d.device_id = ?1 AND d.state = 0 AND (c.author_device IS NULL OR c.author_device != ?1)
+             ORDER BY c.seq",
+        )?;
+        let mut rows = stmt.query(params![device, after as i64, upto as i64])?;
+        let mut out = ChangesByDoc::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            out.entry(patient_id(row.get(1)?)?).or_default().push((seq as u64, row.get(2)?));
+        }
+        Ok(out)
+    }
+
+    fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT patient_id FROM device_docs WHERE device_id = ?1 AND state = ?2")?;
+        let rows = stmt.query_map(params![device, HELD], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
+        let round: Option<i64> =
+            self.conn()
+                .query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        Ok(round.map(|r| r as u64))
+    }
+
+    fn record_round_page(
+        &self,
+        device: i64,
+        round: u64,
+        whole: &[PatientId],
+        purged: &[PatientId],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
+        for (ids, state) in [(whole, SENDING), (purged, PURGING)] {
+            let mut stmt = tx.prepare(
+                "INSERT INTO device_docs (device_id, patient_id, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state",
+            )?;
+            for id in ids {
+                stmt.execute(params![device, id.as_bytes().as_slice(), state])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn settle_round(
+        &self,
+        device: i64,
+        round: u64,
+        outcome: RoundOutcome,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let pending: Option<i64> =
+            tx.query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        if pending == Some(round as i64) {
+            // Confirmed rows: `sending` becomes held and `purging` goes; unconfirmed rows revert.
+            let (confirmed_sql, unconfirmed_sql) = ("patient_id <= ?2", "patient_id > ?2");
+            let through: Vec<u8> = match outcome {
+                RoundOutcome::Complete => vec![0xff; 17],
+                RoundOutcome::Through(p) => p.as_bytes().to_vec(),
+                RoundOutcome::Nothing => Vec::new(),
+            };
+            tx.execute(
+                &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {SENDING} AND {confirmed_sql}"),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM device_docs WHERE device_id = ?1 AND state = {PURGING} AND {confirmed_sql}"
+                ),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM device_docs WHERE device_id = ?1 AND state = {SENDING} AND {unconfirmed_sql}"
+                ),
+                params![device, through],
+            )?;
+            tx.execute(
+                &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {PURGING} AND {unconfirmed_sql}"),
+                params![device, through],
+            )?;
+            tx.execute("UPDATE devices SET pending_round = NULL WHERE id = ?1", [device])?;
+        }
+        if outcome == RoundOutcome::Complete {
+            tx.execute(
+                "UPDATE devices SET acked_cursor = max(acked_cursor, ?1), last_sync_ms = ?2 WHERE id = ?3",
+                params![round as i64, now_ms, device],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
