@@ -12,7 +12,7 @@ use crate::protocol::{
     enrol_signed_bytes,
 };
 use crate::store::{DeviceStore, Enrolment, StoreError};
-use crate::sync::{SyncError, SyncSession, SyncStats};
+use crate::sync::{AccessDecision, AccessRequest, SyncError, SyncSession, SyncStats};
 use crate::tls::{SERVER_NAME, TlsError, client_config};
 use crate::token::{EnrolmentToken, TokenError};
 use crate::wire::{WireError, read_frame, write_frame};
@@ -51,6 +51,12 @@ pub enum ClientError {
     Protocol(String),
     #[error("the server did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("this patient's record is not on this device, and {0} needs a connection to the server: {1}")]
+    NeedsConnection(&'static str, String),
+    #[error(
+        "this device was wiped on the operator's instruction: its patient data and data key are destroyed"
+    )]
+    Wiped,
 }
 
 /// What one sync did, with the bytes that crossed the network.
@@ -249,9 +255,40 @@ pub async fn enrol(store: &DeviceStore, token: &str) -> Result<Enrolment, Client
 
 /// Runs one sync session: uploads offline changes, receives what changed, disconnects.
 pub async fn sync(store: &mut DeviceStore) -> Result<SyncReport, ClientError> {
+    Ok(sync_with(store, Vec::new()).await?.1)
+}
+
+/// Asks the server for a patient outside this device's scope (permission to view recorded at
+/// the point of care, or break glass), then syncs so the record arrives. The request is written
+/// to the signed view log first.
+pub async fn request_access(
+    store: &mut DeviceStore,
+    request: AccessRequest,
+) -> Result<(AccessDecision, SyncReport), ClientError> {
+    let what = match request.kind {
+        crate::protocol::AccessKind::BreakGlass => "break glass",
+        crate::protocol::AccessKind::PermissionToView => "permission to view",
+    };
+    let (mut decisions, report) = match sync_with(store, vec![request]).await {
+        Ok(result) => result,
+        Err(e @ (ClientError::Unreachable(_) | ClientError::Timeout(_))) => {
+            return Err(ClientError::NeedsConnection(what, e.to_string()));
+        }
+        Err(e) => return Err(e),
+    };
+    let decision = decisions
+        .pop()
+        .ok_or_else(|| ClientError::Protocol("the server did not answer the access request".into()))?;
+    Ok((decision, report))
+}
+
+async fn sync_with(
+    store: &mut DeviceStore,
+    requests: Vec<AccessRequest>,
+) -> Result<(Vec<AccessDecision>, SyncReport), ClientError> {
     let started = Instant::now();
     let mut conn = DeviceConnection::open(store).await?;
-    let (mut session, first) = SyncSession::start(store)?;
+    let (mut session, first) = SyncSession::start_with(store, requests)?;
     for message in &first {
         conn.send(message).await?;
     }
@@ -265,13 +302,20 @@ pub async fn sync(store: &mut DeviceStore) -> Result<SyncReport, ClientError> {
         }
     }
     let stats = session.stats().clone();
+    let decisions = session.decisions().to_vec();
     let (sent, received, udp) = conn.finish().await?;
-    Ok(SyncReport {
+    if session.wiped() {
+        // The server has our confirmation; now destroy the key itself.
+        store.shred()?;
+        return Err(ClientError::Wiped);
+    }
+    let report = SyncReport {
         stats,
         frame_bytes_sent: sent,
         frame_bytes_received: received,
         udp_bytes_sent: udp.udp_tx.bytes,
         udp_bytes_received: udp.udp_rx.bytes,
         duration: started.elapsed(),
-    })
+    };
+    Ok((decisions, report))
 }

@@ -12,6 +12,7 @@
 //! - [`tls`]: rustls configuration and the ed25519 key verifiers (shared with the server).
 //! - [`client`]: the QUIC client that moves protocol frames.
 //! - [`view`]: the text view of a summary, with its "as of" time.
+//! - [`viewlog`]: the hash-chained, signed log of views that syncs to the server.
 //! - [`wire`]: frame reads and writes over QUIC streams.
 //!
 //! Nothing in this crate logs or puts in an error message a patient's name, NHS number or date of
@@ -29,6 +30,7 @@ pub mod sync;
 pub mod tls;
 pub mod token;
 pub mod view;
+pub mod viewlog;
 pub mod wire;
 
 /// Milliseconds since the Unix epoch on this machine's clock.

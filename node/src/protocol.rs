@@ -57,11 +57,30 @@ pub struct DocChanges {
     pub changes: Vec<serde_bytes::ByteBuf>,
 }
 
+/// Access a clinician asks for at the point of care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessKind {
+    /// The patient gave permission to view their record.
+    PermissionToView,
+    /// Emergency access in the patient's best interest, with a reason; raises an alert.
+    BreakGlass,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMessage {
     Hello {
         cursor: u64,
         resume: Option<Resume>,
+    },
+    /// Asks for a patient outside the device's scope (after `Hello`, before `UploadDone`).
+    AccessRequest {
+        nhs_number: String,
+        kind: AccessKind,
+        reason: String,
+    },
+    /// Entries of the device's view log, in order.
+    ViewLog {
+        entries: Vec<crate::viewlog::SignedView>,
     },
     /// Offline changes; `through` is the device's outbox position this batch reaches.
     Upload {
@@ -72,6 +91,8 @@ pub enum ClientMessage {
     RoundAck {
         round: u64,
     },
+    /// The device destroyed its patient data as told.
+    WipeConfirmed,
 }
 
 /// What the server sends for one document in a round.
@@ -93,10 +114,23 @@ pub struct DocItem {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
+    /// `lease_ms`: how long the device may show patient data without syncing. `wipe`: destroy all
+    /// patient data now, then confirm.
     Welcome {
         device_name: String,
         role: String,
         server_time_ms: i64,
+        lease_ms: u64,
+        wipe: bool,
+    },
+    AccessDecision {
+        granted: bool,
+        message: String,
+        until_ms: i64,
+    },
+    /// View log entries up to `through` are recorded on the server.
+    ViewLogAck {
+        through: u64,
     },
     /// Every upload up to `through` is durable on the server.
     UploadAck {
@@ -107,10 +141,12 @@ pub enum ServerMessage {
         round: u64,
         items: Vec<DocItem>,
     },
-    /// The round is complete: the device's cursor becomes `round`.
+    /// The round is complete: the device's cursor becomes `round`. `left_out`: patients in scope
+    /// that the device's document budget left out.
     RoundDone {
         round: u64,
         documents_in_scope: u64,
+        left_out: u64,
     },
     /// The server refuses the session; the message holds no patient data.
     Refused {

@@ -51,6 +51,13 @@ pub enum StoreError {
     UnknownPatient,
     #[error("received document {doc} lacks changes it depends on")]
     MissingDependencies { doc: String },
+    #[error(
+        "patient data is locked: this device last synced {hours_ago} h ago and its lease is {lease_hours} h; \
+         connect and sync to unlock"
+    )]
+    LeaseExpired { hours_ago: i64, lease_hours: i64 },
+    #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
+    Wiped,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -85,6 +92,10 @@ pub struct SyncState {
     /// When the last complete sync finished (device clock) and what the server's clock said.
     pub last_sync_ms: Option<i64>,
     pub last_sync_server_ms: Option<i64>,
+    /// How long patient data may be shown without a sync, as the server last said.
+    pub lease_ms: Option<u64>,
+    /// Patients in scope that the budget left out at the last round.
+    pub left_out: u64,
 }
 
 impl SyncState {
@@ -168,6 +179,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS view_log (
+    seq INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+);
 ";
 
 impl DeviceStore {
@@ -184,6 +199,13 @@ impl DeviceStore {
             let format: Option<String> = conn
                 .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
                 .optional()?;
+            let wiped: bool =
+                conn.query_row("SELECT count(*) FROM meta WHERE name = 'wiped_at'", [], |r| {
+                    r.get::<_, i64>(0)
+                })? > 0;
+            if wiped {
+                return Err(StoreError::Wiped);
+            }
             match format.as_deref() {
                 Some(FORMAT_VERSION) => {}
                 Some(other) => return Err(StoreError::UnknownFormat(other.to_string())),
@@ -204,6 +226,8 @@ impl DeviceStore {
             conn.execute_batch("COMMIT")?;
             key
         };
+        // Tables added since a store was made are created here (every statement is idempotent).
+        conn.execute_batch(SCHEMA)?;
         let lookup = key.lookup_hasher();
         let store = Self { conn, key, lookup };
         if store.get_secret::<Zeroizing<Vec<u8>>>("identity")?.is_none() {
@@ -262,6 +286,110 @@ impl DeviceStore {
         })
     }
 
+    /// Refuses to show patient data when the device has not synced within its lease.
+    pub fn check_lease(&self, now_ms: i64) -> Result<(), StoreError> {
+        let state = self.sync_state()?;
+        if let (Some(lease), Some(last)) = (state.lease_ms, state.last_sync_ms)
+            && now_ms - last > lease as i64
+        {
+            return Err(StoreError::LeaseExpired {
+                hours_ago: (now_ms - last) / 3_600_000,
+                lease_hours: lease as i64 / 3_600_000,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens a patient's record for a clinician to see: checks the lease and appends the view to
+    /// the signed view log, in that order. Every user-facing read goes through here.
+    pub fn view_patient(&mut self, nhs: &NhsNumber, action: &str) -> Result<StoredPatient, StoreError> {
+        self.check_lease(crate::now_ms())?;
+        let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
+        self.record_view(&patient.summary.patient_id()?, action, "")?;
+        Ok(patient)
+    }
+
+    /// Appends an entry to the view log: hash-chained to the previous one and signed.
+    pub fn record_view(
+        &mut self,
+        patient: &PatientId,
+        action: &str,
+        detail: &str,
+    ) -> Result<u64, StoreError> {
+        let identity = self.identity()?;
+        let tx = self.conn.transaction()?;
+        let (seq, prev): (u64, [u8; 32]) = get_secret(&tx, &self.key, "view_head")?.unwrap_or((0, [0; 32]));
+        let entry = crate::viewlog::ViewEntry {
+            seq: seq + 1,
+            prev_hash: prev,
+            at_ms: crate::now_ms(),
+            patient: *patient,
+            action: action.to_string(),
+            detail: detail.to_string(),
+        };
+        let head = (entry.seq, entry.hash());
+        let signed = crate::viewlog::SignedView::sign(&identity, entry);
+        let sealed = seal_row(&self.key, "view_log", &head.0.to_be_bytes(), 0, &signed)?;
+        tx.execute("INSERT INTO view_log (seq, body) VALUES (?1, ?2)", params![head.0 as i64, sealed])?;
+        put_secret(&tx, &self.key, "view_head", &head)?;
+        tx.commit()?;
+        Ok(head.0)
+    }
+
+    /// View log entries not yet acknowledged by the server, oldest first.
+    pub fn pending_views(&self, limit: usize) -> Result<Vec<crate::viewlog::SignedView>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT seq, body FROM view_log ORDER BY seq LIMIT ?1")?;
+        let mut rows = stmt.query([limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let body: Vec<u8> = row.get(1)?;
+            out.push(self.open_row("view_log", &(seq as u64).to_be_bytes(), 0, &body)?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets view log entries the server has recorded (the chain head stays).
+    pub fn acknowledge_views(&mut self, through: u64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM view_log WHERE seq <= ?1", [through as i64])?;
+        Ok(())
+    }
+
+    /// Destroys every patient document, pending change, view and sync position, and compacts
+    /// the file so their (already encrypted) bytes are gone too. The identity stays, so the
+    /// device can still tell the server.
+    pub fn wipe_patient_data(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log;
+             DELETE FROM secrets WHERE name IN ('sync', 'view_head'); COMMIT;",
+        )?;
+        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+
+    /// Crypto-shredding: destroys the wrapped data key and every secret, so nothing left in the
+    /// file can be decrypted, and marks the store as wiped.
+    pub fn shred(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "BEGIN; DELETE FROM secrets; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log;
+             DELETE FROM meta WHERE name = 'wrapped_key'; COMMIT;",
+        )?;
+        self.conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('wiped_at', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [crate::now_ms().to_string().as_bytes()],
+        )?;
+        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+
+    /// Moves the last sync back in time, to test lease expiry without waiting.
+    #[doc(hidden)]
+    pub fn backdate_last_sync_for_test(&self, by_ms: i64) -> Result<(), StoreError> {
+        let mut state = self.sync_state()?;
+        state.last_sync_ms = state.last_sync_ms.map(|t| t - by_ms);
+        self.put_secret("sync", &state)
+    }
+
     /// Points the device at a new server address (the pinned server key stays the same).
     pub fn update_server_addr(&self, addr: &str) -> Result<(), StoreError> {
         let mut enrolment = self.require_enrolment()?;
@@ -286,8 +414,9 @@ impl DeviceStore {
         Ok(self.conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    /// Every patient on the device, ordered by name.
+    /// Every patient on the device, ordered by name (refused when the lease has expired).
     pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
+        self.check_lease(crate::now_ms())?;
         let mut stmt = self.conn.prepare("SELECT doc_key, version, card FROM documents")?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
@@ -485,10 +614,19 @@ impl DeviceStore {
     }
 
     /// Completes a round: the cursor moves to `round` and the interrupted-round marker goes.
-    pub fn finish_round(&mut self, round: u64, server_time_ms: i64, now_ms: i64) -> Result<(), StoreError> {
+    pub fn finish_round(
+        &mut self,
+        round: u64,
+        server_time_ms: i64,
+        now_ms: i64,
+        lease_ms: u64,
+        left_out: u64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
         state.cursor = round;
+        state.lease_ms = Some(lease_ms);
+        state.left_out = left_out;
         state.resume = None;
         state.last_sync_ms = Some(now_ms);
         state.last_sync_server_ms = Some(server_time_ms);

@@ -8,11 +8,29 @@
 //! Uploads are pipelined: up to [`UPLOAD_WINDOW`] batches are in flight, and a local change is
 //! forgotten only when the server says it is durable.
 
-use crate::protocol::{ClientMessage, DocChanges, ServerMessage, TARGET_BATCH_BYTES};
+use crate::protocol::{AccessKind, ClientMessage, DocChanges, ServerMessage, TARGET_BATCH_BYTES};
 use crate::store::{DeviceStore, StoreError};
 
 /// How many upload batches may wait for their acknowledgement at once.
 pub const UPLOAD_WINDOW: usize = 4;
+/// View log entries per `ViewLog` frame.
+pub const VIEWS_PER_FRAME: usize = 500;
+
+/// Access to ask for at the start of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRequest {
+    pub nhs_number: String,
+    pub kind: AccessKind,
+    pub reason: String,
+}
+
+/// The server's answer to an [`AccessRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessDecision {
+    pub granted: bool,
+    pub message: String,
+    pub until_ms: i64,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -33,6 +51,8 @@ pub struct SyncStats {
     pub documents_purged: u64,
     pub changes_received: u64,
     pub documents_in_scope: u64,
+    pub left_out: u64,
+    pub views_uploaded: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +74,8 @@ pub struct SyncSession {
     round: Option<u64>,
     stats: SyncStats,
     server: Option<ServerView>,
+    decisions: Vec<AccessDecision>,
+    wiped: bool,
 }
 
 /// Who the server says this device is.
@@ -62,11 +84,21 @@ pub struct ServerView {
     pub device_name: String,
     pub role: String,
     pub server_time_ms: i64,
+    pub lease_ms: u64,
 }
 
 impl SyncSession {
-    /// Starts a session: the `Hello` frame and the first upload batches.
+    /// Starts a session: `Hello`, any access requests, the pending view log and the first
+    /// upload batches.
     pub fn start(store: &DeviceStore) -> Result<(Self, Vec<ClientMessage>), SyncError> {
+        Self::start_with(store, Vec::new())
+    }
+
+    /// [`SyncSession::start`] with access requests for patients outside the device's scope.
+    pub fn start_with(
+        store: &DeviceStore,
+        requests: Vec<AccessRequest>,
+    ) -> Result<(Self, Vec<ClientMessage>), SyncError> {
         let state = store.sync_state()?;
         let mut session = Self {
             phase: Phase::AwaitWelcome,
@@ -76,8 +108,22 @@ impl SyncSession {
             round: None,
             stats: SyncStats::default(),
             server: None,
+            decisions: Vec::new(),
+            wiped: false,
         };
         let mut out = vec![ClientMessage::Hello { cursor: state.cursor, resume: state.resume }];
+        for r in requests {
+            out.push(ClientMessage::AccessRequest {
+                nhs_number: r.nhs_number,
+                kind: r.kind,
+                reason: r.reason,
+            });
+        }
+        let views = store.pending_views(10 * VIEWS_PER_FRAME)?;
+        session.stats.views_uploaded = views.len() as u64;
+        for chunk in views.chunks(VIEWS_PER_FRAME) {
+            out.push(ClientMessage::ViewLog { entries: chunk.to_vec() });
+        }
         session.fill_upload_window(store, &mut out)?;
         Ok((session, out))
     }
@@ -93,6 +139,16 @@ impl SyncSession {
     /// The device name and role the server knows this device by, once welcomed.
     pub fn server_view(&self) -> Option<&ServerView> {
         self.server.as_ref()
+    }
+
+    /// The server's answers to this session's access requests, in order.
+    pub fn decisions(&self) -> &[AccessDecision] {
+        &self.decisions
+    }
+
+    /// The server told this device to wipe, and its patient data is gone.
+    pub fn wiped(&self) -> bool {
+        self.wiped
     }
 
     fn fill_upload_window(
@@ -135,9 +191,25 @@ impl SyncSession {
                 self.phase = Phase::Done;
                 return Err(SyncError::Refused(message));
             }
-            (Phase::AwaitWelcome, ServerMessage::Welcome { device_name, role, server_time_ms }) => {
-                self.server = Some(ServerView { device_name, role, server_time_ms });
+            (
+                Phase::AwaitWelcome,
+                ServerMessage::Welcome { device_name, role, server_time_ms, lease_ms, wipe },
+            ) => {
+                self.server = Some(ServerView { device_name, role, server_time_ms, lease_ms });
+                if wipe {
+                    store.wipe_patient_data()?;
+                    self.wiped = true;
+                    self.phase = Phase::Done;
+                    out.push(ClientMessage::WipeConfirmed);
+                    return Ok(out);
+                }
                 self.phase = Phase::Uploading;
+            }
+            (Phase::Uploading, ServerMessage::AccessDecision { granted, message, until_ms }) => {
+                self.decisions.push(AccessDecision { granted, message, until_ms });
+            }
+            (Phase::Uploading, ServerMessage::ViewLogAck { through }) => {
+                store.acknowledge_views(through)?;
             }
             (Phase::Uploading, ServerMessage::UploadAck { through }) => {
                 if through > self.upload_sent_through || self.upload_in_flight == 0 {
@@ -167,14 +239,16 @@ impl SyncSession {
             }
             (
                 Phase::Uploading | Phase::Downloading,
-                ServerMessage::RoundDone { round, documents_in_scope },
+                ServerMessage::RoundDone { round, documents_in_scope, left_out },
             ) => {
                 if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
                     return Err(SyncError::Protocol("round finished out of order".into()));
                 }
-                let server_time = self.server.as_ref().map_or(0, |s| s.server_time_ms);
-                store.finish_round(round, server_time, crate::now_ms())?;
+                let (server_time, lease) =
+                    self.server.as_ref().map_or((0, 0), |s| (s.server_time_ms, s.lease_ms));
+                store.finish_round(round, server_time, crate::now_ms(), lease, left_out)?;
                 self.stats.documents_in_scope = documents_in_scope;
+                self.stats.left_out = left_out;
                 self.phase = Phase::Done;
                 out.push(ClientMessage::RoundAck { round });
             }
@@ -196,5 +270,7 @@ fn message_name(message: &ServerMessage) -> &'static str {
         ServerMessage::Docs { .. } => "Docs",
         ServerMessage::RoundDone { .. } => "RoundDone",
         ServerMessage::Refused { .. } => "Refused",
+        ServerMessage::AccessDecision { .. } => "AccessDecision",
+        ServerMessage::ViewLogAck { .. } => "ViewLogAck",
     }
 }

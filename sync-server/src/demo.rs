@@ -223,9 +223,9 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     };
     let on_ambulance = allergies(&devices[0].store)?;
     let on_nurse = allergies(&devices[1].store)?;
-    let crew = &devices[0].store;
-    let mut patient =
-        crew.find_by_nhs(&shared)?.ok_or_else(|| DemoError::Check("the shared patient is missing".into()))?;
+    let crew = &mut devices[0].store;
+    // A clinician's view: lease checked, and written to the device's signed view log.
+    let mut patient = crew.view_patient(&shared, "show")?;
     let _ = writeln!(out, "\nWhat the crew of ambulance-1 sees:\n");
     let _ =
         writeln!(out, "{}", care_node::view::render(&mut patient, &crew.sync_state()?, care_node::now_ms())?);

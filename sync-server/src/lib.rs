@@ -4,8 +4,11 @@
 //! - [`sqlite`]: the embedded default store (SQLite, WAL).
 //! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
 //! - [`server`]: the QUIC endpoint: enrolment and sync connections.
+//! - [`governance`]: leases, permission to view, break glass, view-log verification.
 //! - [`ops`]: operator actions (tokens, caseloads, revocation) shared by CLI, demo and tests.
 //! - [`fhir`]: FHIR R4 IPS bundles in (import) and out (export).
+//! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
+//! - [`planning`]: anonymised, suppressed planning exports (national data opt-out respected).
 //! - [`population`]: the deterministic synthetic population.
 //! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
 //!
@@ -13,8 +16,11 @@
 
 pub mod demo;
 pub mod fhir;
+pub mod governance;
 pub mod ops;
+pub mod planning;
 pub mod population;
+pub mod scope;
 pub mod server;
 pub mod session;
 pub mod sqlite;

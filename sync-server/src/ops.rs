@@ -1,15 +1,21 @@
-//! Operator actions shared by the CLI, the demo and the tests.
+//! Operator actions shared by the CLI, the demo and the tests. Each one that changes who may
+//! see what is written to the append-only audit with the operator's name.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use care_node::nhs::NhsNumber;
+use care_node::summary::PatientId;
 use care_node::token::EnrolmentToken;
 
-use crate::store::{DeviceRecord, Role, ServerStore, StoreError};
+use crate::store::{ConsentFlags, DeviceRecord, GrantKind, MergeOutcome, Role, ServerStore, StoreError};
 
 /// How long an enrolment token is valid unless the operator says otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an incident grant lasts unless the operator says otherwise (incident plus grace).
+pub const DEFAULT_INCIDENT_HOURS: f64 = 24.0;
+/// Who an action is attributed to when the caller does not say.
+pub const OPERATOR: &str = "operator";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -20,6 +26,12 @@ pub enum OpsError {
     NhsNumber(#[from] care_node::nhs::NhsNumberError),
     #[error("device `{0}` has not enrolled yet")]
     NotEnrolled(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn now() -> i64 {
+    care_node::now_ms()
 }
 
 /// Creates a one-time enrolment token for a named device; the token carries `server_addr` and
@@ -33,34 +45,26 @@ pub fn issue_token(
 ) -> Result<String, OpsError> {
     let identity = store.server_identity()?;
     let token = EnrolmentToken::new(server_addr.to_string(), identity.fingerprint());
-    let expires = care_node::now_ms() + ttl.as_millis() as i64;
+    let expires = now() + ttl.as_millis() as i64;
     store.create_enrolment(name, role, EnrolmentToken::secret_hash(&token.secret), expires)?;
+    store.append_audit(
+        OPERATOR,
+        "enrolment-token",
+        None,
+        &format!("device {name} ({})", role.as_str()),
+        now(),
+    )?;
     Ok(token.encode())
 }
 
-fn device(store: &dyn ServerStore, name: &str) -> Result<DeviceRecord, OpsError> {
+/// The device with this name.
+pub fn device(store: &dyn ServerStore, name: &str) -> Result<DeviceRecord, OpsError> {
     store.device_by_name(name)?.ok_or_else(|| StoreError::UnknownDevice(name.to_string()).into())
 }
 
-/// Puts a patient on a device's caseload; returns false if already there.
-pub fn caseload_add(store: &dyn ServerStore, device_name: &str, nhs: &str) -> Result<bool, OpsError> {
-    let device = device(store, device_name)?;
-    let nhs = NhsNumber::parse(nhs)?;
-    let patient = store.patient_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
-    Ok(store.caseload_add(device.id, &patient)?)
-}
-
-/// Takes a patient off a device's caseload; the device purges the record at its next sync.
-pub fn caseload_remove(store: &dyn ServerStore, device_name: &str, nhs: &str) -> Result<bool, OpsError> {
-    let device = device(store, device_name)?;
-    let nhs = NhsNumber::parse(nhs)?;
-    let patient = store.patient_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
-    Ok(store.caseload_remove(device.id, &patient)?)
-}
-
 /// A patient named by NHS number (ten digits) or by care-sync patient id (a UUID).
-pub fn find_patient(store: &dyn ServerStore, key: &str) -> Result<care_node::summary::PatientId, OpsError> {
-    if let Ok(id) = key.trim().parse::<care_node::summary::PatientId>() {
+pub fn find_patient(store: &dyn ServerStore, key: &str) -> Result<PatientId, OpsError> {
+    if let Ok(id) = key.trim().parse::<PatientId>() {
         return match store.load_document(&id)? {
             Some(_) => Ok(id),
             None => Err(StoreError::UnknownPatient.into()),
@@ -70,19 +74,169 @@ pub fn find_patient(store: &dyn ServerStore, key: &str) -> Result<care_node::sum
     Ok(store.patient_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?)
 }
 
+/// Puts a patient on a device's caseload; returns false if already there.
+pub fn caseload_add(store: &dyn ServerStore, device_name: &str, patient: &str) -> Result<bool, OpsError> {
+    let device = device(store, device_name)?;
+    let patient = find_patient(store, patient)?;
+    let added = store.caseload_add(device.id, &patient)?;
+    if added {
+        store.append_audit(
+            OPERATOR,
+            "caseload-add",
+            Some(&patient),
+            &format!("device {device_name}"),
+            now(),
+        )?;
+    }
+    Ok(added)
+}
+
+/// Takes a patient off a device's caseload; the device purges the record at its next sync.
+pub fn caseload_remove(store: &dyn ServerStore, device_name: &str, patient: &str) -> Result<bool, OpsError> {
+    let device = device(store, device_name)?;
+    let patient = find_patient(store, patient)?;
+    let removed = store.caseload_remove(device.id, &patient)?;
+    if removed {
+        store.append_audit(
+            OPERATOR,
+            "caseload-remove",
+            Some(&patient),
+            &format!("device {device_name}"),
+            now(),
+        )?;
+    }
+    Ok(removed)
+}
+
+/// Assigns a device to an incident: the patient is in its scope for `hours`, then lapses.
+pub fn incident_open(
+    store: &dyn ServerStore,
+    device_name: &str,
+    patient: &str,
+    hours: f64,
+) -> Result<i64, OpsError> {
+    if !(hours > 0.0 && hours <= 24.0 * 14.0) {
+        return Err(OpsError::Invalid("an incident lasts between a minute and 14 days".into()));
+    }
+    let device = device(store, device_name)?;
+    let patient = find_patient(store, patient)?;
+    let until = now() + (hours * 3_600_000.0) as i64;
+    let id = store.grant(device.id, &patient, GrantKind::Incident, "incident", until, now())?;
+    store.append_audit(
+        OPERATOR,
+        "incident-open",
+        Some(&patient),
+        &format!("device {device_name}, until {}", care_node::view::format_time(until)),
+        now(),
+    )?;
+    Ok(id)
+}
+
+/// Ends a device's incident for a patient now; the device purges the record at its next sync.
+pub fn incident_close(store: &dyn ServerStore, device_name: &str, patient: &str) -> Result<usize, OpsError> {
+    let device = device(store, device_name)?;
+    let patient = find_patient(store, patient)?;
+    let closed = store.close_grants(device.id, &patient, GrantKind::Incident, now())?;
+    store.append_audit(
+        OPERATOR,
+        "incident-close",
+        Some(&patient),
+        &format!("device {device_name}"),
+        now(),
+    )?;
+    Ok(closed)
+}
+
+/// Adds or removes a postcode district from a device's area prefetch.
+pub fn area(store: &dyn ServerStore, device_name: &str, district: &str, add: bool) -> Result<bool, OpsError> {
+    let district = district.trim().to_ascii_uppercase();
+    if district.is_empty() || district.len() > 4 || !district.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(OpsError::Invalid(format!("`{district}` is not a postcode district (e.g. SO16)")));
+    }
+    let device = device(store, device_name)?;
+    let changed =
+        if add { store.area_add(device.id, &district)? } else { store.area_remove(device.id, &district)? };
+    let action = if add { "area-add" } else { "area-remove" };
+    store.append_audit(
+        OPERATOR,
+        action,
+        None,
+        &format!("device {device_name}, district {district}"),
+        now(),
+    )?;
+    Ok(changed)
+}
+
+/// Records or withdraws a patient's objection to sharing, or their national data opt-out.
+pub fn set_consent(
+    store: &dyn ServerStore,
+    patient: &str,
+    objection: Option<bool>,
+    opt_out: Option<bool>,
+) -> Result<ConsentFlags, OpsError> {
+    let patient = find_patient(store, patient)?;
+    let mut flags = store.consent(&patient)?;
+    flags.objection = objection.unwrap_or(flags.objection);
+    flags.opt_out = opt_out.unwrap_or(flags.opt_out);
+    store.set_consent(&patient, flags)?;
+    let detail = format!("objection {}, national data opt-out {}", flags.objection, flags.opt_out);
+    store.append_audit(OPERATOR, "consent", Some(&patient), &detail, now())?;
+    Ok(flags)
+}
+
+/// Sets (or clears, with `None`) a device's document budget.
+pub fn set_budget(store: &dyn ServerStore, device_name: &str, budget: Option<u64>) -> Result<(), OpsError> {
+    let device = device(store, device_name)?;
+    store.set_device_budget(device.id, budget)?;
+    let detail =
+        format!("device {device_name}, budget {}", budget.map_or("default".into(), |b| b.to_string()));
+    store.append_audit(OPERATOR, "budget", None, &detail, now())?;
+    Ok(())
+}
+
 /// Merges two records of one person (an operator's decision, audited): `keep` absorbs `merge`.
 pub fn merge_patients(
     store: &dyn ServerStore,
     keep: &str,
     merge: &str,
     operator: &str,
-) -> Result<crate::store::MergeOutcome, OpsError> {
+) -> Result<MergeOutcome, OpsError> {
     let keep = find_patient(store, keep)?;
     let merge = find_patient(store, merge)?;
-    Ok(store.merge_patients(&keep, &merge, operator, care_node::now_ms())?)
+    Ok(store.merge_patients(&keep, &merge, operator, now())?)
 }
 
 /// Revokes a device: its next handshake fails.
 pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
-    Ok(store.revoke_device(name, care_node::now_ms())?)
+    store.revoke_device(name, now())?;
+    store.append_audit(OPERATOR, "revoke-device", None, &format!("device {name}"), now())?;
+    Ok(())
+}
+
+/// Tells a device to destroy its data key and patient data at its next contact.
+pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
+    store.request_wipe(name, now())?;
+    store.append_audit(OPERATOR, "wipe-requested", None, &format!("device {name}"), now())?;
+    Ok(())
+}
+
+/// Changes a server setting (audited).
+pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(), OpsError> {
+    const KNOWN: &[&str] = &[
+        "budget",
+        "prefetch-flags",
+        "permission-hours",
+        "break-glass-hours",
+        "lease-hours.ambulance-crew",
+        "lease-hours.community-nurse",
+    ];
+    if !KNOWN.contains(&name) {
+        return Err(OpsError::Invalid(format!("unknown setting `{name}` (known: {})", KNOWN.join(", "))));
+    }
+    if name != "prefetch-flags" && value.parse::<f64>().map_or(true, |v| v < 0.0) {
+        return Err(OpsError::Invalid(format!("setting `{name}` takes a non-negative number")));
+    }
+    store.set_setting(name, value)?;
+    store.append_audit(OPERATOR, "setting", None, &format!("{name} = {value}"), now())?;
+    Ok(())
 }

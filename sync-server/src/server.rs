@@ -307,6 +307,12 @@ async fn enrol(request: &EnrolRequest, shared: &Shared) -> EnrolResponse {
     match result {
         Ok(Ok(device)) => {
             tracing::info!(device = %device.name, role = device.role.as_str(), "device enrolled");
+            let detail = format!("key {}", short_hex(&key));
+            if let Err(e) =
+                shared.store.append_audit(&device.name, "enrolled", None, &detail, care_node::now_ms())
+            {
+                tracing::error!(error = %e, "could not audit an enrolment");
+            }
             EnrolResponse::Enrolled {
                 device_name: device.name,
                 role: device.role.as_str().to_string(),

@@ -35,6 +35,8 @@ pub enum SessionError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitHello,
+    /// The device was told to wipe; everything but its confirmation is ignored.
+    AwaitWipe,
     Uploading,
     Downloading,
     AwaitAck,
@@ -51,6 +53,7 @@ struct Round {
     held: HashSet<PatientId>,
     changes: ChangesByDoc,
     documents_in_scope: u64,
+    left_out: u64,
 }
 
 /// One device's sync session on the server.
@@ -90,13 +93,46 @@ impl ServerSession {
     ) -> Result<Vec<ServerMessage>, SessionError> {
         match (self.phase, message) {
             (Phase::AwaitHello, ClientMessage::Hello { cursor, resume }) => {
-                self.hello(cursor, resume, store, now_ms)?;
-                self.phase = Phase::Uploading;
+                let wipe = self.device.wipe_requested_at_ms.is_some();
+                if wipe {
+                    self.phase = Phase::AwaitWipe;
+                } else {
+                    self.hello(cursor, resume, store, now_ms)?;
+                    self.phase = Phase::Uploading;
+                }
                 Ok(vec![ServerMessage::Welcome {
                     device_name: self.device.name.clone(),
                     role: self.device.role.as_str().to_string(),
                     server_time_ms: now_ms,
+                    lease_ms: crate::governance::lease_ms(store, self.device.role)?,
+                    wipe,
                 }])
+            }
+            (Phase::AwaitWipe, ClientMessage::WipeConfirmed) => {
+                store.confirm_wipe(self.device.id, now_ms)?;
+                store.append_audit(
+                    &self.device.name,
+                    "wipe-confirmed",
+                    None,
+                    "patient data and data key destroyed",
+                    now_ms,
+                )?;
+                self.phase = Phase::Done;
+                Ok(Vec::new())
+            }
+            (Phase::AwaitWipe, _) => Ok(Vec::new()),
+            (Phase::Uploading, ClientMessage::AccessRequest { nhs_number, kind, reason }) => {
+                Ok(vec![crate::governance::decide_access(
+                    store,
+                    &self.device,
+                    &nhs_number,
+                    kind,
+                    &reason,
+                    now_ms,
+                )?])
+            }
+            (Phase::Uploading, ClientMessage::ViewLog { entries }) => {
+                Ok(vec![crate::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
                 let outcome = store.apply_device_changes(&self.device, &docs)?;
@@ -114,7 +150,7 @@ impl ServerSession {
                 Ok(vec![ServerMessage::UploadAck { through }])
             }
             (Phase::Uploading, ClientMessage::UploadDone) => {
-                self.plan_round(store)?;
+                self.plan_round(store, now_ms)?;
                 self.phase = Phase::Downloading;
                 Ok(Vec::new())
             }
@@ -168,9 +204,11 @@ impl ServerSession {
         }
     }
 
-    fn plan_round(&mut self, store: &dyn ServerStore) -> Result<(), SessionError> {
+    fn plan_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<(), SessionError> {
         let seq = store.max_seq()?;
-        let scope: HashSet<PatientId> = store.scope(self.device.id)?.into_iter().collect();
+        let decided = crate::scope::device_scope(store, self.device.id, now_ms)?;
+        let left_out = decided.left_out;
+        let scope: HashSet<PatientId> = decided.patients.into_iter().collect();
         let held = store.held(self.device.id)?;
         let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
         for (doc, list) in changes.iter_mut() {
@@ -183,8 +221,16 @@ impl ServerSession {
         order.sort_unstable();
         order.dedup();
         tracing::debug!(round = seq, items = order.len(), in_scope = scope.len(), "round planned");
-        self.round =
-            Some(Round { seq, order, next: 0, documents_in_scope: scope.len() as u64, scope, held, changes });
+        self.round = Some(Round {
+            seq,
+            order,
+            next: 0,
+            documents_in_scope: scope.len() as u64,
+            left_out,
+            scope,
+            held,
+            changes,
+        });
         Ok(())
     }
 
@@ -199,6 +245,7 @@ impl ServerSession {
             return Ok(Some(ServerMessage::RoundDone {
                 round: round.seq,
                 documents_in_scope: round.documents_in_scope,
+                left_out: round.left_out,
             }));
         }
         let (mut items, mut bytes, mut whole, mut purged) = (Vec::new(), 0usize, Vec::new(), Vec::new());
@@ -235,5 +282,8 @@ fn message_name(message: &ClientMessage) -> &'static str {
         ClientMessage::Upload { .. } => "Upload",
         ClientMessage::UploadDone => "UploadDone",
         ClientMessage::RoundAck { .. } => "RoundAck",
+        ClientMessage::AccessRequest { .. } => "AccessRequest",
+        ClientMessage::ViewLog { .. } => "ViewLog",
+        ClientMessage::WipeConfirmed => "WipeConfirmed",
     }
 }

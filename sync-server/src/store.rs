@@ -120,6 +120,10 @@ pub struct DeviceRecord {
     /// The cursor the device last acknowledged, and when.
     pub acked_cursor: u64,
     pub last_sync_ms: Option<i64>,
+    pub wipe_requested_at_ms: Option<i64>,
+    pub wiped_at_ms: Option<i64>,
+    /// Patients in scope that its budget left out at its last round.
+    pub left_out: u64,
 }
 
 /// How a device stands with respect to its last round.
@@ -156,6 +160,75 @@ pub struct AuditRecord {
     pub detail: String,
 }
 
+/// Why a device was granted a patient outside its caseload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    /// Assigned to an incident (lapses after its grace period, or when closed).
+    Incident,
+    /// A clinician recorded the patient's permission to view at the point of care.
+    PermissionToView,
+    /// Emergency access without permission (reason required; raises an alert).
+    BreakGlass,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Incident => "incident",
+            GrantKind::PermissionToView => "permission-to-view",
+            GrantKind::BreakGlass => "break-glass",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [GrantKind::Incident, GrantKind::PermissionToView, GrantKind::BreakGlass]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// An active grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: i64,
+    pub device: i64,
+    pub patient: PatientId,
+    pub kind: GrantKind,
+    pub reason: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// An alert for operators and the privacy officer (break glass, audit chain problems).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    pub id: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub device: Option<String>,
+    pub patient: Option<PatientId>,
+    pub reason: String,
+    pub acknowledged_at_ms: Option<i64>,
+    pub note: Option<String>,
+}
+
+/// A patient's consent flags, kept on the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsentFlags {
+    /// The patient objects to sharing: no caseload or prefetch delivery.
+    pub objection: bool,
+    /// The national data opt-out: excluded from planning exports only.
+    pub opt_out: bool,
+}
+
+/// Which audit lines to return.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub patient: Option<PatientId>,
+    pub actor: Option<String>,
+    pub since_ms: Option<i64>,
+}
+
 /// What merging two records did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergeOutcome {
@@ -190,6 +263,10 @@ pub trait DeviceRegistry: Send + Sync {
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError>;
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Asks a device to destroy its data at its next contact.
+    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Records that the device confirmed its wipe, and revokes it.
+    fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError>;
 }
 
 /// Patient documents: creation, server-side changes, lookups, merges.
@@ -230,12 +307,66 @@ pub trait Governance: Send + Sync {
         detail: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
-    fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditRecord>, StoreError>;
+    fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+
+    // --- settings
+    fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+    fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError>;
+    fn device_budget(&self, device: i64) -> Result<Option<u64>, StoreError>;
+    fn set_device_budget(&self, device: i64, budget: Option<u64>) -> Result<(), StoreError>;
+
+    // --- grants, areas, consent
+    fn grant(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        kind: GrantKind,
+        reason: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<i64, StoreError>;
+    /// Ends a device's active grants of a kind for a patient; returns how many.
+    fn close_grants(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        kind: GrantKind,
+        now_ms: i64,
+    ) -> Result<usize, StoreError>;
+    /// Active grants (of one device, or all).
+    fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError>;
+    fn area_add(&self, device: i64, district: &str) -> Result<bool, StoreError>;
+    fn area_remove(&self, device: i64, district: &str) -> Result<bool, StoreError>;
+    fn areas(&self, device: i64) -> Result<Vec<String>, StoreError>;
+    fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError>;
+    fn set_consent(&self, patient: &PatientId, flags: ConsentFlags) -> Result<(), StoreError>;
+    /// Every reason each patient is on the device now (before objection and budget).
+    fn scope_candidates(
+        &self,
+        device: i64,
+        prefetch_flags: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<crate::scope::Candidate>, StoreError>;
+
+    // --- alerts
+    fn raise_alert(
+        &self,
+        kind: &str,
+        device: Option<i64>,
+        patient: Option<&PatientId>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError>;
+    fn alerts(&self, include_acknowledged: bool) -> Result<Vec<AlertRecord>, StoreError>;
+    fn acknowledge_alert(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    // --- device view audits
+    /// The last verified entry of a device's view log: `(seq, hash)`.
+    fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError>;
+    fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError>;
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
-    /// The patients the device may hold now, sorted.
-    fn scope(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
 }
 
 /// The change log and each device's progress through it.

@@ -10,8 +10,10 @@ use care_node::client;
 use care_node::crypto::PassphraseWrapper;
 use care_node::news2::{Consciousness, Observations};
 use care_node::nhs::NhsNumber;
+use care_node::protocol::AccessKind;
 use care_node::store::{DeviceStore, StoreError};
 use care_node::summary::{Alert, Allergy, Medication, Problem, Section, alert_kind};
+use care_node::sync::AccessRequest;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -103,6 +105,16 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Emergency access to a patient outside this device's scope (online only; audited; raises
+    /// an alert for the privacy officer).
+    BreakGlass {
+        nhs_number: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Records that the patient in front of you gave permission to view their record (online;
+    /// audited), and fetches it.
+    PermissionToView { nhs_number: String },
     /// Shows enrolment, last sync and pending changes.
     Status,
 }
@@ -200,7 +212,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Show { nhs_number, ids } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let mut patient = store.find_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
+            let mut patient = store.view_patient(&nhs, "show")?;
             let sync = store.sync_state()?;
             print!("{}", care_node::view::render(&mut patient, &sync, care_node::now_ms())?);
             if ids {
@@ -255,6 +267,18 @@ async fn run(cli: Cli) -> CliResult {
             store.mark_entered_in_error(&nhs, section.into(), entry, &reason)?;
             println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
+        Command::BreakGlass { nhs_number, reason } => {
+            access(&mut store, &nhs_number, AccessKind::BreakGlass, &reason).await?;
+        }
+        Command::PermissionToView { nhs_number } => {
+            access(
+                &mut store,
+                &nhs_number,
+                AccessKind::PermissionToView,
+                "permission given at the point of care",
+            )
+            .await?;
+        }
         Command::Status => {
             match store.enrolment()? {
                 Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
@@ -267,8 +291,35 @@ async fn run(cli: Cli) -> CliResult {
             );
             println!("patients: {}", store.document_count()?);
             println!("changes waiting for upload: {}", store.pending_count()?);
+            if let Some(lease) = sync.lease_ms {
+                println!(
+                    "offline lease: {} h{}",
+                    lease / 3_600_000,
+                    match store.check_lease(care_node::now_ms()) {
+                        Ok(()) => String::new(),
+                        Err(e) => format!(" — {e}"),
+                    }
+                );
+            }
+            if sync.left_out > 0 {
+                println!("{} patient(s) in scope left out by this device's document budget", sync.left_out);
+            }
         }
     }
+    Ok(())
+}
+
+async fn access(store: &mut DeviceStore, nhs_number: &str, kind: AccessKind, reason: &str) -> CliResult {
+    let nhs = parse_nhs(nhs_number)?;
+    let request = AccessRequest { nhs_number: nhs.as_str().to_string(), kind, reason: reason.to_string() };
+    let (decision, _) = client::request_access(store, request).await?;
+    if !decision.granted {
+        return Err(format!("refused: {}", decision.message).into());
+    }
+    let patient = store.find_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
+    let action = if kind == AccessKind::BreakGlass { "break-glass" } else { "permission-to-view" };
+    store.record_view(&patient.summary.patient_id()?, action, "")?;
+    println!("{}; the record is on this device now (`show` it)", decision.message);
     Ok(())
 }
 

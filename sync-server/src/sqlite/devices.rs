@@ -142,4 +142,28 @@ impl DeviceRegistry for SqliteStore {
         }
         Ok(())
     }
+
+    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE devices SET wipe_requested_at_ms = coalesce(wipe_requested_at_ms, ?1) WHERE name = ?2",
+            params![now_ms, name],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDevice(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE devices SET wiped_at_ms = coalesce(wiped_at_ms, ?1), revoked_at_ms = coalesce(revoked_at_ms, ?1)
+             WHERE id = ?2",
+            params![now_ms, device],
+        )?;
+        tx.execute("DELETE FROM device_docs WHERE device_id = ?1", [device])?;
+        tx.commit()?;
+        Ok(())
+    }
 }

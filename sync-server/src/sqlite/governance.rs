@@ -14,24 +14,278 @@ impl Governance for SqliteStore {
         audit_in(&self.conn(), actor, action, patient, detail, now_ms)
     }
 
-    fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, actor, action, patient_id, detail FROM audit
-             WHERE ?1 IS NULL OR patient_id = ?1 ORDER BY seq",
+             WHERE (?1 IS NULL OR patient_id = ?1) AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR at_ms >= ?3)
+             ORDER BY seq",
         )?;
-        let rows = stmt.query_map([patient.map(|p| p.as_bytes().to_vec())], |r| {
-            let patient: Option<Vec<u8>> = r.get(4)?;
-            Ok(AuditRecord {
-                seq: r.get(0)?,
-                at_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                patient: patient.map(patient_id).transpose()?,
-                detail: r.get(5)?,
+        let rows = stmt.query_map(
+            params![filter.patient.map(|p| p.as_bytes().to_vec()), filter.actor, filter.since_ms],
+            |r| {
+                let patient: Option<Vec<u8>> = r.get(4)?;
+                Ok(AuditRecord {
+                    seq: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    patient: patient.map(patient_id).transpose()?,
+                    detail: r.get(5)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+
+    fn device_budget(&self, device: i64) -> Result<Option<u64>, StoreError> {
+        let budget: Option<i64> =
+            self.conn().query_row("SELECT budget FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        Ok(budget.map(|b| b.max(0) as u64))
+    }
+
+    fn set_device_budget(&self, device: i64, budget: Option<u64>) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE devices SET budget = ?1 WHERE id = ?2",
+            params![budget.map(|b| b as i64), device],
+        )?;
+        Ok(())
+    }
+
+    fn grant(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        kind: GrantKind,
+        reason: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO grants (device_id, patient_id, kind, reason, created_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![device, patient.as_bytes().as_slice(), kind.as_str(), reason, now_ms, expires_at_ms],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn close_grants(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        kind: GrantKind,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE grants SET closed_at_ms = ?1 WHERE device_id = ?2 AND patient_id = ?3 AND kind = ?4
+                 AND closed_at_ms IS NULL AND expires_at_ms > ?1",
+            params![now_ms, device, patient.as_bytes().as_slice(), kind.as_str()],
+        )?)
+    }
+
+    fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, device_id, patient_id, kind, reason, created_at_ms, expires_at_ms FROM grants
+             WHERE (?1 IS NULL OR device_id = ?1) AND closed_at_ms IS NULL AND expires_at_ms > ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![device, now_ms], |r| {
+            let kind: String = r.get(3)?;
+            Ok(Grant {
+                id: r.get(0)?,
+                device: r.get(1)?,
+                patient: patient_id(r.get(2)?)?,
+                kind: GrantKind::parse(&kind).unwrap_or(GrantKind::Incident),
+                reason: r.get(4)?,
+                created_at_ms: r.get(5)?,
+                expires_at_ms: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn area_add(&self, device: i64, district: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT INTO device_areas (device_id, district) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![device, district.trim().to_ascii_uppercase()],
+        )? > 0)
+    }
+
+    fn area_remove(&self, device: i64, district: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM device_areas WHERE device_id = ?1 AND district = ?2",
+            params![device, district.trim().to_ascii_uppercase()],
+        )? > 0)
+    }
+
+    fn areas(&self, device: i64) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT district FROM device_areas WHERE device_id = ?1 ORDER BY district")?;
+        let rows = stmt.query_map([device], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT objection, opt_out FROM patients WHERE id = ?1",
+                [patient.as_bytes().as_slice()],
+                |r| Ok(ConsentFlags { objection: r.get(0)?, opt_out: r.get(1)? }),
+            )
+            .optional()?
+            .ok_or(StoreError::UnknownPatient)
+    }
+
+    fn set_consent(&self, patient: &PatientId, flags: ConsentFlags) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE patients SET objection = ?1, opt_out = ?2 WHERE id = ?3",
+            params![flags.objection, flags.opt_out, patient.as_bytes().as_slice()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownPatient);
+        }
+        Ok(())
+    }
+
+    fn scope_candidates(
+        &self,
+        device: i64,
+        prefetch_flags: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<crate::scope::Candidate>, StoreError> {
+        use crate::scope::{Candidate, Tier};
+        let conn = self.conn();
+        let mut out = Vec::new();
+        let row = |tier: Tier| {
+            move |r: &rusqlite::Row<'_>| {
+                Ok(Candidate {
+                    patient: patient_id(r.get(0)?)?,
+                    tier,
+                    review_date: r.get(1)?,
+                    objection: r.get(2)?,
+                })
+            }
+        };
+        let mut grants = conn.prepare(
+            "SELECT p.id, p.review_date, p.objection, g.kind FROM grants g JOIN patients p ON p.id = g.patient_id
+             WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2 AND p.merged = 0",
+        )?;
+        let rows = grants.query_map(params![device, now_ms], |r| {
+            let kind: String = r.get(3)?;
+            let tier = if kind == GrantKind::Incident.as_str() { Tier::Incident } else { Tier::Grant };
+            row(tier)(r)
+        })?;
+        for r in rows {
+            out.push(r?);
+        }
+        let mut caseload = conn.prepare(
+            "SELECT p.id, p.review_date, p.objection FROM caseload c JOIN patients p ON p.id = c.patient_id
+             WHERE c.device_id = ?1 AND p.merged = 0",
+        )?;
+        for r in caseload.query_map([device], row(Tier::Caseload))? {
+            out.push(r?);
+        }
+        if !prefetch_flags.is_empty() {
+            let flag_test = prefetch_flags
+                .iter()
+                .enumerate()
+                .map(|(i, _)| format!("instr(p.risk_flags, ',' || ?{} || ',') > 0", i + 2))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "SELECT p.id, p.review_date, p.objection FROM device_areas a JOIN patients p ON p.district = a.district
+                 WHERE a.device_id = ?1 AND p.merged = 0 AND p.risk_flags != ',' AND ({flag_test})"
+            );
+            let mut area = conn.prepare(&sql)?;
+            let mut values: Vec<&dyn rusqlite::ToSql> = vec![&device];
+            for f in prefetch_flags {
+                values.push(f);
+            }
+            for r in area.query_map(values.as_slice(), row(Tier::AreaPrefetch))? {
+                out.push(r?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn raise_alert(
+        &self,
+        kind: &str,
+        device: Option<i64>,
+        patient: Option<&PatientId>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO alerts (at_ms, kind, device_id, patient_id, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms, kind, device, patient.map(|p| p.as_bytes().to_vec()), reason],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn alerts(&self, include_acknowledged: bool) -> Result<Vec<AlertRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT a.id, a.at_ms, a.kind, d.name, a.patient_id, a.reason, a.acknowledged_at_ms, a.note
+             FROM alerts a LEFT JOIN devices d ON d.id = a.device_id
+             WHERE ?1 OR a.acknowledged_at_ms IS NULL ORDER BY a.id",
+        )?;
+        let rows = stmt.query_map([include_acknowledged], |r| {
+            let patient: Option<Vec<u8>> = r.get(4)?;
+            Ok(AlertRecord {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                kind: r.get(2)?,
+                device: r.get(3)?,
+                patient: patient.map(patient_id).transpose()?,
+                reason: r.get(5)?,
+                acknowledged_at_ms: r.get(6)?,
+                note: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn acknowledge_alert(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE alerts SET acknowledged_at_ms = ?1, note = ?2 WHERE id = ?3 AND acknowledged_at_ms IS NULL",
+            params![now_ms, note, id],
+        )? > 0)
+    }
+
+    fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError> {
+        let (seq, hash): (i64, Option<Vec<u8>>) = self.conn().query_row(
+            "SELECT view_seq, view_hash FROM devices WHERE id = ?1",
+            [device],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((seq as u64, hash.and_then(|h| h.try_into().ok()).unwrap_or([0; 32])))
+    }
+
+    fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE devices SET view_seq = ?1, view_hash = ?2 WHERE id = ?3",
+            params![seq as i64, hash.as_slice(), device],
+        )?;
+        Ok(())
     }
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
@@ -46,13 +300,5 @@ impl Governance for SqliteStore {
             "DELETE FROM caseload WHERE device_id = ?1 AND patient_id = ?2",
             params![device, patient.as_bytes().as_slice()],
         )? > 0)
-    }
-
-    fn scope(&self, device: i64) -> Result<Vec<PatientId>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT patient_id FROM caseload WHERE device_id = ?1 ORDER BY patient_id")?;
-        let rows = stmt.query_map([device], |r| patient_id(r.get(0)?))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 }

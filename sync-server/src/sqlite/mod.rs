@@ -19,8 +19,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
 use crate::store::{
-    AuditRecord, ChangesByDoc, DeviceRecord, EnrolError, MergeOutcome, Role, RoundOutcome, StoreError,
-    UploadError, UploadOutcome,
+    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, ConsentFlags, DeviceRecord, EnrolError, Grant,
+    GrantKind, MergeOutcome, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -31,8 +31,17 @@ CREATE TABLE IF NOT EXISTS patients (
     id BLOB PRIMARY KEY,
     nhs_number TEXT UNIQUE, -- NULL for a provisional record
     doc BLOB NOT NULL,
-    last_seq INTEGER NOT NULL
+    last_seq INTEGER NOT NULL,
+    -- Derived from the document whenever it changes, for scopes (see scope.rs).
+    district TEXT,
+    risk_flags TEXT NOT NULL DEFAULT ',',
+    review_date TEXT,
+    merged INTEGER NOT NULL DEFAULT 0,
+    -- Consent, kept on the server only.
+    objection INTEGER NOT NULL DEFAULT 0,
+    opt_out INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS patients_by_district ON patients (district) WHERE risk_flags != ',';
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     patient_id BLOB NOT NULL,
@@ -50,7 +59,40 @@ CREATE TABLE IF NOT EXISTS devices (
     revoked_at_ms INTEGER,
     acked_cursor INTEGER NOT NULL DEFAULT 0,
     last_sync_ms INTEGER,
-    pending_round INTEGER
+    pending_round INTEGER,
+    budget INTEGER,
+    left_out INTEGER NOT NULL DEFAULT 0,
+    wipe_requested_at_ms INTEGER,
+    wiped_at_ms INTEGER,
+    view_seq INTEGER NOT NULL DEFAULT 0,
+    view_hash BLOB
+);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY,
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL REFERENCES patients (id),
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    closed_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS grants_by_device ON grants (device_id, expires_at_ms);
+CREATE TABLE IF NOT EXISTS device_areas (
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    district TEXT NOT NULL,
+    PRIMARY KEY (device_id, district)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    device_id INTEGER,
+    patient_id BLOB,
+    reason TEXT NOT NULL,
+    acknowledged_at_ms INTEGER,
+    note TEXT
 );
 CREATE TABLE IF NOT EXISTS enrolment_tokens (
     secret_hash BLOB PRIMARY KEY,
@@ -117,6 +159,9 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         revoked_at_ms: r.get("revoked_at_ms")?,
         acked_cursor: r.get::<_, i64>("acked_cursor")? as u64,
         last_sync_ms: r.get("last_sync_ms")?,
+        wipe_requested_at_ms: r.get("wipe_requested_at_ms")?,
+        wiped_at_ms: r.get("wiped_at_ms")?,
+        left_out: r.get::<_, i64>("left_out")? as u64,
     })
 }
 
@@ -219,13 +264,23 @@ fn log_changes(
     }
     if let Some(seq) = last {
         let document = |e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e));
-        let nhs = match summary.merged_into().map_err(document)? {
-            Some(_) => None,
-            None => summary.demographics().map_err(document)?.nhs_number,
-        };
+        let merged = summary.merged_into().map_err(document)?.is_some();
+        let nhs = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
+        let index = crate::scope::PatientIndex::of(summary).map_err(document)?;
+        let flags = format!(",{},", index.flags.join(","));
         tx.execute(
-            "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3 WHERE id = ?4",
-            params![summary.save(), seq, nhs, patient.as_bytes().as_slice()],
+            "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,
+                 review_date = ?6, merged = ?7 WHERE id = ?8",
+            params![
+                summary.save(),
+                seq,
+                nhs,
+                index.district,
+                if flags == ",," { ",".to_string() } else { flags },
+                index.review_date,
+                merged,
+                patient.as_bytes().as_slice()
+            ],
         )
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::DuplicatePatient,

@@ -12,6 +12,8 @@ use care_sync_server::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
 use clap::{Parser, Subcommand};
 
+mod governance;
+
 /// The default address `serve` listens on and tokens point to.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// The default data directory of every command but `demo`.
@@ -52,6 +54,54 @@ enum Command {
     Devices,
     /// Revokes a device: its next handshake fails.
     RevokeDevice { name: String },
+    /// Tells a device to destroy its data key and patient data at its next contact.
+    WipeDevice { name: String },
+    /// Incidents: grant a device a patient for an incident, with a grace period.
+    Incident {
+        #[command(subcommand)]
+        action: governance::IncidentAction,
+    },
+    /// Area prefetch: postcode districts whose high-risk patients a device holds offline.
+    Area {
+        #[command(subcommand)]
+        action: governance::AreaAction,
+    },
+    /// A patient's objection to sharing and national data opt-out.
+    Consent {
+        #[command(subcommand)]
+        action: governance::ConsentAction,
+    },
+    /// Sets a device's document budget (`--documents 0` clears it back to the default).
+    Budget {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        documents: u64,
+    },
+    /// Changes a server setting: budget, prefetch-flags, permission-hours, break-glass-hours,
+    /// lease-hours.ambulance-crew, lease-hours.community-nurse.
+    Set { name: String, value: String },
+    /// Break-glass and view-log alerts.
+    Alerts {
+        #[command(subcommand)]
+        action: Option<governance::AlertAction>,
+    },
+    /// Who saw this patient, when, and why (and every other audited action).
+    Audit {
+        #[arg(long)]
+        nhs: Option<String>,
+        /// Only actions by this device or operator.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only since this date (2026-11-25) or RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Anonymised CSV of patient counts by condition, age band and postcode district.
+    ExportPlanning {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Manages community nurses' caseloads.
     Caseload {
         #[command(subcommand)]
@@ -137,7 +187,7 @@ fn advertised_addr_file(dir: &std::path::Path) -> PathBuf {
 }
 
 /// Errors of the operator commands, shown to the operator as one line.
-type CliResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn run(cli: Cli) -> CliResult {
     if let Command::Demo { patients } = cli.command {
@@ -335,6 +385,27 @@ async fn run(cli: Cli) -> CliResult {
                 println!("{id}  {}", nhs.as_deref().unwrap_or("provisional"));
             }
         }
+        Command::WipeDevice { name } => {
+            ops::wipe(open(&dir)?.as_ref(), &name)?;
+            println!("{name} will destroy its data key and patient data at its next contact");
+        }
+        Command::Incident { action } => governance::incident(open(&dir)?.as_ref(), action)?,
+        Command::Area { action } => governance::area(open(&dir)?.as_ref(), action)?,
+        Command::Consent { action } => governance::consent(open(&dir)?.as_ref(), action)?,
+        Command::Budget { device, documents } => {
+            ops::set_budget(open(&dir)?.as_ref(), &device, (documents > 0).then_some(documents))?;
+            println!("budget set");
+        }
+        Command::Set { name, value } => {
+            ops::set_setting(open(&dir)?.as_ref(), &name, &value)?;
+            println!("{name} = {value}");
+        }
+        Command::Alerts { action } => {
+            let action = action.unwrap_or(governance::AlertAction::List { all: false });
+            governance::alerts(open(&dir)?.as_ref(), action)?
+        }
+        Command::Audit { nhs, device, since } => governance::audit(open(&dir)?.as_ref(), nhs, device, since)?,
+        Command::ExportPlanning { out } => governance::export_planning(open(&dir)?.as_ref(), out)?,
         Command::Demo { .. } => unreachable!("handled above"),
     }
     Ok(())

@@ -1,0 +1,230 @@
+//! Operator commands about who gets what: incidents, areas, consent, budgets, settings, wipes,
+//! alerts, audit and planning exports.
+
+use std::path::PathBuf;
+
+use care_sync_server::ops;
+use care_sync_server::store::{AuditFilter, ServerStore};
+use clap::Subcommand;
+
+use crate::CliResult;
+
+#[derive(Subcommand)]
+pub enum IncidentAction {
+    /// Grants a device a patient for an incident; it lapses after `--hours`.
+    Open {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        nhs: String,
+        #[arg(long, default_value_t = ops::DEFAULT_INCIDENT_HOURS)]
+        hours: f64,
+    },
+    /// Ends the incident now; the device purges the record at its next sync.
+    Close {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        nhs: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AreaAction {
+    /// Adds a postcode district whose high-risk patients the device prefetches.
+    Add {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        district: String,
+    },
+    Remove {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        district: String,
+    },
+    List {
+        #[arg(long)]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConsentAction {
+    /// Records the patient's objection to sharing (no caseload or prefetch delivery).
+    Object {
+        #[arg(long)]
+        nhs: String,
+    },
+    /// Withdraws the objection.
+    Withdraw {
+        #[arg(long)]
+        nhs: String,
+    },
+    /// Records the national data opt-out (planning exports only).
+    OptOut {
+        #[arg(long)]
+        nhs: String,
+    },
+    /// Clears the national data opt-out.
+    OptIn {
+        #[arg(long)]
+        nhs: String,
+    },
+    /// Shows the patient's consent flags.
+    Show {
+        #[arg(long)]
+        nhs: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AlertAction {
+    /// Lists open alerts (break glass, view-log problems); `--all` includes acknowledged ones.
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Acknowledges an alert with a note.
+    Ack {
+        id: i64,
+        #[arg(long)]
+        note: String,
+    },
+}
+
+pub fn incident(store: &dyn ServerStore, action: IncidentAction) -> CliResult {
+    match action {
+        IncidentAction::Open { device, nhs, hours } => {
+            ops::incident_open(store, &device, &nhs, hours)?;
+            println!("incident open: {device} has the patient for {hours} h, then it lapses");
+        }
+        IncidentAction::Close { device, nhs } => {
+            let n = ops::incident_close(store, &device, &nhs)?;
+            println!("{n} incident grant(s) closed; the device purges the record at its next sync");
+        }
+    }
+    Ok(())
+}
+
+pub fn area(store: &dyn ServerStore, action: AreaAction) -> CliResult {
+    match action {
+        AreaAction::Add { device, district } => {
+            let added = ops::area(store, &device, &district, true)?;
+            println!("{}", if added { "district added" } else { "district already covered" });
+        }
+        AreaAction::Remove { device, district } => {
+            let removed = ops::area(store, &device, &district, false)?;
+            println!("{}", if removed { "district removed" } else { "district was not covered" });
+        }
+        AreaAction::List { device } => {
+            let d = ops::device(store, &device)?;
+            println!("{}", store.areas(d.id)?.join(" "));
+        }
+    }
+    Ok(())
+}
+
+pub fn consent(store: &dyn ServerStore, action: ConsentAction) -> CliResult {
+    let flags = match action {
+        ConsentAction::Object { nhs } => ops::set_consent(store, &nhs, Some(true), None)?,
+        ConsentAction::Withdraw { nhs } => ops::set_consent(store, &nhs, Some(false), None)?,
+        ConsentAction::OptOut { nhs } => ops::set_consent(store, &nhs, None, Some(true))?,
+        ConsentAction::OptIn { nhs } => ops::set_consent(store, &nhs, None, Some(false))?,
+        ConsentAction::Show { nhs } => store.consent(&ops::find_patient(store, &nhs)?)?,
+    };
+    println!("objection to sharing: {}; national data opt-out: {}", flags.objection, flags.opt_out);
+    Ok(())
+}
+
+pub fn alerts(store: &dyn ServerStore, action: AlertAction) -> CliResult {
+    match action {
+        AlertAction::List { all } => {
+            println!("{:<5} {:<22} {:<13} {:<18} {:<18} REASON", "ID", "AT", "KIND", "DEVICE", "PATIENT");
+            for a in store.alerts(all)? {
+                let patient =
+                    a.patient.map(|p| care_node::identity::short_hex(p.as_bytes())).unwrap_or_default();
+                let state = if a.acknowledged_at_ms.is_some() { " (acknowledged)" } else { "" };
+                println!(
+                    "{:<5} {:<22} {:<13} {:<18} {:<18} {}{state}",
+                    a.id,
+                    care_node::view::format_time(a.at_ms),
+                    a.kind,
+                    a.device.unwrap_or_default(),
+                    patient,
+                    a.reason
+                );
+            }
+        }
+        AlertAction::Ack { id, note } => {
+            if store.acknowledge_alert(id, &note, care_node::now_ms())? {
+                store.append_audit(
+                    ops::OPERATOR,
+                    "alert-acknowledged",
+                    None,
+                    &format!("alert {id}: {note}"),
+                    care_node::now_ms(),
+                )?;
+                println!("alert {id} acknowledged");
+            } else {
+                return Err(format!("no open alert {id}").into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--since` as an RFC 3339 time or a date (`2026-11-25`).
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let date = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|_| format!("`{s}` is not a date (2026-11-25) or an RFC 3339 time"))?;
+    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
+}
+
+/// Who saw this patient, when, and why.
+pub fn audit(
+    store: &dyn ServerStore,
+    nhs: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+) -> CliResult {
+    let filter = AuditFilter {
+        patient: nhs.map(|n| ops::find_patient(store, &n)).transpose()?,
+        actor: device,
+        since_ms: since.map(|s| parse_since(&s)).transpose()?,
+    };
+    for a in store.audit_entries(&filter)? {
+        let patient = a.patient.map(|p| care_node::identity::short_hex(p.as_bytes())).unwrap_or_default();
+        println!(
+            "{:<22} {:<18} {:<22} {:<18} {}",
+            care_node::view::format_time(a.at_ms),
+            a.actor,
+            a.action,
+            patient,
+            a.detail
+        );
+    }
+    Ok(())
+}
+
+pub fn export_planning(store: &dyn ServerStore, out: Option<PathBuf>) -> CliResult {
+    let export = care_sync_server::planning::export(store, care_node::now_ms())?;
+    match out {
+        Some(path) => {
+            std::fs::write(&path, &export.csv)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            eprintln!(
+                "wrote {}: {} patients counted, {} excluded by the national data opt-out",
+                path.display(),
+                export.patients_counted,
+                export.patients_opted_out
+            );
+        }
+        None => print!("{}", export.csv),
+    }
+    Ok(())
+}
