@@ -131,6 +131,7 @@ impl std::fmt::Debug for PatientCard {
 }
 
 /// A patient document as stored, with when the device last received server data for it.
+#[derive(Debug)]
 pub struct StoredPatient {
     pub summary: PatientSummary,
     /// Device time of the last sync that brought this document up to date ("as of").
