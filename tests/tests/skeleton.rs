@@ -152,7 +152,7 @@ async fn wrong_passphrase_tampering_and_swapped_rows_are_clear_errors() {
          UPDATE documents SET body = (SELECT body FROM saved WHERE r != documents.rowid LIMIT 1);",
     )
     .unwrap();
-    let err = crew.store.find_by_nhs(&a).err().expect("swapped row refused");
+    let err = crew.store.find_by_nhs(&a).expect_err("swapped row refused");
     assert!(matches!(err, StoreError::Tampered { .. }), "got {err:?}");
     assert!(!err.to_string().contains(a.as_str()));
     // Swap back, then flip one byte of a ciphertext.
