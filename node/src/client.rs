@@ -94,17 +94,17 @@ pub struct DeviceConnection {
 }
 
 impl DeviceConnection {
-    /// Connects with the device's identity and opens the session stream.
-    pub async fn open(store: &DeviceStore) -> Result<Self, ClientError> {
-        let enrolment = store.require_enrolment()?;
-        let identity = store.identity()?;
-        Self::open_with(
-            &enrolment.server_addr,
-            crate::identity::fingerprint(&enrolment.server_key),
-            Some(&identity),
-            ALPN_SYNC,
-        )
-        .await
+    /// Connects with the device's identity and opens the session stream. The store is read
+    /// before the returned future starts, so the future does not borrow it (and is `Send`).
+    pub fn open(
+        store: &DeviceStore,
+    ) -> impl std::future::Future<Output = Result<Self, ClientError>> + Send + 'static {
+        let prepared = store.require_enrolment().and_then(|e| Ok((e, store.identity()?)));
+        async move {
+            let (enrolment, identity) = prepared?;
+            let fingerprint = crate::identity::fingerprint(&enrolment.server_key);
+            Self::open_with(&enrolment.server_addr, fingerprint, Some(&identity), ALPN_SYNC).await
+        }
     }
 
     async fn open_with(
@@ -213,7 +213,7 @@ fn map_wire_error(e: &WireError) -> ClientError {
 }
 
 /// Enrols this device with the one-time token an operator gave it.
-pub async fn enrol(store: &DeviceStore, token: &str) -> Result<Enrolment, ClientError> {
+pub async fn enrol(store: &mut DeviceStore, token: &str) -> Result<Enrolment, ClientError> {
     if store.enrolment()?.is_some() {
         return Err(StoreError::AlreadyEnrolled.into());
     }
@@ -255,7 +255,15 @@ pub async fn enrol(store: &DeviceStore, token: &str) -> Result<Enrolment, Client
 
 /// Runs one sync session: uploads offline changes, receives what changed, disconnects.
 pub async fn sync(store: &mut DeviceStore) -> Result<SyncReport, ClientError> {
-    Ok(sync_with(store, Vec::new()).await?.1)
+    Ok(sync_with(store, Vec::new(), &mut |_| {}).await?.1)
+}
+
+/// [`sync`], calling `progress` after every frame the server sends (for progress bars).
+pub async fn sync_with_progress(
+    store: &mut DeviceStore,
+    progress: &mut (dyn FnMut(&SyncStats) + Send),
+) -> Result<SyncReport, ClientError> {
+    Ok(sync_with(store, Vec::new(), progress).await?.1)
 }
 
 /// Asks the server for a patient outside this device's scope (permission to view recorded at
@@ -269,7 +277,7 @@ pub async fn request_access(
         crate::protocol::AccessKind::BreakGlass => "break glass",
         crate::protocol::AccessKind::PermissionToView => "permission to view",
     };
-    let (mut decisions, report) = match sync_with(store, vec![request]).await {
+    let (mut decisions, report) = match sync_with(store, vec![request], &mut |_| {}).await {
         Ok(result) => result,
         Err(e @ (ClientError::Unreachable(_) | ClientError::Timeout(_))) => {
             return Err(ClientError::NeedsConnection(what, e.to_string()));
@@ -285,6 +293,7 @@ pub async fn request_access(
 async fn sync_with(
     store: &mut DeviceStore,
     requests: Vec<AccessRequest>,
+    progress: &mut (dyn FnMut(&SyncStats) + Send),
 ) -> Result<(Vec<AccessDecision>, SyncReport), ClientError> {
     let started = Instant::now();
     let mut conn = DeviceConnection::open(store).await?;
@@ -300,6 +309,7 @@ async fn sync_with(
         for reply in session.handle(message, store)? {
             conn.send(&reply).await?;
         }
+        progress(session.stats());
     }
     let stats = session.stats().clone();
     let decisions = session.decisions().to_vec();

@@ -33,6 +33,19 @@ pub mod view;
 pub mod viewlog;
 pub mod wire;
 
+#[cfg(feature = "uniffi")]
+uniffi::setup_scaffolding!();
+
+// Patient and entry ids cross the mobile boundary as strings.
+#[cfg(feature = "uniffi")]
+use uuid::Uuid;
+#[cfg(feature = "uniffi")]
+uniffi::custom_type!(Uuid, String, {
+    remote,
+    try_lift: |s| Ok(s.parse::<Uuid>()?),
+    lower: |u| u.to_string(),
+});
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -9,6 +9,7 @@ use crate::summary::Vitals;
 
 /// Level of consciousness on the ACVPU scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Consciousness {
     Alert,
     /// New confusion.
@@ -43,6 +44,7 @@ impl Consciousness {
 
 /// A complete set of observations, as NEWS2 needs them.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Observations {
     pub respiration_rate: u32,
     pub spo2: u32,
@@ -57,6 +59,7 @@ pub struct Observations {
 
 /// The response NEWS2 calls for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum ClinicalRisk {
     /// Total 0–4, no single parameter scoring 3.
     Low,
@@ -70,6 +73,7 @@ pub enum ClinicalRisk {
 
 /// A NEWS2 score with its parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct News2 {
     pub total: u32,
     pub respiration_rate: u32,

@@ -59,6 +59,7 @@ pub struct DocChanges {
 
 /// Access a clinician asks for at the point of care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum AccessKind {
     /// The patient gave permission to view their record.
     PermissionToView,

@@ -115,6 +115,7 @@ pub struct PendingChange {
 
 /// What `list` shows of a patient without opening the document.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct PatientCard {
     pub patient_id: PatientId,
     /// `None` for a provisional record.
@@ -182,7 +183,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS view_log (
     seq INTEGER PRIMARY KEY,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    uploaded INTEGER NOT NULL DEFAULT 0
 );
 ";
 
@@ -339,7 +341,8 @@ impl DeviceStore {
 
     /// View log entries not yet acknowledged by the server, oldest first.
     pub fn pending_views(&self, limit: usize) -> Result<Vec<crate::viewlog::SignedView>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT seq, body FROM view_log ORDER BY seq LIMIT ?1")?;
+        let mut stmt =
+            self.conn.prepare("SELECT seq, body FROM view_log WHERE uploaded = 0 ORDER BY seq LIMIT ?1")?;
         let mut rows = stmt.query([limit as i64])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
@@ -350,10 +353,50 @@ impl DeviceStore {
         Ok(out)
     }
 
-    /// Forgets view log entries the server has recorded (the chain head stays).
+    /// Marks view log entries the server has recorded; they stay readable on the device.
     pub fn acknowledge_views(&mut self, through: u64) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM view_log WHERE seq <= ?1", [through as i64])?;
+        self.conn.execute("UPDATE view_log SET uploaded = 1 WHERE seq <= ?1", [through as i64])?;
         Ok(())
+    }
+
+    /// The device's view log, newest first, with whether each entry reached the server.
+    pub fn view_log(&self, limit: usize) -> Result<Vec<(crate::viewlog::ViewEntry, bool)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT seq, body, uploaded FROM view_log ORDER BY seq DESC LIMIT ?1")?;
+        let mut rows = stmt.query([limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let body: Vec<u8> = row.get(1)?;
+            let signed: crate::viewlog::SignedView =
+                self.open_row("view_log", &(seq as u64).to_be_bytes(), 0, &body)?;
+            out.push((signed.entry, row.get::<_, bool>(2)?));
+        }
+        Ok(out)
+    }
+
+    /// Patients matching a search: an NHS number, or any of name (part, any case), date of
+    /// birth (exact) and postcode (prefix). Refused when the lease has expired.
+    pub fn search(
+        &self,
+        nhs: Option<&NhsNumber>,
+        name: Option<&str>,
+        date_of_birth: Option<&str>,
+        postcode: Option<&str>,
+    ) -> Result<Vec<PatientCard>, StoreError> {
+        let normalise = |s: &str| s.split_whitespace().collect::<String>().to_ascii_uppercase();
+        let cards = self.list()?;
+        Ok(cards
+            .into_iter()
+            .filter(|c| nhs.is_none_or(|n| c.nhs_number.as_deref() == Some(n.as_str())))
+            .filter(|c| name.is_none_or(|n| c.name.to_lowercase().contains(&n.trim().to_lowercase())))
+            .filter(|c| date_of_birth.is_none_or(|d| c.date_of_birth.as_deref() == Some(d.trim())))
+            .filter(|c| {
+                postcode.is_none_or(|p| {
+                    c.postcode.as_deref().is_some_and(|x| normalise(x).starts_with(&normalise(p)))
+                })
+            })
+            .collect())
     }
 
     /// Destroys every patient document, pending change, view and sync position, and compacts

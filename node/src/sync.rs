@@ -26,6 +26,7 @@ pub struct AccessRequest {
 
 /// The server's answer to an [`AccessRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct AccessDecision {
     pub granted: bool,
     pub message: String,
@@ -45,6 +46,7 @@ pub enum SyncError {
 
 /// What a session moved, for progress and for the figures the demo prints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct SyncStats {
     pub uploaded_changes: u64,
     pub documents_received: u64,

@@ -139,10 +139,10 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     // 2. Two devices, enrolled with one-time tokens.
     let mut devices = Vec::new();
     for (name, role) in [("ambulance-1", Role::AmbulanceCrew), ("nurse-1", Role::CommunityNurse)] {
-        let device = open_device(&root, name)?;
+        let mut device = open_device(&root, name)?;
         if device.enrolment()?.is_none() {
             let token = ops::issue_token(store.as_ref(), name, role, addr, ops::DEFAULT_TOKEN_TTL)?;
-            client::enrol(&device, &token).await?;
+            client::enrol(&mut device, &token).await?;
             let _ = writeln!(out, "{name}: enrolled as {} with a one-time token", role.as_str());
         } else {
             // A re-run in the same directory: the server has a new port; the device keeps its

@@ -97,8 +97,8 @@ impl TestDevice {
 
     /// A device enrolled with `server` under `name` and `role`.
     pub async fn enrolled(server: &TestServer, name: &str, role: Role) -> Self {
-        let device = Self::new(name);
-        care_node::client::enrol(&device.store, &server.token(name, role)).await.expect("enrolment");
+        let mut device = Self::new(name);
+        care_node::client::enrol(&mut device.store, &server.token(name, role)).await.expect("enrolment");
         device
     }
 

@@ -93,10 +93,10 @@ async fn unenrolled_and_revoked_keys_are_refused_in_the_handshake() {
 async fn a_token_works_once_and_expires() {
     let server = TestServer::start(1).await;
     let token = server.token("nurse-9", Role::CommunityNurse);
-    let first = TestDevice::new("first");
-    within(30, care_node::client::enrol(&first.store, &token)).await.expect("first use works");
-    let second = TestDevice::new("second");
-    let err = within(30, care_node::client::enrol(&second.store, &token)).await.unwrap_err();
+    let mut first = TestDevice::new("first");
+    within(30, care_node::client::enrol(&mut first.store, &token)).await.expect("first use works");
+    let mut second = TestDevice::new("second");
+    let err = within(30, care_node::client::enrol(&mut second.store, &token)).await.unwrap_err();
     assert!(err.to_string().contains("already used"), "got {err}");
     assert!(second.store.enrolment().unwrap().is_none());
 
@@ -109,11 +109,11 @@ async fn a_token_works_once_and_expires() {
     )
     .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let late = TestDevice::new("late");
-    let err = within(30, care_node::client::enrol(&late.store, &expiring)).await.unwrap_err();
+    let mut late = TestDevice::new("late");
+    let err = within(30, care_node::client::enrol(&mut late.store, &expiring)).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "got {err}");
 
-    let err = within(30, care_node::client::enrol(&late.store, "care-enrol1.garbage")).await.unwrap_err();
+    let err = within(30, care_node::client::enrol(&mut late.store, "care-enrol1.garbage")).await.unwrap_err();
     assert!(matches!(err, ClientError::Token(_)), "got {err:?}");
 }
 

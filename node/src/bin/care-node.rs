@@ -172,7 +172,7 @@ async fn run(cli: Cli) -> CliResult {
     let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(passphrase()?))?;
     match cli.command {
         Command::Enrol { token } => {
-            let enrolment = client::enrol(&store, &token).await?;
+            let enrolment = client::enrol(&mut store, &token).await?;
             println!(
                 "enrolled as {} ({}) with server {}",
                 enrolment.device_name, enrolment.role, enrolment.server_addr

@@ -22,6 +22,7 @@ pub const CONFIRMED: &str = "confirmed";
 
 /// A coded concept: system URI, code, and the display text clinicians read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Code {
     pub system: String,
     pub code: String,
@@ -40,6 +41,7 @@ impl Code {
 
 /// Who recorded an entry, from which device or feed, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Provenance {
     /// Opaque id of the device (first bytes of its public key, hex), or `server`.
     pub device: String,
@@ -71,12 +73,14 @@ impl Provenance {
 /// Marks an entry as recorded by mistake. Once present it never goes away: the API has no way to
 /// remove it, the server refuses changes that delete anything, and merges keep it.
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct EnteredInError {
     pub reason: String,
     pub provenance: Provenance,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Demographics {
     /// Ten digits, validated; `None` for a patient known only by a provisional local id.
     #[autosurgeon(missing = "Option::default")]
@@ -111,6 +115,7 @@ pub struct Demographics {
 
 /// A problem or condition (FHIR Condition).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Problem {
     /// Display text (the code's display when coded).
     pub description: String,
@@ -130,6 +135,7 @@ pub struct Problem {
 
 /// An allergy or intolerance (FHIR AllergyIntolerance).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Allergy {
     /// The substance as displayed.
     pub substance: String,
@@ -164,6 +170,7 @@ pub struct Allergy {
 
 /// A medication the patient takes or took (FHIR MedicationStatement / MedicationRequest).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Medication {
     pub name: String,
     /// dm+d code where known.
@@ -198,6 +205,7 @@ pub mod alert_kind {
 /// An alert: ReSPECT/DNACPR decisions, safeguarding, communication needs, access notes
 /// (FHIR Flag, Consent or DocumentReference for advance directives).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Alert {
     /// One of [`alert_kind`].
     pub kind: String,
@@ -221,6 +229,7 @@ pub struct Alert {
 
 /// A care plan (FHIR CarePlan).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct CarePlan {
     pub title: String,
     #[autosurgeon(missing = "Option::default")]
@@ -237,6 +246,7 @@ pub struct CarePlan {
 
 /// A contact: next of kin, carer, lasting power of attorney (FHIR RelatedPerson).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Contact {
     pub name: String,
     /// e.g. `next-of-kin`, `carer`, `lpa-health-welfare`.
@@ -251,6 +261,7 @@ pub struct Contact {
 
 /// Crew observations with their NEWS2 score (FHIR Observation vital signs).
 #[derive(Debug, Clone, PartialEq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Vitals {
     #[autosurgeon(missing = "Option::default")]
     pub respiration_rate: Option<u32>,
@@ -275,6 +286,7 @@ pub struct Vitals {
 
 /// An encounter: admission, transfer, discharge, crew attendance (FHIR Encounter).
 #[derive(Debug, Clone, PartialEq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Encounter {
     /// `admission`, `attendance`, `outpatient`, `registration`, ...
     pub kind: String,
@@ -303,6 +315,7 @@ pub struct Encounter {
 
 /// A result or a letter (FHIR Observation, DiagnosticReport, DocumentReference).
 #[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Report {
     /// `result` or `letter`.
     pub kind: String,

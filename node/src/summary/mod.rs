@@ -75,6 +75,7 @@ impl From<autosurgeon::ReconcileError> for SummaryError {
 
 /// The clinical sections of a summary, in the order a crew reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Section {
     Alerts,
     Allergies,
@@ -234,12 +235,14 @@ pub struct Entry<T> {
 
 /// Concurrent, differing values of one field: all are shown; none is silently chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct FieldConflict {
     pub field: String,
     pub values: Vec<ConflictValue>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct ConflictValue {
     pub value: String,
     /// The device (or feed) that wrote it.

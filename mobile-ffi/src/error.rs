@@ -1,0 +1,113 @@
+//! One small flat error for the apps: a kind (the variant) and a message that never contains
+//! patient data (the messages come from `care-node`, which holds itself to that rule).
+
+use care_node::client::ClientError;
+use care_node::crypto::CryptoError;
+use care_node::nhs::NhsNumberError;
+use care_node::store::StoreError;
+use care_node::summary::SummaryError;
+
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+#[uniffi(flat_error)]
+pub enum CareError {
+    #[error("{0}")]
+    NotEnrolled(String),
+    #[error("{0}")]
+    AlreadyEnrolled(String),
+    /// Wrong passphrase, or the keystore could not unwrap the data key.
+    #[error("{0}")]
+    WrongKey(String),
+    /// The store is tampered with, corrupt, or not a care-sync store.
+    #[error("{0}")]
+    StoreDamaged(String),
+    #[error("{0}")]
+    LeaseExpired(String),
+    #[error("{0}")]
+    UnknownPatient(String),
+    #[error("{0}")]
+    Wiped(String),
+    /// No connection to the server (the work was not done; try again when connected).
+    #[error("{0}")]
+    Offline(String),
+    /// The server refused (revoked device, bad token, refused upload).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CareError {
+    pub(crate) fn internal() -> Self {
+        CareError::Internal("internal error in care-sync; the operation did not complete".into())
+    }
+}
+
+impl From<StoreError> for CareError {
+    fn from(e: StoreError) -> Self {
+        let message = e.to_string();
+        match e {
+            StoreError::NotEnrolled => CareError::NotEnrolled(message),
+            StoreError::AlreadyEnrolled => CareError::AlreadyEnrolled(message),
+            StoreError::Key(
+                CryptoError::WrongPassphrase | CryptoError::Keystore(_) | CryptoError::MalformedWrappedKey,
+            ) => CareError::WrongKey(message),
+            StoreError::Tampered { .. }
+            | StoreError::NotAStore
+            | StoreError::Decode { .. }
+            | StoreError::UnknownFormat(_) => CareError::StoreDamaged(message),
+            StoreError::LeaseExpired { .. } => CareError::LeaseExpired(message),
+            StoreError::UnknownPatient => CareError::UnknownPatient(message),
+            StoreError::Wiped => CareError::Wiped(message),
+            _ => CareError::Internal(message),
+        }
+    }
+}
+
+impl From<ClientError> for CareError {
+    fn from(e: ClientError) -> Self {
+        let message = e.to_string();
+        match e {
+            ClientError::Store(s) => s.into(),
+            ClientError::Token(_) | ClientError::BadAddress(_) => CareError::InvalidInput(message),
+            ClientError::Unreachable(_) | ClientError::Timeout(_) | ClientError::NeedsConnection(..) => {
+                CareError::Offline(message)
+            }
+            ClientError::ServerKeyMismatch
+            | ClientError::DeviceRefused
+            | ClientError::EnrolmentRefused(_)
+            | ClientError::Refused(_) => CareError::Refused(message),
+            ClientError::Wiped => CareError::Wiped(message),
+            _ => CareError::Internal(message),
+        }
+    }
+}
+
+impl From<NhsNumberError> for CareError {
+    fn from(e: NhsNumberError) -> Self {
+        CareError::InvalidInput(format!("invalid NHS number: {e}"))
+    }
+}
+
+impl From<SummaryError> for CareError {
+    fn from(e: SummaryError) -> Self {
+        match e {
+            SummaryError::UnknownEntry(_) => CareError::InvalidInput(e.to_string()),
+            other => CareError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// What a platform keystore callback reports.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum KeystoreError {
+    #[error("the platform keystore failed: {message}")]
+    Failed { message: String },
+}
+
+impl From<uniffi::UnexpectedUniFFICallbackError> for KeystoreError {
+    fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
+        KeystoreError::Failed { message: e.reason }
+    }
+}

@@ -1,0 +1,170 @@
+"""The care-sync mobile API, driven from Python through the generated UniFFI bindings.
+
+Run by mobile-ffi/tests/python.rs, which builds the library, generates the bindings, starts a
+real server on 127.0.0.1 and passes the tokens and NHS numbers in the environment.
+"""
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.environ["CARE_FFI_DIR"])
+from care_sync import care_mobile_ffi as ffi  # noqa: E402
+from care_sync import care_node as cn  # noqa: E402  (record types defined in care-node)
+
+NHS = os.environ["CARE_NHS"]
+OTHER = os.environ["CARE_NHS_OTHER"]
+
+
+class Keystore(ffi.KeyProvider):
+    """A stand-in for the Android Keystore / iOS Keychain: XOR with a device secret."""
+
+    def __init__(self):
+        self.secret = bytes(range(7, 39))
+        self.calls = 0
+
+    def wrap_key(self, key):
+        self.calls += 1
+        return bytes(a ^ b for a, b in zip(key, self.secret))
+
+    def unwrap_key(self, wrapped):
+        self.calls += 1
+        if len(wrapped) != 32:
+            raise ffi.KeystoreError.Failed(message="wrapped key has the wrong length")
+        return bytes(a ^ b for a, b in zip(wrapped, self.secret))
+
+
+class BrokenKeystore(Keystore):
+    def unwrap_key(self, wrapped):
+        raise ffi.KeystoreError.Failed(message="the user cancelled biometric unlock")
+
+
+class Listener(ffi.SyncListener):
+    def __init__(self):
+        self.progress = []
+        self.new_data = 0
+
+    def on_progress(self, received, in_scope):
+        self.progress.append((received, in_scope))
+
+    def on_new_data(self, changed):
+        self.new_data += changed
+
+
+def expect(error_class, fn, *args):
+    try:
+        fn(*args)
+    except error_class as e:
+        return e
+    raise AssertionError(f"expected {error_class.__name__}")
+
+
+async def expect_async(error_class, coro):
+    try:
+        await coro
+    except error_class as e:
+        return e
+    raise AssertionError(f"expected {error_class.__name__}")
+
+
+async def main():
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "device.db")
+    keystore = Keystore()
+    node = ffi.CareNode.open_with_keystore(path, keystore)
+    assert keystore.calls == 1, "the data key was wrapped by the platform keystore"
+    status = node.status()
+    assert not status.enrolled and status.patients == 0
+
+    # Before enrolment: a clear error of the right kind.
+    await expect_async(ffi.CareError.NotEnrolled, node.sync(None))
+    await expect_async(ffi.CareError.InvalidInput, node.enrol("not a token"))
+
+    enrolled = await node.enrol(os.environ["CARE_TOKEN"])
+    assert enrolled.device_name == "tablet-py" and enrolled.role == "ambulance-crew"
+    await expect_async(ffi.CareError.AlreadyEnrolled, node.enrol(os.environ["CARE_TOKEN"]))
+
+    # The Rust side assigns the caseload once it sees the enrolment.
+    ready = os.environ["CARE_READY_FILE"]
+    for _ in range(200):
+        if os.path.exists(ready):
+            break
+        time.sleep(0.05)
+
+    listener = Listener()
+    outcome = await node.sync(listener)
+    assert outcome.stats.documents_received == 3, outcome.stats
+    assert listener.progress and listener.progress[-1][0] == 3, listener.progress
+    assert listener.new_data >= 3
+    assert len(node.list_patients()) == 3
+
+    view = node.read_patient(NHS, False)
+    assert view.demographics.nhs_number == NHS
+    assert view.last_sync_ms is not None and view.as_of_ms > 0
+    assert view.allergies_status in (ffi.SectionStatus.ENTRIES, ffi.SectionStatus.NONE_KNOWN, ffi.SectionStatus.NO_INFORMATION)
+    first_name = view.demographics.name.split()[0]
+    hits = node.search(ffi.SearchQuery(name=first_name.lower()))
+    assert any(h.nhs_number == NHS for h in hits), hits
+    assert [h.nhs_number for h in node.search(ffi.SearchQuery(nhs_number=NHS))] == [NHS]
+    node.read_patient(NHS, True)
+
+    # Offline: record an attendance with observations; NEWS2 comes back at once.
+    obs = cn.Observations(
+        respiration_rate=24,
+        spo2=91,
+        spo2_scale_2=False,
+        on_oxygen=True,
+        systolic_bp=98,
+        pulse=118,
+        consciousness=cn.Consciousness.CONFUSION,
+        temperature_c=38.6,
+    )
+    attendance = node.record_attendance(NHS, obs, "fall at home")
+    assert attendance.news2.total == 15 and attendance.news2.risk == cn.ClinicalRisk.HIGH
+    mistaken = node.record_attendance(NHS, obs, "recorded against the wrong patient")
+    node.mark_entered_in_error(NHS, cn.Section.ENCOUNTERS, mistaken.entry_id, "wrong patient")
+    view = node.read_patient(NHS, False)
+    ids = [e.id for e in view.encounters]
+    assert attendance.entry_id in ids and mistaken.entry_id not in ids
+    assert view.entered_in_error_hidden == 1
+    assert node.status().pending_changes == 3
+
+    outcome = await node.sync(listener)
+    assert outcome.stats.uploaded_changes == 3, outcome.stats
+    assert node.status().pending_changes == 0
+
+    # Error mapping: kinds are right and messages carry no patient data.
+    e = expect(ffi.CareError.InvalidInput, node.read_patient, "9990000010", False)
+    assert "9990000010" not in str(e)
+    expect(ffi.CareError.UnknownPatient, node.read_patient, OTHER, False)
+    expect(ffi.CareError.InvalidInput, node.mark_entered_in_error, NHS, cn.Section.ALLERGIES, "not-a-uuid", "x")
+
+    # Break glass for a patient outside the caseload: granted, audited, the record arrives.
+    result = await node.break_glass(OTHER, "unconscious in the street, no carers present")
+    assert result.granted, result.message
+    assert node.read_patient(OTHER, False).demographics.nhs_number == OTHER
+    outcome = await node.sync(None)
+    log = node.audit_log(50)
+    actions = [entry.action for entry in log]
+    assert "ffi-read" in actions and "search-open" in actions and "break-glass" in actions, actions
+    assert all(entry.uploaded for entry in log), "every view reached the server"
+
+    # A keystore that refuses to unwrap: a WrongKey error, not a crash.
+    del node
+    expect(ffi.CareError.WrongKey, ffi.CareNode.open_with_keystore, path, BrokenKeystore())
+
+    # The passphrase variant: a wrong passphrase is WrongKey too.
+    other_path = os.path.join(tmp, "passphrase.db")
+    ffi.CareNode.open_with_passphrase(other_path, "right")
+    expect(ffi.CareError.WrongKey, ffi.CareNode.open_with_passphrase, other_path, "wrong")
+
+    # Wipe: the data key is destroyed and the store refuses to open.
+    node = ffi.CareNode.open_with_keystore(path, Keystore())
+    node.wipe()
+    expect(ffi.CareError.Wiped, ffi.CareNode.open_with_keystore, path, Keystore())
+
+
+asyncio.run(main())
+print("python ffi test: all checks passed")
