@@ -2,6 +2,7 @@
 //!
 //! - [`nhs`]: NHS number validation; the only way an NHS number enters the system.
 //! - [`news2`]: the NEWS2 early warning score (RCP 2017).
+//! - [`notify`]: notifications (admitted, discharged, attended) derived from received changes.
 //! - [`summary`]: the patient-summary Automerge document and its typed API.
 //! - [`crypto`]: the data key, sealed values, lookup hashes and key wrapping.
 //! - [`identity`]: ed25519 device and server identities.
@@ -23,6 +24,7 @@ pub mod crypto;
 pub mod identity;
 pub mod news2;
 pub mod nhs;
+pub mod notify;
 pub mod protocol;
 pub mod store;
 pub mod summary;

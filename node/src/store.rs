@@ -181,6 +181,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS view_log (
     seq INTEGER PRIMARY KEY,
     body BLOB NOT NULL,
@@ -359,6 +363,21 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// Notifications from received changes (admitted, transferred, discharged, attended), newest
+    /// first.
+    pub fn notifications(&self, limit: usize) -> Result<Vec<crate::notify::Notification>, StoreError> {
+        self.check_lease(crate::now_ms())?;
+        let mut stmt = self.conn.prepare("SELECT id, body FROM notifications ORDER BY id DESC LIMIT ?1")?;
+        let mut rows = stmt.query([limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let body: Vec<u8> = row.get(1)?;
+            out.push(self.open_row("notifications", &id.to_be_bytes(), 0, &body)?);
+        }
+        Ok(out)
+    }
+
     /// The device's view log, newest first, with whether each entry reached the server.
     pub fn view_log(&self, limit: usize) -> Result<Vec<(crate::viewlog::ViewEntry, bool)>, StoreError> {
         let mut stmt =
@@ -404,7 +423,7 @@ impl DeviceStore {
     /// device can still tell the server.
     pub fn wipe_patient_data(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
-            "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log;
+            "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log; DELETE FROM notifications;
              DELETE FROM secrets WHERE name IN ('sync', 'view_head'); COMMIT;",
         )?;
         self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
@@ -416,7 +435,7 @@ impl DeviceStore {
     pub fn shred(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
             "BEGIN; DELETE FROM secrets; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log;
-             DELETE FROM meta WHERE name = 'wrapped_key'; COMMIT;",
+             DELETE FROM notifications; DELETE FROM meta WHERE name = 'wrapped_key'; COMMIT;",
         )?;
         self.conn.execute(
             "INSERT INTO meta (name, value) VALUES ('wiped_at', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -614,7 +633,9 @@ impl DeviceStore {
 
     /// Applies one item of a sync round in one transaction together with the round's progress,
     /// so a cut link or a crash leaves either both or neither.
-    pub fn apply_item(&mut self, round: u64, item: &DocItem, now_ms: i64) -> Result<(), StoreError> {
+    /// Returns how many notifications (admissions, discharges, attendances…) it produced.
+    pub fn apply_item(&mut self, round: u64, item: &DocItem, now_ms: i64) -> Result<u64, StoreError> {
+        let mut notified = 0;
         let tx = self.conn.transaction()?;
         let doc_key = self.lookup.hash("doc", &item.doc.to_string());
         match &item.body {
@@ -637,6 +658,7 @@ impl DeviceStore {
                 let existing = read_body(&tx, &self.key, &doc_key)?
                     .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
                 let mut summary = PatientSummary::load(&existing.automerge)?;
+                let before = crate::notify::snapshot(&mut summary)?;
                 let decoded = changes
                     .iter()
                     .map(|c| automerge::Change::try_from(c.as_slice()))
@@ -647,6 +669,14 @@ impl DeviceStore {
                     })?;
                 summary.apply_changes(decoded)?;
                 check_received(&mut summary, &item.doc)?;
+                for text in crate::notify::changes(&before, &mut summary)? {
+                    let note = crate::notify::Notification { patient_id: item.doc, at_ms: now_ms, text };
+                    tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
+                    let id = tx.last_insert_rowid();
+                    let sealed = seal_row(&self.key, "notifications", &id.to_be_bytes(), 0, &note)?;
+                    tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+                    notified += 1;
+                }
                 write_document(&tx, &self.key, &self.lookup, &mut summary, now_ms)?;
             }
         }
@@ -654,7 +684,7 @@ impl DeviceStore {
         state.resume = Some(Resume { round, through: item.doc });
         put_secret(&tx, &self.key, "sync", &state)?;
         tx.commit()?;
-        Ok(())
+        Ok(notified)
     }
 
     /// Completes a round: the cursor moves to `round` and the interrupted-round marker goes.

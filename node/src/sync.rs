@@ -55,6 +55,8 @@ pub struct SyncStats {
     pub documents_in_scope: u64,
     pub left_out: u64,
     pub views_uploaded: u64,
+    /// Notifications this sync produced (admissions, discharges, attendances…).
+    pub notifications: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +233,7 @@ impl SyncSession {
                 self.phase = Phase::Downloading;
                 let now = crate::now_ms();
                 for item in &items {
-                    store.apply_item(round, item, now)?;
+                    self.stats.notifications += store.apply_item(round, item, now)?;
                     match &item.body {
                         crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
                         crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,

@@ -5,6 +5,7 @@
 //! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
 //! - [`server`]: the QUIC endpoint: enrolment and sync connections.
 //! - [`governance`]: leases, permission to view, break glass, view-log verification.
+//! - [`hl7`]: HL7 v2 ADT from hospitals, over MLLP or files.
 //! - [`ops`]: operator actions (tokens, caseloads, revocation) shared by CLI, demo and tests.
 //! - [`fhir`]: FHIR R4 IPS bundles in (import) and out (export).
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
@@ -17,6 +18,7 @@
 pub mod demo;
 pub mod fhir;
 pub mod governance;
+pub mod hl7;
 pub mod ops;
 pub mod planning;
 pub mod population;

@@ -360,6 +360,11 @@ pub trait Governance: Send + Sync {
     fn alerts(&self, include_acknowledged: bool) -> Result<Vec<AlertRecord>, StoreError>;
     fn acknowledge_alert(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError>;
 
+    // --- hospital feeds
+    /// Whether an HL7 message with this control id (MSH-10) was already processed.
+    fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError>;
+    fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError>;
+
     // --- device view audits
     /// The last verified entry of a device's view log: `(seq, hash)`.
     fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError>;

@@ -115,6 +115,11 @@ enum Command {
     /// Records that the patient in front of you gave permission to view their record (online;
     /// audited), and fetches it.
     PermissionToView { nhs_number: String },
+    /// Shows notifications (admissions, transfers, discharges, attendances), newest first.
+    Notifications {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Shows enrolment, last sync and pending changes.
     Status,
 }
@@ -180,7 +185,17 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Sync => {
             let pending = store.pending_count()?;
-            let report = client::sync(&mut store).await?;
+            let mut last_shown = 0;
+            let mut bar = |stats: &care_node::sync::SyncStats| {
+                if stats.documents_in_scope == 0 && stats.documents_received >= last_shown + 500 {
+                    last_shown = stats.documents_received;
+                    eprint!("\rreceived {} documents…", stats.documents_received);
+                }
+            };
+            let report = client::sync_with_progress(&mut store, &mut bar).await?;
+            if last_shown > 0 {
+                eprintln!();
+            }
             println!(
                 "synced: {} uploaded (of {pending} pending), {} new documents, {} changes received, {} purged; \
                  {} in scope; {} bytes in {:.0} ms",
@@ -192,6 +207,9 @@ async fn run(cli: Cli) -> CliResult {
                 report.udp_bytes(),
                 report.duration.as_secs_f64() * 1000.0
             );
+            if report.stats.notifications > 0 {
+                print_notifications(&store, report.stats.notifications as usize)?;
+            }
         }
         Command::List => {
             let cards = store.list()?;
@@ -279,6 +297,7 @@ async fn run(cli: Cli) -> CliResult {
             )
             .await?;
         }
+        Command::Notifications { limit } => print_notifications(&store, limit)?,
         Command::Status => {
             match store.enrolment()? {
                 Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
@@ -320,6 +339,25 @@ async fn access(store: &mut DeviceStore, nhs_number: &str, kind: AccessKind, rea
     let action = if kind == AccessKind::BreakGlass { "break-glass" } else { "permission-to-view" };
     store.record_view(&patient.summary.patient_id()?, action, "")?;
     println!("{}; the record is on this device now (`show` it)", decision.message);
+    Ok(())
+}
+
+fn print_notifications(store: &DeviceStore, limit: usize) -> CliResult {
+    let cards: std::collections::HashMap<_, _> =
+        store.list()?.into_iter().map(|c| (c.patient_id, c)).collect();
+    for n in store.notifications(limit)? {
+        let who = cards.get(&n.patient_id).map_or("a patient no longer on this device".to_string(), |c| {
+            format!(
+                "{} ({})",
+                c.name,
+                c.nhs_number
+                    .as_deref()
+                    .and_then(|x| NhsNumber::parse(x).ok())
+                    .map_or("provisional".into(), |x| x.formatted())
+            )
+        });
+        println!("{}  {who}: {}", care_node::view::format_time(n.at_ms), n.text);
+    }
     Ok(())
 }
 

@@ -307,6 +307,9 @@ pub struct Encounter {
     pub end: Option<String>,
     #[autosurgeon(missing = "Option::default")]
     pub reason: Option<String>,
+    /// The hospital's visit number (HL7 PV1-19), linking admission, transfers and discharge.
+    #[autosurgeon(missing = "Option::default")]
+    pub visit: Option<String>,
     #[autosurgeon(missing = "Option::default")]
     pub vitals: Option<Vitals>,
     pub verification_status: String,
@@ -472,6 +475,7 @@ impl Encounter {
             start: None,
             end: None,
             reason: None,
+            visit: None,
             vitals: None,
             verification_status: CONFIRMED.into(),
             provenance,

@@ -498,6 +498,13 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
     for (id, e) in live::<s::Encounter>(summary)? {
         lines.push(e.summary_line());
         let mut common = common(id, &e.provenance);
+        if let Some(visit) = &e.visit {
+            common.identifier.push(f::Identifier {
+                system: Some(VISIT_SYSTEM.into()),
+                value: Some(visit.clone()),
+                extension: Vec::new(),
+            });
+        }
         if let Some(v) = &e.vitals {
             common.extension.push(vitals_ext(v));
         }

@@ -486,6 +486,11 @@ fn map_resource(
             x.end = e.period.as_ref().and_then(|p| p.end.clone());
             x.reason = e.reason_code.first().and_then(text_of);
             x.vitals = vitals_of(common, ctx)?;
+            x.visit = common
+                .identifier
+                .iter()
+                .find(|i| i.system.as_deref() == Some(VISIT_SYSTEM))
+                .and_then(|i| i.value.clone());
             if e.status == s::ENTERED_IN_ERROR {
                 x.verification_status = s::ENTERED_IN_ERROR.into();
             }

@@ -18,6 +18,8 @@ pub const ENTRY_SYSTEM: &str = "https://care-sync.example/fhir/id/entry";
 pub const PATIENT_SYSTEM: &str = "https://care-sync.example/fhir/id/patient";
 /// Extension carrying an entry's provenance.
 pub const PROVENANCE_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/provenance";
+/// Identifier system of hospital visit numbers (HL7 PV1-19) on encounters.
+pub const VISIT_SYSTEM: &str = "https://care-sync.example/fhir/id/visit";
 /// Extension carrying an encounter's crew observations.
 pub const VITALS_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/vitals";
 /// Code system of alert kinds (Flag.category).

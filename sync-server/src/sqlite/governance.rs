@@ -301,4 +301,20 @@ impl Governance for SqliteStore {
             params![device, patient.as_bytes().as_slice()],
         )? > 0)
     }
+
+    fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM hl7_messages WHERE control_id = ?1",
+            [control_id],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO hl7_messages (control_id, event, received_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![control_id, event, now_ms],
+        )?;
+        Ok(())
+    }
 }

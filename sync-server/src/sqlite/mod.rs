@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS devices (
     view_seq INTEGER NOT NULL DEFAULT 0,
     view_hash BLOB
 );
+CREATE TABLE IF NOT EXISTS hl7_messages (
+    control_id TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
     id INTEGER PRIMARY KEY,

@@ -16,6 +16,8 @@ mod governance;
 
 /// The default address `serve` listens on and tokens point to.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// The default MLLP address for HL7 v2 feeds.
+const DEFAULT_MLLP: &str = "127.0.0.1:2575";
 /// The default data directory of every command but `demo`.
 const DEFAULT_DATA_DIR: &str = "./care-sync-data";
 
@@ -36,6 +38,14 @@ enum Command {
     Serve {
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
+        /// Where hospital systems send HL7 v2 ADT over MLLP (loopback by default).
+        #[arg(long, default_value = DEFAULT_MLLP)]
+        mllp_listen: SocketAddr,
+    },
+    /// Processes HL7 v2 ADT messages from files (plain, one `MSH` per message, or MLLP-framed).
+    IngestAdt {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Prints a one-time enrolment token for a new device.
     EnrolDevice {
@@ -198,14 +208,41 @@ async fn run(cli: Cli) -> CliResult {
     }
     let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, mllp_listen } => {
             let store = open(&dir)?;
-            let running = care_sync_server::server::start(store, listen).await?;
+            let running = care_sync_server::server::start(store.clone(), listen).await?;
+            let mllp = care_sync_server::hl7::mllp::start(store, mllp_listen)
+                .await
+                .map_err(|e| format!("cannot listen for MLLP on {mllp_listen}: {e}"))?;
             std::fs::write(advertised_addr_file(&dir), running.addr.to_string())?;
-            println!("care-sync server listening on {} (data in {})", running.addr, dir.display());
+            println!(
+                "care-sync server listening on {} (QUIC) and {} (HL7 v2 MLLP); data in {}",
+                running.addr,
+                mllp.addr,
+                dir.display()
+            );
             tokio::signal::ctrl_c().await?;
             println!("shutting down");
+            mllp.stop();
             running.shutdown().await;
+        }
+        Command::IngestAdt { files } => {
+            let store = open(&dir)?;
+            let (mut accepted, mut refused) = (0, 0);
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                for message in care_sync_server::hl7::adt::split_messages(&text) {
+                    let ack =
+                        care_sync_server::hl7::adt::process(store.as_ref(), &message, care_node::now_ms());
+                    println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
+                    if ack.code == "AA" { accepted += 1 } else { refused += 1 }
+                }
+            }
+            println!("{accepted} message(s) accepted, {refused} refused");
+            if refused > 0 {
+                return Err(format!("{refused} message(s) refused").into());
+            }
         }
         Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
             let store = open(&dir)?;

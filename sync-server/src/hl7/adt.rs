@@ -1,0 +1,482 @@
+//! ADT events into the patient summary.
+//!
+//! | event | effect |
+//! |---|---|
+//! | A01 admit | the visit's admission encounter, in progress, with location and start |
+//! | A02 transfer | a transfer encounter for the visit (its own entry, so it can be cancelled) |
+//! | A03 discharge | the admission finishes, with its end time |
+//! | A04 register | the patient is created or updated |
+//! | A08, A28, A31 | demographics updated from PID/PD1 |
+//! | A11, A12, A13 | cancel admit / transfer / discharge: the event is undone by status, never deleted |
+//! | A40 merge | an alert asks an operator to merge (merges are never automatic) |
+//!
+//! The NHS number comes from the PID-3 repetition with assigning authority `NHS` and type `NH`;
+//! a message without a valid one is refused (AE) with the reason. A message whose control id
+//! (MSH-10) was already processed is acknowledged again and changes nothing.
+
+use care_node::nhs::NhsNumber;
+use care_node::summary::{Demographics, Encounter, PatientSummary, Provenance, Section};
+use hl7_parser::Message;
+
+use crate::store::{ServerStore, StoreError};
+
+/// An acknowledgement: `AA` accepted, `AE` error, `AR` rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub code: &'static str,
+    pub control_id: String,
+    pub text: String,
+    /// The HL7 ACK message to send back.
+    pub message: String,
+}
+
+struct Header {
+    control_id: String,
+    event: String,
+    sending_app: String,
+    sending_facility: String,
+    version: String,
+}
+
+fn field(msg: &Message<'_>, segment: &str, n: usize) -> String {
+    msg.segment(segment)
+        .and_then(|s| s.field(n))
+        .map(|f| f.display(&msg.separators).to_string())
+        .unwrap_or_default()
+}
+
+fn component(msg: &Message<'_>, segment: &str, n: usize, c: usize) -> String {
+    msg.segment(segment)
+        .and_then(|s| s.field(n))
+        .and_then(|f| f.component(c))
+        .map(|x| x.display(&msg.separators).to_string())
+        .unwrap_or_default()
+}
+
+fn some(s: String) -> Option<String> {
+    let s = s.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// An HL7 timestamp (`YYYYMMDD[HHMM[SS]]`) as RFC 3339, or `None`.
+fn hl7_time(ts: &str) -> Option<String> {
+    let digits: String = ts.chars().take_while(|c| c.is_ascii_digit()).collect();
+    match digits.len() {
+        8 => Some(format!("{}-{}-{}", &digits[..4], &digits[4..6], &digits[6..8])),
+        12 | 14 => Some(format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &digits[..4],
+            &digits[4..6],
+            &digits[6..8],
+            &digits[8..10],
+            &digits[10..12],
+            if digits.len() == 14 { &digits[12..14] } else { "00" }
+        )),
+        _ => None,
+    }
+}
+
+fn ack_message(header: Option<&Header>, code: &str, control_id: &str, text: &str, now_ms: i64) -> String {
+    let ts = time::OffsetDateTime::from_unix_timestamp(now_ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!("[year][month][day][hour][minute][second]")).ok()
+        })
+        .unwrap_or_default();
+    let clean = |s: &str| s.replace(['|', '^', '~', '\\', '&', '\r', '\n'], " ");
+    let (app, facility, event, version) = header
+        .map(|h| (h.sending_app.as_str(), h.sending_facility.as_str(), h.event.as_str(), h.version.as_str()))
+        .unwrap_or(("", "", "", "2.4"));
+    format!(
+        "MSH|^~\\&|CARE-SYNC|REGION|{}|{}|{ts}||ACK^{}|ACK{}|P|{}\rMSA|{code}|{}|{}\r",
+        clean(app),
+        clean(facility),
+        clean(event),
+        clean(control_id),
+        clean(version),
+        clean(control_id),
+        clean(text)
+    )
+}
+
+fn ack(
+    header: Option<&Header>,
+    code: &'static str,
+    control_id: &str,
+    text: impl Into<String>,
+    now_ms: i64,
+) -> Ack {
+    let text = text.into();
+    Ack {
+        code,
+        control_id: control_id.to_string(),
+        message: ack_message(header, code, control_id, &text, now_ms),
+        text,
+    }
+}
+
+/// The NHS number in PID-3 (`number^^^NHS^NH`), if there is one.
+fn nhs_from_pid(msg: &Message<'_>) -> Result<NhsNumber, String> {
+    let pid3 = msg.segment("PID").and_then(|s| s.field(3)).ok_or("PID-3 (patient identifiers) is missing")?;
+    for repeat in pid3.repeats() {
+        let part = |n: usize| {
+            repeat.component(n).map(|c| c.raw_value().trim().to_ascii_uppercase()).unwrap_or_default()
+        };
+        if part(4) == "NHS" && part(5) == "NH" {
+            return NhsNumber::parse(&part(1))
+                .map_err(|e| format!("the NHS number in PID-3 is invalid: {e}"));
+        }
+    }
+    Err("PID-3 holds no NHS number (assigning authority NHS, type NH)".into())
+}
+
+fn demographics_from(msg: &Message<'_>, nhs: &NhsNumber) -> Demographics {
+    let family = some(component(msg, "PID", 5, 1));
+    let given = some(component(msg, "PID", 5, 2));
+    let name =
+        [given.clone().unwrap_or_default(), family.clone().unwrap_or_default()].join(" ").trim().to_string();
+    let sex = match field(msg, "PID", 8).trim() {
+        "M" => Some("male".to_string()),
+        "F" => Some("female".to_string()),
+        "O" => Some("other".to_string()),
+        "U" => Some("unknown".to_string()),
+        _ => None,
+    };
+    let dob = hl7_time(&field(msg, "PID", 7)).map(|d| d[..10.min(d.len())].to_string());
+    let mut demographics =
+        Demographics::new(if name.is_empty() { "Unknown" } else { &name }, Some(nhs.as_str()));
+    demographics.family = family;
+    demographics.given = given;
+    demographics.sex = sex;
+    demographics.date_of_birth = dob;
+    let line1 = some(component(msg, "PID", 11, 1));
+    demographics.address_lines = line1.map(|l| vec![l]);
+    demographics.city = some(component(msg, "PID", 11, 3));
+    demographics.postcode = some(component(msg, "PID", 11, 5));
+    demographics.nhs_number_status = some(field(msg, "PID", 32));
+    demographics.gp_practice_code =
+        some(component(msg, "PD1", 3, 3)).or_else(|| some(component(msg, "PD1", 3, 10)));
+    demographics.gp_practice_name = some(component(msg, "PD1", 3, 1));
+    demographics
+}
+
+/// Merges incoming demographics over the stored ones: the feed's non-empty values win.
+fn update_demographics(current: &Demographics, incoming: &Demographics) -> Demographics {
+    let pick = |a: &Option<String>, b: &Option<String>| b.clone().or_else(|| a.clone());
+    Demographics {
+        nhs_number: current.nhs_number.clone(),
+        nhs_number_status: pick(&current.nhs_number_status, &incoming.nhs_number_status),
+        name: if incoming.name == "Unknown" { current.name.clone() } else { incoming.name.clone() },
+        family: pick(&current.family, &incoming.family),
+        given: pick(&current.given, &incoming.given),
+        date_of_birth: pick(&current.date_of_birth, &incoming.date_of_birth),
+        sex: pick(&current.sex, &incoming.sex),
+        address_lines: incoming.address_lines.clone().or_else(|| current.address_lines.clone()),
+        city: pick(&current.city, &incoming.city),
+        postcode: pick(&current.postcode, &incoming.postcode),
+        gp_practice_code: pick(&current.gp_practice_code, &incoming.gp_practice_code),
+        gp_practice_name: pick(&current.gp_practice_name, &incoming.gp_practice_name),
+    }
+}
+
+/// Processes one ADT message and returns the ACK to send.
+pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
+    let text =
+        text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");
+    let Ok(msg) = Message::parse(&text) else {
+        return ack(None, "AR", "", "the message could not be parsed as HL7 v2", now_ms);
+    };
+    let header = Header {
+        control_id: field(&msg, "MSH", 10),
+        event: some(component(&msg, "MSH", 9, 2)).unwrap_or_else(|| field(&msg, "EVN", 1)),
+        sending_app: field(&msg, "MSH", 3),
+        sending_facility: field(&msg, "MSH", 4),
+        version: some(field(&msg, "MSH", 12)).unwrap_or_else(|| "2.4".into()),
+    };
+    let h = Some(&header);
+    if header.control_id.trim().is_empty() {
+        return ack(h, "AR", "", "MSH-10 (message control id) is missing", now_ms);
+    }
+    if component(&msg, "MSH", 9, 1) != "ADT" {
+        return ack(h, "AR", &header.control_id, "only ADT messages are accepted", now_ms);
+    }
+    match store.hl7_seen(&header.control_id) {
+        Ok(true) => return ack(h, "AA", &header.control_id, "already processed (duplicate MSH-10)", now_ms),
+        Ok(false) => {}
+        Err(e) => {
+            return ack(
+                h,
+                "AE",
+                &header.control_id,
+                format!("the server could not check the message: {e}"),
+                now_ms,
+            );
+        }
+    }
+    let result = apply(store, &msg, &header, now_ms);
+    let (code, text) = match result {
+        Ok(text) => ("AA", text),
+        Err(Refusal::Content(reason)) => ("AE", reason),
+        Err(Refusal::Unsupported(reason)) => ("AR", reason),
+        Err(Refusal::Store(e)) => {
+            tracing::error!(error = %e, "ADT message failed in the store");
+            ("AE", format!("the server could not store the message: {e}"))
+        }
+    };
+    if code == "AA"
+        && let Err(e) = store.hl7_record(&header.control_id, &header.event, now_ms)
+    {
+        tracing::error!(error = %e, "could not record a processed ADT message");
+    }
+    let _ = store.append_audit(
+        &format!("hl7:{}", header.sending_facility),
+        &format!("adt-{}", header.event),
+        None,
+        &format!("MSH-10 {} → {code}", header.control_id),
+        now_ms,
+    );
+    ack(h, code, &header.control_id, text, now_ms)
+}
+
+enum Refusal {
+    Content(String),
+    Unsupported(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Store(e)
+    }
+}
+
+impl From<care_node::summary::SummaryError> for Refusal {
+    fn from(e: care_node::summary::SummaryError) -> Self {
+        Refusal::Store(StoreError::Document("adt".into(), Box::new(e)))
+    }
+}
+
+fn apply(
+    store: &dyn ServerStore,
+    msg: &Message<'_>,
+    header: &Header,
+    now_ms: i64,
+) -> Result<String, Refusal> {
+    let event = header.event.to_ascii_uppercase();
+    const SUPPORTED: &[&str] = &["A01", "A02", "A03", "A04", "A08", "A11", "A12", "A13", "A28", "A31", "A40"];
+    if !SUPPORTED.contains(&event.as_str()) {
+        return Err(Refusal::Unsupported(format!("ADT event {event} is not supported")));
+    }
+    let nhs = nhs_from_pid(msg).map_err(Refusal::Content)?;
+    let incoming = demographics_from(msg, &nhs);
+
+    if event == "A40" {
+        let prior = msg
+            .segment("MRG")
+            .and_then(|s| s.field(1))
+            .and_then(|f| {
+                f.repeats().find_map(|r| {
+                    let part = |n: usize| {
+                        r.component(n).map(|c| c.raw_value().trim().to_ascii_uppercase()).unwrap_or_default()
+                    };
+                    (part(4) == "NHS").then(|| part(1))
+                })
+            })
+            .ok_or_else(|| Refusal::Content("MRG-1 holds no prior NHS number".into()))?;
+        let prior = NhsNumber::parse(&prior)
+            .map_err(|e| Refusal::Content(format!("the NHS number in MRG-1 is invalid: {e}")))?;
+        let keep = store.patient_by_nhs(&nhs)?;
+        let merge = store.patient_by_nhs(&prior)?;
+        let reason = format!(
+            "{} asks to merge two records (A40, MSH-10 {}): run merge-patients",
+            header.sending_facility, header.control_id
+        );
+        store.raise_alert("merge-request", None, keep.as_ref().or(merge.as_ref()), &reason, now_ms)?;
+        return Ok("merge request recorded for an operator; records are never merged automatically".into());
+    }
+
+    let identity = store.server_identity()?;
+    let actor = crate::server_actor(&identity);
+    let mut provenance = Provenance::new("server", header.sending_facility.trim(), "hospital-feed", now_ms);
+    provenance.clock_offset_ms = Some(0);
+    provenance.source = Some(format!("HL7 {event} {}", header.control_id));
+
+    let (mut summary, created) = match store.patient_by_nhs(&nhs)? {
+        Some(id) => {
+            let saved = store.load_document(&id)?.ok_or(StoreError::UnknownPatient)?;
+            let mut summary = PatientSummary::load(&saved)?;
+            summary.set_actor(actor.to_bytes());
+            (summary, false)
+        }
+        None => (PatientSummary::create(uuid::Uuid::new_v4(), &incoming, actor.clone(), now_ms)?, true),
+    };
+    let patient = summary.patient_id()?;
+    let before = summary.heads();
+    if !created && matches!(event.as_str(), "A04" | "A08" | "A28" | "A31") {
+        let current = summary.demographics()?;
+        let updated = update_demographics(&current, &incoming);
+        if updated != current {
+            summary.set_demographics(&updated, now_ms)?;
+        }
+    }
+
+    let visit = some(field(msg, "PV1", 19)).unwrap_or_else(|| header.control_id.clone());
+    let facility = some(component(msg, "PV1", 3, 4)).or_else(|| some(header.sending_facility.clone()));
+    let location = {
+        let parts: Vec<String> = (1..=3).filter_map(|c| some(component(msg, "PV1", 3, c))).collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    };
+    let event_time = hl7_time(&field(msg, "EVN", 2)).or_else(|| care_node::view::iso_time(now_ms));
+    let admission_id =
+        PatientSummary::source_entry_id(&patient, Section::Encounters, &format!("visit:{visit}"));
+    let existing = summary.entries::<Encounter>()?.into_iter().find(|e| e.id == admission_id).map(|e| e.data);
+    let class = match field(msg, "PV1", 2).trim() {
+        "I" => Some("inpatient".to_string()),
+        "E" => Some("emergency".to_string()),
+        "O" => Some("outpatient".to_string()),
+        _ => None,
+    };
+    let outcome = match event.as_str() {
+        "A01" => {
+            let mut e =
+                existing.unwrap_or_else(|| Encounter::new("admission", "in-progress", provenance.clone()));
+            e.status = "in-progress".into();
+            e.class = class.or(e.class);
+            e.location = location.or(e.location);
+            e.facility = facility.or(e.facility);
+            e.start = hl7_time(&field(msg, "PV1", 44)).or(event_time).or(e.start);
+            e.visit = Some(visit.clone());
+            e.provenance = provenance.clone();
+            summary.upsert(admission_id, &e)?;
+            "admission recorded"
+        }
+        "A02" => {
+            let id = PatientSummary::source_entry_id(
+                &patient,
+                Section::Encounters,
+                &format!("transfer:{}", header.control_id),
+            );
+            let mut e = Encounter::new("transfer", "in-progress", provenance.clone());
+            e.location = location;
+            e.facility = facility;
+            e.start = event_time;
+            e.visit = Some(visit.clone());
+            summary.upsert(id, &e)?;
+            "transfer recorded"
+        }
+        "A03" => {
+            let mut e =
+                existing.unwrap_or_else(|| Encounter::new("admission", "finished", provenance.clone()));
+            e.status = "finished".into();
+            e.end = hl7_time(&field(msg, "PV1", 45)).or(event_time);
+            e.facility = e.facility.or(facility);
+            e.reason = some(field(msg, "PV1", 36)).map(|d| format!("discharge disposition {d}")).or(e.reason);
+            e.visit = Some(visit.clone());
+            e.provenance = provenance.clone();
+            summary.upsert(admission_id, &e)?;
+            "discharge recorded"
+        }
+        "A11" => match existing {
+            Some(mut e) => {
+                e.status = "cancelled".into();
+                e.provenance = provenance.clone();
+                summary.upsert(admission_id, &e)?;
+                "admission cancelled (kept in the record as cancelled)"
+            }
+            None => return Err(Refusal::Content(format!("no admission for visit {visit} to cancel"))),
+        },
+        "A12" => {
+            // Entries come in causal order: the last live transfer of the visit is the latest.
+            let latest = summary.entries::<Encounter>()?.into_iter().rev().find(|e| {
+                e.data.kind == "transfer"
+                    && e.data.visit.as_deref() == Some(&visit)
+                    && e.data.status != "cancelled"
+            });
+            match latest {
+                Some(mut t) => {
+                    t.data.status = "cancelled".into();
+                    t.data.provenance = provenance.clone();
+                    summary.upsert(t.id, &t.data)?;
+                    "transfer cancelled (kept in the record as cancelled)"
+                }
+                None => return Err(Refusal::Content(format!("no transfer for visit {visit} to cancel"))),
+            }
+        }
+        "A13" => match existing {
+            Some(mut e) if e.status == "finished" => {
+                e.status = "in-progress".into();
+                e.end = None;
+                e.provenance = provenance.clone();
+                summary.upsert(admission_id, &e)?;
+                "discharge cancelled: the admission is in progress again"
+            }
+            _ => return Err(Refusal::Content(format!("no discharge for visit {visit} to cancel"))),
+        },
+        _ => "patient registered or updated",
+    };
+
+    if created {
+        store.insert_patients(std::slice::from_mut(&mut summary))?;
+    } else {
+        let changes = summary.changes_since(&before);
+        if !changes.is_empty() {
+            store.apply_server_changes(&patient, &changes)?;
+        }
+    }
+    Ok(outcome.to_string())
+}
+
+/// Splits a file of ADT messages (MLLP-framed, or plain and starting with `MSH|`) into messages.
+pub fn split_messages(text: &str) -> Vec<String> {
+    if text.contains('\u{0b}') {
+        return text
+            .split('\u{0b}')
+            .filter_map(|m| m.split('\u{1c}').next())
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+    }
+    let normalised = text.replace("\r\n", "\n").replace('\r', "\n");
+    let mut messages: Vec<String> = Vec::new();
+    for line in normalised.lines() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with("MSH|") || messages.is_empty() {
+            messages.push(line.to_string());
+        } else if let Some(last) = messages.last_mut() {
+            last.push('\r');
+            last.push_str(line);
+        }
+    }
+    messages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hl7_times_become_rfc3339() {
+        assert_eq!(hl7_time("20261125143000").as_deref(), Some("2026-11-25T14:30:00Z"));
+        assert_eq!(hl7_time("202611251430").as_deref(), Some("2026-11-25T14:30:00Z"));
+        assert_eq!(hl7_time("19300517").as_deref(), Some("1930-05-17"));
+        assert_eq!(hl7_time(""), None);
+    }
+
+    #[test]
+    fn files_split_into_messages() {
+        let plain = "MSH|^~\\&|A\nPID|1\n\nMSH|^~\\&|B\r\nEVN|A01\n";
+        assert_eq!(split_messages(plain), vec!["MSH|^~\\&|A\rPID|1", "MSH|^~\\&|B\rEVN|A01"]);
+        let framed = "\u{0b}MSH|x\rPID|1\r\u{1c}\r\u{0b}MSH|y\r\u{1c}\r";
+        assert_eq!(split_messages(framed), vec!["MSH|x\rPID|1", "MSH|y"]);
+    }
+
+    #[test]
+    fn acks_echo_the_control_id_and_never_break_the_format() {
+        let a = ack(None, "AE", "MSG|1", "bad | text", 0);
+        assert!(a.message.contains("\rMSA|AE|MSG 1|bad   text\r"), "{}", a.message);
+    }
+}

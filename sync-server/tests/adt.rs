@@ -1,0 +1,156 @@
+//! Hospital feeds: HL7 v2 ADT messages into the summary, with ACKs, idempotency and cancellation.
+
+use std::sync::Arc;
+
+use care_node::summary::{Encounter, PatientSummary};
+use care_sync_server::hl7::adt::{Ack, process};
+use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::ServerStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn store() -> (Arc<dyn ServerStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (Arc::new(SqliteStore::open(dir.path()).unwrap()), dir)
+}
+
+/// An ADT message for the test patient 999 000 0018 (visit V100 unless said otherwise).
+fn adt(event: &str, control: &str, extra_pv1: &str) -> String {
+    let structure = match event {
+        "A02" | "A03" | "A12" => "ADT_A02",
+        "A28" | "A31" => "ADT_A28",
+        "A40" => "ADT_A39",
+        _ => "ADT_A01",
+    };
+    format!(
+        "MSH|^~\\&|PAS|WGH|CARE|REGION|20261125143000||ADT^{event}^{structure}|{control}|P|2.4\r\
+         EVN|{event}|20261125143000\r\
+         PID|1||9990000018^^^NHS^NH~D1234567^^^RHM^MR||TESTER^EDITH^^^MRS||19300517|F|||1 Example Lane^^Newport^^PO30 1AB||||||||||||||||||||||NSTS01\r\
+         PD1|||Practice One^^Z81001\r\
+         PV1|1|I|Ward 7^Bay 2^Bed 4^Wessex General||||||||||||||||V100{extra_pv1}\r"
+    )
+}
+
+fn encounters(store: &dyn ServerStore) -> Vec<Encounter> {
+    let id = store.patient_by_nhs(&care_node::nhs::NhsNumber::parse("9990000018").unwrap()).unwrap().unwrap();
+    let mut s = PatientSummary::load(&store.load_document(&id).unwrap().unwrap()).unwrap();
+    s.entries::<Encounter>().unwrap().into_iter().map(|e| e.data).collect()
+}
+
+fn accepted(ack: &Ack) {
+    assert_eq!(ack.code, "AA", "{}", ack.text);
+    assert!(ack.message.contains(&format!("MSA|AA|{}", ack.control_id)), "{}", ack.message);
+}
+
+#[test]
+fn admit_transfer_discharge_and_their_cancellations() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    accepted(&process(s, &adt("A01", "M1", ""), 0));
+    let admission = encounters(s).into_iter().find(|e| e.kind == "admission").unwrap();
+    assert_eq!(admission.status, "in-progress");
+    assert_eq!(admission.location.as_deref(), Some("Ward 7, Bay 2, Bed 4"));
+    assert_eq!(admission.facility.as_deref(), Some("Wessex General"));
+    assert_eq!(admission.visit.as_deref(), Some("V100"));
+    let patient =
+        s.patient_by_nhs(&care_node::nhs::NhsNumber::parse("9990000018").unwrap()).unwrap().unwrap();
+    let demographics =
+        PatientSummary::load(&s.load_document(&patient).unwrap().unwrap()).unwrap().demographics().unwrap();
+    assert_eq!(demographics.name, "EDITH TESTER");
+    assert_eq!(demographics.postcode.as_deref(), Some("PO30 1AB"));
+    assert_eq!(demographics.gp_practice_code.as_deref(), Some("Z81001"));
+
+    accepted(&process(s, &adt("A02", "M2", "").replace("Ward 7^Bay 2^Bed 4", "Ward 9^^"), 0));
+    let transfer = encounters(s).into_iter().find(|e| e.kind == "transfer").unwrap();
+    assert_eq!((transfer.status.as_str(), transfer.location.as_deref()), ("in-progress", Some("Ward 9")));
+    accepted(&process(s, &adt("A12", "M3", ""), 0));
+    let transfer = encounters(s).into_iter().find(|e| e.kind == "transfer").unwrap();
+    assert_eq!(transfer.status, "cancelled", "a cancelled transfer stays in the record");
+
+    accepted(&process(s, &adt("A03", "M4", ""), 0));
+    let admission = encounters(s).into_iter().find(|e| e.kind == "admission").unwrap();
+    assert_eq!(admission.status, "finished");
+    assert!(admission.end.is_some());
+    accepted(&process(s, &adt("A13", "M5", ""), 0));
+    let admission = encounters(s).into_iter().find(|e| e.kind == "admission").unwrap();
+    assert_eq!((admission.status.as_str(), admission.end.as_ref()), ("in-progress", None));
+    accepted(&process(s, &adt("A11", "M6", ""), 0));
+    let all = encounters(s);
+    assert_eq!(all.len(), 2, "nothing deleted: the admission and the transfer are both kept");
+    assert_eq!(all.iter().find(|e| e.kind == "admission").unwrap().status, "cancelled");
+}
+
+#[test]
+fn duplicates_are_idempotent_and_bad_messages_are_refused_with_a_reason() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    accepted(&process(s, &adt("A01", "DUP1", ""), 0));
+    let seq = s.max_seq().unwrap();
+    let again = process(s, &adt("A01", "DUP1", ""), 0);
+    assert_eq!(again.code, "AA");
+    assert!(again.text.contains("duplicate"));
+    assert_eq!(s.max_seq().unwrap(), seq, "a duplicate changes nothing");
+
+    let no_nhs = adt("A01", "N1", "").replace("9990000018^^^NHS^NH~", "");
+    let ack = process(s, &no_nhs, 0);
+    assert_eq!(ack.code, "AE");
+    assert!(ack.text.contains("no NHS number"), "{}", ack.text);
+    let bad_nhs = adt("A01", "N2", "").replace("9990000018", "9990000010");
+    let ack = process(s, &bad_nhs, 0);
+    assert_eq!(ack.code, "AE");
+    assert!(ack.text.contains("invalid") && !ack.text.contains("9990000010"), "{}", ack.text);
+    let ack = process(s, &adt("A01", "N3", "").replace("ADT^A01^ADT_A01", "ORU^R01"), 0);
+    assert_eq!(ack.code, "AR");
+    let ack = process(s, &adt("A01", "N4", "").replace("ADT^A01^ADT_A01", "ADT^A99"), 0);
+    assert_eq!((ack.code, ack.text.contains("not supported")), ("AR", true));
+    let ack = process(s, "this is not HL7", 0);
+    assert_eq!(ack.code, "AR");
+    assert!(ack.message.starts_with("MSH|") && ack.message.contains("\rMSA|AR|"));
+    let ack = process(s, &adt("A13", "N5", "").replace("V100", "V404"), 0);
+    assert_eq!((ack.code, ack.text.contains("no discharge")), ("AE", true));
+}
+
+#[test]
+fn updates_change_demographics_and_a_merge_asks_an_operator() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    accepted(&process(s, &adt("A28", "P1", ""), 0));
+    accepted(&process(s, &adt("A31", "P2", "").replace("TESTER^EDITH", "TESTER-SMITH^EDITH"), 0));
+    let patient =
+        s.patient_by_nhs(&care_node::nhs::NhsNumber::parse("9990000018").unwrap()).unwrap().unwrap();
+    let d =
+        PatientSummary::load(&s.load_document(&patient).unwrap().unwrap()).unwrap().demographics().unwrap();
+    assert_eq!(d.family.as_deref(), Some("TESTER-SMITH"));
+    let merge = format!("{}MRG|9990000026^^^NHS^NH\r", adt("A40", "P3", ""));
+    let ack = process(s, &merge, 0);
+    assert_eq!(ack.code, "AA");
+    assert!(
+        s.alerts(false).unwrap().iter().any(|a| a.kind == "merge-request"),
+        "an operator is asked to merge"
+    );
+    assert_eq!(s.patient_count().unwrap(), 1, "nothing was merged automatically");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mllp_frames_messages_and_acks() {
+    let (store, _d) = store();
+    let listener =
+        care_sync_server::hl7::mllp::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    for (i, message) in [adt("A01", "T1", ""), "garbage".to_string()].iter().enumerate() {
+        let mut frame = vec![0x0b];
+        frame.extend_from_slice(message.as_bytes());
+        frame.extend_from_slice(&[0x1c, 0x0d]);
+        socket.write_all(&frame).await.unwrap();
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(&[0x1c, 0x0d]) {
+            socket.read_exact(&mut byte).await.unwrap();
+            reply.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("\u{0b}MSH|"));
+        let expected = if i == 0 { "MSA|AA|T1" } else { "MSA|AR|" };
+        assert!(text.contains(expected), "{text}");
+    }
+    listener.stop();
+}
