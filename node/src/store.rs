@@ -589,7 +589,7 @@ impl DeviceStore {
         let changes = patient.summary.changes_since(&before);
         let patient_id = patient.summary.patient_id()?;
         let tx = self.conn.transaction()?;
-        write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms)?;
+        write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;
         for change in changes {
             let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
             tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
@@ -631,57 +631,19 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Applies one item of a sync round in one transaction together with the round's progress,
-    /// so a cut link or a crash leaves either both or neither.
-    /// Returns how many notifications (admissions, discharges, attendances…) it produced.
-    pub fn apply_item(&mut self, round: u64, item: &DocItem, now_ms: i64) -> Result<u64, StoreError> {
-        let mut notified = 0;
+    /// Applies a page of a sync round in one transaction together with the round's progress
+    /// (the last item applied), so a cut link or a crash leaves every document of the page and
+    /// the marker that covers it applied, or none of them. Returns how many notifications
+    /// (admissions, discharges, attendances…) the page produced.
+    pub fn apply_items(&mut self, round: u64, items: &[DocItem], now_ms: i64) -> Result<u64, StoreError> {
+        let Some(last) = items.last() else { return Ok(0) };
         let tx = self.conn.transaction()?;
-        let doc_key = self.lookup.hash("doc", &item.doc.to_string());
-        match &item.body {
-            DocBody::Purge => {
-                tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
-            }
-            DocBody::Whole(bytes) => {
-                let mut summary = match read_body(&tx, &self.key, &doc_key)? {
-                    Some(existing) => {
-                        let mut s = PatientSummary::load(&existing.automerge)?;
-                        s.merge_saved(bytes)?;
-                        s
-                    }
-                    None => PatientSummary::load(bytes)?,
-                };
-                check_received(&mut summary, &item.doc)?;
-                write_document(&tx, &self.key, &self.lookup, &mut summary, now_ms)?;
-            }
-            DocBody::Changes(changes) => {
-                let existing = read_body(&tx, &self.key, &doc_key)?
-                    .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
-                let mut summary = PatientSummary::load(&existing.automerge)?;
-                let before = crate::notify::snapshot(&mut summary)?;
-                let decoded = changes
-                    .iter()
-                    .map(|c| automerge::Change::try_from(c.as_slice()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| StoreError::Decode {
-                        row: format!("change for {}", short_hex(item.doc.as_bytes())),
-                        reason: e.to_string(),
-                    })?;
-                summary.apply_changes(decoded)?;
-                check_received(&mut summary, &item.doc)?;
-                for text in crate::notify::changes(&before, &mut summary)? {
-                    let note = crate::notify::Notification { patient_id: item.doc, at_ms: now_ms, text };
-                    tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
-                    let id = tx.last_insert_rowid();
-                    let sealed = seal_row(&self.key, "notifications", &id.to_be_bytes(), 0, &note)?;
-                    tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
-                    notified += 1;
-                }
-                write_document(&tx, &self.key, &self.lookup, &mut summary, now_ms)?;
-            }
+        let mut notified = 0;
+        for item in items {
+            notified += apply_one(&tx, &self.key, &self.lookup, item, now_ms)?;
         }
         let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
-        state.resume = Some(Resume { round, through: item.doc });
+        state.resume = Some(Resume { round, through: last.doc });
         put_secret(&tx, &self.key, "sync", &state)?;
         tx.commit()?;
         Ok(notified)
@@ -834,6 +796,63 @@ fn read_body(
     row.map(|(version, body)| open_row(key, "body", doc_key, version, &body)).transpose()
 }
 
+/// Applies one received item inside the caller's transaction; returns notifications made.
+fn apply_one(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    item: &DocItem,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let doc_key = lookup.hash("doc", &item.doc.to_string());
+    let mut notified = 0;
+    match &item.body {
+        DocBody::Purge => {
+            tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
+        }
+        DocBody::Whole(bytes) => match read_body(tx, key, &doc_key)? {
+            Some(existing) => {
+                let mut summary = PatientSummary::load(&existing.automerge)?;
+                summary.merge_saved(bytes)?;
+                check_received(&mut summary, &item.doc)?;
+                write_document(tx, key, lookup, &mut summary, now_ms, None)?;
+            }
+            None => {
+                // A new document is stored as the server saved it: no second save.
+                let mut summary = PatientSummary::load(bytes)?;
+                check_received(&mut summary, &item.doc)?;
+                write_document(tx, key, lookup, &mut summary, now_ms, Some(bytes))?;
+            }
+        },
+        DocBody::Changes(changes) => {
+            let existing = read_body(tx, key, &doc_key)?
+                .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
+            let mut summary = PatientSummary::load(&existing.automerge)?;
+            let before = crate::notify::snapshot(&mut summary)?;
+            let decoded = changes
+                .iter()
+                .map(|c| automerge::Change::try_from(c.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StoreError::Decode {
+                    row: format!("change for {}", short_hex(item.doc.as_bytes())),
+                    reason: e.to_string(),
+                })?;
+            summary.apply_changes(decoded)?;
+            check_received(&mut summary, &item.doc)?;
+            for text in crate::notify::changes(&before, &mut summary)? {
+                let note = crate::notify::Notification { patient_id: item.doc, at_ms: now_ms, text };
+                tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
+                let id = tx.last_insert_rowid();
+                let sealed = seal_row(key, "notifications", &id.to_be_bytes(), 0, &note)?;
+                tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+                notified += 1;
+            }
+            write_document(tx, key, lookup, &mut summary, now_ms, None)?;
+        }
+    }
+    Ok(notified)
+}
+
 /// Writes a patient's document and card under a new row version.
 fn write_document(
     tx: &Transaction<'_>,
@@ -841,6 +860,7 @@ fn write_document(
     lookup: &LookupHasher,
     summary: &mut PatientSummary,
     received_at_ms: i64,
+    saved: Option<&[u8]>,
 ) -> Result<(), StoreError> {
     let patient_id = summary.patient_id()?;
     let demographics = summary.demographics()?;
@@ -863,7 +883,8 @@ fn write_document(
         date_of_birth: demographics.date_of_birth,
         postcode: demographics.postcode,
     };
-    let body = DocumentBody { patient_id, received_at_ms, automerge: summary.save() };
+    let automerge = saved.map_or_else(|| summary.save(), <[u8]>::to_vec);
+    let body = DocumentBody { patient_id, received_at_ms, automerge };
     let card = seal_row(key, "card", &doc_key, version, &card)?;
     let body = seal_row(key, "body", &doc_key, version, &body)?;
     tx.execute(

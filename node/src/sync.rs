@@ -232,8 +232,8 @@ impl SyncSession {
                 }
                 self.phase = Phase::Downloading;
                 let now = crate::now_ms();
+                self.stats.notifications += store.apply_items(round, &items, now)?;
                 for item in &items {
-                    self.stats.notifications += store.apply_item(round, item, now)?;
                     match &item.body {
                         crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
                         crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,

@@ -25,13 +25,28 @@ async fn reconnecting_with_ten_thousand_documents_costs_what_changed() {
             stem += 1;
             let Some(nhs) = care_node::nhs::NhsNumber::from_stem(stem) else { continue };
             let id = uuid::Uuid::from_u128((chunk * 1_000 + batch.len()) as u128 + 1);
-            batch.push(PatientSummary::create(id, &Demographics::new("Scale Test", Some(nhs.as_str())), actor.clone(), 0).unwrap());
+            batch.push(
+                PatientSummary::create(
+                    id,
+                    &Demographics::new("Scale Test", Some(nhs.as_str())),
+                    actor.clone(),
+                    0,
+                )
+                .unwrap(),
+            );
             nhs_numbers.push(nhs);
         }
         store.insert_patients(&mut batch).unwrap();
     }
     let running = server::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let token = care_sync_server::ops::issue_token(store.as_ref(), "tablet", Role::AmbulanceCrew, running.addr, care_sync_server::ops::DEFAULT_TOKEN_TTL).unwrap();
+    let token = care_sync_server::ops::issue_token(
+        store.as_ref(),
+        "tablet",
+        Role::AmbulanceCrew,
+        running.addr,
+        care_sync_server::ops::DEFAULT_TOKEN_TTL,
+    )
+    .unwrap();
     let mut device = TestDevice::new("tablet");
     care_node::client::enrol(&mut device.store, &token).await.unwrap();
     let id = store.device_by_name("tablet").unwrap().unwrap().id;

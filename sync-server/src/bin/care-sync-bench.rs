@@ -43,7 +43,8 @@ struct Floor {
 fn floor(docs: &[Vec<u8>]) -> Floor {
     let n = docs.len() as u32;
     let t = Instant::now();
-    let mut loaded: Vec<PatientSummary> = docs.iter().map(|d| PatientSummary::load(d).expect("load")).collect();
+    let mut loaded: Vec<PatientSummary> =
+        docs.iter().map(|d| PatientSummary::load(d).expect("load")).collect();
     let load = t.elapsed() / n;
     let t = Instant::now();
     let saved: Vec<Vec<u8>> = loaded.iter_mut().map(|d| d.save()).collect();
@@ -68,7 +69,8 @@ fn floor(docs: &[Vec<u8>]) -> Floor {
 
 async fn run(n: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(&dir.path().join("server")).expect("server store"));
+    let store: Arc<dyn ServerStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("server")).expect("server store"));
     let actor = care_sync_server::server_actor(&store.server_identity().expect("identity"));
     let t = Instant::now();
     let mut population = Population::new(7, actor.clone());
@@ -77,7 +79,8 @@ async fn run(n: usize) {
     let mut made = 0;
     while made < n {
         let batch = (n - made).min(1_000);
-        let mut summaries: Vec<PatientSummary> = (0..batch).map(|_| population.next_patient(0).expect("patient")).collect();
+        let mut summaries: Vec<PatientSummary> =
+            (0..batch).map(|_| population.next_patient(0).expect("patient")).collect();
         for s in &mut summaries {
             let saved = s.save();
             plain_bytes += saved.len() as u64;
@@ -89,9 +92,17 @@ async fn run(n: usize) {
         made += batch;
     }
     let generation = t.elapsed();
-    let running = care_sync_server::server::start(store.clone(), "127.0.0.1:0".parse().expect("addr")).await.expect("server");
-    let token = care_sync_server::ops::issue_token(store.as_ref(), "tablet", Role::AmbulanceCrew, running.addr, care_sync_server::ops::DEFAULT_TOKEN_TTL)
-        .expect("token");
+    let running = care_sync_server::server::start(store.clone(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server");
+    let token = care_sync_server::ops::issue_token(
+        store.as_ref(),
+        "tablet",
+        Role::AmbulanceCrew,
+        running.addr,
+        care_sync_server::ops::DEFAULT_TOKEN_TTL,
+    )
+    .expect("token");
     let device_path = dir.path().join("device.db");
     let wrapper = PassphraseWrapper::with_params("bench", KdfParams::default());
     let mut device = DeviceStore::open(&device_path, &wrapper).expect("device store");
@@ -109,10 +120,15 @@ async fn run(n: usize) {
     let mut changed = Vec::new();
     for k in [1usize, 100] {
         for (i, id) in ids.iter().step_by((n / k).max(1)).take(k).enumerate() {
-            let mut s = PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
+            let mut s =
+                PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
             s.set_actor(actor.to_bytes());
             let before = s.heads();
-            s.add(&Allergy::new(&format!("Bench allergen {i}"), Provenance::new("server", "bench", "gp-feed", 1))).expect("add");
+            s.add(&Allergy::new(
+                &format!("Bench allergen {i}"),
+                Provenance::new("server", "bench", "gp-feed", 1),
+            ))
+            .expect("add");
             store.apply_server_changes(id, &s.changes_since(&before)).expect("apply");
         }
         let report = client::sync(&mut device).await.expect("reconnect");
@@ -123,9 +139,15 @@ async fn run(n: usize) {
     let f = floor(&sample);
     let floor_total = (f.load + f.save + f.seal + f.insert) * n as u32;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!("\nN = {n} documents in scope ({:.1} s to generate; {:.1} KB per saved document)", generation.as_secs_f64(), plain_bytes as f64 / n as f64 / 1024.0);
+    println!(
+        "\nN = {n} documents in scope ({:.1} s to generate; {:.1} KB per saved document)",
+        generation.as_secs_f64(),
+        plain_bytes as f64 / n as f64 / 1024.0
+    );
     println!("  {:<28} {:>10} {:>12} {:>12}", "", "time ms", "frame bytes", "UDP bytes");
-    let row = |name: &str, r: &client::SyncReport| println!("  {name:<28} {:>10.1} {:>12} {:>12}", ms(r.duration), r.frame_bytes(), r.udp_bytes());
+    let row = |name: &str, r: &client::SyncReport| {
+        println!("  {name:<28} {:>10.1} {:>12} {:>12}", ms(r.duration), r.frame_bytes(), r.udp_bytes())
+    };
     row("cold sync", &cold);
     row("reconnect, 0 changed", &idle);
     for (k, r) in &changed {
