@@ -98,7 +98,7 @@ enum Command {
     MarkError {
         nhs_number: String,
         #[arg(long, value_enum)]
-        section: SectionChoice,
+        section: Section,
         /// The entry id (see `show --ids`).
         #[arg(long)]
         entry: uuid::Uuid,
@@ -129,33 +129,6 @@ enum SectionArg {
     Problems,
     Medications,
     Alerts,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum SectionChoice {
-    Alerts,
-    Allergies,
-    Medications,
-    Problems,
-    CarePlans,
-    Contacts,
-    Encounters,
-    Results,
-}
-
-impl From<SectionChoice> for Section {
-    fn from(s: SectionChoice) -> Self {
-        match s {
-            SectionChoice::Alerts => Section::Alerts,
-            SectionChoice::Allergies => Section::Allergies,
-            SectionChoice::Medications => Section::Medications,
-            SectionChoice::Problems => Section::Problems,
-            SectionChoice::CarePlans => Section::CarePlans,
-            SectionChoice::Contacts => Section::Contacts,
-            SectionChoice::Encounters => Section::Encounters,
-            SectionChoice::Results => Section::Results,
-        }
-    }
 }
 
 fn passphrase() -> Result<String, String> {
@@ -282,7 +255,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::MarkError { nhs_number, section, entry, reason } => {
             let nhs = parse_nhs(&nhs_number)?;
-            store.mark_entered_in_error(&nhs, section.into(), entry, &reason)?;
+            store.mark_entered_in_error(&nhs, section, entry, &reason)?;
             println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
         Command::BreakGlass { nhs_number, reason } => {

@@ -74,7 +74,7 @@ impl From<autosurgeon::ReconcileError> for SummaryError {
 }
 
 /// The clinical sections of a summary, in the order a crew reads them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Section {
     Alerts,

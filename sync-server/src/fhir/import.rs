@@ -161,6 +161,22 @@ fn absent_unknown(cc: &Option<f::CodeableConcept>) -> Option<String> {
         .and_then(|c| c.code.clone())
 }
 
+/// An IPS absent/unknown entry ("no known allergies", "no allergy information") maps to an
+/// assertion or to nothing, never to an entry.
+fn absent_entry(
+    code: &Option<f::CodeableConcept>,
+    none_known: &str,
+    section: Section,
+    common: &f::Common,
+    ctx: &Ctx<'_>,
+) -> Result<Option<Mapped>, ImportError> {
+    Ok(match absent_unknown(code) {
+        Some(c) if c == none_known => Some(Mapped::NoneKnown(section, ctx.provenance(common)?)),
+        Some(_) => Some(Mapped::Nothing),
+        None => None,
+    })
+}
+
 /// Writes one mapped entry under its id; returns whether anything changed.
 type EntryWriter = Box<dyn FnOnce(&mut PatientSummary, EntryId) -> Result<bool, s::SummaryError>>;
 
@@ -272,12 +288,9 @@ fn map_resource(
         }
         Resource::Condition(c) => {
             let code = require(&c.code, ctx, "code")?;
-            match absent_unknown(&c.code).as_deref() {
-                Some("no-known-problems") => {
-                    return Ok(Mapped::NoneKnown(Section::Problems, ctx.provenance(common)?));
-                }
-                Some(_) => return Ok(Mapped::Nothing),
-                None => {}
+            if let Some(mapped) = absent_entry(&c.code, "no-known-problems", Section::Problems, common, ctx)?
+            {
+                return Ok(mapped);
             }
             let (id, source) = source_key(common, type_name, ctx)?;
             let mut p = s::Problem::new(
@@ -293,12 +306,10 @@ fn map_resource(
         }
         Resource::AllergyIntolerance(a) => {
             let code = require(&a.code, ctx, "code")?;
-            match absent_unknown(&a.code).as_deref() {
-                Some("no-known-allergies") => {
-                    return Ok(Mapped::NoneKnown(Section::Allergies, ctx.provenance(common)?));
-                }
-                Some(_) => return Ok(Mapped::Nothing),
-                None => {}
+            if let Some(mapped) =
+                absent_entry(&a.code, "no-known-allergies", Section::Allergies, common, ctx)?
+            {
+                return Ok(mapped);
             }
             let (id, source) = source_key(common, type_name, ctx)?;
             let mut x = s::Allergy::new(
@@ -334,10 +345,11 @@ fn map_resource(
                 medications,
                 ctx,
             )?;
-            if absent_unknown(&Some(concept.clone())).as_deref() == Some("no-known-medications") {
-                return Ok(Mapped::NoneKnown(Section::Medications, ctx.provenance(common)?));
-            } else if absent_unknown(&Some(concept.clone())).is_some() {
-                return Ok(Mapped::Nothing);
+            let absent = Some(concept.clone());
+            if let Some(mapped) =
+                absent_entry(&absent, "no-known-medications", Section::Medications, common, ctx)?
+            {
+                return Ok(mapped);
             }
             let (id, source) = source_key(common, type_name, ctx)?;
             let mut x = medication(&concept, &m.dosage, ctx.provenance(common)?, ctx)?;
