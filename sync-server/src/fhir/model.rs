@@ -477,12 +477,44 @@ pub enum Resource {
     Organization(Ignored),
 }
 
+/// Serde's messages quote the offending value (`invalid type: string "Edith", expected ...`);
+/// a value may be patient data, so quoted values are replaced before the message leaves. Quoted
+/// field and variant names (`missing field \`subject\``) are schema, not data, and stay.
+pub fn hide_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<(char, bool, String)> = None;
+    for c in message.chars() {
+        match &mut quote {
+            Some((q, keep, inner)) if c == *q => {
+                if *keep {
+                    out.push(*q);
+                    out.push_str(inner);
+                    out.push(*q);
+                } else {
+                    out.push_str("(value hidden)");
+                }
+                quote = None;
+            }
+            Some((_, _, inner)) => inner.push(c),
+            None if c == '"' || c == '`' => {
+                let keep = out.ends_with("field ") || out.ends_with("variant ");
+                quote = Some((c, keep, String::new()));
+            }
+            None => out.push(c),
+        }
+    }
+    if quote.is_some() {
+        out.push_str("(value hidden)");
+    }
+    out
+}
+
 macro_rules! from_json {
     ($value:expr, $kind:expr, $($name:ident),+) => {
         match $kind {
             $(stringify!($name) => serde_path_to_error::deserialize($value).map(Resource::$name).map_err(|e| {
                 let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
+                let inner = hide_values(&e.into_inner().to_string());
                 if path == "." || path.is_empty() { inner } else { format!("{path}: {inner}") }
             }),)+
             other => Err(format!(
@@ -575,6 +607,23 @@ pub struct BundleEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_url: Option<String>,
     pub resource: Resource,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_never_leave_in_error_messages() {
+        let hidden = super::hide_values("invalid type: string \"Edith Tester\", expected a number");
+        assert_eq!(hidden, "invalid type: string (value hidden), expected a number");
+        assert_eq!(
+            super::hide_values("invalid type: integer `9990000018`"),
+            "invalid type: integer (value hidden)"
+        );
+        let err = super::Resource::from_json(serde_json::json!({"resourceType": "Patient", "name": "Edith"}))
+            .unwrap_err();
+        assert!(err.starts_with("name: ") && !err.contains("Edith"), "{err}");
+        assert_eq!(super::hide_values("missing field `subject`"), "missing field `subject`");
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
