@@ -255,8 +255,15 @@ impl Population {
         }
 
         let meds = self.rng.random_range(0..=if old { 3 } else { 1 });
+        let mut taken: Vec<&str> = Vec::new();
         for _ in 0..meds {
             let (code, name, dose, frequency) = *self.pick(MEDICATIONS);
+            // No duplicates, and never two anticoagulants.
+            let anticoagulant = |n: &str| n == "Warfarin" || n == "Apixaban";
+            if taken.contains(&name) || (anticoagulant(name) && taken.iter().any(|t| anticoagulant(t))) {
+                continue;
+            }
+            taken.push(name);
             let source = next_source("MedicationStatement");
             let mut m = Medication::new(name, gp(now_ms, source.clone()));
             m.code = Some(Code::snomed(code, name));
