@@ -93,6 +93,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The text a clinician reads for a required coded element.
+    fn text(&self, cc: &f::CodeableConcept) -> Result<String, ImportError> {
+        text_of(cc).ok_or_else(|| self.err("code has no text, display or code"))
+    }
+
     fn err(&self, reason: impl Into<String>) -> ImportError {
         ImportError::Invalid { index: self.index, resource: self.resource.clone(), reason: reason.into() }
     }
@@ -293,10 +298,7 @@ fn map_resource(
                 return Ok(mapped);
             }
             let (id, source) = source_key(common, type_name, ctx)?;
-            let mut p = s::Problem::new(
-                &text_of(code).ok_or_else(|| ctx.err("code has no text, display or code"))?,
-                ctx.provenance(common)?,
-            );
+            let mut p = s::Problem::new(&ctx.text(code)?, ctx.provenance(common)?);
             p.code = code_of(code);
             p.clinical_status = status_of(&c.clinical_status).unwrap_or_else(|| "active".into());
             p.verification_status = status_of(&c.verification_status).unwrap_or_else(|| s::CONFIRMED.into());
@@ -312,10 +314,7 @@ fn map_resource(
                 return Ok(mapped);
             }
             let (id, source) = source_key(common, type_name, ctx)?;
-            let mut x = s::Allergy::new(
-                &text_of(code).ok_or_else(|| ctx.err("code has no text, display or code"))?,
-                ctx.provenance(common)?,
-            );
+            let mut x = s::Allergy::new(&ctx.text(code)?, ctx.provenance(common)?);
             x.code = code_of(code);
             if let Some(reaction) = a.reaction.first() {
                 let manifestation = reaction.manifestation.first().filter(|m| !is_unspecified(m));
@@ -389,8 +388,7 @@ fn map_resource(
                 .find(|c| c.system.as_deref() == Some(ALERT_KIND_SYSTEM))
                 .and_then(|c| c.code.clone())
                 .unwrap_or_else(|| s::alert_kind::CLINICAL.into());
-            let description =
-                text_of(&flag.code).ok_or_else(|| ctx.err("code has no text, display or code"))?;
+            let description = ctx.text(&flag.code)?;
             let mut x = s::Alert::new(&kind, &description, ctx.provenance(common)?);
             x.code = code_of(&flag.code);
             x.status = Some(flag.status.clone());
@@ -510,11 +508,7 @@ fn map_resource(
         }
         Resource::Observation(o) => {
             let (id, source) = source_key(common, type_name, ctx)?;
-            let mut x = s::Report::new(
-                "result",
-                &text_of(&o.code).ok_or_else(|| ctx.err("code has no text, display or code"))?,
-                ctx.provenance(common)?,
-            );
+            let mut x = s::Report::new("result", &ctx.text(&o.code)?, ctx.provenance(common)?);
             x.code = code_of(&o.code);
             x.value = o
                 .value_string
@@ -530,11 +524,7 @@ fn map_resource(
         }
         Resource::DiagnosticReport(d) => {
             let (id, source) = source_key(common, type_name, ctx)?;
-            let mut x = s::Report::new(
-                "report",
-                &text_of(&d.code).ok_or_else(|| ctx.err("code has no text, display or code"))?,
-                ctx.provenance(common)?,
-            );
+            let mut x = s::Report::new("report", &ctx.text(&d.code)?, ctx.provenance(common)?);
             x.code = code_of(&d.code);
             x.value = d.conclusion.clone();
             x.effective = d.effective_date_time.clone();
