@@ -18,6 +18,7 @@ use care_node::client;
 use care_node::crypto::{CryptoError, DataKey, KeyWrapper, PassphraseWrapper};
 use care_node::news2::{News2, Observations};
 use care_node::nhs::NhsNumber;
+use care_node::notify::Notification;
 use care_node::protocol::AccessKind;
 use care_node::store::{DeviceStore, PatientCard};
 use care_node::summary::Section;
@@ -58,8 +59,9 @@ pub trait KeyProvider: Send + Sync {
 pub trait SyncListener: Send + Sync {
     /// After each batch from the server: documents received so far and documents in scope.
     fn on_progress(&self, received: u64, in_scope: u64);
-    /// New data arrived for patients on this device (documents, changes or purges).
-    fn on_new_data(&self, changed: u64);
+    /// New data arrived for patients on this device (documents, changes or purges), with how
+    /// many notifications it produced (read them with `notifications`).
+    fn on_new_data(&self, changed: u64, notifications: u64);
 }
 
 struct PlatformKeystore(Arc<dyn KeyProvider>);
@@ -245,7 +247,7 @@ impl CareNode {
             if let Some(l) = &listener
                 && changed > 0
             {
-                l.on_new_data(changed);
+                l.on_new_data(changed, report.stats.notifications);
             }
             Ok(SyncOutcome {
                 bytes: report.udp_bytes(),
@@ -325,6 +327,12 @@ impl CareNode {
     /// Emergency access with a reason: audited, time-limited, alerts the privacy officer.
     pub async fn break_glass(&self, nhs_number: String, reason: String) -> Result<AccessOutcome, CareError> {
         self.access(nhs_number, AccessKind::BreakGlass, reason).await
+    }
+
+    /// Notifications derived from received changes (admitted, transferred, discharged, attended),
+    /// newest first (refused when the offline lease has expired).
+    pub fn notifications(&self, limit: u32) -> Result<Vec<Notification>, CareError> {
+        self.with_store(|s| Ok(s.notifications(limit as usize)?))
     }
 
     /// This device's view log, newest first.

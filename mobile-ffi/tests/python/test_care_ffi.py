@@ -45,12 +45,14 @@ class Listener(ffi.SyncListener):
     def __init__(self):
         self.progress = []
         self.new_data = 0
+        self.notifications = 0
 
     def on_progress(self, received, in_scope):
         self.progress.append((received, in_scope))
 
-    def on_new_data(self, changed):
+    def on_new_data(self, changed, notifications):
         self.new_data += changed
+        self.notifications += notifications
 
 
 def expect(error_class, fn, *args):
@@ -99,6 +101,7 @@ async def main():
     assert listener.progress and listener.progress[-1][0] == 3, listener.progress
     assert listener.new_data >= 3
     assert len(node.list_patients()) == 3
+    assert node.notifications(10) == [] and listener.notifications == 0, "nothing happened to them yet"
 
     view = node.read_patient(NHS, False)
     assert view.demographics.nhs_number == NHS
