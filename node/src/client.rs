@@ -171,6 +171,18 @@ impl DeviceConnection {
         }
     }
 
+    /// Receives one message with no deadline (a live session may be quiet for hours; QUIC
+    /// keep-alives and the idle timeout notice a dead peer).
+    pub async fn recv_live(&mut self) -> Result<Option<ServerMessage>, ClientError> {
+        match read_frame::<ServerMessage>(&mut self.recv).await.map_err(|e| map_wire_error(&e))? {
+            Some((message, n)) => {
+                self.received += n as u64;
+                Ok(Some(message))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Finishes our side, waits for the server to finish its side, and closes.
     pub async fn finish(mut self) -> Result<(u64, u64, quinn::ConnectionStats), ClientError> {
         let _ = self.send.finish();
@@ -288,6 +300,49 @@ pub async fn request_access(
         .pop()
         .ok_or_else(|| ClientError::Protocol("the server did not answer the access request".into()))?;
     Ok((decision, report))
+}
+
+/// Syncs, then stays connected: every round the server pushes (within about a second of a
+/// change anywhere in this device's scope) is applied, and `on_round` is called with the
+/// session's totals after each. Returns when `stop` completes or the server goes away.
+pub async fn watch(
+    store: &mut DeviceStore,
+    on_round: &mut (dyn FnMut(&SyncStats) + Send),
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<SyncReport, ClientError> {
+    let started = Instant::now();
+    let mut conn = DeviceConnection::open(store).await?;
+    let (mut session, first) = SyncSession::start_watching(store)?;
+    for message in &first {
+        conn.send(message).await?;
+    }
+    let mut stop = std::pin::pin!(stop);
+    let mut rounds = 0;
+    loop {
+        tokio::select! {
+            message = conn.recv_live() => {
+                let Some(message) = message? else { break };
+                for reply in session.handle(message, store)? {
+                    conn.send(&reply).await?;
+                }
+                if session.rounds_completed() > rounds {
+                    rounds = session.rounds_completed();
+                    on_round(session.stats());
+                }
+            }
+            () = &mut stop => break,
+        }
+    }
+    let stats = session.stats().clone();
+    let (sent, received, udp) = conn.finish().await?;
+    Ok(SyncReport {
+        stats,
+        frame_bytes_sent: sent,
+        frame_bytes_received: received,
+        udp_bytes_sent: udp.udp_tx.bytes,
+        udp_bytes_received: udp.udp_rx.bytes,
+        duration: started.elapsed(),
+    })
 }
 
 async fn sync_with(

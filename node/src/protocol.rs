@@ -94,6 +94,9 @@ pub enum ClientMessage {
     },
     /// The device destroyed its patient data as told.
     WipeConfirmed,
+    /// Keep the session open after the round: the server pushes a new round whenever something
+    /// in the device's scope changes (sent right after `Hello`).
+    Watch,
 }
 
 /// What the server sends for one document in a round.

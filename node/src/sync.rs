@@ -62,6 +62,8 @@ pub struct SyncStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitWelcome,
+    /// Live: between rounds, waiting for the server to push the next one.
+    Watching,
     Uploading,
     Downloading,
     Done,
@@ -80,6 +82,9 @@ pub struct SyncSession {
     server: Option<ServerView>,
     decisions: Vec<AccessDecision>,
     wiped: bool,
+    /// Stay connected for live rounds after the first.
+    watching: bool,
+    rounds_completed: u64,
 }
 
 /// Who the server says this device is.
@@ -114,6 +119,8 @@ impl SyncSession {
             server: None,
             decisions: Vec::new(),
             wiped: false,
+            watching: false,
+            rounds_completed: 0,
         };
         let mut out = vec![ClientMessage::Hello { cursor: state.cursor, resume: state.resume }];
         for r in requests {
@@ -143,6 +150,20 @@ impl SyncSession {
     /// The device name and role the server knows this device by, once welcomed.
     pub fn server_view(&self) -> Option<&ServerView> {
         self.server.as_ref()
+    }
+
+    /// Starts a live session: like [`SyncSession::start`], but after the first round the session
+    /// stays open and applies every round the server pushes.
+    pub fn start_watching(store: &DeviceStore) -> Result<(Self, Vec<ClientMessage>), SyncError> {
+        let (mut session, mut out) = Self::start_with(store, Vec::new())?;
+        session.watching = true;
+        out.insert(1, ClientMessage::Watch);
+        Ok((session, out))
+    }
+
+    /// How many rounds this session has completed (live sessions complete many).
+    pub fn rounds_completed(&self) -> u64 {
+        self.rounds_completed
     }
 
     /// The server's answers to this session's access requests, in order.
@@ -223,7 +244,10 @@ impl SyncSession {
                 self.upload_in_flight -= 1;
                 self.fill_upload_window(store, &mut out)?;
             }
-            (Phase::Uploading | Phase::Downloading, ServerMessage::Docs { round, items }) => {
+            (
+                Phase::Uploading | Phase::Downloading | Phase::Watching,
+                ServerMessage::Docs { round, items },
+            ) => {
                 if self.upload_in_flight > 0 || !self.upload_finished {
                     return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
                 }
@@ -242,7 +266,7 @@ impl SyncSession {
                 }
             }
             (
-                Phase::Uploading | Phase::Downloading,
+                Phase::Uploading | Phase::Downloading | Phase::Watching,
                 ServerMessage::RoundDone { round, documents_in_scope, left_out },
             ) => {
                 if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
@@ -253,7 +277,9 @@ impl SyncSession {
                 store.finish_round(round, server_time, crate::now_ms(), lease, left_out)?;
                 self.stats.documents_in_scope = documents_in_scope;
                 self.stats.left_out = left_out;
-                self.phase = Phase::Done;
+                self.rounds_completed += 1;
+                self.round = None;
+                self.phase = if self.watching { Phase::Watching } else { Phase::Done };
                 out.push(ClientMessage::RoundAck { round });
             }
             (phase, other) => {

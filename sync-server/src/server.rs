@@ -66,6 +66,8 @@ impl DeviceKeyPolicy for StorePolicy {
 
 struct Shared {
     store: Arc<dyn ServerStore>,
+    /// The newest change sequence number, published whenever it moves (live sessions wait on it).
+    changes: tokio::sync::watch::Receiver<u64>,
     server_key: PublicKey,
     /// The live connection of each device; a newer one supersedes it.
     live: Mutex<HashMap<i64, quinn::Connection>>,
@@ -76,11 +78,13 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
     /// Stops accepting, closes every connection and waits for them to go.
     pub async fn shutdown(self) {
+        self.watcher.abort();
         self.endpoint.close(close::DONE.into(), b"server shutting down");
         self.endpoint.wait_idle().await;
         self.task.abort();
@@ -98,8 +102,14 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
     let config = server_config(&identity, Arc::new(StorePolicy(store.clone())))?;
     let endpoint = quinn::Endpoint::server(config, listen).map_err(|e| ServerError::Bind(listen, e))?;
     let addr = endpoint.local_addr().map_err(|e| ServerError::Bind(listen, e))?;
-    let shared =
-        Arc::new(Shared { store, server_key: identity.public_key(), live: Mutex::new(HashMap::new()) });
+    let (changed, changes) = tokio::sync::watch::channel(store.max_seq()?);
+    let watcher = tokio::spawn(watch_changes(store.clone(), changed));
+    let shared = Arc::new(Shared {
+        store,
+        changes,
+        server_key: identity.public_key(),
+        live: Mutex::new(HashMap::new()),
+    });
     let accept = endpoint.clone();
     let task = tokio::spawn(async move {
         while let Some(incoming) = accept.accept().await {
@@ -120,7 +130,26 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         }
     });
     tracing::info!(%addr, server_key = %short_hex(&identity.public_key()), "care-sync server listening");
-    Ok(RunningServer { addr, endpoint, task })
+    Ok(RunningServer { addr, endpoint, task, watcher })
+}
+
+/// How often the server looks for new changes to push to live sessions. Changes can come from
+/// other processes (imports, operator commands), so the store itself is watched.
+pub const CHANGE_POLL: Duration = Duration::from_millis(100);
+
+async fn watch_changes(store: Arc<dyn ServerStore>, changed: tokio::sync::watch::Sender<u64>) {
+    let mut last = *changed.borrow();
+    loop {
+        tokio::time::sleep(CHANGE_POLL).await;
+        let store = store.clone();
+        let Ok(Ok(seq)) = tokio::task::spawn_blocking(move || store.max_seq()).await else { continue };
+        if seq != last {
+            last = seq;
+            if changed.send(seq).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,24 +241,101 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
     .await
 }
 
+/// Runs a session step on the blocking pool (store work), handing the session back.
+async fn on_store<T: Send + 'static>(
+    session: ServerSession,
+    store: Arc<dyn ServerStore>,
+    step: impl FnOnce(&mut ServerSession, &dyn ServerStore) -> T + Send + 'static,
+) -> Result<(ServerSession, T), ConnectionError> {
+    tokio::task::spawn_blocking(move || {
+        let mut session = session;
+        let out = step(&mut session, store.as_ref());
+        (session, out)
+    })
+    .await
+    .map_err(|_| ConnectionError::Join)
+}
+
+/// Reads the device's frames on its own task, so that waiting for a frame and waiting for a
+/// change can be raced without ever cutting a frame in half.
+async fn read_frames(
+    mut recv: quinn::RecvStream,
+    frames: tokio::sync::mpsc::Sender<Result<Option<ClientMessage>, ConnectionError>>,
+) {
+    loop {
+        let frame = read_frame::<ClientMessage>(&mut recv)
+            .await
+            .map(|f| f.map(|(m, _)| m))
+            .map_err(ConnectionError::from);
+        let end = !matches!(frame, Ok(Some(_)));
+        if frames.send(frame).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Streams the pages of the session's current round.
+async fn send_round(
+    mut session: ServerSession,
+    send: &mut quinn::SendStream,
+    shared: &Shared,
+) -> Result<ServerSession, ConnectionError> {
+    while session.is_downloading() {
+        let (back, page) = on_store(session, shared.store.clone(), |s, store| s.next_page(store)).await?;
+        session = back;
+        if let Some(page) = page? {
+            write_frame(send, &page).await?;
+        }
+    }
+    Ok(session)
+}
+
 async fn run_sync(
     conn: &quinn::Connection,
     device: DeviceRecord,
     shared: &Shared,
 ) -> Result<(), ConnectionError> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
+    let (mut send, recv) = conn.accept_bi().await?;
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(read_frames(recv, frames_tx));
+    let mut changes = shared.changes.clone();
+    changes.borrow_and_update();
     let mut session = ServerSession::new(device);
     while !session.is_done() {
-        let Some(message) = read_with_deadline::<ClientMessage>(&mut recv).await? else {
-            return Err(SessionError::Protocol("the device ended the session early".into()).into());
+        let next = if session.is_watching() {
+            tokio::select! {
+                frame = frames.recv() => frame,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break; // the server is shutting down
+                    }
+                    let (back, live) = on_store(session, shared.store.clone(), |s, store| {
+                        s.live_round(store, care_node::now_ms())
+                    })
+                    .await?;
+                    session = back;
+                    if live? {
+                        session = send_round(session, &mut send, shared).await?;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            tokio::time::timeout(READ_TIMEOUT, frames.recv())
+                .await
+                .map_err(|_| ConnectionError::Timeout(READ_TIMEOUT))?
         };
-        let store = shared.store.clone();
-        let (back, replies) = tokio::task::spawn_blocking(move || {
-            let replies = session.handle(message, store.as_ref(), care_node::now_ms());
-            (session, replies)
+        let message = match next {
+            Some(Ok(Some(message))) => message,
+            Some(Err(e)) => return Err(e),
+            // The device finished its side: the normal end of a live session.
+            _ if session.is_watching() => break,
+            _ => return Err(SessionError::Protocol("the device ended the session early".into()).into()),
+        };
+        let (back, replies) = on_store(session, shared.store.clone(), move |s, store| {
+            s.handle(message, store, care_node::now_ms())
         })
-        .await
-        .map_err(|_| ConnectionError::Join)?;
+        .await?;
         session = back;
         let replies = match replies {
             Ok(replies) => replies,
@@ -247,21 +353,16 @@ async fn run_sync(
         for reply in &replies {
             write_frame(&mut send, reply).await?;
         }
-        while session.is_downloading() {
-            let store = shared.store.clone();
-            let (back, page) = tokio::task::spawn_blocking(move || {
-                let page = session.next_page(store.as_ref());
-                (session, page)
-            })
-            .await
-            .map_err(|_| ConnectionError::Join)?;
-            session = back;
-            if let Some(page) = page? {
-                write_frame(&mut send, &page).await?;
-            }
-        }
+        session = send_round(session, &mut send, shared).await?;
     }
-    finish_and_linger(conn, send, &mut recv).await;
+    // Finish our side and let the device hang up first (close is not delivery).
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LINGER, async {
+        while frames.recv().await.is_some() {}
+        conn.closed().await
+    })
+    .await;
+    reader.abort();
     Ok(())
 }
 

@@ -35,6 +35,8 @@ pub enum SessionError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitHello,
+    /// Live: the round is acknowledged and the device waits for the next one.
+    Watching,
     /// The device was told to wipe; everything but its confirmation is ignored.
     AwaitWipe,
     Uploading,
@@ -61,6 +63,8 @@ struct Round {
 pub struct ServerSession {
     device: DeviceRecord,
     phase: Phase,
+    /// The device asked to stay connected for live rounds.
+    watch: bool,
     cursor: u64,
     resume: Option<Resume>,
     round: Option<Round>,
@@ -68,7 +72,7 @@ pub struct ServerSession {
 
 impl ServerSession {
     pub fn new(device: DeviceRecord) -> Self {
-        Self { device, phase: Phase::AwaitHello, cursor: 0, resume: None, round: None }
+        Self { device, phase: Phase::AwaitHello, watch: false, cursor: 0, resume: None, round: None }
     }
 
     pub fn device(&self) -> &DeviceRecord {
@@ -77,6 +81,28 @@ impl ServerSession {
 
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
+    }
+
+    /// True while a live session waits for something to change.
+    pub fn is_watching(&self) -> bool {
+        self.phase == Phase::Watching
+    }
+
+    /// Starts a live round if anything in the device's scope changed since its cursor; returns
+    /// whether there is something to send (then call [`ServerSession::next_page`]).
+    pub fn live_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<bool, SessionError> {
+        if self.phase != Phase::Watching {
+            return Ok(false);
+        }
+        self.plan_round(store, now_ms)?;
+        let round = self.round.as_ref().expect("a round was just planned");
+        if round.order.is_empty() && round.left_out == 0 {
+            // Nothing of this device's changed: no frame at all; the next round starts from here.
+            self.cursor = round.seq;
+            return Ok(false);
+        }
+        self.phase = Phase::Downloading;
+        Ok(true)
     }
 
     /// True while the session has round pages to send.
@@ -160,7 +186,13 @@ impl ServerSession {
                     return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
                 }
                 store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
-                self.phase = Phase::Done;
+                self.cursor = round;
+                self.resume = None;
+                self.phase = if self.watch { Phase::Watching } else { Phase::Done };
+                Ok(Vec::new())
+            }
+            (Phase::Uploading, ClientMessage::Watch) => {
+                self.watch = true;
                 Ok(Vec::new())
             }
             (phase, message) => {
@@ -285,5 +317,6 @@ fn message_name(message: &ClientMessage) -> &'static str {
         ClientMessage::AccessRequest { .. } => "AccessRequest",
         ClientMessage::ViewLog { .. } => "ViewLog",
         ClientMessage::WipeConfirmed => "WipeConfirmed",
+        ClientMessage::Watch => "Watch",
     }
 }

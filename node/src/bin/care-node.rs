@@ -30,8 +30,12 @@ struct Cli {
 enum Command {
     /// Enrols this device with the one-time token from the operator.
     Enrol { token: String },
-    /// Connects to the server, exchanges changes, disconnects.
-    Sync,
+    /// Connects to the server, exchanges changes, disconnects (`--watch`: stays connected and
+    /// prints notifications as changes arrive, until Ctrl-C).
+    Sync {
+        #[arg(long)]
+        watch: bool,
+    },
     /// Lists the patients on this device.
     List,
     /// Shows a patient's summary (with "as of" and last-sync times).
@@ -156,7 +160,28 @@ async fn run(cli: Cli) -> CliResult {
                 enrolment.device_name, enrolment.role, enrolment.server_addr
             );
         }
-        Command::Sync => {
+        Command::Sync { watch: true } => {
+            println!("watching for changes (Ctrl-C to stop)…");
+            let mut last = (0, 0);
+            // The store is busy with the live session; the texts are printed when it ends.
+            let mut on_round = |stats: &care_node::sync::SyncStats| {
+                let now = (stats.changes_received + stats.documents_received, stats.notifications);
+                if now != last {
+                    eprintln!("update: {} change(s), {} notification(s) so far", now.0, now.1);
+                    last = now;
+                }
+            };
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            let report = client::watch(&mut store, &mut on_round, stop).await?;
+            println!(
+                "stopped: {} new documents, {} changes received, {} notifications",
+                report.stats.documents_received, report.stats.changes_received, report.stats.notifications
+            );
+            print_notifications(&store, report.stats.notifications as usize)?;
+        }
+        Command::Sync { watch: false } => {
             let pending = store.pending_count()?;
             let mut last_shown = 0;
             let mut bar = |stats: &care_node::sync::SyncStats| {
