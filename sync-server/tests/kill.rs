@@ -1,0 +1,103 @@
+//! Resumability against a real server process: kill it (SIGKILL) in the middle of a device's
+//! cold sync, start it again, and the next sync completes with nothing lost and nothing that was
+//! already applied sent again.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use care_node::crypto::{KdfParams, PassphraseWrapper};
+use care_node::store::DeviceStore;
+
+const PATIENTS: usize = 3_000;
+
+fn server(data: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_care-sync-server"));
+    command.arg("--data-dir").arg(data).args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    command
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn serve(data: &Path, port: u16) -> Child {
+    let child =
+        server(data, &["serve", "--listen", &format!("127.0.0.1:{port}"), "--mllp-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("server starts");
+    std::thread::sleep(Duration::from_millis(500));
+    child
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_server_loses_nothing_and_resends_nothing_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    assert!(server(&data, &["generate", "--patients", &PATIENTS.to_string()]).status().unwrap().success());
+    let port = free_udp_port();
+    let token = server(
+        &data,
+        &[
+            "enrol-device",
+            "--name",
+            "tablet",
+            "--role",
+            "ambulance-crew",
+            "--server-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )
+    .output()
+    .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let mut server_process = serve(&data, port);
+
+    let wrapper =
+        PassphraseWrapper::with_params("p", KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 });
+    let mut device = DeviceStore::open(&dir.path().join("device.db"), &wrapper).unwrap();
+    care_node::client::enrol(&mut device, &token).await.expect("enrol");
+    // Every patient on the tablet's caseload (the store is shared safely in WAL mode).
+    {
+        let store = care_sync_server::sqlite::SqliteStore::open(&data).unwrap();
+        use care_sync_server::store::{DeviceRegistry, Governance, PatientRecords};
+        let id = store.device_by_name("tablet").unwrap().unwrap().id;
+        for (patient, _) in store.patient_ids().unwrap() {
+            store.caseload_add(id, &patient).unwrap();
+        }
+    }
+
+    // Kill the server as soon as the first documents have landed on the device.
+    let (first_page, mut landed) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let sync = tokio::spawn(async move {
+        let mut progress = move |s: &care_node::sync::SyncStats| {
+            let _ = first_page.send(s.documents_received);
+        };
+        let result = care_node::client::sync_with_progress(&mut device, &mut progress).await;
+        (device, result)
+    });
+    loop {
+        let received = tokio::time::timeout(Duration::from_secs(60), landed.recv()).await.unwrap().unwrap();
+        if received > 0 {
+            break;
+        }
+    }
+    server_process.kill().unwrap();
+    server_process.wait().unwrap();
+    let (mut device, result) = tokio::time::timeout(Duration::from_secs(90), sync).await.unwrap().unwrap();
+    assert!(result.is_err(), "the cut sync reports an error");
+    let applied = device.document_count().unwrap();
+    assert!(applied > 0 && (applied as usize) < PATIENTS, "the cut came mid-sync ({applied} applied)");
+
+    let mut server_process = serve(&data, port);
+    let report = care_node::client::sync(&mut device).await.expect("the next sync completes");
+    server_process.kill().unwrap();
+    server_process.wait().unwrap();
+    assert_eq!(device.document_count().unwrap() as usize, PATIENTS, "nothing lost");
+    assert_eq!(
+        report.stats.documents_received as usize,
+        PATIENTS - applied as usize,
+        "documents applied before the kill are not sent again"
+    );
+}
