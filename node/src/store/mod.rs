@@ -1,0 +1,462 @@
+//! The device's encrypted replica: one SQLite file.
+//!
+//! Tables (see `docs/architecture.md`):
+//! - `meta`: plaintext, nothing identifiable: format version and the wrapped data key.
+//! - `secrets`: sealed values by name: the device identity, the enrolment, the sync state.
+//! - `documents`: one row per patient; `doc_key` and `nhs_key` are keyed BLAKE3 hashes; `card`
+//!   (name, NHS number, date of birth, postcode for listing) and `body` (the Automerge document
+//!   and its sync bookkeeping) are sealed, bound to the row's key and version.
+//! - `outbox`: local changes the server has not acknowledged yet, sealed.
+//!
+//! Every value is sealed with the store's [`DataKey`]; a value copied to another row, tampered
+//! with or read under another key is an error ([`StoreError::Tampered`]), never silently used.
+//! `secure_delete` is on, so purged documents are overwritten in the file.
+//!
+//! Parts: [`records`] (reading and local edits), [`sync`] (outbox, received pages, rounds),
+//! [`audit`] (lease, view log, notifications), [`wipe`] (remote wipe).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{CryptoError, DataKey, KeyWrapper, LookupHasher};
+use crate::identity::{Identity, short_hex};
+use crate::nhs::NhsNumber;
+use crate::protocol::{DocBody, DocItem, Resume};
+use crate::summary::{PatientId, PatientSummary, SectionEntry, SummaryError};
+
+mod audit;
+mod records;
+mod sync;
+mod wipe;
+
+const FORMAT_VERSION: &str = "care-node-store/1";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the store database failed: {0}")]
+    Sqlite(Box<rusqlite::Error>),
+    #[error("the file is not a care-node store (or is corrupt)")]
+    NotAStore,
+    #[error("the store was made by a newer care-node ({0})")]
+    UnknownFormat(String),
+    #[error("the store's data key could not be unwrapped: {0}")]
+    Key(#[source] CryptoError),
+    #[error("stored row {row} failed authentication: tampered, corrupt or swapped with another row")]
+    Tampered { row: String },
+    #[error("stored row {row} could not be decoded: {reason}")]
+    Decode { row: String, reason: String },
+    #[error("patient document is invalid: {0}")]
+    Summary(Box<SummaryError>),
+    #[error("this device is not enrolled yet; run `care-node enrol TOKEN`")]
+    NotEnrolled,
+    #[error("this device is already enrolled")]
+    AlreadyEnrolled,
+    #[error("no patient with that NHS number is on this device")]
+    UnknownPatient,
+    #[error("received document {doc} lacks changes it depends on")]
+    MissingDependencies { doc: String },
+    #[error(
+        "patient data is locked: this device last synced {hours_ago} h ago and its lease is {lease_hours} h; \
+         connect and sync to unlock"
+    )]
+    LeaseExpired { hours_ago: i64, lease_hours: i64 },
+    #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
+    Wiped,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(Box::new(e))
+    }
+}
+
+impl From<SummaryError> for StoreError {
+    fn from(e: SummaryError) -> Self {
+        Self::Summary(Box::new(e))
+    }
+}
+
+/// What the device learnt when it enrolled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub server_addr: String,
+    pub server_key: [u8; 32],
+    pub device_name: String,
+    pub role: String,
+    pub enrolled_at_ms: i64,
+}
+
+/// The device's progress through the server's change sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// Every document held is complete up to this server sequence number.
+    pub cursor: u64,
+    /// Where an interrupted round stopped, if one did.
+    pub resume: Option<Resume>,
+    /// When the last complete sync finished (device clock) and what the server's clock said.
+    pub last_sync_ms: Option<i64>,
+    pub last_sync_server_ms: Option<i64>,
+    /// How long patient data may be shown without a sync, as the server last said.
+    pub lease_ms: Option<u64>,
+    /// Patients in scope that the budget left out at the last round.
+    pub left_out: u64,
+}
+
+impl SyncState {
+    /// This device's clock minus the server's, as measured at the last sync.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        Some(self.last_sync_ms? - self.last_sync_server_ms?)
+    }
+}
+
+/// One local change waiting for the server's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub outbox_id: u64,
+    pub doc: PatientId,
+    pub change: Vec<u8>,
+}
+
+/// What `list` shows of a patient without opening the document.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
+pub struct PatientCard {
+    pub patient_id: PatientId,
+    /// `None` for a provisional record.
+    pub nhs_number: Option<String>,
+    pub name: String,
+    pub date_of_birth: Option<String>,
+    pub postcode: Option<String>,
+}
+
+impl std::fmt::Debug for PatientCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PatientCard({})", self.patient_id)
+    }
+}
+
+/// A patient document as stored, with when the device last received server data for it.
+#[derive(Debug)]
+pub struct StoredPatient {
+    pub summary: PatientSummary,
+    /// Device time of the last sync that brought this document up to date ("as of").
+    pub received_at_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DocumentBody {
+    patient_id: PatientId,
+    received_at_ms: i64,
+    #[serde(with = "serde_bytes")]
+    automerge: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OutboxBody {
+    patient_id: PatientId,
+    #[serde(with = "serde_bytes")]
+    change: Vec<u8>,
+}
+
+/// The encrypted device store.
+pub struct DeviceStore {
+    conn: Connection,
+    key: DataKey,
+    lookup: LookupHasher,
+}
+
+impl std::fmt::Debug for DeviceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceStore")
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    doc_key BLOB PRIMARY KEY,
+    nhs_key BLOB NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    card BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS view_log (
+    seq INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    uploaded INTEGER NOT NULL DEFAULT 0
+);
+";
+
+impl DeviceStore {
+    /// Opens the store at `path`, creating it (with a new data key and device identity) if the
+    /// file does not exist. A wrong passphrase or a foreign file is an error; nothing is changed.
+    pub fn open(path: &Path, wrapper: &dyn KeyWrapper) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::configure(&conn)?;
+        let exists: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'meta'", [], |r| r.get::<_, i64>(0))
+            .map_err(not_a_store)?
+            > 0;
+        let key = if exists {
+            let format: Option<String> = conn
+                .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
+                .optional()?;
+            let wiped: bool =
+                conn.query_row("SELECT count(*) FROM meta WHERE name = 'wiped_at'", [], |r| {
+                    r.get::<_, i64>(0)
+                })? > 0;
+            if wiped {
+                return Err(StoreError::Wiped);
+            }
+            match format.as_deref() {
+                Some(FORMAT_VERSION) => {}
+                Some(other) => return Err(StoreError::UnknownFormat(other.to_string())),
+                None => return Err(StoreError::NotAStore),
+            }
+            let wrapped: Vec<u8> = conn
+                .query_row("SELECT value FROM meta WHERE name = 'wrapped_key'", [], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NotAStore)?;
+            wrapper.unwrap(&wrapped).map_err(StoreError::Key)?
+        } else {
+            let key = DataKey::generate();
+            let wrapped = wrapper.wrap(&key).map_err(StoreError::Key)?;
+            conn.execute_batch(&format!("BEGIN; {SCHEMA}"))?;
+            conn.execute("INSERT INTO meta VALUES ('format', ?1)", [FORMAT_VERSION.as_bytes()])?;
+            conn.execute("INSERT INTO meta VALUES ('key_wrapping', ?1)", [wrapper.kind().as_bytes()])?;
+            conn.execute("INSERT INTO meta VALUES ('wrapped_key', ?1)", [&wrapped])?;
+            conn.execute_batch("COMMIT")?;
+            key
+        };
+        // Tables added since a store was made are created here (every statement is idempotent).
+        conn.execute_batch(SCHEMA)?;
+        let lookup = key.lookup_hasher();
+        let store = Self { conn, key, lookup };
+        if store.get_secret::<Zeroizing<Vec<u8>>>("identity")?.is_none() {
+            let identity = Identity::generate();
+            store.put_secret("identity", &Zeroizing::new(identity.seed().to_vec()))?;
+        }
+        Ok(store)
+    }
+
+    fn configure(conn: &Connection) -> Result<(), StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(not_a_store)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// This device's ed25519 identity.
+    pub fn identity(&self) -> Result<Identity, StoreError> {
+        let seed: Zeroizing<Vec<u8>> = self.get_secret("identity")?.ok_or_else(|| StoreError::NotAStore)?;
+        let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| StoreError::Decode {
+            row: "secrets/identity".into(),
+            reason: "not a 32-byte seed".into(),
+        })?;
+        Ok(Identity::from_seed(&seed))
+    }
+
+    pub fn enrolment(&self) -> Result<Option<Enrolment>, StoreError> {
+        self.get_secret("enrolment")
+    }
+
+    /// The enrolment, or [`StoreError::NotEnrolled`].
+    pub fn require_enrolment(&self) -> Result<Enrolment, StoreError> {
+        self.enrolment()?.ok_or(StoreError::NotEnrolled)
+    }
+
+    pub fn set_enrolment(&self, enrolment: &Enrolment) -> Result<(), StoreError> {
+        if self.enrolment()?.is_some() {
+            return Err(StoreError::AlreadyEnrolled);
+        }
+        self.put_secret("enrolment", enrolment)
+    }
+
+    /// Provenance for an entry this device records now.
+    pub fn provenance(&self) -> Result<crate::summary::Provenance, StoreError> {
+        let enrolment = self.require_enrolment()?;
+        let sync = self.sync_state()?;
+        Ok(crate::summary::Provenance {
+            device: short_hex(&self.identity()?.public_key()),
+            device_name: enrolment.device_name,
+            role: enrolment.role,
+            recorded_at_ms: crate::now_ms(),
+            clock_offset_ms: sync.clock_offset_ms(),
+            person: None,
+            source: None,
+        })
+    }
+
+    /// Points the device at a new server address (the pinned server key stays the same).
+    pub fn update_server_addr(&self, addr: &str) -> Result<(), StoreError> {
+        let mut enrolment = self.require_enrolment()?;
+        enrolment.server_addr = addr.to_string();
+        self.put_secret("enrolment", &enrolment)
+    }
+
+    pub fn sync_state(&self) -> Result<SyncState, StoreError> {
+        Ok(self.get_secret("sync")?.unwrap_or_default())
+    }
+
+    fn nhs_key(&self, nhs: &NhsNumber) -> [u8; 32] {
+        self.lookup.hash("nhs", nhs.as_str())
+    }
+
+    fn doc_key(&self, doc: &PatientId) -> [u8; 32] {
+        self.lookup.hash("doc", &doc.to_string())
+    }
+
+    fn get_secret<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        get_secret(&self.conn, &self.key, name)
+    }
+
+    fn put_secret<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        put_secret(&self.conn, &self.key, name, value)
+    }
+
+    fn open_row<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: &str,
+        key: &[u8],
+        version: i64,
+        sealed: &[u8],
+    ) -> Result<T, StoreError> {
+        open_row(&self.key, table, key, version, sealed)
+    }
+
+    /// Direct access to the database, for tests that tamper with the file.
+    #[doc(hidden)]
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn not_a_store(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotAStore,
+        _ => StoreError::from(e),
+    }
+}
+
+fn row_aad(table: &str, key: &[u8], version: i64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(table.len() + key.len() + 10);
+    aad.extend_from_slice(table.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(key);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+fn row_name(table: &str, key: &[u8]) -> String {
+    format!("{table}/{}", short_hex(key))
+}
+
+fn seal_row<T: Serialize>(
+    key: &DataKey,
+    table: &str,
+    row: &[u8],
+    version: i64,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let plain = Zeroizing::new(
+        postcard::to_allocvec(value)
+            .map_err(|e| StoreError::Decode { row: row_name(table, row), reason: e.to_string() })?,
+    );
+    Ok(key.seal(&plain, &row_aad(table, row, version)))
+}
+
+fn open_row<T: for<'de> Deserialize<'de>>(
+    key: &DataKey,
+    table: &str,
+    row: &[u8],
+    version: i64,
+    sealed: &[u8],
+) -> Result<T, StoreError> {
+    let plain = key
+        .open(sealed, &row_aad(table, row, version))
+        .map_err(|_| StoreError::Tampered { row: row_name(table, row) })?;
+    postcard::from_bytes(&plain)
+        .map_err(|e| StoreError::Decode { row: row_name(table, row), reason: e.to_string() })
+}
+
+fn get_secret<T: for<'de> Deserialize<'de>>(
+    conn: &Connection,
+    key: &DataKey,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    let sealed: Option<Vec<u8>> =
+        conn.query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    sealed.map(|s| open_row(key, "secrets", name.as_bytes(), 0, &s)).transpose()
+}
+
+fn put_secret<T: Serialize>(
+    conn: &Connection,
+    key: &DataKey,
+    name: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let sealed = seal_row(key, "secrets", name.as_bytes(), 0, value)?;
+    conn.execute(
+        "INSERT INTO secrets (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![name, sealed],
+    )?;
+    Ok(())
+}
+
+/// Writes a patient's document and card under a new row version.
+fn write_document(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    summary: &mut PatientSummary,
+    received_at_ms: i64,
+    saved: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let patient_id = summary.patient_id()?;
+    let demographics = summary.demographics()?;
+    let doc_key = lookup.hash("doc", &patient_id.to_string());
+    // A provisional record (no NHS number yet) is found by its id only.
+    let nhs_key = match &demographics.nhs_number {
+        Some(nhs) => {
+            lookup.hash("nhs", NhsNumber::parse(nhs).map_err(|_| SummaryError::InvalidNhsNumber)?.as_str())
+        }
+        None => lookup.hash("provisional", &patient_id.to_string()),
+    };
+    let version: i64 = tx
+        .query_row("SELECT version FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| r.get(0))
+        .optional()?
+        .map_or(1, |v: i64| v + 1);
+    let card = PatientCard {
+        patient_id,
+        nhs_number: demographics.nhs_number,
+        name: demographics.name,
+        date_of_birth: demographics.date_of_birth,
+        postcode: demographics.postcode,
+    };
+    let automerge = saved.map_or_else(|| summary.save(), <[u8]>::to_vec);
+    let body = DocumentBody { patient_id, received_at_ms, automerge };
+    let card = seal_row(key, "card", &doc_key, version, &card)?;
+    let body = seal_row(key, "body", &doc_key, version, &body)?;
+    tx.execute(
+        "INSERT INTO documents (doc_key, nhs_key, version, card, body) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (doc_key) DO UPDATE SET nhs_key = excluded.nhs_key, version = excluded.version,
+             card = excluded.card, body = excluded.body",
+        params![doc_key.as_slice(), nhs_key.as_slice(), version, card, body],
+    )?;
+    Ok(())
+}

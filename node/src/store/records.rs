@@ -1,0 +1,158 @@
+//! Patient documents on the device: reading, searching, and local edits (each queued for upload).
+
+use super::*;
+
+impl DeviceStore {
+    /// Patients matching a search: an NHS number, or any of name (part, any case), date of
+    /// birth (exact) and postcode (prefix). Refused when the lease has expired.
+    pub fn search(
+        &self,
+        nhs: Option<&NhsNumber>,
+        name: Option<&str>,
+        date_of_birth: Option<&str>,
+        postcode: Option<&str>,
+    ) -> Result<Vec<PatientCard>, StoreError> {
+        let normalise = |s: &str| s.split_whitespace().collect::<String>().to_ascii_uppercase();
+        let cards = self.list()?;
+        Ok(cards
+            .into_iter()
+            .filter(|c| nhs.is_none_or(|n| c.nhs_number.as_deref() == Some(n.as_str())))
+            .filter(|c| name.is_none_or(|n| c.name.to_lowercase().contains(&n.trim().to_lowercase())))
+            .filter(|c| date_of_birth.is_none_or(|d| c.date_of_birth.as_deref() == Some(d.trim())))
+            .filter(|c| {
+                postcode.is_none_or(|p| {
+                    c.postcode.as_deref().is_some_and(|x| normalise(x).starts_with(&normalise(p)))
+                })
+            })
+            .collect())
+    }
+
+    /// The number of patient documents held.
+    pub fn document_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Every patient on the device, ordered by name (refused when the lease has expired).
+    pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
+        self.check_lease(crate::now_ms())?;
+        let mut stmt = self.conn.prepare("SELECT doc_key, version, card FROM documents")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+        let mut cards = Vec::new();
+        for row in rows {
+            let (doc_key, version, card) = row?;
+            cards.push(self.open_row::<PatientCard>("card", &doc_key, version, &card)?);
+        }
+        cards.sort_by(|a, b| a.name.cmp(&b.name).then(a.patient_id.cmp(&b.patient_id)));
+        Ok(cards)
+    }
+
+    /// The patient with this NHS number, if the device holds them.
+    pub fn find_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<StoredPatient>, StoreError> {
+        self.read_document("nhs_key", &self.nhs_key(nhs))
+    }
+
+    /// The patient document with this id, if the device holds it.
+    pub fn get(&self, doc: &PatientId) -> Result<Option<StoredPatient>, StoreError> {
+        self.read_document("doc_key", &self.doc_key(doc))
+    }
+
+    fn read_document(&self, column: &str, key: &[u8; 32]) -> Result<Option<StoredPatient>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT doc_key, version, body FROM documents WHERE {column} = ?1"),
+                [key.as_slice()],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)),
+            )
+            .optional()?;
+        let Some((doc_key, version, body)) = row else { return Ok(None) };
+        let body: DocumentBody = self.open_row("body", &doc_key, version, &body)?;
+        let summary = PatientSummary::load(&body.automerge)?;
+        Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
+    }
+
+    /// Adds an entry to a patient's summary on this device (works offline).
+    pub fn add_entry<T: SectionEntry>(
+        &mut self,
+        nhs: &NhsNumber,
+        entry: &T,
+    ) -> Result<crate::summary::EntryId, StoreError> {
+        self.edit(nhs, |summary| summary.add(entry))
+    }
+
+    /// Marks an entry as entered in error on this device (works offline).
+    pub fn mark_entered_in_error(
+        &mut self,
+        nhs: &NhsNumber,
+        section: crate::summary::Section,
+        entry: crate::summary::EntryId,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let provenance = self.provenance()?;
+        self.edit(nhs, |summary| summary.mark_entered_in_error(section, entry, reason, &provenance))
+    }
+
+    /// Records a crew attendance with observations and their NEWS2 score (works offline).
+    pub fn record_attendance(
+        &mut self,
+        nhs: &NhsNumber,
+        observations: &crate::news2::Observations,
+        reason: Option<&str>,
+    ) -> Result<(crate::summary::EntryId, crate::news2::News2), StoreError> {
+        let provenance = self.provenance()?;
+        let news2 = crate::news2::score(observations);
+        let mut encounter = crate::summary::Encounter::new("attendance", "finished", provenance.clone());
+        encounter.class = Some("emergency".into());
+        encounter.start = crate::view::iso_time(provenance.corrected_time_ms());
+        encounter.reason = reason.map(str::to_string);
+        encounter.vitals = Some(observations.to_vitals());
+        let id = self.edit(nhs, |summary| summary.add(&encounter))?;
+        Ok((id, news2))
+    }
+
+    /// Runs a local edit on a patient's summary as this device: the changes it makes are stored
+    /// with the document and queued for upload, in one transaction.
+    pub fn edit<R>(
+        &mut self,
+        nhs: &NhsNumber,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
+        let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
+        self.edit_patient(patient, change)
+    }
+
+    /// [`DeviceStore::edit`] for a patient found by id (e.g. a provisional record).
+    pub fn edit_by_id<R>(
+        &mut self,
+        id: &PatientId,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
+        let patient = self.get(id)?.ok_or(StoreError::UnknownPatient)?;
+        self.edit_patient(patient, change)
+    }
+
+    fn edit_patient<R>(
+        &mut self,
+        mut patient: StoredPatient,
+        change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
+    ) -> Result<R, StoreError> {
+        let identity = self.identity()?;
+        patient.summary.set_actor(&identity.public_key());
+        let before = patient.summary.heads();
+        let result = change(&mut patient.summary)?;
+        let changes = patient.summary.changes_since(&before);
+        let patient_id = patient.summary.patient_id()?;
+        let tx = self.conn.transaction()?;
+        write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;
+        for change in changes {
+            let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
+            tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
+            let id = tx.last_insert_rowid();
+            let sealed = seal_row(&self.key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
+            tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+        }
+        tx.commit()?;
+        Ok(result)
+    }
+}

@@ -1,0 +1,159 @@
+//! What the sync session reads and writes: the outbox, received pages, round progress.
+
+use super::*;
+
+impl DeviceStore {
+    /// Local changes after outbox position `after`, oldest first, up to about `max_bytes`.
+    pub fn pending_changes(&self, after: u64, max_bytes: usize) -> Result<Vec<PendingChange>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id, body FROM outbox WHERE id > ?1 ORDER BY id")?;
+        let mut rows = stmt.query([after as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let body: Vec<u8> = row.get(1)?;
+            let body: OutboxBody = self.open_row("outbox", &id.to_be_bytes(), 0, &body)?;
+            bytes += body.change.len();
+            out.push(PendingChange { outbox_id: id as u64, doc: body.patient_id, change: body.change });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many local changes wait for upload.
+    pub fn pending_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Forgets local changes the server has made durable.
+    pub fn acknowledge_uploads(&mut self, through: u64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM outbox WHERE id <= ?1", [through as i64])?;
+        Ok(())
+    }
+
+    /// Applies a page of a sync round in one transaction together with the round's progress
+    /// (the last item applied), so a cut link or a crash leaves every document of the page and
+    /// the marker that covers it applied, or none of them. Returns how many notifications
+    /// (admissions, discharges, attendances…) the page produced.
+    pub fn apply_items(&mut self, round: u64, items: &[DocItem], now_ms: i64) -> Result<u64, StoreError> {
+        let Some(last) = items.last() else { return Ok(0) };
+        let tx = self.conn.transaction()?;
+        let mut notified = 0;
+        for item in items {
+            notified += apply_one(&tx, &self.key, &self.lookup, item, now_ms)?;
+        }
+        let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
+        state.resume = Some(Resume { round, through: last.doc });
+        put_secret(&tx, &self.key, "sync", &state)?;
+        tx.commit()?;
+        Ok(notified)
+    }
+
+    /// Completes a round: the cursor moves to `round` and the interrupted-round marker goes.
+    pub fn finish_round(
+        &mut self,
+        round: u64,
+        server_time_ms: i64,
+        now_ms: i64,
+        lease_ms: u64,
+        left_out: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
+        state.cursor = round;
+        state.lease_ms = Some(lease_ms);
+        state.left_out = left_out;
+        state.resume = None;
+        state.last_sync_ms = Some(now_ms);
+        state.last_sync_server_ms = Some(server_time_ms);
+        put_secret(&tx, &self.key, "sync", &state)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// A received document must be the one it claims to be.
+fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), StoreError> {
+    if summary.has_missing_deps() {
+        return Err(StoreError::MissingDependencies { doc: short_hex(doc.as_bytes()) });
+    }
+    if summary.patient_id()? != *doc {
+        return Err(StoreError::Decode {
+            row: format!("document {}", short_hex(doc.as_bytes())),
+            reason: "the document names another patient".into(),
+        });
+    }
+    Ok(())
+}
+
+fn read_body(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    doc_key: &[u8; 32],
+) -> Result<Option<DocumentBody>, StoreError> {
+    let row = tx
+        .query_row("SELECT version, body FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    row.map(|(version, body)| open_row(key, "body", doc_key, version, &body)).transpose()
+}
+
+/// Applies one received item inside the caller's transaction; returns notifications made.
+fn apply_one(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    item: &DocItem,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let doc_key = lookup.hash("doc", &item.doc.to_string());
+    let mut notified = 0;
+    match &item.body {
+        DocBody::Purge => {
+            tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
+        }
+        DocBody::Whole(bytes) => match read_body(tx, key, &doc_key)? {
+            Some(existing) => {
+                let mut summary = PatientSummary::load(&existing.automerge)?;
+                summary.merge_saved(bytes)?;
+                check_received(&mut summary, &item.doc)?;
+                write_document(tx, key, lookup, &mut summary, now_ms, None)?;
+            }
+            None => {
+                // A new document is stored as the server saved it: no second save.
+                let mut summary = PatientSummary::load(bytes)?;
+                check_received(&mut summary, &item.doc)?;
+                write_document(tx, key, lookup, &mut summary, now_ms, Some(bytes))?;
+            }
+        },
+        DocBody::Changes(changes) => {
+            let existing = read_body(tx, key, &doc_key)?
+                .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
+            let mut summary = PatientSummary::load(&existing.automerge)?;
+            let before = crate::notify::snapshot(&mut summary)?;
+            let decoded = changes
+                .iter()
+                .map(|c| automerge::Change::try_from(c.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StoreError::Decode {
+                    row: format!("change for {}", short_hex(item.doc.as_bytes())),
+                    reason: e.to_string(),
+                })?;
+            summary.apply_changes(decoded)?;
+            check_received(&mut summary, &item.doc)?;
+            for text in crate::notify::changes(&before, &mut summary)? {
+                let note = crate::notify::Notification { patient_id: item.doc, at_ms: now_ms, text };
+                tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
+                let id = tx.last_insert_rowid();
+                let sealed = seal_row(key, "notifications", &id.to_be_bytes(), 0, &note)?;
+                tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+                notified += 1;
+            }
+            write_document(tx, key, lookup, &mut summary, now_ms, None)?;
+        }
+    }
+    Ok(notified)
+}

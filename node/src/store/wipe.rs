@@ -1,0 +1,40 @@
+//! Remote wipe: destroying patient data, then the data key (crypto-shredding).
+
+use super::*;
+
+impl DeviceStore {
+    /// Destroys every patient document, pending change, view and sync position, and compacts
+    /// the file so their (already encrypted) bytes are gone too. The identity stays, so the
+    /// device can still tell the server.
+    pub fn wipe_patient_data(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log; DELETE FROM notifications;
+             DELETE FROM secrets WHERE name IN ('sync', 'view_head'); COMMIT;",
+        )?;
+        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+
+    /// Crypto-shredding: destroys the wrapped data key and every secret, so nothing left in the
+    /// file can be decrypted, and marks the store as wiped.
+    pub fn shred(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "BEGIN; DELETE FROM secrets; DELETE FROM documents; DELETE FROM outbox; DELETE FROM view_log;
+             DELETE FROM notifications; DELETE FROM meta WHERE name = 'wrapped_key'; COMMIT;",
+        )?;
+        self.conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('wiped_at', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [crate::now_ms().to_string().as_bytes()],
+        )?;
+        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+
+    /// Moves the last sync back in time, to test lease expiry without waiting.
+    #[doc(hidden)]
+    pub fn backdate_last_sync_for_test(&self, by_ms: i64) -> Result<(), StoreError> {
+        let mut state = self.sync_state()?;
+        state.last_sync_ms = state.last_sync_ms.map(|t| t - by_ms);
+        self.put_secret("sync", &state)
+    }
+}
