@@ -12,8 +12,8 @@
 //! with or read under another key is an error ([`StoreError::Tampered`]), never silently used.
 //! `secure_delete` is on, so purged documents are overwritten in the file.
 //!
-//! Parts: [`records`] (reading and local edits), [`sync`] (outbox, received pages, rounds),
-//! [`audit`] (lease, view log, notifications), [`wipe`] (remote wipe).
+//! Parts: `records` (reading and local edits), `sync` (outbox, received pages, rounds),
+//! `audit` (lease, view log, notifications), `wipe` (remote wipe).
 
 use std::path::Path;
 
