@@ -329,20 +329,14 @@ pub async fn watch(
                     rounds = session.rounds_completed();
                     on_round(session.stats());
                 }
+                if session.is_done() {
+                    break; // e.g. told to wipe
+                }
             }
             () = &mut stop => break,
         }
     }
-    let stats = session.stats().clone();
-    let (sent, received, udp) = conn.finish().await?;
-    Ok(SyncReport {
-        stats,
-        frame_bytes_sent: sent,
-        frame_bytes_received: received,
-        udp_bytes_sent: udp.udp_tx.bytes,
-        udp_bytes_received: udp.udp_rx.bytes,
-        duration: started.elapsed(),
-    })
+    conclude(&session, conn, store, started).await
 }
 
 async fn sync_with(
@@ -366,21 +360,29 @@ async fn sync_with(
         }
         progress(session.stats());
     }
-    let stats = session.stats().clone();
     let decisions = session.decisions().to_vec();
+    Ok((decisions, conclude(&session, conn, store, started).await?))
+}
+
+/// Ends a session: finishes the connection, and if the server told the device to wipe, destroys
+/// the data key now that the server has the confirmation (every way of syncing ends here).
+async fn conclude(
+    session: &SyncSession,
+    conn: DeviceConnection,
+    store: &mut DeviceStore,
+    started: Instant,
+) -> Result<SyncReport, ClientError> {
     let (sent, received, udp) = conn.finish().await?;
     if session.wiped() {
-        // The server has our confirmation; now destroy the key itself.
         store.shred()?;
         return Err(ClientError::Wiped);
     }
-    let report = SyncReport {
-        stats,
+    Ok(SyncReport {
+        stats: session.stats().clone(),
         frame_bytes_sent: sent,
         frame_bytes_received: received,
         udp_bytes_sent: udp.udp_tx.bytes,
         udp_bytes_received: udp.udp_rx.bytes,
         duration: started.elapsed(),
-    };
-    Ok((decisions, report))
+    })
 }

@@ -301,3 +301,19 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
     assert!(rows.contains(&"84114007,Heart failure,80+,PO30,10"), "8 rounds to 10: {rows:?}");
     assert!(!export.csv.contains("Planning Person") && !export.csv.contains("999"), "nothing identifiable");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_told_to_wipe_during_a_live_session_shreds_its_key_too() {
+    let server = TestServer::start(2).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-10", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-10", [0, 1]);
+    within(30, crew.sync()).await.unwrap();
+    ops::wipe(server.store.as_ref(), "ambulance-10").unwrap();
+    let err =
+        within(30, care_node::client::watch(&mut crew.store, &mut |_| {}, std::future::pending::<()>()))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, ClientError::Wiped), "{err:?}");
+    assert!(server.store.device_by_name("ambulance-10").unwrap().unwrap().wiped_at_ms.is_some());
+    assert!(matches!(DeviceStore::open(&crew.path, &cheap_wrapper(PASSPHRASE)), Err(StoreError::Wiped)));
+}
