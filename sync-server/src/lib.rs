@@ -11,14 +11,20 @@
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
 //! - [`planning`]: anonymised, suppressed planning exports (national data opt-out respected).
 //! - [`population`]: the deterministic synthetic population.
+//! - [`config`]: the TOML configuration file and its defaults.
+//! - [`admin`]: the operators' admin API, dashboard and `/metrics` (axum).
+//! - [`metrics`]: Prometheus metrics.
 //! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
 //!
 //! Logs and errors name devices and opaque document ids, never a patient.
 
+pub mod admin;
+pub mod config;
 pub mod demo;
 pub mod fhir;
 pub mod governance;
 pub mod hl7;
+pub mod metrics;
 pub mod ops;
 pub mod planning;
 pub mod population;

@@ -220,6 +220,39 @@ pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// Acknowledges an open alert with the operator's note (audited); false if no such open alert.
+pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result<bool, OpsError> {
+    if note.trim().is_empty() {
+        return Err(OpsError::Invalid("an acknowledgement needs a note".into()));
+    }
+    if !store.acknowledge_alert(id, note, now())? {
+        return Ok(false);
+    }
+    store.append_audit(OPERATOR, "alert-acknowledged", None, &format!("alert {id}: {note}"), now())?;
+    Ok(true)
+}
+
+/// Parses a time given by an operator: RFC 3339 or a date (`2026-11-25`, midnight UTC).
+pub fn parse_since(s: &str) -> Result<i64, OpsError> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let date = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|_| OpsError::Invalid(format!("`{s}` is not a date (2026-11-25) or an RFC 3339 time")))?;
+    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
+}
+
+/// The anonymised planning export (audited: who took it and how many patients it counts).
+pub fn planning_export(store: &dyn ServerStore) -> Result<crate::planning::PlanningExport, OpsError> {
+    let export = crate::planning::export(store, now())?;
+    let detail = format!(
+        "{} patients counted, {} excluded by the national data opt-out",
+        export.patients_counted, export.patients_opted_out
+    );
+    store.append_audit(OPERATOR, "export-planning", None, &detail, now())?;
+    Ok(export)
+}
+
 /// Changes a server setting (audited).
 pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(), OpsError> {
     const KNOWN: &[&str] = &[

@@ -19,6 +19,7 @@ use care_node::token::EnrolmentToken;
 use care_node::wire::{WireError, read_frame, write_frame};
 use tracing::Instrument;
 
+use crate::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
 use crate::session::{ServerSession, SessionError};
 use crate::store::{DeviceRecord, ServerStore};
 
@@ -171,19 +172,25 @@ enum ConnectionError {
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnectionError> {
-    let conn = incoming.await?;
+    let conn = incoming.await.inspect_err(|_| {
+        metrics().refused_handshakes.inc();
+    })?;
     let alpn = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
-    match alpn.as_deref() {
-        Some(ALPN_SYNC) => handle_sync(conn, shared).await,
-        Some(ALPN_ENROL) => handle_enrol(conn, shared).await,
+    let result = match alpn.as_deref() {
+        Some(ALPN_SYNC) => handle_sync(conn.clone(), shared).await,
+        Some(ALPN_ENROL) => handle_enrol(conn.clone(), shared).await,
         _ => {
             conn.close(close::PROTOCOL.into(), b"unknown application protocol");
             Err(ConnectionError::UnknownAlpn)
         }
-    }
+    };
+    let stats = conn.stats();
+    metrics().bytes.get_or_create(&SENT).inc_by(stats.udp_tx.bytes);
+    metrics().bytes.get_or_create(&RECEIVED).inc_by(stats.udp_rx.bytes);
+    result
 }
 
 fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
@@ -215,6 +222,7 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
     let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
         Some(Ok(Some(device))) if device.revoked_at_ms.is_none() => device,
         _ => {
+            metrics().refused_handshakes.inc();
             conn.close(close::REFUSED.into(), b"not an enrolled device");
             return Err(ConnectionError::NoDevice);
         }
@@ -224,7 +232,11 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
         if let Some(old) = shared.live.lock().expect("live map").insert(device.id, conn.clone()) {
             old.close(close::DONE.into(), b"superseded by a newer connection of this device");
         }
+        metrics().connected_devices.inc();
         let result = run_sync(&conn, device.clone(), &shared).await;
+        metrics().connected_devices.dec();
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics().syncs.get_or_create(&OutcomeLabel { outcome }).inc();
         {
             let mut live = shared.live.lock().expect("live map");
             if live.get(&device.id).is_some_and(|c| c.stable_id() == conn.stable_id()) {
@@ -284,6 +296,9 @@ async fn send_round(
         let (back, page) = on_store(session, shared.store.clone(), |s, store| s.next_page(store)).await?;
         session = back;
         if let Some(page) = page? {
+            if let ServerMessage::Docs { items, .. } = &page {
+                metrics().documents.get_or_create(&SENT).inc_by(items.len() as u64);
+            }
             write_frame(send, &page).await?;
         }
     }
@@ -301,7 +316,14 @@ async fn run_sync(
     let mut changes = shared.changes.clone();
     changes.borrow_and_update();
     let mut session = ServerSession::new(device);
+    // The sync's duration ends with its last round: waiting in a live session is not syncing.
+    let started = std::time::Instant::now();
+    let mut timed = false;
     while !session.is_done() {
+        if !timed && session.is_watching() {
+            metrics().sync_duration.observe(started.elapsed().as_secs_f64());
+            timed = true;
+        }
         let next = if session.is_watching() {
             tokio::select! {
                 frame = frames.recv() => frame,
@@ -332,6 +354,9 @@ async fn run_sync(
             _ if session.is_watching() => break,
             _ => return Err(SessionError::Protocol("the device ended the session early".into()).into()),
         };
+        if let ClientMessage::Upload { docs, .. } = &message {
+            metrics().documents.get_or_create(&RECEIVED).inc_by(docs.len() as u64);
+        }
         let (back, replies) = on_store(session, shared.store.clone(), move |s, store| {
             s.handle(message, store, care_node::now_ms())
         })
@@ -354,6 +379,9 @@ async fn run_sync(
             write_frame(&mut send, reply).await?;
         }
         session = send_round(session, &mut send, shared).await?;
+    }
+    if !timed {
+        metrics().sync_duration.observe(started.elapsed().as_secs_f64());
     }
     // Finish our side and let the device hang up first (close is not delivery).
     let _ = send.finish();
@@ -384,9 +412,14 @@ async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<()
         return Ok(());
     };
     let response = enrol(&request, &shared).await;
-    if let EnrolResponse::Refused { message } = &response {
-        tracing::info!(reason = %message, "enrolment refused");
-    }
+    let outcome = match &response {
+        EnrolResponse::Refused { message } => {
+            tracing::info!(reason = %message, "enrolment refused");
+            "refused"
+        }
+        _ => "ok",
+    };
+    metrics().enrolments.get_or_create(&OutcomeLabel { outcome }).inc();
     write_frame(&mut send, &response).await?;
     finish_and_linger(&conn, send, &mut recv).await;
     Ok(())

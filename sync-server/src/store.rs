@@ -5,7 +5,7 @@
 //! The change log: every accepted Automerge change gets a global, increasing sequence number.
 //! A device's cursor names a position in it; a round sends only what lies after the cursor.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use care_node::identity::{Identity, PublicKey};
 use care_node::nhs::NhsNumber;
@@ -221,6 +221,28 @@ pub struct ConsentFlags {
     pub opt_out: bool,
 }
 
+/// How many recent feed refusals the store keeps for operators.
+pub const FEED_ERRORS_KEPT: usize = 100;
+
+/// What the hospital feeds have done since the store was created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FeedStatus {
+    /// Messages by ACK code (AA accepted, AE/AR refused).
+    pub accepted: u64,
+    pub errors: u64,
+    pub rejected: u64,
+    pub last_message_ms: Option<i64>,
+    /// The most recent refusals, newest first: `(time, code, reason)`.
+    pub recent_refusals: Vec<FeedRefusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FeedRefusal {
+    pub at_ms: i64,
+    pub code: String,
+    pub reason: String,
+}
+
 /// Which audit lines to return.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {
@@ -364,6 +386,10 @@ pub trait Governance: Send + Sync {
     /// Whether an HL7 message with this control id (MSH-10) was already processed.
     fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError>;
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Counts a processed message by its ACK code; a refusal's reason (never patient data) is kept
+    /// among the last [`FEED_ERRORS_KEPT`].
+    fn feed_record(&self, code: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;
+    fn feed_status(&self) -> Result<FeedStatus, StoreError>;
 
     // --- device view audits
     /// The last verified entry of a device's view log: `(seq, hash)`.
@@ -372,6 +398,7 @@ pub trait Governance: Send + Sync {
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
+    fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
 }
 
 /// The change log and each device's progress through it.
@@ -389,6 +416,8 @@ pub trait SyncLog: Send + Sync {
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;
     /// Documents the device holds for sure (its confirmed set).
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;
+    /// How many documents each device holds (devices holding none are left out).
+    fn held_counts(&self) -> Result<HashMap<i64, u64>, StoreError>;
     /// The round the device was sent but has not confirmed, if any.
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError>;
     /// Records, before a page is sent, which documents it sends whole and which it purges.

@@ -22,11 +22,21 @@ fn free_udp_port() -> u16 {
 }
 
 fn serve(data: &Path, port: u16) -> Child {
-    let child =
-        server(data, &["serve", "--listen", &format!("127.0.0.1:{port}"), "--mllp-listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("server starts");
+    let child = server(
+        data,
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--mllp-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .expect("server starts");
     std::thread::sleep(Duration::from_millis(500));
     child
 }

@@ -78,6 +78,79 @@ impl TestServer {
     }
 }
 
+/// The operator token of every test console.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
+/// A running admin API and dashboard on 127.0.0.1 (port 0), with a blocking HTTP client.
+pub struct TestConsole {
+    pub base: String,
+    agent: ureq::Agent,
+    server: Option<care_sync_server::admin::AdminServer>,
+}
+
+impl TestConsole {
+    /// Starts the console of `server`; devices not synced for `stale_after` are stale.
+    pub async fn start(server: &TestServer, stale_after: Duration) -> Self {
+        let options = care_sync_server::admin::AdminOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: OPERATOR_TOKEN.into(),
+            stale_after_ms: stale_after.as_millis() as i64,
+            sync_addr: server.addr,
+        };
+        let console =
+            care_sync_server::admin::start(server.store.clone(), options).await.expect("console starts");
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Self { base: format!("http://{}", console.addr), agent, server: Some(console) }
+    }
+
+    /// `GET path` with `token` (None: no Authorization header): status and body text.
+    pub fn get_with(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        tokio::task::block_in_place(|| {
+            let mut request = self.agent.get(format!("{}{path}", self.base));
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let mut response = request.call().expect("HTTP GET");
+            let status = response.status().as_u16();
+            (status, response.body_mut().read_to_string().expect("body"))
+        })
+    }
+
+    /// `POST path` with a JSON body and `token`: status and body text.
+    pub fn post_with(&self, path: &str, body: &serde_json::Value, token: Option<&str>) -> (u16, String) {
+        tokio::task::block_in_place(|| {
+            let mut request = self.agent.post(format!("{}{path}", self.base));
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let mut response = request.send_json(body).expect("HTTP POST");
+            let status = response.status().as_u16();
+            (status, response.body_mut().read_to_string().expect("body"))
+        })
+    }
+
+    /// An authorised GET that must succeed, as JSON.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get_with(path, Some(OPERATOR_TOKEN));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// An authorised POST: status and JSON body.
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, text) = self.post_with(path, &body, Some(OPERATOR_TOKEN));
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}
+
+impl Drop for TestConsole {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+    }
+}
+
 /// A device with its own encrypted store in a temporary directory.
 pub struct TestDevice {
     pub name: String,

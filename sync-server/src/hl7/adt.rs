@@ -179,8 +179,21 @@ fn update_demographics(current: &Demographics, incoming: &Demographics) -> Demog
     }
 }
 
-/// Processes one ADT message and returns the ACK to send.
+/// Processes one ADT message and returns the ACK to send; counts it for the feed status and
+/// metrics.
 pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
+    let ack = process_message(store, text, now_ms);
+    crate::metrics::metrics()
+        .mllp_messages
+        .get_or_create(&crate::metrics::AckLabel { code: ack.code.into() })
+        .inc();
+    if let Err(e) = store.feed_record(ack.code, &ack.text, now_ms) {
+        tracing::error!(error = %e, "could not record a feed message's outcome");
+    }
+    ack
+}
+
+fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
     let text =
         text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");
     let Ok(msg) = Message::parse(&text) else {

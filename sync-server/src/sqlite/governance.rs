@@ -295,6 +295,14 @@ impl Governance for SqliteStore {
         )? > 0)
     }
 
+    fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT patient_id FROM caseload WHERE device_id = ?1 ORDER BY patient_id")?;
+        let rows = stmt.query_map([device], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
         Ok(self.conn().execute(
             "DELETE FROM caseload WHERE device_id = ?1 AND patient_id = ?2",
@@ -308,6 +316,50 @@ impl Governance for SqliteStore {
             [control_id],
             |r| r.get::<_, i64>(0),
         )? > 0)
+    }
+
+    fn feed_record(&self, code: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO feed_counts (code, n, last_at_ms) VALUES (?1, 1, ?2)
+             ON CONFLICT (code) DO UPDATE SET n = n + 1, last_at_ms = excluded.last_at_ms",
+            params![code, now_ms],
+        )?;
+        if code != "AA" {
+            tx.execute(
+                "INSERT INTO feed_refusals (at_ms, code, reason) VALUES (?1, ?2, ?3)",
+                params![now_ms, code, reason],
+            )?;
+            tx.execute(
+                "DELETE FROM feed_refusals WHERE id <= (SELECT max(id) FROM feed_refusals) - ?1",
+                [crate::store::FEED_ERRORS_KEPT as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn feed_status(&self) -> Result<crate::store::FeedStatus, StoreError> {
+        let conn = self.conn();
+        let mut status = crate::store::FeedStatus::default();
+        let mut counts = conn.prepare("SELECT code, n, last_at_ms FROM feed_counts")?;
+        for row in counts.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?)))? {
+            let (code, n, at): (String, i64, i64) = row?;
+            match code.as_str() {
+                "AA" => status.accepted = n as u64,
+                "AE" => status.errors = n as u64,
+                _ => status.rejected += n as u64,
+            }
+            status.last_message_ms = status.last_message_ms.max(Some(at));
+        }
+        let mut refusals = conn.prepare("SELECT at_ms, code, reason FROM feed_refusals ORDER BY id DESC")?;
+        status.recent_refusals = refusals
+            .query_map([], |r| {
+                Ok(crate::store::FeedRefusal { at_ms: r.get(0)?, code: r.get(1)?, reason: r.get(2)? })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(status)
     }
 
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError> {

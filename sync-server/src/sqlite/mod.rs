@@ -2,12 +2,13 @@
 //!
 //! One file per part of the store: [`devices`], [`patients`], [`governance`], [`sync`].
 
+pub mod backup;
 mod devices;
 mod governance;
 mod patients;
 mod sync;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -71,6 +72,17 @@ CREATE TABLE IF NOT EXISTS hl7_messages (
     control_id TEXT PRIMARY KEY,
     event TEXT NOT NULL,
     received_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feed_counts (
+    code TEXT PRIMARY KEY,
+    n INTEGER NOT NULL,
+    last_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feed_refusals (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (

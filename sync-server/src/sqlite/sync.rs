@@ -96,6 +96,14 @@ impl SyncLog for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn held_counts(&self) -> Result<HashMap<i64, u64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT device_id, count(*) FROM device_docs WHERE state = ?1 GROUP BY device_id")?;
+        let rows = stmt.query_map([HELD], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
         let round: Option<i64> =
             self.conn()

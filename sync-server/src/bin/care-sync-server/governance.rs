@@ -158,14 +158,7 @@ pub fn alerts(store: &dyn ServerStore, action: AlertAction) -> CliResult {
             }
         }
         AlertAction::Ack { id, note } => {
-            if store.acknowledge_alert(id, &note, care_node::now_ms())? {
-                store.append_audit(
-                    ops::OPERATOR,
-                    "alert-acknowledged",
-                    None,
-                    &format!("alert {id}: {note}"),
-                    care_node::now_ms(),
-                )?;
+            if ops::acknowledge_alert(store, id, &note)? {
                 println!("alert {id} acknowledged");
             } else {
                 return Err(format!("no open alert {id}").into());
@@ -173,16 +166,6 @@ pub fn alerts(store: &dyn ServerStore, action: AlertAction) -> CliResult {
         }
     }
     Ok(())
-}
-
-/// Parses `--since` as an RFC 3339 time or a date (`2026-11-25`).
-fn parse_since(s: &str) -> Result<i64, String> {
-    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
-    }
-    let date = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
-        .map_err(|_| format!("`{s}` is not a date (2026-11-25) or an RFC 3339 time"))?;
-    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
 }
 
 /// Who saw this patient, when, and why.
@@ -195,7 +178,7 @@ pub fn audit(
     let filter = AuditFilter {
         patient: nhs.map(|n| ops::find_patient(store, &n)).transpose()?,
         actor: device,
-        since_ms: since.map(|s| parse_since(&s)).transpose()?,
+        since_ms: since.map(|s| ops::parse_since(&s)).transpose()?,
     };
     for a in store.audit_entries(&filter)? {
         let patient = a.patient.map(|p| care_node::identity::short_hex(p.as_bytes())).unwrap_or_default();
@@ -212,7 +195,7 @@ pub fn audit(
 }
 
 pub fn export_planning(store: &dyn ServerStore, out: Option<PathBuf>) -> CliResult {
-    let export = care_sync_server::planning::export(store, care_node::now_ms())?;
+    let export = ops::planning_export(store)?;
     match out {
         Some(path) => {
             std::fs::write(&path, &export.csv)

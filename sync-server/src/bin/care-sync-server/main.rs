@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use care_sync_server::config::{self, Config, LogFormat};
 use care_sync_server::demo::{self, DemoOptions};
 use care_sync_server::ops;
 use care_sync_server::sqlite::SqliteStore;
@@ -13,34 +14,57 @@ use care_sync_server::store::{Role, ServerStore};
 use clap::{Parser, Subcommand};
 
 mod governance;
-
-/// The default address `serve` listens on and tokens point to.
-const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
-/// The default MLLP address for HL7 v2 feeds.
-const DEFAULT_MLLP: &str = "127.0.0.1:2575";
-/// The default data directory of every command but `demo`.
-const DEFAULT_DATA_DIR: &str = "./care-sync-data";
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "care-sync-server", version, about = "care-sync regional server and operator tools")]
 struct Cli {
-    /// Where the server keeps its store [default: ./care-sync-data; for `demo`, a temporary
-    /// directory removed afterwards].
+    /// The configuration file (TOML; `care-sync-server config` prints every setting and its
+    /// default). Flags given on the command line win over it.
+    #[arg(long, global = true, env = "CARE_SYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the server keeps its store [default: `data_dir` of the configuration, else
+    /// ./care-sync-data; for `demo`, a temporary directory removed afterwards].
     #[arg(long, global = true, env = "CARE_SYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Log format: `text` (default) or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the QUIC sync server until interrupted.
+    /// Runs the QUIC sync server, the MLLP listener and the admin API/dashboard until interrupted.
     Serve {
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        listen: SocketAddr,
-        /// Where hospital systems send HL7 v2 ADT over MLLP (loopback by default).
-        #[arg(long, default_value = DEFAULT_MLLP)]
-        mllp_listen: SocketAddr,
+        /// QUIC address [default: `sync.listen`, 127.0.0.1:7400].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where hospital systems send HL7 v2 ADT over MLLP [default: `feeds.mllp_listen`,
+        /// 127.0.0.1:2575].
+        #[arg(long)]
+        mllp_listen: Option<SocketAddr>,
+        /// Admin API, dashboard and /metrics [default: `admin.listen`, 127.0.0.1:7480].
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Prints the effective configuration (the file's settings over the defaults) as TOML.
+    Config,
+    /// Prints the operator token of the admin API (created by the first `serve`).
+    AdminToken,
+    /// Copies the store to FILE while the server runs (consistent, integrity-checked).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Puts a backup in place as the store of the data directory (stop the server first).
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace an existing store (it is kept beside the new one as server.db.replaced-*).
+        #[arg(long)]
+        force: bool,
     },
     /// Processes HL7 v2 ADT messages from files (plain, one `MSH` per message, or MLLP-framed).
     IngestAdt {
@@ -188,43 +212,71 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
-fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::error::Error>> {
-    Ok(Arc::new(SqliteStore::open(dir)?))
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("`text` or `json`".into()),
+    }
 }
 
-fn advertised_addr_file(dir: &std::path::Path) -> PathBuf {
-    dir.join("advertised-addr")
+fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::error::Error>> {
+    Ok(Arc::new(SqliteStore::open(dir)?))
 }
 
 /// Errors of the operator commands, shown to the operator as one line.
 pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-async fn run(cli: Cli) -> CliResult {
+async fn run(cli: Cli, mut config: Config) -> CliResult {
     if let Command::Demo { patients } = cli.command {
         let mut stdout = std::io::stdout();
         let options = DemoOptions { patients, data_dir: cli.data_dir };
         demo::run(options, &mut stdout).await?;
         return Ok(());
     }
-    let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    let dir = config.data_dir.clone();
     match cli.command {
-        Command::Serve { listen, mllp_listen } => {
-            let store = open(&dir)?;
-            let running = care_sync_server::server::start(store.clone(), listen).await?;
-            let mllp = care_sync_server::hl7::mllp::start(store, mllp_listen)
-                .await
-                .map_err(|e| format!("cannot listen for MLLP on {mllp_listen}: {e}"))?;
-            std::fs::write(advertised_addr_file(&dir), running.addr.to_string())?;
+        Command::Serve { listen, mllp_listen, admin_listen } => {
+            config.sync.listen = listen.unwrap_or(config.sync.listen);
+            config.feeds.mllp_listen = mllp_listen.unwrap_or(config.feeds.mllp_listen);
+            config.admin.listen = admin_listen.unwrap_or(config.admin.listen);
+            serve::serve(config).await?;
+        }
+        Command::Config => {
+            // Policy keys the file leaves out are shown with the built-in defaults; a value
+            // changed with `set` is kept in the store and shown by `set`'s audit line.
+            config.policy = config.policy.or_defaults();
+            print!("{}", config.to_toml());
+        }
+        Command::AdminToken => {
+            let (token, created) = care_sync_server::admin::load_or_create_token(&config.token_file())?;
+            if created {
+                eprintln!("created a new operator token in {}", config.token_file().display());
+            }
+            println!("{token}");
+        }
+        Command::Backup { out } => {
+            let report = care_sync_server::sqlite::backup::backup(&dir, &out)?;
             println!(
-                "care-sync server listening on {} (QUIC) and {} (HL7 v2 MLLP); data in {}",
-                running.addr,
-                mllp.addr,
+                "backed up {} patients and {} devices to {} ({} bytes); integrity check ok",
+                report.patients,
+                report.devices,
+                out.display(),
+                report.bytes
+            );
+        }
+        Command::Restore { from, force } => {
+            let report = care_sync_server::sqlite::backup::restore(&from, &dir, force)?;
+            println!(
+                "restored {} patients and {} devices from {} into {}",
+                report.patients,
+                report.devices,
+                from.display(),
                 dir.display()
             );
-            tokio::signal::ctrl_c().await?;
-            println!("shutting down");
-            mllp.stop();
-            running.shutdown().await;
         }
         Command::IngestAdt { files } => {
             let store = open(&dir)?;
@@ -246,13 +298,12 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
             let store = open(&dir)?;
-            let addr = match server_addr {
-                Some(a) => a,
-                None => std::fs::read_to_string(advertised_addr_file(&dir))
+            let addr = server_addr.or(config.sync.advertised_addr).unwrap_or_else(|| {
+                std::fs::read_to_string(serve::advertised_addr_file(&dir))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
-            };
+                    .unwrap_or(config.sync.listen)
+            });
             let ttl = Duration::from_secs(expires_in_hours * 3600);
             let token = ops::issue_token(store.as_ref(), &name, role, addr, ttl)?;
             eprintln!(
@@ -449,25 +500,36 @@ async fn run(cli: Cli) -> CliResult {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CARE_SYNC_LOG")
-                .unwrap_or_else(|_| default_log_filter().into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let config = match &cli.config {
+        Some(file) => match Config::load(file) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::default(),
+    };
+    // `serve` reports connections and enrolments; the other commands print only warnings.
+    let filter = match std::env::var("CARE_SYNC_LOG") {
+        Ok(filter) => filter,
+        Err(_) if matches!(cli.command, Command::Serve { .. }) => config.logging.filter.clone(),
+        Err(_) => "warn".into(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::DEFAULT_LOG_FILTER));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format.unwrap_or(config.logging.format) {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// `serve` reports connections and enrolments; the other commands print only warnings.
-fn default_log_filter() -> &'static str {
-    if std::env::args().any(|a| a == "serve") { "warn,care_sync_server=info" } else { "warn" }
 }

@@ -1,0 +1,440 @@
+//! The JSON endpoints under `/api` (described in `assets/openapi.json`). Every handler runs its
+//! store work on the blocking pool and maps failures to a status code with a one-line message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AdminState;
+use crate::ops::{self, OpsError};
+use crate::store::{AuditFilter, GrantKind, Role, ServerStore, StoreError};
+
+pub(super) fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/api/status", get(status))
+        .route("/api/devices", get(devices).post(enrol_device))
+        .route("/api/devices/{name}/revoke", post(revoke_device))
+        .route("/api/devices/{name}/wipe", post(wipe_device))
+        .route("/api/scopes", get(scopes))
+        .route("/api/caseload", post(caseload_add))
+        .route("/api/caseload/remove", post(caseload_remove))
+        .route("/api/incidents", post(incident_open))
+        .route("/api/incidents/close", post(incident_close))
+        .route("/api/areas", post(area_add))
+        .route("/api/areas/remove", post(area_remove))
+        .route("/api/alerts", get(alerts))
+        .route("/api/alerts/{id}/ack", post(acknowledge_alert))
+        .route("/api/audit", get(audit))
+        .route("/api/feeds", get(feeds))
+        .route("/api/planning.csv", get(planning_export))
+}
+
+/// An error answer: `{"error": "..."}` with a status code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> Self {
+        match e {
+            OpsError::Store(e) => e.into(),
+            OpsError::NhsNumber(_) | OpsError::Invalid(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            OpsError::NotEnrolled(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match e {
+            StoreError::UnknownDevice(_) | StoreError::UnknownPatient => StatusCode::NOT_FOUND,
+            StoreError::AlreadyEnrolled(_) | StoreError::DuplicatePatient | StoreError::Merge(_) => {
+                StatusCode::CONFLICT
+            }
+            _ => {
+                tracing::error!(error = %e, "admin request failed in the store");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the server store failed; see the server log",
+                );
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+/// Runs store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<AdminState>,
+    work: impl FnOnce(&dyn ServerStore) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || work(store.as_ref()))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the request's task failed"))?
+}
+
+fn iso(ms: Option<i64>) -> Value {
+    ms.and_then(care_node::view::iso_time).map_or(Value::Null, Value::String)
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> ApiResult {
+    blocking(&state, |store| {
+        let devices = store.devices()?;
+        Ok(Json(json!({
+            "patients": store.patient_count()?,
+            "devices": devices.len(),
+            "revoked_devices": devices.iter().filter(|d| d.revoked_at_ms.is_some()).count(),
+            "open_alerts": store.alerts(false)?.len(),
+            "connected_devices": crate::metrics::metrics().connected_devices.get(),
+            "server_key_fingerprint": store.server_identity()?.fingerprint().iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        })))
+    })
+    .await
+}
+
+/// A device as the console shows it.
+#[derive(Serialize)]
+struct DeviceView {
+    name: String,
+    role: &'static str,
+    /// `pending` (token issued), `enrolled`, `wipe-requested`, `wiped` or `revoked`.
+    state: &'static str,
+    enrolled_at: Value,
+    last_sync: Value,
+    /// `valid`, `expired` or `never-synced`: whether the device may still show records offline.
+    lease: &'static str,
+    lease_expires_at: Value,
+    /// No sync for longer than the configured stale threshold (and not revoked).
+    stale: bool,
+    documents_held: u64,
+    /// Patients in scope that the device's budget left out at its last round.
+    left_out: u64,
+    cursor: u64,
+}
+
+async fn devices(State(state): State<Arc<AdminState>>) -> ApiResult {
+    let stale_after = state.stale_after_ms;
+    blocking(&state, move |store| {
+        let now = care_node::now_ms();
+        let held = store.held_counts()?;
+        let mut out = Vec::new();
+        for d in store.devices()? {
+            let state = match (&d.revoked_at_ms, &d.public_key, &d.wiped_at_ms, &d.wipe_requested_at_ms) {
+                (_, _, Some(_), _) => "wiped",
+                (Some(_), ..) => "revoked",
+                (None, None, ..) => "pending",
+                (None, Some(_), None, Some(_)) => "wipe-requested",
+                (None, Some(_), None, None) => "enrolled",
+            };
+            let lease_ms = crate::governance::lease_ms(store, d.role)? as i64;
+            let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
+            let lease = match lease_expires {
+                None => "never-synced",
+                Some(until) if until > now => "valid",
+                Some(_) => "expired",
+            };
+            let active = matches!(state, "enrolled" | "wipe-requested");
+            let stale = active && d.last_sync_ms.is_none_or(|t| now - t > stale_after);
+            out.push(DeviceView {
+                name: d.name,
+                role: d.role.as_str(),
+                state,
+                enrolled_at: iso(d.enrolled_at_ms),
+                last_sync: iso(d.last_sync_ms),
+                lease,
+                lease_expires_at: iso(lease_expires),
+                stale,
+                documents_held: held.get(&d.id).copied().unwrap_or(0),
+                left_out: d.left_out,
+                cursor: d.acked_cursor,
+            });
+        }
+        Ok(Json(json!({ "devices": out })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolRequest {
+    name: String,
+    role: String,
+    expires_in_hours: Option<f64>,
+}
+
+async fn enrol_device(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<EnrolRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let name = request.name.trim().to_string();
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "a device name is 1 to 64 printable characters"));
+    }
+    let role: Role = request.role.parse().map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let hours = request.expires_in_hours.unwrap_or(ops::DEFAULT_TOKEN_TTL.as_secs_f64() / 3600.0);
+    if !(hours > 0.0 && hours <= 24.0 * 30.0) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "expires_in_hours must be between 0 and 720"));
+    }
+    let addr = state.sync_addr;
+    let ttl = Duration::from_secs_f64(hours * 3600.0);
+    let token = blocking(&state, move |store| Ok(ops::issue_token(store, &name, role, addr, ttl)?)).await?;
+    let expires = care_node::now_ms() + ttl.as_millis() as i64;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "token": token, "server_addr": addr.to_string(), "expires_at": iso(Some(expires)) })),
+    ))
+}
+
+async fn revoke_device(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> ApiResult {
+    blocking(&state, move |store| {
+        ops::revoke(store, &name)?;
+        Ok(Json(json!({ "device": name, "state": "revoked" })))
+    })
+    .await
+}
+
+async fn wipe_device(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> ApiResult {
+    blocking(&state, move |store| {
+        ops::wipe(store, &name)?;
+        Ok(Json(json!({ "device": name, "state": "wipe-requested" })))
+    })
+    .await
+}
+
+async fn scopes(State(state): State<Arc<AdminState>>) -> ApiResult {
+    blocking(&state, |store| {
+        let now = care_node::now_ms();
+        let grants = store.grants(None, now)?;
+        let mut out = Vec::new();
+        for d in store.devices()? {
+            let incidents: Vec<Value> = grants
+                .iter()
+                .filter(|g| g.device == d.id && g.kind == GrantKind::Incident)
+                .map(
+                    |g| json!({ "patient": g.patient.to_string(), "expires_at": iso(Some(g.expires_at_ms)) }),
+                )
+                .collect();
+            let caseload: Vec<String> = store.caseload(d.id)?.iter().map(|p| p.to_string()).collect();
+            out.push(json!({
+                "device": d.name,
+                "caseload": caseload,
+                "incidents": incidents,
+                "areas": store.areas(d.id)?,
+                "budget": store.device_budget(d.id)?,
+            }));
+        }
+        Ok(Json(json!({ "scopes": out })))
+    })
+    .await
+}
+
+/// A device and a patient (by NHS number or care-sync patient id).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicePatient {
+    device: String,
+    nhs: String,
+    /// Incidents only: how long the grant lasts.
+    hours: Option<f64>,
+}
+
+async fn caseload_add(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+    blocking(&state, move |store| {
+        Ok(Json(json!({ "changed": ops::caseload_add(store, &r.device, &r.nhs)? })))
+    })
+    .await
+}
+
+async fn caseload_remove(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+    blocking(&state, move |store| {
+        Ok(Json(json!({ "changed": ops::caseload_remove(store, &r.device, &r.nhs)? })))
+    })
+    .await
+}
+
+async fn incident_open(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+    blocking(&state, move |store| {
+        let hours = r.hours.unwrap_or(ops::DEFAULT_INCIDENT_HOURS);
+        Ok(Json(json!({ "grant": ops::incident_open(store, &r.device, &r.nhs, hours)? })))
+    })
+    .await
+}
+
+async fn incident_close(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+    blocking(&state, move |store| {
+        Ok(Json(json!({ "closed": ops::incident_close(store, &r.device, &r.nhs)? })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceDistrict {
+    device: String,
+    district: String,
+}
+
+async fn area_add(State(state): State<Arc<AdminState>>, Json(r): Json<DeviceDistrict>) -> ApiResult {
+    blocking(&state, move |store| {
+        Ok(Json(json!({ "changed": ops::area(store, &r.device, &r.district, true)? })))
+    })
+    .await
+}
+
+async fn area_remove(State(state): State<Arc<AdminState>>, Json(r): Json<DeviceDistrict>) -> ApiResult {
+    blocking(&state, move |store| {
+        Ok(Json(json!({ "changed": ops::area(store, &r.device, &r.district, false)? })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct AlertsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn alerts(State(state): State<Arc<AdminState>>, Query(q): Query<AlertsQuery>) -> ApiResult {
+    blocking(&state, move |store| {
+        let alerts: Vec<Value> = store
+            .alerts(q.all)?
+            .into_iter()
+            .map(|a| {
+                json!({
+                    "id": a.id,
+                    "at": iso(Some(a.at_ms)),
+                    "kind": a.kind,
+                    "device": a.device,
+                    "patient": a.patient.map(|p| p.to_string()),
+                    "reason": a.reason,
+                    "acknowledged_at": iso(a.acknowledged_at_ms),
+                    "note": a.note,
+                })
+            })
+            .collect();
+        Ok(Json(json!({ "alerts": alerts })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckRequest {
+    note: String,
+}
+
+async fn acknowledge_alert(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+    Json(r): Json<AckRequest>,
+) -> ApiResult {
+    blocking(&state, move |store| {
+        if ops::acknowledge_alert(store, id, &r.note)? {
+            Ok(Json(json!({ "id": id, "acknowledged": true })))
+        } else {
+            Err(ApiError::new(StatusCode::NOT_FOUND, format!("no open alert {id}")))
+        }
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    /// A patient by NHS number or care-sync id.
+    nhs: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit(State(state): State<Arc<AdminState>>, Query(q): Query<AuditQuery>) -> ApiResult {
+    blocking(&state, move |store| {
+        let blank = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        let filter = AuditFilter {
+            patient: blank(q.nhs).map(|n| ops::find_patient(store, &n)).transpose()?,
+            actor: blank(q.device),
+            since_ms: blank(q.since).map(|s| ops::parse_since(&s)).transpose()?,
+        };
+        let entries = store.audit_entries(&filter)?;
+        let limit = q.limit.unwrap_or(500).min(10_000);
+        let total = entries.len();
+        // Newest first, so that a limit keeps the most recent.
+        let shown: Vec<Value> = entries
+            .into_iter()
+            .rev()
+            .take(limit)
+            .map(|a| {
+                json!({
+                    "seq": a.seq,
+                    "at": iso(Some(a.at_ms)),
+                    "actor": a.actor,
+                    "action": a.action,
+                    "patient": a.patient.map(|p| p.to_string()),
+                    "detail": a.detail,
+                })
+            })
+            .collect();
+        Ok(Json(json!({ "total": total, "entries": shown })))
+    })
+    .await
+}
+
+async fn feeds(State(state): State<Arc<AdminState>>) -> ApiResult {
+    blocking(&state, |store| {
+        let status = store.feed_status()?;
+        let refusals: Vec<Value> = status
+            .recent_refusals
+            .iter()
+            .map(|r| json!({ "at": iso(Some(r.at_ms)), "code": r.code, "reason": r.reason }))
+            .collect();
+        Ok(Json(json!({
+            "mllp": {
+                "accepted": status.accepted,
+                "errors": status.errors,
+                "rejected": status.rejected,
+                "last_message_at": iso(status.last_message_ms),
+                "last_error": refusals.first(),
+                "recent_refusals": refusals,
+            }
+        })))
+    })
+    .await
+}
+
+async fn planning_export(State(state): State<Arc<AdminState>>) -> Result<Response, ApiError> {
+    let export = blocking(&state, |store| Ok(ops::planning_export(store)?)).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"care-sync-planning.csv\""),
+        ],
+        export.csv,
+    )
+        .into_response())
+}

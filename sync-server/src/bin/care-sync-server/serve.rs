@@ -1,0 +1,84 @@
+//! `care-sync-server serve`: the QUIC sync server, the MLLP listener and the admin console,
+//! configured by one [`Config`].
+
+use std::path::{Path, PathBuf};
+
+use care_sync_server::admin::{self, AdminOptions};
+use care_sync_server::config::Config;
+
+use crate::CliResult;
+
+/// Where `serve` records the address devices reach it on, for `enrol-device` to put in tokens.
+pub fn advertised_addr_file(dir: &Path) -> PathBuf {
+    dir.join("advertised-addr")
+}
+
+pub async fn serve(config: Config) -> CliResult {
+    let dir = &config.data_dir;
+    let store = crate::open(dir)?;
+    for name in config.apply_policy(store.as_ref())? {
+        tracing::info!(setting = %name, "policy setting taken from the configuration file");
+    }
+    let running = care_sync_server::server::start(store.clone(), config.sync.listen).await?;
+    let advertised = config.sync.advertised_addr.unwrap_or(running.addr);
+    std::fs::write(advertised_addr_file(dir), advertised.to_string())?;
+    println!(
+        "care-sync server: QUIC sync on {} (devices are told {advertised}); data in {}",
+        running.addr,
+        dir.display()
+    );
+    let mllp = if config.feeds.mllp_enabled {
+        let mllp = care_sync_server::hl7::mllp::start(store.clone(), config.feeds.mllp_listen)
+            .await
+            .map_err(|e| format!("cannot listen for MLLP on {}: {e}", config.feeds.mllp_listen))?;
+        println!("HL7 v2 ADT over MLLP on {}", mllp.addr);
+        Some(mllp)
+    } else {
+        None
+    };
+    let console = if config.admin.enabled {
+        let token_file = config.token_file();
+        let (token, created) = admin::load_or_create_token(&token_file)?;
+        if created {
+            println!(
+                "created the operator token in {} (`care-sync-server admin-token` prints it)",
+                token_file.display()
+            );
+        }
+        let options = AdminOptions {
+            listen: config.admin.listen,
+            token,
+            stale_after_ms: (config.admin.stale_after_hours * 3_600_000.0) as i64,
+            sync_addr: advertised,
+        };
+        let console = admin::start(store, options).await?;
+        println!("operators' console on http://{}/ (metrics at /metrics)", console.addr);
+        Some(console)
+    } else {
+        None
+    };
+    shutdown_signal().await?;
+    println!("shutting down");
+    if let Some(console) = console {
+        console.stop();
+    }
+    if let Some(mllp) = mllp {
+        mllp.stop();
+    }
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM from systemd.
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
+}

@@ -1,0 +1,352 @@
+//! The server's configuration file (`care-sync-server --config FILE`), TOML.
+//!
+//! Every setting has its default here, in [`Config::default`] and [`PolicyConfig::defaults`];
+//! `care-sync-server config` prints the effective configuration with every default filled in,
+//! which is also a complete example file.
+//! Unknown keys and wrong values are refused with the key's dotted name.
+//!
+//! The `[policy]` keys are optional: a key present in the file is written to the store at `serve`
+//! (audited when it changes a value), and one left out keeps what `care-sync-server set` stored or,
+//! failing that, the built-in default ([`PolicyConfig::defaults`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::ServerStore;
+
+/// The default address of QUIC sync and enrolment.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// The default MLLP address for HL7 v2 feeds.
+pub const DEFAULT_MLLP: &str = "127.0.0.1:2575";
+/// The default address of the admin API and dashboard (loopback only).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7480";
+/// The default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./care-sync-data";
+/// A device that has not synced for this long is shown as stale.
+pub const DEFAULT_STALE_HOURS: f64 = 24.0;
+/// The default log filter of `serve` (`tracing` env-filter syntax).
+pub const DEFAULT_LOG_FILTER: &str = "warn,care_sync_server=info";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the server keeps its store.
+    pub data_dir: PathBuf,
+    pub sync: SyncConfig,
+    pub feeds: FeedsConfig,
+    pub admin: AdminConfig,
+    pub logging: LoggingConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// QUIC address devices sync and enrol on.
+    pub listen: SocketAddr,
+    /// The address written into enrolment tokens, when devices reach the server through another
+    /// address than `listen` (a public interface, NAT). Default: `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertised_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedsConfig {
+    /// Whether `serve` listens for HL7 v2 over MLLP.
+    pub mllp_enabled: bool,
+    pub mllp_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether `serve` runs the admin API, dashboard and `/metrics`.
+    pub enabled: bool,
+    /// Loopback by default; put a TLS-terminating proxy in front for anything else.
+    pub listen: SocketAddr,
+    /// File holding the operator token (created with a random token at first `serve`).
+    /// Default: `admin-token` in the data directory. `CARE_SYNC_ADMIN_TOKEN` overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Devices that have not synced for this many hours are highlighted as stale.
+    pub stale_after_hours: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `warn,care_sync_server=info`; `CARE_SYNC_LOG` overrides it.
+    pub filter: String,
+}
+
+/// Governance policy; every key optional (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Documents a device holds at most.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u64>,
+    /// Alert kinds and flags that make a patient prefetched in a device's area.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_flags: Option<Vec<String>>,
+    /// How long a permission-to-view grant lasts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permission_hours: Option<f64>,
+    /// How long break-glass access lasts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub break_glass_hours: Option<f64>,
+    /// Offline lease of ambulance crews' devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_hours_ambulance_crew: Option<f64>,
+    /// Offline lease of community nurses' devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_hours_community_nurse: Option<f64>,
+}
+
+impl PolicyConfig {
+    /// The built-in policy defaults, every key set.
+    pub fn defaults() -> PolicyConfig {
+        use crate::governance::{DEFAULT_BREAK_GLASS_HOURS, DEFAULT_LEASE_HOURS, DEFAULT_PERMISSION_HOURS};
+        PolicyConfig {
+            budget: Some(crate::scope::DEFAULT_BUDGET),
+            prefetch_flags: Some(
+                crate::scope::DEFAULT_PREFETCH_FLAGS.iter().map(|f| f.to_string()).collect(),
+            ),
+            permission_hours: Some(DEFAULT_PERMISSION_HOURS),
+            break_glass_hours: Some(DEFAULT_BREAK_GLASS_HOURS),
+            lease_hours_ambulance_crew: Some(DEFAULT_LEASE_HOURS),
+            lease_hours_community_nurse: Some(DEFAULT_LEASE_HOURS),
+        }
+    }
+
+    /// This policy with every key it leaves out set to its built-in default.
+    pub fn or_defaults(&self) -> PolicyConfig {
+        let d = PolicyConfig::defaults();
+        PolicyConfig {
+            budget: self.budget.or(d.budget),
+            prefetch_flags: self.prefetch_flags.clone().or(d.prefetch_flags),
+            permission_hours: self.permission_hours.or(d.permission_hours),
+            break_glass_hours: self.break_glass_hours.or(d.break_glass_hours),
+            lease_hours_ambulance_crew: self.lease_hours_ambulance_crew.or(d.lease_hours_ambulance_crew),
+            lease_hours_community_nurse: self.lease_hours_community_nurse.or(d.lease_hours_community_nurse),
+        }
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("valid default address")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            sync: SyncConfig::default(),
+            feeds: FeedsConfig::default(),
+            admin: AdminConfig::default(),
+            logging: LoggingConfig::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { listen: addr(DEFAULT_LISTEN), advertised_addr: None }
+    }
+}
+
+impl Default for FeedsConfig {
+    fn default() -> Self {
+        FeedsConfig { mllp_enabled: true, mllp_listen: addr(DEFAULT_MLLP) }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: addr(DEFAULT_ADMIN),
+            token_file: None,
+            stale_after_hours: DEFAULT_STALE_HOURS,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { format: LogFormat::Text, filter: DEFAULT_LOG_FILTER.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("configuration file {file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("configuration file {file}: key `{key}`: {message}")]
+    Key { file: PathBuf, key: String, message: String },
+}
+
+impl Config {
+    /// Reads a configuration file; every key left out keeps its default.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read(file.into(), e))?;
+        Config::parse(&text).map_err(|e| match e {
+            ParseError::Syntax(message) => ConfigError::Syntax { file: file.into(), message },
+            ParseError::Key { key, message } => ConfigError::Key { file: file.into(), key, message },
+        })
+    }
+
+    /// Parses configuration text (see [`Config::load`]).
+    pub fn parse(text: &str) -> Result<Config, ParseError> {
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|e| ParseError::Syntax(one_line(&e.to_string())))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| ParseError::Key {
+            key: e.path().to_string(),
+            message: one_line(&e.inner().to_string()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ParseError> {
+        let key = |key: &str, message: &str| ParseError::Key { key: key.into(), message: message.into() };
+        let hours = [
+            ("admin.stale_after_hours", Some(self.admin.stale_after_hours)),
+            ("policy.permission_hours", self.policy.permission_hours),
+            ("policy.break_glass_hours", self.policy.break_glass_hours),
+            ("policy.lease_hours_ambulance_crew", self.policy.lease_hours_ambulance_crew),
+            ("policy.lease_hours_community_nurse", self.policy.lease_hours_community_nurse),
+        ];
+        for (name, value) in hours {
+            if value.is_some_and(|h| !h.is_finite() || h < 0.0) {
+                return Err(key(name, "must be a non-negative number of hours"));
+            }
+        }
+        if self.policy.prefetch_flags.as_ref().is_some_and(|f| f.iter().any(|f| f.trim().is_empty())) {
+            return Err(key("policy.prefetch_flags", "flags must not be empty strings"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
+            return Err(key("logging.filter", "not a valid tracing filter"));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the configuration serialises")
+    }
+
+    /// Where the operator token lives.
+    pub fn token_file(&self) -> PathBuf {
+        self.admin.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin-token"))
+    }
+
+    /// Writes the `[policy]` keys the file sets into the store, auditing each change.
+    /// Returns the names of the settings that changed.
+    pub fn apply_policy(&self, store: &dyn ServerStore) -> Result<Vec<String>, crate::ops::OpsError> {
+        let p = &self.policy;
+        let number = |v: Option<f64>| v.map(|h| h.to_string());
+        let wanted = [
+            ("budget", p.budget.map(|b| b.to_string())),
+            ("prefetch-flags", p.prefetch_flags.as_ref().map(|f| f.join(","))),
+            ("permission-hours", number(p.permission_hours)),
+            ("break-glass-hours", number(p.break_glass_hours)),
+            ("lease-hours.ambulance-crew", number(p.lease_hours_ambulance_crew)),
+            ("lease-hours.community-nurse", number(p.lease_hours_community_nurse)),
+        ];
+        let mut changed = Vec::new();
+        for (name, value) in wanted {
+            let Some(value) = value else { continue };
+            if store.setting(name)?.as_deref() != Some(value.as_str()) {
+                crate::ops::set_setting(store, name, &value)?;
+                changed.push(name.to_string());
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// Why configuration text was refused.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0}")]
+    Syntax(String),
+    #[error("key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_default_configuration() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_printed_configuration_reads_back_as_itself() {
+        let config = Config {
+            policy: PolicyConfig::defaults(),
+            sync: SyncConfig { advertised_addr: Some(addr("192.0.2.1:7400")), ..SyncConfig::default() },
+            ..Config::default()
+        };
+        assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn keys_left_out_keep_their_defaults() {
+        let config = Config::parse("[admin]\nlisten = \"127.0.0.1:9000\"\n[policy]\nbudget = 500\n").unwrap();
+        assert_eq!(config.admin.listen, addr("127.0.0.1:9000"));
+        assert_eq!(config.admin.stale_after_hours, DEFAULT_STALE_HOURS);
+        assert_eq!(config.sync, SyncConfig::default());
+        assert_eq!(config.policy.budget, Some(500));
+        assert_eq!(config.policy.lease_hours_ambulance_crew, None);
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_key() {
+        let err = Config::parse("[admin]\nlisten = \"not an address\"\n").unwrap_err();
+        let ParseError::Key { key, .. } = &err else { panic!("{err}") };
+        assert_eq!(key, "admin.listen");
+        let err = Config::parse("[policy]\nbudget = -3\n").unwrap_err();
+        assert!(matches!(&err, ParseError::Key { key, .. } if key == "policy.budget"), "{err}");
+        let err = Config::parse("[policy]\nbreak_glass_hours = -1.0\n").unwrap_err();
+        assert!(matches!(&err, ParseError::Key { key, .. } if key == "policy.break_glass_hours"), "{err}");
+        let err = Config::parse("[logging]\nformat = \"xml\"\n").unwrap_err();
+        assert!(matches!(&err, ParseError::Key { key, .. } if key == "logging.format"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let err = Config::parse("[admin]\nlisten_on = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
+        let err = Config::parse("[sink]\n").unwrap_err();
+        assert!(err.to_string().contains("sink"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_is_a_syntax_error() {
+        assert!(matches!(Config::parse("[admin\n"), Err(ParseError::Syntax(_))));
+    }
+}
