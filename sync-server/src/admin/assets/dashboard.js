@@ -80,6 +80,10 @@ async function loadDevices() {
     if (d.state === "enrolled" || d.state === "pending") {
       actions.append(
         el("button", { type: "button", class: "danger revoke", onclick: () => act(d.name, "revoke") }, "Revoke"),
+      );
+    }
+    if (d.state === "enrolled") {
+      actions.append(
         " ",
         el("button", { type: "button", class: "danger wipe", onclick: () => act(d.name, "wipe") }, "Wipe"),
       );
