@@ -99,17 +99,21 @@ impl DeviceConnection {
     pub fn open(
         store: &DeviceStore,
     ) -> impl std::future::Future<Output = Result<Self, ClientError>> + Send + 'static {
-        let prepared = store.require_enrolment().and_then(|e| Ok((e, store.identity()?)));
+        let prepared =
+            store.require_enrolment().and_then(|e| Ok((e, store.identity()?, store.staged_server_key()?)));
         async move {
-            let (enrolment, identity) = prepared?;
-            let fingerprint = crate::identity::fingerprint(&enrolment.server_key);
-            Self::open_with(&enrolment.server_addr, fingerprint, Some(&identity), ALPN_SYNC).await
+            let (enrolment, identity, staged) = prepared?;
+            let pinned: Vec<[u8; 32]> = std::iter::once(enrolment.server_key)
+                .chain(staged)
+                .map(|k| crate::identity::fingerprint(&k))
+                .collect();
+            Self::open_with(&enrolment.server_addr, &pinned, Some(&identity), ALPN_SYNC).await
         }
     }
 
     async fn open_with(
         addr: &str,
-        fingerprint: [u8; 32],
+        fingerprints: &[[u8; 32]],
         identity: Option<&Identity>,
         alpn: &[u8],
     ) -> Result<Self, ClientError> {
@@ -118,7 +122,7 @@ impl DeviceConnection {
             if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid bind address");
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(identity, fingerprint, alpn)?);
+        endpoint.set_default_client_config(client_config(identity, fingerprints, alpn)?);
         let connecting =
             endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
@@ -232,7 +236,8 @@ pub async fn enrol(store: &mut DeviceStore, token: &str) -> Result<Enrolment, Cl
     let token = EnrolmentToken::decode(token)?;
     let identity = store.identity()?;
     let mut conn =
-        DeviceConnection::open_with(&token.server_addr, token.server_fingerprint, None, ALPN_ENROL).await?;
+        DeviceConnection::open_with(&token.server_addr, &[token.server_fingerprint], None, ALPN_ENROL)
+            .await?;
     let device_key = identity.public_key();
     let signature = identity.sign(&enrol_signed_bytes(&token.secret, &device_key));
     let request = EnrolRequest {
@@ -344,6 +349,34 @@ async fn sync_with(
     requests: Vec<AccessRequest>,
     progress: &mut (dyn FnMut(&SyncStats) + Send),
 ) -> Result<(Vec<AccessDecision>, SyncReport), ClientError> {
+    let (decisions, report, restored) = sync_once(store, requests, progress).await?;
+    if !restored {
+        return Ok((decisions, report));
+    }
+    // The server was restored from a backup: the changes this device queued again on hearing it
+    // go up now (the session that heard it had already finished uploading).
+    let (_, again, _) = sync_once(store, Vec::new(), progress).await?;
+    let report = SyncReport {
+        frame_bytes_sent: report.frame_bytes_sent + again.frame_bytes_sent,
+        frame_bytes_received: report.frame_bytes_received + again.frame_bytes_received,
+        udp_bytes_sent: report.udp_bytes_sent + again.udp_bytes_sent,
+        udp_bytes_received: report.udp_bytes_received + again.udp_bytes_received,
+        duration: report.duration + again.duration,
+        stats: SyncStats {
+            uploaded_changes: report.stats.uploaded_changes + again.stats.uploaded_changes,
+            documents_received: report.stats.documents_received + again.stats.documents_received,
+            changes_received: report.stats.changes_received + again.stats.changes_received,
+            ..again.stats
+        },
+    };
+    Ok((decisions, report))
+}
+
+async fn sync_once(
+    store: &mut DeviceStore,
+    requests: Vec<AccessRequest>,
+    progress: &mut (dyn FnMut(&SyncStats) + Send),
+) -> Result<(Vec<AccessDecision>, SyncReport, bool), ClientError> {
     let started = Instant::now();
     let mut conn = DeviceConnection::open(store).await?;
     let (mut session, first) = SyncSession::start_with(store, requests)?;
@@ -361,7 +394,8 @@ async fn sync_with(
         progress(session.stats());
     }
     let decisions = session.decisions().to_vec();
-    Ok((decisions, conclude(&session, conn, store, started).await?))
+    let restored = session.server_restored();
+    Ok((decisions, conclude(&session, conn, store, started).await?, restored))
 }
 
 /// Ends a session: finishes the connection, and if the server told the device to wipe, destroys

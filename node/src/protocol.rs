@@ -17,6 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::PublicKey;
 use crate::summary::PatientId;
 
 /// ALPN of sync connections; the device must present an enrolled key.
@@ -24,7 +25,7 @@ pub const ALPN_SYNC: &[u8] = b"care-sync/1";
 /// ALPN of enrolment connections; the device presents no certificate, only its token.
 pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 /// Version byte carried by every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// Soft target for the size of one `Docs` or `Upload` frame.
@@ -69,9 +70,13 @@ pub enum AccessKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMessage {
+    /// `staged_server_key`: the next server key the device has learnt (key rotation), if any.
+    /// `incarnation`: the server store's incarnation the device last synced with.
     Hello {
         cursor: u64,
         resume: Option<Resume>,
+        staged_server_key: Option<PublicKey>,
+        incarnation: Option<[u8; 16]>,
     },
     /// Asks for a patient outside the device's scope (after `Hello`, before `UploadDone`).
     AccessRequest {
@@ -119,13 +124,22 @@ pub struct DocItem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
     /// `lease_ms`: how long the device may show patient data without syncing. `wipe`: destroy all
-    /// patient data now, then confirm.
+    /// patient data now, then confirm. `server_key`: the key this connection's TLS handshake
+    /// proved; `next_server_key`: the key the server will present after a rotation, which the
+    /// device pins beside the current one until the server presents it.
     Welcome {
         device_name: String,
         role: String,
         server_time_ms: i64,
         lease_ms: u64,
         wipe: bool,
+        server_key: PublicKey,
+        next_server_key: Option<PublicKey>,
+        /// The server store's incarnation; `restored`: it differs from the device's, so the server
+        /// was restored from a backup: the device queues all its own changes again, and this
+        /// session's round starts from the beginning.
+        incarnation: [u8; 16],
+        restored: bool,
     },
     AccessDecision {
         granted: bool,
@@ -232,7 +246,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let msg = ClientMessage::Hello { cursor: 42, resume: None };
+        let msg = ClientMessage::Hello {
+            cursor: 42,
+            resume: None,
+            staged_server_key: None,
+            incarnation: Some([7; 16]),
+        };
         let frame = encode_frame(&msg).unwrap();
         let len = u32::from_be_bytes(frame[..4].try_into().unwrap());
         assert_eq!(check_frame_len(len).unwrap(), frame.len() - 4);

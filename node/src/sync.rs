@@ -85,6 +85,8 @@ pub struct SyncSession {
     /// Stay connected for live rounds after the first.
     watching: bool,
     rounds_completed: u64,
+    /// The server said it was restored from a backup.
+    restored: bool,
 }
 
 /// Who the server says this device is.
@@ -121,8 +123,14 @@ impl SyncSession {
             wiped: false,
             watching: false,
             rounds_completed: 0,
+            restored: false,
         };
-        let mut out = vec![ClientMessage::Hello { cursor: state.cursor, resume: state.resume }];
+        let mut out = vec![ClientMessage::Hello {
+            cursor: state.cursor,
+            resume: state.resume,
+            staged_server_key: store.staged_server_key()?,
+            incarnation: store.server_incarnation()?,
+        }];
         for r in requests {
             out.push(ClientMessage::AccessRequest {
                 nhs_number: r.nhs_number,
@@ -169,6 +177,11 @@ impl SyncSession {
     /// The server's answers to this session's access requests, in order.
     pub fn decisions(&self) -> &[AccessDecision] {
         &self.decisions
+    }
+
+    /// The server said it was restored from a backup; this device queued its changes again.
+    pub fn server_restored(&self) -> bool {
+        self.restored
     }
 
     /// The server told this device to wipe, and its patient data is gone.
@@ -218,9 +231,30 @@ impl SyncSession {
             }
             (
                 Phase::AwaitWelcome,
-                ServerMessage::Welcome { device_name, role, server_time_ms, lease_ms, wipe },
+                ServerMessage::Welcome {
+                    device_name,
+                    role,
+                    server_time_ms,
+                    lease_ms,
+                    wipe,
+                    server_key,
+                    next_server_key,
+                    incarnation,
+                    restored,
+                },
             ) => {
                 self.server = Some(ServerView { device_name, role, server_time_ms, lease_ms });
+                store.follow_server_key(server_key, next_server_key)?;
+                if restored {
+                    self.restored = true;
+                    let queued = store.follow_server_restore(incarnation)?;
+                    tracing::warn!(
+                        queued,
+                        "the server was restored from a backup; sending this device's changes again"
+                    );
+                } else if store.server_incarnation()? != Some(incarnation) {
+                    store.set_server_incarnation(incarnation)?;
+                }
                 if wipe {
                     store.wipe_patient_data()?;
                     self.wiped = true;

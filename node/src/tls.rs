@@ -86,10 +86,17 @@ fn verify_ed25519_tls13(
     )
 }
 
-/// The device's view of the server: exactly the key whose fingerprint it pinned.
+/// The device's view of the server: exactly a key whose fingerprint it pinned (the enrolled
+/// one, and during a key rotation the announced next one).
 #[derive(Debug)]
 pub struct PinnedServerVerifier {
-    fingerprint: [u8; 32],
+    fingerprints: Vec<[u8; 32]>,
+}
+
+impl PinnedServerVerifier {
+    fn pinned(&self, key: &PublicKey) -> bool {
+        self.fingerprints.contains(&fingerprint(key))
+    }
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
@@ -102,7 +109,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         match certificate_key(end_entity) {
-            Some(key) if fingerprint(&key) == self.fingerprint => Ok(ServerCertVerified::assertion()),
+            Some(key) if self.pinned(&key) => Ok(ServerCertVerified::assertion()),
             Some(_) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )),
@@ -125,7 +132,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let key = certificate_key(cert).filter(|k| fingerprint(k) == self.fingerprint).ok_or(
+        let key = certificate_key(cert).filter(|k| self.pinned(k)).ok_or(
             rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure),
         )?;
         verify_ed25519_tls13(message, cert, dss, Some(&key))
@@ -206,17 +213,20 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// A device's QUIC client configuration. `identity` is `None` for enrolment.
+/// A device's QUIC client configuration. `identity` is `None` for enrolment. The server must
+/// prove a key with one of `server_fingerprints`.
 pub fn client_config(
     identity: Option<&Identity>,
-    server_fingerprint: [u8; 32],
+    server_fingerprints: &[[u8; 32]],
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier { fingerprint: server_fingerprint }));
+        .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+            fingerprints: server_fingerprints.to_vec(),
+        }));
     let mut crypto = match identity {
         Some(identity) => {
             let (cert, key) = self_signed(identity)?;

@@ -253,6 +253,47 @@ pub fn planning_export(store: &dyn ServerStore) -> Result<crate::planning::Plann
     Ok(export)
 }
 
+/// Stages the server's next key: from now on every sync tells devices to pin it beside the
+/// current one (audited). Returns its fingerprint.
+pub fn stage_server_key(store: &dyn ServerStore) -> Result<[u8; 32], OpsError> {
+    let next = store.stage_server_key()?;
+    let detail = format!("next key {}", care_node::identity::short_hex(&next.public_key()));
+    store.append_audit(OPERATOR, "server-key-staged", None, &detail, now())?;
+    Ok(next.fingerprint())
+}
+
+/// Makes the staged key the server's key (audited); `serve` presents it after a restart.
+/// Refused while enrolled devices have not learnt it (they could not connect any more and would
+/// need re-enrolling) unless `force`.
+pub fn activate_server_key(store: &dyn ServerStore, force: bool) -> Result<[u8; 32], OpsError> {
+    let behind = store.devices_without_staged_key()?;
+    if !behind.is_empty() && !force {
+        return Err(OpsError::Invalid(format!(
+            "{} device(s) have not synced since the key was staged and would have to re-enrol: {}; \
+             let them sync first, or pass --force",
+            behind.len(),
+            behind.join(", ")
+        )));
+    }
+    let new = store.activate_server_key()?;
+    let detail = format!(
+        "key {} active; {} device(s) must re-enrol",
+        care_node::identity::short_hex(&new.public_key()),
+        behind.len()
+    );
+    store.append_audit(OPERATOR, "server-key-activated", None, &detail, now())?;
+    Ok(new.fingerprint())
+}
+
+/// Drops a staged key (audited); false if none was staged.
+pub fn cancel_server_key(store: &dyn ServerStore) -> Result<bool, OpsError> {
+    let cancelled = store.cancel_server_key()?;
+    if cancelled {
+        store.append_audit(OPERATOR, "server-key-cancelled", None, "staged key dropped", now())?;
+    }
+    Ok(cancelled)
+}
+
 /// Changes a server setting (audited).
 pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(), OpsError> {
     const KNOWN: &[&str] = &[

@@ -80,15 +80,22 @@ pub struct RunningServer {
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl RunningServer {
-    /// Stops accepting, closes every connection and waits for them to go.
+    /// Stops accepting, closes every connection and waits for them to go; when it returns, the
+    /// address is free again.
     pub async fn shutdown(self) {
         self.watcher.abort();
+        self.task.abort();
+        let _ = self.task.await;
         self.endpoint.close(close::DONE.into(), b"server shutting down");
         self.endpoint.wait_idle().await;
-        self.task.abort();
+        // Connection tasks hold the endpoint's socket until they end.
+        let mut connections = std::mem::take(&mut *self.connections.lock().expect("connection set"));
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 
     /// The server's endpoint, for tests that need to know about connections.
@@ -112,6 +119,8 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         live: Mutex::new(HashMap::new()),
     });
     let accept = endpoint.clone();
+    let connections = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+    let tasks = connections.clone();
     let task = tokio::spawn(async move {
         while let Some(incoming) = accept.accept().await {
             if accept.open_connections() > MAX_CONNECTIONS {
@@ -120,7 +129,9 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
             }
             let shared = shared.clone();
             let remote = incoming.remote_address();
-            tokio::spawn(
+            let mut tasks = tasks.lock().expect("connection set");
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(
                 async move {
                     if let Err(e) = handle_connection(incoming, shared).await {
                         tracing::info!(error = %e, "connection ended with an error");
@@ -131,7 +142,7 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         }
     });
     tracing::info!(%addr, server_key = %short_hex(&identity.public_key()), "care-sync server listening");
-    Ok(RunningServer { addr, endpoint, task, watcher })
+    Ok(RunningServer { addr, endpoint, task, watcher, connections })
 }
 
 /// How often the server looks for new changes to push to live sessions. Changes can come from
@@ -315,7 +326,7 @@ async fn run_sync(
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let mut changes = shared.changes.clone();
     changes.borrow_and_update();
-    let mut session = ServerSession::new(device);
+    let mut session = ServerSession::new(device).presenting(shared.server_key);
     // The sync's duration ends with its last round: waiting in a live session is not syncing.
     let started = std::time::Instant::now();
     let mut timed = false;

@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 
-use care_node::identity::short_hex;
+use care_node::identity::{PublicKey, short_hex};
 use care_node::protocol::{ClientMessage, DocBody, DocItem, Resume, ServerMessage, TARGET_BATCH_BYTES};
 use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
@@ -68,11 +68,44 @@ pub struct ServerSession {
     cursor: u64,
     resume: Option<Resume>,
     round: Option<Round>,
+    /// The key this connection's TLS handshake presented (None: the store's current key).
+    presented_key: Option<PublicKey>,
+    /// The next server key told in the Welcome; a round acknowledged after it proves the device
+    /// stored it (it does so before anything else).
+    announced_key: Option<PublicKey>,
 }
 
 impl ServerSession {
     pub fn new(device: DeviceRecord) -> Self {
-        Self { device, phase: Phase::AwaitHello, watch: false, cursor: 0, resume: None, round: None }
+        Self {
+            device,
+            phase: Phase::AwaitHello,
+            watch: false,
+            cursor: 0,
+            resume: None,
+            round: None,
+            presented_key: None,
+            announced_key: None,
+        }
+    }
+
+    /// A session on a connection whose handshake proved `key` (which may lag the store's current
+    /// key between `server-key activate` and the restart that presents it).
+    pub fn presenting(mut self, key: PublicKey) -> Self {
+        self.presented_key = Some(key);
+        self
+    }
+
+    /// The key this connection presents and the key devices should stage next, if any.
+    fn server_keys(&self, store: &dyn ServerStore) -> Result<(PublicKey, Option<PublicKey>), SessionError> {
+        let current = store.server_identity()?.public_key();
+        let presented = self.presented_key.unwrap_or(current);
+        let next = if presented != current {
+            Some(current) // activated, not yet presented: devices must keep following it
+        } else {
+            store.next_server_identity()?.map(|i| i.public_key())
+        };
+        Ok((presented, next))
     }
 
     pub fn device(&self) -> &DeviceRecord {
@@ -118,8 +151,27 @@ impl ServerSession {
         now_ms: i64,
     ) -> Result<Vec<ServerMessage>, SessionError> {
         match (self.phase, message) {
-            (Phase::AwaitHello, ClientMessage::Hello { cursor, resume }) => {
+            (
+                Phase::AwaitHello,
+                ClientMessage::Hello { cursor, resume, staged_server_key, incarnation: known },
+            ) => {
                 let wipe = self.device.wipe_requested_at_ms.is_some();
+                let incarnation = store.incarnation()?;
+                // A device that synced with another incarnation holds changes this store may have
+                // lost (a restore from backup): start it from the beginning, and it resends.
+                let restored = known.is_some_and(|k| k != incarnation);
+                let (cursor, resume) = if restored {
+                    tracing::warn!(device = %self.device.name, "device last synced before a restore; resyncing it from the start");
+                    (0, None)
+                } else {
+                    (cursor, resume)
+                };
+                let (server_key, next_server_key) = self.server_keys(store)?;
+                if staged_server_key.is_some() && staged_server_key == next_server_key {
+                    store.set_device_staged_key(self.device.id, next_server_key)?;
+                } else {
+                    self.announced_key = next_server_key;
+                }
                 if wipe {
                     self.phase = Phase::AwaitWipe;
                 } else {
@@ -132,6 +184,10 @@ impl ServerSession {
                     server_time_ms: now_ms,
                     lease_ms: crate::governance::lease_ms(store, self.device.role)?,
                     wipe,
+                    server_key,
+                    next_server_key,
+                    incarnation,
+                    restored,
                 }])
             }
             (Phase::AwaitWipe, ClientMessage::WipeConfirmed) => {
@@ -186,6 +242,9 @@ impl ServerSession {
                     return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
                 }
                 store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
+                if let Some(key) = self.announced_key.take() {
+                    store.set_device_staged_key(self.device.id, Some(key))?;
+                }
                 self.cursor = round;
                 self.resume = None;
                 self.phase = if self.watch { Phase::Watching } else { Phase::Done };

@@ -31,6 +31,8 @@ pub enum StoreError {
     DuplicatePatient,
     #[error("cannot merge: {0}")]
     Merge(String),
+    #[error("server key rotation: {0}")]
+    KeyRotation(String),
     #[error("the server database is from a newer care-sync-server")]
     UnknownFormat,
 }
@@ -265,6 +267,21 @@ pub type ChangesByDoc = BTreeMap<PatientId, Vec<(u64, Vec<u8>)>>;
 pub trait DeviceRegistry: Send + Sync {
     /// The server's ed25519 identity, created on first use.
     fn server_identity(&self) -> Result<Identity, StoreError>;
+    /// The store's incarnation: random, made with the store and made anew by a restore from
+    /// backup, so that devices learn that the server may have forgotten what it acknowledged.
+    fn incarnation(&self) -> Result<[u8; 16], StoreError>;
+    /// The staged next server key of a key rotation, if one is staged.
+    fn next_server_identity(&self) -> Result<Option<Identity>, StoreError>;
+    /// Stages a next server key (a new one, or the one already staged).
+    fn stage_server_key(&self) -> Result<Identity, StoreError>;
+    /// Drops the staged key; false if none was staged.
+    fn cancel_server_key(&self) -> Result<bool, StoreError>;
+    /// Makes the staged key the server's key (kept: the old one, as `previous_identity`).
+    fn activate_server_key(&self) -> Result<Identity, StoreError>;
+    /// Records which staged key a device has learnt.
+    fn set_device_staged_key(&self, device: i64, key: Option<PublicKey>) -> Result<(), StoreError>;
+    /// Enrolled, unrevoked devices that have not learnt the staged key.
+    fn devices_without_staged_key(&self) -> Result<Vec<String>, StoreError>;
 
     /// Registers (or re-issues) a token for a named device that is not enrolled yet.
     fn create_enrolment(

@@ -35,6 +35,15 @@ fn world(patients: usize) -> World {
     let secret = [9u8; 32];
     server.create_enrolment("tablet", Role::AmbulanceCrew, secret, i64::MAX).unwrap();
     let record = server.redeem_enrolment(secret, device.identity().unwrap().public_key(), 0).unwrap();
+    device
+        .set_enrolment(&care_node::store::Enrolment {
+            server_addr: "127.0.0.1:7400".into(),
+            server_key: identity.public_key(),
+            device_name: "tablet".into(),
+            role: "ambulance-crew".into(),
+            enrolled_at_ms: 0,
+        })
+        .unwrap();
     for id in &ids {
         server.caseload_add(record.id, id).unwrap();
     }

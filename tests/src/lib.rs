@@ -51,6 +51,18 @@ impl TestServer {
         Self { store, running: Some(running), addr, patients, _dir: dir }
     }
 
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// A server on an existing data directory (a restored backup, say), on `addr`.
+    pub async fn open(dir: tempfile::TempDir, addr: SocketAddr) -> Self {
+        let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
+        let running = start_on(store.clone(), addr).await;
+        Self { store, running: Some(running), addr, patients: Vec::new(), _dir: dir }
+    }
+
     /// A one-time token for a new device.
     pub fn token(&self, name: &str, role: Role) -> String {
         ops::issue_token(self.store.as_ref(), name, role, self.addr, ops::DEFAULT_TOKEN_TTL).expect("token")
@@ -73,8 +85,7 @@ impl TestServer {
     /// Starts the server again on the same address.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let running = server::start(self.store.clone(), self.addr).await.expect("server restarts");
-        self.running = Some(running);
+        self.running = Some(start_on(self.store.clone(), self.addr).await);
     }
 }
 
@@ -147,6 +158,21 @@ impl Drop for TestConsole {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
             server.stop();
+        }
+    }
+}
+
+/// Starts a server on an address a stopped server used: the old socket closes when its endpoint's
+/// driver task ends, a moment after `shutdown` returns.
+async fn start_on(store: Arc<dyn ServerStore>, addr: SocketAddr) -> RunningServer {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match server::start(store.clone(), addr).await {
+            Ok(running) => return running,
+            Err(server::ServerError::Bind(..)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("server restarts: {e}"),
         }
     }
 }

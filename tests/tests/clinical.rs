@@ -204,9 +204,14 @@ async fn a_change_that_deletes_is_refused() {
     patient.summary.set_actor(&crew.store.identity().unwrap().public_key());
     let change = patient.summary.delete_section_for_test(Section::Allergies);
     let mut conn = within(30, care_node::client::DeviceConnection::open(&crew.store)).await.unwrap();
-    conn.send(&ClientMessage::Hello { cursor: crew.store.sync_state().unwrap().cursor, resume: None })
-        .await
-        .unwrap();
+    conn.send(&ClientMessage::Hello {
+        cursor: crew.store.sync_state().unwrap().cursor,
+        resume: None,
+        staged_server_key: None,
+        incarnation: None,
+    })
+    .await
+    .unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
     conn.send(&ClientMessage::Upload {
         through: 1,

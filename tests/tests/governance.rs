@@ -252,7 +252,9 @@ async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
     let entries = vec![SignedView::sign(&identity, skipped), tampered];
     let mut conn = within(30, DeviceConnection::open(&nurse.store)).await.unwrap();
     let cursor = nurse.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None }).await.unwrap();
+    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
     conn.send(&ClientMessage::ViewLog { entries }).await.unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::ViewLogAck { .. })));

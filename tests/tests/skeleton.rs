@@ -196,7 +196,9 @@ async fn a_device_cannot_upload_changes_authored_by_another_device() {
 
     let mut conn = within(30, DeviceConnection::open(&crew.store)).await.unwrap();
     let cursor = crew.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None }).await.unwrap();
+    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
     let upload = ClientMessage::Upload {
         through: 1,
@@ -222,7 +224,7 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
     server.caseload("nurse-good", 0..40);
 
     for (raw, expected) in [
-        (vec![0, 0, 0, 4, 1, 0xff, 0xff, 0xff], "not a valid message"),
+        (vec![0, 0, 0, 4, care_node::protocol::PROTOCOL_VERSION, 0xff, 0xff, 0xff], "not a valid message"),
         (vec![0xff, 0xff, 0xff, 0xff], "exceeds the limit"),
         (vec![0, 0, 0, 2, 9, 0], "protocol version 9"),
     ] {

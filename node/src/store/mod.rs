@@ -301,6 +301,47 @@ impl DeviceStore {
         })
     }
 
+    /// The incarnation of the server store this device last synced with (a restore from backup
+    /// makes a new one).
+    pub fn server_incarnation(&self) -> Result<Option<[u8; 16]>, StoreError> {
+        self.get_secret("server_incarnation")
+    }
+
+    pub fn set_server_incarnation(&self, incarnation: [u8; 16]) -> Result<(), StoreError> {
+        self.put_secret("server_incarnation", &incarnation)
+    }
+
+    /// The next server key announced by the server (key rotation), pinned beside the enrolled one.
+    pub fn staged_server_key(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        self.get_secret("staged_server_key")
+    }
+
+    /// Follows the server's key rotation as told in its Welcome over a connection that proved
+    /// `presented` (a pinned key): a newly announced next key is staged; once the server presents
+    /// the staged key, it becomes the only pinned key; a cancelled rotation drops the staged key.
+    pub fn follow_server_key(&self, presented: [u8; 32], next: Option<[u8; 32]>) -> Result<(), StoreError> {
+        let mut enrolment = self.require_enrolment()?;
+        let staged = self.staged_server_key()?;
+        if presented != enrolment.server_key {
+            if staged != Some(presented) {
+                // The handshake admitted only pinned keys; anything else is a bug, not a rotation.
+                return Err(StoreError::Tampered { row: "server key".into() });
+            }
+            enrolment.server_key = presented;
+            self.put_secret("enrolment", &enrolment)?;
+            tracing::info!("the server now presents its new key; the old one is no longer trusted");
+        }
+        match next.filter(|n| *n != enrolment.server_key) {
+            Some(next) if staged != Some(next) => self.put_secret("staged_server_key", &next)?,
+            Some(_) => {}
+            None if staged.is_some() => {
+                self.conn.execute("DELETE FROM secrets WHERE name = 'staged_server_key'", [])?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
     /// Points the device at a new server address (the pinned server key stays the same).
     pub fn update_server_addr(&self, addr: &str) -> Result<(), StoreError> {
         let mut enrolment = self.require_enrolment()?;

@@ -146,13 +146,57 @@ impl DeviceStore {
         let tx = self.conn.transaction()?;
         write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;
         for change in changes {
-            let outbox = OutboxBody { patient_id, change: change.raw_bytes().to_vec() };
-            tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
-            let id = tx.last_insert_rowid();
-            let sealed = seal_row(&self.key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
-            tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+            queue_upload(&tx, &self.key, patient_id, change.raw_bytes())?;
         }
         tx.commit()?;
         Ok(result)
     }
+
+    /// After the server was restored from a backup (a new `incarnation`): queues every change
+    /// this device authored on every document it holds, so that the server gets back what it had
+    /// acknowledged after the backup was taken (a change it already has is a no-op), and starts
+    /// the device's cursor again from the beginning — in one transaction, so a cut session
+    /// resumes the same recovery. Returns the changes queued.
+    pub fn follow_server_restore(&mut self, incarnation: [u8; 16]) -> Result<u64, StoreError> {
+        let actor = automerge::ActorId::from(self.identity()?.public_key().as_slice());
+        let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = {
+            let mut stmt = self.conn.prepare("SELECT doc_key, version, body FROM documents")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
+        };
+        let tx = self.conn.transaction()?;
+        let mut queued = 0;
+        for (doc_key, version, body) in rows {
+            let body: DocumentBody = open_row(&self.key, "body", &doc_key, version, &body)?;
+            let mut summary = PatientSummary::load(&body.automerge)?;
+            let patient_id = summary.patient_id()?;
+            for change in summary.changes_since(&[]) {
+                if change.actor_id() == &actor {
+                    queue_upload(&tx, &self.key, patient_id, change.raw_bytes())?;
+                    queued += 1;
+                }
+            }
+        }
+        let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
+        state.cursor = 0;
+        state.resume = None;
+        put_secret(&tx, &self.key, "sync", &state)?;
+        put_secret(&tx, &self.key, "server_incarnation", &incarnation)?;
+        tx.commit()?;
+        Ok(queued)
+    }
+}
+
+/// Adds one local change to the outbox (sealed, bound to its row id).
+fn queue_upload(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    patient_id: PatientId,
+    change: &[u8],
+) -> Result<(), StoreError> {
+    let outbox = OutboxBody { patient_id, change: change.to_vec() };
+    tx.execute("INSERT INTO outbox (body) VALUES (x'')", [])?;
+    let id = tx.last_insert_rowid();
+    let sealed = seal_row(key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
+    tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+    Ok(())
 }

@@ -95,7 +95,25 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
         let copy = rusqlite::backup::Backup::new(&source, &mut to)?;
         copy.run_to_completion(256, Duration::from_millis(0), None)?;
     }
+    // A new incarnation tells devices that this server may have forgotten what it acknowledged
+    // after the backup: they resend their changes and resync from the start.
+    let fresh: [u8; 16] = rand::random();
+    Connection::open(&partial)?.execute(
+        "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        [fresh.as_slice()],
+    )?;
     std::fs::rename(&partial, &target).map_err(|e| BackupError::Io(target.clone(), e))?;
+    let store = super::SqliteStore::open(dir)?;
+    let detail =
+        format!("restored from a backup of {} patients; devices resend their changes", report.patients);
+    crate::store::Governance::append_audit(
+        &store,
+        crate::ops::OPERATOR,
+        "restored",
+        None,
+        &detail,
+        care_node::now_ms(),
+    )?;
     Ok(report)
 }
 

@@ -15,6 +15,91 @@ impl DeviceRegistry for SqliteStore {
         Ok(identity)
     }
 
+    fn incarnation(&self) -> Result<[u8; 16], StoreError> {
+        let conn = self.conn();
+        let value: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'incarnation'", [], |r| r.get(0))
+            .optional()?;
+        if let Some(value) = value.and_then(|v| <[u8; 16]>::try_from(v).ok()) {
+            return Ok(value);
+        }
+        let fresh: [u8; 16] = rand::random();
+        conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [fresh.as_slice()],
+        )?;
+        Ok(fresh)
+    }
+
+    fn next_server_identity(&self) -> Result<Option<Identity>, StoreError> {
+        let seed: Option<Vec<u8>> = self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE name = 'next_identity'", [], |r| r.get(0))
+            .optional()?;
+        Ok(seed.and_then(|s| <[u8; 32]>::try_from(s).ok()).map(|s| Identity::from_seed(&s)))
+    }
+
+    fn stage_server_key(&self) -> Result<Identity, StoreError> {
+        if let Some(next) = self.next_server_identity()? {
+            return Ok(next);
+        }
+        let identity = Identity::generate();
+        self.conn().execute("INSERT INTO meta VALUES ('next_identity', ?1)", [identity.seed().as_slice()])?;
+        Ok(identity)
+    }
+
+    fn cancel_server_key(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute("DELETE FROM meta WHERE name = 'next_identity'", [])?;
+        tx.execute("DELETE FROM device_staged_keys", [])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn activate_server_key(&self) -> Result<Identity, StoreError> {
+        let next = self.next_server_identity()?.ok_or_else(|| {
+            StoreError::KeyRotation("no next key is staged; run `server-key stage` first".into())
+        })?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO meta (name, value) SELECT 'previous_identity', value FROM meta WHERE name = 'identity'
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [],
+        )?;
+        tx.execute("UPDATE meta SET value = ?1 WHERE name = 'identity'", [next.seed().as_slice()])?;
+        tx.execute("DELETE FROM meta WHERE name = 'next_identity'", [])?;
+        tx.execute("DELETE FROM device_staged_keys", [])?;
+        tx.commit()?;
+        Ok(next)
+    }
+
+    fn set_device_staged_key(&self, device: i64, key: Option<PublicKey>) -> Result<(), StoreError> {
+        match key {
+            Some(key) => self.conn().execute(
+                "INSERT INTO device_staged_keys (device_id, key) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET key = excluded.key",
+                params![device, key.as_slice()],
+            )?,
+            None => self.conn().execute("DELETE FROM device_staged_keys WHERE device_id = ?1", [device])?,
+        };
+        Ok(())
+    }
+
+    fn devices_without_staged_key(&self) -> Result<Vec<String>, StoreError> {
+        let Some(next) = self.next_server_identity()? else { return Ok(Vec::new()) };
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name FROM devices d
+             WHERE public_key IS NOT NULL AND revoked_at_ms IS NULL AND wiped_at_ms IS NULL
+               AND NOT EXISTS (SELECT 1 FROM device_staged_keys k WHERE k.device_id = d.id AND k.key = ?1)
+             ORDER BY name",
+        )?;
+        let rows = stmt.query_map([next.public_key().as_slice()], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn create_enrolment(
         &self,
         name: &str,

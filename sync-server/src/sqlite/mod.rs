@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS devices (
     view_seq INTEGER NOT NULL DEFAULT 0,
     view_hash BLOB
 );
+CREATE TABLE IF NOT EXISTS device_staged_keys (
+    device_id INTEGER PRIMARY KEY REFERENCES devices (id),
+    key BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS hl7_messages (
     control_id TEXT PRIMARY KEY,
     event TEXT NOT NULL,

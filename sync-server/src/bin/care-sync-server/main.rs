@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
     },
+    /// Rotates the server's TLS key without re-enrolling devices: stage, let devices sync, activate.
+    ServerKey {
+        #[command(subcommand)]
+        action: ServerKeyAction,
+    },
     /// Prints the effective configuration (the file's settings over the defaults) as TOML.
     Config,
     /// Prints the operator token of the admin API (created by the first `serve`).
@@ -193,6 +198,22 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ServerKeyAction {
+    /// Shows the current and staged keys and the devices that have not learnt the staged one.
+    Status,
+    /// Creates the next key; every sync from now on tells devices to pin it too.
+    Stage,
+    /// Makes the staged key the server's key; restart `serve` to present it.
+    Activate {
+        /// Activate although some devices have not learnt the key (they must re-enrol).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Drops the staged key.
+    Cancel,
+}
+
+#[derive(Subcommand)]
 enum CaseloadAction {
     Add {
         #[arg(long)]
@@ -244,6 +265,47 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             config.feeds.mllp_listen = mllp_listen.unwrap_or(config.feeds.mllp_listen);
             config.admin.listen = admin_listen.unwrap_or(config.admin.listen);
             serve::serve(config).await?;
+        }
+        Command::ServerKey { action } => {
+            let store = open(&dir)?;
+            let hex = |f: [u8; 32]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            match action {
+                ServerKeyAction::Status => {
+                    println!("current key fingerprint: {}", hex(store.server_identity()?.fingerprint()));
+                    match store.next_server_identity()? {
+                        None => println!("no next key staged"),
+                        Some(next) => {
+                            println!("staged key fingerprint:  {}", hex(next.fingerprint()));
+                            let behind = store.devices_without_staged_key()?;
+                            if behind.is_empty() {
+                                println!("every enrolled device has learnt it: ready to activate");
+                            } else {
+                                println!(
+                                    "{} device(s) have not learnt it yet: {}",
+                                    behind.len(),
+                                    behind.join(", ")
+                                );
+                            }
+                        }
+                    }
+                }
+                ServerKeyAction::Stage => {
+                    let fingerprint = ops::stage_server_key(store.as_ref())?;
+                    println!("staged key fingerprint: {}", hex(fingerprint));
+                    println!(
+                        "devices learn it at their next sync; `server-key status` shows who has not yet"
+                    );
+                }
+                ServerKeyAction::Activate { force } => {
+                    let fingerprint = ops::activate_server_key(store.as_ref(), force)?;
+                    println!("active key fingerprint: {}", hex(fingerprint));
+                    println!("restart `serve` to present it; new enrolment tokens carry it");
+                }
+                ServerKeyAction::Cancel => {
+                    let cancelled = ops::cancel_server_key(store.as_ref())?;
+                    println!("{}", if cancelled { "staged key dropped" } else { "no key was staged" });
+                }
+            }
         }
         Command::Config => {
             // Policy keys the file leaves out are shown with the built-in defaults; a value
