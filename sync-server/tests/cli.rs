@@ -1,0 +1,114 @@
+//! The operator's command line as a process: configuration files, JSON logs, backup and restore.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn run(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_care-sync-server"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("care-sync-server runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_printed_configuration_is_a_complete_file_and_bad_keys_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    for key in [
+        "[sync]",
+        "listen",
+        "[feeds]",
+        "mllp_listen",
+        "[admin]",
+        "stale_after_hours",
+        "[policy]",
+        "budget",
+        "lease_hours_ambulance_crew",
+        "prefetch_flags",
+        "[logging]",
+    ] {
+        assert!(printed.contains(key), "`{key}` missing from\n{printed}");
+    }
+    // It reads back as a configuration file.
+    let file = dir.path().join("care-sync.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let again = run(dir.path(), &["--config", file.to_str().unwrap(), "config"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), printed);
+
+    // A wrong value stops with the key's name, before anything else happens.
+    std::fs::write(&file, "[admin]\nlisten = \"everywhere\"\n").unwrap();
+    let bad = run(dir.path(), &["--config", file.to_str().unwrap(), "serve"]);
+    assert!(!bad.status.success());
+    let message = text(&bad.stderr);
+    assert!(message.contains("admin.listen") && message.contains("care-sync.toml"), "{message}");
+    std::fs::write(&file, "[feeds]\nmllp_port = 2575\n").unwrap();
+    let bad = run(dir.path(), &["--config", file.to_str().unwrap(), "config"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("mllp_port"), "{}", text(&bad.stderr));
+}
+
+#[test]
+fn serve_logs_json_lines_with_the_flag_and_policy_comes_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("care-sync.toml");
+    std::fs::write(
+        &file,
+        "[sync]\nlisten = \"127.0.0.1:0\"\n[feeds]\nmllp_listen = \"127.0.0.1:0\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[policy]\nbudget = 1234\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_care-sync-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--config", file.to_str().unwrap(), "--log-format", "json", "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(event["level"].is_string() && event["timestamp"].is_string(), "{event}");
+
+    let audit = run(dir.path(), &["audit"]);
+    assert!(text(&audit.stdout).contains("budget = 1234"), "the file's policy is applied and audited");
+}
+
+#[test]
+fn backup_refuses_to_overwrite_and_restore_refuses_to_replace_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    assert!(run(&live, &["generate", "--patients", "20"]).status.success());
+    let file = dir.path().join("backup.db");
+    let out = run(&live, &["backup", "--out", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("20 patients"), "{}", text(&out.stdout));
+    let again = run(&live, &["backup", "--out", file.to_str().unwrap()]);
+    assert!(!again.status.success() && text(&again.stderr).contains("already exists"));
+
+    let restored = dir.path().join("restored");
+    let out = run(&restored, &["restore", "--from", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let patients = run(&restored, &["patients"]);
+    assert_eq!(text(&patients.stdout).lines().count(), 20);
+    let refused = run(&restored, &["restore", "--from", file.to_str().unwrap()]);
+    assert!(
+        !refused.status.success() && text(&refused.stderr).contains("--force"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
