@@ -44,10 +44,13 @@ pub mod close {
 }
 
 /// Where an interrupted round stopped: every document up to and including `through` (in the
-/// round's patient order) was applied at `round`.
+/// round's order) was applied at `round`. A round has two parts, each in ascending patient id
+/// order: the priority part first (new documents of patients with alerts, incidents or grants),
+/// then the rest; `priority` says which part `through` is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
     pub round: u64,
+    pub priority: bool,
     pub through: PatientId,
 }
 
@@ -154,9 +157,11 @@ pub enum ServerMessage {
     UploadAck {
         through: u64,
     },
-    /// Items of a round, in ascending patient id order across frames.
+    /// Items of a round: the priority part first, then the rest, each in ascending patient id
+    /// order across frames; a frame holds items of one part only.
     Docs {
         round: u64,
+        priority: bool,
         items: Vec<DocItem>,
     },
     /// The round is complete: the device's cursor becomes `round`. `left_out`: patients in scope

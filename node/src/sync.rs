@@ -280,7 +280,7 @@ impl SyncSession {
             }
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
-                ServerMessage::Docs { round, items },
+                ServerMessage::Docs { round, priority, items },
             ) => {
                 if self.upload_in_flight > 0 || !self.upload_finished {
                     return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
@@ -290,7 +290,7 @@ impl SyncSession {
                 }
                 self.phase = Phase::Downloading;
                 let now = crate::now_ms();
-                self.stats.notifications += store.apply_items(round, &items, now)?;
+                self.stats.notifications += store.apply_items(round, priority, &items, now)?;
                 for item in &items {
                     match &item.body {
                         crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,

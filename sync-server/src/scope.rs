@@ -51,6 +51,8 @@ pub struct Candidate {
     pub review_date: Option<String>,
     /// The patient objects to sharing.
     pub objection: bool,
+    /// The patient has an active alert (ReSPECT/DNACPR, safeguarding, …): sent first.
+    pub alerted: bool,
 }
 
 /// The decided scope of a device.
@@ -58,6 +60,9 @@ pub struct Candidate {
 pub struct Scope {
     /// Patients to hold, sorted by id.
     pub patients: Vec<PatientId>,
+    /// The patients among them a new device gets first: granted (break glass, permission),
+    /// incident, or with an active alert.
+    pub first: HashSet<PatientId>,
     /// Patients in scope that the budget left out.
     pub left_out: u64,
     /// Patients withheld because they object to sharing.
@@ -88,6 +93,7 @@ pub fn decide(mut candidates: Vec<Candidate>, budget: u64) -> Scope {
     });
     let mut chosen = Vec::new();
     let mut seen = HashSet::new();
+    let mut first = HashSet::new();
     let mut left_out = HashSet::new();
     for c in candidates {
         if seen.contains(&c.patient) {
@@ -96,6 +102,9 @@ pub fn decide(mut candidates: Vec<Candidate>, budget: u64) -> Scope {
         if (chosen.len() as u64) < budget {
             seen.insert(c.patient);
             chosen.push(c.patient);
+            if c.alerted || matches!(c.tier, Tier::Grant | Tier::Incident) {
+                first.insert(c.patient);
+            }
         } else {
             left_out.insert(c.patient);
         }
@@ -103,7 +112,12 @@ pub fn decide(mut candidates: Vec<Candidate>, budget: u64) -> Scope {
     left_out.retain(|p| !seen.contains(p));
     withheld.retain(|p| !seen.contains(p));
     chosen.sort_unstable();
-    Scope { patients: chosen, left_out: left_out.len() as u64, withheld_by_objection: withheld.len() as u64 }
+    Scope {
+        patients: chosen,
+        first,
+        left_out: left_out.len() as u64,
+        withheld_by_objection: withheld.len() as u64,
+    }
 }
 
 /// What the scope needs to know of a patient, derived from the document whenever it changes.
@@ -174,6 +188,7 @@ mod tests {
             tier,
             review_date: review.map(str::to_string),
             objection,
+            alerted: false,
         }
     }
 

@@ -6,8 +6,10 @@
 //!
 //! A round at sequence number `M` sends, in ascending patient order: whole documents newly in
 //! scope, the changes in `(cursor, M]` of held documents (minus the device's own), and purges of
-//! documents that left scope. Before a page goes out the store records what it sends whole or
-//! purges; the device's next `Hello` (or its `RoundAck`) settles that record.
+//! documents that left scope. New documents of priority patients (active alerts, incidents,
+//! grants) come first, in a part of their own, so that a new tablet has the DNACPR decisions and
+//! the incident patients before the rest. Before a page goes out the store records what it sends
+//! whole or purges; the device's next `Hello` (or its `RoundAck`) settles that record.
 
 use std::collections::HashSet;
 
@@ -48,8 +50,10 @@ enum Phase {
 #[derive(Debug)]
 struct Round {
     seq: u64,
-    /// Documents with something to send, ascending.
+    /// Documents with something to send: the first `priority` of them (the priority part)
+    /// ascending, then the rest ascending.
     order: Vec<PatientId>,
+    priority: usize,
     next: usize,
     scope: HashSet<PatientId>,
     held: HashSet<PatientId>,
@@ -278,7 +282,9 @@ impl ServerSession {
         if let Some(pending) = store.pending_round(self.device.id)? {
             let outcome = match resume {
                 _ if cursor >= pending => RoundOutcome::Complete,
-                Some(r) if r.round == pending => RoundOutcome::Through(r.through),
+                Some(r) if r.round == pending => {
+                    RoundOutcome::Through { priority: r.priority, through: r.through }
+                }
                 _ => RoundOutcome::Nothing,
             };
             store.settle_round(self.device.id, pending, outcome, now_ms)?;
@@ -290,7 +296,8 @@ impl ServerSession {
 
     fn after_for(&self, doc: &PatientId) -> u64 {
         match self.resume {
-            Some(r) if *doc <= r.through => r.round.max(self.cursor),
+            // Changes of held documents are all in the second part.
+            Some(r) if !r.priority && *doc <= r.through => r.round.max(self.cursor),
             _ => self.cursor,
         }
     }
@@ -307,14 +314,19 @@ impl ServerSession {
             list.retain(|(s, _)| *s > after);
         }
         changes.retain(|doc, list| !list.is_empty() && held.contains(doc) && scope.contains(doc));
-        let mut order: Vec<PatientId> =
-            scope.difference(&held).chain(held.difference(&scope)).chain(changes.keys()).copied().collect();
+        let (mut order, mut rest): (Vec<PatientId>, Vec<PatientId>) =
+            scope.difference(&held).copied().partition(|p| decided.first.contains(p));
         order.sort_unstable();
-        order.dedup();
+        let priority = order.len();
+        rest.extend(held.difference(&scope).chain(changes.keys()).copied());
+        rest.sort_unstable();
+        rest.dedup();
+        order.extend(rest);
         tracing::debug!(round = seq, items = order.len(), in_scope = scope.len(), "round planned");
         self.round = Some(Round {
             seq,
             order,
+            priority,
             next: 0,
             documents_in_scope: scope.len() as u64,
             left_out,
@@ -340,8 +352,10 @@ impl ServerSession {
             }));
         }
         let (mut items, mut bytes, mut whole, mut purged) = (Vec::new(), 0usize, Vec::new(), Vec::new());
-        while round.next < round.order.len() && bytes < TARGET_BATCH_BYTES && items.len() < MAX_ITEMS_PER_PAGE
-        {
+        // A page holds items of one part only.
+        let priority = round.next < round.priority;
+        let end = if priority { round.priority } else { round.order.len() };
+        while round.next < end && bytes < TARGET_BATCH_BYTES && items.len() < MAX_ITEMS_PER_PAGE {
             let doc = round.order[round.next];
             round.next += 1;
             let body = if !round.scope.contains(&doc) {
@@ -362,8 +376,8 @@ impl ServerSession {
             };
             items.push(DocItem { doc, body });
         }
-        store.record_round_page(self.device.id, round.seq, &whole, &purged)?;
-        Ok(Some(ServerMessage::Docs { round: round.seq, items }))
+        store.record_round_page(self.device.id, round.seq, priority, &whole, &purged)?;
+        Ok(Some(ServerMessage::Docs { round: round.seq, priority, items }))
     }
 }
 

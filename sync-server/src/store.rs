@@ -134,7 +134,7 @@ pub enum RoundOutcome {
     /// The device applied the whole round.
     Complete,
     /// The device applied the round up to and including this patient.
-    Through(PatientId),
+    Through { priority: bool, through: PatientId },
     /// The device applied nothing of the round.
     Nothing,
 }
@@ -442,6 +442,7 @@ pub trait SyncLog: Send + Sync {
         &self,
         device: i64,
         round: u64,
+        priority: bool,
         whole: &[PatientId],
         purged: &[PatientId],
     ) -> Result<(), StoreError>;

@@ -63,6 +63,8 @@ struct Sent {
     changes: usize,
     pages: usize,
     completed: bool,
+    /// Documents sent whole, in order, with the part of the round they came in.
+    order: Vec<(bool, care_node::summary::PatientId)>,
 }
 
 /// Runs one session; `cut_after_pages` drops the link after that many document pages.
@@ -79,14 +81,17 @@ fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
         }
         while server.is_downloading() {
             let Some(page) = server.next_page(&w.server).unwrap() else { break };
-            if let ServerMessage::Docs { items, .. } = &page {
+            if let ServerMessage::Docs { items, priority, .. } = &page {
                 if cut_after_pages == Some(sent.pages) {
                     return sent;
                 }
                 sent.pages += 1;
                 for item in items {
                     match item.body {
-                        DocBody::Whole(_) => sent.whole += 1,
+                        DocBody::Whole(_) => {
+                            sent.whole += 1;
+                            sent.order.push((*priority, item.doc));
+                        }
                         DocBody::Changes(_) => sent.changes += 1,
                         DocBody::Purge => {}
                     }
@@ -122,6 +127,48 @@ fn a_cut_round_resumes_without_resending_applied_documents() {
         (0, 0, 0),
         "an unchanged reconnect sends no documents"
     );
+}
+
+/// Whether the server's copy of a patient has an active alert.
+fn alerted(w: &World, id: &care_node::summary::PatientId) -> bool {
+    let saved = w.server.load_document(id).unwrap().unwrap();
+    let mut summary = care_node::summary::PatientSummary::load(&saved).unwrap();
+    let index = care_sync_server::scope::PatientIndex::of(&mut summary).unwrap();
+    index.flags.iter().any(|f| f != care_sync_server::scope::FREQUENT_ATTENDER)
+}
+
+#[test]
+fn patients_with_alerts_come_first_in_a_cold_sync() {
+    let mut w = world(1_200);
+    let sent = session(&mut w, None);
+    assert!(sent.completed);
+    let first = sent.order.iter().take_while(|(priority, _)| *priority).count();
+    assert!(first > 0 && first < 1_200, "{first} priority documents");
+    assert!(sent.order[first..].iter().all(|(priority, _)| !priority), "one priority part, at the start");
+    for (priority, id) in &sent.order {
+        assert_eq!(*priority, alerted(&w, id), "a document is in the priority part iff it has an alert");
+    }
+    let ids: Vec<_> = sent.order.iter().map(|(_, id)| *id).collect();
+    assert!(ids[..first].is_sorted() && ids[first..].is_sorted(), "each part in patient order");
+}
+
+#[test]
+fn a_round_cut_after_any_page_resumes_with_nothing_lost_or_sent_twice() {
+    let n = 1_200;
+    let pages = session(&mut world(n), None).pages;
+    assert!(pages >= 3, "{pages} pages");
+    for cut in 0..pages {
+        let mut w = world(n);
+        let first = session(&mut w, Some(cut));
+        let applied = w.device.document_count().unwrap() as usize;
+        assert_eq!(applied, first.whole, "cut after {cut} pages: every delivered document was applied");
+        let second = session(&mut w, None);
+        assert!(second.completed);
+        assert_eq!(second.whole, n - applied, "cut after {cut} pages: nothing applied is sent again");
+        assert_eq!(w.device.document_count().unwrap() as usize, n);
+        let third = session(&mut w, None);
+        assert_eq!((third.whole, third.changes), (0, 0), "cut after {cut} pages: then nothing to send");
+    }
 }
 
 #[test]

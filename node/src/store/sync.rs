@@ -37,7 +37,13 @@ impl DeviceStore {
     /// (the last item applied), so a cut link or a crash leaves every document of the page and
     /// the marker that covers it applied, or none of them. Returns how many notifications
     /// (admissions, discharges, attendances…) the page produced.
-    pub fn apply_items(&mut self, round: u64, items: &[DocItem], now_ms: i64) -> Result<u64, StoreError> {
+    pub fn apply_items(
+        &mut self,
+        round: u64,
+        priority: bool,
+        items: &[DocItem],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
         let Some(last) = items.last() else { return Ok(0) };
         let tx = self.conn.transaction()?;
         let mut notified = 0;
@@ -45,7 +51,7 @@ impl DeviceStore {
             notified += apply_one(&tx, &self.key, &self.lookup, item, now_ms)?;
         }
         let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
-        state.resume = Some(Resume { round, through: last.doc });
+        state.resume = Some(Resume { round, priority, through: last.doc });
         put_secret(&tx, &self.key, "sync", &state)?;
         tx.commit()?;
         Ok(notified)

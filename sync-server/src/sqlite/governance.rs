@@ -175,20 +175,22 @@ impl Governance for SqliteStore {
         let mut out = Vec::new();
         let row = |tier: Tier| {
             move |r: &rusqlite::Row<'_>| {
+                let flags: String = r.get(3)?;
                 Ok(Candidate {
                     patient: patient_id(r.get(0)?)?,
                     tier,
                     review_date: r.get(1)?,
                     objection: r.get(2)?,
+                    alerted: flags.split(',').any(|f| !f.is_empty() && f != crate::scope::FREQUENT_ATTENDER),
                 })
             }
         };
         let mut grants = conn.prepare(
-            "SELECT p.id, p.review_date, p.objection, g.kind FROM grants g JOIN patients p ON p.id = g.patient_id
+            "SELECT p.id, p.review_date, p.objection, p.risk_flags, g.kind FROM grants g JOIN patients p ON p.id = g.patient_id
              WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2 AND p.merged = 0",
         )?;
         let rows = grants.query_map(params![device, now_ms], |r| {
-            let kind: String = r.get(3)?;
+            let kind: String = r.get(4)?;
             let tier = if kind == GrantKind::Incident.as_str() { Tier::Incident } else { Tier::Grant };
             row(tier)(r)
         })?;
@@ -196,7 +198,7 @@ impl Governance for SqliteStore {
             out.push(r?);
         }
         let mut caseload = conn.prepare(
-            "SELECT p.id, p.review_date, p.objection FROM caseload c JOIN patients p ON p.id = c.patient_id
+            "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM caseload c JOIN patients p ON p.id = c.patient_id
              WHERE c.device_id = ?1 AND p.merged = 0",
         )?;
         for r in caseload.query_map([device], row(Tier::Caseload))? {
@@ -210,7 +212,7 @@ impl Governance for SqliteStore {
                 .collect::<Vec<_>>()
                 .join(" OR ");
             let sql = format!(
-                "SELECT p.id, p.review_date, p.objection FROM device_areas a JOIN patients p ON p.district = a.district
+                "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM device_areas a JOIN patients p ON p.district = a.district
                  WHERE a.device_id = ?1 AND p.merged = 0 AND p.risk_flags != ',' AND ({flag_test})"
             );
             let mut area = conn.prepare(&sql)?;

@@ -152,6 +152,8 @@ const HELD: i64 = 0;
 const SENDING: i64 = 1;
 /// Purged in the pending round, not yet confirmed.
 const PURGING: i64 = 2;
+/// Sent whole in the priority part of the pending round, not yet confirmed.
+const SENDING_FIRST: i64 = 3;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,

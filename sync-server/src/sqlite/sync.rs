@@ -115,13 +115,15 @@ impl SyncLog for SqliteStore {
         &self,
         device: i64,
         round: u64,
+        priority: bool,
         whole: &[PatientId],
         purged: &[PatientId],
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
-        for (ids, state) in [(whole, SENDING), (purged, PURGING)] {
+        let sending = if priority { SENDING_FIRST } else { SENDING };
+        for (ids, state) in [(whole, sending), (purged, PURGING)] {
             let mut stmt = tx.prepare(
                 "INSERT INTO device_docs (device_id, patient_id, state) VALUES (?1, ?2, ?3)
                  ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state",
@@ -147,12 +149,27 @@ impl SyncLog for SqliteStore {
             tx.query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
         if pending == Some(round as i64) {
             // Confirmed rows: `sending` becomes held and `purging` goes; unconfirmed rows revert.
+            // The priority part comes before the rest: a device that reached the rest confirmed
+            // all of it; one cut inside it confirmed none of the rest.
             let (confirmed_sql, unconfirmed_sql) = ("patient_id <= ?2", "patient_id > ?2");
-            let through: Vec<u8> = match outcome {
-                RoundOutcome::Complete => vec![0xff; 17],
-                RoundOutcome::Through(p) => p.as_bytes().to_vec(),
-                RoundOutcome::Nothing => Vec::new(),
+            let (first_through, through): (Vec<u8>, Vec<u8>) = match outcome {
+                RoundOutcome::Complete => (vec![0xff; 17], vec![0xff; 17]),
+                RoundOutcome::Through { priority: true, through } => {
+                    (through.as_bytes().to_vec(), Vec::new())
+                }
+                RoundOutcome::Through { priority: false, through } => {
+                    (vec![0xff; 17], through.as_bytes().to_vec())
+                }
+                RoundOutcome::Nothing => (Vec::new(), Vec::new()),
             };
+            tx.execute(
+                &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {SENDING_FIRST} AND {confirmed_sql}"),
+                params![device, first_through],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM device_docs WHERE device_id = ?1 AND state = {SENDING_FIRST} AND {unconfirmed_sql}"),
+                params![device, first_through],
+            )?;
             tx.execute(
                 &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {SENDING} AND {confirmed_sql}"),
                 params![device, through],
