@@ -19,6 +19,8 @@ use crate::wire::{WireError, read_frame, write_frame};
 
 /// How long a device waits for the server before giving up on a step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closing a connection waits for the close to leave (draining goes on in the background).
+pub const CLOSE_GRACE: Duration = Duration::from_millis(5);
 /// How long a device tries to reach the server before saying it is unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,7 +71,12 @@ pub struct SyncReport {
     /// UDP payload bytes of the whole connection, handshake included.
     pub udp_bytes_sent: u64,
     pub udp_bytes_received: u64,
+    /// Wall time of the whole sync: connecting (QUIC + TLS handshake), the exchange, closing.
     pub duration: Duration,
+    /// Connecting: until the session stream is open (the handshake is done).
+    pub handshake: Duration,
+    /// The protocol exchange after the handshake, until the last frame is handled.
+    pub exchange: Duration,
 }
 
 impl SyncReport {
@@ -194,7 +201,9 @@ impl DeviceConnection {
         while self.recv_any::<ServerMessage>().await?.is_some() {}
         let stats = self.connection.stats();
         self.connection.close(close::DONE.into(), b"done");
-        self.endpoint.wait_idle().await;
+        // The close goes out at once; the endpoint then drains for three probe timeouts in the
+        // background. Waiting a moment lets the close leave before a short-lived process exits.
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
         Ok((self.sent, self.received, stats))
     }
 }
@@ -317,6 +326,7 @@ pub async fn watch(
 ) -> Result<SyncReport, ClientError> {
     let started = Instant::now();
     let mut conn = DeviceConnection::open(store).await?;
+    let open = Instant::now();
     let (mut session, first) = SyncSession::start_watching(store)?;
     for message in &first {
         conn.send(message).await?;
@@ -341,7 +351,7 @@ pub async fn watch(
             () = &mut stop => break,
         }
     }
-    conclude(&session, conn, store, started).await
+    conclude(&session, conn, store, Timing { started, open, done: Instant::now() }).await
 }
 
 async fn sync_with(
@@ -362,6 +372,8 @@ async fn sync_with(
         udp_bytes_sent: report.udp_bytes_sent + again.udp_bytes_sent,
         udp_bytes_received: report.udp_bytes_received + again.udp_bytes_received,
         duration: report.duration + again.duration,
+        handshake: report.handshake + again.handshake,
+        exchange: report.exchange + again.exchange,
         stats: SyncStats {
             uploaded_changes: report.stats.uploaded_changes + again.stats.uploaded_changes,
             documents_received: report.stats.documents_received + again.stats.documents_received,
@@ -379,6 +391,7 @@ async fn sync_once(
 ) -> Result<(Vec<AccessDecision>, SyncReport, bool), ClientError> {
     let started = Instant::now();
     let mut conn = DeviceConnection::open(store).await?;
+    let open = Instant::now();
     let (mut session, first) = SyncSession::start_with(store, requests)?;
     for message in &first {
         conn.send(message).await?;
@@ -395,16 +408,24 @@ async fn sync_once(
     }
     let decisions = session.decisions().to_vec();
     let restored = session.server_restored();
-    Ok((decisions, conclude(&session, conn, store, started).await?, restored))
+    let timing = Timing { started, open, done: Instant::now() };
+    Ok((decisions, conclude(&session, conn, store, timing).await?, restored))
 }
 
 /// Ends a session: finishes the connection, and if the server told the device to wipe, destroys
 /// the data key now that the server has the confirmation (every way of syncing ends here).
+/// When a session started, had its stream open (handshake done), and handled its last frame.
+struct Timing {
+    started: Instant,
+    open: Instant,
+    done: Instant,
+}
+
 async fn conclude(
     session: &SyncSession,
     conn: DeviceConnection,
     store: &mut DeviceStore,
-    started: Instant,
+    timing: Timing,
 ) -> Result<SyncReport, ClientError> {
     let (sent, received, udp) = conn.finish().await?;
     if session.wiped() {
@@ -417,6 +438,8 @@ async fn conclude(
         frame_bytes_received: received,
         udp_bytes_sent: udp.udp_tx.bytes,
         udp_bytes_received: udp.udp_rx.bytes,
-        duration: started.elapsed(),
+        duration: timing.started.elapsed(),
+        handshake: timing.open - timing.started,
+        exchange: timing.done - timing.open,
     })
 }
