@@ -147,7 +147,7 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
 
 /// How often the server looks for new changes to push to live sessions. Changes can come from
 /// other processes (imports, operator commands), so the store itself is watched.
-pub const CHANGE_POLL: Duration = Duration::from_millis(100);
+pub const CHANGE_POLL: Duration = Duration::from_millis(25);
 
 async fn watch_changes(store: Arc<dyn ServerStore>, changed: tokio::sync::watch::Sender<u64>) {
     let mut last = *changed.borrow();

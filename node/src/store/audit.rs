@@ -55,8 +55,9 @@ impl DeviceStore {
 
     /// View log entries not yet acknowledged by the server, oldest first.
     pub fn pending_views(&self, limit: usize) -> Result<Vec<crate::viewlog::SignedView>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT seq, body FROM view_log WHERE uploaded = 0 ORDER BY seq LIMIT ?1")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, body FROM view_log WHERE uploaded = 0 ORDER BY seq LIMIT ?1")?;
         let mut rows = stmt.query([limit as i64])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
@@ -77,7 +78,8 @@ impl DeviceStore {
     /// first.
     pub fn notifications(&self, limit: usize) -> Result<Vec<crate::notify::Notification>, StoreError> {
         self.check_lease(crate::now_ms())?;
-        let mut stmt = self.conn.prepare("SELECT id, body FROM notifications ORDER BY id DESC LIMIT ?1")?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id, body FROM notifications ORDER BY id DESC LIMIT ?1")?;
         let mut rows = stmt.query([limit as i64])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
@@ -90,8 +92,9 @@ impl DeviceStore {
 
     /// The device's view log, newest first, with whether each entry reached the server.
     pub fn view_log(&self, limit: usize) -> Result<Vec<(crate::viewlog::ViewEntry, bool)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT seq, body, uploaded FROM view_log ORDER BY seq DESC LIMIT ?1")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, body, uploaded FROM view_log ORDER BY seq DESC LIMIT ?1")?;
         let mut rows = stmt.query([limit as i64])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {

@@ -255,6 +255,7 @@ impl DeviceStore {
     fn configure(conn: &Connection) -> Result<(), StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(not_a_store)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(())
@@ -439,8 +440,10 @@ fn get_secret<T: for<'de> Deserialize<'de>>(
     key: &DataKey,
     name: &str,
 ) -> Result<Option<T>, StoreError> {
-    let sealed: Option<Vec<u8>> =
-        conn.query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    let sealed: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM secrets WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
     sealed.map(|s| open_row(key, "secrets", name.as_bytes(), 0, &s)).transpose()
 }
 
@@ -451,11 +454,11 @@ fn put_secret<T: Serialize>(
     value: &T,
 ) -> Result<(), StoreError> {
     let sealed = seal_row(key, "secrets", name.as_bytes(), 0, value)?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO secrets (name, value) VALUES (?1, ?2)
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        params![name, sealed],
-    )?;
+    )?
+    .execute(params![name, sealed])?;
     Ok(())
 }
 
@@ -479,7 +482,8 @@ fn write_document(
         None => lookup.hash("provisional", &patient_id.to_string()),
     };
     let version: i64 = tx
-        .query_row("SELECT version FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| r.get(0))
+        .prepare_cached("SELECT version FROM documents WHERE doc_key = ?1")?
+        .query_row([doc_key.as_slice()], |r| r.get(0))
         .optional()?
         .map_or(1, |v: i64| v + 1);
     let card = PatientCard {
@@ -493,11 +497,11 @@ fn write_document(
     let body = DocumentBody { patient_id, received_at_ms, automerge };
     let card = seal_row(key, "card", &doc_key, version, &card)?;
     let body = seal_row(key, "body", &doc_key, version, &body)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO documents (doc_key, nhs_key, version, card, body) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (doc_key) DO UPDATE SET nhs_key = excluded.nhs_key, version = excluded.version,
              card = excluded.card, body = excluded.body",
-        params![doc_key.as_slice(), nhs_key.as_slice(), version, card, body],
-    )?;
+    )?
+    .execute(params![doc_key.as_slice(), nhs_key.as_slice(), version, card, body])?;
     Ok(())
 }

@@ -35,7 +35,7 @@ impl DeviceStore {
     /// Every patient on the device, ordered by name (refused when the lease has expired).
     pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
         self.check_lease(crate::now_ms())?;
-        let mut stmt = self.conn.prepare("SELECT doc_key, version, card FROM documents")?;
+        let mut stmt = self.conn.prepare_cached("SELECT doc_key, version, card FROM documents")?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
         let mut cards = Vec::new();
@@ -160,7 +160,7 @@ impl DeviceStore {
     pub fn follow_server_restore(&mut self, incarnation: [u8; 16]) -> Result<u64, StoreError> {
         let actor = automerge::ActorId::from(self.identity()?.public_key().as_slice());
         let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = {
-            let mut stmt = self.conn.prepare("SELECT doc_key, version, body FROM documents")?;
+            let mut stmt = self.conn.prepare_cached("SELECT doc_key, version, body FROM documents")?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
         };
         let tx = self.conn.transaction()?;

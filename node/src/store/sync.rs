@@ -5,7 +5,7 @@ use super::*;
 impl DeviceStore {
     /// Local changes after outbox position `after`, oldest first, up to about `max_bytes`.
     pub fn pending_changes(&self, after: u64, max_bytes: usize) -> Result<Vec<PendingChange>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT id, body FROM outbox WHERE id > ?1 ORDER BY id")?;
+        let mut stmt = self.conn.prepare_cached("SELECT id, body FROM outbox WHERE id > ?1 ORDER BY id")?;
         let mut rows = stmt.query([after as i64])?;
         let mut out = Vec::new();
         let mut bytes = 0;
@@ -100,9 +100,8 @@ fn read_body(
     doc_key: &[u8; 32],
 ) -> Result<Option<DocumentBody>, StoreError> {
     let row = tx
-        .query_row("SELECT version, body FROM documents WHERE doc_key = ?1", [doc_key.as_slice()], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })
+        .prepare_cached("SELECT version, body FROM documents WHERE doc_key = ?1")?
+        .query_row([doc_key.as_slice()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
         .optional()?;
     row.map(|(version, body)| open_row(key, "body", doc_key, version, &body)).transpose()
 }

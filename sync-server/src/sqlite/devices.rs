@@ -90,7 +90,7 @@ impl DeviceRegistry for SqliteStore {
     fn devices_without_staged_key(&self) -> Result<Vec<String>, StoreError> {
         let Some(next) = self.next_server_identity()? else { return Ok(Vec::new()) };
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT name FROM devices d
              WHERE public_key IS NOT NULL AND revoked_at_ms IS NULL AND wiped_at_ms IS NULL
                AND NOT EXISTS (SELECT 1 FROM device_staged_keys k WHERE k.device_id = d.id AND k.key = ?1)
@@ -212,7 +212,7 @@ impl DeviceRegistry for SqliteStore {
 
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT * FROM devices ORDER BY name")?;
+        let mut stmt = conn.prepare_cached("SELECT * FROM devices ORDER BY name")?;
         let rows = stmt.query_map([], device_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -16,7 +16,7 @@ impl Governance for SqliteStore {
 
     fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT seq, at_ms, actor, action, patient_id, detail FROM audit
              WHERE (?1 IS NULL OR patient_id = ?1) AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR at_ms >= ?3)
              ORDER BY seq",
@@ -41,7 +41,8 @@ impl Governance for SqliteStore {
     fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0))
+            .prepare_cached("SELECT value FROM settings WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
             .optional()?)
     }
 
@@ -101,7 +102,7 @@ impl Governance for SqliteStore {
 
     fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, device_id, patient_id, kind, reason, created_at_ms, expires_at_ms FROM grants
              WHERE (?1 IS NULL OR device_id = ?1) AND closed_at_ms IS NULL AND expires_at_ms > ?2 ORDER BY id",
         )?;
@@ -137,7 +138,7 @@ impl Governance for SqliteStore {
     fn areas(&self, device: i64) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT district FROM device_areas WHERE device_id = ?1 ORDER BY district")?;
+            conn.prepare_cached("SELECT district FROM device_areas WHERE device_id = ?1 ORDER BY district")?;
         let rows = stmt.query_map([device], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -185,7 +186,7 @@ impl Governance for SqliteStore {
                 })
             }
         };
-        let mut grants = conn.prepare(
+        let mut grants = conn.prepare_cached(
             "SELECT p.id, p.review_date, p.objection, p.risk_flags, g.kind FROM grants g JOIN patients p ON p.id = g.patient_id
              WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2 AND p.merged = 0",
         )?;
@@ -197,7 +198,7 @@ impl Governance for SqliteStore {
         for r in rows {
             out.push(r?);
         }
-        let mut caseload = conn.prepare(
+        let mut caseload = conn.prepare_cached(
             "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM caseload c JOIN patients p ON p.id = c.patient_id
              WHERE c.device_id = ?1 AND p.merged = 0",
         )?;
@@ -215,7 +216,7 @@ impl Governance for SqliteStore {
                 "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM device_areas a JOIN patients p ON p.district = a.district
                  WHERE a.device_id = ?1 AND p.merged = 0 AND p.risk_flags != ',' AND ({flag_test})"
             );
-            let mut area = conn.prepare(&sql)?;
+            let mut area = conn.prepare_cached(&sql)?;
             let mut values: Vec<&dyn rusqlite::ToSql> = vec![&device];
             for f in prefetch_flags {
                 values.push(f);
@@ -245,7 +246,7 @@ impl Governance for SqliteStore {
 
     fn alerts(&self, include_acknowledged: bool) -> Result<Vec<AlertRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT a.id, a.at_ms, a.kind, d.name, a.patient_id, a.reason, a.acknowledged_at_ms, a.note
              FROM alerts a LEFT JOIN devices d ON d.id = a.device_id
              WHERE ?1 OR a.acknowledged_at_ms IS NULL ORDER BY a.id",
@@ -300,7 +301,7 @@ impl Governance for SqliteStore {
     fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT patient_id FROM caseload WHERE device_id = ?1 ORDER BY patient_id")?;
+            conn.prepare_cached("SELECT patient_id FROM caseload WHERE device_id = ?1 ORDER BY patient_id")?;
         let rows = stmt.query_map([device], |r| patient_id(r.get(0)?))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -345,7 +346,7 @@ impl Governance for SqliteStore {
     fn feed_status(&self) -> Result<crate::store::FeedStatus, StoreError> {
         let conn = self.conn();
         let mut status = crate::store::FeedStatus::default();
-        let mut counts = conn.prepare("SELECT code, n, last_at_ms FROM feed_counts")?;
+        let mut counts = conn.prepare_cached("SELECT code, n, last_at_ms FROM feed_counts")?;
         for row in counts.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?)))? {
             let (code, n, at): (String, i64, i64) = row?;
             match code.as_str() {
@@ -355,7 +356,8 @@ impl Governance for SqliteStore {
             }
             status.last_message_ms = status.last_message_ms.max(Some(at));
         }
-        let mut refusals = conn.prepare("SELECT at_ms, code, reason FROM feed_refusals ORDER BY id DESC")?;
+        let mut refusals =
+            conn.prepare_cached("SELECT at_ms, code, reason FROM feed_refusals ORDER BY id DESC")?;
         status.recent_refusals = refusals
             .query_map([], |r| {
                 Ok(crate::store::FeedRefusal { at_ms: r.get(0)?, code: r.get(1)?, reason: r.get(2)? })

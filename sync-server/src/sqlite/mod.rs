@@ -188,6 +188,27 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     })
 }
 
+/// Round bookkeeping (what a device was sent, what it confirmed) is committed without waiting for
+/// the disk: lost in a crash, it only makes the server send some documents again (applying them
+/// is idempotent), and the device's next `Hello` says where it is. Everything else, and every
+/// acknowledged upload, is committed with `synchronous=FULL`. The guard restores FULL on drop.
+struct Bookkeeping<'c>(&'c Connection);
+
+impl<'c> Bookkeeping<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Self(conn))
+    }
+}
+
+impl Drop for Bookkeeping<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.pragma_update(None, "synchronous", "FULL") {
+            tracing::error!(error = %e, "could not restore synchronous=FULL");
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (or creates) the store at `dir/server.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -195,6 +216,7 @@ impl SqliteStore {
         let conn = Connection::open(dir.join("server.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
@@ -231,7 +253,7 @@ impl SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let ids: Vec<PatientId> = {
-            let mut stmt = tx.prepare("SELECT id FROM patients")?;
+            let mut stmt = tx.prepare_cached("SELECT id FROM patients")?;
             stmt.query_map([], |r| patient_id(r.get(0)?))?.collect::<Result<_, _>>()?
         };
         let mut migrated = 0;

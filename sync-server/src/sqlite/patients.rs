@@ -129,7 +129,7 @@ impl PatientRecords for SqliteStore {
 
     fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, nhs_number FROM patients ORDER BY nhs_number, id")?;
+        let mut stmt = conn.prepare_cached("SELECT id, nhs_number FROM patients ORDER BY nhs_number, id")?;
         let rows = stmt.query_map([], |r| Ok((patient_id(r.get(0)?)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -67,13 +67,15 @@ impl SyncLog for SqliteStore {
     }
 
     fn max_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.conn().query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM changes")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT c.seq, c.patient_id, c.body FROM device_docs d
              JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
              WHERE d.device_id = ?1 AND d.state = 0 AND (c.author_device IS NULL OR c.author_device != ?1)
@@ -91,15 +93,16 @@ impl SyncLog for SqliteStore {
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT patient_id FROM device_docs WHERE device_id = ?1 AND state = ?2")?;
+            conn.prepare_cached("SELECT patient_id FROM device_docs WHERE device_id = ?1 AND state = ?2")?;
         let rows = stmt.query_map(params![device, HELD], |r| patient_id(r.get(0)?))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn held_counts(&self) -> Result<HashMap<i64, u64>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT device_id, count(*) FROM device_docs WHERE state = ?1 GROUP BY device_id")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT device_id, count(*) FROM device_docs WHERE state = ?1 GROUP BY device_id",
+        )?;
         let rows = stmt.query_map([HELD], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -119,12 +122,16 @@ impl SyncLog for SqliteStore {
         whole: &[PatientId],
         purged: &[PatientId],
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        if whole.is_empty() && purged.is_empty() {
+            return Ok(()); // changes only: the device's cursor says what it has
+        }
+        let conn = self.conn();
+        let _bookkeeping = Bookkeeping::new(&conn)?;
+        let tx = conn.unchecked_transaction()?;
         tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
         let sending = if priority { SENDING_FIRST } else { SENDING };
         for (ids, state) in [(whole, sending), (purged, PURGING)] {
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare_cached(
                 "INSERT INTO device_docs (device_id, patient_id, state) VALUES (?1, ?2, ?3)
                  ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state",
             )?;
@@ -143,8 +150,9 @@ impl SyncLog for SqliteStore {
         outcome: RoundOutcome,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let conn = self.conn();
+        let _bookkeeping = Bookkeeping::new(&conn)?;
+        let tx = conn.unchecked_transaction()?;
         let pending: Option<i64> =
             tx.query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
         if pending == Some(round as i64) {
