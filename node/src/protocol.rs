@@ -159,9 +159,11 @@ pub enum ServerMessage {
     },
     /// Items of a round: the priority part first, then the rest, each in ascending patient id
     /// order across frames; a frame holds items of one part only.
+    /// `round_items`: how many items the whole round has (for progress).
     Docs {
         round: u64,
         priority: bool,
+        round_items: u64,
         items: Vec<DocItem>,
     },
     /// The round is complete: the device's cursor becomes `round`. `left_out`: patients in scope

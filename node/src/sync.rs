@@ -57,6 +57,10 @@ pub struct SyncStats {
     pub views_uploaded: u64,
     /// Notifications this sync produced (admissions, discharges, attendances…).
     pub notifications: u64,
+    /// Items (documents, changes, purges) in the current round, as the server said, and how many
+    /// of them are applied: progress for a bar.
+    pub round_items: u64,
+    pub round_applied: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,10 +284,13 @@ impl SyncSession {
             }
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
-                ServerMessage::Docs { round, priority, items },
+                ServerMessage::Docs { round, priority, round_items, items },
             ) => {
                 if self.upload_in_flight > 0 || !self.upload_finished {
                     return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
+                }
+                if self.round.is_none() {
+                    self.stats.round_applied = 0; // a new round (live sessions have many)
                 }
                 if *self.round.get_or_insert(round) != round {
                     return Err(SyncError::Protocol("documents of two rounds in one session".into()));
@@ -291,6 +298,8 @@ impl SyncSession {
                 self.phase = Phase::Downloading;
                 let now = crate::now_ms();
                 self.stats.notifications += store.apply_items(round, priority, &items, now)?;
+                self.stats.round_items = round_items;
+                self.stats.round_applied += items.len() as u64;
                 for item in &items {
                     match &item.body {
                         crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,

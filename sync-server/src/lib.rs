@@ -14,11 +14,13 @@
 //! - [`config`]: the TOML configuration file and its defaults.
 //! - [`admin`]: the operators' admin API, dashboard and `/metrics` (axum).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`bench`]: the benchmark harness (server process + device) of `care-sync-bench`.
 //! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
 //!
 //! Logs and errors name devices and opaque document ids, never a patient.
 
 pub mod admin;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod fhir;

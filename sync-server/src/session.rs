@@ -377,7 +377,8 @@ impl ServerSession {
             items.push(DocItem { doc, body });
         }
         store.record_round_page(self.device.id, round.seq, priority, &whole, &purged)?;
-        Ok(Some(ServerMessage::Docs { round: round.seq, priority, items }))
+        let round_items = round.order.len() as u64;
+        Ok(Some(ServerMessage::Docs { round: round.seq, priority, round_items, items }))
     }
 }
 

@@ -183,17 +183,23 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Sync { watch: false } => {
             let pending = store.pending_count()?;
-            let mut last_shown = 0;
-            let mut bar = |stats: &care_node::sync::SyncStats| {
-                if stats.documents_in_scope == 0 && stats.documents_received >= last_shown + 500 {
-                    last_shown = stats.documents_received;
-                    eprint!("\rreceived {} documents…", stats.documents_received);
+            // A bar on the terminal (hidden when standard error is not one) once a round has
+            // more than a page of items.
+            let bar = indicatif::ProgressBar::hidden();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items, {per_sec}, eta {eta}")
+                    .expect("valid template"),
+            );
+            let mut progress = |stats: &care_node::sync::SyncStats| {
+                if stats.round_items > 1_000 && bar.is_hidden() {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 }
+                bar.set_length(stats.round_items);
+                bar.set_position(stats.round_applied);
             };
-            let report = client::sync_with_progress(&mut store, &mut bar).await?;
-            if last_shown > 0 {
-                eprintln!();
-            }
+            let report = client::sync_with_progress(&mut store, &mut progress).await;
+            bar.finish_and_clear();
+            let report = report?;
             println!(
                 "synced: {} uploaded (of {pending} pending), {} new documents, {} changes received, {} purged; \
                  {} in scope; {} bytes in {:.0} ms",

@@ -17,182 +17,19 @@
 //!
 //! Run it optimised: `cargo run --release -p care-sync-server --bin care-sync-bench [N...]`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use care_node::client::{self, SyncReport};
 use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
-use care_node::summary::{Allergy, PatientId, PatientSummary, Provenance};
+use care_node::summary::PatientSummary;
+use care_sync_server::bench::{self, SEED, Server, ms, peak_rss_mb, unix_ms};
 use care_sync_server::population::Population;
-use care_sync_server::sqlite::SqliteStore;
-use care_sync_server::store::{Role, ServerStore};
 
-/// The population seed of every run, so runs are comparable.
-const SEED: u64 = 7;
 /// Changes made to the hot patient in the live test.
 const LIVE_CHANGES: usize = 20;
-
-fn peak_rss_mb(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn file_size(path: &std::path::Path) -> u64 {
-    let wal = path.with_extension("db-wal");
-    std::fs::metadata(path).map_or(0, |m| m.len()) + std::fs::metadata(wal).map_or(0, |m| m.len())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-// ---------------------------------------------------------------- server role (child process)
-
-/// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
-/// answers commands on stdin, one line each: `devices K` (K tokens, each device gets patient 0 and
-/// two of its own), `change K` (K documents changed), `touch` (patient 0 changed), `peak`, `quit`.
-fn server_role(dir: &str, n: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(std::path::Path::new(dir)).expect("store"));
-    let actor = care_sync_server::server_actor(&store.server_identity().expect("identity"));
-    let t = Instant::now();
-    let mut population = Population::new(SEED, actor.clone());
-    let mut plain_bytes = 0u64;
-    let mut made = 0;
-    while made < n {
-        let batch = (n - made).min(1_000);
-        let mut summaries: Vec<PatientSummary> =
-            (0..batch).map(|_| population.next_patient(0).expect("patient")).collect();
-        plain_bytes += summaries.iter_mut().map(|s| s.save().len() as u64).sum::<u64>();
-        store.insert_patients(&mut summaries).expect("insert");
-        made += batch;
-    }
-    let generation = t.elapsed();
-    let ids: Vec<PatientId> = store.patient_ids().expect("ids").into_iter().map(|(id, _)| id).collect();
-    let running = runtime
-        .block_on(care_sync_server::server::start(store.clone(), "127.0.0.1:0".parse().expect("addr")))
-        .expect("server");
-    let addr = running.addr;
-    let token = |name: &str| {
-        care_sync_server::ops::issue_token(
-            store.as_ref(),
-            name,
-            Role::AmbulanceCrew,
-            addr,
-            care_sync_server::ops::DEFAULT_TOKEN_TTL,
-        )
-        .expect("token")
-    };
-    let device = token("tablet");
-    let device_id = store.device_by_name("tablet").expect("device").expect("device").id;
-    for id in &ids {
-        store.caseload_add(device_id, id).expect("caseload");
-    }
-    store.set_device_budget(device_id, Some(n as u64 + 1)).expect("budget");
-    println!("ready {addr} {device} {} {plain_bytes}", generation.as_millis());
-    let change = |id: &PatientId, label: &str| {
-        let mut s = PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
-        s.set_actor(actor.to_bytes());
-        let before = s.heads();
-        s.add(&Allergy::new(label, Provenance::new("server", "bench", "gp-feed", 1))).expect("add");
-        store.apply_server_changes(id, &s.changes_since(&before)).expect("apply");
-    };
-    let mut touches = 0;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.expect("command");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["change", k] => {
-                let k: usize = k.parse().expect("count");
-                for (i, id) in ids.iter().step_by((n / k).max(1)).take(k).enumerate() {
-                    change(id, &format!("Bench allergen {i}"));
-                }
-                println!("changed {k}");
-            }
-            ["devices", k] => {
-                let k: usize = k.parse().expect("count");
-                for d in 0..k {
-                    let name = format!("live-{d}");
-                    let t = token(&name);
-                    let id = store.device_by_name(&name).expect("device").expect("device").id;
-                    for p in [0, 1 + 2 * d % (n - 1), 2 + 2 * d % (n - 2)] {
-                        store.caseload_add(id, &ids[p]).expect("caseload");
-                    }
-                    println!("token {t}");
-                }
-            }
-            ["touch"] => {
-                touches += 1;
-                let at = unix_ms();
-                change(&ids[0], &format!("Live allergen {touches}"));
-                println!("touched {at}");
-            }
-            ["peak"] => println!("peak {:.0}", peak_rss_mb("self")),
-            ["quit"] => break,
-            other => panic!("unknown command {other:?}"),
-        }
-        std::io::stdout().flush().expect("stdout");
-    }
-    runtime.block_on(running.shutdown());
-}
-
-/// The server child process and its command pipe.
-struct Server {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(n: usize) -> (Server, Vec<String>) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .arg("--server-role")
-            .arg(dir.path())
-            .arg(n.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("server process");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut server = Server { child, stdin, stdout, _dir: dir };
-        let ready = server.line();
-        let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
-        assert_eq!(words[0], "ready", "{ready}");
-        (server, words[1..].to_vec())
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("server answers");
-        line.trim().to_string()
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        writeln!(self.stdin, "{command}").expect("server command");
-        self.stdin.flush().expect("flush");
-        self.line()
-    }
-
-    fn stop(mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------- device role (this process)
 
 struct Floor {
     load: Duration,
@@ -229,33 +66,8 @@ fn floor(docs: &[Vec<u8>]) -> Floor {
     Floor { load, save, seal, insert }
 }
 
-fn wrapper() -> PassphraseWrapper {
-    PassphraseWrapper::with_params("bench", KdfParams::default())
-}
-
 async fn run(n: usize) {
-    let (mut server, ready) = Server::start(n);
-    let (token, generation_ms, plain_bytes): (&str, u64, u64) =
-        (&ready[1], ready[2].parse().expect("ms"), ready[3].parse().expect("bytes"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let device_path = dir.path().join("device.db");
-    let mut device = DeviceStore::open(&device_path, &wrapper()).expect("device store");
-    client::enrol(&mut device, token).await.expect("enrol");
-
-    let cold = client::sync(&mut device).await.expect("cold sync");
-    assert_eq!(cold.stats.documents_received as usize, n);
-    let idle = client::sync(&mut device).await.expect("reconnect");
-    let mut changed = Vec::new();
-    for k in [1usize, 100] {
-        assert_eq!(server.ask(&format!("change {k}")), format!("changed {k}"));
-        let report = client::sync(&mut device).await.expect("reconnect");
-        assert_eq!(report.stats.changes_received as usize, k);
-        changed.push((k, report));
-    }
-    let device_peak = peak_rss_mb("self");
-    let server_peak: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
-    server.stop();
-
+    let figures = bench::measure(n).await;
     let mut population = Population::new(SEED, automerge::ActorId::random());
     let sample: Vec<Vec<u8>> =
         (0..n.min(1_000)).map(|_| population.next_patient(0).expect("patient").save()).collect();
@@ -263,8 +75,8 @@ async fn run(n: usize) {
     let floor_total = (f.load + f.save + f.seal + f.insert) * n as u32;
     println!(
         "\nN = {n} documents in scope (server generated them in {:.1} s; {:.1} KB per saved document)",
-        generation_ms as f64 / 1000.0,
-        plain_bytes as f64 / n as f64 / 1024.0
+        figures.generation.as_secs_f64(),
+        figures.plain_bytes as f64 / n as f64 / 1024.0
     );
     println!(
         "  {:<24} {:>9} {:>10} {:>10} {:>9} {:>12} {:>11}",
@@ -282,9 +94,9 @@ async fn run(n: usize) {
             r.udp_bytes()
         )
     };
-    row("cold sync", &cold);
-    row("reconnect, 0 changed", &idle);
-    for (k, r) in &changed {
+    row("cold sync", &figures.cold);
+    row("reconnect, 0 changed", &figures.idle);
+    for (k, r) in &figures.changed {
         row(&format!("reconnect, {k} changed"), r);
     }
     println!(
@@ -294,16 +106,18 @@ async fn run(n: usize) {
         f.seal.as_secs_f64() * 1e6,
         f.insert.as_secs_f64() * 1e6,
         ms(floor_total),
-        cold.duration.as_secs_f64() / floor_total.as_secs_f64()
+        figures.cold.duration.as_secs_f64() / floor_total.as_secs_f64()
     );
-    let on_disk = file_size(&device_path);
     println!(
         "  device store {:.1} MB on disk vs {:.1} MB plain Automerge ({:.2}x)",
-        on_disk as f64 / 1e6,
-        plain_bytes as f64 / 1e6,
-        on_disk as f64 / plain_bytes as f64,
+        figures.device_store_bytes as f64 / 1e6,
+        figures.plain_bytes as f64 / 1e6,
+        figures.device_store_bytes as f64 / figures.plain_bytes as f64,
     );
-    println!("  peak memory: server process {server_peak:.0} MB, device process {device_peak:.0} MB");
+    println!(
+        "  peak memory: server process {:.0} MB, device process {:.0} MB",
+        figures.server_peak_mb, figures.device_peak_mb
+    );
 }
 
 /// Raises the open-file limit to its hard maximum: each live device has a UDP socket and its
@@ -423,7 +237,7 @@ async fn live(devices: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--server-role") {
-        server_role(&args[1], args[2].parse().expect("N"));
+        bench::server_role(&args[1], args[2].parse().expect("N"));
         return;
     }
     let mut sizes = Vec::new();

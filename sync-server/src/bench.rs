@@ -1,0 +1,238 @@
+//! The benchmark harness shared by `care-sync-bench` and the samod comparison
+//! (`benches/samod-compare`): a server in a child process (the calling binary again, in its
+//! server role) and a device in the calling process, so that each one's memory is measured apart.
+//! Not used by the server itself.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use care_node::client::{self, SyncReport};
+use care_node::crypto::{KdfParams, PassphraseWrapper};
+use care_node::store::DeviceStore;
+use care_node::summary::{Allergy, PatientId, PatientSummary, Provenance};
+
+use crate::population::Population;
+use crate::sqlite::SqliteStore;
+use crate::store::{Role, ServerStore};
+
+/// The population seed of every run, so runs are comparable.
+pub const SEED: u64 = 7;
+
+pub fn peak_rss_mb(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn file_size(path: &std::path::Path) -> u64 {
+    let wal = path.with_extension("db-wal");
+    std::fs::metadata(path).map_or(0, |m| m.len()) + std::fs::metadata(wal).map_or(0, |m| m.len())
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------- server role (child process)
+
+/// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
+/// answers commands on stdin, one line each: `devices K` (K tokens, each device gets patient 0 and
+/// two of its own), `change K` (K documents changed), `touch` (patient 0 changed), `peak`, `quit`.
+pub fn server_role(dir: &str, n: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(std::path::Path::new(dir)).expect("store"));
+    let actor = crate::server_actor(&store.server_identity().expect("identity"));
+    let t = Instant::now();
+    let mut population = Population::new(SEED, actor.clone());
+    let mut plain_bytes = 0u64;
+    let mut made = 0;
+    while made < n {
+        let batch = (n - made).min(1_000);
+        let mut summaries: Vec<PatientSummary> =
+            (0..batch).map(|_| population.next_patient(0).expect("patient")).collect();
+        plain_bytes += summaries.iter_mut().map(|s| s.save().len() as u64).sum::<u64>();
+        store.insert_patients(&mut summaries).expect("insert");
+        made += batch;
+    }
+    let generation = t.elapsed();
+    let ids: Vec<PatientId> = store.patient_ids().expect("ids").into_iter().map(|(id, _)| id).collect();
+    let running = runtime
+        .block_on(crate::server::start(store.clone(), "127.0.0.1:0".parse().expect("addr")))
+        .expect("server");
+    let addr = running.addr;
+    let token = |name: &str| {
+        crate::ops::issue_token(
+            store.as_ref(),
+            name,
+            Role::AmbulanceCrew,
+            addr,
+            crate::ops::DEFAULT_TOKEN_TTL,
+        )
+        .expect("token")
+    };
+    let device = token("tablet");
+    let device_id = store.device_by_name("tablet").expect("device").expect("device").id;
+    for id in &ids {
+        store.caseload_add(device_id, id).expect("caseload");
+    }
+    store.set_device_budget(device_id, Some(n as u64 + 1)).expect("budget");
+    println!("ready {addr} {device} {} {plain_bytes}", generation.as_millis());
+    let change = |id: &PatientId, label: &str| {
+        let mut s = PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
+        s.set_actor(actor.to_bytes());
+        store.apply_server_changes(id, &bench_change(&mut s, label)).expect("apply");
+    };
+    let mut touches = 0;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("command");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["change", k] => {
+                let k: usize = k.parse().expect("count");
+                for (i, id) in ids.iter().step_by((n / k).max(1)).take(k).enumerate() {
+                    change(id, &format!("Bench allergen {i}"));
+                }
+                println!("changed {k}");
+            }
+            ["devices", k] => {
+                let k: usize = k.parse().expect("count");
+                for d in 0..k {
+                    let name = format!("live-{d}");
+                    let t = token(&name);
+                    let id = store.device_by_name(&name).expect("device").expect("device").id;
+                    for p in [0, 1 + 2 * d % (n - 1), 2 + 2 * d % (n - 2)] {
+                        store.caseload_add(id, &ids[p]).expect("caseload");
+                    }
+                    println!("token {t}");
+                }
+            }
+            ["touch"] => {
+                touches += 1;
+                let at = unix_ms();
+                change(&ids[0], &format!("Live allergen {touches}"));
+                println!("touched {at}");
+            }
+            ["peak"] => println!("peak {:.0}", peak_rss_mb("self")),
+            ["quit"] => break,
+            other => panic!("unknown command {other:?}"),
+        }
+        std::io::stdout().flush().expect("stdout");
+    }
+    runtime.block_on(running.shutdown());
+}
+
+/// The server child process and its command pipe.
+pub struct Server {
+    child: Child,
+    pub stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start(n: usize) -> (Server, Vec<String>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .arg("--server-role")
+            .arg(dir.path())
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("server process");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut server = Server { child, stdin, stdout, _dir: dir };
+        let ready = server.line();
+        let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
+        assert_eq!(words[0], "ready", "{ready}");
+        (server, words[1..].to_vec())
+    }
+
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("server answers");
+        line.trim().to_string()
+    }
+
+    pub fn ask(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").expect("server command");
+        self.stdin.flush().expect("flush");
+        self.line()
+    }
+
+    pub fn stop(mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+/// What one device measured against a server of N patients.
+pub struct Figures {
+    pub n: usize,
+    pub generation: Duration,
+    /// Bytes of the N documents saved plainly by Automerge.
+    pub plain_bytes: u64,
+    pub cold: SyncReport,
+    pub idle: SyncReport,
+    /// Reconnects with 1 and 100 documents changed on the server.
+    pub changed: Vec<(usize, SyncReport)>,
+    pub device_store_bytes: u64,
+    pub device_peak_mb: f64,
+    pub server_peak_mb: f64,
+}
+
+/// Runs the device side against a new server process of `n` patients: cold sync, then
+/// reconnects with 0, 1 and 100 changed. The calling binary must hand `--server-role DIR N` to
+/// [`server_role`].
+pub async fn measure(n: usize) -> Figures {
+    let (mut server, ready) = Server::start(n);
+    let (token, generation_ms, plain_bytes): (&str, u64, u64) =
+        (&ready[1], ready[2].parse().expect("ms"), ready[3].parse().expect("bytes"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let device_path = dir.path().join("device.db");
+    let wrapper = PassphraseWrapper::with_params("bench", KdfParams::default());
+    let mut device = DeviceStore::open(&device_path, &wrapper).expect("device store");
+    client::enrol(&mut device, token).await.expect("enrol");
+
+    let cold = client::sync(&mut device).await.expect("cold sync");
+    assert_eq!(cold.stats.documents_received as usize, n);
+    let idle = client::sync(&mut device).await.expect("reconnect");
+    let mut changed = Vec::new();
+    for k in [1usize, 100] {
+        assert_eq!(server.ask(&format!("change {k}")), format!("changed {k}"));
+        let report = client::sync(&mut device).await.expect("reconnect");
+        assert_eq!(report.stats.changes_received as usize, k);
+        changed.push((k, report));
+    }
+    let device_peak_mb = peak_rss_mb("self");
+    let server_peak_mb: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
+    server.stop();
+    Figures {
+        n,
+        generation: Duration::from_millis(generation_ms),
+        plain_bytes,
+        cold,
+        idle,
+        changed,
+        device_store_bytes: file_size(&device_path),
+        device_peak_mb,
+        server_peak_mb,
+    }
+}
+
+/// The change the bench makes to a document on the server (an allergy added by a feed), as
+/// Automerge changes, so that other systems can be given the very same change.
+pub fn bench_change(summary: &mut PatientSummary, label: &str) -> Vec<automerge::Change> {
+    let before = summary.heads();
+    summary.add(&Allergy::new(label, Provenance::new("server", "bench", "gp-feed", 1))).expect("add");
+    summary.changes_since(&before)
+}
