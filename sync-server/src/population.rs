@@ -364,6 +364,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_listing_read_agrees_with_the_hydrated_demographics() {
+        let mut population = Population::new(11, ActorId::from(&[1u8; 16][..]));
+        for _ in 0..300 {
+            let summary = population.next_patient(0).unwrap();
+            let (listing, d) = (summary.listing().unwrap(), summary.demographics().unwrap());
+            assert_eq!(
+                (listing.nhs_number, listing.name, listing.date_of_birth, listing.postcode),
+                (d.nhs_number, d.name, d.date_of_birth, d.postcode)
+            );
+        }
+        // A provisional record: no NHS number, nothing but a name.
+        let provisional = care_node::summary::PatientSummary::create(
+            uuid::Uuid::from_u128(9),
+            &care_node::summary::Demographics::new("Unknown Male", None),
+            ActorId::from(&[1u8; 16][..]),
+            0,
+        )
+        .unwrap();
+        let listing = provisional.listing().unwrap();
+        assert_eq!(
+            (listing.nhs_number, listing.name.as_str(), listing.postcode),
+            (None, "Unknown Male", None)
+        );
+    }
+
+    #[test]
     fn the_same_seed_gives_the_same_people_with_test_range_numbers() {
         let mut a = Population::new(7, ActorId::from(&[1u8; 16][..]));
         let mut b = Population::new(7, ActorId::from(&[1u8; 16][..]));

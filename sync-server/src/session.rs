@@ -18,7 +18,9 @@ use care_node::protocol::{ClientMessage, DocBody, DocItem, Resume, ServerMessage
 use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
 
-use crate::store::{ChangesByDoc, DeviceRecord, RoundOutcome, ServerStore, StoreError, UploadError};
+use crate::store::{
+    ChangesByDoc, DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError,
+};
 
 /// Most items in one `Docs` frame.
 pub const MAX_ITEMS_PER_PAGE: usize = 1_000;
@@ -60,6 +62,8 @@ struct Round {
     changes: ChangesByDoc,
     documents_in_scope: u64,
     left_out: u64,
+    /// What a complete round establishes, recorded when the device acknowledges it.
+    establishes: ScopeCache,
 }
 
 /// One device's sync session on the server.
@@ -246,6 +250,9 @@ impl ServerSession {
                     return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
                 }
                 store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
+                if let Some(done) = &self.round {
+                    store.set_scope_cache(self.device.id, &done.establishes)?;
+                }
                 if let Some(key) = self.announced_key.take() {
                     store.set_device_staged_key(self.device.id, Some(key))?;
                 }
@@ -304,6 +311,37 @@ impl ServerSession {
 
     fn plan_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<(), SessionError> {
         let seq = store.max_seq()?;
+        let epoch = store.scope_epoch()?;
+        // Nothing a scope depends on moved since the last complete round and no grant lapsed: the
+        // device holds exactly its scope, and only changes can be due.
+        if let Some(cache) = store
+            .scope_cache(self.device.id)?
+            .filter(|c| c.epoch == epoch && now_ms < c.valid_until_ms && self.resume.is_none())
+        {
+            let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
+            changes.retain(|_, list| !list.is_empty());
+            let order: Vec<PatientId> = changes.keys().copied().collect();
+            let docs: HashSet<PatientId> = order.iter().copied().collect();
+            self.round = Some(Round {
+                seq,
+                order,
+                priority: 0,
+                next: 0,
+                documents_in_scope: cache.in_scope,
+                left_out: cache.left_out,
+                scope: docs.clone(),
+                held: docs,
+                changes,
+                establishes: cache,
+            });
+            return Ok(());
+        }
+        let valid_until_ms = store
+            .grants(Some(self.device.id), now_ms)?
+            .iter()
+            .map(|g| g.expires_at_ms)
+            .min()
+            .unwrap_or(i64::MAX);
         let decided = crate::scope::device_scope(store, self.device.id, now_ms)?;
         let left_out = decided.left_out;
         let scope: HashSet<PatientId> = decided.patients.into_iter().collect();
@@ -330,6 +368,7 @@ impl ServerSession {
             next: 0,
             documents_in_scope: scope.len() as u64,
             left_out,
+            establishes: ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out },
             scope,
             held,
             changes,

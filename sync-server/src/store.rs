@@ -223,6 +223,16 @@ pub struct ConsentFlags {
     pub opt_out: bool,
 }
 
+/// After a complete round, the device holds exactly its scope. While the scope epoch stays
+/// `epoch` and no grant lapses (before `valid_until_ms`), the next round needs only the changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeCache {
+    pub epoch: u64,
+    pub valid_until_ms: i64,
+    pub in_scope: u64,
+    pub left_out: u64,
+}
+
 /// How many recent feed refusals the store keeps for operators.
 pub const FEED_ERRORS_KEPT: usize = 100;
 
@@ -437,6 +447,12 @@ pub trait SyncLog: Send + Sync {
     fn held_counts(&self) -> Result<HashMap<i64, u64>, StoreError>;
     /// The round the device was sent but has not confirmed, if any.
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError>;
+    /// A counter that moves whenever anything a scope depends on changes (caseloads, grants,
+    /// areas, settings, budgets, consent, patients' districts, flags and merges).
+    fn scope_epoch(&self) -> Result<u64, StoreError>;
+    /// What the device's last complete round established, if recorded.
+    fn scope_cache(&self, device: i64) -> Result<Option<ScopeCache>, StoreError>;
+    fn set_scope_cache(&self, device: i64, cache: &ScopeCache) -> Result<(), StoreError>;
     /// Records, before a page is sent, which documents it sends whole and which it purges.
     fn record_round_page(
         &self,

@@ -472,7 +472,7 @@ fn write_document(
     saved: Option<&[u8]>,
 ) -> Result<(), StoreError> {
     let patient_id = summary.patient_id()?;
-    let demographics = summary.demographics()?;
+    let demographics = summary.listing()?;
     let doc_key = lookup.hash("doc", &patient_id.to_string());
     // A provisional record (no NHS number yet) is found by its id only.
     let nhs_key = match &demographics.nhs_number {

@@ -135,6 +135,36 @@ CREATE TABLE IF NOT EXISTS audit (
     patient_id BLOB,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS scope_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO scope_epoch VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS device_scope_cache (
+    device_id INTEGER PRIMARY KEY REFERENCES devices (id),
+    epoch INTEGER NOT NULL,
+    valid_until_ms INTEGER NOT NULL,
+    in_scope INTEGER NOT NULL,
+    left_out INTEGER NOT NULL
+);
+-- Everything a device's scope depends on moves the scope epoch (see scope.rs): declared here
+-- rather than in each writer, so that no code path can forget it.
+CREATE TRIGGER IF NOT EXISTS scope_caseload_in AFTER INSERT ON caseload BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_caseload_out AFTER DELETE ON caseload BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_grants_in AFTER INSERT ON grants BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_grants_change AFTER UPDATE ON grants BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_grants_out AFTER DELETE ON grants BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_areas_in AFTER INSERT ON device_areas BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_areas_out AFTER DELETE ON device_areas BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_settings_in AFTER INSERT ON settings BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_settings_change AFTER UPDATE ON settings BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_settings_out AFTER DELETE ON settings BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_budget AFTER UPDATE OF budget ON devices
+    WHEN OLD.budget IS NOT NEW.budget BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_patients_in AFTER INSERT ON patients BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_patients_out AFTER DELETE ON patients BEGIN UPDATE scope_epoch SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS scope_patients_change AFTER UPDATE ON patients
+    WHEN OLD.district IS NOT NEW.district OR OLD.risk_flags IS NOT NEW.risk_flags
+      OR OLD.review_date IS NOT NEW.review_date OR OLD.merged IS NOT NEW.merged
+      OR OLD.objection IS NOT NEW.objection
+    BEGIN UPDATE scope_epoch SET n = n + 1; END;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
 -- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round

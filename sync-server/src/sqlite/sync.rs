@@ -75,12 +75,21 @@ impl SyncLog for SqliteStore {
 
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        // A short window (the usual reconnect) is read from the change log and each change's
+        // document looked up among the device's; a long one (a device back after weeks) from the
+        // device's documents. `CROSS JOIN` makes SQLite keep that order.
+        let sql = if upto.saturating_sub(after) <= 50_000 {
+            "SELECT c.seq, c.patient_id, c.body FROM changes c
+             CROSS JOIN device_docs d ON d.device_id = ?1 AND d.patient_id = c.patient_id AND d.state = 0
+             WHERE c.seq > ?2 AND c.seq <= ?3 AND (c.author_device IS NULL OR c.author_device != ?1)
+             ORDER BY c.seq"
+        } else {
             "SELECT c.seq, c.patient_id, c.body FROM device_docs d
-             JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
+             CROSS JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
              WHERE d.device_id = ?1 AND d.state = 0 AND (c.author_device IS NULL OR c.author_device != ?1)
-             ORDER BY c.seq",
-        )?;
+             ORDER BY c.seq"
+        };
+        let mut stmt = conn.prepare_cached(sql)?;
         let mut rows = stmt.query(params![device, after as i64, upto as i64])?;
         let mut out = ChangesByDoc::new();
         while let Some(row) = rows.next()? {
@@ -105,6 +114,49 @@ impl SyncLog for SqliteStore {
         )?;
         let rows = stmt.query_map([HELD], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn scope_epoch(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let n: i64 =
+            conn.prepare_cached("SELECT n FROM scope_epoch WHERE id = 1")?.query_row([], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    fn scope_cache(&self, device: i64) -> Result<Option<crate::store::ScopeCache>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT epoch, valid_until_ms, in_scope, left_out FROM device_scope_cache WHERE device_id = ?1",
+        )?;
+        Ok(stmt
+            .query_row([device], |r| {
+                Ok(crate::store::ScopeCache {
+                    epoch: r.get::<_, i64>(0)? as u64,
+                    valid_until_ms: r.get(1)?,
+                    in_scope: r.get::<_, i64>(2)? as u64,
+                    left_out: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
+    fn set_scope_cache(&self, device: i64, cache: &crate::store::ScopeCache) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let _bookkeeping = Bookkeeping::new(&conn)?;
+        conn.prepare_cached(
+            "INSERT INTO device_scope_cache (device_id, epoch, valid_until_ms, in_scope, left_out)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (device_id) DO UPDATE SET epoch = excluded.epoch,
+                 valid_until_ms = excluded.valid_until_ms, in_scope = excluded.in_scope, left_out = excluded.left_out",
+        )?
+        .execute(params![
+            device,
+            cache.epoch as i64,
+            cache.valid_until_ms,
+            cache.in_scope as i64,
+            cache.left_out as i64
+        ])?;
+        Ok(())
     }
 
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
