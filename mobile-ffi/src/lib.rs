@@ -57,8 +57,9 @@ pub trait KeyProvider: Send + Sync {
 /// Progress and live updates from syncs.
 #[uniffi::export(with_foreign)]
 pub trait SyncListener: Send + Sync {
-    /// After each batch from the server: documents received so far and documents in scope.
-    fn on_progress(&self, received: u64, in_scope: u64);
+    /// After each batch from the server: items (documents, changes, purges) of the current round
+    /// applied so far, and how many the round has — for a progress bar.
+    fn on_progress(&self, applied: u64, total: u64);
     /// New data arrived for patients on this device (documents, changes or purges), with how
     /// many notifications it produced (read them with `notifications`).
     fn on_new_data(&self, changed: u64, notifications: u64);
@@ -237,7 +238,7 @@ impl CareNode {
             let progress_listener = listener.clone();
             let mut progress = move |s: &SyncStats| {
                 if let Some(l) = &progress_listener {
-                    l.on_progress(s.documents_received, s.documents_in_scope);
+                    l.on_progress(s.round_applied, s.round_items);
                 }
             };
             let report = client::sync_with_progress(&mut store, &mut progress).await?;

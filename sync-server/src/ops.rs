@@ -232,6 +232,18 @@ pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result
     Ok(true)
 }
 
+/// Audit lines matching `filter`. Looking up who saw a patient is itself audited.
+pub fn audit_search(
+    store: &dyn ServerStore,
+    filter: &crate::store::AuditFilter,
+) -> Result<Vec<crate::store::AuditRecord>, OpsError> {
+    let entries = store.audit_entries(filter)?;
+    if let Some(patient) = &filter.patient {
+        store.append_audit(OPERATOR, "audit-lookup", Some(patient), "who saw this patient", now())?;
+    }
+    Ok(entries)
+}
+
 /// Parses a time given by an operator: RFC 3339 or a date (`2026-11-25`, midnight UTC).
 pub fn parse_since(s: &str) -> Result<i64, OpsError> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {

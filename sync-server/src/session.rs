@@ -314,10 +314,9 @@ impl ServerSession {
         let epoch = store.scope_epoch()?;
         // Nothing a scope depends on moved since the last complete round and no grant lapsed: the
         // device holds exactly its scope, and only changes can be due.
-        if let Some(cache) = store
-            .scope_cache(self.device.id)?
-            .filter(|c| c.epoch == epoch && now_ms < c.valid_until_ms && self.resume.is_none())
-        {
+        if let Some(cache) = store.scope_cache(self.device.id)?.filter(|c| {
+            c.epoch == epoch && now_ms < c.valid_until_ms && self.resume.is_none() && self.cursor > 0
+        }) {
             let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
             changes.retain(|_, list| !list.is_empty());
             let order: Vec<PatientId> = changes.keys().copied().collect();

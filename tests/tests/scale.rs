@@ -54,9 +54,25 @@ async fn reconnecting_with_ten_thousand_documents_costs_what_changed() {
         store.caseload_add(id, &pid).unwrap();
     }
 
-    let cold = within(600, device.sync()).await.unwrap();
+    let mut progress = Vec::new();
+    let cold = within(
+        600,
+        care_node::client::sync_with_progress(&mut device.store, &mut |s| {
+            progress.push((s.round_applied, s.round_items))
+        }),
+    )
+    .await
+    .unwrap();
+    let pages: Vec<_> = progress.iter().filter(|(_, total)| *total > 0).collect();
+    assert!(pages.len() > 5, "progress after every page: {}", pages.len());
+    assert!(
+        pages.iter().all(|(_, total)| *total == DOCUMENTS as u64),
+        "the total is known from the first page"
+    );
+    assert!(pages.windows(2).all(|w| w[0].0 <= w[1].0), "progress only moves forward");
     assert_eq!(cold.stats.documents_received as usize, DOCUMENTS);
     assert!(cold.frame_bytes() > 1_000_000, "a cold sync moves every document");
+    assert_eq!((cold.stats.round_items, cold.stats.round_applied), (DOCUMENTS as u64, DOCUMENTS as u64));
 
     let idle = within(60, device.sync()).await.unwrap();
     assert_eq!(idle.stats.documents_received + idle.stats.changes_received, 0);

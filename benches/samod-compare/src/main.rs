@@ -51,7 +51,11 @@ struct Counting {
 }
 
 impl AsyncRead for Counting {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.counters.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
@@ -60,7 +64,11 @@ impl AsyncRead for Counting {
 }
 
 impl AsyncWrite for Counting {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &result {
             self.counters.written.fetch_add(*n as u64, Ordering::Relaxed);
@@ -107,7 +115,12 @@ struct Run {
 }
 
 /// Connects `client` to the server and waits until every handle is in sync with it both ways.
-async fn reconnect(client: &Repo, addr: std::net::SocketAddr, counters: &Counters, handles: &[DocHandle]) -> Run {
+async fn reconnect(
+    client: &Repo,
+    addr: std::net::SocketAddr,
+    counters: &Counters,
+    handles: &[DocHandle],
+) -> Run {
     counters.take();
     let t = Instant::now();
     let dialer = client
@@ -142,7 +155,8 @@ async fn samod_run(n: usize) -> Vec<Run> {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let addr = listener.local_addr().expect("addr");
-    let acceptor = server.make_acceptor(Url::parse(&format!("tcp://{addr}")).expect("url")).expect("acceptor");
+    let acceptor =
+        server.make_acceptor(Url::parse(&format!("tcp://{addr}")).expect("url")).expect("acceptor");
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let _ = socket.set_nodelay(true);
@@ -160,16 +174,20 @@ async fn samod_run(n: usize) -> Vec<Run> {
     dialer.established().await.expect("connected");
     let conn = dialer.connection_id().expect("connection");
     let finds = server_handles.iter().map(|h| client.find(h.document_id().clone()));
-    let found = tokio::time::timeout(PATIENCE, futures::future::join_all(finds)).await.expect("samod in time");
-    let handles: Vec<DocHandle> = found.into_iter().map(|h| h.expect("repo").expect("document found")).collect();
+    let found =
+        tokio::time::timeout(PATIENCE, futures::future::join_all(finds)).await.expect("samod in time");
+    let handles: Vec<DocHandle> =
+        found.into_iter().map(|h| h.expect("repo").expect("document found")).collect();
     let complete = handles.iter().map(|h| h.we_have_their_changes(conn));
     tokio::time::timeout(PATIENCE, futures::future::join_all(complete)).await.expect("samod in time");
     let mut runs = vec![Run { time: t.elapsed(), bytes: counters.take() }];
+    eprintln!("samod N={n}: cold sync done in {:.1} s", runs[0].time.as_secs_f64());
     dialer.close();
     tokio::time::sleep(Duration::from_millis(200)).await;
     counters.take();
 
     runs.push(reconnect(&client, addr, &counters, &handles).await);
+    eprintln!("samod N={n}: reconnect with nothing changed done in {:.1} s", runs[1].time.as_secs_f64());
     for k in [1usize, 100] {
         for (i, h) in server_handles.iter().step_by((n / k).max(1)).take(k).enumerate() {
             h.with_document(|doc| {

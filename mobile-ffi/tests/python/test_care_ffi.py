@@ -47,8 +47,8 @@ class Listener(ffi.SyncListener):
         self.new_data = 0
         self.notifications = 0
 
-    def on_progress(self, received, in_scope):
-        self.progress.append((received, in_scope))
+    def on_progress(self, applied, total):
+        self.progress.append((applied, total))
 
     def on_new_data(self, changed, notifications):
         self.new_data += changed
@@ -98,7 +98,7 @@ async def main():
     listener = Listener()
     outcome = await node.sync(listener)
     assert outcome.stats.documents_received == 3, outcome.stats
-    assert listener.progress and listener.progress[-1][0] == 3, listener.progress
+    assert listener.progress and listener.progress[-1] == (3, 3), listener.progress
     assert listener.new_data >= 3
     assert len(node.list_patients()) == 3
     assert node.notifications(10) == [] and listener.notifications == 0, "nothing happened to them yet"

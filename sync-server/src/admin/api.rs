@@ -381,7 +381,7 @@ async fn audit(State(state): State<Arc<AdminState>>, Query(q): Query<AuditQuery>
             actor: blank(q.device),
             since_ms: blank(q.since).map(|s| ops::parse_since(&s)).transpose()?,
         };
-        let entries = store.audit_entries(&filter)?;
+        let entries = ops::audit_search(store, &filter)?;
         let limit = q.limit.unwrap_or(500).min(10_000);
         let total = entries.len();
         // Newest first, so that a limit keeps the most recent.

@@ -180,7 +180,7 @@ pub fn audit(
         actor: device,
         since_ms: since.map(|s| ops::parse_since(&s)).transpose()?,
     };
-    for a in store.audit_entries(&filter)? {
+    for a in ops::audit_search(store, &filter)? {
         let patient = a.patient.map(|p| care_node::identity::short_hex(p.as_bytes())).unwrap_or_default();
         println!(
             "{:<22} {:<18} {:<22} {:<18} {}",
