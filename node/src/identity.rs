@@ -80,9 +80,14 @@ pub fn ed25519_key_from_spki(spki: &[u8]) -> Option<PublicKey> {
     key.try_into().ok()
 }
 
+/// Bytes in lower-case hex (key fingerprints for operators).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The first eight bytes of a key or hash in hex: an opaque id fit for logs.
 pub fn short_hex(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex(&bytes[..bytes.len().min(8)])
 }
 
 #[cfg(test)]

@@ -62,8 +62,9 @@ struct Round {
     changes: ChangesByDoc,
     documents_in_scope: u64,
     left_out: u64,
-    /// What a complete round establishes, recorded when the device acknowledges it.
-    establishes: ScopeCache,
+    /// What a complete round establishes, recorded when the device acknowledges it (`None`: the
+    /// round reused the recorded scope, which stays true).
+    establishes: Option<ScopeCache>,
 }
 
 /// One device's sync session on the server.
@@ -250,8 +251,8 @@ impl ServerSession {
                     return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
                 }
                 store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
-                if let Some(done) = &self.round {
-                    store.set_scope_cache(self.device.id, &done.establishes)?;
+                if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
+                    store.set_scope_cache(self.device.id, established)?;
                 }
                 if let Some(key) = self.announced_key.take() {
                     store.set_device_staged_key(self.device.id, Some(key))?;
@@ -331,7 +332,7 @@ impl ServerSession {
                 scope: docs.clone(),
                 held: docs,
                 changes,
-                establishes: cache,
+                establishes: None,
             });
             return Ok(());
         }
@@ -367,7 +368,7 @@ impl ServerSession {
             next: 0,
             documents_in_scope: scope.len() as u64,
             left_out,
-            establishes: ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out },
+            establishes: Some(ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out }),
             scope,
             held,
             changes,

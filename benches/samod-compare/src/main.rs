@@ -114,6 +114,27 @@ struct Run {
     bytes: u64,
 }
 
+/// Dials the server and waits for the connection (the dialer would reconnect; close it to stop).
+async fn connect(
+    client: &Repo,
+    addr: std::net::SocketAddr,
+    counters: &Counters,
+) -> (samod::DialerHandle<std::io::Error>, samod::ConnectionId) {
+    let dialer = client
+        .dial(BackoffConfig::default(), Arc::new(CountingDialer { addr, counters: counters.clone() }))
+        .expect("dial");
+    dialer.established().await.expect("connected");
+    let conn = dialer.connection_id().expect("connection");
+    (dialer, conn)
+}
+
+/// Closes the connection and lets it go quiet before the next scenario counts bytes.
+async fn disconnect(dialer: samod::DialerHandle<std::io::Error>, counters: &Counters) {
+    dialer.close();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    counters.take();
+}
+
 /// Connects `client` to the server and waits until every handle is in sync with it both ways.
 async fn reconnect(
     client: &Repo,
@@ -123,11 +144,7 @@ async fn reconnect(
 ) -> Run {
     counters.take();
     let t = Instant::now();
-    let dialer = client
-        .dial(BackoffConfig::default(), Arc::new(CountingDialer { addr, counters: counters.clone() }))
-        .expect("dial");
-    dialer.established().await.expect("connected");
-    let conn = dialer.connection_id().expect("connection");
+    let (dialer, conn) = connect(client, addr, counters).await;
     let synced = handles.iter().map(|h| {
         let (theirs, ours) = (h.we_have_their_changes(conn), h.they_have_our_changes(conn));
         async move {
@@ -137,9 +154,7 @@ async fn reconnect(
     });
     tokio::time::timeout(PATIENCE, futures::future::join_all(synced)).await.expect("samod finished in time");
     let run = Run { time: t.elapsed(), bytes: counters.take() };
-    dialer.close();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    counters.take();
+    disconnect(dialer, counters).await;
     run
 }
 
@@ -168,11 +183,7 @@ async fn samod_run(n: usize) -> Vec<Run> {
     let counters = Counters::default();
     // Cold: find every document through the server.
     let t = Instant::now();
-    let dialer = client
-        .dial(BackoffConfig::default(), Arc::new(CountingDialer { addr, counters: counters.clone() }))
-        .expect("dial");
-    dialer.established().await.expect("connected");
-    let conn = dialer.connection_id().expect("connection");
+    let (dialer, conn) = connect(&client, addr, &counters).await;
     let finds = server_handles.iter().map(|h| client.find(h.document_id().clone()));
     let found =
         tokio::time::timeout(PATIENCE, futures::future::join_all(finds)).await.expect("samod in time");
@@ -182,9 +193,7 @@ async fn samod_run(n: usize) -> Vec<Run> {
     tokio::time::timeout(PATIENCE, futures::future::join_all(complete)).await.expect("samod in time");
     let mut runs = vec![Run { time: t.elapsed(), bytes: counters.take() }];
     eprintln!("samod N={n}: cold sync done in {:.1} s", runs[0].time.as_secs_f64());
-    dialer.close();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    counters.take();
+    disconnect(dialer, &counters).await;
 
     runs.push(reconnect(&client, addr, &counters, &handles).await);
     eprintln!("samod N={n}: reconnect with nothing changed done in {:.1} s", runs[1].time.as_secs_f64());

@@ -112,7 +112,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> ApiResult {
             "revoked_devices": devices.iter().filter(|d| d.revoked_at_ms.is_some()).count(),
             "open_alerts": store.alerts(false)?.len(),
             "connected_devices": crate::metrics::metrics().connected_devices.get(),
-            "server_key_fingerprint": store.server_identity()?.fingerprint().iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "server_key_fingerprint": care_node::identity::hex(&store.server_identity()?.fingerprint()),
         })))
     })
     .await

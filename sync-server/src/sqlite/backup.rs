@@ -97,11 +97,7 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
     }
     // A new incarnation tells devices that this server may have forgotten what it acknowledged
     // after the backup: they resend their changes and resync from the start.
-    let fresh: [u8; 16] = rand::random();
-    Connection::open(&partial)?.execute(
-        "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        [fresh.as_slice()],
-    )?;
+    super::devices::new_incarnation(&Connection::open(&partial)?)?;
     std::fs::rename(&partial, &target).map_err(|e| BackupError::Io(target.clone(), e))?;
     let store = super::SqliteStore::open(dir)?;
     let detail =

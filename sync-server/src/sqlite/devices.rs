@@ -23,12 +23,7 @@ impl DeviceRegistry for SqliteStore {
         if let Some(value) = value.and_then(|v| <[u8; 16]>::try_from(v).ok()) {
             return Ok(value);
         }
-        let fresh: [u8; 16] = rand::random();
-        conn.execute(
-            "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            [fresh.as_slice()],
-        )?;
-        Ok(fresh)
+        Ok(new_incarnation(&conn)?)
     }
 
     fn next_server_identity(&self) -> Result<Option<Identity>, StoreError> {
@@ -251,4 +246,14 @@ impl DeviceRegistry for SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Gives the store at `conn` a new random incarnation (made with the store, and by a restore).
+pub(super) fn new_incarnation(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
+    let fresh: [u8; 16] = rand::random();
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        [fresh.as_slice()],
+    )?;
+    Ok(fresh)
 }

@@ -268,7 +268,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::ServerKey { action } => {
             let store = open(&dir)?;
-            let hex = |f: [u8; 32]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let hex = |f: [u8; 32]| care_node::identity::hex(&f);
             match action {
                 ServerKeyAction::Status => {
                     println!("current key fingerprint: {}", hex(store.server_identity()?.fingerprint()));
