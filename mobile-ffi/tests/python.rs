@@ -78,7 +78,7 @@ async fn python_drives_a_device_through_the_generated_bindings() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_care_ffi.py");
     let caseload = |server: &TestServer| {
         for i in [0, 1, 2] {
-            care_sync_server::ops::caseload_add(
+            care_sync_server::operator::ops::caseload_add(
                 server.store.as_ref(),
                 "tablet-py",
                 server.patients[i].as_str(),

@@ -1,40 +1,34 @@
 //! `care-sync-server`: the regional authority of care-sync.
 //!
-//! - [`store`]: what the server stores, as the [`store::ServerStore`] trait.
-//! - [`sqlite`]: the embedded default store (SQLite, WAL).
+//! The folders are the layers, from the inside out:
+//!
+//! - [`domain`]: who gets what and who may do what: scope tiers, objection and budget
+//!   ([`domain::scope`]); leases, permission to view, break glass, view-log checks
+//!   ([`domain::governance`]).
 //! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
-//! - [`server`]: the QUIC endpoint: enrolment and sync connections.
-//! - [`governance`]: leases, permission to view, break glass, view-log verification.
-//! - [`hl7`]: HL7 v2 ADT from hospitals, over MLLP or files.
-//! - [`ops`]: operator actions (tokens, caseloads, revocation) shared by CLI, demo and tests.
-//! - [`fhir`]: FHIR R4 IPS bundles in (import) and out (export).
-//! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
-//! - [`planning`]: anonymised, suppressed planning exports (national data opt-out respected).
-//! - [`population`]: the deterministic synthetic population.
-//! - [`config`]: the TOML configuration file and its defaults.
-//! - [`admin`]: the operators' admin API, dashboard and `/metrics` (axum).
-//! - [`metrics`]: Prometheus metrics.
-//! - [`bench`]: the benchmark harness (server process + device) of `care-sync-bench`.
-//! - [`demo`]: the end-to-end demonstration run by `care-sync-server demo`.
+//! - [`transport`]: the QUIC endpoint: enrolment and sync connections.
+//! - [`store`]: what the server stores, as the [`store::ServerStore`] trait, and its backends
+//!   ([`store::sqlite`], the embedded default).
+//! - [`ingest`]: what hospitals and GPs send: FHIR R4 IPS bundles ([`ingest::fhir`], in and out)
+//!   and HL7 v2 ADT over MLLP or files ([`ingest::hl7`]).
+//! - [`operator`]: what operators use: actions shared by CLI and API ([`operator::ops`]),
+//!   anonymised planning exports, the TOML configuration, Prometheus metrics, and the admin API
+//!   with its dashboard.
+//! - [`demo`] (feature `demo`, on by default): the synthetic population, the end-to-end
+//!   demonstration and the benchmark harness. A deployment can build without it
+//!   (`--no-default-features`).
 //!
 //! Logs and errors name devices and opaque document ids, never a patient.
 
-pub mod admin;
-pub mod bench;
-pub mod config;
-pub mod demo;
-pub mod fhir;
-pub mod governance;
-pub mod hl7;
-pub mod metrics;
-pub mod ops;
-pub mod planning;
-pub mod population;
-pub mod scope;
-pub mod server;
+pub mod domain;
+pub mod ingest;
+pub mod operator;
 pub mod session;
-pub mod sqlite;
 pub mod store;
+pub mod transport;
+
+#[cfg(feature = "demo")]
+pub mod demo;
 
 use automerge::ActorId;
 use care_node::identity::Identity;

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use care_node::summary::{Encounter, PatientSummary};
-use care_sync_server::hl7::adt::{Ack, process};
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::ingest::hl7::adt::{Ack, process};
 use care_sync_server::store::ServerStore;
+use care_sync_server::store::sqlite::SqliteStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn store() -> (Arc<dyn ServerStore>, tempfile::TempDir) {
@@ -133,8 +133,9 @@ fn updates_change_demographics_and_a_merge_asks_an_operator() {
 #[tokio::test(flavor = "multi_thread")]
 async fn mllp_frames_messages_and_acks() {
     let (store, _d) = store();
-    let listener =
-        care_sync_server::hl7::mllp::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = care_sync_server::ingest::hl7::mllp::start(store.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
     for (i, message) in [adt("A01", "T1", ""), "garbage".to_string()].iter().enumerate() {
         let mut frame = vec![0x0b];

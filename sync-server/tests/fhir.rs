@@ -3,11 +3,11 @@
 use care_node::summary::{
     self as s, Encounter, PatientSummary, Provenance, Section, SectionEntry, SectionState,
 };
-use care_sync_server::fhir::export::export_ips;
-use care_sync_server::fhir::import::{ImportError, import_bundle, parse_bundle};
-use care_sync_server::population::Population;
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::demo::population::Population;
+use care_sync_server::ingest::fhir::export::export_ips;
+use care_sync_server::ingest::fhir::import::{ImportError, import_bundle, parse_bundle};
 use care_sync_server::store::prelude::*;
+use care_sync_server::store::sqlite::SqliteStore;
 
 const GP_BUNDLE: &str = include_str!("data/ips-gp-bundle.json");
 
@@ -55,7 +55,7 @@ fn stored(store: &SqliteStore, id: &care_node::summary::PatientId) -> PatientSum
 fn import(
     store: &SqliteStore,
     json: &str,
-) -> Result<care_sync_server::fhir::import::ImportOutcome, ImportError> {
+) -> Result<care_sync_server::ingest::fhir::import::ImportOutcome, ImportError> {
     import_bundle(store, &parse_bundle(json)?, "test feed", 1_000)
 }
 

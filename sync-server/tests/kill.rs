@@ -70,7 +70,7 @@ async fn a_killed_server_loses_nothing_and_resends_nothing_applied() {
     care_node::client::enrol(&mut device, &token).await.expect("enrol");
     // Every patient on the tablet's caseload (the store is shared safely in WAL mode).
     {
-        let store = care_sync_server::sqlite::SqliteStore::open(&data).unwrap();
+        let store = care_sync_server::store::sqlite::SqliteStore::open(&data).unwrap();
         use care_sync_server::store::{DeviceRegistry, Governance, PatientRecords};
         let id = store.device_by_name("tablet").unwrap().unwrap().id;
         for (patient, _) in store.patient_ids().unwrap() {

@@ -9,9 +9,9 @@ use care_node::protocol::{ClientMessage, DocBody, ServerMessage, decode_frame, e
 use care_node::store::DeviceStore;
 use care_node::summary::Allergy;
 use care_node::sync::SyncSession;
-use care_sync_server::population::Population;
+use care_sync_server::demo::population::Population;
 use care_sync_server::session::ServerSession;
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{DeviceRecord, Role};
 
 struct World {
@@ -133,8 +133,8 @@ fn a_cut_round_resumes_without_resending_applied_documents() {
 fn alerted(w: &World, id: &care_node::summary::PatientId) -> bool {
     let saved = w.server.load_document(id).unwrap().unwrap();
     let mut summary = care_node::summary::PatientSummary::load(&saved).unwrap();
-    let index = care_sync_server::scope::PatientIndex::of(&mut summary).unwrap();
-    index.flags.iter().any(|f| f != care_sync_server::scope::FREQUENT_ATTENDER)
+    let index = care_sync_server::domain::scope::PatientIndex::of(&mut summary).unwrap();
+    index.flags.iter().any(|f| f != care_sync_server::domain::scope::FREQUENT_ATTENDER)
 }
 
 #[test]

@@ -10,11 +10,11 @@ use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::nhs::NhsNumber;
 use care_node::store::DeviceStore;
 use care_node::summary::Allergy;
-use care_sync_server::ops;
-use care_sync_server::population::Population;
-use care_sync_server::server::{self, RunningServer};
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::demo::population::Population;
+use care_sync_server::operator::ops;
+use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
+use care_sync_server::transport::{self, RunningServer};
 
 /// The passphrase of every test device.
 pub const PASSPHRASE: &str = "test passphrase";
@@ -46,7 +46,7 @@ impl TestServer {
         store.insert_patients(&mut summaries).expect("insert patients");
         let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
         let running =
-            server::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.expect("server starts");
+            transport::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.expect("server starts");
         let addr = running.addr;
         Self { store, running: Some(running), addr, patients, _dir: dir }
     }
@@ -96,20 +96,21 @@ pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 pub struct TestConsole {
     pub base: String,
     agent: ureq::Agent,
-    server: Option<care_sync_server::admin::AdminServer>,
+    server: Option<care_sync_server::operator::admin::AdminServer>,
 }
 
 impl TestConsole {
     /// Starts the console of `server`; devices not synced for `stale_after` are stale.
     pub async fn start(server: &TestServer, stale_after: Duration) -> Self {
-        let options = care_sync_server::admin::AdminOptions {
+        let options = care_sync_server::operator::admin::AdminOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             token: OPERATOR_TOKEN.into(),
             stale_after_ms: stale_after.as_millis() as i64,
             sync_addr: server.addr,
         };
-        let console =
-            care_sync_server::admin::start(server.store.clone(), options).await.expect("console starts");
+        let console = care_sync_server::operator::admin::start(server.store.clone(), options)
+            .await
+            .expect("console starts");
         let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         Self { base: format!("http://{}", console.addr), agent, server: Some(console) }
     }
@@ -167,9 +168,9 @@ impl Drop for TestConsole {
 async fn start_on(store: Arc<dyn ServerStore>, addr: SocketAddr) -> RunningServer {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match server::start(store.clone(), addr).await {
+        match transport::start(store.clone(), addr).await {
             Ok(running) => return running,
-            Err(server::ServerError::Bind(..)) if std::time::Instant::now() < deadline => {
+            Err(transport::ServerError::Bind(..)) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("server restarts: {e}"),

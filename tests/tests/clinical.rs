@@ -5,8 +5,8 @@ use care_node::news2::{ClinicalRisk, Consciousness, Observations};
 use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
 use care_node::summary::{self as s, PatientSummary, Section};
 use care_sync_e2e::{TestDevice, TestServer, within};
-use care_sync_server::fhir::import::{import_bundle, parse_bundle};
-use care_sync_server::ops;
+use care_sync_server::ingest::fhir::import::{import_bundle, parse_bundle};
+use care_sync_server::operator::ops;
 use care_sync_server::store::Role;
 
 async fn three_devices(server: &TestServer) -> [TestDevice; 3] {

@@ -35,9 +35,10 @@ async fn the_nurse_learns_of_an_admission_and_a_discharge() {
     server.caseload("nurse-1", [0]);
     within(30, nurse.sync()).await.unwrap();
     let nhs = server.patients[0].as_str().to_string();
-    let mllp = care_sync_server::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mllp =
+        care_sync_server::ingest::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
     let mut socket = tokio::net::TcpStream::connect(mllp.addr).await.unwrap();
 
     assert!(send(&mut socket, &adt("A01", "E1", &nhs, "Ward 7")).await.contains("MSA|AA|E1"));

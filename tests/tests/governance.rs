@@ -7,7 +7,7 @@ use care_node::store::{DeviceStore, StoreError};
 use care_node::sync::AccessRequest;
 use care_node::viewlog::{SignedView, ViewEntry};
 use care_sync_e2e::{PASSPHRASE, TestDevice, TestServer, cheap_wrapper, contains, within};
-use care_sync_server::ops;
+use care_sync_server::operator::ops;
 use care_sync_server::store::{AuditFilter, Role};
 
 fn device_id(server: &TestServer, name: &str) -> i64 {
@@ -72,7 +72,7 @@ async fn area_prefetch_brings_high_risk_patients_and_the_budget_keeps_priority_o
     for (id, _) in &ids {
         let mut s =
             care_node::summary::PatientSummary::load(&store.load_document(id).unwrap().unwrap()).unwrap();
-        let index = care_sync_server::scope::PatientIndex::of(&mut s).unwrap();
+        let index = care_sync_server::domain::scope::PatientIndex::of(&mut s).unwrap();
         if index.flags.iter().any(|f| f == "respect-dnacpr") {
             *districts.entry(index.district.unwrap()).or_default() += 1;
         }
@@ -282,8 +282,8 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
                 {{"resource":{{"resourceType":"Condition","id":"c","code":{{"coding":[{{"system":"http://snomed.info/sct","code":"84114007","display":"Heart failure"}}]}},"subject":{{"reference":"Patient/p"}}}}}}]}}"#,
                 nhs.as_str()
             );
-            let parsed = care_sync_server::fhir::import::parse_bundle(&bundle).unwrap();
-            care_sync_server::fhir::import::import_bundle(store, &parsed, "test", 0).unwrap();
+            let parsed = care_sync_server::ingest::fhir::import::parse_bundle(&bundle).unwrap();
+            care_sync_server::ingest::fhir::import::import_bundle(store, &parsed, "test", 0).unwrap();
             made.push(nhs);
         }
         made
@@ -294,7 +294,7 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
     for nhs in &older[..2] {
         ops::set_consent(store, nhs.as_str(), None, Some(true)).unwrap();
     }
-    let export = care_sync_server::planning::export(store, care_node::now_ms()).unwrap();
+    let export = care_sync_server::operator::planning::export(store, care_node::now_ms()).unwrap();
     assert_eq!(export.patients_opted_out, 2);
     let rows: Vec<&str> = export.csv.lines().collect();
     assert_eq!(rows[0], "snomed_code,condition,age_band,postcode_district,patients");

@@ -42,9 +42,10 @@ async fn a_watching_device_gets_changes_and_hospital_events_within_a_second() {
     assert!(latency < Duration::from_secs(1), "pushed after {latency:?}");
 
     // A hospital admission over MLLP reaches the watching nurse as a notification.
-    let mllp = care_sync_server::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mllp =
+        care_sync_server::ingest::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
     let mut socket = tokio::net::TcpStream::connect(mllp.addr).await.unwrap();
     let message = format!(
         "\u{0b}MSH|^~\\&|PAS|WGH|CARE|REGION|20261125143000||ADT^A01|LIVE1|P|2.4\rPID|1||{}^^^NHS^NH||TESTER^EDITH\rPV1|1|I|Ward 7^^^Wessex General||||||||||||||||V1\r\u{1c}\r",

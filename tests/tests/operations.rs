@@ -3,9 +3,9 @@
 
 use care_node::client::ClientError;
 use care_sync_e2e::{TestDevice, TestServer, within};
-use care_sync_server::ops;
-use care_sync_server::sqlite::backup;
+use care_sync_server::operator::ops;
 use care_sync_server::store::Role;
+use care_sync_server::store::sqlite::backup;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_key_rotation_keeps_devices_that_synced_and_tells_the_rest_to_re_enrol() {

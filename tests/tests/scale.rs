@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use care_node::summary::{Allergy, Demographics, PatientSummary, Provenance};
 use care_sync_e2e::{TestDevice, within};
-use care_sync_server::server;
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
+use care_sync_server::transport;
 
 const DOCUMENTS: usize = 10_000;
 
@@ -38,13 +38,13 @@ async fn reconnecting_with_ten_thousand_documents_costs_what_changed() {
         }
         store.insert_patients(&mut batch).unwrap();
     }
-    let running = server::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let token = care_sync_server::ops::issue_token(
+    let running = transport::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let token = care_sync_server::operator::ops::issue_token(
         store.as_ref(),
         "tablet",
         Role::AmbulanceCrew,
         running.addr,
-        care_sync_server::ops::DEFAULT_TOKEN_TTL,
+        care_sync_server::operator::ops::DEFAULT_TOKEN_TTL,
     )
     .unwrap();
     let mut device = TestDevice::new("tablet");

@@ -6,7 +6,7 @@ use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
 use care_node::store::{DeviceStore, Enrolment, StoreError};
 use care_node::summary::Allergy;
 use care_sync_e2e::{PASSPHRASE, TestDevice, TestServer, cheap_wrapper, contains, within};
-use care_sync_server::ops;
+use care_sync_server::operator::ops;
 use care_sync_server::store::Role;
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use care_node::client::SyncReport;
 use care_node::summary::PatientSummary;
-use care_sync_server::bench::{self, SEED, ms};
-use care_sync_server::population::Population;
+use care_sync_server::demo::bench::{self, SEED, ms};
+use care_sync_server::demo::population::Population;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use samod::{BackoffConfig, DialError, Dialer, DocHandle, Repo, Transport, Url};

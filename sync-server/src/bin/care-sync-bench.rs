@@ -25,8 +25,8 @@ use care_node::client::{self, SyncReport};
 use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
-use care_sync_server::bench::{self, SEED, Server, ms, peak_rss_mb, unix_ms};
-use care_sync_server::population::Population;
+use care_sync_server::demo::bench::{self, SEED, Server, ms, peak_rss_mb, unix_ms};
+use care_sync_server::demo::population::Population;
 
 /// Changes made to the hot patient in the live test.
 const LIVE_CHANGES: usize = 20;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use care_sync_server::ops;
+use care_sync_server::operator::ops;
 use care_sync_server::store::{AuditFilter, ServerStore};
 use clap::Subcommand;
 

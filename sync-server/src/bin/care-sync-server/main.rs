@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use care_sync_server::config::{self, Config, LogFormat};
+#[cfg(feature = "demo")]
 use care_sync_server::demo::{self, DemoOptions};
-use care_sync_server::ops;
-use care_sync_server::sqlite::SqliteStore;
+use care_sync_server::operator::config::{self, Config, LogFormat};
+use care_sync_server::operator::ops;
+use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
 use clap::{Parser, Subcommand};
 
@@ -148,6 +149,7 @@ enum Command {
     },
     /// Adds synthetic patients (test-range NHS numbers) to the store, or writes them as FHIR
     /// Bundles with `--fhir-out DIR`.
+    #[cfg(feature = "demo")]
     Generate {
         #[arg(long, default_value_t = 1000)]
         patients: usize,
@@ -191,6 +193,7 @@ enum Command {
         provisional: bool,
     },
     /// Runs the end-to-end demonstration on a fresh server and two devices.
+    #[cfg(feature = "demo")]
     Demo {
         #[arg(long, default_value_t = 2000)]
         patients: usize,
@@ -249,6 +252,7 @@ fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::erro
 pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn run(cli: Cli, mut config: Config) -> CliResult {
+    #[cfg(feature = "demo")]
     if let Command::Demo { patients } = cli.command {
         let mut stdout = std::io::stdout();
         let options = DemoOptions { patients, data_dir: cli.data_dir };
@@ -314,14 +318,15 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             print!("{}", config.to_toml());
         }
         Command::AdminToken => {
-            let (token, created) = care_sync_server::admin::load_or_create_token(&config.token_file())?;
+            let (token, created) =
+                care_sync_server::operator::admin::load_or_create_token(&config.token_file())?;
             if created {
                 eprintln!("created a new operator token in {}", config.token_file().display());
             }
             println!("{token}");
         }
         Command::Backup { out } => {
-            let report = care_sync_server::sqlite::backup::backup(&dir, &out)?;
+            let report = care_sync_server::store::sqlite::backup::backup(&dir, &out)?;
             println!(
                 "backed up {} patients and {} devices to {} ({} bytes); integrity check ok",
                 report.patients,
@@ -331,7 +336,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             );
         }
         Command::Restore { from, force } => {
-            let report = care_sync_server::sqlite::backup::restore(&from, &dir, force)?;
+            let report = care_sync_server::store::sqlite::backup::restore(&from, &dir, force)?;
             println!(
                 "restored {} patients and {} devices from {} into {}",
                 report.patients,
@@ -346,9 +351,12 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             for file in &files {
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                for message in care_sync_server::hl7::adt::split_messages(&text) {
-                    let ack =
-                        care_sync_server::hl7::adt::process(store.as_ref(), &message, care_node::now_ms());
+                for message in care_sync_server::ingest::hl7::adt::split_messages(&text) {
+                    let ack = care_sync_server::ingest::hl7::adt::process(
+                        store.as_ref(),
+                        &message,
+                        care_node::now_ms(),
+                    );
                     println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
                     if ack.code == "AA" { accepted += 1 } else { refused += 1 }
                 }
@@ -419,10 +427,11 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                 }
             }
         }
+        #[cfg(feature = "demo")]
         Command::Generate { patients, seed, fhir_out } => {
             let store = open(&dir)?;
             let identity = store.server_identity()?;
-            let mut population = care_sync_server::population::Population::new(
+            let mut population = care_sync_server::demo::population::Population::new(
                 seed,
                 care_sync_server::server_actor(&identity),
             );
@@ -438,7 +447,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                 match &fhir_out {
                     Some(out) => {
                         for summary in &mut summaries {
-                            let bundle = care_sync_server::fhir::export::export_ips(summary, now)?;
+                            let bundle = care_sync_server::ingest::fhir::export::export_ips(summary, now)?;
                             let path = out.join(format!("patient-{:06}.json", made + 1));
                             let text = serde_json::to_string_pretty(&bundle)?;
                             std::fs::write(&path, text)
@@ -461,8 +470,8 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             for file in &files {
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                let result = care_sync_server::fhir::import::parse_bundle(&text).and_then(|bundle| {
-                    care_sync_server::fhir::import::import_bundle(
+                let result = care_sync_server::ingest::fhir::import::parse_bundle(&text).and_then(|bundle| {
+                    care_sync_server::ingest::fhir::import::import_bundle(
                         store.as_ref(),
                         &bundle,
                         &feed,
@@ -498,7 +507,8 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             let id = store.patient_by_nhs(&nhs)?.ok_or("no patient with that NHS number on this server")?;
             let saved = store.load_document(&id)?.ok_or("the patient has no document")?;
             let mut summary = care_node::summary::PatientSummary::load(&saved)?;
-            let bundle = care_sync_server::fhir::export::export_ips(&mut summary, care_node::now_ms())?;
+            let bundle =
+                care_sync_server::ingest::fhir::export::export_ips(&mut summary, care_node::now_ms())?;
             let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
             store.append_audit(
                 &operator,
@@ -556,6 +566,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::Audit { nhs, device, since } => governance::audit(open(&dir)?.as_ref(), nhs, device, since)?,
         Command::ExportPlanning { out } => governance::export_planning(open(&dir)?.as_ref(), out)?,
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => unreachable!("handled above"),
     }
     Ok(())

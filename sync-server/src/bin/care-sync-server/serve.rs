@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use care_sync_server::admin::{self, AdminOptions};
-use care_sync_server::config::Config;
+use care_sync_server::operator::admin::{self, AdminOptions};
+use care_sync_server::operator::config::Config;
 
 use crate::CliResult;
 
@@ -19,7 +19,7 @@ pub async fn serve(config: Config) -> CliResult {
     for name in config.apply_policy(store.as_ref())? {
         tracing::info!(setting = %name, "policy setting taken from the configuration file");
     }
-    let running = care_sync_server::server::start(store.clone(), config.sync.listen).await?;
+    let running = care_sync_server::transport::start(store.clone(), config.sync.listen).await?;
     let advertised = config.sync.advertised_addr.unwrap_or(running.addr);
     std::fs::write(advertised_addr_file(dir), advertised.to_string())?;
     println!(
@@ -28,7 +28,7 @@ pub async fn serve(config: Config) -> CliResult {
         dir.display()
     );
     let mllp = if config.feeds.mllp_enabled {
-        let mllp = care_sync_server::hl7::mllp::start(store.clone(), config.feeds.mllp_listen)
+        let mllp = care_sync_server::ingest::hl7::mllp::start(store.clone(), config.feeds.mllp_listen)
             .await
             .map_err(|e| format!("cannot listen for MLLP on {}: {e}", config.feeds.mllp_listen))?;
         println!("HL7 v2 ADT over MLLP on {}", mllp.addr);

@@ -164,7 +164,7 @@ fn token_matches(headers: &HeaderMap, expected_hash: &[u8; 32]) -> bool {
 async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        crate::metrics::metrics().encode(),
+        crate::operator::metrics::metrics().encode(),
     )
         .into_response()
 }

@@ -54,9 +54,9 @@ pub fn decide_access(
     let until = now_ms + hours_setting(store, hours_key, default_hours)?;
     store.grant(device.id, &patient, grant, reason, until, now_ms)?;
     store.append_audit(&device.name, grant.as_str(), Some(&patient), &format!("reason: {reason}"), now_ms)?;
-    crate::metrics::metrics()
+    crate::operator::metrics::metrics()
         .access_grants
-        .get_or_create(&crate::metrics::KindLabel { kind: grant.as_str() })
+        .get_or_create(&crate::operator::metrics::KindLabel { kind: grant.as_str() })
         .inc();
     if kind == AccessKind::BreakGlass {
         store.raise_alert("break-glass", Some(device.id), Some(&patient), reason, now_ms)?;

@@ -13,8 +13,8 @@ use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::{Allergy, PatientId, PatientSummary, Provenance};
 
-use crate::population::Population;
-use crate::sqlite::SqliteStore;
+use crate::demo::population::Population;
+use crate::store::sqlite::SqliteStore;
 use crate::store::{Role, ServerStore};
 
 /// The population seed of every run, so runs are comparable.
@@ -65,16 +65,16 @@ pub fn server_role(dir: &str, n: usize) {
     let generation = t.elapsed();
     let ids: Vec<PatientId> = store.patient_ids().expect("ids").into_iter().map(|(id, _)| id).collect();
     let running = runtime
-        .block_on(crate::server::start(store.clone(), "127.0.0.1:0".parse().expect("addr")))
+        .block_on(crate::transport::start(store.clone(), "127.0.0.1:0".parse().expect("addr")))
         .expect("server");
     let addr = running.addr;
     let token = |name: &str| {
-        crate::ops::issue_token(
+        crate::operator::ops::issue_token(
             store.as_ref(),
             name,
             Role::AmbulanceCrew,
             addr,
-            crate::ops::DEFAULT_TOKEN_TTL,
+            crate::operator::ops::DEFAULT_TOKEN_TTL,
         )
         .expect("token")
     };

@@ -183,9 +183,9 @@ fn update_demographics(current: &Demographics, incoming: &Demographics) -> Demog
 /// metrics.
 pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
     let ack = process_message(store, text, now_ms);
-    crate::metrics::metrics()
+    crate::operator::metrics::metrics()
         .mllp_messages
-        .get_or_create(&crate::metrics::AckLabel { code: ack.code.into() })
+        .get_or_create(&crate::operator::metrics::AckLabel { code: ack.code.into() })
         .inc();
     if let Err(e) = store.feed_record(ack.code, &ack.text, now_ms) {
         tracing::error!(error = %e, "could not record a feed message's outcome");

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS patients (
     nhs_number TEXT UNIQUE, -- NULL for a provisional record
     doc BLOB NOT NULL,
     last_seq INTEGER NOT NULL,
-    -- Derived from the document whenever it changes, for scopes (see scope.rs).
+    -- Derived from the document whenever it changes, for scopes (see domain/scope.rs).
     district TEXT,
     risk_flags TEXT NOT NULL DEFAULT ',',
     review_date TEXT,
@@ -144,7 +144,7 @@ CREATE TABLE IF NOT EXISTS device_scope_cache (
     in_scope INTEGER NOT NULL,
     left_out INTEGER NOT NULL
 );
--- Everything a device's scope depends on moves the scope epoch (see scope.rs): declared here
+-- Everything a device's scope depends on moves the scope epoch (see domain/scope.rs): declared here
 -- rather than in each writer, so that no code path can forget it.
 CREATE TRIGGER IF NOT EXISTS scope_caseload_in AFTER INSERT ON caseload BEGIN UPDATE scope_epoch SET n = n + 1; END;
 CREATE TRIGGER IF NOT EXISTS scope_caseload_out AFTER DELETE ON caseload BEGIN UPDATE scope_epoch SET n = n + 1; END;
@@ -341,7 +341,7 @@ fn log_changes(
         let document = |e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e));
         let merged = summary.merged_into().map_err(document)?.is_some();
         let nhs = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
-        let index = crate::scope::PatientIndex::of(summary).map_err(document)?;
+        let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
         let flags = format!(",{},", index.flags.join(","));
         tx.execute(
             "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,

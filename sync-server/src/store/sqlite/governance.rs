@@ -170,8 +170,8 @@ impl Governance for SqliteStore {
         device: i64,
         prefetch_flags: &[String],
         now_ms: i64,
-    ) -> Result<Vec<crate::scope::Candidate>, StoreError> {
-        use crate::scope::{Candidate, Tier};
+    ) -> Result<Vec<crate::domain::scope::Candidate>, StoreError> {
+        use crate::domain::scope::{Candidate, Tier};
         let conn = self.conn();
         let mut out = Vec::new();
         let row = |tier: Tier| {
@@ -182,7 +182,9 @@ impl Governance for SqliteStore {
                     tier,
                     review_date: r.get(1)?,
                     objection: r.get(2)?,
-                    alerted: flags.split(',').any(|f| !f.is_empty() && f != crate::scope::FREQUENT_ATTENDER),
+                    alerted: flags
+                        .split(',')
+                        .any(|f| !f.is_empty() && f != crate::domain::scope::FREQUENT_ATTENDER),
                 })
             }
         };

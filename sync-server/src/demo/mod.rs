@@ -4,6 +4,12 @@
 //! nurse's device enrolled with one-time tokens, each with its own encrypted store; caseloads;
 //! a cold sync over real QUIC; both devices offline record an allergy for the same patient; they
 //! reconnect; both entries are on both devices. It prints what the crew sees and the figures.
+//!
+//! Beside it, what demonstrations and benchmarks share: [`population`], the deterministic
+//! synthetic population, and [`bench`], the harness of `care-sync-bench`.
+
+pub mod bench;
+pub mod population;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,11 +23,11 @@ use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError as DeviceStoreError};
 use care_node::summary::{Alert, Allergy};
 
-use crate::ops::{self, OpsError};
-use crate::population::Population;
-use crate::server;
-use crate::sqlite::SqliteStore;
+use crate::demo::population::Population;
+use crate::operator::ops::{self, OpsError};
+use crate::store::sqlite::SqliteStore;
 use crate::store::{Role, ServerStore};
+use crate::transport;
 
 /// The passphrase of the demo's device stores (a real device asks its user or its keystore).
 pub const DEMO_PASSPHRASE: &str = "demo passphrase, not for real use";
@@ -32,7 +38,7 @@ pub const DEMO_SEED: u64 = 2026;
 #[non_exhaustive]
 pub enum DemoError {
     #[error(transparent)]
-    Server(#[from] server::ServerError),
+    Server(#[from] transport::ServerError),
     #[error(transparent)]
     ServerStore(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -132,7 +138,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
             t.elapsed().as_secs_f64()
         );
     }
-    let running = server::start(store.clone(), "127.0.0.1:0".parse().expect("valid address")).await?;
+    let running = transport::start(store.clone(), "127.0.0.1:0".parse().expect("valid address")).await?;
     let addr: SocketAddr = running.addr;
     let _ = writeln!(out, "server: listening on {addr} (QUIC, ALPN care-sync/1)");
 
@@ -204,7 +210,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     }
 
     // 6. Back online (same address): both upload, and each receives the other's entry.
-    let running = server::start(store.clone(), addr).await?;
+    let running = transport::start(store.clone(), addr).await?;
     let _ = writeln!(out, "server: back on {addr}\n");
     let mut reconnect = Vec::new();
     for i in [0, 1, 0] {

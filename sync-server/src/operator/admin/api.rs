@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::AdminState;
-use crate::ops::{self, OpsError};
+use crate::operator::ops::{self, OpsError};
 use crate::store::{AuditFilter, GrantKind, Role, ServerStore, StoreError};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
@@ -111,7 +111,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> ApiResult {
             "devices": devices.len(),
             "revoked_devices": devices.iter().filter(|d| d.revoked_at_ms.is_some()).count(),
             "open_alerts": store.alerts(false)?.len(),
-            "connected_devices": crate::metrics::metrics().connected_devices.get(),
+            "connected_devices": crate::operator::metrics::metrics().connected_devices.get(),
             "server_key_fingerprint": care_node::identity::hex(&store.server_identity()?.fingerprint()),
         })))
     })
@@ -152,7 +152,7 @@ async fn devices(State(state): State<Arc<AdminState>>) -> ApiResult {
                 (None, Some(_), None, Some(_)) => "wipe-requested",
                 (None, Some(_), None, None) => "enrolled",
             };
-            let lease_ms = crate::governance::lease_ms(store, d.role)? as i64;
+            let lease_ms = crate::domain::governance::lease_ms(store, d.role)? as i64;
             let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
             let lease = match lease_expires {
                 None => "never-synced",

@@ -19,7 +19,7 @@ use care_node::token::EnrolmentToken;
 use care_node::wire::{WireError, read_frame, write_frame};
 use tracing::Instrument;
 
-use crate::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
+use crate::operator::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
 use crate::session::{ServerSession, SessionError};
 use crate::store::{DeviceRecord, ServerStore};
 

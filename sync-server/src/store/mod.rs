@@ -1,9 +1,11 @@
 //! What the server stores, as a trait: the sync session, enrolment and the operator commands
 //! use only [`ServerStore`], so another backend (a shared PostgreSQL) can replace the embedded
-//! SQLite one ([`crate::sqlite::SqliteStore`]) without touching them.
+//! SQLite one ([`crate::store::sqlite::SqliteStore`]) without touching them.
 //!
 //! The change log: every accepted Automerge change gets a global, increasing sequence number.
 //! A device's cursor names a position in it; a round sends only what lies after the cursor.
+
+pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -395,7 +397,7 @@ pub trait Governance: Send + Sync {
         device: i64,
         prefetch_flags: &[String],
         now_ms: i64,
-    ) -> Result<Vec<crate::scope::Candidate>, StoreError>;
+    ) -> Result<Vec<crate::domain::scope::Candidate>, StoreError>;
 
     // --- alerts
     fn raise_alert(

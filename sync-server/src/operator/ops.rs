@@ -255,8 +255,10 @@ pub fn parse_since(s: &str) -> Result<i64, OpsError> {
 }
 
 /// The anonymised planning export (audited: who took it and how many patients it counts).
-pub fn planning_export(store: &dyn ServerStore) -> Result<crate::planning::PlanningExport, OpsError> {
-    let export = crate::planning::export(store, now())?;
+pub fn planning_export(
+    store: &dyn ServerStore,
+) -> Result<crate::operator::planning::PlanningExport, OpsError> {
+    let export = crate::operator::planning::export(store, now())?;
     let detail = format!(
         "{} patients counted, {} excluded by the national data opt-out",
         export.patients_counted, export.patients_opted_out

@@ -119,11 +119,13 @@ pub struct PolicyConfig {
 impl PolicyConfig {
     /// The built-in policy defaults, every key set.
     pub fn defaults() -> PolicyConfig {
-        use crate::governance::{DEFAULT_BREAK_GLASS_HOURS, DEFAULT_LEASE_HOURS, DEFAULT_PERMISSION_HOURS};
+        use crate::domain::governance::{
+            DEFAULT_BREAK_GLASS_HOURS, DEFAULT_LEASE_HOURS, DEFAULT_PERMISSION_HOURS,
+        };
         PolicyConfig {
-            budget: Some(crate::scope::DEFAULT_BUDGET),
+            budget: Some(crate::domain::scope::DEFAULT_BUDGET),
             prefetch_flags: Some(
-                crate::scope::DEFAULT_PREFETCH_FLAGS.iter().map(|f| f.to_string()).collect(),
+                crate::domain::scope::DEFAULT_PREFETCH_FLAGS.iter().map(|f| f.to_string()).collect(),
             ),
             permission_hours: Some(DEFAULT_PERMISSION_HOURS),
             break_glass_hours: Some(DEFAULT_BREAK_GLASS_HOURS),
@@ -259,7 +261,10 @@ impl Config {
 
     /// Writes the `[policy]` keys the file sets into the store, auditing each change.
     /// Returns the names of the settings that changed.
-    pub fn apply_policy(&self, store: &dyn ServerStore) -> Result<Vec<String>, crate::ops::OpsError> {
+    pub fn apply_policy(
+        &self,
+        store: &dyn ServerStore,
+    ) -> Result<Vec<String>, crate::operator::ops::OpsError> {
         let p = &self.policy;
         let number = |v: Option<f64>| v.map(|h| h.to_string());
         let wanted = [
@@ -274,7 +279,7 @@ impl Config {
         for (name, value) in wanted {
             let Some(value) = value else { continue };
             if store.setting(name)?.as_deref() != Some(value.as_str()) {
-                crate::ops::set_setting(store, name, &value)?;
+                crate::operator::ops::set_setting(store, name, &value)?;
                 changed.push(name.to_string());
             }
         }

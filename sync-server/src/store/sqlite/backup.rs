@@ -104,7 +104,7 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
         format!("restored from a backup of {} patients; devices resend their changes", report.patients);
     crate::store::Governance::append_audit(
         &store,
-        crate::ops::OPERATOR,
+        crate::operator::ops::OPERATOR,
         "restored",
         None,
         &detail,
@@ -140,8 +140,8 @@ pub fn check(file: &Path) -> Result<BackupReport, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::SqliteStore;
     use crate::store::prelude::*;
+    use crate::store::sqlite::SqliteStore;
 
     #[test]
     fn a_backup_restores_the_same_server_and_refuses_to_overwrite() {

@@ -191,7 +191,7 @@ impl ServerSession {
                     device_name: self.device.name.clone(),
                     role: self.device.role.as_str().to_string(),
                     server_time_ms: now_ms,
-                    lease_ms: crate::governance::lease_ms(store, self.device.role)?,
+                    lease_ms: crate::domain::governance::lease_ms(store, self.device.role)?,
                     wipe,
                     server_key,
                     next_server_key,
@@ -213,7 +213,7 @@ impl ServerSession {
             }
             (Phase::AwaitWipe, _) => Ok(Vec::new()),
             (Phase::Uploading, ClientMessage::AccessRequest { nhs_number, kind, reason }) => {
-                Ok(vec![crate::governance::decide_access(
+                Ok(vec![crate::domain::governance::decide_access(
                     store,
                     &self.device,
                     &nhs_number,
@@ -223,7 +223,7 @@ impl ServerSession {
                 )?])
             }
             (Phase::Uploading, ClientMessage::ViewLog { entries }) => {
-                Ok(vec![crate::governance::record_views(store, &self.device, &entries, now_ms)?])
+                Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
                 let outcome = store.apply_device_changes(&self.device, &docs)?;
@@ -342,7 +342,7 @@ impl ServerSession {
             .map(|g| g.expires_at_ms)
             .min()
             .unwrap_or(i64::MAX);
-        let decided = crate::scope::device_scope(store, self.device.id, now_ms)?;
+        let decided = crate::domain::scope::device_scope(store, self.device.id, now_ms)?;
         let left_out = decided.left_out;
         let scope: HashSet<PatientId> = decided.patients.into_iter().collect();
         let held = store.held(self.device.id)?;

@@ -97,7 +97,7 @@ pub fn export(store: &dyn ServerStore, now_ms: i64) -> Result<PlanningExport, St
         ));
     }
     store.append_audit(
-        crate::ops::OPERATOR,
+        crate::operator::ops::OPERATOR,
         "export-planning",
         None,
         &format!("{counted} patients counted, {opted_out} excluded by the national data opt-out"),
