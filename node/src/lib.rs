@@ -1,5 +1,7 @@
 //! `care-node`: everything a care-sync device runs.
 //!
+//! - [`policy`]: the write policy: what a device may do to a patient document (both halves check it).
+//! - [`chunk`]: bounded inspection of Automerge change chunks before Automerge parses them.
 //! - [`nhs`]: NHS number validation; the only way an NHS number enters the system.
 //! - [`news2`]: the NEWS2 early warning score (RCP 2017).
 //! - [`notify`]: notifications (admitted, discharged, attended) derived from received changes.
@@ -19,12 +21,14 @@
 //! Nothing in this crate logs or puts in an error message a patient's name, NHS number or date of
 //! birth; logs carry opaque ids only.
 
+pub mod chunk;
 pub mod client;
 pub mod crypto;
 pub mod identity;
 pub mod news2;
 pub mod nhs;
 pub mod notify;
+pub mod policy;
 pub mod protocol;
 pub mod store;
 pub mod summary;

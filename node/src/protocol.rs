@@ -25,7 +25,7 @@ pub const ALPN_SYNC: &[u8] = b"care-sync/1";
 /// ALPN of enrolment connections; the device presents no certificate, only its token.
 pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 /// Version byte carried by every frame.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// Soft target for the size of one `Docs` or `Upload` frame.
@@ -153,9 +153,13 @@ pub enum ServerMessage {
     ViewLogAck {
         through: u64,
     },
-    /// Every upload up to `through` is durable on the server.
+    /// Every upload up to `through` is settled on the server: durable, except the documents in
+    /// `refused`, whose changes in those uploads broke the write policy and were quarantined for
+    /// review (nothing of them is applied). The device keeps its own copy of what was refused and
+    /// takes the server's version of those documents.
     UploadAck {
         through: u64,
+        refused: Vec<RefusedDoc>,
     },
     /// Items of a round: the priority part first, then the rest, each in ascending patient id
     /// order across frames; a frame holds items of one part only.
@@ -177,6 +181,15 @@ pub enum ServerMessage {
     Refused {
         message: String,
     },
+}
+
+/// A document whose uploaded changes the server refused: the rule (a [`crate::policy::Rule`]
+/// name) and where they wrote (`section/entry id`, or `document`). Never content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedDoc {
+    pub doc: PatientId,
+    pub rule: String,
+    pub place: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,6 +61,9 @@ pub struct SyncStats {
     /// of them are applied: progress for a bar.
     pub round_items: u64,
     pub round_applied: u64,
+    /// Local changes the server refused (write policy): kept on this device, see
+    /// [`DeviceStore::diverged`].
+    pub refused_changes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,9 +277,15 @@ impl SyncSession {
             (Phase::Uploading, ServerMessage::ViewLogAck { through }) => {
                 store.acknowledge_views(through)?;
             }
-            (Phase::Uploading, ServerMessage::UploadAck { through }) => {
+            (Phase::Uploading, ServerMessage::UploadAck { through, refused }) => {
                 if through > self.upload_sent_through || self.upload_in_flight == 0 {
                     return Err(SyncError::Protocol("acknowledgement of an upload never sent".into()));
+                }
+                if !refused.is_empty() {
+                    for r in &refused {
+                        tracing::warn!(rule = %r.rule, place = %r.place, "the server refused this device's changes to a document; kept on this device");
+                    }
+                    self.stats.refused_changes += store.diverge(&refused, crate::now_ms())?;
                 }
                 store.acknowledge_uploads(through)?;
                 self.upload_in_flight -= 1;

@@ -186,8 +186,7 @@ fn an_upload_whose_ack_was_lost_is_not_applied_twice() {
     let mut w = world(5);
     assert!(session(&mut w, None).completed);
     let nhs = w.patients[2].clone();
-    let entry =
-        Allergy::new("Latex", care_node::summary::Provenance::new("t", "tablet", "ambulance-crew", 5));
+    let entry = Allergy::new("Latex", w.device.provenance().unwrap());
     w.device.add_entry(&nhs, &entry).unwrap();
 
     // The server applies the upload, but the acknowledgement never reaches the device.

@@ -1,6 +1,8 @@
 //! Clinical safety across the wire: entered-in-error is sticky, conflicts are shown, crew
 //! observations with NEWS2 reach the nurse, and a merge never strands an offline entry.
 
+use care_node::policy::Rule;
+use care_node::store::StoreError;
 use care_node::news2::{ClinicalRisk, Consciousness, Observations};
 use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
 use care_node::summary::{self as s, PatientSummary, Section};
@@ -48,21 +50,24 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
         .unwrap()
         .id;
 
-    // Offline: the crew that recorded it marks it in error; the others edit it.
+    // Offline: the crew that recorded it marks it in error; the others may not edit another
+    // author's entry (the write policy), and their devices refuse before storing anything.
     devices[0]
         .store
         .mark_entered_in_error(&nhs, Section::Allergies, id, "recorded for the wrong patient")
         .unwrap();
     let p1 = devices[1].store.provenance().unwrap();
-    devices[1]
-        .store
-        .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "severity", "severe", &p1))
-        .unwrap();
+    let refused = devices[1].store.edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "severity", "severe", &p1));
+    assert!(
+        matches!(&refused, Err(StoreError::Refused(r)) if r.rule == Rule::ForeignEntry),
+        "{refused:?}"
+    );
     let p2 = devices[2].store.provenance().unwrap();
-    devices[2]
+    let refused = devices[2]
         .store
-        .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "verification_status", "confirmed", &p2))
-        .unwrap();
+        .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "verification_status", "refuted", &p2));
+    assert!(matches!(refused, Err(StoreError::Refused(_))));
+    assert_eq!(devices[2].store.pending_count().unwrap(), 0, "nothing of a refused edit is queued");
     sync_all(&mut devices).await;
 
     for device in &devices {
@@ -87,7 +92,7 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_values_are_shown_as_conflicts_on_every_device() {
+async fn another_authors_alert_cannot_be_rewritten_by_any_device() {
     let server = TestServer::start(1).await;
     let mut devices = three_devices(&server).await;
     let nhs = server.patients[0].clone();
@@ -97,30 +102,25 @@ async fn concurrent_values_are_shown_as_conflicts_on_every_device() {
     alert.decision_date = Some("2026-11-01".into());
     let id = devices[2].store.add_entry(&nhs, &alert).unwrap();
     sync_all(&mut devices).await;
-    for (i, value) in [(0, "DNACPR: do not attempt resuscitation"), (1, "For full resuscitation")] {
+    for i in [0, 1] {
         let p = devices[i].store.provenance().unwrap();
-        devices[i]
-            .store
-            .edit(&nhs, |sum| sum.set_field(Section::Alerts, id, "description", value, &p))
-            .unwrap();
+        let result = devices[i].store.edit(&nhs, |sum| {
+            sum.set_field(Section::Alerts, id, "description", "DNACPR: do not attempt resuscitation", &p)
+        });
+        assert!(
+            matches!(&result, Err(StoreError::Refused(r)) if r.rule == Rule::ForeignEntry),
+            "device {i}: {result:?}"
+        );
     }
+    // Its author may still correct it, within the edit window.
+    let p = devices[2].store.provenance().unwrap();
+    devices[2].store.edit(&nhs, |sum| sum.set_field(Section::Alerts, id, "description", "For full CPR", &p)).unwrap();
     sync_all(&mut devices).await;
     for device in &devices {
         let mut sum = summary(device, &nhs);
         let entry = sum.clinical_entries::<s::Alert>().unwrap().into_iter().find(|e| e.id == id).unwrap();
-        let conflict =
-            entry.conflicts.iter().find(|c| c.field == "description").expect("the conflict is surfaced");
-        let authors: Vec<_> = conflict.values.iter().map(|v| v.author.clone()).collect();
-        assert!(
-            authors.iter().any(|a| a.contains("ambulance-1"))
-                && authors.iter().any(|a| a.contains("ambulance-2")),
-            "{authors:?}"
-        );
-        let mut stored = device.store.find_by_nhs(&nhs).unwrap().unwrap();
-        let view =
-            care_node::view::render(&mut stored, &device.store.sync_state().unwrap(), care_node::now_ms())
-                .unwrap();
-        assert!(view.contains("CONFLICTING description"), "the view says so:\n{view}");
+        assert_eq!(entry.data.description, "For full CPR", "on {}", device.name);
+        assert!(entry.conflicts.is_empty(), "no competing value on {}", device.name);
     }
 }
 
@@ -220,9 +220,16 @@ async fn a_change_that_deletes_is_refused() {
     .await
     .unwrap();
     match within(30, conn.recv()).await {
-        Ok(Some(ServerMessage::Refused { message })) => {
-            assert!(message.contains("never deleted"), "{message}")
+        Ok(Some(ServerMessage::UploadAck { through: 1, refused })) => {
+            assert_eq!(refused.len(), 1);
+            assert_eq!((refused[0].doc, refused[0].rule.as_str()), (id, "deletes"));
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // Kept for review, with an alert; the record is untouched.
+    let quarantined = server.store.quarantined(None).unwrap();
+    assert_eq!((quarantined.len(), quarantined[0].rule.as_str()), (1, "deletes"));
+    assert!(server.store.alerts(false).unwrap().iter().any(|a| a.kind == "write-refused"));
+    let saved = server.store.load_document(&id).unwrap().unwrap();
+    assert!(PatientSummary::load(&saved).unwrap().section_state(Section::Allergies).is_ok());
 }

@@ -206,8 +206,9 @@ async fn a_device_cannot_upload_changes_authored_by_another_device() {
     };
     conn.send(&upload).await.unwrap();
     match within(30, conn.recv()).await {
-        Ok(Some(ServerMessage::Refused { message })) => {
-            assert!(message.contains("another actor"), "{message}")
+        Ok(Some(ServerMessage::UploadAck { refused, .. })) => {
+            assert_eq!(refused.len(), 1);
+            assert_eq!(refused[0].rule, "foreign-actor");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -66,6 +66,8 @@ pub enum StoreError {
     LeaseExpired { hours_ago: i64, lease_hours: i64 },
     #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
     Wiped,
+    #[error("this device may not make that change: {0}")]
+    Refused(#[from] crate::policy::Refusal),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -162,6 +164,28 @@ struct OutboxBody {
     change: Vec<u8>,
 }
 
+/// A local change the server refused, kept sealed on the device for the clinician.
+#[derive(Serialize, Deserialize)]
+struct DivergedBody {
+    patient_id: PatientId,
+    rule: String,
+    place: String,
+    at_ms: i64,
+    #[serde(with = "serde_bytes")]
+    change: Vec<u8>,
+}
+
+/// What the server refused of this device's entries on a patient: the rule, where, and when.
+/// The refused change itself stays sealed on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diverged {
+    pub doc: PatientId,
+    pub rule: String,
+    pub place: String,
+    pub at_ms: i64,
+    pub changes: u64,
+}
+
 /// The encrypted device store.
 pub struct DeviceStore {
     conn: Connection,
@@ -186,6 +210,10 @@ CREATE TABLE IF NOT EXISTS documents (
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS diverged (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     body BLOB NOT NULL
 );

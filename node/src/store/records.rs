@@ -138,10 +138,18 @@ impl DeviceStore {
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
         let identity = self.identity()?;
-        patient.summary.set_actor(&identity.public_key());
+        let key = identity.public_key();
+        patient.summary.set_actor(&key);
         let before = patient.summary.heads();
         let result = change(&mut patient.summary)?;
         let changes = patient.summary.changes_since(&before);
+        // The server's write policy, checked here first: a refused edit is never stored.
+        if !changes.is_empty() {
+            let enrolment = self.require_enrolment()?;
+            let writer =
+                crate::policy::Writer { actor: &key, device_name: &enrolment.device_name, role: &enrolment.role };
+            patient.summary.check_writes(&before, &changes, &writer)?;
+        }
         let patient_id = patient.summary.patient_id()?;
         let tx = self.conn.transaction()?;
         write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;

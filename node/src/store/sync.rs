@@ -33,6 +33,85 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// The server refused this device's changes to `refused` documents: moves every local change
+    /// still queued for them into the diverged list (sealed, kept for the clinician) and rebuilds
+    /// each document without them, so the device holds the server's version and later rounds
+    /// apply cleanly. One transaction. Returns how many changes were moved.
+    pub fn diverge(&mut self, refused: &[crate::protocol::RefusedDoc], now_ms: i64) -> Result<u64, StoreError> {
+        let queued: Vec<(i64, OutboxBody)> = {
+            let mut stmt = self.conn.prepare_cached("SELECT id, body FROM outbox ORDER BY id")?;
+            let rows: Vec<(i64, Vec<u8>)> =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(id, body)| Ok((id, self.open_row("outbox", &id.to_be_bytes(), 0, &body)?)))
+                .collect::<Result<_, StoreError>>()?
+        };
+        let mut patients = Vec::new();
+        for r in refused {
+            if let Some(p) = self.get(&r.doc)? {
+                patients.push((r, p));
+            }
+        }
+        let tx = self.conn.transaction()?;
+        let mut moved = 0;
+        for (refusal, mut patient) in patients {
+            let mut dropped = std::collections::HashSet::new();
+            for (id, body) in queued.iter().filter(|(_, b)| b.patient_id == refusal.doc) {
+                if let Ok(change) = automerge::Change::try_from(body.change.as_slice()) {
+                    dropped.insert(change.hash());
+                }
+                let diverged = DivergedBody {
+                    patient_id: refusal.doc,
+                    rule: refusal.rule.clone(),
+                    place: refusal.place.clone(),
+                    at_ms: now_ms,
+                    change: body.change.clone(),
+                };
+                tx.execute("INSERT INTO diverged (body) VALUES (x'')", [])?;
+                let row = tx.last_insert_rowid();
+                let sealed = seal_row(&self.key, "diverged", &row.to_be_bytes(), 0, &diverged)?;
+                tx.execute("UPDATE diverged SET body = ?1 WHERE id = ?2", params![sealed, row])?;
+                tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+                moved += 1;
+            }
+            // The server's version: every change but the refused ones and what builds on them.
+            let mut kept = Vec::new();
+            for change in patient.summary.all_changes() {
+                if dropped.contains(&change.hash()) || change.deps().iter().any(|d| dropped.contains(d)) {
+                    dropped.insert(change.hash());
+                } else {
+                    kept.extend_from_slice(change.raw_bytes());
+                }
+            }
+            let mut rebuilt = PatientSummary::load(&kept)?;
+            write_document(&tx, &self.key, &self.lookup, &mut rebuilt, patient.received_at_ms, None)?;
+            patient.summary = rebuilt;
+        }
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    /// This device's entries the server refused, by patient and rule (newest last).
+    pub fn diverged(&self) -> Result<Vec<Diverged>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT id, body FROM diverged ORDER BY id")?;
+        let rows: Vec<(i64, Vec<u8>)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let mut out: Vec<Diverged> = Vec::new();
+        for (id, body) in rows {
+            let body: DivergedBody = self.open_row("diverged", &id.to_be_bytes(), 0, &body)?;
+            match out.last_mut() {
+                Some(d) if d.doc == body.patient_id && d.rule == body.rule && d.place == body.place => d.changes += 1,
+                _ => out.push(Diverged {
+                    doc: body.patient_id,
+                    rule: body.rule,
+                    place: body.place,
+                    at_ms: body.at_ms,
+                    changes: 1,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies a page of a sync round in one transaction together with the round's progress
     /// (the last item applied), so a cut link or a crash leaves every document of the page and
     /// the marker that covers it applied, or none of them. Returns how many notifications

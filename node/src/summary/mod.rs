@@ -730,6 +730,17 @@ impl PatientSummary {
         !self.doc.get_missing_deps(&[]).is_empty()
     }
 
+    /// Checks a device's changes, already applied to this document, against the write policy
+    /// ([`crate::policy`]); `before` are the document's heads from before them.
+    pub fn check_writes(
+        &mut self,
+        before: &[automerge::ChangeHash],
+        changes: &[Change],
+        writer: &crate::policy::Writer<'_>,
+    ) -> Result<(), crate::policy::Refusal> {
+        crate::policy::check(&mut self.doc, before, changes, writer)
+    }
+
     /// Whether the document already contains a change.
     pub fn has_change(&mut self, hash: &automerge::ChangeHash) -> bool {
         self.doc.get_change_by_hash(hash).is_some()

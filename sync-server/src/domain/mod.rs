@@ -1,8 +1,11 @@
-//! The domain rules of the region: who gets which patients, and what access at the point of care
-//! a device is granted.
+//! The domain rules of the region: who gets which patients, what access at the point of care a
+//! device is granted, and what a device may write.
 //!
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
 //! - [`governance`]: leases, permission to view, break glass, view-log verification.
+//! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
+//!   ([`care_node::policy`]), before anything is committed.
 
 pub mod governance;
 pub mod scope;
+pub mod upload;

@@ -14,12 +14,16 @@
 use std::collections::HashSet;
 
 use care_node::identity::{PublicKey, short_hex};
-use care_node::protocol::{ClientMessage, DocBody, DocItem, Resume, ServerMessage, TARGET_BATCH_BYTES};
+use care_node::protocol::{
+    ClientMessage, DocBody, DocItem, RefusedDoc, Resume, ServerMessage, TARGET_BATCH_BYTES,
+};
 use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
 
+use crate::domain::upload::RefusedUpload;
 use crate::store::{
-    ChangesByDoc, DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError,
+    ChangesByDoc, DeviceRecord, QUARANTINE_PER_DEVICE, RoundOutcome, ScopeCache, ServerStore, StoreError,
+    UploadError,
 };
 
 /// Most items in one `Docs` frame.
@@ -82,6 +86,8 @@ pub struct ServerSession {
     /// The next server key told in the Welcome; a round acknowledged after it proves the device
     /// stored it (it does so before anything else).
     announced_key: Option<PublicKey>,
+    /// The documents the device may write to (held and in scope), computed at its first upload.
+    writable: Option<HashSet<PatientId>>,
 }
 
 impl ServerSession {
@@ -95,6 +101,7 @@ impl ServerSession {
             round: None,
             presented_key: None,
             announced_key: None,
+            writable: None,
         }
     }
 
@@ -226,7 +233,16 @@ impl ServerSession {
                 Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
-                let outcome = store.apply_device_changes(&self.device, &docs)?;
+                if store.quarantine_count(self.device.id)? >= QUARANTINE_PER_DEVICE {
+                    return Err(UploadError::QuarantineFull.into());
+                }
+                if self.writable.is_none() {
+                    self.writable = Some(crate::domain::upload::writable(store, self.device.id, now_ms)?);
+                }
+                let writable = self.writable.as_ref().expect("just computed");
+                let checked = crate::domain::upload::check(store, &self.device, &docs, writable)?;
+                let refused = self.quarantine(store, checked.refused, now_ms)?;
+                let outcome = store.commit_device_changes(&self.device, &checked.accepted)?;
                 tracing::debug!(accepted = outcome.accepted, "upload batch durable");
                 // Entries recorded offline on a record an operator has since merged away are
                 // carried over to the kept record, never left behind.
@@ -238,7 +254,7 @@ impl ServerSession {
                         now_ms,
                     )?;
                 }
-                Ok(vec![ServerMessage::UploadAck { through }])
+                Ok(vec![ServerMessage::UploadAck { through, refused }])
             }
             (Phase::Uploading, ClientMessage::UploadDone) => {
                 self.plan_round(store, now_ms)?;
@@ -270,6 +286,40 @@ impl ServerSession {
                 Err(SessionError::Protocol(format!("unexpected {} while {phase:?}", message_name(&message))))
             }
         }
+    }
+
+    /// Keeps refused uploads for review, audits each, and raises one alert per device until an
+    /// operator acknowledges it (a flood of refusals is one alert). Returns what to tell the device.
+    fn quarantine(
+        &mut self,
+        store: &dyn ServerStore,
+        refused: Vec<RefusedUpload>,
+        now_ms: i64,
+    ) -> Result<Vec<RefusedDoc>, SessionError> {
+        let mut told = Vec::with_capacity(refused.len());
+        for r in &refused {
+            let (rule, place) = (r.refusal.rule.as_str(), r.refusal.place());
+            store.quarantine(self.device.id, &r.doc, rule, &place, &r.changes, now_ms)?;
+            let detail = format!("rule {rule} at {place}; {} change(s) quarantined", r.changes.len());
+            store.append_audit(&self.device.name, "write-refused", Some(&r.doc), &detail, now_ms)?;
+            tracing::warn!(doc = %short_hex(r.doc.as_bytes()), rule, %place, "uploaded changes refused and quarantined");
+            told.push(RefusedDoc { doc: r.doc, rule: rule.to_string(), place });
+        }
+        if !refused.is_empty() {
+            let open = store
+                .alerts(false)?
+                .iter()
+                .any(|a| a.kind == "write-refused" && a.device.as_deref() == Some(self.device.name.as_str()));
+            if !open {
+                let reason = format!(
+                    "changes to {} document(s) refused by the write policy (first: rule {}); see the quarantine",
+                    refused.len(),
+                    refused[0].refusal.rule
+                );
+                store.raise_alert("write-refused", Some(self.device.id), Some(&refused[0].doc), &reason, now_ms)?;
+            }
+        }
+        Ok(told)
     }
 
     fn hello(

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use care_node::identity::{Identity, PublicKey};
 use care_node::nhs::NhsNumber;
-use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +44,18 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Why an upload was refused. The whole batch is refused; nothing of it is applied.
+/// Why an upload batch was refused as a whole (the session ends; nothing of it is applied and
+/// the device keeps its changes). Refusals of single documents by the write policy are not
+/// errors: they are quarantined and reported in the acknowledgement (see `domain::upload`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UploadError {
-    #[error("a change for document {0} is authored by another actor than the uploading device")]
-    ForeignActor(String),
+    #[error("an upload batch may hold at most 1,000 documents and 10,000 changes (got {docs} and {changes})")]
+    TooMany { docs: usize, changes: usize },
+    #[error("this device has too many refused changes awaiting review; an operator must review the quarantine")]
+    QuarantineFull,
     #[error("document {0} is not on this device; changes to it are not accepted")]
     NotHeld(String),
-    #[error(
-        "a change for document {0} deletes data; clinical facts are marked entered-in-error, never deleted"
-    )]
-    Deletes(String),
     #[error("a change for document {0} is malformed: {1}")]
     Malformed(String, String),
     #[error("changes for document {0} depend on changes the server does not have")]
@@ -234,6 +233,23 @@ pub struct ScopeCache {
     pub in_scope: u64,
     pub left_out: u64,
 }
+
+/// Uploaded changes refused by the write policy, kept for the operator and privacy officer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub id: i64,
+    pub at_ms: i64,
+    pub device: String,
+    pub patient: PatientId,
+    /// The rule's name ([`care_node::policy::Rule`]) and where the changes wrote.
+    pub rule: String,
+    pub place: String,
+    /// The refused changes, exactly as uploaded (patient data: shown to no one by default).
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// How many unreviewed refused uploads one device may have before its uploads are refused whole.
+pub const QUARANTINE_PER_DEVICE: u64 = 1_000;
 
 /// How many recent feed refusals the store keeps for operators.
 pub const FEED_ERRORS_KEPT: usize = 100;
@@ -425,6 +441,21 @@ pub trait Governance: Send + Sync {
     fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError>;
     fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError>;
 
+    // --- quarantine of refused uploads
+    #[allow(clippy::too_many_arguments)]
+    fn quarantine(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        rule: &str,
+        place: &str,
+        changes: &[Vec<u8>],
+        now_ms: i64,
+    ) -> Result<i64, StoreError>;
+    /// Quarantined uploads, newest first (of one device, or all).
+    fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError>;
+    fn quarantine_count(&self, device: i64) -> Result<u64, StoreError>;
+
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
@@ -432,11 +463,12 @@ pub trait Governance: Send + Sync {
 
 /// The change log and each device's progress through it.
 pub trait SyncLog: Send + Sync {
-    /// Applies a device's changes atomically (all or nothing) after checking authorship.
-    fn apply_device_changes(
+    /// Commits a device's changes, already checked by `domain::upload`, atomically (all or
+    /// nothing), on top of whatever each document holds now.
+    fn commit_device_changes(
         &self,
         device: &DeviceRecord,
-        docs: &[DocChanges],
+        docs: &[(PatientId, Vec<automerge::Change>)],
     ) -> Result<UploadOutcome, UploadError>;
     /// The newest sequence number.
     fn max_seq(&self) -> Result<u64, StoreError>;

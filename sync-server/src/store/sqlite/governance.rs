@@ -293,6 +293,58 @@ impl Governance for SqliteStore {
         Ok(())
     }
 
+    fn quarantine(
+        &self,
+        device: i64,
+        patient: &PatientId,
+        rule: &str,
+        place: &str,
+        changes: &[Vec<u8>],
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let body = postcard::to_stdvec(changes).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT INTO quarantine (at_ms, device_id, patient_id, rule, place, changes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![now_ms, device, patient.as_bytes().as_slice(), rule, place, body])?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT q.id, q.at_ms, d.name, q.patient_id, q.rule, q.place, q.changes
+             FROM quarantine q JOIN devices d ON d.id = q.device_id
+             WHERE ?1 IS NULL OR q.device_id = ?1 ORDER BY q.id DESC",
+        )?;
+        let rows = stmt.query_map([device], |r| {
+            let changes: Vec<u8> = r.get(6)?;
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Vec<u8>>(3)?, r.get(4)?, r.get(5)?, changes))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at_ms, device, patient, rule, place, changes) = row?;
+            out.push(QuarantineRecord {
+                id,
+                at_ms,
+                device,
+                patient: patient_id(patient)?,
+                rule,
+                place,
+                changes: postcard::from_bytes(&changes).map_err(|_| StoreError::UnknownFormat)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn quarantine_count(&self, device: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT count(*) FROM quarantine WHERE device_id = ?1")?
+            .query_row([device], |r| r.get::<_, i64>(0))? as u64)
+    }
+
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
         Ok(self.conn().execute(
             "INSERT INTO caseload (device_id, patient_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",

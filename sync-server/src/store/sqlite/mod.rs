@@ -14,14 +14,13 @@ use std::sync::Mutex;
 
 use care_node::identity::{Identity, PublicKey, short_hex};
 use care_node::nhs::NhsNumber;
-use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
 use crate::store::{
     AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, ConsentFlags, DeviceRecord, EnrolError, Grant,
-    GrantKind, MergeOutcome, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
+    GrantKind, MergeOutcome, QuarantineRecord, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -105,6 +104,16 @@ CREATE TABLE IF NOT EXISTS device_areas (
     district TEXT NOT NULL,
     PRIMARY KEY (device_id, district)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    device_id INTEGER NOT NULL REFERENCES devices (id),
+    patient_id BLOB NOT NULL,
+    rule TEXT NOT NULL,
+    place TEXT NOT NULL,
+    changes BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id);
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,

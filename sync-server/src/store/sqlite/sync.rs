@@ -3,50 +3,24 @@
 use super::*;
 
 impl SyncLog for SqliteStore {
-    fn apply_device_changes(
+    fn commit_device_changes(
         &self,
         device: &DeviceRecord,
-        docs: &[DocChanges],
+        docs: &[(PatientId, Vec<automerge::Change>)],
     ) -> Result<UploadOutcome, UploadError> {
-        let actor = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
         let (mut accepted, mut merged) = (0, Vec::new());
-        for doc in docs {
-            let doc_id = short_hex(doc.doc.as_bytes());
-            let held: bool = tx
-                .query_row(
-                    "SELECT count(*) FROM device_docs WHERE device_id = ?1 AND patient_id = ?2 AND state IN (0, 2)",
-                    params![device.id, doc.doc.as_bytes().as_slice()],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(StoreError::from)?
-                > 0;
-            if !held {
-                return Err(UploadError::NotHeld(doc_id));
-            }
-            let mut changes = Vec::with_capacity(doc.changes.len());
-            for bytes in &doc.changes {
-                let change = automerge::Change::try_from(bytes.as_slice())
-                    .map_err(|e| UploadError::Malformed(doc_id.clone(), e.to_string()))?;
-                if change.actor_id().to_bytes() != actor.as_slice() {
-                    return Err(UploadError::ForeignActor(doc_id));
-                }
-                if care_node::summary::change_deletes(&change) {
-                    return Err(UploadError::Deletes(doc_id));
-                }
-                changes.push(change);
-            }
+        for (doc, changes) in docs {
+            let doc_id = short_hex(doc.as_bytes());
             let saved: Vec<u8> = tx
-                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.doc.as_bytes().as_slice()], |r| {
-                    r.get(0)
-                })
+                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.as_bytes().as_slice()], |r| r.get(0))
                 .optional()
                 .map_err(StoreError::from)?
                 .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;
             let mut summary = PatientSummary::load(&saved)
                 .map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
-            let new: Vec<_> = changes.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
+            let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
             if new.is_empty() {
                 continue;
             }
@@ -57,9 +31,9 @@ impl SyncLog for SqliteStore {
                 return Err(UploadError::MissingDependencies(doc_id));
             }
             accepted += new.len();
-            log_changes(&tx, &doc.doc, Some(device.id), &new, &mut summary)?;
+            log_changes(&tx, doc, Some(device.id), &new, &mut summary)?;
             if let Ok(Some(into)) = summary.merged_into() {
-                merged.push((doc.doc, into));
+                merged.push((*doc, into));
             }
         }
         tx.commit().map_err(StoreError::from)?;
