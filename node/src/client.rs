@@ -118,6 +118,11 @@ impl DeviceConnection {
         }
     }
 
+    /// Connects for enrolment with a one-time token (no device certificate yet).
+    pub async fn open_enrol(token: &EnrolmentToken) -> Result<Self, ClientError> {
+        Self::open_with(&token.server_addr, &[token.server_fingerprint], None, ALPN_ENROL).await
+    }
+
     async fn open_with(
         addr: &str,
         fingerprints: &[[u8; 32]],
@@ -244,9 +249,7 @@ pub async fn enrol(store: &mut DeviceStore, token: &str) -> Result<Enrolment, Cl
     }
     let token = EnrolmentToken::decode(token)?;
     let identity = store.identity()?;
-    let mut conn =
-        DeviceConnection::open_with(&token.server_addr, &[token.server_fingerprint], None, ALPN_ENROL)
-            .await?;
+    let mut conn = DeviceConnection::open_enrol(&token).await?;
     let device_key = identity.public_key();
     let signature = identity.sign(&enrol_signed_bytes(&token.secret, &device_key));
     let request = EnrolRequest {

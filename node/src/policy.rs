@@ -131,7 +131,9 @@ impl Rule {
             Rule::Identity => "only an operator changes a patient's identity or merges records",
             Rule::Demographics => "demographics come from the patient's GP record and feeds only",
             Rule::Structure => "the change alters the record's structure",
-            Rule::ForeignEntry => "an entry may be edited or marked in error only by the device that recorded it",
+            Rule::ForeignEntry => {
+                "an entry may be edited or marked in error only by the device that recorded it"
+            }
             Rule::EditWindow => {
                 "the edit window has passed: mark the entry entered-in-error and record it again"
             }
@@ -236,7 +238,8 @@ pub fn check(
         }
         own_ranges.push(change.start_op().get()..=change.max_op());
     }
-    let created_here = |counter: u64, by: &ActorId| by == &actor && own_ranges.iter().any(|r| r.contains(&counter));
+    let created_here =
+        |counter: u64, by: &ActorId| by == &actor && own_ranges.iter().any(|r| r.contains(&counter));
     let mut created = Vec::new();
     let mut checked_objects: HashSet<(u64, Vec<u8>)> = HashSet::new();
     for change in changes {
@@ -269,7 +272,9 @@ pub fn check(
                 ObjId::Root => (0, Vec::new()),
             };
             let first_visit = checked_objects.insert(object_key);
-            if let Some(c) = judge(doc, before, &path, &target, key.as_str(), &op.action, change, writer, first_visit)? {
+            if let Some(c) =
+                judge(doc, before, &path, &target, key.as_str(), &op.action, change, writer, first_visit)?
+            {
                 created.push(c);
             }
         }
@@ -312,7 +317,10 @@ fn judge(
     match (root_key, path.len()) {
         ("actors", 1) => {
             let own = hex(writer.actor);
-            if key == own && matches!(action, OpType::Make(ObjType::Map)) && !existed(doc, target, key, before) {
+            if key == own
+                && matches!(action, OpType::Make(ObjType::Map))
+                && !existed(doc, target, key, before)
+            {
                 Ok(Some(Created::Actor(own)))
             } else {
                 Err(Refusal::new(Rule::Structure))
@@ -326,7 +334,9 @@ fn judge(
         },
         ("demographics", _) => Err(Refusal::new(Rule::Demographics)),
         _ => {
-            let Some(section) = Section::from_key(root_key) else { return Err(Refusal::new(Rule::Structure)) };
+            let Some(section) = Section::from_key(root_key) else {
+                return Err(Refusal::new(Rule::Structure));
+            };
             if path.len() == 1 {
                 // A new entry in the section map.
                 if !matches!(action, OpType::Make(ObjType::Map)) || uuid::Uuid::parse_str(key).is_err() {
@@ -439,7 +449,8 @@ fn check_created(doc: &AutoCommit, created: &Created, writer: &Writer<'_>) -> Re
             }
         }
         Created::Actor(own) => {
-            let actors = map_at(doc, &automerge::ROOT, "actors").ok_or_else(|| Refusal::new(Rule::Structure))?;
+            let actors =
+                map_at(doc, &automerge::ROOT, "actors").ok_or_else(|| Refusal::new(Rule::Structure))?;
             let info = map_at(doc, &actors, own).ok_or_else(|| Refusal::new(Rule::Structure))?;
             let named = matches!(text_at(doc, &info, "device_name"), Some(n) if n == writer.device_name)
                 && matches!(text_at(doc, &info, "role"), Some(r) if r == writer.role);
@@ -450,7 +461,9 @@ fn check_created(doc: &AutoCommit, created: &Created, writer: &Writer<'_>) -> Re
                 map_at(doc, &automerge::ROOT, "assertions").ok_or_else(|| Refusal::new(Rule::Structure))?;
             let obj = map_at(doc, &assertions, section.key()).ok_or_else(|| Refusal::new(Rule::Structure))?;
             match map_at(doc, &obj, "provenance") {
-                Some(p) if names_writer(&p) && text_at(doc, &obj, "status").as_deref() == Some("none-known") => {
+                Some(p)
+                    if names_writer(&p) && text_at(doc, &obj, "status").as_deref() == Some("none-known") =>
+                {
                     Ok(())
                 }
                 _ => Err(Refusal { rule: Rule::Provenance, section: Some(*section), entry: None }),
@@ -502,9 +515,13 @@ mod tests {
     /// A server-made document with a GP's DNACPR alert; returns it and the alert's id.
     fn record() -> (PatientSummary, s::EntryId) {
         let server = ActorId::from(&[1u8; 16][..]);
-        let mut doc =
-            PatientSummary::create(uuid::Uuid::new_v4(), &Demographics::new("Test Patient", None), server, T0)
-                .unwrap();
+        let mut doc = PatientSummary::create(
+            uuid::Uuid::new_v4(),
+            &Demographics::new("Test Patient", None),
+            server,
+            T0,
+        )
+        .unwrap();
         let gp = Provenance::new("server", "GP record", "gp-feed", T0);
         let alert = doc.add(&s::Alert::new(s::alert_kind::RESPECT_DNACPR, "DNACPR", gp)).unwrap();
         (doc, alert)
@@ -535,73 +552,115 @@ mod tests {
     #[test]
     fn a_device_adds_marks_and_edits_its_own_entries() {
         let (mut doc, _) = record();
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.add(&s::Allergy::new("Latex", mine(T0))).unwrap();
-        })), None);
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.add(&s::Allergy::new("Latex", mine(T0))).unwrap();
+            })),
+            None
+        );
         // Its own entry, recorded and then edited and marked in error.
         let mut copy = PatientSummary::load(&doc.save()).unwrap();
         copy.set_actor(&KEY);
         let id = copy.add(&s::Allergy::new("Latex", mine(T0))).unwrap();
         let mut accepted = PatientSummary::load(&copy.save()).unwrap();
-        assert_eq!(rule(as_device(&mut accepted, &KEY, |d| {
-            d.set_field(Section::Allergies, id, "severity", "severe", &mine(T0 + 60_000)).unwrap();
-        })), None);
-        assert_eq!(rule(as_device(&mut accepted, &KEY, |d| {
-            d.mark_entered_in_error(Section::Allergies, id, "wrong patient", &mine(T0 + 60_000)).unwrap();
-        })), None);
+        assert_eq!(
+            rule(as_device(&mut accepted, &KEY, |d| {
+                d.set_field(Section::Allergies, id, "severity", "severe", &mine(T0 + 60_000)).unwrap();
+            })),
+            None
+        );
+        assert_eq!(
+            rule(as_device(&mut accepted, &KEY, |d| {
+                d.mark_entered_in_error(Section::Allergies, id, "wrong patient", &mine(T0 + 60_000)).unwrap();
+            })),
+            None
+        );
         // After the window, an edit is refused but marking in error is still allowed.
         let late = T0 + EDIT_WINDOW_MS + 3_600_000;
-        assert_eq!(rule(as_device(&mut accepted, &KEY, |d| {
-            d.set_field(Section::Allergies, id, "severity", "mild", &mine(late)).unwrap();
-        })), Some(Rule::EditWindow));
-        assert_eq!(rule(as_device(&mut accepted, &KEY, |d| {
-            d.mark_entered_in_error(Section::Allergies, id, "duplicate", &mine(late)).unwrap();
-        })), None);
+        assert_eq!(
+            rule(as_device(&mut accepted, &KEY, |d| {
+                d.set_field(Section::Allergies, id, "severity", "mild", &mine(late)).unwrap();
+            })),
+            Some(Rule::EditWindow)
+        );
+        assert_eq!(
+            rule(as_device(&mut accepted, &KEY, |d| {
+                d.mark_entered_in_error(Section::Allergies, id, "duplicate", &mine(late)).unwrap();
+            })),
+            None
+        );
         // A marker needs a reason.
-        assert_eq!(rule(as_device(&mut accepted, &KEY, |d| {
-            d.mark_entered_in_error(Section::Allergies, id, "  ", &mine(T0)).unwrap();
-        })), Some(Rule::NoReason));
+        assert_eq!(
+            rule(as_device(&mut accepted, &KEY, |d| {
+                d.mark_entered_in_error(Section::Allergies, id, "  ", &mine(T0)).unwrap();
+            })),
+            Some(Rule::NoReason)
+        );
     }
 
     #[test]
     fn another_authors_entry_is_neither_edited_nor_marked() {
         let (mut doc, alert) = record();
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.set_field(Section::Alerts, alert, "status", "inactive", &mine(T0)).unwrap();
-        })), Some(Rule::ForeignEntry));
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.mark_entered_in_error(Section::Alerts, alert, "not this patient", &mine(T0)).unwrap();
-        })), Some(Rule::ForeignEntry));
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.set_field(Section::Alerts, alert, "status", "inactive", &mine(T0)).unwrap();
+            })),
+            Some(Rule::ForeignEntry)
+        );
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.mark_entered_in_error(Section::Alerts, alert, "not this patient", &mine(T0)).unwrap();
+            })),
+            Some(Rule::ForeignEntry)
+        );
     }
 
     #[test]
     fn identity_demographics_and_structure_are_refused() {
         let (mut doc, _) = record();
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.mark_merged_into(uuid::Uuid::new_v4(), T0).unwrap();
-        })), Some(Rule::Identity));
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.set_demographics(&Demographics::new("Someone Else", Some("9990000018")), T0).unwrap();
-        })), Some(Rule::Demographics));
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.doc_mut().put(automerge::ROOT, "alerts", "gone").unwrap();
-            d.doc_mut().commit();
-        })), Some(Rule::Structure));
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.delete_section_for_test(Section::Alerts);
-        })), Some(Rule::Deletes));
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.mark_merged_into(uuid::Uuid::new_v4(), T0).unwrap();
+            })),
+            Some(Rule::Identity)
+        );
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.set_demographics(&Demographics::new("Someone Else", Some("9990000018")), T0).unwrap();
+            })),
+            Some(Rule::Demographics)
+        );
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.doc_mut().put(automerge::ROOT, "alerts", "gone").unwrap();
+                d.doc_mut().commit();
+            })),
+            Some(Rule::Structure)
+        );
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.delete_section_for_test(Section::Alerts);
+            })),
+            Some(Rule::Deletes)
+        );
     }
 
     #[test]
     fn provenance_must_name_the_device_and_the_role_must_allow_the_section() {
         let (mut doc, _) = record();
         let forged = Provenance::new("server", "GP record", "gp-feed", T0);
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.add(&s::Alert::new(s::alert_kind::RESPECT_DNACPR, "For CPR", forged)).unwrap();
-        })), Some(Rule::Provenance));
-        assert_eq!(rule(as_device(&mut doc, &KEY, |d| {
-            d.add(&s::CarePlan::new("Plan", mine(T0))).unwrap();
-        })), Some(Rule::SectionNotForRole));
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.add(&s::Alert::new(s::alert_kind::RESPECT_DNACPR, "For CPR", forged)).unwrap();
+            })),
+            Some(Rule::Provenance)
+        );
+        assert_eq!(
+            rule(as_device(&mut doc, &KEY, |d| {
+                d.add(&s::CarePlan::new("Plan", mine(T0))).unwrap();
+            })),
+            Some(Rule::SectionNotForRole)
+        );
     }
 
     #[test]

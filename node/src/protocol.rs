@@ -28,6 +28,8 @@ pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 pub const PROTOCOL_VERSION: u8 = 3;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// The largest frame of an enrolment exchange, and of any peer that has not authenticated.
+pub const MAX_ENROL_FRAME_LEN: usize = 4 * 1024;
 /// Soft target for the size of one `Docs` or `Upload` frame.
 pub const TARGET_BATCH_BYTES: usize = 512 * 1024;
 
@@ -219,6 +221,8 @@ pub fn enrol_signed_bytes(secret: &[u8], device_key: &[u8; 32]) -> Vec<u8> {
 pub enum FrameError {
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
     TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes for this exchange")]
+    TooLargeHere(usize, usize),
     #[error("frame is empty")]
     Empty,
     #[error("frame has protocol version {0}, this side speaks version {PROTOCOL_VERSION}")]

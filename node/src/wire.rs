@@ -42,6 +42,18 @@ pub async fn write_frame<T: Serialize>(
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<(T, usize)>, WireError> {
+    read_frame_within(recv, crate::protocol::MAX_FRAME_LEN).await
+}
+
+/// How much of a frame is allocated before its bytes arrive: a peer that announces a large
+/// frame and sends nothing costs this, not what it announced.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// [`read_frame`] with a smaller limit, for exchanges whose frames are small (enrolment).
+pub async fn read_frame_within<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max_len: usize,
+) -> Result<Option<(T, usize)>, WireError> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -50,11 +62,19 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(e) => return Err(e.into()),
     }
     let len = check_frame_len(u32::from_be_bytes(len))?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
-        Err(e) => return Err(e.into()),
+    if len > max_len {
+        return Err(FrameError::TooLargeHere(len, max_len).into());
+    }
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    while body.len() < len {
+        let start = body.len();
+        let end = (start + READ_CHUNK).min(len);
+        body.resize(end, 0);
+        match recv.read_exact(&mut body[start..end]).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Some((decode_frame(&body)?, len + 4)))
 }

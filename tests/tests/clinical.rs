@@ -1,10 +1,10 @@
 //! Clinical safety across the wire: entered-in-error is sticky, conflicts are shown, crew
 //! observations with NEWS2 reach the nurse, and a merge never strands an offline entry.
 
-use care_node::policy::Rule;
-use care_node::store::StoreError;
 use care_node::news2::{ClinicalRisk, Consciousness, Observations};
+use care_node::policy::Rule;
 use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
+use care_node::store::StoreError;
 use care_node::summary::{self as s, PatientSummary, Section};
 use care_sync_e2e::{TestDevice, TestServer, within};
 use care_sync_server::ingest::fhir::import::{import_bundle, parse_bundle};
@@ -57,11 +57,9 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
         .mark_entered_in_error(&nhs, Section::Allergies, id, "recorded for the wrong patient")
         .unwrap();
     let p1 = devices[1].store.provenance().unwrap();
-    let refused = devices[1].store.edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "severity", "severe", &p1));
-    assert!(
-        matches!(&refused, Err(StoreError::Refused(r)) if r.rule == Rule::ForeignEntry),
-        "{refused:?}"
-    );
+    let refused =
+        devices[1].store.edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "severity", "severe", &p1));
+    assert!(matches!(&refused, Err(StoreError::Refused(r)) if r.rule == Rule::ForeignEntry), "{refused:?}");
     let p2 = devices[2].store.provenance().unwrap();
     let refused = devices[2]
         .store
@@ -114,7 +112,10 @@ async fn another_authors_alert_cannot_be_rewritten_by_any_device() {
     }
     // Its author may still correct it, within the edit window.
     let p = devices[2].store.provenance().unwrap();
-    devices[2].store.edit(&nhs, |sum| sum.set_field(Section::Alerts, id, "description", "For full CPR", &p)).unwrap();
+    devices[2]
+        .store
+        .edit(&nhs, |sum| sum.set_field(Section::Alerts, id, "description", "For full CPR", &p))
+        .unwrap();
     sync_all(&mut devices).await;
     for device in &devices {
         let mut sum = summary(device, &nhs);

@@ -146,8 +146,11 @@ impl DeviceStore {
         // The server's write policy, checked here first: a refused edit is never stored.
         if !changes.is_empty() {
             let enrolment = self.require_enrolment()?;
-            let writer =
-                crate::policy::Writer { actor: &key, device_name: &enrolment.device_name, role: &enrolment.role };
+            let writer = crate::policy::Writer {
+                actor: &key,
+                device_name: &enrolment.device_name,
+                role: &enrolment.role,
+            };
             patient.summary.check_writes(&before, &changes, &writer)?;
         }
         let patient_id = patient.summary.patient_id()?;

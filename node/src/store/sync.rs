@@ -37,7 +37,11 @@ impl DeviceStore {
     /// still queued for them into the diverged list (sealed, kept for the clinician) and rebuilds
     /// each document without them, so the device holds the server's version and later rounds
     /// apply cleanly. One transaction. Returns how many changes were moved.
-    pub fn diverge(&mut self, refused: &[crate::protocol::RefusedDoc], now_ms: i64) -> Result<u64, StoreError> {
+    pub fn diverge(
+        &mut self,
+        refused: &[crate::protocol::RefusedDoc],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
         let queued: Vec<(i64, OutboxBody)> = {
             let mut stmt = self.conn.prepare_cached("SELECT id, body FROM outbox ORDER BY id")?;
             let rows: Vec<(i64, Vec<u8>)> =
@@ -94,12 +98,15 @@ impl DeviceStore {
     /// This device's entries the server refused, by patient and rule (newest last).
     pub fn diverged(&self) -> Result<Vec<Diverged>, StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT id, body FROM diverged ORDER BY id")?;
-        let rows: Vec<(i64, Vec<u8>)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let rows: Vec<(i64, Vec<u8>)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
         let mut out: Vec<Diverged> = Vec::new();
         for (id, body) in rows {
             let body: DivergedBody = self.open_row("diverged", &id.to_be_bytes(), 0, &body)?;
             match out.last_mut() {
-                Some(d) if d.doc == body.patient_id && d.rule == body.rule && d.place == body.place => d.changes += 1,
+                Some(d) if d.doc == body.patient_id && d.rule == body.rule && d.place == body.place => {
+                    d.changes += 1
+                }
                 _ => out.push(Diverged {
                     doc: body.patient_id,
                     rule: body.rule,

@@ -144,7 +144,9 @@ pub fn writable(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result<Has
     let leaving: Vec<PatientId> = held.iter().filter(|p| !scope.contains(p)).copied().collect();
     for patient in leaving {
         let merged = match store.load_document(&patient)? {
-            Some(saved) => PatientSummary::load(&saved).ok().and_then(|s| s.merged_into().ok().flatten()).is_some(),
+            Some(saved) => {
+                PatientSummary::load(&saved).ok().and_then(|s| s.merged_into().ok().flatten()).is_some()
+            }
             None => false,
         };
         if !merged {

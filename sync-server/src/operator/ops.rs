@@ -208,15 +208,18 @@ pub fn merge_patients(
 
 /// Revokes a device: its next handshake fails.
 pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
-    store.revoke_device(name, now())?;
-    store.append_audit(OPERATOR, "revoke-device", None, &format!("device {name}"), now())?;
+    // Idempotent: a second revocation changes nothing and is not audited again.
+    if store.revoke_device(name, now())? {
+        store.append_audit(OPERATOR, "revoke-device", None, &format!("device {name}"), now())?;
+    }
     Ok(())
 }
 
 /// Tells a device to destroy its data key and patient data at its next contact.
 pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
-    store.request_wipe(name, now())?;
-    store.append_audit(OPERATOR, "wipe-requested", None, &format!("device {name}"), now())?;
+    if store.request_wipe(name, now())? {
+        store.append_audit(OPERATOR, "wipe-requested", None, &format!("device {name}"), now())?;
+    }
     Ok(())
 }
 

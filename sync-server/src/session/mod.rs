@@ -316,7 +316,13 @@ impl ServerSession {
                     refused.len(),
                     refused[0].refusal.rule
                 );
-                store.raise_alert("write-refused", Some(self.device.id), Some(&refused[0].doc), &reason, now_ms)?;
+                store.raise_alert(
+                    "write-refused",
+                    Some(self.device.id),
+                    Some(&refused[0].doc),
+                    &reason,
+                    now_ms,
+                )?;
             }
         }
         Ok(told)

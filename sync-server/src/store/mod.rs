@@ -52,7 +52,9 @@ impl From<rusqlite::Error> for StoreError {
 pub enum UploadError {
     #[error("an upload batch may hold at most 1,000 documents and 10,000 changes (got {docs} and {changes})")]
     TooMany { docs: usize, changes: usize },
-    #[error("this device has too many refused changes awaiting review; an operator must review the quarantine")]
+    #[error(
+        "this device has too many refused changes awaiting review; an operator must review the quarantine"
+    )]
     QuarantineFull,
     #[error("document {0} is not on this device; changes to it are not accepted")]
     NotHeld(String),
@@ -127,6 +129,37 @@ pub struct DeviceRecord {
     pub wiped_at_ms: Option<i64>,
     /// Patients in scope that its budget left out at its last round.
     pub left_out: u64,
+}
+
+impl DeviceRecord {
+    /// An operator asked this device to wipe and it has not confirmed yet.
+    pub fn wipe_pending(&self) -> bool {
+        self.wipe_requested_at_ms.is_some() && self.wiped_at_ms.is_none()
+    }
+
+    /// Whether the device may connect: enrolled and not revoked, or revoked with a wipe pending
+    /// (then it is admitted only to be told to wipe).
+    pub fn admitted(&self) -> bool {
+        self.public_key.is_some() && (self.revoked_at_ms.is_none() || self.wipe_pending())
+    }
+
+    /// What operators see: `pending` (token issued), `enrolled`, `wipe-requested`, `revoked`,
+    /// `revoked-wipe-requested` (revoked, still to be told to wipe), `wiped`.
+    pub fn state(&self) -> &'static str {
+        match (
+            self.public_key.is_some(),
+            self.revoked_at_ms.is_some(),
+            self.wipe_pending(),
+            self.wiped_at_ms.is_some(),
+        ) {
+            (_, _, _, true) => "wiped",
+            (_, true, true, _) => "revoked-wipe-requested",
+            (_, true, false, _) => "revoked",
+            (false, ..) => "pending",
+            (true, false, true, _) => "wipe-requested",
+            (true, false, false, _) => "enrolled",
+        }
+    }
 }
 
 /// How a device stands with respect to its last round.
@@ -329,9 +362,11 @@ pub trait DeviceRegistry: Send + Sync {
     fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError>;
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError>;
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
-    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
-    /// Asks a device to destroy its data at its next contact.
-    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Revokes a device; false if it was revoked already.
+    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError>;
+    /// Asks a device to destroy its data at its next contact (even after revocation); false if
+    /// that was asked already.
+    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<bool, StoreError>;
     /// Records that the device confirmed its wipe, and revokes it.
     fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError>;
 }

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use care_node::identity::{PublicKey, short_hex, verify};
 use care_node::protocol::{
-    ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, ServerMessage, close,
-    enrol_signed_bytes,
+    ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME_LEN, ServerMessage,
+    close, enrol_signed_bytes,
 };
 use care_node::tls::{DeviceKeyPolicy, certificate_key, server_config};
 use care_node::token::EnrolmentToken;
-use care_node::wire::{WireError, read_frame, write_frame};
+use care_node::wire::{WireError, read_frame, read_frame_within, write_frame};
 use tracing::Instrument;
 
 use crate::operator::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
@@ -25,6 +25,10 @@ use crate::store::{DeviceRecord, ServerStore};
 
 /// How long the server waits for a device's next frame.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an enrolment connection (no certificate yet) may take to send its request.
+pub const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enrolment connections (unauthenticated) open at once; more are refused.
+pub const MAX_ENROL_CONNECTIONS: usize = 64;
 /// How long the server waits for a device to close after the session ended.
 pub const LINGER: Duration = Duration::from_secs(10);
 /// Connections beyond this are refused.
@@ -41,8 +45,8 @@ pub enum ServerError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// Admits enrolled, unrevoked device keys, asking the store at every handshake so that a
-/// revocation takes effect at once.
+/// Admits enrolled, unrevoked device keys, and revoked ones with a wipe pending (to be told to
+/// wipe), asking the store at every handshake so that a revocation takes effect at once.
 #[derive(Debug)]
 struct StorePolicy(Arc<dyn ServerStore>);
 
@@ -55,7 +59,7 @@ impl std::fmt::Debug for dyn ServerStore {
 impl DeviceKeyPolicy for StorePolicy {
     fn is_allowed(&self, key: &PublicKey) -> bool {
         match self.0.device_by_key(key) {
-            Ok(Some(device)) => device.revoked_at_ms.is_none(),
+            Ok(Some(device)) => device.admitted(),
             Ok(None) => false,
             Err(e) => {
                 tracing::error!(error = %e, "device lookup failed during handshake");
@@ -70,8 +74,48 @@ struct Shared {
     /// The newest change sequence number, published whenever it moves (live sessions wait on it).
     changes: tokio::sync::watch::Receiver<u64>,
     server_key: PublicKey,
-    /// The live connection of each device; a newer one supersedes it.
-    live: Mutex<HashMap<i64, quinn::Connection>>,
+    /// The live connection of each device, with when it was admitted; a newer one supersedes it.
+    live: Mutex<HashMap<i64, (quinn::Connection, i64)>>,
+    /// Enrolment connections open now (peers that have not authenticated).
+    enrolling: std::sync::atomic::AtomicUsize,
+}
+
+/// How often the server looks for revocations and wipes of connected devices.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// Closes the connections of devices revoked or told to wipe since they connected, so a
+/// revocation (from the CLI in another process or the admin API) ends a live session at once.
+/// A wipe ends the session too; the device's next connection is told to wipe.
+async fn watch_revocations(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(REVOCATION_POLL).await;
+        let live: Vec<(i64, i64)> =
+            shared.live.lock().expect("live map").iter().map(|(id, (_, since))| (*id, *since)).collect();
+        if live.is_empty() {
+            continue;
+        }
+        let store = shared.store.clone();
+        let Ok(Ok(devices)) = tokio::task::spawn_blocking(move || store.devices()).await else { continue };
+        for (id, since) in live {
+            let Some(d) = devices.iter().find(|d| d.id == id) else { continue };
+            let revoked = d.revoked_at_ms.is_some_and(|at| at >= since)
+                || (d.revoked_at_ms.is_some() && !d.wipe_pending());
+            let wipe = d.wipe_pending() && d.wipe_requested_at_ms.is_some_and(|at| at >= since);
+            if !(revoked || wipe) {
+                continue;
+            }
+            let conn = shared.live.lock().expect("live map").remove(&id);
+            if let Some((conn, _)) = conn {
+                tracing::warn!(device = %d.name, "closing the live session of a revoked or wiped device");
+                let reason: &[u8] = if wipe {
+                    b"reconnect: the operator asked this device to wipe"
+                } else {
+                    b"this device has been revoked"
+                };
+                conn.close(close::REFUSED.into(), reason);
+            }
+        }
+    }
 }
 
 /// A server running on a tokio runtime.
@@ -80,6 +124,7 @@ pub struct RunningServer {
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
+    revocations: tokio::task::JoinHandle<()>,
     connections: Arc<Mutex<tokio::task::JoinSet<()>>>,
 }
 
@@ -88,6 +133,7 @@ impl RunningServer {
     /// address is free again.
     pub async fn shutdown(self) {
         self.watcher.abort();
+        self.revocations.abort();
         self.task.abort();
         let _ = self.task.await;
         self.endpoint.close(close::DONE.into(), b"server shutting down");
@@ -111,13 +157,15 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
     let endpoint = quinn::Endpoint::server(config, listen).map_err(|e| ServerError::Bind(listen, e))?;
     let addr = endpoint.local_addr().map_err(|e| ServerError::Bind(listen, e))?;
     let (changed, changes) = tokio::sync::watch::channel(store.max_seq()?);
-    let watcher = tokio::spawn(watch_changes(store.clone(), changed));
     let shared = Arc::new(Shared {
-        store,
+        store: store.clone(),
         changes,
         server_key: identity.public_key(),
         live: Mutex::new(HashMap::new()),
+        enrolling: std::sync::atomic::AtomicUsize::new(0),
     });
+    let revocations = tokio::spawn(watch_revocations(shared.clone()));
+    let watcher = tokio::spawn(watch_changes(store, changed));
     let accept = endpoint.clone();
     let connections = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
     let tasks = connections.clone();
@@ -142,7 +190,7 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         }
     });
     tracing::info!(%addr, server_key = %short_hex(&identity.public_key()), "care-sync server listening");
-    Ok(RunningServer { addr, endpoint, task, watcher, connections })
+    Ok(RunningServer { addr, endpoint, task, watcher, revocations, connections })
 }
 
 /// How often the server looks for new changes to push to live sessions. Changes can come from
@@ -180,6 +228,8 @@ enum ConnectionError {
     Timeout(Duration),
     #[error("the store task failed")]
     Join,
+    #[error("too many connections of this kind at once")]
+    Busy,
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnectionError> {
@@ -209,12 +259,13 @@ fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
     certificate_key(certs.first()?)
 }
 
+/// Reads an enrolment frame: small, and within [`ENROL_TIMEOUT`].
 async fn read_with_deadline<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, ConnectionError> {
-    match tokio::time::timeout(READ_TIMEOUT, read_frame::<T>(recv)).await {
+    match tokio::time::timeout(ENROL_TIMEOUT, read_frame_within::<T>(recv, MAX_ENROL_FRAME_LEN)).await {
         Ok(result) => Ok(result?.map(|(message, _)| message)),
-        Err(_) => Err(ConnectionError::Timeout(READ_TIMEOUT)),
+        Err(_) => Err(ConnectionError::Timeout(ENROL_TIMEOUT)),
     }
 }
 
@@ -231,7 +282,7 @@ fn close_with(conn: &quinn::Connection, error: &ConnectionError) {
 
 async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
     let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
-        Some(Ok(Some(device))) if device.revoked_at_ms.is_none() => device,
+        Some(Ok(Some(device))) if device.admitted() => device,
         _ => {
             metrics().refused_handshakes.inc();
             conn.close(close::REFUSED.into(), b"not an enrolled device");
@@ -240,7 +291,10 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
-        if let Some(old) = shared.live.lock().expect("live map").insert(device.id, conn.clone()) {
+        let admitted = care_node::now_ms();
+        if let Some((old, _)) =
+            shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))
+        {
             old.close(close::DONE.into(), b"superseded by a newer connection of this device");
         }
         metrics().connected_devices.inc();
@@ -250,7 +304,7 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
         metrics().syncs.get_or_create(&OutcomeLabel { outcome }).inc();
         {
             let mut live = shared.live.lock().expect("live map");
-            if live.get(&device.id).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            if live.get(&device.id).is_some_and(|(c, _)| c.stable_id() == conn.stable_id()) {
                 live.remove(&device.id);
             }
         }
@@ -417,12 +471,37 @@ async fn finish_and_linger(
     let _ = tokio::time::timeout(LINGER, conn.closed()).await;
 }
 
+/// Counts an enrolment connection while it lasts.
+struct Enrolling<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Enrolling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
+    let open = shared.enrolling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _counted = Enrolling(&shared.enrolling);
+    if open >= MAX_ENROL_CONNECTIONS {
+        conn.close(close::INTERNAL.into(), b"too many enrolments at once; try again shortly");
+        return Err(ConnectionError::Busy);
+    }
+    let result = enrol_exchange(&conn, &shared).await;
+    if let Err(e) = &result {
+        close_with(&conn, e);
+    }
+    result
+}
+
+async fn enrol_exchange(conn: &quinn::Connection, shared: &Shared) -> Result<(), ConnectionError> {
+    let (mut send, mut recv) = tokio::time::timeout(ENROL_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| ConnectionError::Timeout(ENROL_TIMEOUT))??;
     let Some(request) = read_with_deadline::<EnrolRequest>(&mut recv).await? else {
         return Ok(());
     };
-    let response = enrol(&request, &shared).await;
+    let response = enrol(&request, shared).await;
     let outcome = match &response {
         EnrolResponse::Refused { message } => {
             tracing::info!(reason = %message, "enrolment refused");
@@ -432,7 +511,7 @@ async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<()
     };
     metrics().enrolments.get_or_create(&OutcomeLabel { outcome }).inc();
     write_frame(&mut send, &response).await?;
-    finish_and_linger(&conn, send, &mut recv).await;
+    finish_and_linger(conn, send, &mut recv).await;
     Ok(())
 }
 

@@ -384,16 +384,12 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::Devices => {
             let store = open(&dir)?;
-            println!("{:<20} {:<16} {:<10} {:<22} {:>8}", "NAME", "ROLE", "STATE", "LAST SYNC", "CURSOR");
+            println!("{:<20} {:<16} {:<22} {:<22} {:>8}", "NAME", "ROLE", "STATE", "LAST SYNC", "CURSOR");
             for d in store.devices()? {
-                let state = match (d.revoked_at_ms, d.public_key) {
-                    (Some(_), _) => "revoked",
-                    (None, Some(_)) => "enrolled",
-                    (None, None) => "pending",
-                };
+                let state = d.state();
                 let last = d.last_sync_ms.map_or("never".to_string(), care_node::view::format_time);
                 println!(
-                    "{:<20} {:<16} {:<10} {:<22} {:>8}",
+                    "{:<20} {:<16} {:<22} {:<22} {:>8}",
                     d.name,
                     d.role.as_str(),
                     state,
@@ -405,7 +401,10 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         Command::RevokeDevice { name } => {
             let store = open(&dir)?;
             ops::revoke(store.as_ref(), &name)?;
-            println!("revoked {name}: its next connection will be refused");
+            println!(
+                "revoked {name}: its live sessions close within a second and its next connection is refused \
+                 (unless a wipe is pending: then it is admitted only to be told to wipe)"
+            );
         }
         Command::Caseload { action } => {
             let store = open(&dir)?;

@@ -145,13 +145,7 @@ async fn devices(State(state): State<Arc<AdminState>>) -> ApiResult {
         let held = store.held_counts()?;
         let mut out = Vec::new();
         for d in store.devices()? {
-            let state = match (&d.revoked_at_ms, &d.public_key, &d.wiped_at_ms, &d.wipe_requested_at_ms) {
-                (_, _, Some(_), _) => "wiped",
-                (Some(_), ..) => "revoked",
-                (None, None, ..) => "pending",
-                (None, Some(_), None, Some(_)) => "wipe-requested",
-                (None, Some(_), None, None) => "enrolled",
-            };
+            let state = d.state();
             let lease_ms = crate::domain::governance::lease_ms(store, d.role)? as i64;
             let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
             let lease = match lease_expires {
@@ -159,7 +153,7 @@ async fn devices(State(state): State<Arc<AdminState>>) -> ApiResult {
                 Some(until) if until > now => "valid",
                 Some(_) => "expired",
             };
-            let active = matches!(state, "enrolled" | "wipe-requested");
+            let active = d.admitted();
             let stale = active && d.last_sync_ms.is_none_or(|t| now - t > stale_after);
             out.push(DeviceView {
                 name: d.name,

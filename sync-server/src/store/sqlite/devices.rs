@@ -212,26 +212,36 @@ impl DeviceRegistry for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE devices SET revoked_at_ms = coalesce(revoked_at_ms, ?1) WHERE name = ?2",
+    fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE devices SET revoked_at_ms = ?1 WHERE name = ?2 AND revoked_at_ms IS NULL",
             params![now_ms, name],
         )?;
-        if n == 0 {
-            return Err(StoreError::UnknownDevice(name.to_string()));
+        if changed == 0 {
+            let exists: i64 =
+                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
+            if exists == 0 {
+                return Err(StoreError::UnknownDevice(name.to_string()));
+            }
         }
-        Ok(())
+        Ok(changed > 0)
     }
 
-    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE devices SET wipe_requested_at_ms = coalesce(wipe_requested_at_ms, ?1) WHERE name = ?2",
+    fn request_wipe(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE devices SET wipe_requested_at_ms = ?1 WHERE name = ?2 AND wipe_requested_at_ms IS NULL",
             params![now_ms, name],
         )?;
-        if n == 0 {
-            return Err(StoreError::UnknownDevice(name.to_string()));
+        if changed == 0 {
+            let exists: i64 =
+                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
+            if exists == 0 {
+                return Err(StoreError::UnknownDevice(name.to_string()));
+            }
         }
-        Ok(())
+        Ok(changed > 0)
     }
 
     fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError> {

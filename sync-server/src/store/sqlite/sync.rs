@@ -14,7 +14,9 @@ impl SyncLog for SqliteStore {
         for (doc, changes) in docs {
             let doc_id = short_hex(doc.as_bytes());
             let saved: Vec<u8> = tx
-                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.as_bytes().as_slice()], |r| r.get(0))
+                .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.as_bytes().as_slice()], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(StoreError::from)?
                 .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;

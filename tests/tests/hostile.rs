@@ -1,0 +1,265 @@
+//! A hostile device: a client built on care-node's own modules that sends well-formed frames with
+//! content no legitimate device would produce. Each attack is refused with a clear answer,
+//! changes nothing on the server, and a legitimate device syncing beside it is unaffected.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use care_node::client::DeviceConnection;
+use care_node::protocol::{ClientMessage, DocChanges, RefusedDoc, ServerMessage};
+use care_node::summary::{self as s, PatientId, PatientSummary, Provenance, Section};
+use care_sync_e2e::{TestDevice, TestServer, within};
+use care_sync_server::operator::ops;
+use care_sync_server::store::Role;
+
+/// A GP-authored DNACPR alert on patient `index`, written by the server's actor as a feed would.
+fn gp_dnacpr(server: &TestServer, index: usize) -> (PatientId, s::EntryId) {
+    let id = server.store.patient_by_nhs(&server.patients[index]).unwrap().unwrap();
+    let mut doc = PatientSummary::load(&server.store.load_document(&id).unwrap().unwrap()).unwrap();
+    doc.set_actor(care_sync_server::server_actor(&server.store.server_identity().unwrap()).to_bytes());
+    let before = doc.heads();
+    let gp = Provenance::new("server", "GP record", "gp-feed", care_node::now_ms());
+    let alert = doc.add(&s::Alert::new(s::alert_kind::RESPECT_DNACPR, "DNACPR in place", gp)).unwrap();
+    server.store.apply_server_changes(&id, &doc.changes_since(&before)).unwrap();
+    (id, alert)
+}
+
+/// Makes a change on the device's copy of a document with the device's own key, as a hostile
+/// client can, bypassing the device-side policy; returns its bytes.
+fn forge(device: &TestDevice, doc: &PatientId, edit: impl FnOnce(&mut PatientSummary)) -> Vec<u8> {
+    let mut patient = device.store.get(doc).unwrap().expect("held");
+    patient.summary.set_actor(&device.store.identity().unwrap().public_key());
+    let before = patient.summary.heads();
+    edit(&mut patient.summary);
+    let changes = patient.summary.changes_since(&before);
+    assert_eq!(changes.len(), 1, "one forged change");
+    changes[0].raw_bytes().to_vec()
+}
+
+/// Uploads raw change bytes for `doc` in a session of its own; returns what the server refused.
+async fn upload(device: &TestDevice, doc: PatientId, changes: Vec<Vec<u8>>) -> Vec<RefusedDoc> {
+    let mut conn = within(30, DeviceConnection::open(&device.store)).await.unwrap();
+    let cursor = device.store.sync_state().unwrap().cursor;
+    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let docs =
+        vec![DocChanges { doc, changes: changes.into_iter().map(serde_bytes::ByteBuf::from).collect() }];
+    conn.send(&ClientMessage::Upload { through: 1, docs }).await.unwrap();
+    match within(30, conn.recv()).await {
+        Ok(Some(ServerMessage::UploadAck { through: 1, refused })) => refused,
+        other => panic!("expected an acknowledgement, got {other:?}"),
+    }
+}
+
+fn saved(server: &TestServer, doc: &PatientId) -> Vec<u8> {
+    server.store.load_document(doc).unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_quarantined() {
+    let server = TestServer::start(3).await;
+    let (target, alert) = gp_dnacpr(&server, 0);
+    let mut hostile = TestDevice::enrolled(&server, "ambulance-stolen", Role::AmbulanceCrew).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-stolen", [0]);
+    server.caseload("ambulance-1", [0]);
+    within(30, hostile.sync()).await.unwrap();
+    within(30, crew.sync()).await.unwrap();
+    let other = server.store.patient_by_nhs(&server.patients[1]).unwrap().unwrap();
+    let before = saved(&server, &target);
+    let seq = server.store.max_seq().unwrap();
+
+    let merge = forge(&hostile, &target, |d| d.mark_merged_into(other, care_node::now_ms()).unwrap());
+    let erase = forge(&hostile, &target, |d| {
+        let p = Provenance::new("x", "x", "x", 0);
+        d.set_field(Section::Alerts, alert, "status", "inactive", &p).unwrap()
+    });
+    let hide = forge(&hostile, &target, |d| {
+        let p = hostile.store.provenance().unwrap();
+        d.mark_entered_in_error(Section::Alerts, alert, "not this patient", &p).unwrap()
+    });
+    let mut rules = Vec::new();
+    for change in [merge, erase, hide] {
+        let refused = upload(&hostile, target, vec![change]).await;
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].doc, target);
+        rules.push(refused[0].rule.clone());
+    }
+    assert_eq!(rules, ["identity", "foreign-entry", "foreign-entry"]);
+
+    // Nothing changed on the server; everything was kept for review, under one alert.
+    assert_eq!(saved(&server, &target), before);
+    assert_eq!(server.store.max_seq().unwrap(), seq);
+    assert!(
+        server
+            .store
+            .scope_candidates(crew_id(&server, "ambulance-stolen"), &[], care_node::now_ms())
+            .unwrap()
+            .iter()
+            .all(|c| c.patient != other)
+    );
+    let quarantined = server.store.quarantined(None).unwrap();
+    assert_eq!(quarantined.len(), 3);
+    assert!(quarantined.iter().all(|q| q.device == "ambulance-stolen" && q.patient == target));
+    let alerts: Vec<_> =
+        server.store.alerts(false).unwrap().into_iter().filter(|a| a.kind == "write-refused").collect();
+    assert_eq!(alerts.len(), 1, "a flood of refusals is one alert until acknowledged");
+
+    // The crew beside it still sees the DNACPR, active.
+    within(30, crew.sync()).await.unwrap();
+    let mut summary = crew.store.get(&target).unwrap().unwrap().summary;
+    let shown = summary.clinical_entries::<s::Alert>().unwrap();
+    assert!(
+        shown.iter().any(|a| a.id == alert && a.data.status.as_deref() != Some("inactive")),
+        "{:?}",
+        shown.len()
+    );
+    assert_eq!(summary.merged_into().unwrap(), None);
+}
+
+fn crew_id(server: &TestServer, name: &str) -> i64 {
+    server.store.device_by_name(name).unwrap().unwrap().id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compressed_bomb_and_an_oversized_change_are_refused_before_they_are_stored() {
+    let server = TestServer::start(2).await;
+    let mut hostile = TestDevice::enrolled(&server, "ambulance-bad", Role::AmbulanceCrew).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-good", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-bad", [0]);
+    server.caseload("ambulance-good", [0]);
+    within(30, hostile.sync()).await.unwrap();
+    within(30, crew.sync()).await.unwrap();
+    let target = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
+    let before = saved(&server, &target);
+
+    // A valid change of a megabyte of free text, sent compressed (a few kilobytes on the wire):
+    // stored, it would be sent to every device holding the patient.
+    let mut patient = hostile.store.get(&target).unwrap().unwrap();
+    patient.summary.set_actor(&hostile.store.identity().unwrap().public_key());
+    let mut big = s::Allergy::new("Latex", hostile.store.provenance().unwrap());
+    big.reaction = Some("x".repeat(1 << 20));
+    patient.summary.add(&big).unwrap();
+    let mut change = patient.summary.last_local_change().unwrap();
+    let compressed = change.bytes().into_owned();
+    assert!(compressed.len() < 64 * 1024, "{}", compressed.len());
+    let refused = upload(&hostile, target, vec![compressed]).await;
+    assert_eq!(refused[0].rule, "too-large");
+
+    // A bomb: a compressed chunk of 64 MiB of zeros; refused after inflating at most the limit.
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    for _ in 0..64 {
+        encoder.write_all(&vec![0u8; 1 << 20]).unwrap();
+    }
+    let body = encoder.finish().unwrap();
+    let mut bomb = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = body.len();
+    while len >= 0x80 {
+        bomb.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    bomb.push(len as u8);
+    bomb.extend_from_slice(&body);
+    let started = Instant::now();
+    let refused = upload(&hostile, target, vec![bomb]).await;
+    assert_eq!(refused[0].rule, "too-large");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    assert_eq!(saved(&server, &target), before, "nothing was stored");
+    within(30, crew.sync()).await.expect("the patient is not poisoned for others");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_caseload_remove_the_device_cannot_write_and_keeps_its_refused_entry() {
+    let server = TestServer::start(2).await;
+    let mut nurse = TestDevice::enrolled(&server, "nurse-1", Role::CommunityNurse).await;
+    server.caseload("nurse-1", [0]);
+    within(30, nurse.sync()).await.unwrap();
+    let nhs = server.patients[0].clone();
+    let target = server.store.patient_by_nhs(&nhs).unwrap().unwrap();
+
+    // Offline, the nurse records an allergy; meanwhile the patient leaves her caseload.
+    nurse.add_allergy(&nhs, "Penicillin");
+    ops::caseload_remove(server.store.as_ref(), "nurse-1", nhs.as_str()).unwrap();
+    let report = within(30, nurse.sync()).await.expect("the sync itself succeeds");
+    assert_eq!(report.stats.refused_changes, 1);
+    assert_eq!(nurse.store.pending_count().unwrap(), 0, "nothing stays stuck in the outbox");
+    let diverged = nurse.store.diverged().unwrap();
+    assert_eq!(diverged.len(), 1);
+    assert_eq!((diverged[0].doc, diverged[0].rule.as_str()), (target, "not-in-scope"));
+    let mut on_server = PatientSummary::load(&saved(&server, &target)).unwrap();
+    assert!(on_server.entries::<s::Allergy>().unwrap().iter().all(|a| a.data.substance != "Penicillin"));
+    assert_eq!(server.store.quarantined(None).unwrap()[0].rule, "not-in-scope");
+    // The next sync is clean: the patient is purged and nothing is sent again.
+    let again = within(30, nurse.sync()).await.unwrap();
+    assert_eq!(again.stats.refused_changes, 0);
+    assert!(nurse.store.get(&target).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_device_ends_its_live_session_within_a_second() {
+    let server = TestServer::start(2).await;
+    let mut nurse = TestDevice::enrolled(&server, "nurse-live", Role::CommunityNurse).await;
+    server.caseload("nurse-live", [0]);
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        let mut on_round = move |_: &care_node::sync::SyncStats| {
+            let _ = rounds_tx.send(());
+        };
+        let result =
+            care_node::client::watch(&mut nurse.store, &mut on_round, std::future::pending::<()>()).await;
+        (nurse, result.map(|_| ()))
+    });
+    within(30, rounds.recv()).await.expect("the first round");
+    ops::revoke(server.store.as_ref(), "nurse-live").unwrap();
+    ops::revoke(server.store.as_ref(), "nurse-live").unwrap();
+    let revoked = Instant::now();
+    let (_nurse, result) = within(10, watcher).await.unwrap();
+    assert!(revoked.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked.elapsed());
+    assert!(result.is_err(), "the device hears it was refused: {result:?}");
+    let audits = server.store.audit_entries(&Default::default()).unwrap();
+    assert_eq!(audits.iter().filter(|a| a.action == "revoke-device").count(), 1, "revocation is idempotent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_tablet_wiped_then_revoked_still_hears_the_wipe() {
+    let server = TestServer::start(2).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-7", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-7", [0, 1]);
+    within(30, crew.sync()).await.unwrap();
+    assert_eq!(crew.store.document_count().unwrap(), 2);
+    // The README's order: wipe, then revoke.
+    ops::wipe(server.store.as_ref(), "ambulance-7").unwrap();
+    ops::revoke(server.store.as_ref(), "ambulance-7").unwrap();
+    let device = server.store.device_by_name("ambulance-7").unwrap().unwrap();
+    assert_eq!(device.state(), "revoked-wipe-requested", "the pending wipe is shown");
+    let err = within(30, crew.sync()).await.expect_err("admitted only to be told to wipe");
+    assert!(matches!(err, care_node::client::ClientError::Wiped), "{err:?}");
+    assert!(crew.store.document_count().is_err() || crew.store.document_count().unwrap() == 0);
+    let device = server.store.device_by_name("ambulance-7").unwrap().unwrap();
+    assert_eq!(device.state(), "wiped");
+    // And now it is refused outright.
+    assert!(within(30, crew.sync()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enrolment_peer_announcing_a_huge_frame_is_closed_without_the_allocation() {
+    let server = TestServer::start(1).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-1", [0]);
+    let token = server.token("ambulance-new", Role::AmbulanceCrew);
+    let token = care_node::token::EnrolmentToken::decode(&token).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut conn = within(30, DeviceConnection::open_enrol(&token)).await.unwrap();
+        conn.send_raw(&[0x00, 0x7f, 0xff, 0xff]).await.unwrap(); // "8 MiB follow", then nothing
+        conns.push(conn);
+    }
+    for mut conn in conns {
+        let err = within(30, conn.recv()).await.expect_err("closed");
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+    within(30, crew.sync()).await.expect("a legitimate device is unaffected");
+}
