@@ -112,3 +112,26 @@ fn backup_refuses_to_overwrite_and_restore_refuses_to_replace_without_force() {
         text(&refused.stderr)
     );
 }
+
+#[test]
+fn quarantine_lists_refused_uploads_by_rule_and_place_never_their_content() {
+    use care_sync_server::store::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["enrol-device", "--name", "ambulance-7", "--role", "ambulance-crew"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let patient = uuid::Uuid::new_v4();
+    {
+        let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        let device = store.device_by_name("ambulance-7").unwrap().unwrap();
+        let changes = vec![b"SECRET-CLINICAL-TEXT".to_vec()];
+        store.quarantine(device.id, &patient, "foreign-entry", "alerts/1234", &changes, 1_000).unwrap();
+    }
+    let out = run(dir.path(), &["quarantine", "--device", "ambulance-7"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(printed.contains("foreign-entry") && printed.contains("alerts/1234"), "{printed}");
+    assert!(printed.contains(&patient.to_string()) && printed.contains("ambulance-7"), "{printed}");
+    assert!(!printed.contains("SECRET"), "content is never printed:\n{printed}");
+    let out = run(dir.path(), &["quarantine", "--device", "nobody"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no device named `nobody`"));
+}

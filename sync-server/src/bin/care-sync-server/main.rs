@@ -126,6 +126,13 @@ enum Command {
         #[command(subcommand)]
         action: Option<governance::AlertAction>,
     },
+    /// Uploaded changes the write policy refused, kept for review: when, which device, which
+    /// patient (opaque id), the rule and where the changes wrote. Never their content.
+    Quarantine {
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Who saw this patient, when, and why (and every other audited action).
     Audit {
         #[arg(long)]
@@ -558,6 +565,32 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         Command::Set { name, value } => {
             ops::set_setting(open(&dir)?.as_ref(), &name, &value)?;
             println!("{name} = {value}");
+        }
+        Command::Quarantine { device } => {
+            let store = open(&dir)?;
+            let id = match &device {
+                Some(name) => {
+                    Some(store.device_by_name(name)?.ok_or_else(|| format!("no device named `{name}`"))?.id)
+                }
+                None => None,
+            };
+            let items = store.quarantined(id)?;
+            println!(
+                "{:<22} {:<20} {:<38} {:<22} {:<44} {:>7}",
+                "WHEN", "DEVICE", "PATIENT", "RULE", "PLACE", "CHANGES"
+            );
+            for q in &items {
+                println!(
+                    "{:<22} {:<20} {:<38} {:<22} {:<44} {:>7}",
+                    care_node::view::format_time(q.at_ms),
+                    q.device,
+                    q.patient,
+                    q.rule,
+                    q.place,
+                    q.changes.len()
+                );
+            }
+            eprintln!("{} refused upload(s) in quarantine", items.len());
         }
         Command::Alerts { action } => {
             let action = action.unwrap_or(governance::AlertAction::List { all: false });
