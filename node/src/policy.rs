@@ -216,6 +216,8 @@ enum Created {
     Status(Section, String),
     Actor(String),
     Assertion(Section),
+    /// An entry of its own the device edited.
+    Edited(Section, String),
 }
 
 /// Checks `changes` by `writer`, already applied to `doc`, whose state before them was
@@ -227,8 +229,16 @@ pub fn check(
     writer: &Writer<'_>,
 ) -> Result<(), Refusal> {
     let actor = ActorId::from(writer.actor);
-    // Operations of this batch: what they create is judged by the operation that created it.
-    let mut own_ranges = Vec::with_capacity(changes.len());
+    let batch: HashSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+    // The actor's operations before this batch: a change must start above them, so that its
+    // operation ids can never be taken for objects the device made earlier.
+    let prior_max = doc
+        .get_changes(&[])
+        .iter()
+        .filter(|c| c.actor_id() == &actor && !batch.contains(&c.hash()))
+        .map(|c| c.max_op())
+        .max()
+        .unwrap_or(0);
     for change in changes {
         if change.actor_id() != &actor {
             return Err(Refusal::new(Rule::ForeignActor));
@@ -236,18 +246,39 @@ pub fn check(
         if change.raw_bytes().len() > MAX_CHANGE_BYTES || change.len() > MAX_OPS_PER_CHANGE {
             return Err(Refusal::new(Rule::TooLarge));
         }
-        own_ranges.push(change.start_op().get()..=change.max_op());
+        if change.start_op().get() <= prior_max {
+            return Err(Refusal::new(Rule::Structure));
+        }
     }
-    let created_here =
-        |counter: u64, by: &ActorId| by == &actor && own_ranges.iter().any(|r| r.contains(&counter));
-    let mut created = Vec::new();
-    let mut checked_objects: HashSet<(u64, Vec<u8>)> = HashSet::new();
+    // Objects this batch made: judged by the operation that made them.
+    let mut made: HashSet<(u64, ActorId)> = HashSet::new();
+    let mut decoded = Vec::with_capacity(changes.len());
     for change in changes {
         let expanded = change.decode();
-        for op in &expanded.operations {
-            if matches!(op.action, OpType::Delete) {
+        for (i, op) in expanded.operations.iter().enumerate() {
+            if matches!(op.action, OpType::Make(_)) {
+                made.insert((change.start_op().get() + i as u64, actor.clone()));
+            }
+        }
+        decoded.push((change, expanded));
+    }
+    let created_here = |counter: u64, by: &ActorId| made.contains(&(counter, by.clone()));
+    // Operations of this batch by (object, key): with the values there before the batch, the
+    // only predecessors an operation may name.
+    let mut batch_at = std::collections::HashMap::new();
+    let mut created = Vec::new();
+    let mut checked_objects: HashSet<(u64, Vec<u8>)> = HashSet::new();
+    for (change, expanded) in &decoded {
+        let change = *change;
+        for (i, op) in expanded.operations.iter().enumerate() {
+            if matches!(
+                op.action,
+                OpType::Delete | OpType::MarkBegin(_) | OpType::MarkEnd(_) | OpType::Increment(_)
+            ) {
                 return Err(Refusal::new(Rule::Deletes));
             }
+            let op_id = (change.start_op().get() + i as u64, actor.clone());
+            check_preds(doc, before, op, &created_here, &mut batch_at, op_id)?;
             let Key::Map(key) = &op.key else {
                 // List and text insertions are allowed only inside objects this batch created.
                 match &op.obj {
@@ -279,9 +310,72 @@ pub fn check(
             }
         }
     }
+    let mut seen = HashSet::new();
     for c in created {
+        if let Created::Edited(section, key) = &c
+            && !seen.insert((*section, key.clone()))
+        {
+            continue;
+        }
         check_created(doc, &c, writer)?;
     }
+    Ok(())
+}
+
+/// Every predecessor an operation names must be a value at the same object and key: one that was
+/// there before the batch, or an earlier operation of the batch there. Anything else would let a
+/// put at a fresh key silently overwrite (delete) another author's value elsewhere.
+fn check_preds(
+    doc: &AutoCommit,
+    before: &[ChangeHash],
+    op: &automerge::legacy::Op,
+    created_here: &dyn Fn(u64, &ActorId) -> bool,
+    batch_at: &mut std::collections::HashMap<(String, String), Vec<(u64, ActorId)>>,
+    op_id: (u64, ActorId),
+) -> Result<(), Refusal> {
+    let obj_name = match &op.obj {
+        ObjectId::Root => "root".to_string(),
+        ObjectId::Id(id) => format!("{}@{}", id.0, id.1),
+    };
+    let Key::Map(key) = &op.key else {
+        // List and text operations: only inside objects of this batch, on elements of this batch.
+        return if op
+            .pred
+            .iter()
+            .all(|p| created_here(p.0, &p.1) || batch_at.values().any(|v| v.contains(&(p.0, p.1.clone()))))
+        {
+            Ok(())
+        } else {
+            Err(Refusal::new(Rule::Deletes))
+        };
+    };
+    let slot = (obj_name, key.to_string());
+    let earlier = batch_at.entry(slot).or_default();
+    let existing: Vec<(u64, Vec<u8>)> = match &op.obj {
+        ObjectId::Id(id) if created_here(id.0, &id.1) => Vec::new(),
+        _ => {
+            let obj = match &op.obj {
+                ObjectId::Root => automerge::ROOT,
+                ObjectId::Id(id) => ObjId::Id(id.0, id.1.clone(), usize::MAX),
+            };
+            doc.get_all_at(&obj, key.as_str(), before)
+                .map_err(|_| Refusal::new(Rule::Structure))?
+                .into_iter()
+                .filter_map(|(_, id)| match id {
+                    ObjId::Id(c, a, _) => Some((c, a.to_bytes().to_vec())),
+                    ObjId::Root => None,
+                })
+                .collect()
+        }
+    };
+    for pred in op.pred.iter() {
+        let known = existing.iter().any(|(c, a)| *c == pred.0 && a.as_slice() == pred.1.to_bytes())
+            || earlier.contains(&(pred.0, pred.1.clone()));
+        if !known {
+            return Err(Refusal::new(Rule::Deletes));
+        }
+    }
+    earlier.push(op_id);
     Ok(())
 }
 
@@ -384,11 +478,11 @@ fn judge(
                     .hash_for_opid(&entry_obj)
                     .and_then(|h| doc.get_change_meta_by_hash(&h).map(|m| m.timestamp))
                     .ok_or_else(|| Refusal::at(Rule::Structure, section, entry_key))?;
-                if (change.timestamp() - created_s) * 1000 > EDIT_WINDOW_MS {
+                if change.timestamp().saturating_sub(created_s).saturating_mul(1000) > EDIT_WINDOW_MS {
                     return refuse(Rule::EditWindow);
                 }
             }
-            Ok(None)
+            Ok(Some(Created::Edited(section, entry_key.to_string())))
         }
     }
 }
@@ -424,11 +518,17 @@ fn check_created(doc: &AutoCommit, created: &Created, writer: &Writer<'_>) -> Re
     match created {
         Created::Entry(section, key) => {
             let obj = entry(*section, key).ok_or_else(|| Refusal::at(Rule::Structure, *section, key))?;
-            match map_at(doc, &obj, "provenance") {
-                Some(p) if names_writer(&p) => Ok(()),
-                _ => Err(Refusal::at(Rule::Provenance, *section, key)),
+            // One provenance, no competing values: a conflict could hide a forged one.
+            if doc.get_all(&obj, "provenance").map(|v| v.len()).unwrap_or(0) != 1 {
+                return Err(Refusal::at(Rule::Provenance, *section, key));
             }
+            match map_at(doc, &obj, "provenance") {
+                Some(p) if names_writer(&p) => {}
+                _ => return Err(Refusal::at(Rule::Provenance, *section, key)),
+            }
+            well_formed(doc, *section, key)
         }
+        Created::Edited(section, key) => well_formed(doc, *section, key),
         Created::Marker(section, key) => {
             let obj = entry(*section, key).ok_or_else(|| Refusal::at(Rule::Structure, *section, key))?;
             let marker = map_at(doc, &obj, "entered_in_error")
@@ -437,7 +537,7 @@ fn check_created(doc: &AutoCommit, created: &Created, writer: &Writer<'_>) -> Re
                 return Err(Refusal::at(Rule::NoReason, *section, key));
             }
             match map_at(doc, &marker, "provenance") {
-                Some(p) if names_writer(&p) => Ok(()),
+                Some(p) if names_writer(&p) => well_formed(doc, *section, key),
                 _ => Err(Refusal::at(Rule::Provenance, *section, key)),
             }
         }
@@ -470,6 +570,42 @@ fn check_created(doc: &AutoCommit, created: &Created, writer: &Writer<'_>) -> Re
             }
         }
     }
+}
+
+/// The entry reads as its section's type (every replica must be able to show it), and no field
+/// of it holds competing values written by this device.
+fn well_formed(doc: &AutoCommit, section: Section, key: &str) -> Result<(), Refusal> {
+    use crate::summary as s;
+    let bad = || Refusal::at(Rule::Structure, section, key);
+    let section_obj = map_at(doc, &automerge::ROOT, section.key()).ok_or_else(bad)?;
+    let reads = match section {
+        Section::Alerts => autosurgeon::hydrate_prop::<_, s::Alert, _, _>(doc, &section_obj, key).is_ok(),
+        Section::Allergies => {
+            autosurgeon::hydrate_prop::<_, s::Allergy, _, _>(doc, &section_obj, key).is_ok()
+        }
+        Section::Medications => {
+            autosurgeon::hydrate_prop::<_, s::Medication, _, _>(doc, &section_obj, key).is_ok()
+        }
+        Section::Problems => autosurgeon::hydrate_prop::<_, s::Problem, _, _>(doc, &section_obj, key).is_ok(),
+        Section::CarePlans => {
+            autosurgeon::hydrate_prop::<_, s::CarePlan, _, _>(doc, &section_obj, key).is_ok()
+        }
+        Section::Contacts => autosurgeon::hydrate_prop::<_, s::Contact, _, _>(doc, &section_obj, key).is_ok(),
+        Section::Encounters => {
+            autosurgeon::hydrate_prop::<_, s::Encounter, _, _>(doc, &section_obj, key).is_ok()
+        }
+        Section::Results => autosurgeon::hydrate_prop::<_, s::Report, _, _>(doc, &section_obj, key).is_ok(),
+    };
+    if !reads {
+        return Err(bad());
+    }
+    if let Some(obj) = map_at(doc, &section_obj, key)
+        && map_at(doc, &obj, "entered_in_error").is_some()
+        && autosurgeon::hydrate_prop::<_, s::EnteredInError, _, _>(doc, &obj, "entered_in_error").is_err()
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 fn map_at(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ObjId> {
@@ -670,6 +806,22 @@ mod tests {
             d.add(&s::Allergy::new("Latex", mine(T0))).unwrap();
         });
         assert_eq!(rule(result), Some(Rule::ForeignActor));
+    }
+
+    #[test]
+    fn an_entry_no_replica_could_read_is_refused() {
+        let (mut doc, _) = record();
+        let result = as_device(&mut doc, &KEY, |d| {
+            let am = d.doc_mut();
+            let (_, section) = am.get(automerge::ROOT, "allergies").unwrap().unwrap();
+            let entry = am.put_object(&section, uuid::Uuid::new_v4().to_string(), ObjType::Map).unwrap();
+            let p = am.put_object(&entry, "provenance", ObjType::Map).unwrap();
+            am.put(&p, "device", crate::identity::short_hex(&KEY)).unwrap();
+            am.put(&p, "device_name", NAME).unwrap();
+            am.put(&p, "role", ROLE).unwrap();
+            am.commit(); // no substance, no recording time: no device could show it
+        });
+        assert_eq!(rule(result), Some(Rule::Structure));
     }
 
     #[test]
