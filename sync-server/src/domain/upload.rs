@@ -4,8 +4,8 @@
 //! 1. the batch's bounds ([`MAX_UPLOAD_DOCS`], [`MAX_UPLOAD_CHANGES`]): a batch over them ends
 //!    the session (a well-behaved device never sends one);
 //! 2. per document: the device holds it and the patient is in its scope now;
-//! 3. per change: its size once inflated ([`care_node::chunk`], before Automerge sees it), then
-//!    Automerge's own parse;
+//! 3. per change: its size once inflated and the item counts its columns claim
+//!    ([`care_node::chunk`], before Automerge sees it), then Automerge's own parse;
 //! 4. per document: the changes applied to a copy of the stored document, and the copy judged by
 //!    the write policy ([`care_node::policy`], the same rules the device checks itself) and by
 //!    its size ([`care_node::policy::MAX_DOCUMENT_BYTES`]).
@@ -99,7 +99,7 @@ fn check_doc(
     for bytes in uploaded {
         match change_size(bytes, MAX_CHANGE_BYTES) {
             Ok(_) => {}
-            Err(ChunkError::TooLarge { .. }) => return refuse(Rule::TooLarge),
+            Err(ChunkError::TooLarge { .. } | ChunkError::TooManyItems { .. }) => return refuse(Rule::TooLarge),
             Err(_) => return refuse(Rule::Malformed),
         }
         match automerge::Change::try_from(*bytes) {
@@ -119,7 +119,10 @@ fn check_doc(
     if new.iter().any(|c| c.actor_id().to_bytes() != writer.actor) {
         return refuse(Rule::ForeignActor);
     }
-    if summary.apply_changes(new.clone()).is_err() {
+    // Automerge panics on some malformed operations (an object that does not exist); on a copy,
+    // a panic is just a malformed upload.
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| summary.apply_changes(new.clone())));
+    if !matches!(applied, Ok(Ok(()))) {
         return refuse(Rule::Malformed);
     }
     if summary.has_missing_deps() {
