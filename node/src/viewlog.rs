@@ -63,6 +63,10 @@ pub struct ChainCheck {
 }
 
 /// Checks a batch against the last accepted head.
+/// The largest gap in a view log that is recorded as a gap; an entry further ahead is refused
+/// (a device records far fewer views between two syncs).
+pub const MAX_GAP: u64 = 100_000;
+
 pub fn check_chain(key: &PublicKey, head: (u64, [u8; 32]), entries: &[SignedView]) -> ChainCheck {
     let mut check = ChainCheck { head, ..Default::default() };
     for signed in entries {
@@ -74,6 +78,10 @@ pub fn check_chain(key: &PublicKey, head: (u64, [u8; 32]), entries: &[SignedView
         let (seq, hash) = check.head;
         if e.seq <= seq {
             check.problems.push(format!("view log entry {} repeats or rewrites history (fork)", e.seq));
+            continue;
+        }
+        if e.seq > seq.saturating_add(MAX_GAP) || e.seq > i64::MAX as u64 {
+            check.problems.push(format!("view log entry {} jumps implausibly far ahead of {seq}", e.seq));
             continue;
         }
         if e.seq > seq + 1 {

@@ -135,7 +135,18 @@ impl TestConsole {
             if let Some(token) = token {
                 request = request.header("Authorization", format!("Bearer {token}"));
             }
-            let mut response = request.send_json(body).expect("HTTP POST");
+            // A refused request may leave its body unread, and the server then closes a kept-alive
+            // connection that the agent may already be reusing: try a fresh one once.
+            let mut response = match request.send_json(body) {
+                Ok(response) => response,
+                Err(_) => {
+                    let mut retry = self.agent.post(format!("{}{path}", self.base));
+                    if let Some(token) = token {
+                        retry = retry.header("Authorization", format!("Bearer {token}"));
+                    }
+                    retry.send_json(body).expect("HTTP POST")
+                }
+            };
             let status = response.status().as_u16();
             (status, response.body_mut().read_to_string().expect("body"))
         })

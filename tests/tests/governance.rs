@@ -258,12 +258,24 @@ async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
     conn.send(&ClientMessage::ViewLog { entries }).await.unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::ViewLogAck { .. })));
-    let alerts = server.store.alerts(false).unwrap();
-    assert!(alerts.iter().any(|a| a.kind == "view-log" && a.reason.contains("missing (gap)")), "{alerts:?}");
+    // One alert for the batch (a flood of problems is one alert), every problem in the audit.
+    let alerts: Vec<_> =
+        server.store.alerts(false).unwrap().into_iter().filter(|a| a.kind == "view-log").collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert!(
-        alerts.iter().any(|a| a.kind == "view-log" && a.reason.contains("invalid signature")),
+        alerts[0].reason.contains("missing (gap)") && alerts[0].reason.contains("2 problem(s)"),
         "{alerts:?}"
     );
+    let problems: Vec<_> = server
+        .store
+        .audit_entries(&AuditFilter { actor: Some("nurse-7".into()), ..Default::default() })
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "view-log-problem")
+        .map(|a| a.detail)
+        .collect();
+    assert!(problems.iter().any(|p| p.contains("invalid signature")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("missing (gap)")), "{problems:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -263,3 +263,118 @@ async fn an_enrolment_peer_announcing_a_huge_frame_is_closed_without_the_allocat
     }
     within(30, crew.sync()).await.expect("a legitimate device is unaffected");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_one_alert() {
+    use care_node::client::request_access;
+    use care_node::protocol::AccessKind;
+    use care_node::sync::AccessRequest;
+    let server = TestServer::start(3).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    let ask =
+        |nhs: &str, kind, reason: &str| AccessRequest { nhs_number: nhs.into(), kind, reason: reason.into() };
+
+    let (decision, _) = within(
+        30,
+        request_access(&mut crew.store, ask(server.patients[0].as_str(), AccessKind::PermissionToView, "")),
+    )
+    .await
+    .unwrap();
+    assert!(!decision.granted && decision.message.contains("reason"), "{decision:?}");
+    // A valid but unregistered NHS number and a malformed one get the same answer.
+    let (unknown, _) = within(
+        30,
+        request_access(&mut crew.store, ask("9990000999", AccessKind::BreakGlass, "collapsed in street")),
+    )
+    .await
+    .unwrap();
+    let (invalid, _) = within(
+        30,
+        request_access(&mut crew.store, ask("1234567890", AccessKind::BreakGlass, "collapsed in street")),
+    )
+    .await
+    .unwrap();
+    assert!(!unknown.granted && !invalid.granted);
+    assert_eq!(unknown.message, invalid.message);
+    // Permission to view is granted with a reason, and raises an alert to review.
+    let (granted, _) = within(
+        30,
+        request_access(
+            &mut crew.store,
+            ask(server.patients[1].as_str(), AccessKind::PermissionToView, "patient agreed verbally"),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(granted.granted, "{granted:?}");
+    assert!(server.store.alerts(false).unwrap().iter().any(|a| a.kind == "permission-to-view"));
+
+    // A flood: past the hourly limit every request is refused, under one alert.
+    let mut refused = 0;
+    for _ in 0..care_sync_server::domain::governance::MAX_ACCESS_REQUESTS_PER_HOUR + 3 {
+        let (d, _) = within(
+            30,
+            request_access(&mut crew.store, ask("9990000999", AccessKind::BreakGlass, "collapsed in street")),
+        )
+        .await
+        .unwrap();
+        refused += usize::from(d.message.contains("too many"));
+    }
+    assert!(refused >= 3, "{refused}");
+    let floods = server.store.alerts(false).unwrap().into_iter().filter(|a| a.kind == "access-flood").count();
+    assert_eq!(floods, 1);
+    let (late, _) = within(
+        30,
+        request_access(
+            &mut crew.store,
+            ask(server.patients[2].as_str(), AccessKind::BreakGlass, "collapsed in street"),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!late.granted, "no grant while flooding");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn view_log_entries_for_patients_not_held_or_far_ahead_are_not_recorded() {
+    use care_node::viewlog::{SignedView, ViewEntry};
+    let server = TestServer::start(3).await;
+    let mut nurse = TestDevice::enrolled(&server, "nurse-7", Role::CommunityNurse).await;
+    server.caseload("nurse-7", [0]);
+    within(30, nurse.sync()).await.unwrap();
+    let identity = nurse.store.identity().unwrap();
+    let other = server.store.patient_by_nhs(&server.patients[2]).unwrap().unwrap();
+    let held = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
+    let entry = |seq: u64, prev: [u8; 32], patient| ViewEntry {
+        seq,
+        prev_hash: prev,
+        at_ms: 1,
+        patient,
+        action: "show".into(),
+        detail: String::new(),
+    };
+    let first = entry(1, [0; 32], other);
+    let second = entry(u64::MAX, first.hash(), held);
+    let entries = vec![SignedView::sign(&identity, first), SignedView::sign(&identity, second)];
+    let mut conn = within(30, DeviceConnection::open(&nurse.store)).await.unwrap();
+    let cursor = nurse.store.sync_state().unwrap().cursor;
+    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    conn.send(&ClientMessage::ViewLog { entries }).await.unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::ViewLogAck { .. })));
+    let audit = server.store.audit_entries(&Default::default()).unwrap();
+    assert!(
+        !audit.iter().any(|a| a.action.starts_with("view:") && a.patient == Some(other)),
+        "not held: not recorded"
+    );
+    assert!(
+        !audit.iter().any(|a| a.action.starts_with("view:") && a.patient == Some(held)),
+        "far ahead: not recorded"
+    );
+    let (head, _) =
+        server.store.view_head(server.store.device_by_name("nurse-7").unwrap().unwrap().id).unwrap();
+    assert!(head < 1_000, "the head did not jump to {head}");
+    assert_eq!(server.store.alerts(false).unwrap().iter().filter(|a| a.kind == "view-log").count(), 1);
+}

@@ -5,7 +5,7 @@ use care_node::nhs::NhsNumber;
 use care_node::protocol::{AccessKind, ServerMessage};
 use care_node::viewlog::{SignedView, check_chain};
 
-use crate::store::{DeviceRecord, GrantKind, Role, ServerStore, StoreError};
+use crate::store::{AuditFilter, DeviceRecord, GrantKind, Role, ServerStore, StoreError};
 
 /// Default offline lease: how long a device may show patient data without reaching the server.
 pub const DEFAULT_LEASE_HOURS: f64 = 72.0;
@@ -25,8 +25,13 @@ pub fn lease_ms(store: &dyn ServerStore, role: Role) -> Result<u64, StoreError> 
     Ok(hours_setting(store, &format!("lease-hours.{}", role.as_str()), DEFAULT_LEASE_HOURS)? as u64)
 }
 
-/// Grants (or refuses) access asked for at the point of care, audits it, and raises an alert for
-/// break glass.
+/// Audited actions that count as access requests for the rate limit.
+const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];
+/// Access requests one device may make in an hour.
+pub const MAX_ACCESS_REQUESTS_PER_HOUR: usize = 20;
+
+/// Grants (or refuses) access asked for at the point of care, audits it, and raises an alert
+/// (break glass and permission to view alike). A reason is required for both.
 pub fn decide_access(
     store: &dyn ServerStore,
     device: &DeviceRecord,
@@ -38,9 +43,42 @@ pub fn decide_access(
     let refuse = |message: &str| {
         Ok(ServerMessage::AccessDecision { granted: false, message: message.into(), until_ms: 0 })
     };
-    let Ok(nhs) = NhsNumber::parse(nhs_number) else { return refuse("invalid NHS number") };
-    let Some(patient) = store.patient_by_nhs(&nhs)? else {
-        return refuse("no patient with that NHS number on the regional server");
+    // Rate: a clinician asks for a few patients in a shift; a flood is refused and raises one
+    // alert until acknowledged.
+    let since = now_ms - 3_600_000;
+    let recent = store
+        .audit_entries(&AuditFilter {
+            actor: Some(device.name.clone()),
+            since_ms: Some(since),
+            ..Default::default()
+        })?
+        .iter()
+        .filter(|a| ACCESS_ACTIONS.contains(&a.action.as_str()))
+        .count();
+    if recent >= MAX_ACCESS_REQUESTS_PER_HOUR {
+        let open = store
+            .alerts(false)?
+            .iter()
+            .any(|a| a.kind == "access-flood" && a.device.as_deref() == Some(&device.name));
+        if !open {
+            let reason = format!("more than {MAX_ACCESS_REQUESTS_PER_HOUR} access requests in an hour");
+            store.raise_alert("access-flood", Some(device.id), None, &reason, now_ms)?;
+        }
+        return refuse("too many access requests from this device in the last hour; ask the operator");
+    }
+    if reason.trim().chars().count() < 5 {
+        return refuse("a reason is needed (at least a few words)");
+    }
+    // One answer for an invalid, unknown or unavailable NHS number: the answer never tells a
+    // device whether someone is registered.
+    const UNAVAILABLE: &str = "no record available for that NHS number";
+    let patient = match NhsNumber::parse(nhs_number) {
+        Ok(nhs) => store.patient_by_nhs(&nhs)?,
+        Err(_) => None,
+    };
+    let Some(patient) = patient else {
+        store.append_audit(&device.name, "access-refused", None, "no record available", now_ms)?;
+        return refuse(UNAVAILABLE);
     };
     let (grant, hours_key, default_hours) = match kind {
         AccessKind::PermissionToView => {
@@ -48,9 +86,6 @@ pub fn decide_access(
         }
         AccessKind::BreakGlass => (GrantKind::BreakGlass, "break-glass-hours", DEFAULT_BREAK_GLASS_HOURS),
     };
-    if kind == AccessKind::BreakGlass && reason.trim().len() < 5 {
-        return refuse("break glass needs a reason (at least a few words)");
-    }
     let until = now_ms + hours_setting(store, hours_key, default_hours)?;
     store.grant(device.id, &patient, grant, reason, until, now_ms)?;
     store.append_audit(&device.name, grant.as_str(), Some(&patient), &format!("reason: {reason}"), now_ms)?;
@@ -58,9 +93,9 @@ pub fn decide_access(
         .access_grants
         .get_or_create(&crate::operator::metrics::KindLabel { kind: grant.as_str() })
         .inc();
-    if kind == AccessKind::BreakGlass {
-        store.raise_alert("break-glass", Some(device.id), Some(&patient), reason, now_ms)?;
-    }
+    // Both kinds reach the operators and the privacy officer: break glass as an alert to act on,
+    // permission to view as one to review.
+    store.raise_alert(grant.as_str(), Some(device.id), Some(&patient), reason, now_ms)?;
     Ok(ServerMessage::AccessDecision {
         granted: true,
         message: format!("{} granted until {}", grant.as_str(), care_node::view::format_time(until)),
@@ -79,8 +114,17 @@ pub fn record_views(
 ) -> Result<ServerMessage, StoreError> {
     let Some(key) = device.public_key else { return Err(StoreError::UnknownDevice(device.name.clone())) };
     let head = store.view_head(device.id)?;
-    let check = check_chain(&key, head, entries);
-    for entry in &check.accepted {
+    let mut check = check_chain(&key, head, entries);
+    // A view is recorded against a patient only if the device holds that patient's record.
+    let held = store.held(device.id)?;
+    let (views, foreign): (Vec<_>, Vec<_>) =
+        check.accepted.drain(..).partition(|e| held.contains(&e.patient));
+    if !foreign.is_empty() {
+        check
+            .problems
+            .push(format!("{} view log entries name patients this device does not hold", foreign.len()));
+    }
+    for entry in &views {
         store.append_audit(
             &device.name,
             &format!("view:{}", entry.action),
@@ -91,8 +135,18 @@ pub fn record_views(
     }
     for problem in &check.problems {
         tracing::warn!(device = %device.name, %problem, "view log problem");
-        store.raise_alert("view-log", Some(device.id), None, problem, now_ms)?;
         store.append_audit(&device.name, "view-log-problem", None, problem, now_ms)?;
+    }
+    // One alert for a batch's problems, and none while the device already has one open.
+    if let Some(first) = check.problems.first() {
+        let open = store
+            .alerts(false)?
+            .iter()
+            .any(|a| a.kind == "view-log" && a.device.as_deref() == Some(&device.name));
+        if !open {
+            let reason = format!("{first} ({} problem(s) in this batch)", check.problems.len());
+            store.raise_alert("view-log", Some(device.id), None, &reason, now_ms)?;
+        }
     }
     store.set_view_head(device.id, check.head.0, check.head.1)?;
     let through = entries.iter().map(|e| e.entry.seq).max().unwrap_or(head.0);

@@ -99,7 +99,9 @@ fn check_doc(
     for bytes in uploaded {
         match change_size(bytes, MAX_CHANGE_BYTES) {
             Ok(_) => {}
-            Err(ChunkError::TooLarge { .. } | ChunkError::TooManyItems { .. }) => return refuse(Rule::TooLarge),
+            Err(ChunkError::TooLarge { .. } | ChunkError::TooManyItems { .. }) => {
+                return refuse(Rule::TooLarge);
+            }
             Err(_) => return refuse(Rule::Malformed),
         }
         match automerge::Change::try_from(*bytes) {
@@ -121,7 +123,8 @@ fn check_doc(
     }
     // Automerge panics on some malformed operations (an object that does not exist); on a copy,
     // a panic is just a malformed upload.
-    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| summary.apply_changes(new.clone())));
+    let applied =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| summary.apply_changes(new.clone())));
     if !matches!(applied, Ok(Ok(()))) {
         return refuse(Rule::Malformed);
     }

@@ -230,6 +230,12 @@ impl ServerSession {
                 )?])
             }
             (Phase::Uploading, ClientMessage::ViewLog { entries }) => {
+                if entries.len() > care_node::sync::VIEWS_PER_FRAME {
+                    return Err(SessionError::Protocol(format!(
+                        "a view log frame may hold at most {} entries",
+                        care_node::sync::VIEWS_PER_FRAME
+                    )));
+                }
                 Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
