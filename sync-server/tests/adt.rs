@@ -155,3 +155,44 @@ async fn mllp_frames_messages_and_acks() {
     }
     listener.stop();
 }
+
+/// Whether the listener closes `socket` (reads end) within `seconds`.
+async fn closed_within(socket: &mut tokio::net::TcpStream, seconds: u64) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(seconds), socket.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mllp_senders_off_the_allow_list_over_the_limit_or_idle_are_closed() {
+    use care_sync_server::ingest::hl7::mllp::{MllpOptions, start_with};
+    let (store, _d) = store();
+    // Nobody allowed: even loopback is closed at once, and nothing is admitted.
+    let closed = MllpOptions { allow: vec![], ..Default::default() };
+    let listener = start_with(store.clone(), "127.0.0.1:0".parse().unwrap(), closed).await.unwrap();
+    let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(adt("A01", "T9", "").as_bytes());
+    frame.extend_from_slice(&[0x1c, 0x0d]);
+    let _ = socket.write_all(&frame).await;
+    assert!(closed_within(&mut socket, 5).await, "a sender off the allow-list is closed");
+    assert_eq!(store.patient_count().unwrap(), 0, "and nothing it sent was admitted");
+    listener.stop();
+
+    // Two connections at most; the third is closed; an idle one is closed after its timeout.
+    let limited = MllpOptions {
+        max_connections: 2,
+        idle_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let listener = start_with(store.clone(), "127.0.0.1:0".parse().unwrap(), limited).await.unwrap();
+    let mut first = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    assert!(closed_within(&mut third, 1).await, "over the connection limit");
+    assert!(closed_within(&mut first, 5).await, "idle past the timeout");
+    listener.stop();
+}

@@ -58,6 +58,24 @@ pub struct FeedsConfig {
     /// Whether `serve` listens for HL7 v2 over MLLP.
     pub mllp_enabled: bool,
     pub mllp_listen: SocketAddr,
+    /// Sender addresses allowed to connect over MLLP (the integration engines). Plain MLLP has no
+    /// authentication of its own: keep it on a trusted network, behind this list.
+    pub mllp_allow: Vec<std::net::IpAddr>,
+    /// MLLP connections open at once.
+    pub mllp_max_connections: usize,
+    /// Seconds an MLLP connection may stay silent before it is closed.
+    pub mllp_idle_timeout_secs: u64,
+}
+
+impl FeedsConfig {
+    /// The listener's options from this section.
+    pub fn mllp_options(&self) -> crate::ingest::hl7::mllp::MllpOptions {
+        crate::ingest::hl7::mllp::MllpOptions {
+            allow: self.mllp_allow.clone(),
+            max_connections: self.mllp_max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.mllp_idle_timeout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,7 +191,14 @@ impl Default for SyncConfig {
 
 impl Default for FeedsConfig {
     fn default() -> Self {
-        FeedsConfig { mllp_enabled: true, mllp_listen: addr(DEFAULT_MLLP) }
+        let defaults = crate::ingest::hl7::mllp::MllpOptions::default();
+        FeedsConfig {
+            mllp_enabled: true,
+            mllp_listen: addr(DEFAULT_MLLP),
+            mllp_allow: defaults.allow,
+            mllp_max_connections: defaults.max_connections,
+            mllp_idle_timeout_secs: defaults.idle_timeout.as_secs(),
+        }
     }
 }
 

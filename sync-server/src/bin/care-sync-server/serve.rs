@@ -28,9 +28,13 @@ pub async fn serve(config: Config) -> CliResult {
         dir.display()
     );
     let mllp = if config.feeds.mllp_enabled {
-        let mllp = care_sync_server::ingest::hl7::mllp::start(store.clone(), config.feeds.mllp_listen)
-            .await
-            .map_err(|e| format!("cannot listen for MLLP on {}: {e}", config.feeds.mllp_listen))?;
+        let mllp = care_sync_server::ingest::hl7::mllp::start_with(
+            store.clone(),
+            config.feeds.mllp_listen,
+            config.feeds.mllp_options(),
+        )
+        .await
+        .map_err(|e| format!("cannot listen for MLLP on {}: {e}", config.feeds.mllp_listen))?;
         println!("HL7 v2 ADT over MLLP on {}", mllp.addr);
         Some(mllp)
     } else {
