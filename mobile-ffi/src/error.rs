@@ -34,6 +34,10 @@ pub enum CareError {
     Refused(String),
     #[error("{0}")]
     InvalidInput(String),
+    /// The write policy does not let this device make that change (e.g. edit another author's
+    /// entry); nothing was stored. The message names the rule.
+    #[error("{0}")]
+    NotPermitted(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -60,6 +64,7 @@ impl From<StoreError> for CareError {
             StoreError::LeaseExpired { .. } => CareError::LeaseExpired(message),
             StoreError::UnknownPatient => CareError::UnknownPatient(message),
             StoreError::Wiped => CareError::Wiped(message),
+            StoreError::Refused(_) => CareError::NotPermitted(message),
             _ => CareError::Internal(message),
         }
     }

@@ -9,6 +9,7 @@
 //! - [`crypto`]: the data key, sealed values, lookup hashes and key wrapping.
 //! - [`identity`]: ed25519 device and server identities.
 //! - [`store`]: the encrypted SQLite replica on the device.
+//! - [`private`]: files and directories only their owner can read.
 //! - [`protocol`]: the sync protocol's messages and framing (shared with the server).
 //! - [`sync`]: the device half of the sync protocol, as a sans-IO state machine.
 //! - [`token`]: enrolment tokens.
@@ -29,6 +30,7 @@ pub mod news2;
 pub mod nhs;
 pub mod notify;
 pub mod policy;
+pub mod private;
 pub mod protocol;
 pub mod store;
 pub mod summary;

@@ -143,6 +143,11 @@ async def main():
     assert "9990000010" not in str(e)
     expect(ffi.CareError.UnknownPatient, node.read_patient, OTHER, False)
     expect(ffi.CareError.InvalidInput, node.mark_entered_in_error, NHS, cn.Section.ALLERGIES, "not-a-uuid", "x")
+    # The write policy: an entry from the GP record (another author) cannot be marked by a device.
+    gp_entry = next(e for section in (view.allergies, view.medications, view.problems) for e in section)
+    owner = next(k for k, v in ((cn.Section.ALLERGIES, view.allergies), (cn.Section.MEDICATIONS, view.medications), (cn.Section.PROBLEMS, view.problems)) if gp_entry in v)
+    e = expect(ffi.CareError.NotPermitted, node.mark_entered_in_error, NHS, owner, gp_entry.id, "not this patient")
+    assert "foreign-entry" in str(e), str(e)
 
     # Break glass for a patient outside the caseload: granted, audited, the record arrives.
     result = await node.break_glass(OTHER, "unconscious in the street, no carers present")

@@ -41,6 +41,8 @@ pub enum StoreError {
     Sqlite(Box<rusqlite::Error>),
     #[error("the file is not a care-node store (or is corrupt)")]
     NotAStore,
+    #[error("the store file cannot be created or made private: {0}")]
+    File(std::io::Error),
     #[error("the store was made by a newer care-node ({0})")]
     UnknownFormat(String),
     #[error("the store's data key could not be unwrapped: {0}")]
@@ -232,6 +234,8 @@ impl DeviceStore {
     /// Opens the store at `path`, creating it (with a new data key and device identity) if the
     /// file does not exist. A wrong passphrase or a foreign file is an error; nothing is changed.
     pub fn open(path: &Path, wrapper: &dyn KeyWrapper) -> Result<Self, StoreError> {
+        // Sealed rows or not, the file itself is the owner's only (its journals follow it).
+        crate::private::file(path).map_err(StoreError::File)?;
         let conn = Connection::open(path)?;
         Self::configure(&conn)?;
         let exists: bool = conn

@@ -60,6 +60,7 @@ pub fn backup(dir: &Path, out: &Path) -> Result<BackupReport, BackupError> {
     }
     let from = Connection::open_with_flags(&source, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     from.busy_timeout(Duration::from_secs(10))?;
+    care_node::private::file(out).map_err(|e| BackupError::Io(out.into(), e))?;
     let mut to = Connection::open(out)?;
     {
         let copy = rusqlite::backup::Backup::new(&from, &mut to)?;
@@ -73,7 +74,7 @@ pub fn backup(dir: &Path, out: &Path) -> Result<BackupReport, BackupError> {
 /// unless `force`, and then keeps the old one as `server.db.replaced-<time>`.
 pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, BackupError> {
     let report = check(from)?;
-    std::fs::create_dir_all(dir).map_err(|e| BackupError::Io(dir.into(), e))?;
+    care_node::private::dir(dir).map_err(|e| BackupError::Io(dir.into(), e))?;
     let target = store_file(dir);
     if target.exists() {
         if !force {
@@ -89,6 +90,7 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
     }
     let partial = dir.join("server.db.restoring");
     let _ = std::fs::remove_file(&partial);
+    care_node::private::file(&partial).map_err(|e| BackupError::Io(partial.clone(), e))?;
     {
         let source = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let mut to = Connection::open(&partial)?;

@@ -251,7 +251,9 @@ impl Drop for Bookkeeping<'_> {
 impl SqliteStore {
     /// Opens (or creates) the store at `dir/server.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)?;
+        // The data directory and the database (and so its journals) are the server user's only.
+        care_node::private::dir(dir)?;
+        care_node::private::file(&dir.join("server.db"))?;
         let conn = Connection::open(dir.join("server.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
