@@ -159,6 +159,26 @@ async fn wrong_passphrase_tampering_and_swapped_rows_are_clear_errors() {
     conn.execute_batch("UPDATE documents SET body = (SELECT body FROM saved WHERE r = documents.rowid);")
         .unwrap();
     assert!(crew.store.find_by_nhs(&a).unwrap().is_some());
+    // Swap only the NHS-number lookup column of the two rows (ciphertexts untouched): patient a's
+    // number would find b's record, but the lookups are bound into each row's associated data.
+    conn.execute_batch(
+        "CREATE TEMP TABLE lookups AS SELECT rowid AS r, nhs_key FROM documents;
+         UPDATE documents SET nhs_key = x'00' || nhs_key;
+         UPDATE documents SET nhs_key = (SELECT nhs_key FROM lookups WHERE r != documents.rowid LIMIT 1);",
+    )
+    .unwrap();
+    let err = crew.store.find_by_nhs(&a).expect_err("a swapped lookup is refused, never b's record");
+    assert!(matches!(err, StoreError::Tampered { .. }), "got {err:?}");
+    assert!(
+        matches!(crew.store.find_by_nhs(&b), Err(StoreError::Tampered { .. })),
+        "so an entry cannot land on a"
+    );
+    conn.execute_batch(
+        "UPDATE documents SET nhs_key = x'00' || nhs_key;
+         UPDATE documents SET nhs_key = (SELECT nhs_key FROM lookups WHERE r = documents.rowid);",
+    )
+    .unwrap();
+    assert!(crew.store.find_by_nhs(&a).unwrap().is_some());
     let (rowid, mut body): (i64, Vec<u8>) = conn
         .query_row("SELECT rowid, body FROM documents ORDER BY rowid LIMIT 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))

@@ -32,7 +32,8 @@ mod records;
 mod sync;
 mod wipe;
 
-const FORMAT_VERSION: &str = "care-node-store/1";
+/// Version 2 binds each document row's lookup columns into its associated data.
+const FORMAT_VERSION: &str = "care-node-store/2";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -435,6 +436,15 @@ fn row_aad(table: &str, key: &[u8], version: i64) -> Vec<u8> {
     aad
 }
 
+/// What a document row's sealed columns are bound to: both its lookup keys, so a row whose NHS
+/// number lookup was swapped with another's fails authentication instead of showing one patient
+/// under another's number.
+fn document_row(doc_key: &[u8], nhs_key: &[u8]) -> Vec<u8> {
+    let mut row = doc_key.to_vec();
+    row.extend_from_slice(nhs_key);
+    row
+}
+
 fn row_name(table: &str, key: &[u8]) -> String {
     format!("{table}/{}", short_hex(key))
 }
@@ -527,8 +537,9 @@ fn write_document(
     };
     let automerge = saved.map_or_else(|| summary.save(), <[u8]>::to_vec);
     let body = DocumentBody { patient_id, received_at_ms, automerge };
-    let card = seal_row(key, "card", &doc_key, version, &card)?;
-    let body = seal_row(key, "body", &doc_key, version, &body)?;
+    let row = document_row(&doc_key, &nhs_key);
+    let card = seal_row(key, "card", &row, version, &card)?;
+    let body = seal_row(key, "body", &row, version, &body)?;
     tx.prepare_cached(
         "INSERT INTO documents (doc_key, nhs_key, version, card, body) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (doc_key) DO UPDATE SET nhs_key = excluded.nhs_key, version = excluded.version,

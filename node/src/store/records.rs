@@ -35,13 +35,24 @@ impl DeviceStore {
     /// Every patient on the device, ordered by name (refused when the lease has expired).
     pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
         self.check_lease(crate::now_ms())?;
-        let mut stmt = self.conn.prepare_cached("SELECT doc_key, version, card FROM documents")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+        let mut stmt = self.conn.prepare_cached("SELECT doc_key, nhs_key, version, card FROM documents")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
         let mut cards = Vec::new();
         for row in rows {
-            let (doc_key, version, card) = row?;
-            cards.push(self.open_row::<PatientCard>("card", &doc_key, version, &card)?);
+            let (doc_key, nhs_key, version, card) = row?;
+            cards.push(self.open_row::<PatientCard>(
+                "card",
+                &document_row(&doc_key, &nhs_key),
+                version,
+                &card,
+            )?);
         }
         cards.sort_by(|a, b| a.name.cmp(&b.name).then(a.patient_id.cmp(&b.patient_id)));
         Ok(cards)
@@ -61,13 +72,20 @@ impl DeviceStore {
         let row = self
             .conn
             .query_row(
-                &format!("SELECT doc_key, version, body FROM documents WHERE {column} = ?1"),
+                &format!("SELECT doc_key, nhs_key, version, body FROM documents WHERE {column} = ?1"),
                 [key.as_slice()],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
             )
             .optional()?;
-        let Some((doc_key, version, body)) = row else { return Ok(None) };
-        let body: DocumentBody = self.open_row("body", &doc_key, version, &body)?;
+        let Some((doc_key, nhs_key, version, body)) = row else { return Ok(None) };
+        let body: DocumentBody = self.open_row("body", &document_row(&doc_key, &nhs_key), version, &body)?;
         let summary = PatientSummary::load(&body.automerge)?;
         Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
     }
@@ -171,13 +189,17 @@ impl DeviceStore {
     pub fn follow_server_restore(&mut self, incarnation: [u8; 16]) -> Result<u64, StoreError> {
         let actor = automerge::ActorId::from(self.identity()?.public_key().as_slice());
         let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = {
-            let mut stmt = self.conn.prepare_cached("SELECT doc_key, version, body FROM documents")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
+            let mut stmt =
+                self.conn.prepare_cached("SELECT doc_key, nhs_key, version, body FROM documents")?;
+            stmt.query_map([], |r| {
+                Ok((document_row(&r.get::<_, Vec<u8>>(0)?, &r.get::<_, Vec<u8>>(1)?), r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?
         };
         let tx = self.conn.transaction()?;
         let mut queued = 0;
-        for (doc_key, version, body) in rows {
-            let body: DocumentBody = open_row(&self.key, "body", &doc_key, version, &body)?;
+        for (row, version, body) in rows {
+            let body: DocumentBody = open_row(&self.key, "body", &row, version, &body)?;
             let mut summary = PatientSummary::load(&body.automerge)?;
             let patient_id = summary.patient_id()?;
             for change in summary.changes_since(&[]) {

@@ -186,10 +186,15 @@ fn read_body(
     doc_key: &[u8; 32],
 ) -> Result<Option<DocumentBody>, StoreError> {
     let row = tx
-        .prepare_cached("SELECT version, body FROM documents WHERE doc_key = ?1")?
-        .query_row([doc_key.as_slice()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .prepare_cached("SELECT nhs_key, version, body FROM documents WHERE doc_key = ?1")?
+        .query_row([doc_key.as_slice()], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })
         .optional()?;
-    row.map(|(version, body)| open_row(key, "body", doc_key, version, &body)).transpose()
+    row.map(|(nhs_key, version, body)| {
+        open_row(key, "body", &document_row(doc_key, &nhs_key), version, &body)
+    })
+    .transpose()
 }
 
 /// Applies one received item inside the caller's transaction; returns notifications made.
