@@ -204,8 +204,17 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
         assert!(browser.text("#audit-results").contains("break-glass"));
 
         // Acknowledge the break-glass alert with a note.
+        // The clinician's reason is sealed in the list; showing it is an audited look.
         let row = format!("tr[data-alert=\"{alert}\"]");
-        assert!(browser.text(&row).contains("unconscious"));
+        assert!(!browser.text(&row).contains("unconscious"), "the reason is not shown unasked");
+        browser.click(&format!("{row} .show-reason"));
+        browser.wait_for(
+            "the reason",
+            &format!("return document.querySelector('{}').textContent.includes('unconscious')", row.replace('\'', "\\'")),
+        );
+        let looked = store.audit_entries(&Default::default()).unwrap();
+        assert!(looked.iter().any(|a| a.action == "alert-reason-viewed"), "the look is audited");
+        assert!(browser.text("#quarantine").contains("none"), "the quarantine panel is there, empty");
         browser.type_into(&format!("{row} .ack-note"), "reviewed with the crew lead: justified");
         browser.click(&format!("{row} .ack"));
         browser.wait_for("the alert to close", &format!("return !document.querySelector('{}')", row.replace('\'', "\\'")));

@@ -88,7 +88,15 @@ pub fn decide_access(
     };
     let until = now_ms + hours_setting(store, hours_key, default_hours)?;
     store.grant(device.id, &patient, grant, reason, until, now_ms)?;
-    store.append_audit(&device.name, grant.as_str(), Some(&patient), &format!("reason: {reason}"), now_ms)?;
+    // The reason is the clinician's free text: kept with the grant and the alert, never in the
+    // audit's plain lines.
+    store.append_audit(
+        &device.name,
+        grant.as_str(),
+        Some(&patient),
+        "reason sealed with the alert",
+        now_ms,
+    )?;
     crate::operator::metrics::metrics()
         .access_grants
         .get_or_create(&crate::operator::metrics::KindLabel { kind: grant.as_str() })

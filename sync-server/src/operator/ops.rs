@@ -235,6 +235,30 @@ pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result
     Ok(true)
 }
 
+/// Alert kinds whose reason is a clinician's free text (patient data): listings show it sealed,
+/// and reading it is an audited action of its own ([`alert_reason`]).
+pub const SEALED_REASON_KINDS: [&str; 2] = ["break-glass", "permission-to-view"];
+
+/// Whether an alert's reason is shown only on request.
+pub fn reason_sealed(alert: &crate::store::AlertRecord) -> bool {
+    SEALED_REASON_KINDS.contains(&alert.kind.as_str())
+}
+
+/// The reason of one alert, for an operator or privacy officer who asks for it; audited.
+pub fn alert_reason(store: &dyn ServerStore, id: i64) -> Result<Option<String>, OpsError> {
+    let Some(alert) = store.alerts(true)?.into_iter().find(|a| a.id == id) else { return Ok(None) };
+    if reason_sealed(&alert) {
+        store.append_audit(
+            OPERATOR,
+            "alert-reason-viewed",
+            alert.patient.as_ref(),
+            &format!("alert {id}"),
+            now(),
+        )?;
+    }
+    Ok(Some(alert.reason))
+}
+
 /// Audit lines matching `filter`. Looking up who saw a patient is itself audited.
 pub fn audit_search(
     store: &dyn ServerStore,

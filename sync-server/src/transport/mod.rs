@@ -498,8 +498,15 @@ async fn enrol_exchange(conn: &quinn::Connection, shared: &Shared) -> Result<(),
     let (mut send, mut recv) = tokio::time::timeout(ENROL_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| ConnectionError::Timeout(ENROL_TIMEOUT))??;
-    let Some(request) = read_with_deadline::<EnrolRequest>(&mut recv).await? else {
-        return Ok(());
+    // Close with the reason while our stream is still open: dropping it first would finish it,
+    // and the device would read a clean end instead of why.
+    let request = match read_with_deadline::<EnrolRequest>(&mut recv).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            close_with(conn, &e);
+            return Err(e);
+        }
     };
     let response = enrol(&request, shared).await;
     let outcome = match &response {

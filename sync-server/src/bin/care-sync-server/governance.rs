@@ -92,6 +92,9 @@ pub enum AlertAction {
         #[arg(long)]
         note: String,
     },
+    /// Shows one alert's reason: a clinician's free text (break glass, permission to view) is
+    /// sealed in the list, and reading it here is audited.
+    Reason { id: i64 },
 }
 
 pub fn incident(store: &dyn ServerStore, action: IncidentAction) -> CliResult {
@@ -151,12 +154,20 @@ pub fn alerts(store: &dyn ServerStore, action: AlertAction) -> CliResult {
                     a.id,
                     care_node::view::format_time(a.at_ms),
                     a.kind,
-                    a.device.unwrap_or_default(),
+                    a.device.clone().unwrap_or_default(),
                     patient,
-                    a.reason
+                    if ops::reason_sealed(&a) {
+                        format!("(sealed: `alerts reason {}`)", a.id)
+                    } else {
+                        a.reason.clone()
+                    }
                 );
             }
         }
+        AlertAction::Reason { id } => match ops::alert_reason(store, id)? {
+            Some(reason) => println!("{reason}"),
+            None => return Err(format!("no alert {id}").into()),
+        },
         AlertAction::Ack { id, note } => {
             if ops::acknowledge_alert(store, id, &note)? {
                 println!("alert {id} acknowledged");

@@ -31,6 +31,8 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/api/areas/remove", post(area_remove))
         .route("/api/alerts", get(alerts))
         .route("/api/alerts/{id}/ack", post(acknowledge_alert))
+        .route("/api/alerts/{id}/reason", post(alert_reason))
+        .route("/api/quarantine", get(quarantine))
         .route("/api/audit", get(audit))
         .route("/api/feeds", get(feeds))
         .route("/api/planning.csv", get(planning_export))
@@ -326,7 +328,8 @@ async fn alerts(State(state): State<Arc<AdminState>>, Query(q): Query<AlertsQuer
                     "kind": a.kind,
                     "device": a.device,
                     "patient": a.patient.map(|p| p.to_string()),
-                    "reason": a.reason,
+                    "reason": if ops::reason_sealed(&a) { None } else { Some(a.reason.clone()) },
+                    "reason_sealed": ops::reason_sealed(&a),
                     "acknowledged_at": iso(a.acknowledged_at_ms),
                     "note": a.note,
                 })
@@ -354,6 +357,52 @@ async fn acknowledge_alert(
         } else {
             Err(ApiError::new(StatusCode::NOT_FOUND, format!("no open alert {id}")))
         }
+    })
+    .await
+}
+
+/// A sealed alert reason, for the operator who asks; the look is audited.
+async fn alert_reason(State(state): State<Arc<AdminState>>, Path(id): Path<i64>) -> ApiResult {
+    blocking(&state, move |store| match ops::alert_reason(store, id)? {
+        Some(reason) => Ok(Json(json!({ "id": id, "reason": reason }))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no alert {id}"))),
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct QuarantineQuery {
+    device: Option<String>,
+}
+
+/// Uploads the write policy refused: rule and place, never the changes themselves.
+async fn quarantine(State(state): State<Arc<AdminState>>, Query(q): Query<QuarantineQuery>) -> ApiResult {
+    blocking(&state, move |store| {
+        let device = match q.device.filter(|d| !d.trim().is_empty()) {
+            Some(name) => Some(
+                store
+                    .device_by_name(&name)?
+                    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no device named `{name}`")))?
+                    .id,
+            ),
+            None => None,
+        };
+        let items: Vec<Value> = store
+            .quarantined(device)?
+            .into_iter()
+            .map(|q| {
+                json!({
+                    "id": q.id,
+                    "at": iso(Some(q.at_ms)),
+                    "device": q.device,
+                    "patient": q.patient.to_string(),
+                    "rule": q.rule,
+                    "place": q.place,
+                    "changes": q.changes.len(),
+                })
+            })
+            .collect();
+        Ok(Json(json!({ "quarantine": items })))
     })
     .await
 }

@@ -142,11 +142,43 @@ async function loadAlerts() {
       el("td", {}, a.kind),
       el("td", {}, a.device || ""),
       el("td", {}, a.patient || ""),
-      el("td", {}, a.reason),
+      el("td", {}, a.reason_sealed ? sealedReason(a.id) : a.reason),
       el("td", {}, note, " ", el("button", { type: "button", class: "ack", onclick: ack }, "Acknowledge")),
     );
   });
   fill($("#alerts tbody"), rows, 7);
+}
+
+// A clinician's free-text reason is shown only when asked for; the look is audited.
+function sealedReason(id) {
+  const cell = el("span", { class: "sealed" });
+  const show = async () => {
+    try {
+      const { reason } = await api(`/api/alerts/${id}/reason`, { method: "POST", body: {} });
+      cell.replaceChildren(document.createTextNode(reason));
+    } catch (e) {
+      say(e.message, true);
+    }
+  };
+  cell.append(el("button", { type: "button", class: "show-reason", onclick: show }, "Show reason (audited)"));
+  return cell;
+}
+
+async function loadQuarantine() {
+  const { quarantine } = await api("/api/quarantine");
+  const rows = quarantine.slice(0, 100).map((q) =>
+    el(
+      "tr",
+      { "data-quarantine": String(q.id) },
+      el("td", {}, when(q.at)),
+      el("td", {}, q.device),
+      el("td", {}, q.patient),
+      el("td", {}, q.rule),
+      el("td", {}, q.place),
+      el("td", {}, String(q.changes)),
+    ),
+  );
+  fill($("#quarantine tbody"), rows, 6);
 }
 
 async function loadFeeds() {
@@ -164,7 +196,7 @@ async function loadFeeds() {
 
 async function refresh() {
   try {
-    await Promise.all([loadStatus(), loadDevices(), loadAlerts(), loadFeeds()]);
+    await Promise.all([loadStatus(), loadDevices(), loadAlerts(), loadQuarantine(), loadFeeds()]);
     $("#console").hidden = false;
   } catch (e) {
     say(e.message, true);
