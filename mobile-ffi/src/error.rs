@@ -61,7 +61,9 @@ impl From<StoreError> for CareError {
             | StoreError::NotAStore
             | StoreError::Decode { .. }
             | StoreError::UnknownFormat(_) => CareError::StoreDamaged(message),
-            StoreError::LeaseExpired { .. } => CareError::LeaseExpired(message),
+            StoreError::LeaseExpired { .. } | StoreError::ClockWoundBack { .. } => {
+                CareError::LeaseExpired(message)
+            }
             StoreError::UnknownPatient => CareError::UnknownPatient(message),
             StoreError::Wiped => CareError::Wiped(message),
             StoreError::Refused(_) => CareError::NotPermitted(message),

@@ -378,3 +378,40 @@ async fn view_log_entries_for_patients_not_held_or_far_ahead_are_not_recorded() 
     assert!(head < 1_000, "the head did not jump to {head}");
     assert_eq!(server.store.alerts(false).unwrap().iter().filter(|a| a.kind == "view-log").count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn winding_the_device_clock_back_does_not_stretch_the_offline_lease() {
+    let server = TestServer::start(1).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-1", [0]);
+    within(30, crew.sync()).await.unwrap();
+    let nhs = server.patients[0].clone();
+    crew.store.view_patient(&nhs, "show").unwrap();
+    let now = care_node::now_ms();
+    crew.store.check_lease(now - 60_000).expect("a small correction is fine");
+    // Offline, someone winds the clock back three days to stay inside the 72 h lease.
+    let err = crew.store.check_lease(now - 3 * 24 * 3_600_000).expect_err("locked");
+    assert!(matches!(err, care_node::store::StoreError::ClockWoundBack { .. }), "{err:?}");
+    // A sync re-establishes the clock.
+    within(30, crew.sync()).await.unwrap();
+    crew.store.check_lease(care_node::now_ms()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_that_makes_automerge_panic_is_refused_and_the_server_carries_on() {
+    // Found by the `change` fuzz target: automerge 0.12 panics applying this change.
+    let crash: &[u8] = &[
+        133, 111, 74, 131, 10, 148, 133, 236, 1, 21, 0, 0, 78, 22, 0, 0, 0, 0, 0, 0, 212, 0, 149, 10, 21, 21,
+        0, 31, 229, 64, 0,
+    ];
+    let server = TestServer::start(1).await;
+    let mut hostile = TestDevice::enrolled(&server, "ambulance-bad", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-bad", [0]);
+    within(30, hostile.sync()).await.unwrap();
+    let target = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
+    let before = saved(&server, &target);
+    let refused = upload(&hostile, target, vec![crash.to_vec()]).await;
+    assert_eq!(refused.len(), 1, "refused, with a rule: {refused:?}");
+    assert_eq!(saved(&server, &target), before);
+    within(30, hostile.sync()).await.expect("the server carries on");
+}

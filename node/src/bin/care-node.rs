@@ -214,6 +214,13 @@ async fn run(cli: Cli) -> CliResult {
             if report.stats.notifications > 0 {
                 print_notifications(&store, report.stats.notifications as usize)?;
             }
+            if report.stats.refused_changes > 0 {
+                println!(
+                    "the server refused {} of this device's changes; they are kept on this device \
+                     (see `care-node status`) and an operator reviews them",
+                    report.stats.refused_changes
+                );
+            }
         }
         Command::List => {
             let cards = store.list()?;
@@ -326,6 +333,18 @@ async fn run(cli: Cli) -> CliResult {
             }
             if sync.left_out > 0 {
                 println!("{} patient(s) in scope left out by this device's document budget", sync.left_out);
+            }
+            // Entries the server refused stay here for the clinician; patients by opaque id only.
+            for d in store.diverged()? {
+                println!(
+                    "refused by the server {}: {} change(s) to patient {} at {} — rule {}: {}",
+                    care_node::view::format_time(d.at_ms),
+                    d.changes,
+                    d.doc,
+                    d.place,
+                    d.rule,
+                    care_node::policy::Rule::parse(&d.rule).map_or("", |r| r.explain())
+                );
             }
         }
     }

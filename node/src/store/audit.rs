@@ -2,9 +2,21 @@
 
 use super::*;
 
+/// The sealed secret holding the latest device time seen while patient data was used.
+pub(super) const CLOCK_HIGH_WATER: &str = "clock_high_water";
+/// How far the device clock may step back (time-zone slips, network time corrections).
+const CLOCK_TOLERANCE_MS: i64 = 10 * 60 * 1000;
+
 impl DeviceStore {
     /// Refuses to show patient data when the device has not synced within its lease.
     pub fn check_lease(&self, now_ms: i64) -> Result<(), StoreError> {
+        // The latest time this device's clock has shown while patient data was used: a clock
+        // wound back past it (beyond ordinary corrections) cannot stretch the lease.
+        if let Some(high) = self.get_secret::<i64>(CLOCK_HIGH_WATER)?
+            && now_ms < high - CLOCK_TOLERANCE_MS
+        {
+            return Err(StoreError::ClockWoundBack { minutes: (high - now_ms) / 60_000 });
+        }
         let state = self.sync_state()?;
         if let (Some(lease), Some(last)) = (state.lease_ms, state.last_sync_ms)
             && now_ms - last > lease as i64
@@ -36,10 +48,11 @@ impl DeviceStore {
         let identity = self.identity()?;
         let tx = self.conn.transaction()?;
         let (seq, prev): (u64, [u8; 32]) = get_secret(&tx, &self.key, "view_head")?.unwrap_or((0, [0; 32]));
+        let at_ms = crate::now_ms();
         let entry = crate::viewlog::ViewEntry {
             seq: seq + 1,
             prev_hash: prev,
-            at_ms: crate::now_ms(),
+            at_ms,
             patient: *patient,
             action: action.to_string(),
             detail: detail.to_string(),
@@ -49,6 +62,8 @@ impl DeviceStore {
         let sealed = seal_row(&self.key, "view_log", &head.0.to_be_bytes(), 0, &signed)?;
         tx.execute("INSERT INTO view_log (seq, body) VALUES (?1, ?2)", params![head.0 as i64, sealed])?;
         put_secret(&tx, &self.key, "view_head", &head)?;
+        let high: Option<i64> = get_secret(&tx, &self.key, CLOCK_HIGH_WATER)?;
+        put_secret(&tx, &self.key, CLOCK_HIGH_WATER, &high.unwrap_or(i64::MIN).max(at_ms))?;
         tx.commit()?;
         Ok(head.0)
     }

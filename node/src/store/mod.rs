@@ -69,6 +69,11 @@ pub enum StoreError {
     LeaseExpired { hours_ago: i64, lease_hours: i64 },
     #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
     Wiped,
+    #[error(
+        "patient data is locked: this device's clock went back {minutes} min since it was last used; \
+         connect and sync to unlock"
+    )]
+    ClockWoundBack { minutes: i64 },
     #[error("this device may not make that change: {0}")]
     Refused(#[from] crate::policy::Refusal),
 }

@@ -161,6 +161,8 @@ impl DeviceStore {
         state.last_sync_ms = Some(now_ms);
         state.last_sync_server_ms = Some(server_time_ms);
         put_secret(&tx, &self.key, "sync", &state)?;
+        // A sync re-establishes the clock against the server's: the high-water mark starts again.
+        put_secret(&tx, &self.key, super::audit::CLOCK_HIGH_WATER, &now_ms)?;
         tx.commit()?;
         Ok(())
     }

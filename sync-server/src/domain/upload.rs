@@ -13,7 +13,9 @@
 //! A document that fails 2–4 is refused whole and its changes go to the quarantine; the rest of
 //! the batch is committed. All of this runs outside the store's write lock: the store reads it
 //! needs take the lock only for a moment each, and the commit afterwards does only the cheap part
-//! (apply the checked changes to the current document and log them).
+//! (apply the checked changes to the current document and log them). The commit refuses a
+//! document whose heads moved since it was checked (a feed or another device wrote meanwhile);
+//! the session then checks the batch again (see `session`).
 
 use std::collections::HashSet;
 
@@ -22,7 +24,7 @@ use care_node::policy::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES, Refusal, Rule, Wri
 use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary};
 
-use crate::store::{DeviceRecord, ServerStore, StoreError, UploadError};
+use crate::store::{CheckedChanges, DeviceRecord, ServerStore, StoreError, UploadError};
 
 /// Most documents in one upload batch.
 pub const MAX_UPLOAD_DOCS: usize = 1_000;
@@ -32,7 +34,7 @@ pub const MAX_UPLOAD_CHANGES: usize = 10_000;
 /// The changes of a batch that passed, by document, with what was refused.
 #[derive(Debug, Default)]
 pub struct CheckedUpload {
-    pub accepted: Vec<(PatientId, Vec<automerge::Change>)>,
+    pub accepted: Vec<CheckedChanges>,
     pub refused: Vec<RefusedUpload>,
 }
 
@@ -71,7 +73,7 @@ pub fn check(
     let mut out = CheckedUpload::default();
     for (doc, changes) in grouped {
         match check_doc(store, &doc, &changes, writable, &writer)? {
-            Ok(Some(changes)) => out.accepted.push((doc, changes)),
+            Ok(Some((changes, checked_at))) => out.accepted.push(CheckedChanges { doc, changes, checked_at }),
             Ok(None) => {} // everything in it was already applied
             Err(refusal) => out.refused.push(RefusedUpload {
                 doc,
@@ -83,6 +85,9 @@ pub fn check(
     Ok(out)
 }
 
+/// What passed for one document: the new changes and the heads they were checked against.
+type Passed = Option<(Vec<automerge::Change>, Vec<automerge::ChangeHash>)>;
+
 /// One document's changes: the new ones if they pass, the refusal if not.
 fn check_doc(
     store: &dyn ServerStore,
@@ -90,7 +95,7 @@ fn check_doc(
     uploaded: &[&[u8]],
     writable: &HashSet<PatientId>,
     writer: &Writer<'_>,
-) -> Result<Result<Option<Vec<automerge::Change>>, Refusal>, StoreError> {
+) -> Result<Result<Passed, Refusal>, StoreError> {
     let refuse = |rule| Ok(Err(Refusal::new(rule)));
     if !writable.contains(doc) {
         return refuse(Rule::NotInScope);
@@ -121,23 +126,26 @@ fn check_doc(
     if new.iter().any(|c| c.actor_id().to_bytes() != writer.actor) {
         return refuse(Rule::ForeignActor);
     }
-    // Automerge panics on some malformed operations (an object that does not exist); on a copy,
-    // a panic is just a malformed upload.
-    let applied =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| summary.apply_changes(new.clone())));
-    if !matches!(applied, Ok(Ok(()))) {
-        return refuse(Rule::Malformed);
+    // Automerge 0.12 panics on some malformed changes, while applying them or reading the
+    // document afterwards (found by fuzzing, docs/security.md): on this copy, a panic is just a
+    // malformed upload.
+    let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), Refusal> {
+        summary.apply_changes(new.clone()).map_err(|_| Refusal::new(Rule::Malformed))?;
+        if summary.has_missing_deps() {
+            return Err(Refusal::new(Rule::MissingDependencies));
+        }
+        summary.check_writes(&before, &new, writer)?;
+        if summary.save().len() > MAX_DOCUMENT_BYTES {
+            return Err(Refusal::new(Rule::TooLarge));
+        }
+        Ok(())
+    }));
+    match judged {
+        Ok(Ok(())) => {}
+        Ok(Err(refusal)) => return Ok(Err(refusal)),
+        Err(_) => return refuse(Rule::Malformed),
     }
-    if summary.has_missing_deps() {
-        return refuse(Rule::MissingDependencies);
-    }
-    if let Err(refusal) = summary.check_writes(&before, &new, writer) {
-        return Ok(Err(refusal));
-    }
-    if summary.save().len() > MAX_DOCUMENT_BYTES {
-        return refuse(Rule::TooLarge);
-    }
-    Ok(Ok(Some(new)))
+    Ok(Ok(Some((new, before))))
 }
 
 /// The documents `device` may write to now: those it holds that are in its scope, and those it

@@ -246,9 +246,16 @@ impl ServerSession {
                     self.writable = Some(crate::domain::upload::writable(store, self.device.id, now_ms)?);
                 }
                 let writable = self.writable.as_ref().expect("just computed");
-                let checked = crate::domain::upload::check(store, &self.device, &docs, writable)?;
+                // Checked outside the store's lock, committed only if no document moved meanwhile.
+                let mut attempts = 0;
+                let (checked, outcome) = loop {
+                    let checked = crate::domain::upload::check(store, &self.device, &docs, writable)?;
+                    match store.commit_device_changes(&self.device, &checked.accepted) {
+                        Err(UploadError::Moved(_)) if attempts < 5 => attempts += 1,
+                        result => break (checked, result?),
+                    }
+                };
                 let refused = self.quarantine(store, checked.refused, now_ms)?;
-                let outcome = store.commit_device_changes(&self.device, &checked.accepted)?;
                 tracing::debug!(accepted = outcome.accepted, "upload batch durable");
                 // Entries recorded offline on a record an operator has since merged away are
                 // carried over to the kept record, never left behind.

@@ -60,6 +60,8 @@ pub enum UploadError {
     NotHeld(String),
     #[error("a change for document {0} is malformed: {1}")]
     Malformed(String, String),
+    #[error("document {0} changed while its upload was checked")]
+    Moved(String),
     #[error("changes for document {0} depend on changes the server does not have")]
     MissingDependencies(String),
     #[error(transparent)]
@@ -265,6 +267,15 @@ pub struct ScopeCache {
     pub valid_until_ms: i64,
     pub in_scope: u64,
     pub left_out: u64,
+}
+
+/// A device's changes to one document that passed the write policy, and the document's heads
+/// they were checked against.
+#[derive(Debug, Clone)]
+pub struct CheckedChanges {
+    pub doc: PatientId,
+    pub changes: Vec<automerge::Change>,
+    pub checked_at: Vec<automerge::ChangeHash>,
 }
 
 /// Uploaded changes refused by the write policy, kept for the operator and privacy officer.
@@ -500,10 +511,12 @@ pub trait Governance: Send + Sync {
 pub trait SyncLog: Send + Sync {
     /// Commits a device's changes, already checked by `domain::upload`, atomically (all or
     /// nothing), on top of whatever each document holds now.
+    /// Fails with [`UploadError::Moved`] (nothing committed) if a document no longer has the
+    /// heads it was checked at: the caller checks again.
     fn commit_device_changes(
         &self,
         device: &DeviceRecord,
-        docs: &[(PatientId, Vec<automerge::Change>)],
+        docs: &[CheckedChanges],
     ) -> Result<UploadOutcome, UploadError>;
     /// The newest sequence number.
     fn max_seq(&self) -> Result<u64, StoreError>;

@@ -19,8 +19,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
 use crate::store::{
-    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, ConsentFlags, DeviceRecord, EnrolError, Grant,
-    GrantKind, MergeOutcome, QuarantineRecord, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
+    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, CheckedChanges, ConsentFlags, DeviceRecord,
+    EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, Role, RoundOutcome, StoreError,
+    UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";

@@ -6,12 +6,12 @@ impl SyncLog for SqliteStore {
     fn commit_device_changes(
         &self,
         device: &DeviceRecord,
-        docs: &[(PatientId, Vec<automerge::Change>)],
+        docs: &[CheckedChanges],
     ) -> Result<UploadOutcome, UploadError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
         let (mut accepted, mut merged) = (0, Vec::new());
-        for (doc, changes) in docs {
+        for CheckedChanges { doc, changes, checked_at } in docs {
             let doc_id = short_hex(doc.as_bytes());
             let saved: Vec<u8> = tx
                 .query_row("SELECT doc FROM patients WHERE id = ?1", [doc.as_bytes().as_slice()], |r| {
@@ -22,6 +22,13 @@ impl SyncLog for SqliteStore {
                 .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?;
             let mut summary = PatientSummary::load(&saved)
                 .map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+            let mut heads = summary.heads();
+            let mut expected = checked_at.clone();
+            heads.sort();
+            expected.sort();
+            if heads != expected {
+                return Err(UploadError::Moved(doc_id));
+            }
             let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
             if new.is_empty() {
                 continue;

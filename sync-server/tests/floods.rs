@@ -1,0 +1,163 @@
+//! Floods and bombs against a real server process, with its peak memory read from the kernel
+//! (`VmHWM`, not a timing): unauthenticated enrolment peers announcing huge frames, compressed
+//! change bombs from an enrolled device, and a crowd of MLLP connections sending endless
+//! messages. The server stays under 300 MB and a legitimate device syncs afterwards.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use care_node::client::DeviceConnection;
+use care_node::crypto::{KdfParams, PassphraseWrapper};
+use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
+use care_node::store::DeviceStore;
+use care_sync_server::store::{DeviceRegistry, Governance, PatientRecords};
+use tokio::io::AsyncWriteExt;
+
+fn server(data: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_care-sync-server"));
+    command.arg("--data-dir").arg(data).args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn token(data: &Path, name: &str, port: u16) -> String {
+    let out = server(
+        data,
+        &[
+            "enrol-device",
+            "--name",
+            name,
+            "--role",
+            "ambulance-crew",
+            "--server-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )
+    .output()
+    .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The process's peak resident memory, in MB.
+fn peak_mb(child: &Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+fn bomb() -> Vec<u8> {
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    for _ in 0..256 {
+        encoder.write_all(&vec![0u8; 1 << 20]).unwrap(); // 256 MiB of zeros
+    }
+    let body = encoder.finish().unwrap();
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = body.len();
+    while len >= 0x80 {
+        chunk.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    chunk.push(len as u8);
+    chunk.extend_from_slice(&body);
+    chunk
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn floods_and_bombs_keep_the_server_under_300_mb_and_a_legitimate_device_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    assert!(server(&data, &["generate", "--patients", "200"]).status().unwrap().success());
+    let (port, mllp) = (free_port(), free_port());
+    let hostile_token = token(&data, "stolen", port);
+    let legit_token = token(&data, "crew", port);
+    let spare = token(&data, "spare", port);
+    let mut process = server(
+        &data,
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--mllp-listen",
+            &format!("127.0.0.1:{mllp}"),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+
+    let wrapper =
+        PassphraseWrapper::with_params("p", KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 });
+    let mut hostile = DeviceStore::open(&dir.path().join("stolen.db"), &wrapper).unwrap();
+    let mut crew = DeviceStore::open(&dir.path().join("crew.db"), &wrapper).unwrap();
+    care_node::client::enrol(&mut hostile, &hostile_token).await.unwrap();
+    care_node::client::enrol(&mut crew, &legit_token).await.unwrap();
+    let target = {
+        let store = care_sync_server::store::sqlite::SqliteStore::open(&data).unwrap();
+        let patients = store.patient_ids().unwrap();
+        for name in ["stolen", "crew"] {
+            let id = store.device_by_name(name).unwrap().unwrap().id;
+            for (patient, _) in patients.iter().take(20) {
+                store.caseload_add(id, patient).unwrap();
+            }
+        }
+        patients[0].0
+    };
+    care_node::client::sync(&mut hostile).await.unwrap();
+    care_node::client::sync(&mut crew).await.unwrap();
+    let before = peak_mb(&process);
+
+    // 1. A hundred unauthenticated peers, each announcing an 8 MiB enrolment frame.
+    let token = care_node::token::EnrolmentToken::decode(&spare).unwrap();
+    let mut peers = Vec::new();
+    for _ in 0..100 {
+        if let Ok(mut conn) = DeviceConnection::open_enrol(&token).await {
+            let _ = conn.send_raw(&[0x00, 0x7f, 0xff, 0xff]).await;
+            let _ = conn.send_raw(&vec![0u8; 64 * 1024]).await;
+            peers.push(conn);
+        }
+    }
+    // 2. Compressed change bombs (256 MiB of zeros each, in about 256 KB) from the enrolled device.
+    let bomb = bomb();
+    for _ in 0..5 {
+        let mut conn = DeviceConnection::open(&hostile).await.unwrap();
+        let cursor = hostile.sync_state().unwrap().cursor;
+        conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+            .await
+            .unwrap();
+        assert!(matches!(conn.recv().await.unwrap(), Some(ServerMessage::Welcome { .. })));
+        let docs =
+            vec![DocChanges { doc: target, changes: vec![serde_bytes::ByteBuf::from(bomb.clone()); 8] }];
+        conn.send(&ClientMessage::Upload { through: 1, docs }).await.unwrap();
+        match conn.recv().await.unwrap() {
+            Some(ServerMessage::UploadAck { refused, .. }) => assert_eq!(refused[0].rule, "too-large"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // 3. Four hundred MLLP connections, each sending a megabyte that never ends a message.
+    let mut sockets = Vec::new();
+    for _ in 0..400 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", mllp)).await {
+            let _ = tokio::time::timeout(Duration::from_millis(50), s.write_all(&vec![b'A'; 1 << 20])).await;
+            sockets.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A legitimate device syncs through it all.
+    let report = tokio::time::timeout(Duration::from_secs(30), care_node::client::sync(&mut crew)).await;
+    assert!(matches!(report, Ok(Ok(_))), "the legitimate device syncs: {report:?}");
+    let peak = peak_mb(&process);
+    drop((peers, sockets));
+    process.kill().unwrap();
+    process.wait().unwrap();
+    eprintln!("server peak resident memory: {before} MB before the floods, {peak} MB after");
+    assert!(peak < 300, "peak {peak} MB");
+}

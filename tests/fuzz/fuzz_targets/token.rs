@@ -1,0 +1,10 @@
+//! Enrolment tokens as a device decodes them.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = care_node::token::EnrolmentToken::decode(text);
+    }
+});
