@@ -214,43 +214,61 @@ fn invalid_bundles_are_refused_whole_with_the_resource_and_field_named() {
     let cases = [
         (
             r#"{"resourceType":"Condition","id":"c9","subject":{"reference":"Patient/pat-1"}}"#,
-            "Condition/c9",
+            "(Condition)",
             "code is required",
         ),
-        (r#"{"resourceType":"Condition","id":"c8","code":{"text":"x"}}"#, "Condition/c8", "subject"),
+        (r#"{"resourceType":"Condition","id":"c8","code":{"text":"x"}}"#, "(Condition)", "subject"),
         (
             r#"{"resourceType":"Observation","id":"o9","status":"final","code":{"text":"x"},"valueString":5}"#,
-            "Observation/o9",
+            "(Observation)",
             "valueString",
         ),
-        (r#"{"resourceType":"Goal","id":"g1"}"#, "Goal/g1", "not supported"),
+        (r#"{"resourceType":"Goal","id":"g1"}"#, "(Goal)", "not supported"),
         (
             r#"{"resourceType":"AllergyIntolerance","id":"a9","criticality":"extreme","code":{"text":"x"},"patient":{"reference":"Patient/pat-1"}}"#,
-            "AllergyIntolerance/a9",
+            "(AllergyIntolerance)",
             "criticality",
         ),
         (
             r#"{"resourceType":"MedicationStatement","id":"m9","status":"active","medicationReference":{"reference":"Medication/nope"},"subject":{"reference":"Patient/pat-1"}}"#,
-            "MedicationStatement/m9",
+            "(MedicationStatement)",
             "does not resolve",
         ),
     ];
     for (resource, name, field) in cases {
         let err = import(&store, &with_extra_entry(resource)).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains(field), "`{err}` should name {name} and {field}");
+        assert!(!err.contains("/c") && !err.contains("/o9") && !err.contains("/m9"), "no resource id: {err}");
         assert_eq!(store.patient_count().unwrap(), 0, "nothing of a refused bundle is stored");
     }
     // A bad NHS number and a wrongly typed birth date.
     let bad_nhs = GP_BUNDLE.replace("9990000026", "9990000027");
     let err = import(&store, &bad_nhs).unwrap_err().to_string();
     assert!(
-        err.contains("Patient/pat-1") && err.contains("NHS number") && !err.contains("9990000027"),
+        err.contains("(Patient)")
+            && err.contains("NHS number")
+            && !err.contains("9990000027")
+            && !err.contains("pat-1"),
         "{err}"
     );
     let bad_date = GP_BUNDLE.replace("\"1930-05-17\"", "19300517");
     let err = import(&store, &bad_date).unwrap_err().to_string();
-    assert!(err.contains("Patient/pat-1") && err.contains("birthDate"), "{err}");
+    assert!(err.contains("(Patient)") && err.contains("birthDate") && !err.contains("19300517"), "{err}");
     assert_eq!(store.patient_count().unwrap(), 0);
+
+    // Too many entries, or too many bytes: refused before anything is parsed into resources.
+    let many: Vec<String> = (0..care_sync_server::ingest::fhir::import::MAX_BUNDLE_ENTRIES + 1)
+        .map(|i| format!(r#"{{"resource":{{"resourceType":"Condition","id":"x{i}"}}}}"#))
+        .collect();
+    let huge = format!(r#"{{"resourceType":"Bundle","type":"collection","entry":[{}]}}"#, many.join(","));
+    let err = parse_bundle(&huge).unwrap_err().to_string();
+    assert!(err.contains("too large") && err.contains("entries"), "{err}");
+    let padded =
+        format!("{}{}", " ".repeat(care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES), GP_BUNDLE);
+    assert!(parse_bundle(&padded).unwrap_err().to_string().contains("bytes"));
+    let garbled =
+        parse_bundle(r#"{"resourceType": "Bundle", "entry": [ "SECRET-VALUE" ] "#).unwrap_err().to_string();
+    assert!(!garbled.contains("SECRET"), "{garbled}");
 
     // For a patient that exists, a refused bundle changes nothing at all.
     let first = import(&store, GP_BUNDLE).unwrap();

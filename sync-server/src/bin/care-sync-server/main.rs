@@ -474,6 +474,19 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             let store = open(&dir)?;
             let (mut ok, mut failed) = (0, 0);
             for file in &files {
+                // Refused before reading: a file over the limit never reaches memory.
+                let size = std::fs::metadata(file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?
+                    .len();
+                if size > care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES as u64 {
+                    eprintln!(
+                        "{}: refused: the Bundle is too large: {size} bytes (the limit is {})",
+                        file.display(),
+                        care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES
+                    );
+                    failed += 1;
+                    continue;
+                }
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
                 let result = care_sync_server::ingest::fhir::import::parse_bundle(&text).and_then(|bundle| {

@@ -21,6 +21,8 @@ pub enum ImportError {
     NotABundle(String),
     #[error("entry {index} ({resource}): {reason}")]
     Invalid { index: usize, resource: String, reason: String },
+    #[error("the Bundle is too large: {0}")]
+    TooLarge(String),
     #[error("the Bundle has no Patient resource")]
     NoPatient,
     #[error("the Bundle holds more than one Patient; import one patient per Bundle")]
@@ -42,15 +44,37 @@ pub struct ImportOutcome {
     pub entries_unchanged: usize,
 }
 
+/// The largest Bundle accepted (one patient's summary is kilobytes; this leaves room for years
+/// of history).
+pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
+/// The most entries in one Bundle.
+pub const MAX_BUNDLE_ENTRIES: usize = 5_000;
+
 /// Parses a Bundle, naming the entry and field of the first problem.
 pub fn parse_bundle(json: &str) -> Result<f::Bundle, ImportError> {
-    let raw: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| ImportError::NotABundle(e.to_string()))?;
+    if json.len() > MAX_BUNDLE_BYTES {
+        return Err(ImportError::TooLarge(format!("{} bytes (the limit is {MAX_BUNDLE_BYTES})", json.len())));
+    }
+    // serde_json's messages can quote the offending value: keep its kind and position only.
+    let raw: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        ImportError::NotABundle(format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     if raw.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
         return Err(ImportError::NotABundle("resourceType is not Bundle".into()));
     }
     let entries = match raw.get("entry") {
         None => Vec::new(),
+        Some(serde_json::Value::Array(entries)) if entries.len() > MAX_BUNDLE_ENTRIES => {
+            return Err(ImportError::TooLarge(format!(
+                "{} entries (the limit is {MAX_BUNDLE_ENTRIES}; one patient per Bundle)",
+                entries.len()
+            )));
+        }
         Some(serde_json::Value::Array(entries)) => entries.clone(),
         Some(_) => return Err(ImportError::NotABundle("entry is not an array".into())),
     };
@@ -61,11 +85,9 @@ pub fn parse_bundle(json: &str) -> Result<f::Bundle, ImportError> {
             resource: "?".into(),
             reason: "the entry has no resource".into(),
         })?;
-        let name = format!(
-            "{}/{}",
-            resource.get("resourceType").and_then(|v| v.as_str()).unwrap_or("?"),
-            resource.get("id").and_then(|v| v.as_str()).unwrap_or("?")
-        );
+        // Named by entry number and type only: a sender's resource id may itself be identifying.
+        let name =
+            resource.get("resourceType").and_then(|v| v.as_str()).unwrap_or("?").chars().take(40).collect();
         let resource = Resource::from_json(resource).map_err(|reason| ImportError::Invalid {
             index,
             resource: name,
@@ -639,12 +661,8 @@ pub fn import_bundle(
     feed: &str,
     now_ms: i64,
 ) -> Result<ImportOutcome, ImportError> {
-    let ctx_for = |index: usize, r: &Resource| Ctx {
-        index,
-        resource: format!("{}/{}", r.type_name(), r.common().id.as_deref().unwrap_or("?")),
-        feed,
-        now_ms,
-    };
+    let ctx_for =
+        |index: usize, r: &Resource| Ctx { index, resource: r.type_name().to_string(), feed, now_ms };
     // The patient, first.
     let mut patients = bundle.entry.iter().enumerate().filter_map(|(i, e)| match &e.resource {
         Resource::Patient(p) => Some((i, p)),
