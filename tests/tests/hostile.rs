@@ -415,3 +415,38 @@ async fn a_change_that_makes_automerge_panic_is_refused_and_the_server_carries_o
     assert_eq!(saved(&server, &target), before);
     within(30, hostile.sync()).await.expect("the server carries on");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_flood_is_cut_off_by_the_per_device_rate_and_others_sync() {
+    let server = TestServer::start(1).await;
+    let hostile = TestDevice::enrolled(&server, "ambulance-bad", Role::AmbulanceCrew).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-good", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-bad", [0]);
+    server.caseload("ambulance-good", [0]);
+    let target = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
+    let mut conn = within(30, DeviceConnection::open(&hostile.store)).await.unwrap();
+    conn.send(&ClientMessage::Hello { cursor: 0, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    // Seven-megabyte batches of junk, back to back: past 64 MiB in a minute the session is refused.
+    let junk = vec![serde_bytes::ByteBuf::from(vec![0xaa; 7 << 20])];
+    let mut refused = None;
+    for through in 1..=12u64 {
+        let docs = vec![DocChanges { doc: target, changes: junk.clone() }];
+        if conn.send(&ClientMessage::Upload { through, docs }).await.is_err() {
+            break;
+        }
+        match within(30, conn.recv()).await {
+            Ok(Some(ServerMessage::UploadAck { .. })) => {}
+            Ok(Some(ServerMessage::Refused { message })) => {
+                refused = Some((through, message));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (at, message) = refused.expect("the flood is refused");
+    assert!(at >= 9 && message.contains("rate limit"), "batch {at}: {message}");
+    within(30, crew.sync()).await.expect("another device is unaffected");
+}

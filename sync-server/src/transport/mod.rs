@@ -78,6 +78,39 @@ struct Shared {
     live: Mutex<HashMap<i64, (quinn::Connection, i64)>>,
     /// Enrolment connections open now (peers that have not authenticated).
     enrolling: std::sync::atomic::AtomicUsize,
+    /// Each device's upload allowance.
+    rates: Mutex<HashMap<i64, Allowance>>,
+}
+
+/// Bytes a device may upload per minute (changes, and view-log entries at 256 bytes each); a
+/// token bucket, so a device back from a long shift offline can send its backlog at once.
+pub const UPLOAD_BYTES_PER_MINUTE: u64 = 64 * 1024 * 1024;
+
+/// A token bucket of upload bytes.
+#[derive(Debug)]
+struct Allowance {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Default for Allowance {
+    fn default() -> Self {
+        Allowance { tokens: UPLOAD_BYTES_PER_MINUTE as f64, at: std::time::Instant::now() }
+    }
+}
+
+impl Allowance {
+    fn take(&mut self, cost: u64) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() / 60.0 * UPLOAD_BYTES_PER_MINUTE as f64;
+        self.tokens = (self.tokens + refill).min(UPLOAD_BYTES_PER_MINUTE as f64);
+        self.at = now;
+        if self.tokens < cost as f64 {
+            return false;
+        }
+        self.tokens -= cost as f64;
+        true
+    }
 }
 
 /// How often the server looks for revocations and wipes of connected devices.
@@ -163,6 +196,7 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         server_key: identity.public_key(),
         live: Mutex::new(HashMap::new()),
         enrolling: std::sync::atomic::AtomicUsize::new(0),
+        rates: Mutex::new(HashMap::new()),
     });
     let revocations = tokio::spawn(watch_revocations(shared.clone()));
     let watcher = tokio::spawn(watch_changes(store, changed));
@@ -380,6 +414,7 @@ async fn run_sync(
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let mut changes = shared.changes.clone();
     changes.borrow_and_update();
+    let device_id = device.id;
     let mut session = ServerSession::new(device).presenting(shared.server_key);
     // The sync's duration ends with its last round: waiting in a live session is not syncing.
     let started = std::time::Instant::now();
@@ -421,6 +456,24 @@ async fn run_sync(
         };
         if let ClientMessage::Upload { docs, .. } = &message {
             metrics().documents.get_or_create(&RECEIVED).inc_by(docs.len() as u64);
+        }
+        // Per device, across its connections: one device's flood never takes the store from others.
+        let cost = match &message {
+            ClientMessage::Upload { docs, .. } => {
+                docs.iter().flat_map(|d| &d.changes).map(|c| c.len() as u64).sum()
+            }
+            ClientMessage::ViewLog { entries } => entries.len() as u64 * 256,
+            _ => 0,
+        };
+        if cost > 0 && !shared.rates.lock().expect("rates").entry(device_id).or_default().take(cost) {
+            let refusal = ServerMessage::Refused {
+                message: "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly"
+                    .into(),
+            };
+            let _ = write_frame(&mut send, &refusal).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+            return Err(ConnectionError::Busy);
         }
         let (back, replies) = on_store(session, shared.store.clone(), move |s, store| {
             s.handle(message, store, care_node::now_ms())
