@@ -196,6 +196,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A compressed change chunk whose body inflates to `mib` MiB of zeros: what a hostile peer
+/// sends to exhaust memory. For tests of the bounds above (not a valid change once inflated).
+#[doc(hidden)]
+pub fn deflate_bomb(mib: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        encoder.write_all(&zeros).expect("in memory");
+    }
+    let body = encoder.finish().expect("in memory");
+    let mut chunk = MAGIC.to_vec();
+    chunk.extend_from_slice(&[0, 0, 0, 0, COMPRESSED_CHANGE]);
+    let mut len = body.len();
+    while len >= 0x80 {
+        chunk.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    chunk.push(len as u8);
+    chunk.extend_from_slice(&body);
+    chunk
+}
+
 /// An unsigned LEB128 number and how many bytes it took.
 fn uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut value = 0u64;
@@ -210,8 +233,6 @@ fn uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use automerge::transaction::Transactable;
 
     use super::*;
@@ -240,24 +261,8 @@ mod tests {
         let size = change_size(&compressed, 1 << 20).unwrap();
         assert!(size >= 100_000, "{size}");
         assert_eq!(change_size(&compressed, 50_000), Err(ChunkError::TooLarge { limit: 50_000 }));
-        // A bomb: a gigabyte of zeros in about a megabyte; only the limit's worth is inflated.
-        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        for _ in 0..64 {
-            encoder.write_all(&vec![0u8; 1 << 20]).unwrap();
-        }
-        let body = encoder.finish().unwrap();
-        let mut bomb = MAGIC.to_vec();
-        bomb.extend_from_slice(&[0, 0, 0, 0, COMPRESSED_CHANGE]);
-        let mut len = body.len();
-        loop {
-            let byte = (len & 0x7f) as u8;
-            len >>= 7;
-            bomb.push(if len > 0 { byte | 0x80 } else { byte });
-            if len == 0 {
-                break;
-            }
-        }
-        bomb.extend_from_slice(&body);
+        // A bomb: 64 MiB of zeros in about 64 KB; only the limit's worth is inflated.
+        let bomb = deflate_bomb(64);
         assert_eq!(change_size(&bomb, 256 * 1024), Err(ChunkError::TooLarge { limit: 256 * 1024 }));
     }
 

@@ -3,9 +3,11 @@
 //! change bombs from an enrolled device, and a crowd of MLLP connections sending endless
 //! messages. The server stays under 300 MB and a legitimate device syncs afterwards.
 
-use std::io::Write;
+mod common;
+use common::{free_port, server};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use care_node::client::DeviceConnection;
@@ -14,16 +16,6 @@ use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
 use care_node::store::DeviceStore;
 use care_sync_server::store::{DeviceRegistry, Governance, PatientRecords};
 use tokio::io::AsyncWriteExt;
-
-fn server(data: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_care-sync-server"));
-    command.arg("--data-dir").arg(data).args(args).stdin(Stdio::null()).stderr(Stdio::null());
-    command
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn token(data: &Path, name: &str, port: u16) -> String {
     let out = server(
@@ -48,23 +40,6 @@ fn peak_mb(child: &Child) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
-
-fn bomb() -> Vec<u8> {
-    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-    for _ in 0..256 {
-        encoder.write_all(&vec![0u8; 1 << 20]).unwrap(); // 256 MiB of zeros
-    }
-    let body = encoder.finish().unwrap();
-    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
-    let mut len = body.len();
-    while len >= 0x80 {
-        chunk.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    chunk.push(len as u8);
-    chunk.extend_from_slice(&body);
-    chunk
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -125,7 +100,7 @@ async fn floods_and_bombs_keep_the_server_under_300_mb_and_a_legitimate_device_s
         }
     }
     // 2. Compressed change bombs (256 MiB of zeros each, in about 256 KB) from the enrolled device.
-    let bomb = bomb();
+    let bomb = care_node::chunk::deflate_bomb(256); // 256 MiB of zeros
     for _ in 0..5 {
         let mut conn = DeviceConnection::open(&hostile).await.unwrap();
         let cursor = hostile.sync_state().unwrap().cursor;

@@ -2,24 +2,17 @@
 //! cold sync, start it again, and the next sync completes with nothing lost and nothing that was
 //! already applied sent again.
 
+mod common;
+use common::{free_port, server};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 
 const PATIENTS: usize = 3_000;
-
-fn server(data: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_care-sync-server"));
-    command.arg("--data-dir").arg(data).args(args).stdin(Stdio::null()).stderr(Stdio::null());
-    command
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn serve(data: &Path, port: u16) -> Child {
     let child = server(
@@ -46,7 +39,7 @@ async fn a_killed_server_loses_nothing_and_resends_nothing_applied() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
     assert!(server(&data, &["generate", "--patients", &PATIENTS.to_string()]).status().unwrap().success());
-    let port = free_udp_port();
+    let port = free_port();
     let token = server(
         &data,
         &[

@@ -254,3 +254,16 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 pub async fn within<T>(seconds: u64, future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(seconds), future).await.expect("finished in time")
 }
+
+/// A raw sync session of `device` (as a hostile client would open one): connected, `Hello` sent
+/// with the device's cursor, the server's `Welcome` received. Frames are the caller's from here.
+pub async fn welcomed(device: &TestDevice) -> care_node::client::DeviceConnection {
+    use care_node::protocol::{ClientMessage, ServerMessage};
+    let mut conn = within(30, care_node::client::DeviceConnection::open(&device.store)).await.unwrap();
+    let cursor = device.store.sync_state().unwrap().cursor;
+    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+        .await
+        .unwrap();
+    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    conn
+}

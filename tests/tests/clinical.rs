@@ -204,16 +204,7 @@ async fn a_change_that_deletes_is_refused() {
     let id = patient.summary.patient_id().unwrap();
     patient.summary.set_actor(&crew.store.identity().unwrap().public_key());
     let change = patient.summary.delete_section_for_test(Section::Allergies);
-    let mut conn = within(30, care_node::client::DeviceConnection::open(&crew.store)).await.unwrap();
-    conn.send(&ClientMessage::Hello {
-        cursor: crew.store.sync_state().unwrap().cursor,
-        resume: None,
-        staged_server_key: None,
-        incarnation: None,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(&crew).await;
     conn.send(&ClientMessage::Upload {
         through: 1,
         docs: vec![DocChanges { doc: id, changes: vec![serde_bytes::ByteBuf::from(change)] }],

@@ -1,7 +1,7 @@
 //! Who gets what, end to end: scopes, budgets, consent, break glass, wipe, lease, view audit,
 //! planning exports.
 
-use care_node::client::{ClientError, DeviceConnection, request_access};
+use care_node::client::{ClientError, request_access};
 use care_node::protocol::{AccessKind, ClientMessage, ServerMessage};
 use care_node::store::{DeviceStore, StoreError};
 use care_node::sync::AccessRequest;
@@ -250,12 +250,7 @@ async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
     let mut tampered = SignedView::sign(&identity, entry(head_seq + 3, skipped.hash()));
     tampered.entry.action = "nothing".into();
     let entries = vec![SignedView::sign(&identity, skipped), tampered];
-    let mut conn = within(30, DeviceConnection::open(&nurse.store)).await.unwrap();
-    let cursor = nurse.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
-        .await
-        .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(&nurse).await;
     conn.send(&ClientMessage::ViewLog { entries }).await.unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::ViewLogAck { .. })));
     // One alert for the batch (a flood of problems is one alert), every problem in the audit.

@@ -2,7 +2,6 @@
 //! content no legitimate device would produce. Each attack is refused with a clear answer,
 //! changes nothing on the server, and a legitimate device syncing beside it is unaffected.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use care_node::client::DeviceConnection;
@@ -38,12 +37,7 @@ fn forge(device: &TestDevice, doc: &PatientId, edit: impl FnOnce(&mut PatientSum
 
 /// Uploads raw change bytes for `doc` in a session of its own; returns what the server refused.
 async fn upload(device: &TestDevice, doc: PatientId, changes: Vec<Vec<u8>>) -> Vec<RefusedDoc> {
-    let mut conn = within(30, DeviceConnection::open(&device.store)).await.unwrap();
-    let cursor = device.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
-        .await
-        .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(device).await;
     let docs =
         vec![DocChanges { doc, changes: changes.into_iter().map(serde_bytes::ByteBuf::from).collect() }];
     conn.send(&ClientMessage::Upload { through: 1, docs }).await.unwrap();
@@ -149,19 +143,7 @@ async fn a_compressed_bomb_and_an_oversized_change_are_refused_before_they_are_s
     assert_eq!(refused[0].rule, "too-large");
 
     // A bomb: a compressed chunk of 64 MiB of zeros; refused after inflating at most the limit.
-    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-    for _ in 0..64 {
-        encoder.write_all(&vec![0u8; 1 << 20]).unwrap();
-    }
-    let body = encoder.finish().unwrap();
-    let mut bomb = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
-    let mut len = body.len();
-    while len >= 0x80 {
-        bomb.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    bomb.push(len as u8);
-    bomb.extend_from_slice(&body);
+    let bomb = care_node::chunk::deflate_bomb(64);
     let started = Instant::now();
     let refused = upload(&hostile, target, vec![bomb]).await;
     assert_eq!(refused[0].rule, "too-large");
@@ -356,12 +338,7 @@ async fn view_log_entries_for_patients_not_held_or_far_ahead_are_not_recorded() 
     let first = entry(1, [0; 32], other);
     let second = entry(u64::MAX, first.hash(), held);
     let entries = vec![SignedView::sign(&identity, first), SignedView::sign(&identity, second)];
-    let mut conn = within(30, DeviceConnection::open(&nurse.store)).await.unwrap();
-    let cursor = nurse.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
-        .await
-        .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(&nurse).await;
     conn.send(&ClientMessage::ViewLog { entries }).await.unwrap();
     assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::ViewLogAck { .. })));
     let audit = server.store.audit_entries(&Default::default()).unwrap();
@@ -424,11 +401,7 @@ async fn an_upload_flood_is_cut_off_by_the_per_device_rate_and_others_sync() {
     server.caseload("ambulance-bad", [0]);
     server.caseload("ambulance-good", [0]);
     let target = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
-    let mut conn = within(30, DeviceConnection::open(&hostile.store)).await.unwrap();
-    conn.send(&ClientMessage::Hello { cursor: 0, resume: None, staged_server_key: None, incarnation: None })
-        .await
-        .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(&hostile).await;
     // Seven-megabyte batches of junk, back to back: past 64 MiB in a minute the session is refused.
     let junk = vec![serde_bytes::ByteBuf::from(vec![0xaa; 7 << 20])];
     let mut refused = None;

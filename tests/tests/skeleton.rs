@@ -214,12 +214,7 @@ async fn a_device_cannot_upload_changes_authored_by_another_device() {
     patient.summary.add(&Allergy::new("Forged", nurse.store.provenance().unwrap())).unwrap();
     let forged = patient.summary.last_local_change().unwrap().raw_bytes().to_vec();
 
-    let mut conn = within(30, DeviceConnection::open(&crew.store)).await.unwrap();
-    let cursor = crew.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
-        .await
-        .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    let mut conn = care_sync_e2e::welcomed(&crew).await;
     let upload = ClientMessage::Upload {
         through: 1,
         docs: vec![DocChanges { doc: patient_id, changes: vec![serde_bytes::ByteBuf::from(forged)] }],

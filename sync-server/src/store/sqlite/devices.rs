@@ -213,35 +213,11 @@ impl DeviceRegistry for SqliteStore {
     }
 
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let changed = conn.execute(
-            "UPDATE devices SET revoked_at_ms = ?1 WHERE name = ?2 AND revoked_at_ms IS NULL",
-            params![now_ms, name],
-        )?;
-        if changed == 0 {
-            let exists: i64 =
-                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
-            if exists == 0 {
-                return Err(StoreError::UnknownDevice(name.to_string()));
-            }
-        }
-        Ok(changed > 0)
+        self.stamp_once(name, "revoked_at_ms", now_ms)
     }
 
     fn request_wipe(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let changed = conn.execute(
-            "UPDATE devices SET wipe_requested_at_ms = ?1 WHERE name = ?2 AND wipe_requested_at_ms IS NULL",
-            params![now_ms, name],
-        )?;
-        if changed == 0 {
-            let exists: i64 =
-                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
-            if exists == 0 {
-                return Err(StoreError::UnknownDevice(name.to_string()));
-            }
-        }
-        Ok(changed > 0)
+        self.stamp_once(name, "wipe_requested_at_ms", now_ms)
     }
 
     fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError> {
@@ -266,4 +242,24 @@ pub(super) fn new_incarnation(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
         [fresh.as_slice()],
     )?;
     Ok(fresh)
+}
+
+impl SqliteStore {
+    /// Sets a device's time column if it is not set yet; false if it was (idempotent operator
+    /// actions). `column` is one of this file's own names, never input.
+    fn stamp_once(&self, name: &str, column: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            &format!("UPDATE devices SET {column} = ?1 WHERE name = ?2 AND {column} IS NULL"),
+            params![now_ms, name],
+        )?;
+        if changed == 0 {
+            let exists: i64 =
+                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
+            if exists == 0 {
+                return Err(StoreError::UnknownDevice(name.to_string()));
+            }
+        }
+        Ok(changed > 0)
+    }
 }
