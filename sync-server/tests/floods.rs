@@ -4,9 +4,8 @@
 //! messages. The server stays under 300 MB and a legitimate device syncs afterwards.
 
 mod common;
-use common::{free_port, server};
+use common::{free_port, server, token};
 
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -16,24 +15,6 @@ use care_node::protocol::{ClientMessage, DocChanges, ServerMessage};
 use care_node::store::DeviceStore;
 use care_sync_server::store::{DeviceRegistry, Governance, PatientRecords};
 use tokio::io::AsyncWriteExt;
-
-fn token(data: &Path, name: &str, port: u16) -> String {
-    let out = server(
-        data,
-        &[
-            "enrol-device",
-            "--name",
-            name,
-            "--role",
-            "ambulance-crew",
-            "--server-addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-    )
-    .output()
-    .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// The process's peak resident memory, in MB.
 fn peak_mb(child: &Child) -> u64 {

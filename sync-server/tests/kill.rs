@@ -3,7 +3,7 @@
 //! already applied sent again.
 
 mod common;
-use common::{free_port, server};
+use common::{free_port, server, token};
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -40,21 +40,7 @@ async fn a_killed_server_loses_nothing_and_resends_nothing_applied() {
     let data = dir.path().join("server");
     assert!(server(&data, &["generate", "--patients", &PATIENTS.to_string()]).status().unwrap().success());
     let port = free_port();
-    let token = server(
-        &data,
-        &[
-            "enrol-device",
-            "--name",
-            "tablet",
-            "--role",
-            "ambulance-crew",
-            "--server-addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-    )
-    .output()
-    .unwrap();
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let token = token(&data, "tablet", port);
     let mut server_process = serve(&data, port);
 
     let wrapper =

@@ -10,10 +10,6 @@ use care_sync_e2e::{PASSPHRASE, TestDevice, TestServer, cheap_wrapper, contains,
 use care_sync_server::operator::ops;
 use care_sync_server::store::{AuditFilter, Role};
 
-fn device_id(server: &TestServer, name: &str) -> i64 {
-    server.store.device_by_name(name).unwrap().unwrap().id
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_out_of_scope_patient_never_reaches_a_device() {
     let server = TestServer::start(12).await;
@@ -237,7 +233,7 @@ async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
 
     // A device (or someone with its key) sends a chain with a gap and a tampered entry.
     let identity = nurse.store.identity().unwrap();
-    let (head_seq, _) = server.store.view_head(device_id(&server, "nurse-7")).unwrap();
+    let (head_seq, _) = server.store.view_head(server.device_id("nurse-7")).unwrap();
     let entry = |seq: u64, prev: [u8; 32]| ViewEntry {
         seq,
         prev_hash: prev,

@@ -89,7 +89,7 @@ async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_qua
     assert!(
         server
             .store
-            .scope_candidates(crew_id(&server, "ambulance-stolen"), &[], care_node::now_ms())
+            .scope_candidates(server.device_id("ambulance-stolen"), &[], care_node::now_ms())
             .unwrap()
             .iter()
             .all(|c| c.patient != other)
@@ -111,10 +111,6 @@ async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_qua
         shown.len()
     );
     assert_eq!(summary.merged_into().unwrap(), None);
-}
-
-fn crew_id(server: &TestServer, name: &str) -> i64 {
-    server.store.device_by_name(name).unwrap().unwrap().id
 }
 
 #[tokio::test(flavor = "multi_thread")]

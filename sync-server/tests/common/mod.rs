@@ -14,3 +14,22 @@ pub fn server(data: &Path, args: &[&str]) -> Command {
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A one-time enrolment token for a new ambulance-crew device `name`, pointing at `port`.
+pub fn token(data: &Path, name: &str, port: u16) -> String {
+    let out = server(
+        data,
+        &[
+            "enrol-device",
+            "--name",
+            name,
+            "--role",
+            "ambulance-crew",
+            "--server-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )
+    .output()
+    .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
