@@ -179,6 +179,19 @@ async fn wrong_passphrase_tampering_and_swapped_rows_are_clear_errors() {
     )
     .unwrap();
     assert!(crew.store.find_by_nhs(&a).unwrap().is_some());
+    // Rollback: keep a copy of a's row, record an allergy (the row moves to a new version), then
+    // put the old row back. Each version authenticates on its own; the store no longer adds up.
+    conn.execute_batch("CREATE TEMP TABLE old_rows AS SELECT * FROM documents;").unwrap();
+    let p = crew.store.provenance().unwrap();
+    crew.store.add_entry(&a, &care_node::summary::Allergy::new("Latex", p)).unwrap();
+    let conn = crew.store.connection();
+    conn.execute_batch("DELETE FROM documents; INSERT INTO documents SELECT * FROM old_rows;").unwrap();
+    let err =
+        DeviceStore::open(&crew.path, &cheap_wrapper(PASSPHRASE)).expect_err("a rolled-back row is refused");
+    assert!(
+        matches!(err, StoreError::Tampered { .. }) && err.to_string().contains("rolled back"),
+        "got {err:?}"
+    );
     let (rowid, mut body): (i64, Vec<u8>) = conn
         .query_row("SELECT rowid, body FROM documents ORDER BY rowid LIMIT 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))

@@ -283,11 +283,32 @@ impl DeviceStore {
         conn.execute_batch(SCHEMA)?;
         let lookup = key.lookup_hasher();
         let store = Self { conn, key, lookup };
+        store.verify_rows()?;
         if store.get_secret::<Zeroizing<Vec<u8>>>("identity")?.is_none() {
             let identity = Identity::generate();
             store.put_secret("identity", &Zeroizing::new(identity.seed().to_vec()))?;
         }
         Ok(store)
+    }
+
+    /// Checks that the document rows add up to the sealed rows root (see [`ROWS_ROOT`]).
+    fn verify_rows(&self) -> Result<(), StoreError> {
+        let mut root = [0u8; 32];
+        let mut stmt = self.conn.prepare_cached("SELECT doc_key, version FROM documents")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let mark = row_mark(&self.lookup, &row.get::<_, Vec<u8>>(0)?, row.get(1)?);
+            for (r, m) in root.iter_mut().zip(mark) {
+                *r ^= m;
+            }
+        }
+        let sealed: [u8; 32] = self.get_secret(ROWS_ROOT)?.unwrap_or([0; 32]);
+        if sealed != root {
+            return Err(StoreError::Tampered {
+                row: "documents (a row was rolled back, removed or added)".into(),
+            });
+        }
+        Ok(())
     }
 
     fn configure(conn: &Connection) -> Result<(), StoreError> {
@@ -441,6 +462,31 @@ fn row_aad(table: &str, key: &[u8], version: i64) -> Vec<u8> {
     aad
 }
 
+/// The sealed secret that accumulates a keyed mark of every document row's (lookup key,
+/// version): a row put back at an older version, or one removed or added behind the store's
+/// back, no longer adds up, and the store refuses to open. (A whole file rolled back together
+/// with this secret needs state outside the file to detect: see docs/security.md.)
+const ROWS_ROOT: &str = "rows_root";
+
+fn row_mark(lookup: &LookupHasher, doc_key: &[u8], version: i64) -> [u8; 32] {
+    lookup.hash("row", &format!("{}:{version}", crate::identity::hex(doc_key)))
+}
+
+/// Toggles `marks` in the rows root (XOR: adding and removing a mark are the same step).
+pub(super) fn adjust_rows_root(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    marks: &[[u8; 32]],
+) -> Result<(), StoreError> {
+    let mut root: [u8; 32] = get_secret(tx, key, ROWS_ROOT)?.unwrap_or([0; 32]);
+    for mark in marks {
+        for (r, m) in root.iter_mut().zip(mark) {
+            *r ^= m;
+        }
+    }
+    put_secret(tx, key, ROWS_ROOT, &root)
+}
+
 /// What a document row's sealed columns are bound to: both its lookup keys, so a row whose NHS
 /// number lookup was swapped with another's fails authentication instead of showing one patient
 /// under another's number.
@@ -528,11 +574,14 @@ fn write_document(
         }
         None => lookup.hash("provisional", &patient_id.to_string()),
     };
-    let version: i64 = tx
+    let previous: Option<i64> = tx
         .prepare_cached("SELECT version FROM documents WHERE doc_key = ?1")?
         .query_row([doc_key.as_slice()], |r| r.get(0))
-        .optional()?
-        .map_or(1, |v: i64| v + 1);
+        .optional()?;
+    let version = previous.map_or(1, |v| v + 1);
+    let mut marks = vec![row_mark(lookup, &doc_key, version)];
+    marks.extend(previous.map(|v| row_mark(lookup, &doc_key, v)));
+    adjust_rows_root(tx, key, &marks)?;
     let card = PatientCard {
         patient_id,
         nhs_number: demographics.nhs_number,

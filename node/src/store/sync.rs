@@ -211,7 +211,14 @@ fn apply_one(
     let mut notified = 0;
     match &item.body {
         DocBody::Purge => {
-            tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
+            let version: Option<i64> = tx
+                .prepare_cached("SELECT version FROM documents WHERE doc_key = ?1")?
+                .query_row([doc_key.as_slice()], |r| r.get(0))
+                .optional()?;
+            if let Some(version) = version {
+                tx.execute("DELETE FROM documents WHERE doc_key = ?1", [doc_key.as_slice()])?;
+                adjust_rows_root(tx, key, &[row_mark(lookup, &doc_key, version)])?;
+            }
         }
         DocBody::Whole(bytes) => match read_body(tx, key, &doc_key)? {
             Some(existing) => {

@@ -9,7 +9,7 @@ impl DeviceStore {
     pub fn wipe_patient_data(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
             "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log; DELETE FROM notifications;
-             DELETE FROM secrets WHERE name IN ('sync', 'view_head'); COMMIT;",
+             DELETE FROM secrets WHERE name IN ('sync', 'view_head', 'rows_root'); COMMIT;",
         )?;
         self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
         Ok(())
