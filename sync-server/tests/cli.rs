@@ -36,6 +36,9 @@ fn the_printed_configuration_is_a_complete_file_and_bad_keys_are_named() {
         "lease_hours_ambulance_crew",
         "prefetch_flags",
         "[logging]",
+        "[limits]",
+        "upload_bytes_per_minute",
+        "access_requests_per_hour",
     ] {
         assert!(printed.contains(key), "`{key}` missing from\n{printed}");
     }

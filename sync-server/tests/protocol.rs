@@ -217,3 +217,19 @@ fn a_message_out_of_order_is_a_protocol_error() {
     let err = server.handle(ClientMessage::UploadDone, &w.server, 1).unwrap_err();
     assert!(err.to_string().contains("unexpected UploadDone"), "{err}");
 }
+
+#[test]
+fn a_batch_over_the_configured_limits_ends_the_session_and_nothing_is_applied() {
+    use care_sync_server::domain::limits::Limits;
+    let w = world(3);
+    let limits = Limits { upload_docs: 1, ..Limits::default() };
+    let mut server = ServerSession::new(w.record.clone()).limited(limits);
+    let hello = ClientMessage::Hello { cursor: 0, resume: None, staged_server_key: None, incarnation: None };
+    server.handle(hello, &w.server, 1).unwrap();
+    let ids: Vec<_> = w.server.patient_ids().unwrap().into_iter().map(|(id, _)| id).take(2).collect();
+    let docs = ids.iter().map(|&doc| care_node::protocol::DocChanges { doc, changes: vec![] }).collect();
+    let seq = w.server.max_seq().unwrap();
+    let err = server.handle(ClientMessage::Upload { through: 1, docs }, &w.server, 1).unwrap_err();
+    assert!(err.to_string().contains("at most 1 documents"), "{err}");
+    assert_eq!(w.server.max_seq().unwrap(), seq);
+}

@@ -289,7 +289,7 @@ async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_
 
     // A flood: past the hourly limit every request is refused, under one alert.
     let mut refused = 0;
-    for _ in 0..care_sync_server::domain::governance::MAX_ACCESS_REQUESTS_PER_HOUR + 3 {
+    for _ in 0..care_sync_server::domain::limits::Limits::default().access_requests_per_hour + 3 {
         let (d, _) = within(
             30,
             request_access(&mut crew.store, ask("9990000999", AccessKind::BreakGlass, "collapsed in street")),

@@ -27,8 +27,6 @@ pub fn lease_ms(store: &dyn ServerStore, role: Role) -> Result<u64, StoreError> 
 
 /// Audited actions that count as access requests for the rate limit.
 const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];
-/// Access requests one device may make in an hour.
-pub const MAX_ACCESS_REQUESTS_PER_HOUR: usize = 20;
 
 /// Grants (or refuses) access asked for at the point of care, audits it, and raises an alert
 /// (break glass and permission to view alike). A reason is required for both.
@@ -38,6 +36,7 @@ pub fn decide_access(
     nhs_number: &str,
     kind: AccessKind,
     reason: &str,
+    per_hour: usize,
     now_ms: i64,
 ) -> Result<ServerMessage, StoreError> {
     let refuse = |message: &str| {
@@ -55,13 +54,13 @@ pub fn decide_access(
         .iter()
         .filter(|a| ACCESS_ACTIONS.contains(&a.action.as_str()))
         .count();
-    if recent >= MAX_ACCESS_REQUESTS_PER_HOUR {
+    if recent >= per_hour {
         let open = store
             .alerts(false)?
             .iter()
             .any(|a| a.kind == "access-flood" && a.device.as_deref() == Some(&device.name));
         if !open {
-            let reason = format!("more than {MAX_ACCESS_REQUESTS_PER_HOUR} access requests in an hour");
+            let reason = format!("more than {per_hour} access requests in an hour");
             store.raise_alert("access-flood", Some(device.id), None, &reason, now_ms)?;
         }
         return refuse("too many access requests from this device in the last hour; ask the operator");

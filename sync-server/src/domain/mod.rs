@@ -2,10 +2,12 @@
 //! device is granted, and what a device may write.
 //!
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
+//! - [`limits`]: what one peer may cost the server (the `[limits]` settings).
 //! - [`governance`]: leases, permission to view, break glass, view-log verification.
 //! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
 //!   ([`care_node::policy`]), before anything is committed.
 
 pub mod governance;
+pub mod limits;
 pub mod scope;
 pub mod upload;

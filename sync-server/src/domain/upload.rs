@@ -1,7 +1,7 @@
 //! Where an upload gets checked. Every change a device sends passes here before anything is
 //! committed, in this order, cheapest first:
 //!
-//! 1. the batch's bounds ([`MAX_UPLOAD_DOCS`], [`MAX_UPLOAD_CHANGES`]): a batch over them ends
+//! 1. the batch's bounds ([`Limits`]`::upload_docs`, `upload_changes`): a batch over them ends
 //!    the session (a well-behaved device never sends one);
 //! 2. per document: the device holds it and the patient is in its scope now;
 //! 3. per change: its size once inflated and the item counts its columns claim
@@ -24,12 +24,8 @@ use care_node::policy::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES, Refusal, Rule, Wri
 use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary};
 
+use crate::domain::limits::Limits;
 use crate::store::{CheckedChanges, DeviceRecord, ServerStore, StoreError, UploadError};
-
-/// Most documents in one upload batch.
-pub const MAX_UPLOAD_DOCS: usize = 1_000;
-/// Most changes in one upload batch.
-pub const MAX_UPLOAD_CHANGES: usize = 10_000;
 
 /// The changes of a batch that passed, by document, with what was refused.
 #[derive(Debug, Default)]
@@ -52,10 +48,11 @@ pub fn check(
     device: &DeviceRecord,
     docs: &[DocChanges],
     writable: &HashSet<PatientId>,
+    limits: &Limits,
 ) -> Result<CheckedUpload, UploadError> {
     let changes: usize = docs.iter().map(|d| d.changes.len()).sum();
-    if docs.len() > MAX_UPLOAD_DOCS || changes > MAX_UPLOAD_CHANGES {
-        return Err(UploadError::TooMany { docs: docs.len(), changes });
+    if docs.len() > limits.upload_docs || changes > limits.upload_changes {
+        return Err(UploadError::TooMany { docs: docs.len(), changes, limits: *limits });
     }
     let key = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
     let writer = Writer { actor: &key, device_name: &device.name, role: device.role.as_str() };

@@ -39,6 +39,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
     pub policy: PolicyConfig,
+    /// What one peer may cost the server (docs/security.md, Bounds).
+    pub limits: crate::domain::limits::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +181,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             logging: LoggingConfig::default(),
             policy: PolicyConfig::default(),
+            limits: crate::domain::limits::Limits::default(),
         }
     }
 }

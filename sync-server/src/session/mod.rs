@@ -20,10 +20,10 @@ use care_node::protocol::{
 use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
 
+use crate::domain::limits::Limits;
 use crate::domain::upload::RefusedUpload;
 use crate::store::{
-    ChangesByDoc, DeviceRecord, QUARANTINE_PER_DEVICE, RoundOutcome, ScopeCache, ServerStore, StoreError,
-    UploadError,
+    ChangesByDoc, DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError,
 };
 
 /// Most items in one `Docs` frame.
@@ -88,6 +88,7 @@ pub struct ServerSession {
     announced_key: Option<PublicKey>,
     /// The documents the device may write to (held and in scope), computed at its first upload.
     writable: Option<HashSet<PatientId>>,
+    limits: Limits,
 }
 
 impl ServerSession {
@@ -102,6 +103,7 @@ impl ServerSession {
             presented_key: None,
             announced_key: None,
             writable: None,
+            limits: Limits::default(),
         }
     }
 
@@ -109,6 +111,12 @@ impl ServerSession {
     /// key between `server-key activate` and the restart that presents it).
     pub fn presenting(mut self, key: PublicKey) -> Self {
         self.presented_key = Some(key);
+        self
+    }
+
+    /// A session bounded by `limits` instead of the defaults.
+    pub fn limited(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -226,6 +234,7 @@ impl ServerSession {
                     &nhs_number,
                     kind,
                     &reason,
+                    self.limits.access_requests_per_hour,
                     now_ms,
                 )?])
             }
@@ -239,7 +248,7 @@ impl ServerSession {
                 Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
-                if store.quarantine_count(self.device.id)? >= QUARANTINE_PER_DEVICE {
+                if store.quarantine_count(self.device.id)? >= self.limits.quarantine_per_device {
                     return Err(UploadError::QuarantineFull.into());
                 }
                 if self.writable.is_none() {
@@ -249,7 +258,8 @@ impl ServerSession {
                 // Checked outside the store's lock, committed only if no document moved meanwhile.
                 let mut attempts = 0;
                 let (checked, outcome) = loop {
-                    let checked = crate::domain::upload::check(store, &self.device, &docs, writable)?;
+                    let checked =
+                        crate::domain::upload::check(store, &self.device, &docs, writable, &self.limits)?;
                     match store.commit_device_changes(&self.device, &checked.accepted) {
                         Err(UploadError::Moved(_)) if attempts < 5 => attempts += 1,
                         result => break (checked, result?),

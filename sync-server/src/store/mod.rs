@@ -50,8 +50,12 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UploadError {
-    #[error("an upload batch may hold at most 1,000 documents and 10,000 changes (got {docs} and {changes})")]
-    TooMany { docs: usize, changes: usize },
+    #[error(
+        "an upload batch may hold at most {} documents and {} changes (got {docs} and {changes})",
+        limits.upload_docs,
+        limits.upload_changes
+    )]
+    TooMany { docs: usize, changes: usize, limits: crate::domain::limits::Limits },
     #[error(
         "this device has too many refused changes awaiting review; an operator must review the quarantine"
     )]
@@ -291,9 +295,6 @@ pub struct QuarantineRecord {
     /// The refused changes, exactly as uploaded (patient data: shown to no one by default).
     pub changes: Vec<Vec<u8>>,
 }
-
-/// How many unreviewed refused uploads one device may have before its uploads are refused whole.
-pub const QUARANTINE_PER_DEVICE: u64 = 1_000;
 
 /// How many recent feed refusals the store keeps for operators.
 pub const FEED_ERRORS_KEPT: usize = 100;

@@ -19,16 +19,11 @@ use care_node::token::EnrolmentToken;
 use care_node::wire::{WireError, read_frame, read_frame_within, write_frame};
 use tracing::Instrument;
 
+use crate::domain::limits::Limits;
 use crate::operator::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
 use crate::session::{ServerSession, SessionError};
 use crate::store::{DeviceRecord, ServerStore};
 
-/// How long the server waits for a device's next frame.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an enrolment connection (no certificate yet) may take to send its request.
-pub const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Enrolment connections (unauthenticated) open at once; more are refused.
-pub const MAX_ENROL_CONNECTIONS: usize = 64;
 /// How long the server waits for a device to close after the session ended.
 pub const LINGER: Duration = Duration::from_secs(10);
 /// Connections beyond this are refused.
@@ -80,30 +75,26 @@ struct Shared {
     enrolling: std::sync::atomic::AtomicUsize,
     /// Each device's upload allowance.
     rates: Mutex<HashMap<i64, Allowance>>,
+    limits: Limits,
 }
 
-/// Bytes a device may upload per minute (changes, and view-log entries at 256 bytes each); a
-/// token bucket, so a device back from a long shift offline can send its backlog at once.
-pub const UPLOAD_BYTES_PER_MINUTE: u64 = 64 * 1024 * 1024;
-
-/// A token bucket of upload bytes.
+/// A token bucket of upload bytes (`Limits::upload_bytes_per_minute`), so a device back from a
+/// long shift offline can still send its backlog at once.
 #[derive(Debug)]
 struct Allowance {
     tokens: f64,
     at: std::time::Instant,
 }
 
-impl Default for Allowance {
-    fn default() -> Self {
-        Allowance { tokens: UPLOAD_BYTES_PER_MINUTE as f64, at: std::time::Instant::now() }
-    }
-}
-
 impl Allowance {
-    fn take(&mut self, cost: u64) -> bool {
+    fn full(per_minute: u64) -> Self {
+        Allowance { tokens: per_minute as f64, at: std::time::Instant::now() }
+    }
+
+    fn take(&mut self, cost: u64, per_minute: u64) -> bool {
         let now = std::time::Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() / 60.0 * UPLOAD_BYTES_PER_MINUTE as f64;
-        self.tokens = (self.tokens + refill).min(UPLOAD_BYTES_PER_MINUTE as f64);
+        let refill = now.duration_since(self.at).as_secs_f64() / 60.0 * per_minute as f64;
+        self.tokens = (self.tokens + refill).min(per_minute as f64);
         self.at = now;
         if self.tokens < cost as f64 {
             return false;
@@ -183,8 +174,17 @@ impl RunningServer {
     }
 }
 
-/// Starts the server on `listen` (port 0 picks a free port).
+/// Starts the server on `listen` (port 0 picks a free port), with the default [`Limits`].
 pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<RunningServer, ServerError> {
+    start_with(store, listen, Limits::default()).await
+}
+
+/// [`start`] bounded by `limits` (the configuration file's `[limits]`).
+pub async fn start_with(
+    store: Arc<dyn ServerStore>,
+    listen: SocketAddr,
+    limits: Limits,
+) -> Result<RunningServer, ServerError> {
     let identity = store.server_identity()?;
     let config = server_config(&identity, Arc::new(StorePolicy(store.clone())))?;
     let endpoint = quinn::Endpoint::server(config, listen).map_err(|e| ServerError::Bind(listen, e))?;
@@ -197,6 +197,7 @@ pub async fn start(store: Arc<dyn ServerStore>, listen: SocketAddr) -> Result<Ru
         live: Mutex::new(HashMap::new()),
         enrolling: std::sync::atomic::AtomicUsize::new(0),
         rates: Mutex::new(HashMap::new()),
+        limits,
     });
     let revocations = tokio::spawn(watch_revocations(shared.clone()));
     let watcher = tokio::spawn(watch_changes(store, changed));
@@ -293,13 +294,14 @@ fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
     certificate_key(certs.first()?)
 }
 
-/// Reads an enrolment frame: small, and within [`ENROL_TIMEOUT`].
+/// Reads an enrolment frame: small, and within `deadline`.
 async fn read_with_deadline<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
+    deadline: Duration,
 ) -> Result<Option<T>, ConnectionError> {
-    match tokio::time::timeout(ENROL_TIMEOUT, read_frame_within::<T>(recv, MAX_ENROL_FRAME_LEN)).await {
+    match tokio::time::timeout(deadline, read_frame_within::<T>(recv, MAX_ENROL_FRAME_LEN)).await {
         Ok(result) => Ok(result?.map(|(message, _)| message)),
-        Err(_) => Err(ConnectionError::Timeout(ENROL_TIMEOUT)),
+        Err(_) => Err(ConnectionError::Timeout(deadline)),
     }
 }
 
@@ -415,7 +417,7 @@ async fn run_sync(
     let mut changes = shared.changes.clone();
     changes.borrow_and_update();
     let device_id = device.id;
-    let mut session = ServerSession::new(device).presenting(shared.server_key);
+    let mut session = ServerSession::new(device).presenting(shared.server_key).limited(shared.limits);
     // The sync's duration ends with its last round: waiting in a live session is not syncing.
     let started = std::time::Instant::now();
     let mut timed = false;
@@ -443,9 +445,10 @@ async fn run_sync(
                 }
             }
         } else {
-            tokio::time::timeout(READ_TIMEOUT, frames.recv())
+            let read_timeout = Duration::from_secs(shared.limits.read_timeout_secs);
+            tokio::time::timeout(read_timeout, frames.recv())
                 .await
-                .map_err(|_| ConnectionError::Timeout(READ_TIMEOUT))?
+                .map_err(|_| ConnectionError::Timeout(read_timeout))?
         };
         let message = match next {
             Some(Ok(Some(message))) => message,
@@ -465,7 +468,16 @@ async fn run_sync(
             ClientMessage::ViewLog { entries } => entries.len() as u64 * 256,
             _ => 0,
         };
-        if cost > 0 && !shared.rates.lock().expect("rates").entry(device_id).or_default().take(cost) {
+        let per_minute = shared.limits.upload_bytes_per_minute;
+        if cost > 0
+            && !shared
+                .rates
+                .lock()
+                .expect("rates")
+                .entry(device_id)
+                .or_insert_with(|| Allowance::full(per_minute))
+                .take(cost, per_minute)
+        {
             let refusal = ServerMessage::Refused {
                 message: "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly"
                     .into(),
@@ -520,7 +532,7 @@ async fn finish_and_linger(
     recv: &mut quinn::RecvStream,
 ) {
     let _ = send.finish();
-    let _ = read_with_deadline::<ClientMessage>(recv).await;
+    let _ = read_with_deadline::<ClientMessage>(recv, LINGER).await;
     let _ = tokio::time::timeout(LINGER, conn.closed()).await;
 }
 
@@ -536,7 +548,7 @@ impl Drop for Enrolling<'_> {
 async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
     let open = shared.enrolling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _counted = Enrolling(&shared.enrolling);
-    if open >= MAX_ENROL_CONNECTIONS {
+    if open >= shared.limits.enrol_connections {
         conn.close(close::INTERNAL.into(), b"too many enrolments at once; try again shortly");
         return Err(ConnectionError::Busy);
     }
@@ -548,12 +560,13 @@ async fn handle_enrol(conn: quinn::Connection, shared: Arc<Shared>) -> Result<()
 }
 
 async fn enrol_exchange(conn: &quinn::Connection, shared: &Shared) -> Result<(), ConnectionError> {
-    let (mut send, mut recv) = tokio::time::timeout(ENROL_TIMEOUT, conn.accept_bi())
+    let deadline = Duration::from_secs(shared.limits.enrol_timeout_secs);
+    let (mut send, mut recv) = tokio::time::timeout(deadline, conn.accept_bi())
         .await
-        .map_err(|_| ConnectionError::Timeout(ENROL_TIMEOUT))??;
+        .map_err(|_| ConnectionError::Timeout(deadline))??;
     // Close with the reason while our stream is still open: dropping it first would finish it,
     // and the device would read a clean end instead of why.
-    let request = match read_with_deadline::<EnrolRequest>(&mut recv).await {
+    let request = match read_with_deadline::<EnrolRequest>(&mut recv, deadline).await {
         Ok(Some(request)) => request,
         Ok(None) => return Ok(()),
         Err(e) => {

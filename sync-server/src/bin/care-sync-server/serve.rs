@@ -19,7 +19,8 @@ pub async fn serve(config: Config) -> CliResult {
     for name in config.apply_policy(store.as_ref())? {
         tracing::info!(setting = %name, "policy setting taken from the configuration file");
     }
-    let running = care_sync_server::transport::start(store.clone(), config.sync.listen).await?;
+    let running =
+        care_sync_server::transport::start_with(store.clone(), config.sync.listen, config.limits).await?;
     let advertised = config.sync.advertised_addr.unwrap_or(running.addr);
     std::fs::write(advertised_addr_file(dir), advertised.to_string())?;
     println!(
