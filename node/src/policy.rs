@@ -37,9 +37,12 @@ pub const EDIT_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub const MAX_CHANGE_BYTES: usize = 256 * 1024;
 /// The most operations one change may hold.
 pub const MAX_OPS_PER_CHANGE: usize = 20_000;
-/// The largest a patient document may grow through a device's changes (saved size). Well below
-/// a frame ([`crate::protocol::MAX_FRAME_LEN`]), so the server never stores what it cannot send.
-pub const MAX_DOCUMENT_BYTES: usize = 2 * 1024 * 1024;
+/// The largest a patient document may become through a device's changes (saved size). Below a
+/// frame ([`crate::protocol::MAX_FRAME_LEN`]), so the server never stores what it cannot send.
+pub const MAX_DOCUMENT_BYTES: usize = 6 * 1024 * 1024;
+/// How much one upload of a device's changes may grow a document (saved size): a large record
+/// from the feeds still takes a device's entries; a device cannot bloat it.
+pub const MAX_DOCUMENT_GROWTH: usize = 1024 * 1024;
 
 /// Which rule a refused change broke. The names are stable: they appear in the protocol, the
 /// quarantine and the audit.

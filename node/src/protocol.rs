@@ -28,6 +28,10 @@ pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 pub const PROTOCOL_VERSION: u8 = 3;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// The most distinct documents, and the most changes, a device puts in one upload batch (the
+/// server's `[limits]` default to these; a lower setting there makes larger batches refused).
+pub const MAX_UPLOAD_DOCS: usize = 1_000;
+pub const MAX_UPLOAD_CHANGES: usize = 10_000;
 /// The largest frame of an enrolment exchange, and of any peer that has not authenticated.
 pub const MAX_ENROL_FRAME_LEN: usize = 4 * 1024;
 /// Soft target for the size of one `Docs` or `Upload` frame.
@@ -192,6 +196,9 @@ pub struct RefusedDoc {
     pub doc: PatientId,
     pub rule: String,
     pub place: String,
+    /// The hashes of the refused changes: only changes the server does not have (one it already
+    /// accepted is never refused). Empty when none parsed.
+    pub changes: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -202,7 +202,18 @@ impl SyncSession {
         out: &mut Vec<ClientMessage>,
     ) -> Result<(), SyncError> {
         while !self.upload_finished && self.upload_in_flight < UPLOAD_WINDOW {
-            let pending = store.pending_changes(self.upload_sent_through, TARGET_BATCH_BYTES)?;
+            let mut pending = store.pending_changes(self.upload_sent_through, TARGET_BATCH_BYTES)?;
+            // Within the server's batch bounds: distinct documents and changes.
+            let mut seen = std::collections::HashSet::new();
+            let fits = pending
+                .iter()
+                .take_while(|c| {
+                    seen.insert(c.doc);
+                    seen.len() <= crate::protocol::MAX_UPLOAD_DOCS
+                })
+                .count()
+                .min(crate::protocol::MAX_UPLOAD_CHANGES);
+            pending.truncate(fits);
             let Some(last) = pending.last() else {
                 self.upload_finished = true;
                 out.push(ClientMessage::UploadDone);

@@ -80,7 +80,9 @@ async fn floods_and_bombs_keep_the_server_under_300_mb_and_a_legitimate_device_s
             peers.push(conn);
         }
     }
-    // 2. Compressed change bombs (256 MiB of zeros each, in about 256 KB) from the enrolled device.
+    assert_eq!(peers.len(), 100, "every unauthenticated peer got a connection");
+    // 2. Compressed change bombs (256 MiB of zeros each, in about 256 KB) from the enrolled device:
+    // five uploads of eight; the first of each is inflated up to the limit and refuses the rest.
     let bomb = care_node::chunk::deflate_bomb(256); // 256 MiB of zeros
     for _ in 0..5 {
         let mut conn = DeviceConnection::open(&hostile).await.unwrap();
@@ -105,6 +107,7 @@ async fn floods_and_bombs_keep_the_server_under_300_mb_and_a_legitimate_device_s
             sockets.push(s);
         }
     }
+    assert!(sockets.len() >= 32, "the MLLP listener took connections ({})", sockets.len());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A legitimate device syncs through it all.

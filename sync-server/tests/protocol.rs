@@ -233,3 +233,42 @@ fn a_batch_over_the_configured_limits_ends_the_session_and_nothing_is_applied() 
     assert!(err.to_string().contains("at most 1 documents"), "{err}");
     assert_eq!(w.server.max_seq().unwrap(), seq);
 }
+
+#[test]
+fn a_resend_after_a_lost_ack_never_refuses_what_the_server_already_has() {
+    let mut w = world(5);
+    assert!(session(&mut w, None).completed);
+    let nhs = w.patients[2].clone();
+    w.device.add_entry(&nhs, &Allergy::new("Latex", w.device.provenance().unwrap())).unwrap();
+    // The server applies the upload, but the acknowledgement never reaches the device.
+    let (_client, first) = SyncSession::start(&w.device).unwrap();
+    let mut server = ServerSession::new(w.record.clone());
+    for message in first {
+        let done = matches!(message, ClientMessage::UploadDone);
+        let _ = server.handle(wire(&message), &w.server, 1).unwrap();
+        if done {
+            break;
+        }
+    }
+    // Meanwhile the patient leaves the device's caseload, and the crew records a second entry.
+    let patient = w.server.patient_by_nhs(&nhs).unwrap().unwrap();
+    w.server.caseload_remove(w.record.id, &patient).unwrap();
+    w.device.add_entry(&nhs, &Allergy::new("Penicillin", w.device.provenance().unwrap())).unwrap();
+    assert_eq!(w.device.pending_count().unwrap(), 2);
+
+    // The resend holds both: only the new one is refused; the accepted one stays accepted.
+    let again = session(&mut w, None);
+    assert!(again.completed);
+    assert_eq!(w.device.pending_count().unwrap(), 0);
+    let diverged = w.device.diverged().unwrap();
+    assert_eq!((diverged.len(), diverged[0].changes, diverged[0].rule.as_str()), (1, 1, "not-in-scope"));
+    let mut on_server =
+        care_node::summary::PatientSummary::load(&w.server.load_document(&patient).unwrap().unwrap())
+            .unwrap();
+    let substances: Vec<String> =
+        on_server.entries::<Allergy>().unwrap().into_iter().map(|a| a.data.substance).collect();
+    assert!(
+        substances.contains(&"Latex".to_string()) && !substances.contains(&"Penicillin".to_string()),
+        "{substances:?}"
+    );
+}

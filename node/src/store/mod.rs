@@ -44,7 +44,7 @@ pub enum StoreError {
     NotAStore,
     #[error("the store file cannot be created or made private: {0}")]
     File(std::io::Error),
-    #[error("the store was made by a newer care-node ({0})")]
+    #[error("the store was made by another version of care-node ({0}); re-enrol this device")]
     UnknownFormat(String),
     #[error("the store's data key could not be unwrapped: {0}")]
     Key(#[source] CryptoError),

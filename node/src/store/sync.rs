@@ -33,10 +33,12 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// The server refused this device's changes to `refused` documents: moves every local change
-    /// still queued for them into the diverged list (sealed, kept for the clinician) and rebuilds
-    /// each document without them, so the device holds the server's version and later rounds
-    /// apply cleanly. One transaction. Returns how many changes were moved.
+    /// The server refused some of this device's changes to `refused` documents: moves those
+    /// changes, and every queued change of this device's that builds on them, from the outbox
+    /// into the diverged list (sealed, kept for the clinician), and rebuilds each document
+    /// without them, so the device holds the server's version and later rounds apply cleanly.
+    /// Changes the server accepted stay queued for their acknowledgement. One transaction.
+    /// Returns how many changes were moved.
     pub fn diverge(
         &mut self,
         refused: &[crate::protocol::RefusedDoc],
@@ -50,19 +52,25 @@ impl DeviceStore {
                 .map(|(id, body)| Ok((id, self.open_row("outbox", &id.to_be_bytes(), 0, &body)?)))
                 .collect::<Result<_, StoreError>>()?
         };
-        let mut patients = Vec::new();
-        for r in refused {
-            if let Some(p) = self.get(&r.doc)? {
-                patients.push((r, p));
-            }
-        }
         let tx = self.conn.transaction()?;
         let mut moved = 0;
-        for (refusal, mut patient) in patients {
-            let mut dropped = std::collections::HashSet::new();
+        for refusal in refused {
+            // The refused changes and every later one of this device's that builds on them; the
+            // server accepted the rest, and they stay queued for their acknowledgement.
+            let mut dropped: std::collections::HashSet<automerge::ChangeHash> =
+                refusal.changes.iter().map(|h| automerge::ChangeHash(*h)).collect();
+            let all = refusal.changes.is_empty();
             for (id, body) in queued.iter().filter(|(_, b)| b.patient_id == refusal.doc) {
-                if let Ok(change) = automerge::Change::try_from(body.change.as_slice()) {
-                    dropped.insert(change.hash());
+                let change = automerge::Change::try_from(body.change.as_slice()).ok();
+                let refused_here = all
+                    || change.as_ref().is_none_or(|c| {
+                        dropped.contains(&c.hash()) || c.deps().iter().any(|d| dropped.contains(d))
+                    });
+                if !refused_here {
+                    continue;
+                }
+                if let Some(c) = &change {
+                    dropped.insert(c.hash());
                 }
                 let diverged = DivergedBody {
                     patient_id: refusal.doc,
@@ -79,8 +87,11 @@ impl DeviceStore {
                 moved += 1;
             }
             // The server's version: every change but the refused ones and what builds on them.
+            // (A document no longer on the device keeps its refused changes in the list all the same.)
+            let Some(patient) = read_patient(&tx, &self.key, &self.lookup, &refusal.doc)? else { continue };
+            let mut summary = patient.summary;
             let mut kept = Vec::new();
-            for change in patient.summary.all_changes() {
+            for change in summary.all_changes() {
                 if dropped.contains(&change.hash()) || change.deps().iter().any(|d| dropped.contains(d)) {
                     dropped.insert(change.hash());
                 } else {
@@ -89,7 +100,6 @@ impl DeviceStore {
             }
             let mut rebuilt = PatientSummary::load(&kept)?;
             write_document(&tx, &self.key, &self.lookup, &mut rebuilt, patient.received_at_ms, None)?;
-            patient.summary = rebuilt;
         }
         tx.commit()?;
         Ok(moved)
@@ -180,6 +190,20 @@ fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), S
         });
     }
     Ok(())
+}
+
+/// A held patient, read inside the caller's transaction.
+fn read_patient(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    doc: &PatientId,
+) -> Result<Option<StoredPatient>, StoreError> {
+    let Some(body) = read_body(tx, key, &lookup.hash("doc", &doc.to_string()))? else { return Ok(None) };
+    Ok(Some(StoredPatient {
+        summary: PatientSummary::load(&body.automerge)?,
+        received_at_ms: body.received_at_ms,
+    }))
 }
 
 fn read_body(

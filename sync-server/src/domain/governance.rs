@@ -122,14 +122,42 @@ pub fn record_views(
     let Some(key) = device.public_key else { return Err(StoreError::UnknownDevice(device.name.clone())) };
     let head = store.view_head(device.id)?;
     let mut check = check_chain(&key, head, entries);
-    // A view is recorded against a patient only if the device holds that patient's record.
+    // A view of a patient the device does not hold now (purged since, or never sent) is still
+    // recorded, flagged, so no look is lost from "who saw this patient"; a view naming no patient
+    // on this server is not recorded. Either raises the batch's alert.
     let held = store.held(device.id)?;
-    let (views, foreign): (Vec<_>, Vec<_>) =
-        check.accepted.drain(..).partition(|e| held.contains(&e.patient));
-    if !foreign.is_empty() {
+    let (views, other): (Vec<_>, Vec<_>) = check.accepted.drain(..).partition(|e| held.contains(&e.patient));
+    let mut flagged = Vec::new();
+    let mut unknown = 0;
+    for entry in other {
+        if store.load_document(&entry.patient)?.is_some() {
+            flagged.push(entry);
+        } else {
+            unknown += 1;
+        }
+    }
+    if !flagged.is_empty() {
         check
             .problems
-            .push(format!("{} view log entries name patients this device does not hold", foreign.len()));
+            .push(format!("{} view log entries name patients this device does not hold now", flagged.len()));
+    }
+    if unknown > 0 {
+        check
+            .problems
+            .push(format!("{unknown} view log entries name no patient on this server (not recorded)"));
+    }
+    for entry in &flagged {
+        store.append_audit(
+            &device.name,
+            &format!("view:{}", entry.action),
+            Some(&entry.patient),
+            &format!(
+                "device seq {} at {} (flagged: not held by the device when uploaded)",
+                entry.seq,
+                care_node::view::format_time(entry.at_ms)
+            ),
+            now_ms,
+        )?;
     }
     for entry in &views {
         store.append_audit(

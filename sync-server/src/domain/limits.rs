@@ -14,7 +14,8 @@ pub struct Limits {
     pub upload_changes: usize,
     /// Bytes one device may upload a minute (a token bucket; view-log entries count 256 bytes).
     pub upload_bytes_per_minute: u64,
-    /// Unreviewed refused uploads one device may have before its uploads are refused whole.
+    /// Refused (quarantined) uploads one device may have in 24 hours before its uploads are
+    /// refused whole for the rest of that time (it keeps its changes, and still receives).
     pub quarantine_per_device: u64,
     /// Access requests (permission to view, break glass) one device may make in an hour.
     pub access_requests_per_hour: usize,
@@ -29,8 +30,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            upload_docs: 1_000,
-            upload_changes: 10_000,
+            upload_docs: care_node::protocol::MAX_UPLOAD_DOCS,
+            upload_changes: care_node::protocol::MAX_UPLOAD_CHANGES,
             upload_bytes_per_minute: 64 * 1024 * 1024,
             quarantine_per_device: 1_000,
             access_requests_per_hour: 20,

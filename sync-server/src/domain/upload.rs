@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 
 use care_node::chunk::{ChunkError, change_size};
-use care_node::policy::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES, Refusal, Rule, Writer};
+use care_node::policy::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_GROWTH, Refusal, Rule, Writer};
 use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary};
 
@@ -34,12 +34,13 @@ pub struct CheckedUpload {
     pub refused: Vec<RefusedUpload>,
 }
 
-/// A document's changes refused by a rule, kept whole for the quarantine.
+/// A document's changes refused by a rule: only those the server did not have, kept for the
+/// quarantine (except unparseable or oversized bytes, which are counted, not kept).
 #[derive(Debug)]
 pub struct RefusedUpload {
     pub doc: PatientId,
     pub refusal: Refusal,
-    pub changes: Vec<Vec<u8>>,
+    pub changes: Vec<RefusedChange>,
 }
 
 /// Checks a batch from `device`, which may write only to `writable` (held and in scope).
@@ -51,8 +52,10 @@ pub fn check(
     limits: &Limits,
 ) -> Result<CheckedUpload, UploadError> {
     let changes: usize = docs.iter().map(|d| d.changes.len()).sum();
-    if docs.len() > limits.upload_docs || changes > limits.upload_changes {
-        return Err(UploadError::TooMany { docs: docs.len(), changes, limits: *limits });
+    let distinct = docs.iter().map(|d| d.doc).collect::<HashSet<_>>().len();
+    if distinct > limits.upload_docs || docs.len() > limits.upload_changes || changes > limits.upload_changes
+    {
+        return Err(UploadError::TooMany { docs: distinct, changes, limits: *limits });
     }
     let key = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
     let writer = Writer { actor: &key, device_name: &device.name, role: device.role.as_str() };
@@ -70,59 +73,88 @@ pub fn check(
     let mut out = CheckedUpload::default();
     for (doc, changes) in grouped {
         match check_doc(store, &doc, &changes, writable, &writer)? {
-            Ok(Some((changes, checked_at))) => out.accepted.push(CheckedChanges { doc, changes, checked_at }),
-            Ok(None) => {} // everything in it was already applied
-            Err(refusal) => out.refused.push(RefusedUpload {
-                doc,
-                refusal,
-                changes: changes.iter().map(|c| c.to_vec()).collect(),
-            }),
+            Judged::Passed(changes, checked_at) => {
+                out.accepted.push(CheckedChanges { doc, changes, checked_at })
+            }
+            Judged::Nothing => {} // everything in it was already applied
+            Judged::Refused(refusal, changes) => out.refused.push(RefusedUpload { doc, refusal, changes }),
         }
     }
     Ok(out)
 }
 
-/// What passed for one document: the new changes and the heads they were checked against.
-type Passed = Option<(Vec<automerge::Change>, Vec<automerge::ChangeHash>)>;
+/// What became of one document's uploaded changes.
+enum Judged {
+    /// The new changes passed; the heads they were checked against.
+    Passed(Vec<automerge::Change>, Vec<automerge::ChangeHash>),
+    /// Nothing new: every change was already applied (a resend after a lost acknowledgement).
+    Nothing,
+    /// Refused: only the changes the server does not have (never one it already accepted).
+    Refused(Refusal, Vec<RefusedChange>),
+}
 
-/// One document's changes: the new ones if they pass, the refusal if not.
+/// One refused change: its bytes as uploaded and, when it parses, its hash.
+#[derive(Debug, Clone)]
+pub struct RefusedChange {
+    pub bytes: Vec<u8>,
+    pub hash: Option<automerge::ChangeHash>,
+}
+
+/// One document's changes, judged.
 fn check_doc(
     store: &dyn ServerStore,
     doc: &PatientId,
     uploaded: &[&[u8]],
     writable: &HashSet<PatientId>,
     writer: &Writer<'_>,
-) -> Result<Result<Passed, Refusal>, StoreError> {
-    let refuse = |rule| Ok(Err(Refusal::new(rule)));
-    if !writable.contains(doc) {
-        return refuse(Rule::NotInScope);
-    }
-    let mut changes = Vec::with_capacity(uploaded.len());
+) -> Result<Judged, StoreError> {
+    // Parse what can be parsed (bounded first); what cannot is refused with the rest.
+    let mut parsed = Vec::with_capacity(uploaded.len());
+    let mut broken: Option<Rule> = None;
+    let mut unparsed = Vec::new();
     for bytes in uploaded {
-        match change_size(bytes, MAX_CHANGE_BYTES) {
-            Ok(_) => {}
-            Err(ChunkError::TooLarge { .. } | ChunkError::TooManyItems { .. }) => {
-                return refuse(Rule::TooLarge);
-            }
-            Err(_) => return refuse(Rule::Malformed),
-        }
-        // Automerge's parse panics on some malformed columns (found by fuzzing).
-        match std::panic::catch_unwind(|| automerge::Change::try_from(*bytes)) {
-            Ok(Ok(change)) => changes.push(change),
-            _ => return refuse(Rule::Malformed),
-        }
+        let rule = match change_size(bytes, MAX_CHANGE_BYTES) {
+            Ok(_) => match std::panic::catch_unwind(|| automerge::Change::try_from(*bytes)) {
+                // Automerge's parse panics on some malformed columns (found by fuzzing).
+                Ok(Ok(change)) => {
+                    parsed.push(change);
+                    continue;
+                }
+                _ => Rule::Malformed,
+            },
+            Err(ChunkError::TooLarge { .. } | ChunkError::TooManyItems { .. }) => Rule::TooLarge,
+            Err(_) => Rule::Malformed,
+        };
+        broken.get_or_insert(rule);
+        // Not kept whole: a refused bomb or junk costs the quarantine nothing.
+        unparsed.push(RefusedChange { bytes: Vec::new(), hash: None });
     }
-    let Some(saved) = store.load_document(doc)? else { return refuse(Rule::NotInScope) };
+    let refused = |rule, new: &[automerge::Change], unparsed: &[RefusedChange]| {
+        let mut changes: Vec<RefusedChange> = new
+            .iter()
+            .map(|c| RefusedChange { bytes: c.raw_bytes().to_vec(), hash: Some(c.hash()) })
+            .collect();
+        changes.extend_from_slice(unparsed);
+        Ok(Judged::Refused(Refusal::new(rule), changes))
+    };
+    let Some(saved) = store.load_document(doc)? else { return refused(Rule::NotInScope, &parsed, &unparsed) };
     let mut summary = PatientSummary::load(&saved)
         .map_err(|e| StoreError::Document(care_node::identity::short_hex(doc.as_bytes()), Box::new(e)))?;
     let before = summary.heads();
-    let new: Vec<_> = changes.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
+    // What the server already has is settled, whatever else is wrong with the batch.
+    let new: Vec<_> = parsed.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
+    if let Some(rule) = broken {
+        return refused(rule, &new, &unparsed);
+    }
     if new.is_empty() {
-        return Ok(Ok(None));
+        return Ok(Judged::Nothing);
+    }
+    if !writable.contains(doc) {
+        return refused(Rule::NotInScope, &new, &[]);
     }
     // Authorship first: a change by another actor is not even applied to the copy.
     if new.iter().any(|c| c.actor_id().to_bytes() != writer.actor) {
-        return refuse(Rule::ForeignActor);
+        return refused(Rule::ForeignActor, &new, &[]);
     }
     // Automerge 0.12 panics on some malformed changes, while applying them or reading the
     // document afterwards (found by fuzzing, docs/security.md): on this copy, a panic is just a
@@ -133,17 +165,22 @@ fn check_doc(
             return Err(Refusal::new(Rule::MissingDependencies));
         }
         summary.check_writes(&before, &new, writer)?;
-        if summary.save().len() > MAX_DOCUMENT_BYTES {
+        // A device's changes may grow a record only so far, and never past what a frame carries.
+        let size = summary.save().len();
+        if size > MAX_DOCUMENT_BYTES || size > saved.len() + MAX_DOCUMENT_GROWTH {
             return Err(Refusal::new(Rule::TooLarge));
         }
         Ok(())
     }));
     match judged {
-        Ok(Ok(())) => {}
-        Ok(Err(refusal)) => return Ok(Err(refusal)),
-        Err(_) => return refuse(Rule::Malformed),
+        Ok(Ok(())) => Ok(Judged::Passed(new, before)),
+        Ok(Err(refusal)) => {
+            let changes =
+                new.iter().map(|c| RefusedChange { bytes: c.raw_bytes().to_vec(), hash: Some(c.hash()) });
+            Ok(Judged::Refused(refusal, changes.collect()))
+        }
+        Err(_) => refused(Rule::Malformed, &new, &[]),
     }
-    Ok(Ok(Some((new, before))))
 }
 
 /// The documents `device` may write to now: those it holds that are in its scope, and those it

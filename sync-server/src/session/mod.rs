@@ -248,7 +248,9 @@ impl ServerSession {
                 Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
-                if store.quarantine_count(self.device.id)? >= self.limits.quarantine_per_device {
+                // A rate, not a total: a device is never blocked for good by its past refusals.
+                let day_ago = now_ms - 24 * 3_600_000;
+                if store.quarantine_count(self.device.id, day_ago)? >= self.limits.quarantine_per_device {
                     return Err(UploadError::QuarantineFull.into());
                 }
                 if self.writable.is_none() {
@@ -322,11 +324,13 @@ impl ServerSession {
         let mut told = Vec::with_capacity(refused.len());
         for r in &refused {
             let (rule, place) = (r.refusal.rule.as_str(), r.refusal.place());
-            store.quarantine(self.device.id, &r.doc, rule, &place, &r.changes, now_ms)?;
+            let kept: Vec<Vec<u8>> = r.changes.iter().map(|c| c.bytes.clone()).collect();
+            store.quarantine(self.device.id, &r.doc, rule, &place, &kept, now_ms)?;
             let detail = format!("rule {rule} at {place}; {} change(s) quarantined", r.changes.len());
             store.append_audit(&self.device.name, "write-refused", Some(&r.doc), &detail, now_ms)?;
             tracing::warn!(doc = %short_hex(r.doc.as_bytes()), rule, %place, "uploaded changes refused and quarantined");
-            told.push(RefusedDoc { doc: r.doc, rule: rule.to_string(), place });
+            let changes = r.changes.iter().filter_map(|c| c.hash.map(|h| h.0)).collect();
+            told.push(RefusedDoc { doc: r.doc, rule: rule.to_string(), place, changes });
         }
         if !refused.is_empty() {
             let open = store

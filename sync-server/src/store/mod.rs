@@ -57,7 +57,7 @@ pub enum UploadError {
     )]
     TooMany { docs: usize, changes: usize, limits: crate::domain::limits::Limits },
     #[error(
-        "this device has too many refused changes awaiting review; an operator must review the quarantine"
+        "this device had too many refused changes in the last 24 hours; it keeps them, and an operator reviews the quarantine"
     )]
     QuarantineFull,
     #[error("document {0} is not on this device; changes to it are not accepted")]
@@ -501,7 +501,8 @@ pub trait Governance: Send + Sync {
     ) -> Result<i64, StoreError>;
     /// Quarantined uploads, newest first (of one device, or all).
     fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError>;
-    fn quarantine_count(&self, device: i64) -> Result<u64, StoreError>;
+    /// How many uploads of a device were quarantined since `since_ms`.
+    fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError>;
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;

@@ -113,14 +113,19 @@ pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 async fn watch_revocations(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(REVOCATION_POLL).await;
-        let live: Vec<(i64, i64)> =
-            shared.live.lock().expect("live map").iter().map(|(id, (_, since))| (*id, *since)).collect();
+        let live: Vec<(i64, i64, usize)> = shared
+            .live
+            .lock()
+            .expect("live map")
+            .iter()
+            .map(|(id, (conn, since))| (*id, *since, conn.stable_id()))
+            .collect();
         if live.is_empty() {
             continue;
         }
         let store = shared.store.clone();
         let Ok(Ok(devices)) = tokio::task::spawn_blocking(move || store.devices()).await else { continue };
-        for (id, since) in live {
+        for (id, since, stable) in live {
             let Some(d) = devices.iter().find(|d| d.id == id) else { continue };
             let revoked = d.revoked_at_ms.is_some_and(|at| at >= since)
                 || (d.revoked_at_ms.is_some() && !d.wipe_pending());
@@ -128,7 +133,14 @@ async fn watch_revocations(shared: Arc<Shared>) {
             if !(revoked || wipe) {
                 continue;
             }
-            let conn = shared.live.lock().expect("live map").remove(&id);
+            // Only the connection looked at: a newer one (the reconnect after a wipe) stays.
+            let conn = {
+                let mut live = shared.live.lock().expect("live map");
+                match live.get(&id) {
+                    Some((c, _)) if c.stable_id() == stable => live.remove(&id),
+                    _ => None,
+                }
+            };
             if let Some((conn, _)) = conn {
                 tracing::warn!(device = %d.name, "closing the live session of a revoked or wiped device");
                 let reason: &[u8] = if wipe {

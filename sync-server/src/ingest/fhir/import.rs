@@ -348,7 +348,8 @@ fn map_resource(
                 if let Some(v) = value
                     && !matches!(v.as_str(), "low" | "high" | "unable-to-assess" | "allergy" | "intolerance")
                 {
-                    return Err(ctx.err(format!("{field} `{v}` is not a valid code")));
+                    let _ = v; // the value itself is never echoed
+                    return Err(ctx.err(format!("{field} is not a valid code")));
                 }
             }
             x.criticality = a.criticality.clone();
@@ -573,7 +574,8 @@ fn medication_concept(
         .and_then(|r| r.reference.clone())
         .ok_or_else(|| ctx.err("medicationCodeableConcept or medicationReference is required"))?;
     medications.get(&reference).cloned().ok_or_else(|| {
-        ctx.err(format!("medicationReference `{reference}` does not resolve to a Medication in the Bundle"))
+        let _ = reference; // a sender's resource id, never echoed
+        ctx.err("medicationReference does not resolve to a Medication in the Bundle")
     })
 }
 
@@ -629,7 +631,8 @@ fn demographics_of(p: &f::Patient, ctx: &Ctx<'_>) -> Result<Demographics, Import
     if let Some(g) = &p.gender
         && !matches!(g.as_str(), "male" | "female" | "other" | "unknown")
     {
-        return Err(ctx.err(format!("gender `{g}` is not male, female, other or unknown")));
+        let _ = g;
+        return Err(ctx.err("gender is not male, female, other or unknown"));
     }
     if let Some(b) = &p.birth_date
         && time::Date::parse(b, time::macros::format_description!("[year]-[month]-[day]")).is_err()

@@ -479,7 +479,8 @@ pub enum Resource {
 
 /// Serde's messages quote the offending value (`invalid type: string "Edith", expected ...`);
 /// a value may be patient data, so quoted values are replaced before the message leaves. Quoted
-/// field and variant names (`missing field \`subject\``) are schema, not data, and stay.
+/// field names (`missing field \`subject\``) are schema, not data, and stay; an unknown variant
+/// is the sender's value and is hidden.
 pub fn hide_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut quote: Option<(char, bool, String)> = None;
@@ -497,7 +498,9 @@ pub fn hide_values(message: &str) -> String {
             }
             Some((_, _, inner)) => inner.push(c),
             None if c == '"' || c == '`' => {
-                let keep = out.ends_with("field ") || out.ends_with("variant ");
+                // Field names are the schema's; everything else quoted (values, unknown
+                // variants) may be the sender's data.
+                let keep = out.ends_with("field ");
                 quote = Some((c, keep, String::new()));
             }
             None => out.push(c),
@@ -640,4 +643,17 @@ pub struct Bundle {
     pub timestamp: Option<String>,
     #[serde(default)]
     pub entry: Vec<BundleEntry>,
+}
+
+#[cfg(test)]
+mod hiding {
+    #[test]
+    fn values_and_unknown_variants_are_hidden_field_names_stay() {
+        let m = super::hide_values("unknown variant `Edith Smith`, expected `male` or `female`");
+        assert!(!m.contains("Edith"), "{m}");
+        let m = super::hide_values("missing field `subject`");
+        assert!(m.contains("`subject`"), "{m}");
+        let m = super::hide_values("invalid type: string \"9990000018\", expected u64");
+        assert!(!m.contains("999"), "{m}");
+    }
 }

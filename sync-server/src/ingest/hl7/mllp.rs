@@ -73,17 +73,26 @@ pub async fn start_with(
                 continue;
             }
             open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (store, open, idle) = (store.clone(), open.clone(), options.idle_timeout);
+            let (store, counted, idle) = (store.clone(), Counted(open.clone()), options.idle_timeout);
             tokio::spawn(async move {
+                let _counted = counted; // released however the task ends
                 if let Err(e) = serve(socket, store, idle).await {
                     tracing::info!(%peer, error = %e, "MLLP connection ended");
                 }
-                open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
     tracing::info!(%addr, "MLLP listener for HL7 v2 ADT");
     Ok(MllpListener { addr, task })
+}
+
+/// One open MLLP connection, counted while it lasts.
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 async fn serve(

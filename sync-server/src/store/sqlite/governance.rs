@@ -338,11 +338,11 @@ impl Governance for SqliteStore {
         Ok(out)
     }
 
-    fn quarantine_count(&self, device: i64) -> Result<u64, StoreError> {
+    fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT count(*) FROM quarantine WHERE device_id = ?1")?
-            .query_row([device], |r| r.get::<_, i64>(0))? as u64)
+            .prepare_cached("SELECT count(*) FROM quarantine WHERE device_id = ?1 AND at_ms >= ?2")?
+            .query_row(params![device, since_ms], |r| r.get::<_, i64>(0))? as u64)
     }
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
