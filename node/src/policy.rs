@@ -436,7 +436,10 @@ fn judge(
             };
             if path.len() == 1 {
                 // A new entry in the section map.
-                if !matches!(action, OpType::Make(ObjType::Map)) || uuid::Uuid::parse_str(key).is_err() {
+                // A device's entries have random (v4) ids; derived (v5) ids belong to the feeds'
+                // sources, so a device cannot claim a GP entry's id before it is imported.
+                let random = uuid::Uuid::parse_str(key).is_ok_and(|u| u.get_version_num() == 4);
+                if !matches!(action, OpType::Make(ObjType::Map)) || !random {
                     return Err(Refusal::at(Rule::Structure, section, key));
                 }
                 if existed(doc, target, key, before) {
@@ -823,6 +826,17 @@ mod tests {
             am.put(&p, "device_name", NAME).unwrap();
             am.put(&p, "role", ROLE).unwrap();
             am.commit(); // no substance, no recording time: no device could show it
+        });
+        assert_eq!(rule(result), Some(Rule::Structure));
+    }
+
+    #[test]
+    fn a_device_cannot_claim_the_id_of_a_future_feed_entry() {
+        let (mut doc, _) = record();
+        let patient = doc.patient_id().unwrap();
+        let future = PatientSummary::source_entry_id(&patient, Section::Alerts, "Flag/dnacpr-1");
+        let result = as_device(&mut doc, &KEY, |d| {
+            d.upsert(future, &s::Alert::new(s::alert_kind::RESPECT_DNACPR, "For CPR", mine(T0))).unwrap();
         });
         assert_eq!(rule(result), Some(Rule::Structure));
     }
