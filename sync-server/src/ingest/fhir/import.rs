@@ -348,7 +348,7 @@ fn map_resource(
                 if let Some(v) = value
                     && !matches!(v.as_str(), "low" | "high" | "unable-to-assess" | "allergy" | "intolerance")
                 {
-                    let _ = v; // the value itself is never echoed
+                    // The value itself is never echoed: it is the sender's data.
                     return Err(ctx.err(format!("{field} is not a valid code")));
                 }
             }
@@ -574,7 +574,7 @@ fn medication_concept(
         .and_then(|r| r.reference.clone())
         .ok_or_else(|| ctx.err("medicationCodeableConcept or medicationReference is required"))?;
     medications.get(&reference).cloned().ok_or_else(|| {
-        let _ = reference; // a sender's resource id, never echoed
+        // The reference is a sender's resource id: never echoed.
         ctx.err("medicationReference does not resolve to a Medication in the Bundle")
     })
 }
@@ -631,7 +631,6 @@ fn demographics_of(p: &f::Patient, ctx: &Ctx<'_>) -> Result<Demographics, Import
     if let Some(g) = &p.gender
         && !matches!(g.as_str(), "male" | "female" | "other" | "unknown")
     {
-        let _ = g;
         return Err(ctx.err("gender is not male, female, other or unknown"));
     }
     if let Some(b) = &p.birth_date
