@@ -272,3 +272,34 @@ fn a_resend_after_a_lost_ack_never_refuses_what_the_server_already_has() {
         "{substances:?}"
     );
 }
+
+#[test]
+fn past_the_quarantine_limit_a_device_s_uploads_are_refused_whole() {
+    use care_sync_server::domain::limits::Limits;
+    let mut w = world(2);
+    assert!(session(&mut w, None).completed);
+    let patient = w.server.patient_by_nhs(&w.patients[0]).unwrap().unwrap();
+    // A change no well-behaved device makes (a merge by document content), forged on its copy.
+    let forge = |w: &World| {
+        let mut held = w.device.get(&patient).unwrap().unwrap();
+        held.summary.set_actor(&w.device.identity().unwrap().public_key());
+        let before = held.summary.heads();
+        held.summary.mark_merged_into(uuid::Uuid::new_v4(), 0).unwrap();
+        let change = held.summary.changes_since(&before).remove(0);
+        care_node::protocol::DocChanges {
+            doc: patient,
+            changes: vec![serde_bytes::ByteBuf::from(change.raw_bytes().to_vec())],
+        }
+    };
+    let limits = Limits { quarantine_per_device: 1, ..Limits::default() };
+    let mut server = ServerSession::new(w.record.clone()).limited(limits);
+    let hello = ClientMessage::Hello { cursor: 0, resume: None, staged_server_key: None, incarnation: None };
+    server.handle(hello, &w.server, 1).unwrap();
+    let first =
+        server.handle(ClientMessage::Upload { through: 1, docs: vec![forge(&w)] }, &w.server, 1).unwrap();
+    assert!(matches!(&first[0], ServerMessage::UploadAck { refused, .. } if refused[0].rule == "identity"));
+    let err =
+        server.handle(ClientMessage::Upload { through: 2, docs: vec![forge(&w)] }, &w.server, 1).unwrap_err();
+    assert!(err.to_string().contains("too many refused changes"), "{err}");
+    assert_eq!(w.server.quarantined(None).unwrap().len(), 1, "the second was not even quarantined");
+}
