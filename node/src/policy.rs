@@ -298,7 +298,7 @@ pub fn check(
                     }));
                 }
                 ObjectId::Id(id) if created_here(id.0, &id.1) => continue,
-                ObjectId::Id(id) => ObjId::Id(id.0, id.1.clone(), usize::MAX),
+                obj => object_in(obj),
             };
             let path = path_of(doc, &target)?;
             let object_key = match &target {
@@ -356,20 +356,15 @@ fn check_preds(
     let earlier = batch_at.entry(slot).or_default();
     let existing: Vec<(u64, Vec<u8>)> = match &op.obj {
         ObjectId::Id(id) if created_here(id.0, &id.1) => Vec::new(),
-        _ => {
-            let obj = match &op.obj {
-                ObjectId::Root => automerge::ROOT,
-                ObjectId::Id(id) => ObjId::Id(id.0, id.1.clone(), usize::MAX),
-            };
-            doc.get_all_at(&obj, key.as_str(), before)
-                .map_err(|_| Refusal::new(Rule::Structure))?
-                .into_iter()
-                .filter_map(|(_, id)| match id {
-                    ObjId::Id(c, a, _) => Some((c, a.to_bytes().to_vec())),
-                    ObjId::Root => None,
-                })
-                .collect()
-        }
+        _ => doc
+            .get_all_at(object_in(&op.obj), key.as_str(), before)
+            .map_err(|_| Refusal::new(Rule::Structure))?
+            .into_iter()
+            .filter_map(|(_, id)| match id {
+                ObjId::Id(c, a, _) => Some((c, a.to_bytes().to_vec())),
+                ObjId::Root => None,
+            })
+            .collect(),
     };
     for pred in op.pred.iter() {
         let known = existing.iter().any(|(c, a)| *c == pred.0 && a.as_slice() == pred.1.to_bytes())
@@ -380,6 +375,14 @@ fn check_preds(
     }
     earlier.push(op_id);
     Ok(())
+}
+
+/// A change's object reference as the document's id (Automerge finds it by actor, not index).
+fn object_in(obj: &ObjectId) -> ObjId {
+    match obj {
+        ObjectId::Root => automerge::ROOT,
+        ObjectId::Id(id) => ObjId::Id(id.0, id.1.clone(), usize::MAX),
+    }
 }
 
 /// The keys from the root down to `obj` (the root's own key first).
@@ -496,10 +499,9 @@ fn judge(
 /// The entry's object and the actor that created it.
 fn entry_object(doc: &AutoCommit, section: &ObjId, key: &str) -> Option<(ObjId, Vec<u8>)> {
     match doc.get(section, key).ok()? {
-        Some((Value::Object(ObjType::Map), id @ ObjId::Id(_, _, _))) => {
-            let ObjId::Id(_, actor, _) = &id else { unreachable!() };
-            let actor = actor.to_bytes().to_vec();
-            Some((id, actor))
+        Some((Value::Object(ObjType::Map), ObjId::Id(counter, actor, index))) => {
+            let author = actor.to_bytes().to_vec();
+            Some((ObjId::Id(counter, actor, index), author))
         }
         _ => None,
     }

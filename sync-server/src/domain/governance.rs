@@ -25,6 +25,24 @@ pub fn lease_ms(store: &dyn ServerStore, role: Role) -> Result<u64, StoreError> 
     Ok(hours_setting(store, &format!("lease-hours.{}", role.as_str()), DEFAULT_LEASE_HOURS)? as u64)
 }
 
+/// Raises an alert of `kind` for `device` unless one is still open (unacknowledged): a flood of
+/// the same trouble is one alert for an operator, not thousands.
+pub fn raise_alert_once(
+    store: &dyn ServerStore,
+    kind: &str,
+    device: &DeviceRecord,
+    patient: Option<&care_node::summary::PatientId>,
+    reason: impl FnOnce() -> String,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let open =
+        store.alerts(false)?.iter().any(|a| a.kind == kind && a.device.as_deref() == Some(&device.name));
+    if !open {
+        store.raise_alert(kind, Some(device.id), patient, &reason(), now_ms)?;
+    }
+    Ok(())
+}
+
 /// Audited actions that count as access requests for the rate limit.
 const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];
 
@@ -55,14 +73,14 @@ pub fn decide_access(
         .filter(|a| ACCESS_ACTIONS.contains(&a.action.as_str()))
         .count();
     if recent >= per_hour {
-        let open = store
-            .alerts(false)?
-            .iter()
-            .any(|a| a.kind == "access-flood" && a.device.as_deref() == Some(&device.name));
-        if !open {
-            let reason = format!("more than {per_hour} access requests in an hour");
-            store.raise_alert("access-flood", Some(device.id), None, &reason, now_ms)?;
-        }
+        raise_alert_once(
+            store,
+            "access-flood",
+            device,
+            None,
+            || format!("more than {per_hour} access requests in an hour"),
+            now_ms,
+        )?;
         return refuse("too many access requests from this device in the last hour; ask the operator");
     }
     if reason.trim().chars().count() < 5 {
@@ -174,14 +192,14 @@ pub fn record_views(
     }
     // One alert for a batch's problems, and none while the device already has one open.
     if let Some(first) = check.problems.first() {
-        let open = store
-            .alerts(false)?
-            .iter()
-            .any(|a| a.kind == "view-log" && a.device.as_deref() == Some(&device.name));
-        if !open {
-            let reason = format!("{first} ({} problem(s) in this batch)", check.problems.len());
-            store.raise_alert("view-log", Some(device.id), None, &reason, now_ms)?;
-        }
+        raise_alert_once(
+            store,
+            "view-log",
+            device,
+            None,
+            || format!("{first} ({} problem(s) in this batch)", check.problems.len()),
+            now_ms,
+        )?;
     }
     store.set_view_head(device.id, check.head.0, check.head.1)?;
     let through = entries.iter().map(|e| e.entry.seq).max().unwrap_or(head.0);

@@ -332,25 +332,22 @@ impl ServerSession {
             let changes = r.changes.iter().filter_map(|c| c.hash.map(|h| h.0)).collect();
             told.push(RefusedDoc { doc: r.doc, rule: rule.to_string(), place, changes });
         }
-        if !refused.is_empty() {
-            let open = store
-                .alerts(false)?
-                .iter()
-                .any(|a| a.kind == "write-refused" && a.device.as_deref() == Some(self.device.name.as_str()));
-            if !open {
-                let reason = format!(
+        if let Some(first) = refused.first() {
+            let reason = || {
+                format!(
                     "changes to {} document(s) refused by the write policy (first: rule {}); see the quarantine",
                     refused.len(),
-                    refused[0].refusal.rule
-                );
-                store.raise_alert(
-                    "write-refused",
-                    Some(self.device.id),
-                    Some(&refused[0].doc),
-                    &reason,
-                    now_ms,
-                )?;
-            }
+                    first.refusal.rule
+                )
+            };
+            crate::domain::governance::raise_alert_once(
+                store,
+                "write-refused",
+                &self.device,
+                Some(&first.doc),
+                reason,
+                now_ms,
+            )?;
         }
         Ok(told)
     }

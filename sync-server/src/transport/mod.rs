@@ -399,6 +399,13 @@ async fn read_frames(
     }
 }
 
+/// Tells the device why its session ends, in a frame it will read, then lets it hang up first.
+async fn refuse_session(conn: &quinn::Connection, send: &mut quinn::SendStream, message: String) {
+    let _ = write_frame(send, &ServerMessage::Refused { message }).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+}
+
 /// Streams the pages of the session's current round.
 async fn send_round(
     mut session: ServerSession,
@@ -490,13 +497,8 @@ async fn run_sync(
                 .or_insert_with(|| Allowance::full(per_minute))
                 .take(cost, per_minute)
         {
-            let refusal = ServerMessage::Refused {
-                message: "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly"
-                    .into(),
-            };
-            let _ = write_frame(&mut send, &refusal).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+            let message = "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly";
+            refuse_session(conn, &mut send, message.into()).await;
             return Err(ConnectionError::Busy);
         }
         let (back, replies) = on_store(session, shared.store.clone(), move |s, store| {
@@ -508,11 +510,7 @@ async fn run_sync(
             Ok(replies) => replies,
             Err(e) => {
                 if let SessionError::Upload(reason) = &e {
-                    // Tell the device why in a frame it will read, then let it hang up first.
-                    let refusal = ServerMessage::Refused { message: reason.to_string() };
-                    let _ = write_frame(&mut send, &refusal).await;
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+                    refuse_session(conn, &mut send, reason.to_string()).await;
                 }
                 return Err(e.into());
             }
