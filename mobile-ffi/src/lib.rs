@@ -284,7 +284,7 @@ impl CareNode {
             let nhs = NhsNumber::parse(&nhs_number)?;
             let mut patient = s.view_patient(&nhs, if from_search { "search-open" } else { "ffi-read" })?;
             let sync = s.sync_state()?;
-            PatientView::build(&mut patient, &sync)
+            PatientView::build(&mut patient, &sync, s.diverged()?)
         })
     }
 

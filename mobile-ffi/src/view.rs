@@ -1,7 +1,7 @@
 //! A patient's summary as typed records for the apps: every section with entry ids, conflicts
 //! and provenance, the IPS section states, and the "as of" and last-sync times.
 
-use care_node::store::{StoredPatient, SyncState};
+use care_node::store::{Diverged, StoredPatient, SyncState};
 use care_node::summary::{
     self as s, Demographics, FieldConflict, PatientSummary, Section, SectionEntry, SectionState,
 };
@@ -37,6 +37,21 @@ entry_record!(ContactEntry, s::Contact);
 entry_record!(EncounterEntry, s::Encounter);
 entry_record!(ReportEntry, s::Report);
 
+/// An entry this device recorded that the server refused: it is not in the shared record, and
+/// stays on this device for the clinician, with the rule it broke.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct RefusedEntry {
+    /// Where it was written: `section/entry-id`, or `document`.
+    pub place: String,
+    /// The rule's stable name, e.g. `foreign-entry`.
+    pub rule: String,
+    /// The rule in words, for the clinician.
+    pub explanation: String,
+    pub refused_at_ms: i64,
+    /// What the refused changes recorded, as this device showed it (`section: line`).
+    pub entries: Vec<String>,
+}
+
 /// The default clinical view of one patient (entered-in-error entries left out and counted).
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct PatientView {
@@ -57,6 +72,8 @@ pub struct PatientView {
     pub encounters: Vec<EncounterEntry>,
     pub results: Vec<ReportEntry>,
     pub entered_in_error_hidden: u32,
+    /// This device's entries the server refused (not in the shared record).
+    pub refused: Vec<RefusedEntry>,
 }
 
 fn status(summary: &mut PatientSummary, section: Section) -> Result<SectionStatus, CareError> {
@@ -84,11 +101,27 @@ fn entries<T: SectionEntry, R>(
 }
 
 impl PatientView {
-    pub(crate) fn build(patient: &mut StoredPatient, sync: &SyncState) -> Result<Self, CareError> {
+    pub(crate) fn build(
+        patient: &mut StoredPatient,
+        sync: &SyncState,
+        refused: Vec<Diverged>,
+    ) -> Result<Self, CareError> {
         let s = &mut patient.summary;
         let mut hidden = 0;
+        let patient_id = s.patient_id()?;
+        let refused = refused
+            .into_iter()
+            .filter(|d| d.doc == patient_id)
+            .map(|d| RefusedEntry {
+                explanation: care_node::policy::Rule::parse(&d.rule).map_or("", |r| r.explain()).to_string(),
+                place: d.place,
+                rule: d.rule,
+                refused_at_ms: d.at_ms,
+                entries: d.entries,
+            })
+            .collect();
         Ok(Self {
-            patient_id: s.patient_id()?.to_string(),
+            patient_id: patient_id.to_string(),
             demographics: s.demographics()?,
             as_of_ms: patient.received_at_ms,
             last_sync_ms: sync.last_sync_ms,
@@ -116,6 +149,7 @@ impl PatientView {
             })?,
             results: entries(s, &mut hidden, |id, entry, conflicts| ReportEntry { id, entry, conflicts })?,
             entered_in_error_hidden: hidden,
+            refused,
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::nhs::NhsNumber;
-use crate::store::{StoredPatient, SyncState};
+use crate::store::{Diverged, StoredPatient, SyncState};
 use crate::summary::{
     Alert, Allergy, CarePlan, Contact, Encounter, Medication, PatientSummary, Problem, Provenance, Report,
     SectionEntry, SectionState, SummaryError,
@@ -81,7 +81,17 @@ fn section<T: SectionEntry>(
 
 /// The summary as a crew sees it: identity and currency, alerts, allergies, medications,
 /// problems, then plans, contacts, encounters and results.
-pub fn render(patient: &mut StoredPatient, sync: &SyncState, now_ms: i64) -> Result<String, SummaryError> {
+///
+/// `refused` lists what the server refused of this device's entries (see
+/// [`crate::store::DeviceStore::diverged`]); those of this patient are shown under the header,
+/// with the clinician's own text, because they are on this device only.
+pub fn render(
+    patient: &mut StoredPatient,
+    sync: &SyncState,
+    refused: &[Diverged],
+    now_ms: i64,
+) -> Result<String, SummaryError> {
+    let patient_id = patient.summary.patient_id()?;
     let s = &mut patient.summary;
     let d = s.demographics()?;
     let nhs = match &d.nhs_number {
@@ -104,6 +114,17 @@ pub fn render(patient: &mut StoredPatient, sync: &SyncState, now_ms: i64) -> Res
         age_text(now_ms, patient.received_at_ms),
         sync.last_sync_ms.map_or("never".into(), |t| format!("{} ({})", format_time(t), age_text(now_ms, t)))
     );
+    let refused: Vec<_> = refused.iter().filter(|d| d.doc == patient_id).collect();
+    if !refused.is_empty() {
+        let _ = writeln!(out, "NOT IN THE SHARED RECORD (refused by the server; kept on this device only):");
+        for d in refused {
+            let why = crate::policy::Rule::parse(&d.rule).map_or("", |r| r.explain());
+            let _ = writeln!(out, "  refused {} at {}: {} — {why}", format_time(d.at_ms), d.place, d.rule);
+            for line in &d.entries {
+                let _ = writeln!(out, "    - {line}");
+            }
+        }
+    }
     section::<Alert>(&mut out, s, "ALERTS")?;
     section::<Allergy>(&mut out, s, "Allergies")?;
     section::<Medication>(&mut out, s, "Medications")?;
@@ -127,21 +148,9 @@ pub fn risk_text(news2: &crate::news2::News2) -> &'static str {
 
 /// Every entry's id by section (entered-in-error ones marked), for `show --ids`.
 pub fn entry_ids(summary: &mut PatientSummary) -> Result<String, SummaryError> {
-    fn ids<T: SectionEntry>(out: &mut String, summary: &mut PatientSummary) -> Result<(), SummaryError> {
-        for e in summary.entries::<T>()? {
-            let flag = if e.entered_in_error.is_some() { " (entered in error)" } else { "" };
-            let _ = writeln!(out, "  {:<12} {}  {}{flag}", T::SECTION.key(), e.id, e.data.summary_line());
-        }
-        Ok(())
-    }
     let mut out = String::from("Entry ids:\n");
-    ids::<Alert>(&mut out, summary)?;
-    ids::<Allergy>(&mut out, summary)?;
-    ids::<Medication>(&mut out, summary)?;
-    ids::<Problem>(&mut out, summary)?;
-    ids::<CarePlan>(&mut out, summary)?;
-    ids::<Contact>(&mut out, summary)?;
-    ids::<Encounter>(&mut out, summary)?;
-    ids::<Report>(&mut out, summary)?;
+    for (section, id, line) in summary.entry_lines()? {
+        let _ = writeln!(out, "  {:<12} {id}  {line}", section.key());
+    }
     Ok(out)
 }

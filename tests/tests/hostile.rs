@@ -167,6 +167,9 @@ async fn after_caseload_remove_the_device_cannot_write_and_keeps_its_refused_ent
     let diverged = nurse.store.diverged().unwrap();
     assert_eq!(diverged.len(), 1);
     assert_eq!((diverged[0].doc, diverged[0].rule.as_str()), (target, "not-in-scope"));
+    // The clinician's own text of the refused entry stays on the device (and out of `Debug`).
+    assert_eq!(diverged[0].entries, ["allergies: Penicillin"], "{diverged:?}");
+    assert!(!format!("{diverged:?}").contains("Penicillin"));
     let mut on_server = PatientSummary::load(&saved(&server, &target)).unwrap();
     assert!(on_server.entries::<s::Allergy>().unwrap().iter().all(|a| a.data.substance != "Penicillin"));
     assert_eq!(server.store.quarantined(None).unwrap()[0].rule, "not-in-scope");
@@ -174,6 +177,34 @@ async fn after_caseload_remove_the_device_cannot_write_and_keeps_its_refused_ent
     let again = within(30, nurse.sync()).await.unwrap();
     assert_eq!(again.stats.refused_changes, 0);
     assert!(nurse.store.get(&target).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_entry_leaves_the_record_and_the_patients_view_shows_it_with_the_clinicians_text() {
+    let server = TestServer::start(1).await;
+    let mut nurse = TestDevice::enrolled(&server, "nurse-2", Role::CommunityNurse).await;
+    server.caseload("nurse-2", [0]);
+    within(30, nurse.sync()).await.unwrap();
+    let nhs = server.patients[0].clone();
+    let target = server.store.patient_by_nhs(&nhs).unwrap().unwrap();
+    let entry = s::Allergy::new("Latex", nurse.store.provenance().unwrap());
+    let id = nurse.store.add_entry(&nhs, &entry).unwrap();
+
+    // As the sync does when the server's acknowledgement refuses the change (here: all of them).
+    let place = format!("allergies/{id}");
+    let refusal =
+        RefusedDoc { doc: target, rule: "edit-window".into(), place: place.clone(), changes: vec![] };
+    assert_eq!(nurse.store.diverge(&[refusal], care_node::now_ms()).unwrap(), 1);
+    assert_eq!(nurse.store.pending_count().unwrap(), 0);
+    assert!(!nurse.allergies(&nhs).contains(&"Latex".to_string()), "the device holds the server's version");
+
+    let mut patient = nurse.store.view_patient(&nhs, "show").unwrap();
+    let sync = nurse.store.sync_state().unwrap();
+    let refused = nurse.store.diverged().unwrap();
+    let text = care_node::view::render(&mut patient, &sync, &refused, care_node::now_ms()).unwrap();
+    let header = text.find("NOT IN THE SHARED RECORD").expect("the refused entries are listed");
+    let line = &text[header..];
+    assert!(line.contains("Latex") && line.contains(&place) && line.contains("edit-window"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -126,6 +126,9 @@ enum Command {
     },
     /// Shows enrolment, last sync and pending changes.
     Status,
+    /// Lists this device's entries the server refused, with the text as recorded here (they
+    /// are not in the shared record; `show` lists a patient's own under its header).
+    Refused,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -243,7 +246,8 @@ async fn run(cli: Cli) -> CliResult {
             let nhs = parse_nhs(&nhs_number)?;
             let mut patient = store.view_patient(&nhs, "show")?;
             let sync = store.sync_state()?;
-            print!("{}", care_node::view::render(&mut patient, &sync, care_node::now_ms())?);
+            let refused = store.diverged()?;
+            print!("{}", care_node::view::render(&mut patient, &sync, &refused, care_node::now_ms())?);
             if ids {
                 print!("{}", care_node::view::entry_ids(&mut patient.summary)?);
             }
@@ -309,6 +313,26 @@ async fn run(cli: Cli) -> CliResult {
             .await?;
         }
         Command::Notifications { limit } => print_notifications(&store, limit)?,
+        Command::Refused => {
+            let refused = store.diverged()?;
+            for d in &refused {
+                println!(
+                    "{}  patient {}  {}  rule {}",
+                    care_node::view::format_time(d.at_ms),
+                    d.doc,
+                    d.place,
+                    d.rule
+                );
+                for line in &d.entries {
+                    println!("    - {line}");
+                }
+            }
+            println!(
+                "{} refused entr{} kept on this device",
+                refused.len(),
+                if refused.len() == 1 { "y" } else { "ies" }
+            );
+        }
         Command::Status => {
             match store.enrolment()? {
                 Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
@@ -334,7 +358,8 @@ async fn run(cli: Cli) -> CliResult {
             if sync.left_out > 0 {
                 println!("{} patient(s) in scope left out by this device's document budget", sync.left_out);
             }
-            // Entries the server refused stay here for the clinician; patients by opaque id only.
+            // Entries the server refused stay here for the clinician; patients by opaque id
+            // only (`refused` and `show` give the text).
             for d in store.diverged()? {
                 println!(
                     "refused by the server {}: {} change(s) to patient {} at {} — rule {}: {}",

@@ -181,17 +181,36 @@ struct DivergedBody {
     at_ms: i64,
     #[serde(with = "serde_bytes")]
     change: Vec<u8>,
+    /// The refused entries' lines as the device showed them before the refusal (patient data).
+    entries: Vec<String>,
 }
 
-/// What the server refused of this device's entries on a patient: the rule, where, and when.
-/// The refused change itself stays sealed on the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the server refused of this device's entries on a patient: the rule, where, when, and
+/// the device's own text of the entry, kept for the clinician (the refused change itself stays
+/// sealed on the device).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Diverged {
     pub doc: PatientId,
     pub rule: String,
     pub place: String,
     pub at_ms: i64,
     pub changes: u64,
+    /// What the refused changes recorded, as the clinician saw it (`section: line`): patient
+    /// data, shown only on request and never in `Debug`.
+    pub entries: Vec<String>,
+}
+
+impl std::fmt::Debug for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Diverged")
+            .field("doc", &self.doc)
+            .field("rule", &self.rule)
+            .field("place", &self.place)
+            .field("at_ms", &self.at_ms)
+            .field("changes", &self.changes)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
 }
 
 /// The encrypted device store.

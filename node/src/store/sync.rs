@@ -1,6 +1,9 @@
 //! What the sync session reads and writes: the outbox, received pages, round progress.
 
+use std::collections::HashSet;
+
 use super::*;
+use crate::summary::{EntryId, Section};
 
 impl DeviceStore {
     /// Local changes after outbox position `after`, oldest first, up to about `max_bytes`.
@@ -57,27 +60,48 @@ impl DeviceStore {
         for refusal in refused {
             // The refused changes and every later one of this device's that builds on them; the
             // server accepted the rest, and they stay queued for their acknowledgement.
-            let mut dropped: std::collections::HashSet<automerge::ChangeHash> =
+            let mut dropped: HashSet<automerge::ChangeHash> =
                 refusal.changes.iter().map(|h| automerge::ChangeHash(*h)).collect();
             let all = refusal.changes.is_empty();
+            let mut moving = Vec::new();
             for (id, body) in queued.iter().filter(|(_, b)| b.patient_id == refusal.doc) {
                 let change = automerge::Change::try_from(body.change.as_slice()).ok();
                 let refused_here = all
                     || change.as_ref().is_none_or(|c| {
                         dropped.contains(&c.hash()) || c.deps().iter().any(|d| dropped.contains(d))
                     });
-                if !refused_here {
-                    continue;
+                if refused_here {
+                    if let Some(c) = &change {
+                        dropped.insert(c.hash());
+                    }
+                    moving.push((*id, body));
                 }
-                if let Some(c) = &change {
-                    dropped.insert(c.hash());
+            }
+            // The server's version: every change but the refused ones and what builds on them;
+            // what it lacks of the device's version is the clinician's text of the refused
+            // entries. (A document no longer on the device keeps its refused changes all the same.)
+            let mut entries = Vec::new();
+            if let Some(mut patient) = read_patient(&tx, &self.key, &self.lookup, &refusal.doc)? {
+                let mut kept = Vec::new();
+                for change in patient.summary.all_changes() {
+                    if dropped.contains(&change.hash()) || change.deps().iter().any(|d| dropped.contains(d)) {
+                        dropped.insert(change.hash());
+                    } else {
+                        kept.extend_from_slice(change.raw_bytes());
+                    }
                 }
+                let mut rebuilt = PatientSummary::load(&kept)?;
+                entries = lost_entries(&mut patient.summary, &mut rebuilt);
+                write_document(&tx, &self.key, &self.lookup, &mut rebuilt, patient.received_at_ms, None)?;
+            }
+            for (id, body) in moving {
                 let diverged = DivergedBody {
                     patient_id: refusal.doc,
                     rule: refusal.rule.clone(),
                     place: refusal.place.clone(),
                     at_ms: now_ms,
                     change: body.change.clone(),
+                    entries: entries.clone(),
                 };
                 tx.execute("INSERT INTO diverged (body) VALUES (x'')", [])?;
                 let row = tx.last_insert_rowid();
@@ -86,20 +110,6 @@ impl DeviceStore {
                 tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
                 moved += 1;
             }
-            // The server's version: every change but the refused ones and what builds on them.
-            // (A document no longer on the device keeps its refused changes in the list all the same.)
-            let Some(patient) = read_patient(&tx, &self.key, &self.lookup, &refusal.doc)? else { continue };
-            let mut summary = patient.summary;
-            let mut kept = Vec::new();
-            for change in summary.all_changes() {
-                if dropped.contains(&change.hash()) || change.deps().iter().any(|d| dropped.contains(d)) {
-                    dropped.insert(change.hash());
-                } else {
-                    kept.extend_from_slice(change.raw_bytes());
-                }
-            }
-            let mut rebuilt = PatientSummary::load(&kept)?;
-            write_document(&tx, &self.key, &self.lookup, &mut rebuilt, patient.received_at_ms, None)?;
         }
         tx.commit()?;
         Ok(moved)
@@ -123,6 +133,7 @@ impl DeviceStore {
                     place: body.place,
                     at_ms: body.at_ms,
                     changes: 1,
+                    entries: body.entries,
                 }),
             }
         }
@@ -285,4 +296,18 @@ fn apply_one(
         }
     }
     Ok(notified)
+}
+
+/// The entries' lines (`section: line`) the device's version shows and the rebuilt one does
+/// not, or shows otherwise: what the refused changes recorded. Unreadable versions give none.
+fn lost_entries(device: &mut PatientSummary, rebuilt: &mut PatientSummary) -> Vec<String> {
+    let kept: HashSet<(Section, EntryId, String)> =
+        rebuilt.entry_lines().unwrap_or_default().into_iter().collect();
+    device
+        .entry_lines()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|line| !kept.contains(line))
+        .map(|(section, _, line)| format!("{}: {line}", section.key()))
+        .collect()
 }

@@ -553,6 +553,31 @@ impl PatientSummary {
         Ok(found.into_iter().map(|(_, e)| e).collect())
     }
 
+    /// Every entry's line for a clinician (as [`SectionEntry::summary_line`]), by section and
+    /// id, in the order a crew reads them; entered-in-error ones marked so.
+    pub fn entry_lines(&mut self) -> Result<Vec<(Section, EntryId, String)>, SummaryError> {
+        fn lines<T: SectionEntry>(
+            summary: &mut PatientSummary,
+            out: &mut Vec<(Section, EntryId, String)>,
+        ) -> Result<(), SummaryError> {
+            for e in summary.entries::<T>()? {
+                let flag = if e.entered_in_error.is_some() { " (entered in error)" } else { "" };
+                out.push((T::SECTION, e.id, format!("{}{flag}", e.data.summary_line())));
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        lines::<Alert>(self, &mut out)?;
+        lines::<Allergy>(self, &mut out)?;
+        lines::<Medication>(self, &mut out)?;
+        lines::<Problem>(self, &mut out)?;
+        lines::<CarePlan>(self, &mut out)?;
+        lines::<Contact>(self, &mut out)?;
+        lines::<Encounter>(self, &mut out)?;
+        lines::<Report>(self, &mut out)?;
+        Ok(out)
+    }
+
     /// The entries a clinician sees by default: entered-in-error ones left out.
     pub fn clinical_entries<T: SectionEntry>(&mut self) -> Result<Vec<Entry<T>>, SummaryError> {
         Ok(self.entries::<T>()?.into_iter().filter(|e| e.entered_in_error.is_none()).collect())

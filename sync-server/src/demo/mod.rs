@@ -233,8 +233,11 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
     // A clinician's view: lease checked, and written to the device's signed view log.
     let mut patient = crew.view_patient(&shared, "show")?;
     let _ = writeln!(out, "\nWhat the crew of ambulance-1 sees:\n");
-    let _ =
-        writeln!(out, "{}", care_node::view::render(&mut patient, &crew.sync_state()?, care_node::now_ms())?);
+    let _ = writeln!(
+        out,
+        "{}",
+        care_node::view::render(&mut patient, &crew.sync_state()?, &crew.diverged()?, care_node::now_ms())?
+    );
     let both = ["Chlorhexidine", "Adhesive dressings"];
     let converged = on_ambulance == on_nurse && both.iter().all(|a| on_ambulance.iter().any(|x| x == a));
     let _ = writeln!(
