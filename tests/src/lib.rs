@@ -36,6 +36,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with `patients` synthetic patients on 127.0.0.1, port 0.
     pub async fn start(patients: usize) -> Self {
+        Self::start_limited(patients, care_sync_server::domain::limits::Limits::default()).await
+    }
+
+    /// As [`TestServer::start`], with the transport's bounds set to `limits`.
+    pub async fn start_limited(patients: usize, limits: care_sync_server::domain::limits::Limits) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
         let identity = store.server_identity().expect("server identity");
@@ -45,8 +50,9 @@ impl TestServer {
             .collect::<Vec<_>>();
         store.insert_patients(&mut summaries).expect("insert patients");
         let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
-        let running =
-            transport::start(store.clone(), "127.0.0.1:0".parse().unwrap()).await.expect("server starts");
+        let running = transport::start_with(store.clone(), "127.0.0.1:0".parse().unwrap(), limits)
+            .await
+            .expect("server starts");
         let addr = running.addr;
         Self { store, running: Some(running), addr, patients, _dir: dir }
     }

@@ -208,6 +208,52 @@ async fn a_refused_entry_leaves_the_record_and_the_patients_view_shows_it_with_t
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn silent_peers_are_closed_at_the_enrolment_and_read_timeouts_and_a_device_beside_them_syncs() {
+    let limits = care_sync_server::domain::limits::Limits {
+        enrol_timeout_secs: 1,
+        read_timeout_secs: 2,
+        ..Default::default()
+    };
+    let server = TestServer::start_limited(2, limits).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    let silent = TestDevice::enrolled(&server, "ambulance-silent", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-1", [0]);
+
+    // An enrolment peer that opens a connection and says nothing.
+    let token =
+        care_node::token::EnrolmentToken::decode(&server.token("spare", Role::AmbulanceCrew)).unwrap();
+    let mut enrolling = DeviceConnection::open_enrol(&token).await.unwrap();
+    enrolling.send_raw(&[0x00]).await.unwrap(); // opens the stream; a frame never follows
+    let opened = Instant::now();
+    let closed = within(10, enrolling.recv()).await;
+    assert!(
+        matches!(&closed, Err(care_node::client::ClientError::Connection(m)) if m.contains("sent nothing")),
+        "{closed:?}"
+    );
+    assert!(opened.elapsed() < Duration::from_secs(3), "closed after {:?}", opened.elapsed());
+
+    // An enrolled device that is welcomed, then goes silent in the middle of its round.
+    let mut stalled = care_sync_e2e::welcomed(&silent).await;
+    let opened = Instant::now();
+    within(30, crew.sync()).await.expect("a device beside the silent ones syncs");
+    let closed = loop {
+        match within(10, stalled.recv()).await {
+            Ok(Some(_)) => continue, // the round's frames, sent before the server waits
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(&closed, Err(care_node::client::ClientError::Connection(m)) if m.contains("sent nothing")),
+        "{closed:?}"
+    );
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn revoking_a_device_ends_its_live_session_within_a_second() {
     let server = TestServer::start(2).await;
     let mut nurse = TestDevice::enrolled(&server, "nurse-live", Role::CommunityNurse).await;
