@@ -743,6 +743,26 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_more_operations_than_the_bound_is_too_large() {
+        let (mut doc, _) = record();
+        let allergy = |n: usize| {
+            move |d: &mut PatientSummary| {
+                // One change of `n` operations: a new entry of its own, with `n - 1` fields.
+                let at = d.doc_mut().get(automerge::ROOT, "allergies").unwrap().unwrap().1;
+                let entry =
+                    d.doc_mut().put_object(&at, uuid::Uuid::new_v4().to_string(), ObjType::Map).unwrap();
+                for i in 0..n - 1 {
+                    d.doc_mut().put(&entry, format!("f{i}"), "x").unwrap();
+                }
+                d.doc_mut().commit();
+            }
+        };
+        assert_eq!(rule(as_device(&mut doc, &KEY, allergy(MAX_OPS_PER_CHANGE + 1))), Some(Rule::TooLarge));
+        // Just under the bound, the change is judged on its content instead (unknown fields).
+        assert_ne!(rule(as_device(&mut doc, &KEY, allergy(MAX_OPS_PER_CHANGE))), Some(Rule::TooLarge));
+    }
+
+    #[test]
     fn another_authors_entry_is_neither_edited_nor_marked() {
         let (mut doc, alert) = record();
         assert_eq!(

@@ -137,4 +137,21 @@ fn quarantine_lists_refused_uploads_by_rule_and_place_never_their_content() {
     assert!(!printed.contains("SECRET"), "content is never printed:\n{printed}");
     let out = run(dir.path(), &["quarantine", "--device", "nobody"]);
     assert!(!out.status.success() && text(&out.stderr).contains("no device named `nobody`"));
+
+    // A review with a note takes the item off the default list, once, audited once.
+    let out = run(dir.path(), &["quarantine", "review", "1", "--note", " "]);
+    assert!(!out.status.success() && text(&out.stderr).contains("needs a note"), "{}", text(&out.stderr));
+    for _ in 0..2 {
+        let out = run(dir.path(), &["quarantine", "review", "1", "--note", "device reset by the trust"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = run(dir.path(), &["quarantine", "review", "99", "--note", "x"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no quarantined upload with id 99"));
+    assert!(!text(&run(dir.path(), &["quarantine"]).stdout).contains("alerts/1234"), "reviewed: not listed");
+    assert!(text(&run(dir.path(), &["quarantine", "--all"]).stdout).contains("alerts/1234"));
+    let audit = text(&run(dir.path(), &["audit"]).stdout);
+    assert_eq!(audit.matches("quarantine-reviewed").count(), 1, "{audit}");
+    let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let device = store.device_by_name("ambulance-7").unwrap().unwrap();
+    assert_eq!(store.quarantine_count(device.id, 0).unwrap(), 0, "a reviewed item no longer counts");
 }

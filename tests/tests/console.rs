@@ -207,6 +207,28 @@ async fn scopes_alerts_audit_feeds_planning_and_metrics_through_the_api() {
     let (status, _) = console.post(&format!("/api/alerts/{id}/ack"), json!({ "note": "again" }));
     assert_eq!(status, 404, "an acknowledged alert is not open");
 
+    // Quarantine: listed without its content; a review needs a note, and takes it off the list.
+    let device = server.device_id("ambulance-1");
+    let patient = server.store.patient_by_nhs(&server.patients[0]).unwrap().unwrap();
+    let item = server
+        .store
+        .quarantine(device, &patient, "foreign-entry", "alerts/x", &[b"CLINICAL-TEXT".to_vec()], 1_000)
+        .unwrap();
+    let listed = console.get("/api/quarantine");
+    assert_eq!(listed["quarantine"][0]["id"], item);
+    assert!(!listed.to_string().contains("CLINICAL-TEXT"));
+    let (status, _) = console.post(&format!("/api/quarantine/{item}/review"), json!({ "note": "" }));
+    assert_eq!(status, 400);
+    let (status, _) = console.post(&format!("/api/quarantine/{}/review", item + 1), json!({ "note": "x" }));
+    assert_eq!(status, 404);
+    let (status, _) =
+        console.post(&format!("/api/quarantine/{item}/review"), json!({ "note": "entry re-recorded by GP" }));
+    assert_eq!(status, 200);
+    assert_eq!(console.get("/api/quarantine")["quarantine"], json!([]));
+    let all = console.get("/api/quarantine?all=true");
+    assert_eq!(all["quarantine"][0]["review_note"], "entry re-recorded by GP");
+    assert!(all["quarantine"][0]["reviewed_at"].is_string());
+
     // Who saw this patient: the break glass and the grant, by the device.
     let broken = server.patients[3].as_str();
     let audit = console.get(&format!("/api/audit?nhs={broken}"));

@@ -145,6 +145,32 @@ async fn a_compressed_bomb_and_an_oversized_change_are_refused_before_they_are_s
     assert_eq!(refused[0].rule, "too-large");
     assert!(started.elapsed() < Duration::from_secs(5));
 
+    // Changes each under the size bound, that together would grow the record by more than a
+    // device may add in one upload (`policy::MAX_DOCUMENT_GROWTH`): refused whole.
+    let mut patient = hostile.store.get(&target).unwrap().unwrap();
+    patient.summary.set_actor(&hostile.store.identity().unwrap().public_key());
+    let heads = patient.summary.heads();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..10 {
+        // Incompressible text (xorshift hex), 200 KiB per entry.
+        let noise: String = (0..100 * 1024)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                format!("{:02x}", seed as u8)
+            })
+            .collect();
+        let mut entry = s::Allergy::new("Latex", hostile.store.provenance().unwrap());
+        entry.reaction = Some(noise);
+        patient.summary.add(&entry).unwrap();
+    }
+    let changes: Vec<Vec<u8>> =
+        patient.summary.changes_since(&heads).iter().map(|c| c.raw_bytes().to_vec()).collect();
+    assert!(changes.iter().all(|c| c.len() < care_node::policy::MAX_CHANGE_BYTES));
+    let refused = upload(&hostile, target, changes).await;
+    assert_eq!(refused[0].rule, "too-large");
+
     assert_eq!(saved(&server, &target), before, "nothing was stored");
     within(30, crew.sync()).await.expect("the patient is not poisoned for others");
 }

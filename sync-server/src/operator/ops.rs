@@ -235,6 +235,22 @@ pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result
     Ok(true)
 }
 
+/// Records that an operator or privacy officer reviewed a quarantined upload, with a note
+/// (audited once: reviewing again changes nothing). Reviewed items no longer count towards the
+/// device's quarantine limit. False if there is no such item.
+pub fn review_quarantine(store: &dyn ServerStore, id: i64, note: &str) -> Result<bool, OpsError> {
+    if note.trim().is_empty() {
+        return Err(OpsError::Invalid("a review needs a note".into()));
+    }
+    let Some(item) = store.quarantined(None)?.into_iter().find(|q| q.id == id) else { return Ok(false) };
+    if store.review_quarantine(id, note, now())? {
+        let detail =
+            format!("quarantine {id} ({} at {}, rule {}): {note}", item.device, item.place, item.rule);
+        store.append_audit(OPERATOR, "quarantine-reviewed", Some(&item.patient), &detail, now())?;
+    }
+    Ok(true)
+}
+
 /// Alert kinds whose reason is a clinician's free text (patient data): listings show it sealed,
 /// and reading it is an audited action of its own ([`alert_reason`]).
 pub const SEALED_REASON_KINDS: [&str; 2] = ["break-glass", "permission-to-view"];

@@ -283,7 +283,8 @@ pub struct CheckedChanges {
 }
 
 /// Uploaded changes refused by the write policy, kept for the operator and privacy officer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (`Debug` counts the changes: their bytes are patient data.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct QuarantineRecord {
     pub id: i64,
     pub at_ms: i64,
@@ -294,6 +295,30 @@ pub struct QuarantineRecord {
     pub place: String,
     /// The refused changes, exactly as uploaded (patient data: shown to no one by default).
     pub changes: Vec<Vec<u8>>,
+    /// An operator's review, once done.
+    pub reviewed: Option<QuarantineReview>,
+}
+
+impl std::fmt::Debug for QuarantineRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuarantineRecord")
+            .field("id", &self.id)
+            .field("at_ms", &self.at_ms)
+            .field("device", &self.device)
+            .field("patient", &self.patient)
+            .field("rule", &self.rule)
+            .field("place", &self.place)
+            .field("changes", &self.changes.len())
+            .field("reviewed", &self.reviewed)
+            .finish()
+    }
+}
+
+/// An operator's review of a quarantined upload: when, and the operator's note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineReview {
+    pub at_ms: i64,
+    pub note: String,
 }
 
 /// How many recent feed refusals the store keeps for operators.
@@ -499,9 +524,12 @@ pub trait Governance: Send + Sync {
         changes: &[Vec<u8>],
         now_ms: i64,
     ) -> Result<i64, StoreError>;
-    /// Quarantined uploads, newest first (of one device, or all).
+    /// Quarantined uploads, newest first (of one device, or all), reviewed ones included.
     fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError>;
-    /// How many uploads of a device were quarantined since `since_ms`.
+    /// Records an operator's review of a quarantined upload; `false` if there is no such item or
+    /// it was already reviewed (the first review stands).
+    fn review_quarantine(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError>;
+    /// How many uploads of a device were quarantined since `since_ms` and not yet reviewed.
     fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError>;
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;

@@ -97,6 +97,61 @@ pub enum AlertAction {
     Reason { id: i64 },
 }
 
+#[derive(Subcommand)]
+pub enum QuarantineAction {
+    /// Records that a quarantined upload was reviewed, with a note (audited). Reviewed items
+    /// leave the default list and no longer count towards the device's quarantine limit.
+    Review {
+        /// The item's id, from the list.
+        id: i64,
+        /// What was decided (e.g. "re-recorded by the GP practice", "device reset").
+        #[arg(long)]
+        note: String,
+    },
+}
+
+pub fn quarantine(
+    store: &dyn ServerStore,
+    device: Option<&str>,
+    all: bool,
+    action: Option<QuarantineAction>,
+) -> CliResult {
+    if let Some(QuarantineAction::Review { id, note }) = action {
+        if !ops::review_quarantine(store, id, &note)? {
+            return Err(format!("no quarantined upload with id {id}").into());
+        }
+        println!("quarantined upload {id} reviewed");
+        return Ok(());
+    }
+    let id = match device {
+        Some(name) => {
+            Some(store.device_by_name(name)?.ok_or_else(|| format!("no device named `{name}`"))?.id)
+        }
+        None => None,
+    };
+    let items: Vec<_> = store.quarantined(id)?.into_iter().filter(|q| all || q.reviewed.is_none()).collect();
+    println!(
+        "{:>6} {:<22} {:<20} {:<38} {:<22} {:<44} {:>7} REVIEWED",
+        "ID", "WHEN", "DEVICE", "PATIENT", "RULE", "PLACE", "CHANGES"
+    );
+    for q in &items {
+        println!(
+            "{:>6} {:<22} {:<20} {:<38} {:<22} {:<44} {:>7} {}",
+            q.id,
+            care_node::view::format_time(q.at_ms),
+            q.device,
+            q.patient,
+            q.rule,
+            q.place,
+            q.changes.len(),
+            q.reviewed.as_ref().map_or("-".to_string(), |r| care_node::view::format_time(r.at_ms))
+        );
+    }
+    let what = if all { "" } else { " not yet reviewed" };
+    eprintln!("{} refused upload(s) in quarantine{what}", items.len());
+    Ok(())
+}
+
 pub fn incident(store: &dyn ServerStore, action: IncidentAction) -> CliResult {
     match action {
         IncidentAction::Open { device, nhs, hours } => {

@@ -127,11 +127,18 @@ enum Command {
         action: Option<governance::AlertAction>,
     },
     /// Uploaded changes the write policy refused, kept for review: when, which device, which
-    /// patient (opaque id), the rule and where the changes wrote. Never their content.
+    /// patient (opaque id), the rule and where the changes wrote. Never their content. Lists the
+    /// items not yet reviewed; `quarantine review ID --note …` records a review.
+    #[command(args_conflicts_with_subcommands = true)]
     Quarantine {
         /// Only this device's.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         device: Option<String>,
+        /// Reviewed items too.
+        #[arg(long)]
+        all: bool,
+        #[command(subcommand)]
+        action: Option<governance::QuarantineAction>,
     },
     /// Who saw this patient, when, and why (and every other audited action).
     Audit {
@@ -579,31 +586,8 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             ops::set_setting(open(&dir)?.as_ref(), &name, &value)?;
             println!("{name} = {value}");
         }
-        Command::Quarantine { device } => {
-            let store = open(&dir)?;
-            let id = match &device {
-                Some(name) => {
-                    Some(store.device_by_name(name)?.ok_or_else(|| format!("no device named `{name}`"))?.id)
-                }
-                None => None,
-            };
-            let items = store.quarantined(id)?;
-            println!(
-                "{:<22} {:<20} {:<38} {:<22} {:<44} {:>7}",
-                "WHEN", "DEVICE", "PATIENT", "RULE", "PLACE", "CHANGES"
-            );
-            for q in &items {
-                println!(
-                    "{:<22} {:<20} {:<38} {:<22} {:<44} {:>7}",
-                    care_node::view::format_time(q.at_ms),
-                    q.device,
-                    q.patient,
-                    q.rule,
-                    q.place,
-                    q.changes.len()
-                );
-            }
-            eprintln!("{} refused upload(s) in quarantine", items.len());
+        Command::Quarantine { device, all, action } => {
+            governance::quarantine(open(&dir)?.as_ref(), device.as_deref(), all, action)?
         }
         Command::Alerts { action } => {
             let action = action.unwrap_or(governance::AlertAction::List { all: false });

@@ -33,6 +33,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/api/alerts/{id}/ack", post(acknowledge_alert))
         .route("/api/alerts/{id}/reason", post(alert_reason))
         .route("/api/quarantine", get(quarantine))
+        .route("/api/quarantine/{id}/review", post(review_quarantine))
         .route("/api/audit", get(audit))
         .route("/api/feeds", get(feeds))
         .route("/api/planning.csv", get(planning_export))
@@ -373,10 +374,28 @@ async fn alert_reason(State(state): State<Arc<AdminState>>, Path(id): Path<i64>)
 #[derive(Deserialize)]
 struct QuarantineQuery {
     device: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn review_quarantine(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+    Json(r): Json<AckRequest>,
+) -> ApiResult {
+    blocking(&state, move |store| {
+        if ops::review_quarantine(store, id, &r.note)? {
+            Ok(Json(json!({ "id": id, "reviewed": true })))
+        } else {
+            Err(ApiError::new(StatusCode::NOT_FOUND, format!("no quarantined upload {id}")))
+        }
+    })
+    .await
 }
 
 /// Uploads the write policy refused: rule and place, never the changes themselves.
 async fn quarantine(State(state): State<Arc<AdminState>>, Query(q): Query<QuarantineQuery>) -> ApiResult {
+    let all = q.all;
     blocking(&state, move |store| {
         let device = match q.device.filter(|d| !d.trim().is_empty()) {
             Some(name) => Some(
@@ -390,6 +409,7 @@ async fn quarantine(State(state): State<Arc<AdminState>>, Query(q): Query<Quaran
         let items: Vec<Value> = store
             .quarantined(device)?
             .into_iter()
+            .filter(|q| all || q.reviewed.is_none())
             .map(|q| {
                 json!({
                     "id": q.id,
@@ -399,6 +419,8 @@ async fn quarantine(State(state): State<Arc<AdminState>>, Query(q): Query<Quaran
                     "rule": q.rule,
                     "place": q.place,
                     "changes": q.changes.len(),
+                    "reviewed_at": q.reviewed.as_ref().map(|r| iso(Some(r.at_ms))),
+                    "review_note": q.reviewed.map(|r| r.note),
                 })
             })
             .collect();

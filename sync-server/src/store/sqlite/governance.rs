@@ -314,17 +314,31 @@ impl Governance for SqliteStore {
     fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT q.id, q.at_ms, d.name, q.patient_id, q.rule, q.place, q.changes
+            "SELECT q.id, q.at_ms, d.name, q.patient_id, q.rule, q.place, q.changes, r.at_ms, r.note
              FROM quarantine q JOIN devices d ON d.id = q.device_id
+             LEFT JOIN quarantine_reviews r ON r.quarantine_id = q.id
              WHERE ?1 IS NULL OR q.device_id = ?1 ORDER BY q.id DESC",
         )?;
         let rows = stmt.query_map([device], |r| {
             let changes: Vec<u8> = r.get(6)?;
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Vec<u8>>(3)?, r.get(4)?, r.get(5)?, changes))
+            let review = match r.get::<_, Option<i64>>(7)? {
+                Some(at_ms) => Some(QuarantineReview { at_ms, note: r.get(8)? }),
+                None => None,
+            };
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                changes,
+                review,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, at_ms, device, patient, rule, place, changes) = row?;
+            let (id, at_ms, device, patient, rule, place, changes, reviewed) = row?;
             out.push(QuarantineRecord {
                 id,
                 at_ms,
@@ -333,15 +347,27 @@ impl Governance for SqliteStore {
                 rule,
                 place,
                 changes: postcard::from_bytes(&changes).map_err(|_| StoreError::UnknownFormat)?,
+                reviewed,
             });
         }
         Ok(out)
     }
 
+    fn review_quarantine(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT INTO quarantine_reviews (quarantine_id, at_ms, note)
+             SELECT id, ?2, ?3 FROM quarantine WHERE id = ?1 ON CONFLICT DO NOTHING",
+            params![id, now_ms, note],
+        )? > 0)
+    }
+
     fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT count(*) FROM quarantine WHERE device_id = ?1 AND at_ms >= ?2")?
+            .prepare_cached(
+                "SELECT count(*) FROM quarantine q WHERE q.device_id = ?1 AND q.at_ms >= ?2
+                 AND NOT EXISTS (SELECT 1 FROM quarantine_reviews r WHERE r.quarantine_id = q.id)",
+            )?
             .query_row(params![device, since_ms], |r| r.get::<_, i64>(0))? as u64)
     }
 

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::store::prelude::*;
 use crate::store::{
     AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, CheckedChanges, ConsentFlags, DeviceRecord,
-    EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, Role, RoundOutcome, StoreError,
-    UploadError, UploadOutcome,
+    EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, QuarantineReview, Role, RoundOutcome,
+    StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -115,6 +115,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     changes BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id);
+CREATE TABLE IF NOT EXISTS quarantine_reviews (
+    quarantine_id INTEGER PRIMARY KEY REFERENCES quarantine (id),
+    at_ms INTEGER NOT NULL,
+    note TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,

@@ -166,8 +166,22 @@ function sealedReason(id) {
 
 async function loadQuarantine() {
   const { quarantine } = await api("/api/quarantine");
-  const rows = quarantine.slice(0, 100).map((q) =>
-    el(
+  const rows = quarantine.slice(0, 100).map((q) => {
+    const note = el("input", { class: "review-note", placeholder: "note (required)", "aria-label": "review note" });
+    const review = async () => {
+      if (!note.value.trim()) {
+        say("A review needs a note.", true);
+        return;
+      }
+      try {
+        await api(`/api/quarantine/${q.id}/review`, { method: "POST", body: { note: note.value } });
+        say(`Quarantined upload ${q.id} reviewed.`);
+        await refresh();
+      } catch (e) {
+        say(e.message, true);
+      }
+    };
+    return el(
       "tr",
       { "data-quarantine": String(q.id) },
       el("td", {}, when(q.at)),
@@ -176,9 +190,10 @@ async function loadQuarantine() {
       el("td", {}, q.rule),
       el("td", {}, q.place),
       el("td", {}, String(q.changes)),
-    ),
-  );
-  fill($("#quarantine tbody"), rows, 6);
+      el("td", {}, note, " ", el("button", { type: "button", class: "review", onclick: review }, "Reviewed")),
+    );
+  });
+  fill($("#quarantine tbody"), rows, 7);
 }
 
 async function loadFeeds() {
