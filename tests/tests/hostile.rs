@@ -472,6 +472,9 @@ async fn winding_the_device_clock_back_does_not_stretch_the_offline_lease() {
     // A sync re-establishes the clock.
     within(30, crew.sync()).await.unwrap();
     crew.store.check_lease(care_node::now_ms()).unwrap();
+    // And sets the mark itself: a clock wound back right after a sync, before any use, is caught.
+    let err = crew.store.check_lease(care_node::now_ms() - 3 * 24 * 3_600_000).expect_err("locked");
+    assert!(matches!(err, care_node::store::StoreError::ClockWoundBack { .. }), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
