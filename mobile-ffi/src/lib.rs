@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 
 use care_node::client;
 use care_node::crypto::{CryptoError, DataKey, KeyWrapper, PassphraseWrapper};
-use care_node::news2::{News2, Observations};
+use care_node::news2::{Assessment, Observations};
 use care_node::nhs::NhsNumber;
 use care_node::notify::Notification;
 use care_node::protocol::AccessKind;
@@ -120,11 +120,12 @@ pub struct AccessOutcome {
     pub until_ms: i64,
 }
 
-/// An attendance recorded with its NEWS2 score.
+/// An attendance recorded with what NEWS2 says of its observations: a score, or why there is
+/// none (under 16, pregnancy, or which observations are missing).
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct Attendance {
     pub entry_id: String,
-    pub news2: News2,
+    pub assessment: Assessment,
 }
 
 /// One entry of this device's signed view log.
@@ -297,8 +298,8 @@ impl CareNode {
     ) -> Result<Attendance, CareError> {
         self.with_store(|s| {
             let nhs = NhsNumber::parse(&nhs_number)?;
-            let (id, news2) = s.record_attendance(&nhs, &observations, reason.as_deref())?;
-            Ok(Attendance { entry_id: id.to_string(), news2 })
+            let (id, assessment) = s.record_attendance(&nhs, &observations, reason.as_deref())?;
+            Ok(Attendance { entry_id: id.to_string(), assessment })
         })
     }
 

@@ -4,6 +4,11 @@
 //! more calls for an urgent response, 7 or more for an emergency response, and any single
 //! parameter scoring 3 for an urgent ward-based review. SpO2 scale 2 is only for patients with
 //! confirmed hypercapnic respiratory failure and a prescribed target of 88–92%.
+//!
+//! NEWS2 is validated for adults (16 and over) who are not pregnant: [`assess`] does not score a
+//! child (the trust's paediatric early warning score applies) or a pregnant patient (the maternity
+//! early warning score applies), and never scores a partial set as if complete — it names what is
+//! missing. The observations are recorded in every case.
 
 use crate::summary::Vitals;
 
@@ -42,19 +47,142 @@ impl Consciousness {
     }
 }
 
-/// A complete set of observations, as NEWS2 needs them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The observations a crew took: any of them may be missing (a crew may not get a temperature).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Observations {
-    pub respiration_rate: u32,
-    pub spo2: u32,
+    pub respiration_rate: Option<u32>,
+    pub spo2: Option<u32>,
     /// Use SpO2 scale 2 (hypercapnic respiratory failure, target 88–92%).
     pub spo2_scale_2: bool,
     pub on_oxygen: bool,
-    pub systolic_bp: u32,
-    pub pulse: u32,
-    pub consciousness: Consciousness,
-    pub temperature_c: f64,
+    pub systolic_bp: Option<u32>,
+    pub pulse: Option<u32>,
+    pub consciousness: Option<Consciousness>,
+    pub temperature_c: Option<f64>,
+    /// The patient is pregnant (NEWS2 does not apply).
+    pub pregnant: bool,
+}
+
+/// The youngest age NEWS2 is validated for.
+pub const ADULT_AGE: u32 = 16;
+
+/// What NEWS2 says about a set of observations: a score, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
+pub enum Assessment {
+    Scored {
+        news2: News2,
+    },
+    /// Under 16: NEWS2 is not validated for children; use the trust's paediatric early warning
+    /// score (PEWS).
+    NotForChildren {
+        age_years: u32,
+    },
+    /// Pregnant: NEWS2 is not validated in pregnancy; use the maternity early warning score.
+    NotInPregnancy,
+    /// Not every parameter was observed: these are missing, and no partial total is given.
+    Incomplete {
+        missing: Vec<String>,
+    },
+}
+
+impl Assessment {
+    /// The score, when there is one.
+    pub fn news2(&self) -> Option<&News2> {
+        match self {
+            Assessment::Scored { news2 } => Some(news2),
+            _ => None,
+        }
+    }
+
+    /// Why there is no score, as stored with the vitals (`under-16`, `pregnancy`, `incomplete`).
+    pub fn withheld(&self) -> Option<&'static str> {
+        match self {
+            Assessment::Scored { .. } => None,
+            Assessment::NotForChildren { .. } => Some(WITHHELD_UNDER_16),
+            Assessment::NotInPregnancy => Some(WITHHELD_PREGNANCY),
+            Assessment::Incomplete { .. } => Some(WITHHELD_INCOMPLETE),
+        }
+    }
+}
+
+pub const WITHHELD_UNDER_16: &str = "under-16";
+pub const WITHHELD_PREGNANCY: &str = "pregnancy";
+pub const WITHHELD_INCOMPLETE: &str = "incomplete";
+
+/// What a stored reason for no score means, for a clinician.
+pub fn withheld_text(code: &str) -> &'static str {
+    match code {
+        WITHHELD_UNDER_16 => {
+            "NEWS2 does not apply under 16: use the trust's paediatric early warning score (PEWS)"
+        }
+        WITHHELD_PREGNANCY => "NEWS2 does not apply in pregnancy: use the maternity early warning score",
+        WITHHELD_INCOMPLETE => "NEWS2 not scored: observations incomplete",
+        _ => "NEWS2 not scored",
+    }
+}
+
+/// The observations of a vitals record in one line, with NEWS2 or why there is none:
+/// `RR 24, SpO2 91% (scale 1, on oxygen), BP 98, pulse 118, ACVPU C, temp 38.6 °C; NEWS2 15`.
+pub fn vitals_line(v: &Vitals) -> String {
+    let or_dash = |x: Option<String>| x.unwrap_or_else(|| "—".into());
+    let mut line = format!(
+        "RR {}, SpO2 {} (scale {}, {}), BP {}, pulse {}, ACVPU {}, temp {}",
+        or_dash(v.respiration_rate.map(|x| x.to_string())),
+        or_dash(v.spo2.map(|x| format!("{x}%"))),
+        v.spo2_scale,
+        if v.on_oxygen { "on oxygen" } else { "air" },
+        or_dash(v.systolic_bp.map(|x| x.to_string())),
+        or_dash(v.pulse.map(|x| x.to_string())),
+        or_dash(v.consciousness.clone()),
+        or_dash(v.temperature_c.map(|x| format!("{x:.1} °C"))),
+    );
+    if v.pregnant == Some(true) {
+        line.push_str(", pregnant");
+    }
+    match (v.news2, v.news2_withheld.as_deref()) {
+        (Some(total), _) => line.push_str(&format!("; NEWS2 {total}")),
+        (None, Some(code)) if code == WITHHELD_INCOMPLETE => {
+            let missing = score(&Observations::from_vitals(v)).err().unwrap_or_default();
+            line.push_str(&format!("; {} (missing: {})", withheld_text(code), missing.join(", ")));
+        }
+        (None, Some(code)) => line.push_str(&format!("; {}", withheld_text(code))),
+        (None, None) => line.push_str("; no NEWS2"),
+    }
+    line
+}
+
+/// Assesses observations for a patient of `age_years` (`None` when the date of birth is not
+/// known: NEWS2 is then scored, as for an adult).
+pub fn assess(o: &Observations, age_years: Option<u32>) -> Assessment {
+    if let Some(age) = age_years.filter(|a| *a < ADULT_AGE) {
+        return Assessment::NotForChildren { age_years: age };
+    }
+    if o.pregnant {
+        return Assessment::NotInPregnancy;
+    }
+    match score(o) {
+        Ok(news2) => Assessment::Scored { news2 },
+        Err(missing) => Assessment::Incomplete { missing: missing.into_iter().map(str::to_string).collect() },
+    }
+}
+
+/// Age in whole years on `at_ms`, from an ISO date of birth (`YYYY-MM-DD`, or `YYYY-MM`, `YYYY`:
+/// then the youngest the patient can be).
+pub fn age_years(date_of_birth: &str, at_ms: i64) -> Option<u32> {
+    let mut parts = date_of_birth.trim().get(..10.min(date_of_birth.trim().len()))?.split('-');
+    let year: i32 = parts.next()?.parse().ok()?;
+    let month: u8 = parts.next().map_or(Ok(12), str::parse).ok()?;
+    let day: u8 = parts.next().map_or(Ok(31), str::parse).ok()?;
+    let born = time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, 1).ok()?;
+    let born = born.replace_day(day.min(born.month().length(year))).ok()?;
+    let today = time::OffsetDateTime::from_unix_timestamp(at_ms / 1000).ok()?.date();
+    let mut age = today.year() - born.year();
+    if (today.month() as u8, today.day()) < (born.month() as u8, born.day()) {
+        age -= 1;
+    }
+    u32::try_from(age).ok()
 }
 
 /// The response NEWS2 calls for.
@@ -159,17 +287,37 @@ fn temperature(t: f64) -> u32 {
     }
 }
 
-/// Scores a complete set of observations.
-pub fn score(o: &Observations) -> News2 {
+/// Scores a complete set of observations, or names what is missing.
+pub fn score(o: &Observations) -> Result<News2, Vec<&'static str>> {
+    let mut missing = Vec::new();
+    let mut need = |v: Option<u32>, name| {
+        if v.is_none() {
+            missing.push(name);
+        }
+        v.unwrap_or_default()
+    };
+    let rr = need(o.respiration_rate, "respiration rate");
+    let spo2 = need(o.spo2, "SpO2");
+    let bp = need(o.systolic_bp, "systolic blood pressure");
+    let p = need(o.pulse, "pulse");
+    if o.consciousness.is_none() {
+        missing.push("consciousness (ACVPU)");
+    }
+    if o.temperature_c.is_none() {
+        missing.push("temperature");
+    }
+    let (Some(consciousness), Some(t), true) = (o.consciousness, o.temperature_c, missing.is_empty()) else {
+        return Err(missing);
+    };
     let mut n = News2 {
         total: 0,
-        respiration_rate: respiration(o.respiration_rate),
-        spo2: if o.spo2_scale_2 { spo2_scale_2(o.spo2, o.on_oxygen) } else { spo2_scale_1(o.spo2) },
+        respiration_rate: respiration(rr),
+        spo2: if o.spo2_scale_2 { spo2_scale_2(spo2, o.on_oxygen) } else { spo2_scale_1(spo2) },
         air_or_oxygen: if o.on_oxygen { 2 } else { 0 },
-        systolic_bp: systolic(o.systolic_bp),
-        pulse: pulse(o.pulse),
-        consciousness: if o.consciousness == Consciousness::Alert { 0 } else { 3 },
-        temperature: temperature(o.temperature_c),
+        systolic_bp: systolic(bp),
+        pulse: pulse(p),
+        consciousness: if consciousness == Consciousness::Alert { 0 } else { 3 },
+        temperature: temperature(t),
         risk: ClinicalRisk::Low,
     };
     n.total = n.respiration_rate
@@ -185,59 +333,40 @@ pub fn score(o: &Observations) -> News2 {
         _ if n.single_parameter_3() => ClinicalRisk::LowMediumSingleParameter,
         _ => ClinicalRisk::Low,
     };
-    n
+    Ok(n)
 }
 
 impl Observations {
-    /// The complete observations in a vitals record, or the names of what is missing.
-    pub fn from_vitals(v: &Vitals) -> Result<Self, Vec<&'static str>> {
-        let mut missing = Vec::new();
-        let consciousness = v.consciousness.as_deref().and_then(Consciousness::from_letter);
-        if v.respiration_rate.is_none() {
-            missing.push("respiration rate");
-        }
-        if v.spo2.is_none() {
-            missing.push("SpO2");
-        }
-        if v.systolic_bp.is_none() {
-            missing.push("systolic blood pressure");
-        }
-        if v.pulse.is_none() {
-            missing.push("pulse");
-        }
-        if consciousness.is_none() {
-            missing.push("consciousness (ACVPU)");
-        }
-        if v.temperature_c.is_none() {
-            missing.push("temperature");
-        }
-        if !missing.is_empty() {
-            return Err(missing);
-        }
-        Ok(Self {
-            respiration_rate: v.respiration_rate.expect("checked"),
-            spo2: v.spo2.expect("checked"),
+    /// The observations recorded in a vitals record (an unreadable ACVPU letter counts as not
+    /// observed).
+    pub fn from_vitals(v: &Vitals) -> Self {
+        Self {
+            respiration_rate: v.respiration_rate,
+            spo2: v.spo2,
             spo2_scale_2: v.spo2_scale == 2,
             on_oxygen: v.on_oxygen,
-            systolic_bp: v.systolic_bp.expect("checked"),
-            pulse: v.pulse.expect("checked"),
-            consciousness: consciousness.expect("checked"),
-            temperature_c: v.temperature_c.expect("checked"),
-        })
+            systolic_bp: v.systolic_bp,
+            pulse: v.pulse,
+            consciousness: v.consciousness.as_deref().and_then(Consciousness::from_letter),
+            temperature_c: v.temperature_c,
+            pregnant: v.pregnant == Some(true),
+        }
     }
 
-    /// These observations as a vitals record, with their NEWS2 total.
-    pub fn to_vitals(&self) -> Vitals {
+    /// These observations as a vitals record, with what NEWS2 said of them.
+    pub fn to_vitals(&self, assessment: &Assessment) -> Vitals {
         Vitals {
-            respiration_rate: Some(self.respiration_rate),
-            spo2: Some(self.spo2),
+            respiration_rate: self.respiration_rate,
+            spo2: self.spo2,
             spo2_scale: if self.spo2_scale_2 { 2 } else { 1 },
             on_oxygen: self.on_oxygen,
-            systolic_bp: Some(self.systolic_bp),
-            pulse: Some(self.pulse),
-            consciousness: Some(self.consciousness.letter().to_string()),
-            temperature_c: Some(self.temperature_c),
-            news2: Some(score(self).total),
+            systolic_bp: self.systolic_bp,
+            pulse: self.pulse,
+            consciousness: self.consciousness.map(|c| c.letter().to_string()),
+            temperature_c: self.temperature_c,
+            news2: assessment.news2().map(|n| n.total),
+            pregnant: self.pregnant.then_some(true),
+            news2_withheld: assessment.withheld().map(str::to_string),
         }
     }
 }
@@ -248,14 +377,15 @@ mod tests {
 
     fn normal() -> Observations {
         Observations {
-            respiration_rate: 16,
-            spo2: 97,
+            respiration_rate: Some(16),
+            spo2: Some(97),
             spo2_scale_2: false,
             on_oxygen: false,
-            systolic_bp: 120,
-            pulse: 70,
-            consciousness: Consciousness::Alert,
-            temperature_c: 37.0,
+            systolic_bp: Some(120),
+            pulse: Some(70),
+            consciousness: Some(Consciousness::Alert),
+            temperature_c: Some(37.0),
+            pregnant: false,
         }
     }
 
@@ -263,12 +393,12 @@ mod tests {
     fn total_with(f: impl Fn(&mut Observations)) -> u32 {
         let mut o = normal();
         f(&mut o);
-        score(&o).total
+        score(&o).unwrap().total
     }
 
     #[test]
     fn normal_observations_score_zero() {
-        let n = score(&normal());
+        let n = score(&normal()).unwrap();
         assert_eq!(n.total, 0);
         assert_eq!(n.risk, ClinicalRisk::Low);
     }
@@ -278,14 +408,14 @@ mod tests {
         for (rr, expected) in
             [(8, 3), (9, 1), (11, 1), (12, 0), (20, 0), (21, 2), (24, 2), (25, 3), (0, 3), (60, 3)]
         {
-            assert_eq!(total_with(|o| o.respiration_rate = rr), expected, "RR {rr}");
+            assert_eq!(total_with(|o| o.respiration_rate = Some(rr)), expected, "RR {rr}");
         }
     }
 
     #[test]
     fn spo2_scale_1_bands() {
         for (s, expected) in [(91, 3), (92, 2), (93, 2), (94, 1), (95, 1), (96, 0), (100, 0)] {
-            assert_eq!(total_with(|o| o.spo2 = s), expected, "SpO2 {s}");
+            assert_eq!(total_with(|o| o.spo2 = Some(s)), expected, "SpO2 {s}");
         }
     }
 
@@ -298,7 +428,7 @@ mod tests {
             assert_eq!(
                 total_with(|o| {
                     o.spo2_scale_2 = true;
-                    o.spo2 = s
+                    o.spo2 = Some(s)
                 }),
                 expected,
                 "scale 2 on air {s}"
@@ -311,7 +441,7 @@ mod tests {
             let total = total_with(|o| {
                 o.spo2_scale_2 = true;
                 o.on_oxygen = true;
-                o.spo2 = s
+                o.spo2 = Some(s)
             });
             assert_eq!(total, expected + 2, "scale 2 on oxygen {s}");
         }
@@ -325,7 +455,7 @@ mod tests {
     #[test]
     fn systolic_bands() {
         for (bp, expected) in [(90, 3), (91, 2), (100, 2), (101, 1), (110, 1), (111, 0), (219, 0), (220, 3)] {
-            assert_eq!(total_with(|o| o.systolic_bp = bp), expected, "BP {bp}");
+            assert_eq!(total_with(|o| o.systolic_bp = Some(bp)), expected, "BP {bp}");
         }
     }
 
@@ -334,17 +464,17 @@ mod tests {
         for (p, expected) in
             [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)]
         {
-            assert_eq!(total_with(|o| o.pulse = p), expected, "pulse {p}");
+            assert_eq!(total_with(|o| o.pulse = Some(p)), expected, "pulse {p}");
         }
     }
 
     #[test]
     fn consciousness_bands() {
-        assert_eq!(total_with(|o| o.consciousness = Consciousness::Alert), 0);
+        assert_eq!(total_with(|o| o.consciousness = Some(Consciousness::Alert)), 0);
         for c in
             [Consciousness::Confusion, Consciousness::Voice, Consciousness::Pain, Consciousness::Unresponsive]
         {
-            assert_eq!(total_with(|o| o.consciousness = c), 3, "{c:?}");
+            assert_eq!(total_with(|o| o.consciousness = Some(c)), 3, "{c:?}");
         }
     }
 
@@ -362,48 +492,100 @@ mod tests {
             (42.0, 2),
             (30.0, 3),
         ] {
-            assert_eq!(total_with(|o| o.temperature_c = t), expected, "T {t}");
+            assert_eq!(total_with(|o| o.temperature_c = Some(t)), expected, "T {t}");
         }
     }
 
     #[test]
     fn thresholds_and_the_single_parameter_rule() {
         // A single 3 with a total under 5.
-        let n = score(&Observations { respiration_rate: 8, ..normal() });
+        let n = score(&Observations { respiration_rate: Some(8), ..normal() }).unwrap();
         assert_eq!((n.total, n.risk), (3, ClinicalRisk::LowMediumSingleParameter));
         assert!(n.single_parameter_3());
         // 4 without a 3 is low.
-        let n = score(&Observations { respiration_rate: 21, pulse: 111, ..normal() });
+        let n = score(&Observations { respiration_rate: Some(21), pulse: Some(111), ..normal() }).unwrap();
         assert_eq!((n.total, n.risk), (4, ClinicalRisk::Low));
         // 5 and 6 are medium.
-        let n = score(&Observations { respiration_rate: 21, pulse: 111, temperature_c: 38.5, ..normal() });
+        let n = score(&Observations {
+            respiration_rate: Some(21),
+            pulse: Some(111),
+            temperature_c: Some(38.5),
+            ..normal()
+        })
+        .unwrap();
         assert_eq!((n.total, n.risk), (5, ClinicalRisk::Medium));
-        let n = score(&Observations { respiration_rate: 21, pulse: 111, temperature_c: 39.5, ..normal() });
+        let n = score(&Observations {
+            respiration_rate: Some(21),
+            pulse: Some(111),
+            temperature_c: Some(39.5),
+            ..normal()
+        })
+        .unwrap();
         assert_eq!((n.total, n.risk), (6, ClinicalRisk::Medium));
         // 7 is high.
-        let n = score(&Observations { respiration_rate: 25, pulse: 111, temperature_c: 39.5, ..normal() });
+        let n = score(&Observations {
+            respiration_rate: Some(25),
+            pulse: Some(111),
+            temperature_c: Some(39.5),
+            ..normal()
+        })
+        .unwrap();
         assert_eq!((n.total, n.risk), (7, ClinicalRisk::High));
         // The maximum is 20.
         let worst = Observations {
-            respiration_rate: 30,
-            spo2: 80,
+            respiration_rate: Some(30),
+            spo2: Some(80),
             spo2_scale_2: false,
             on_oxygen: true,
-            systolic_bp: 80,
-            pulse: 150,
-            consciousness: Consciousness::Unresponsive,
-            temperature_c: 34.0,
+            systolic_bp: Some(80),
+            pulse: Some(150),
+            consciousness: Some(Consciousness::Unresponsive),
+            temperature_c: Some(34.0),
+            pregnant: false,
         };
-        assert_eq!(score(&worst).total, 20);
+        assert_eq!(score(&worst).unwrap().total, 20);
     }
 
     #[test]
-    fn incomplete_vitals_name_what_is_missing() {
-        let mut v = normal().to_vitals();
-        assert_eq!(v.news2, Some(0));
-        v.pulse = None;
-        v.consciousness = Some("X".into());
-        let missing = Observations::from_vitals(&v).unwrap_err();
-        assert_eq!(missing, vec!["pulse", "consciousness (ACVPU)"]);
+    fn partial_observations_are_not_scored_and_say_what_is_missing() {
+        let partial = Observations { pulse: None, temperature_c: None, ..normal() };
+        assert_eq!(
+            assess(&partial, Some(40)),
+            Assessment::Incomplete { missing: vec!["pulse".into(), "temperature".into()] }
+        );
+        let v = partial.to_vitals(&assess(&partial, Some(40)));
+        assert_eq!((v.news2, v.news2_withheld.as_deref(), v.pulse), (None, Some("incomplete"), None));
+        assert_eq!(Observations::from_vitals(&v), partial, "recorded as taken");
+    }
+
+    #[test]
+    fn children_and_pregnancy_are_not_scored_and_adults_are() {
+        let sick = Observations { respiration_rate: Some(30), pulse: Some(150), ..normal() };
+        assert_eq!(assess(&sick, Some(4)), Assessment::NotForChildren { age_years: 4 });
+        assert_eq!(assess(&sick, Some(15)), Assessment::NotForChildren { age_years: 15 });
+        assert!(matches!(assess(&sick, Some(16)), Assessment::Scored { news2 } if news2.total == 6));
+        assert!(matches!(assess(&sick, None), Assessment::Scored { .. }), "age unknown: scored");
+        let pregnant = Observations { pregnant: true, ..sick };
+        assert_eq!(assess(&pregnant, Some(30)), Assessment::NotInPregnancy);
+        let v = pregnant.to_vitals(&Assessment::NotInPregnancy);
+        assert_eq!((v.news2, v.news2_withheld.as_deref(), v.pregnant), (None, Some("pregnancy"), Some(true)));
+    }
+
+    #[test]
+    fn ages_count_whole_years_to_the_birthday() {
+        let at = |y: i32, m: u8, d: u8| {
+            time::Date::from_calendar_date(y, time::Month::try_from(m).unwrap(), d)
+                .unwrap()
+                .midnight()
+                .assume_utc()
+                .unix_timestamp()
+                * 1000
+        };
+        assert_eq!(age_years("2010-06-15", at(2026, 6, 14)), Some(15));
+        assert_eq!(age_years("2010-06-15", at(2026, 6, 15)), Some(16));
+        assert_eq!(age_years("2022-03-01", at(2026, 12, 1)), Some(4));
+        assert_eq!(age_years("2008-02-29", at(2024, 2, 28)), Some(15));
+        assert_eq!(age_years("2010", at(2026, 12, 30)), Some(15), "a year only: the youngest possible");
+        assert_eq!(age_years("not a date", at(2026, 1, 1)), None);
     }
 }

@@ -136,6 +136,25 @@ pub fn render(
     Ok(out)
 }
 
+/// What NEWS2 says of a set of observations, in words: the total and what it calls for, or why
+/// there is none.
+pub fn assessment_text(assessment: &crate::news2::Assessment) -> String {
+    use crate::news2::{Assessment, WITHHELD_PREGNANCY, WITHHELD_UNDER_16, withheld_text};
+    match assessment {
+        Assessment::Scored { news2 } => format!("NEWS2 {} — {}", news2.total, risk_text(news2)),
+        Assessment::NotForChildren { age_years } => {
+            format!("no NEWS2 (patient is {age_years}): {}", withheld_text(WITHHELD_UNDER_16))
+        }
+        Assessment::NotInPregnancy => format!("no NEWS2: {}", withheld_text(WITHHELD_PREGNANCY)),
+        Assessment::Incomplete { missing } => {
+            format!(
+                "no NEWS2: observations incomplete (missing: {}); a partial set is not scored",
+                missing.join(", ")
+            )
+        }
+    }
+}
+
 /// What a NEWS2 score calls for, in words.
 pub fn risk_text(news2: &crate::news2::News2) -> &'static str {
     match news2.risk {

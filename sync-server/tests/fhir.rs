@@ -149,19 +149,18 @@ fn the_synthetic_population_round_trips_through_fhir() {
             "finished",
             Provenance::new("ab12", "ambulance-1", "ambulance-crew", 6_000),
         );
-        attendance.vitals = Some(
-            care_node::news2::Observations {
-                respiration_rate: 22,
-                spo2: 93,
-                spo2_scale_2: false,
-                on_oxygen: true,
-                systolic_bp: 105,
-                pulse: 112,
-                consciousness: care_node::news2::Consciousness::Alert,
-                temperature_c: 38.4,
-            }
-            .to_vitals(),
-        );
+        let observations = care_node::news2::Observations {
+            respiration_rate: Some(22),
+            spo2: Some(93),
+            spo2_scale_2: false,
+            on_oxygen: true,
+            systolic_bp: Some(105),
+            pulse: Some(112),
+            consciousness: Some(care_node::news2::Consciousness::Alert),
+            temperature_c: Some(38.4),
+            pregnant: false,
+        };
+        attendance.vitals = Some(observations.to_vitals(&care_node::news2::assess(&observations, Some(70))));
         original.add(&attendance).unwrap();
         let bundle = export_ips(&mut original, 7_000).unwrap();
         let outcome = import(&store, &bundle.to_string()).unwrap();

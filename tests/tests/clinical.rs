@@ -133,16 +133,19 @@ async fn crew_observations_with_news2_recorded_offline_reach_the_nurse() {
     sync_all(&mut devices).await;
     server.stop().await;
     let observations = Observations {
-        respiration_rate: 24,
-        spo2: 91,
+        respiration_rate: Some(24),
+        spo2: Some(91),
         spo2_scale_2: false,
         on_oxygen: true,
-        systolic_bp: 98,
-        pulse: 118,
-        consciousness: Consciousness::Confusion,
-        temperature_c: 38.6,
+        systolic_bp: Some(98),
+        pulse: Some(118),
+        consciousness: Some(Consciousness::Confusion),
+        temperature_c: Some(38.6),
+        pregnant: false,
     };
-    let (_, news2) = devices[0].store.record_attendance(&nhs, &observations, Some("fall at home")).unwrap();
+    let (_, assessment) =
+        devices[0].store.record_attendance(&nhs, &observations, Some("fall at home")).unwrap();
+    let news2 = *assessment.news2().expect("an adult with every observation is scored");
     assert_eq!(news2.total, 2 + 3 + 2 + 2 + 2 + 3 + 1);
     assert_eq!(news2.risk, ClinicalRisk::High);
     server.restart().await;
@@ -160,6 +163,78 @@ async fn crew_observations_with_news2_recorded_offline_reach_the_nurse() {
         attendance.data.provenance.clock_offset_ms.is_some(),
         "the crew's clock offset travels with the entry"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn news2_is_not_scored_for_children_pregnancy_or_partial_observations_and_show_prints_values() {
+    let server = TestServer::start(1).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
+    // A child born in 2022, imported as a GP record would be.
+    let child = care_node::nhs::NhsNumber::from_stem(943_476_591)
+        .or_else(|| care_node::nhs::NhsNumber::from_stem(943_476_592))
+        .unwrap();
+    let bundle = format!(
+        r#"{{"resourceType":"Bundle","type":"collection","entry":[{{"resource":{{"resourceType":"Patient","id":"c",
+        "identifier":[{{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"{}"}}],
+        "name":[{{"text":"Child Tester"}}],"birthDate":"2022-03-01"}}}}]}}"#,
+        child.as_str()
+    );
+    import_bundle(server.store.as_ref(), &parse_bundle(&bundle).unwrap(), "GP", 1).unwrap();
+    ops::caseload_add(server.store.as_ref(), "ambulance-1", child.as_str()).unwrap();
+    server.caseload("ambulance-1", [0]);
+    within(30, crew.sync()).await.unwrap();
+    let adult = server.patients[0].clone();
+
+    let sick = Observations {
+        respiration_rate: Some(30),
+        spo2: Some(88),
+        spo2_scale_2: false,
+        on_oxygen: true,
+        systolic_bp: Some(85),
+        pulse: Some(150),
+        consciousness: Some(Consciousness::Pain),
+        temperature_c: Some(39.5),
+        pregnant: false,
+    };
+    // The child: observations recorded, NEWS2 not scored, the paediatric score named.
+    let (_, assessment) = crew.store.record_attendance(&child, &sick, None).unwrap();
+    assert!(
+        matches!(assessment, care_node::news2::Assessment::NotForChildren { age_years: 4 }),
+        "{assessment:?}"
+    );
+    assert!(care_node::view::assessment_text(&assessment).contains("paediatric early warning score"));
+    // A pregnant adult: not scored either.
+    let pregnant = Observations { pregnant: true, ..sick };
+    let (_, assessment) = crew.store.record_attendance(&adult, &pregnant, None).unwrap();
+    assert_eq!(assessment, care_node::news2::Assessment::NotInPregnancy);
+    // No temperature: no partial total, the missing parameter named.
+    let partial = Observations { temperature_c: None, ..sick };
+    let (_, assessment) = crew.store.record_attendance(&adult, &partial, None).unwrap();
+    assert_eq!(assessment, care_node::news2::Assessment::Incomplete { missing: vec!["temperature".into()] });
+    // Every observation of an adult: scored.
+    let (_, assessment) = crew.store.record_attendance(&adult, &sick, None).unwrap();
+    assert!(assessment.news2().is_some_and(|n| n.risk == ClinicalRisk::High));
+
+    // `show` prints the values with the score or the reason there is none.
+    let sync = crew.store.sync_state().unwrap();
+    let mut patient = crew.store.view_patient(&child, "show").unwrap();
+    let text = care_node::view::render(&mut patient, &sync, &[], care_node::now_ms()).unwrap();
+    assert!(
+        text.contains("RR 30, SpO2 88% (scale 1, on oxygen), BP 85, pulse 150, ACVPU P, temp 39.5 °C"),
+        "{text}"
+    );
+    assert!(text.contains("NEWS2 does not apply under 16") && !text.contains("NEWS2 1"), "{text}");
+    let mut patient = crew.store.view_patient(&adult, "show").unwrap();
+    let text = care_node::view::render(&mut patient, &sync, &[], care_node::now_ms()).unwrap();
+    assert!(text.contains("pregnant; NEWS2 does not apply in pregnancy"), "{text}");
+    assert!(
+        text.contains("temp —; NEWS2 not scored: observations incomplete (missing: temperature)"),
+        "{text}"
+    );
+    assert!(text.contains("temp 39.5 °C; NEWS2 19"), "{text}");
+    // And the server takes all of them (the write policy allows a crew's observations).
+    let report = within(30, crew.sync()).await.unwrap();
+    assert_eq!(report.stats.refused_changes, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

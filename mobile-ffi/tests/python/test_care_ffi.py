@@ -123,9 +123,12 @@ async def main():
         pulse=118,
         consciousness=cn.Consciousness.CONFUSION,
         temperature_c=38.6,
+        pregnant=False,
     )
     attendance = node.record_attendance(NHS, obs, "fall at home")
-    assert attendance.news2.total == 15 and attendance.news2.risk == cn.ClinicalRisk.HIGH
+    assert attendance.assessment.is_scored(), attendance.assessment
+    news2 = attendance.assessment.news2
+    assert news2.total == 15 and news2.risk == cn.ClinicalRisk.HIGH
     mistaken = node.record_attendance(NHS, obs, "recorded against the wrong patient")
     node.mark_entered_in_error(NHS, cn.Section.ENCOUNTERS, mistaken.entry_id, "wrong patient")
     view = node.read_patient(NHS, False)

@@ -67,15 +67,17 @@ enum Command {
         #[arg(long)]
         detail: Option<String>,
     },
-    /// Records a crew attendance with observations and prints NEWS2 (works offline).
+    /// Records a crew attendance with the observations taken and prints NEWS2, or why it does
+    /// not apply (under 16, pregnancy) or what is missing. Every observation is optional; works
+    /// offline.
     RecordObs {
         nhs_number: String,
         /// Respiration rate per minute.
-        #[arg(long)]
-        rr: u32,
+        #[arg(long, value_name = "PER_MIN")]
+        rr: Option<u32>,
         /// Oxygen saturation, %.
-        #[arg(long)]
-        spo2: u32,
+        #[arg(long, value_name = "PERCENT")]
+        spo2: Option<u32>,
         /// Use SpO2 scale 2 (confirmed hypercapnic respiratory failure only).
         #[arg(long)]
         scale2: bool,
@@ -83,17 +85,20 @@ enum Command {
         #[arg(long)]
         oxygen: bool,
         /// Systolic blood pressure, mmHg.
-        #[arg(long)]
-        sbp: u32,
+        #[arg(long, value_name = "MMHG")]
+        sbp: Option<u32>,
         /// Pulse per minute.
-        #[arg(long)]
-        pulse: u32,
+        #[arg(long, value_name = "PER_MIN")]
+        pulse: Option<u32>,
         /// Consciousness: A, C (new confusion), V, P or U.
-        #[arg(long)]
-        acvpu: String,
+        #[arg(long, value_name = "LETTER")]
+        acvpu: Option<String>,
         /// Temperature, °C.
+        #[arg(long, value_name = "CELSIUS")]
+        temp: Option<f64>,
+        /// The patient is pregnant (NEWS2 does not apply: use the maternity early warning score).
         #[arg(long)]
-        temp: f64,
+        pregnant: bool,
         /// Reason for the attendance.
         #[arg(long)]
         reason: Option<String>,
@@ -277,10 +282,26 @@ async fn run(cli: Cli) -> CliResult {
             }?;
             println!("recorded entry {id}; it will upload at the next sync");
         }
-        Command::RecordObs { nhs_number, rr, spo2, scale2, oxygen, sbp, pulse, acvpu, temp, reason } => {
+        Command::RecordObs {
+            nhs_number,
+            rr,
+            spo2,
+            scale2,
+            oxygen,
+            sbp,
+            pulse,
+            acvpu,
+            temp,
+            pregnant,
+            reason,
+        } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let consciousness = Consciousness::from_letter(&acvpu)
-                .ok_or_else(|| "consciousness must be one of A, C, V, P, U".to_string())?;
+            let consciousness = acvpu
+                .map(|a| {
+                    Consciousness::from_letter(&a)
+                        .ok_or_else(|| "consciousness must be one of A, C, V, P, U".to_string())
+                })
+                .transpose()?;
             let observations = Observations {
                 respiration_rate: rr,
                 spo2,
@@ -290,9 +311,10 @@ async fn run(cli: Cli) -> CliResult {
                 pulse,
                 consciousness,
                 temperature_c: temp,
+                pregnant,
             };
-            let (id, news2) = store.record_attendance(&nhs, &observations, reason.as_deref())?;
-            println!("NEWS2 {} — {}", news2.total, care_node::view::risk_text(&news2));
+            let (id, assessment) = store.record_attendance(&nhs, &observations, reason.as_deref())?;
+            println!("{}", care_node::view::assessment_text(&assessment));
             println!("recorded attendance {id}; it will upload at the next sync");
         }
         Command::MarkError { nhs_number, section, entry, reason } => {

@@ -111,22 +111,28 @@ impl DeviceStore {
         self.edit(nhs, |summary| summary.mark_entered_in_error(section, entry, reason, &provenance))
     }
 
-    /// Records a crew attendance with observations and their NEWS2 score (works offline).
+    /// Records a crew attendance with the observations taken (any may be missing) and what NEWS2
+    /// says of them for this patient: a score, or why there is none (under 16, pregnant,
+    /// incomplete). Works offline.
     pub fn record_attendance(
         &mut self,
         nhs: &NhsNumber,
         observations: &crate::news2::Observations,
         reason: Option<&str>,
-    ) -> Result<(crate::summary::EntryId, crate::news2::News2), StoreError> {
+    ) -> Result<(crate::summary::EntryId, crate::news2::Assessment), StoreError> {
         let provenance = self.provenance()?;
-        let news2 = crate::news2::score(observations);
-        let mut encounter = crate::summary::Encounter::new("attendance", "finished", provenance.clone());
+        let at_ms = provenance.corrected_time_ms();
+        let mut encounter = crate::summary::Encounter::new("attendance", "finished", provenance);
         encounter.class = Some("emergency".into());
-        encounter.start = crate::view::iso_time(provenance.corrected_time_ms());
+        encounter.start = crate::view::iso_time(at_ms);
         encounter.reason = reason.map(str::to_string);
-        encounter.vitals = Some(observations.to_vitals());
-        let id = self.edit(nhs, |summary| summary.add(&encounter))?;
-        Ok((id, news2))
+        self.edit(nhs, |summary| {
+            let born = summary.demographics()?.date_of_birth;
+            let assessment =
+                crate::news2::assess(observations, born.and_then(|d| crate::news2::age_years(&d, at_ms)));
+            encounter.vitals = Some(observations.to_vitals(&assessment));
+            Ok((summary.add(&encounter)?, assessment))
+        })
     }
 
     /// Runs a local edit on a patient's summary as this device: the changes it makes are stored

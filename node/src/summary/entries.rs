@@ -279,9 +279,17 @@ pub struct Vitals {
     pub consciousness: Option<String>,
     #[autosurgeon(missing = "Option::default")]
     pub temperature_c: Option<f64>,
-    /// The NEWS2 total as computed when recorded, if every parameter was present.
+    /// The NEWS2 total as computed when recorded, if every parameter was present and NEWS2
+    /// applied.
     #[autosurgeon(missing = "Option::default")]
     pub news2: Option<u32>,
+    /// The patient was recorded as pregnant.
+    #[autosurgeon(missing = "Option::default")]
+    pub pregnant: Option<bool>,
+    /// Why there is no NEWS2 total ([`crate::news2::Assessment::withheld`]: `under-16`,
+    /// `pregnancy`, `incomplete`).
+    #[autosurgeon(missing = "Option::default")]
+    pub news2_withheld: Option<String>,
 }
 
 /// An encounter: admission, transfer, discharge, crew attendance (FHIR Encounter).

@@ -208,8 +208,8 @@ section_entry!(Encounter, Section::Encounters, |e| {
     if let Some(s) = &e.end {
         line.push_str(&format!(" to {s}"));
     }
-    if let Some(score) = e.vitals.as_ref().and_then(|v| v.news2) {
-        line.push_str(&format!(", NEWS2 {score}"));
+    if let Some(v) = &e.vitals {
+        line.push_str(&format!(": {}", crate::news2::vitals_line(v)));
     }
     line
 });

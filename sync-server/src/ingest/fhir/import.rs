@@ -294,6 +294,8 @@ fn vitals_of(common: &f::Common, ctx: &Ctx<'_>) -> Result<Option<s::Vitals>, Imp
             .and_then(|e| e.value_string.clone()),
         temperature_c: ext.extension.iter().find(|e| e.url == "temperatureC").and_then(|e| e.value_decimal),
         news2: int("news2"),
+        pregnant: None,
+        news2_withheld: None,
     }))
     .and_then(|v: Option<s::Vitals>| match &v {
         Some(v) if v.spo2_scale != 1 && v.spo2_scale != 2 => Err(ctx.err("vitals spo2Scale must be 1 or 2")),
