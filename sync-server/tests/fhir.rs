@@ -169,6 +169,134 @@ fn the_synthetic_population_round_trips_through_fhir() {
     }
 }
 
+/// A document with a GP record and three crew attendances: a complete adult set, a partial set
+/// (no temperature), and a child's (not scored), with an ADT-style visit number on one.
+fn with_attendances() -> PatientSummary {
+    let (store, _d) = store();
+    let first = import(&store, GP_BUNDLE).unwrap();
+    let mut doc = stored(&store, &first.patient);
+    doc.set_actor(&[9; 32]);
+    let full = care_node::news2::Observations {
+        respiration_rate: Some(22),
+        spo2: Some(93),
+        spo2_scale_2: true,
+        on_oxygen: true,
+        systolic_bp: Some(105),
+        pulse: Some(112),
+        consciousness: Some(care_node::news2::Consciousness::Voice),
+        temperature_c: Some(38.4),
+        pregnant: false,
+    };
+    let partial = care_node::news2::Observations { temperature_c: None, pregnant: true, ..full };
+    for (i, (obs, age)) in [(full, Some(70)), (partial, Some(30)), (full, Some(6))].into_iter().enumerate() {
+        let mut attendance = Encounter::new(
+            "attendance",
+            "finished",
+            Provenance::new("ab12", "ambulance-1", "ambulance-crew", 6_000 + i as i64),
+        );
+        attendance.start = Some(format!("2026-07-01T10:5{i}:00Z"));
+        attendance.visit = (i == 0).then(|| "V100".to_string());
+        attendance.vitals = Some(obs.to_vitals(&care_node::news2::assess(&obs, age)));
+        doc.add(&attendance).unwrap();
+    }
+    doc
+}
+
+#[test]
+fn crew_vitals_leave_as_vital_sign_observations_and_come_back_losslessly() {
+    let mut original = with_attendances();
+    let bundle = export_ips(&mut original, 7_000).unwrap();
+    let resources: Vec<&serde_json::Value> =
+        bundle["entry"].as_array().unwrap().iter().map(|e| &e["resource"]).collect();
+    assert!(
+        !bundle.to_string().contains(care_sync_server::ingest::fhir::VITALS_EXT),
+        "no care-sync extension"
+    );
+    let observations: Vec<_> = resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Observation" && r["encounter"].is_object())
+        .collect();
+    let coded = |system: &str, code: &str| {
+        observations
+            .iter()
+            .filter(|o| {
+                o["code"]["coding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["system"] == system && c["code"] == code)
+            })
+            .collect::<Vec<_>>()
+    };
+    for (code, unit) in [("9279-1", "/min"), ("59408-5", "%"), ("8480-6", "mm[Hg]"), ("8867-4", "/min")] {
+        let found = coded(s::LOINC, code);
+        assert_eq!(found.len(), 3, "{code} once per attendance");
+        assert!(found.iter().all(|o| o["category"][0]["coding"][0]["code"] == "vital-signs"), "{code}");
+        assert!(found.iter().all(|o| o["valueQuantity"]["system"] == "http://unitsofmeasure.org"
+            && o["valueQuantity"]["code"] == unit));
+    }
+    assert_eq!(coded(s::LOINC, "8310-5").len(), 2, "no temperature for the partial set");
+    assert_eq!(coded(s::SNOMED, "1104441000000107").len(), 3, "ACVPU");
+    let news2 = coded(s::SNOMED, "1104051000000101");
+    assert_eq!(news2.len(), 3);
+    assert_eq!(
+        news2.iter().filter(|o| o["valueQuantity"]["code"] == "{score}").count(),
+        1,
+        "only the adult's is scored"
+    );
+    assert_eq!(news2.iter().filter(|o| o["dataAbsentReason"].is_object()).count(), 2);
+    // Every Observation points at an Encounter of the Bundle, and sits in the Vital Signs section.
+    let urls: std::collections::HashSet<&str> =
+        bundle["entry"].as_array().unwrap().iter().filter_map(|e| e["fullUrl"].as_str()).collect();
+    assert!(observations.iter().all(|o| urls.contains(o["encounter"]["reference"].as_str().unwrap())));
+    let vitals_section = resources[0]["section"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["code"]["coding"][0]["code"] == "8716-3")
+        .expect("Vital Signs section");
+    assert_eq!(vitals_section["entry"].as_array().unwrap().len(), observations.len());
+    // The encounter keeps its visit number as an identifier.
+    assert!(resources.iter().any(|r| {
+        r["resourceType"] == "Encounter"
+            && r["identifier"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["system"] == care_sync_server::ingest::fhir::VISIT_SYSTEM && i["value"] == "V100")
+    }));
+
+    // Back: the same vitals, visit numbers and everything else, in a store of its own.
+    let (b, _db) = store();
+    let again = import(&b, &bundle.to_string()).unwrap();
+    let mut imported = stored(&b, &again.patient);
+    assert_eq!(snapshot(&mut imported, false), snapshot(&mut original, false));
+    let vitals: Vec<_> =
+        imported.entries::<Encounter>().unwrap().into_iter().filter_map(|e| e.data.vitals).collect();
+    assert_eq!(vitals.len(), 3);
+    assert!(vitals.iter().all(|v| v.spo2_scale == 2 && v.on_oxygen));
+    assert_eq!(
+        imported.entries::<s::Report>().unwrap().len(),
+        stored(&b, &again.patient).entries::<s::Report>().unwrap().len()
+    );
+}
+
+/// The exported Bundle, with vital signs, passes the R4B models of `fhir.resources` (installed
+/// by `.ci/test`), resource by resource, with the LOINC codes of the vital-signs profile.
+#[test]
+fn an_ips_with_vital_signs_validates_against_the_fhir_r4b_models() {
+    let bundle = export_ips(&mut with_attendances(), 7_000).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ips.json");
+    std::fs::write(&path, bundle.to_string()).unwrap();
+    let python = std::env::var("CARE_SYNC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fhir_validate.py");
+    let out = std::process::Command::new(&python).arg(script).arg(&path).output().expect("python runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n(.ci/test installs fhir.resources and sets CARE_SYNC_PYTHON)");
+    assert!(text.contains("vital-sign observations: 24"), "{text}");
+}
+
 #[test]
 fn entered_in_error_entries_are_left_out_of_the_ips() {
     let (store, _d) = store();

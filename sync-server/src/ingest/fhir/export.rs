@@ -78,33 +78,9 @@ fn common(id: Uuid, provenance: &Provenance) -> f::Common {
     }
 }
 
-fn vitals_ext(v: &s::Vitals) -> f::Extension {
-    let int = |url: &str, value: Option<u32>| {
-        value.map(|v| f::Extension { url: url.into(), value_integer: Some(v.into()), ..Default::default() })
-    };
-    let mut parts: Vec<f::Extension> = [
-        int("respirationRate", v.respiration_rate),
-        int("spo2", v.spo2),
-        int("spo2Scale", Some(v.spo2_scale)),
-        int("systolicBp", v.systolic_bp),
-        int("pulse", v.pulse),
-        int("news2", v.news2),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    parts.push(f::Extension {
-        url: "onOxygen".into(),
-        value_boolean: Some(v.on_oxygen),
-        ..Default::default()
-    });
-    if let Some(c) = &v.consciousness {
-        parts.push(string_ext("consciousness", c));
-    }
-    if let Some(t) = v.temperature_c {
-        parts.push(f::Extension { url: "temperatureC".into(), value_decimal: Some(t), ..Default::default() });
-    }
-    f::Extension { url: VITALS_EXT.into(), extension: parts, ..Default::default() }
+/// A FHIR `instant`: a date and time to the second, with a time zone.
+fn is_instant(value: &str) -> bool {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).is_ok()
 }
 
 fn html_escape(s: &str) -> String {
@@ -443,13 +419,26 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
         match r.kind.as_str() {
             "letter" => {
                 letter_lines.push(r.summary_line());
+                // `date` is an instant (with a time zone); a letter dated by day only keeps its
+                // date as the period of care it covers.
+                let instant = r.effective.as_deref().filter(|d| is_instant(d)).map(str::to_string);
+                let period = r.effective.clone().filter(|_| instant.is_none());
                 letters.push(b.push(Resource::DocumentReference(f::DocumentReference {
                     common,
                     status: "current".into(),
                     kind: Some(concept(&r.code, &r.title)),
                     subject: Some(b.subject()),
-                    date: r.effective.clone(),
+                    date: instant,
                     description: Some(r.title.clone()),
+                    content: vec![f::DocumentContent {
+                        attachment: f::Attachment {
+                            content_type: Some("text/plain".into()),
+                            title: Some(r.title.clone()),
+                        },
+                    }],
+                    context: period.map(|p| f::DocumentContext {
+                        period: Some(f::Period { start: Some(p), end: None }),
+                    }),
                     ..Default::default()
                 })));
             }
@@ -474,8 +463,13 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
                     code: concept(&r.code, &r.title),
                     subject: Some(b.subject()),
                     effective_date_time: r.effective.clone(),
-                    value_quantity: numeric.map(|n| f::Quantity { value: Some(n), unit: r.unit.clone() }),
+                    value_quantity: numeric.map(|n| f::Quantity {
+                        value: Some(n),
+                        unit: r.unit.clone(),
+                        ..Default::default()
+                    }),
                     value_string: if numeric.is_some() { None } else { r.value.clone() },
+                    ..Default::default()
                 })));
             }
         }
@@ -493,8 +487,9 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
         sections.push(section_of("Letters", "34133-9", "Summary of episode note", letter_lines, letters));
     }
 
-    // Encounters.
+    // Encounters, and the vital signs recorded at them.
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
+    let (mut vital_refs, mut vital_lines) = (Vec::new(), Vec::new());
     for (id, e) in live::<s::Encounter>(summary)? {
         lines.push(e.summary_line());
         let mut common = common(id, &e.provenance);
@@ -505,43 +500,52 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
                 extension: Vec::new(),
             });
         }
+        let encounter = b.push(Resource::Encounter(f::Encounter {
+            common,
+            status: e.status.clone(),
+            class: Some(match &e.class {
+                Some(c) => f::Coding {
+                    system: Some("http://terminology.hl7.org/CodeSystem/v3-ActCode".into()),
+                    code: Some(c.clone()),
+                    display: None,
+                },
+                None => f::Coding {
+                    system: Some(UNSPECIFIED_SYSTEM.into()),
+                    code: Some("unspecified".into()),
+                    display: None,
+                },
+            }),
+            kind: vec![f::CodeableConcept { coding: Vec::new(), text: Some(e.kind.clone()) }],
+            subject: Some(b.subject()),
+            period: (e.start.is_some() || e.end.is_some())
+                .then(|| f::Period { start: e.start.clone(), end: e.end.clone() }),
+            reason_code: text(&e.reason).into_iter().collect(),
+            location: e
+                .location
+                .iter()
+                .map(|l| f::EncounterLocation {
+                    location: f::Reference { display: Some(l.clone()), ..Default::default() },
+                })
+                .collect(),
+            service_provider: e
+                .facility
+                .as_ref()
+                .map(|x| f::Reference { display: Some(x.clone()), ..Default::default() }),
+        }));
         if let Some(v) = &e.vitals {
-            common.extension.push(vitals_ext(v));
+            vital_lines.push(format!(
+                "{}: {}",
+                e.start.as_deref().unwrap_or("undated"),
+                care_node::news2::vitals_line(v)
+            ));
+            for o in super::vitals::export(v, id, &encounter, &b.subject(), e.start.as_deref()) {
+                vital_refs.push(b.push(Resource::Observation(o)));
+            }
         }
-        refs.push(
-            b.push(Resource::Encounter(f::Encounter {
-                common,
-                status: e.status.clone(),
-                class: Some(match &e.class {
-                    Some(c) => f::Coding {
-                        system: Some("http://terminology.hl7.org/CodeSystem/v3-ActCode".into()),
-                        code: Some(c.clone()),
-                        display: None,
-                    },
-                    None => f::Coding {
-                        system: Some(UNSPECIFIED_SYSTEM.into()),
-                        code: Some("unspecified".into()),
-                        display: None,
-                    },
-                }),
-                kind: vec![f::CodeableConcept { coding: Vec::new(), text: Some(e.kind.clone()) }],
-                subject: Some(b.subject()),
-                period: (e.start.is_some() || e.end.is_some())
-                    .then(|| f::Period { start: e.start.clone(), end: e.end.clone() }),
-                reason_code: text(&e.reason).into_iter().collect(),
-                location: e
-                    .location
-                    .iter()
-                    .map(|l| f::EncounterLocation {
-                        location: f::Reference { display: Some(l.clone()), ..Default::default() },
-                    })
-                    .collect(),
-                service_provider: e
-                    .facility
-                    .as_ref()
-                    .map(|x| f::Reference { display: Some(x.clone()), ..Default::default() }),
-            })),
-        );
+        refs.push(encounter);
+    }
+    if !vital_refs.is_empty() {
+        sections.push(section_of("Vital Signs", "8716-3", "Vital signs", vital_lines, vital_refs));
     }
     if !refs.is_empty() {
         sections.push(section_of(

@@ -303,9 +303,47 @@ fn vitals_of(common: &f::Common, ctx: &Ctx<'_>) -> Result<Option<s::Vitals>, Imp
     })
 }
 
+/// Vital-sign Observations folded into the vitals of the Encounter they point at, by the
+/// Encounter's entry index; the Observations so folded are not imported again as results.
+#[derive(Default)]
+struct Folded {
+    by_encounter: HashMap<usize, s::Vitals>,
+    consumed: std::collections::HashSet<usize>,
+}
+
+fn fold_vitals<'a>(
+    bundle: &f::Bundle,
+    ctx_for: impl Fn(usize, &Resource) -> Ctx<'a>,
+) -> Result<Folded, ImportError> {
+    let mut encounters = HashMap::new();
+    for (i, e) in bundle.entry.iter().enumerate() {
+        if let Resource::Encounter(enc) = &e.resource {
+            encounters.extend(e.full_url.clone().map(|u| (u, i)));
+            encounters.extend(enc.common.id.as_ref().map(|id| (format!("Encounter/{id}"), i)));
+        }
+    }
+    let mut folded = Folded::default();
+    for (i, e) in bundle.entry.iter().enumerate() {
+        let Resource::Observation(o) = &e.resource else { continue };
+        let Some(at) =
+            o.encounter.as_ref().and_then(|r| r.reference.as_ref()).and_then(|r| encounters.get(r))
+        else {
+            continue;
+        };
+        if !super::vitals::is_vital_sign(o) {
+            continue;
+        }
+        let vitals = folded.by_encounter.entry(*at).or_insert_with(super::vitals::empty);
+        super::vitals::fold(vitals, o).map_err(|reason| ctx_for(i, &e.resource).err(reason))?;
+        folded.consumed.insert(i);
+    }
+    Ok(folded)
+}
+
 fn map_resource(
     resource: &Resource,
     medications: &HashMap<String, f::CodeableConcept>,
+    folded: &Folded,
     ctx: &Ctx<'_>,
 ) -> Result<Mapped, ImportError> {
     let common = resource.common();
@@ -465,7 +503,9 @@ fn map_resource(
             } else {
                 let mut x = s::Report::new("letter", &title, ctx.provenance(common)?);
                 x.code = d.kind.as_ref().and_then(code_of);
-                x.effective = d.date.clone();
+                x.effective = d.date.clone().or_else(|| {
+                    d.context.as_ref().and_then(|c| c.period.as_ref()).and_then(|p| p.start.clone())
+                });
                 x.status = if d.status == "current" { "final".into() } else { d.status.clone() };
                 entry(id, source, x)
             }
@@ -520,7 +560,10 @@ fn map_resource(
             x.start = e.period.as_ref().and_then(|p| p.start.clone());
             x.end = e.period.as_ref().and_then(|p| p.end.clone());
             x.reason = e.reason_code.first().and_then(text_of);
-            x.vitals = vitals_of(common, ctx)?;
+            x.vitals = match folded.by_encounter.get(&ctx.index) {
+                Some(v) => Some(v.clone()),
+                None => vitals_of(common, ctx)?, // an export from before vital-sign Observations
+            };
             x.visit = common
                 .identifier
                 .iter()
@@ -531,6 +574,7 @@ fn map_resource(
             }
             entry(id, source, x)
         }
+        Resource::Observation(_) if folded.consumed.contains(&ctx.index) => Mapped::Nothing,
         Resource::Observation(o) => {
             let (id, source) = source_key(common, type_name, ctx)?;
             let mut x = s::Report::new("result", &ctx.text(&o.code)?, ctx.provenance(common)?);
@@ -695,9 +739,10 @@ pub fn import_bundle(
         })
         .flatten()
         .collect();
+    let folded = fold_vitals(bundle, &ctx_for)?;
     let mut mapped = Vec::new();
     for (index, entry) in bundle.entry.iter().enumerate() {
-        mapped.push(map_resource(&entry.resource, &medications, &ctx_for(index, &entry.resource))?);
+        mapped.push(map_resource(&entry.resource, &medications, &folded, &ctx_for(index, &entry.resource))?);
     }
 
     // Find or create the patient's document.

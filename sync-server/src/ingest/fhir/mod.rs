@@ -3,6 +3,7 @@
 //! - [`model`]: serde types for the resources we use.
 //! - [`import`]: a Bundle for one patient, validated whole, applied atomically and idempotently.
 //! - [`export`]: a patient's summary as an IPS document Bundle.
+//! - [`vitals`]: a crew's observations as vital-sign Observations, and back.
 //!
 //! Entries imported from a source keep a stable id derived from the source's identifier, so a
 //! re-import updates instead of duplicating. Exports carry each entry's id and provenance in
@@ -11,6 +12,7 @@
 pub mod export;
 pub mod import;
 pub mod model;
+pub mod vitals;
 
 /// Identifier system of care-sync entry ids (a UUID), written on export.
 pub const ENTRY_SYSTEM: &str = "https://care-sync.example/fhir/id/entry";
@@ -20,7 +22,8 @@ pub const PATIENT_SYSTEM: &str = "https://care-sync.example/fhir/id/patient";
 pub const PROVENANCE_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/provenance";
 /// Identifier system of hospital visit numbers (HL7 PV1-19) on encounters.
 pub const VISIT_SYSTEM: &str = "https://care-sync.example/fhir/id/visit";
-/// Extension carrying an encounter's crew observations.
+/// Extension that carried an encounter's crew observations before they were exported as
+/// vital-sign Observations ([`vitals`]); still read on import.
 pub const VITALS_EXT: &str = "https://care-sync.example/fhir/StructureDefinition/vitals";
 /// Code system of alert kinds (Flag.category).
 pub const ALERT_KIND_SYSTEM: &str = "https://care-sync.example/fhir/CodeSystem/alert-kind";

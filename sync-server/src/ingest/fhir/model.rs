@@ -114,6 +114,11 @@ pub struct Quantity {
     pub value: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// The unit's code system (UCUM: `http://unitsofmeasure.org`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -322,6 +327,33 @@ pub struct DocumentReference {
     pub author: Vec<Reference>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Required (1..*) by FHIR; a summary carries only the title, so the attachment has no data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content: Vec<DocumentContent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<DocumentContext>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentContent {
+    pub attachment: Attachment,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentContext {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<Period>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -377,15 +409,35 @@ pub struct Observation {
     #[serde(flatten)]
     pub common: Common,
     pub status: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub category: Vec<CodeableConcept>,
     pub code: CodeableConcept,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<Reference>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<Reference>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub effective_date_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value_quantity: Option<Quantity>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_codeable_concept: Option<CodeableConcept>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub value_string: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_absent_reason: Option<CodeableConcept>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub component: Vec<ObservationComponent>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservationComponent {
+    pub code: CodeableConcept,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_integer: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_boolean: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
