@@ -3,10 +3,16 @@
 use std::sync::Arc;
 
 use care_node::summary::{Encounter, PatientSummary};
-use care_sync_server::ingest::hl7::adt::{Ack, process};
+use care_sync_server::ingest::hl7::adt::{Ack, AdtOptions, UnknownPatient};
 use care_sync_server::store::ServerStore;
 use care_sync_server::store::sqlite::SqliteStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One message through the feed with the default options (Europe/London, unknown patients
+/// create records).
+fn process(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
+    care_sync_server::ingest::hl7::adt::process(store, text, now_ms, &AdtOptions::default())
+}
 
 fn store() -> (Arc<dyn ServerStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -128,6 +134,140 @@ fn updates_change_demographics_and_a_merge_asks_an_operator() {
         "an operator is asked to merge"
     );
     assert_eq!(s.patient_count().unwrap(), 1, "nothing was merged automatically");
+}
+
+/// The ACK's segments, parsed back by the `hl7-parser` crate: `field(segment, n)` as text.
+fn parsed(ack: &Ack) -> impl Fn(&str, usize) -> String + use<> {
+    let message = hl7_parser::Message::parse(ack.message.trim_end_matches('\r')).expect("the ACK is HL7 v2");
+    let fields: Vec<(String, Vec<String>)> = message
+        .segments()
+        .map(|s| {
+            (
+                s.name.to_string(),
+                (1..=12).map(|n| s.field(n).map(|f| f.raw_value().to_string()).unwrap_or_default()).collect(),
+            )
+        })
+        .collect();
+    move |segment, n| {
+        fields
+            .iter()
+            .find(|(name, _)| name == segment)
+            .map(|(_, f)| f[n - 1].clone())
+            .unwrap_or_else(|| format!("<no {segment}>"))
+    }
+}
+
+#[test]
+fn acks_carry_the_message_structure_the_inbound_version_and_an_err_segment_a_parser_reads() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    let ok = process(s, &adt("A01", "S1", ""), 0);
+    let field = parsed(&ok);
+    assert_eq!(
+        (field("MSH", 9), field("MSH", 12), field("MSA", 1), field("MSA", 2)),
+        ("ACK^A01^ACK".into(), "2.4".into(), "AA".into(), "S1".into())
+    );
+    assert_eq!(field("ERR", 1), "<no ERR>", "an AA has no ERR segment");
+
+    let v251 = adt("A01", "S2", "").replace("|P|2.4\r", "|P|2.5.1\r").replace("9990000018", "9990000010");
+    let refused = process(s, &v251, 0);
+    let field = parsed(&refused);
+    assert_eq!(
+        (field("MSH", 9), field("MSH", 12), field("MSA", 1)),
+        ("ACK^A01^ACK".into(), "2.5.1".into(), "AE".into())
+    );
+    assert_eq!(field("ERR", 2), "PID^1^3", "the location: segment, sequence, field");
+    assert_eq!(field("ERR", 3), "102^Data type error^HL70357");
+    assert_eq!(field("ERR", 4), "E");
+    assert!(
+        field("ERR", 8).contains("NHS number in PID-3 is invalid") && !refused.message.contains("9990000010")
+    );
+
+    let unsupported = parsed(&process(s, &adt("A01", "S3", "").replace("ADT^A01^ADT_A01", "ADT^A99"), 0));
+    assert_eq!(
+        (unsupported("MSA", 1), unsupported("ERR", 3)),
+        ("AR".into(), "201^Unsupported event code^HL70357".into())
+    );
+    let not_adt = parsed(&process(s, &adt("A01", "S4", "").replace("ADT^A01^ADT_A01", "ORU^R01"), 0));
+    assert_eq!(
+        (not_adt("MSA", 1), not_adt("ERR", 2), not_adt("ERR", 3)),
+        ("AR".into(), "MSH^1^9".into(), "200^Unsupported message type^HL70357".into())
+    );
+    let garbage = parsed(&process(s, "this is not HL7", 0));
+    assert_eq!((garbage("MSH", 9), garbage("MSA", 1)), ("ACK".into(), "AR".into()));
+
+    // An A11 for a visit the region does not know: the field named, the visit number not echoed.
+    let unknown = process(s, &adt("A11", "S5", "").replace("V100", "V404^^^RHM^VN"), 0);
+    let field = parsed(&unknown);
+    assert_eq!(
+        (field("MSA", 1), field("ERR", 2), field("ERR", 3)),
+        ("AE".into(), "PV1^1^19".into(), "204^Unknown key identifier^HL70357".into())
+    );
+    assert!(!unknown.message.contains("V404"), "{}", unknown.message);
+
+    // The feed status keeps each refusal's control id for the engineer who looks for it.
+    let refusals = s.feed_status().unwrap().recent_refusals;
+    assert_eq!(refusals[0].control_id, "S5");
+    assert!(refusals.iter().any(|r| r.control_id == "S2" && r.code == "AE"));
+}
+
+#[test]
+fn times_keep_their_offsets_and_local_times_follow_the_feed_zone() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    let admitted_at = |control: &str, visit: &str, pv1_44: &str| {
+        let msg = adt("A01", control, "").replace("V100", &format!("{visit}{}", "|".repeat(25) + pv1_44));
+        let ack = process(s, &msg, 0);
+        assert_eq!(ack.code, "AA", "{}", ack.text);
+        encounters(s).into_iter().find(|e| e.visit.as_deref() == Some(visit)).unwrap().start.unwrap()
+    };
+    assert_eq!(admitted_at("T1", "V1", "20260701115000+0100"), "2026-07-01T10:50:00Z");
+    assert_eq!(admitted_at("T2", "V2", "20260701115000"), "2026-07-01T10:50:00Z", "summer: BST");
+    assert_eq!(admitted_at("T3", "V3", "20261125115000"), "2026-11-25T11:50:00Z", "winter: GMT");
+    assert_eq!(
+        admitted_at("T4", "V4", "20261025013000"),
+        "2026-10-25T00:30:00Z",
+        "the October repeat: the first"
+    );
+    assert_eq!(admitted_at("T5", "V5", "20260329023000"), "2026-03-29T01:30:00Z", "after the March change");
+    assert_eq!(admitted_at("T6", "V6", "202607011150"), "2026-07-01T10:50:00Z", "minutes precision");
+    assert_eq!(admitted_at("T7", "V7", "20260701115030.25+0100"), "2026-07-01T10:50:30.25Z", "fractions");
+    // Another configured zone.
+    let utc = AdtOptions { time_zone: jiff::tz::TimeZone::UTC, ..AdtOptions::default() };
+    let msg = adt("A01", "T8", "").replace("V100", &format!("V8{}20260701115000", "|".repeat(25)));
+    assert_eq!(care_sync_server::ingest::hl7::adt::process(s, &msg, 0, &utc).code, "AA");
+    let start = encounters(s).into_iter().find(|e| e.visit.as_deref() == Some("V8")).unwrap().start.unwrap();
+    assert_eq!(start, "2026-07-01T11:50:00Z");
+    // A malformed time is an error in its field, not a wrong time.
+    let bad = adt("A01", "T9", "").replace("V100", &format!("V9{}2026070111500", "|".repeat(25)));
+    let ack = process(s, &bad, 0);
+    assert_eq!((ack.code, parsed(&ack)("ERR", 2)), ("AE", "PV1^1^44".into()));
+}
+
+#[test]
+fn an_unknown_nhs_number_creates_a_record_for_review_or_is_refused_as_configured() {
+    let (store, _d) = store();
+    let s = store.as_ref();
+    // By default: created, and one alert for the facility however many such messages.
+    accepted(&process(s, &adt("A01", "U1", ""), 0));
+    accepted(&process(s, &adt("A01", "U2", "").replace("9990000018", "9990000026"), 0));
+    assert_eq!(s.patient_count().unwrap(), 2);
+    let alerts: Vec<_> =
+        s.alerts(false).unwrap().into_iter().filter(|a| a.kind == "feed-new-patient").collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(alerts[0].reason.contains("WGH") && alerts[0].reason.contains("U1"));
+    // A feed configured to refuse: AE 204, nothing created; a known patient is still updated.
+    let mut refuse = AdtOptions::default();
+    refuse.unknown_patient_by_facility.insert("WGH".into(), UnknownPatient::Refuse);
+    let unknown = adt("A01", "U3", "").replace("9990000018", "9990000034");
+    let ack = care_sync_server::ingest::hl7::adt::process(s, &unknown, 0, &refuse);
+    assert_eq!((ack.code, parsed(&ack)("ERR", 3)), ("AE", "204^Unknown key identifier^HL70357".into()));
+    assert_eq!(s.patient_count().unwrap(), 2);
+    accepted(&care_sync_server::ingest::hl7::adt::process(s, &adt("A03", "U4", ""), 0, &refuse));
+    // Another facility keeps the default.
+    let other = unknown.replace("|PAS|WGH|", "|PAS|QAH|").replace("U3", "U5");
+    accepted(&care_sync_server::ingest::hl7::adt::process(s, &other, 0, &refuse));
+    assert_eq!(s.patient_count().unwrap(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]

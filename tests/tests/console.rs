@@ -244,10 +244,21 @@ async fn scopes_alerts_audit_feeds_planning_and_metrics_through_the_api() {
          PID|1||{broken}^^^NHS^NH||TESTER^EDITH||19300517|F\r\
          PV1|1|I|Ward 7^Bay 2^Bed 4^Wessex General||||||||||||||||V100\r"
     );
-    let ack = care_sync_server::ingest::hl7::adt::process(server.store.as_ref(), &good, care_node::now_ms());
+    let options = care_sync_server::ingest::hl7::adt::AdtOptions::default();
+    let ack = care_sync_server::ingest::hl7::adt::process(
+        server.store.as_ref(),
+        &good,
+        care_node::now_ms(),
+        &options,
+    );
     assert_eq!(ack.code, "AA", "{}", ack.text);
     let bad = "MSH|^~\\&|PAS|RHM|CARESYNC|WESSEX|20261125101500||ADT^A01|MSG-2|P|2.4\rPID|||123^^^NHS^NH\r";
-    let ack = care_sync_server::ingest::hl7::adt::process(server.store.as_ref(), bad, care_node::now_ms());
+    let ack = care_sync_server::ingest::hl7::adt::process(
+        server.store.as_ref(),
+        bad,
+        care_node::now_ms(),
+        &options,
+    );
     assert_ne!(ack.code, "AA");
     let feeds = console.get("/api/feeds");
     assert_eq!(feeds["mllp"]["accepted"], 1);

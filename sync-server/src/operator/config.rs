@@ -67,6 +67,14 @@ pub struct FeedsConfig {
     pub mllp_max_connections: usize,
     /// Seconds an MLLP connection may stay silent before it is closed.
     pub mllp_idle_timeout_secs: u64,
+    /// The IANA time zone of HL7 times sent without an offset (UK feeds send local time).
+    pub time_zone: String,
+    /// An ADT message for a valid NHS number the region has no record of: `create` a record
+    /// (and alert an operator to review it) or `refuse` the message with AE.
+    pub adt_unknown_patient: crate::ingest::hl7::adt::UnknownPatient,
+    /// The same choice for particular sending facilities (MSH-4), e.g. `{ RHM = "refuse" }`.
+    pub adt_unknown_patient_by_facility:
+        std::collections::BTreeMap<String, crate::ingest::hl7::adt::UnknownPatient>,
 }
 
 impl FeedsConfig {
@@ -76,6 +84,17 @@ impl FeedsConfig {
             allow: self.mllp_allow.clone(),
             max_connections: self.mllp_max_connections,
             idle_timeout: std::time::Duration::from_secs(self.mllp_idle_timeout_secs),
+            adt: self.adt_options(),
+        }
+    }
+
+    /// How ADT messages are read, from this section (the time zone was checked at load).
+    pub fn adt_options(&self) -> crate::ingest::hl7::adt::AdtOptions {
+        let defaults = crate::ingest::hl7::adt::AdtOptions::default();
+        crate::ingest::hl7::adt::AdtOptions {
+            time_zone: crate::ingest::hl7::time::zone(&self.time_zone).unwrap_or(defaults.time_zone),
+            unknown_patient: self.adt_unknown_patient,
+            unknown_patient_by_facility: self.adt_unknown_patient_by_facility.clone(),
         }
     }
 }
@@ -201,6 +220,9 @@ impl Default for FeedsConfig {
             mllp_allow: defaults.allow,
             mllp_max_connections: defaults.max_connections,
             mllp_idle_timeout_secs: defaults.idle_timeout.as_secs(),
+            time_zone: crate::ingest::hl7::adt::DEFAULT_TIME_ZONE.into(),
+            adt_unknown_patient: defaults.adt.unknown_patient,
+            adt_unknown_patient_by_facility: defaults.adt.unknown_patient_by_facility,
         }
     }
 }
@@ -270,6 +292,9 @@ impl Config {
         }
         if self.policy.prefetch_flags.as_ref().is_some_and(|f| f.iter().any(|f| f.trim().is_empty())) {
             return Err(key("policy.prefetch_flags", "flags must not be empty strings"));
+        }
+        if let Err(message) = crate::ingest::hl7::time::zone(&self.feeds.time_zone) {
+            return Err(key("feeds.time_zone", &message));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
             return Err(key("logging.filter", "not a valid tracing filter"));

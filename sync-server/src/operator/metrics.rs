@@ -85,7 +85,11 @@ impl Metrics {
         let enrolments = Family::<OutcomeLabel, Counter>::default();
         registry.register("enrolments", "Device enrolments, by outcome", enrolments.clone());
         let mllp_messages = Family::<AckLabel, Counter>::default();
-        registry.register("mllp_messages", "HL7 v2 messages processed, by ACK code", mllp_messages.clone());
+        registry.register(
+            "mllp_messages",
+            "HL7 v2 messages processed (MLLP and ingest-adt files), by ACK code",
+            mllp_messages.clone(),
+        );
         let access_grants = Family::<KindLabel, Counter>::default();
         registry.register("access_grants", "Access grants to devices, by kind", access_grants.clone());
         Metrics {
@@ -99,6 +103,19 @@ impl Metrics {
             enrolments,
             mllp_messages,
             access_grants,
+        }
+    }
+
+    /// Brings the HL7 message counter up to the store's counts by ACK code (`AR` counts every
+    /// rejection). Counters only grow: a store whose counts went down (a restored backup) leaves
+    /// the counter where it was.
+    pub fn catch_up_feeds(&self, feeds: &crate::store::FeedStatus) {
+        for (code, stored) in [("AA", feeds.accepted), ("AE", feeds.errors), ("AR", feeds.rejected)] {
+            let counter = self.mllp_messages.get_or_create(&AckLabel { code: code.into() });
+            let now = counter.get();
+            if stored > now {
+                counter.inc_by(stored - now);
+            }
         }
     }
 

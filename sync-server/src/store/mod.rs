@@ -341,6 +341,8 @@ pub struct FeedRefusal {
     pub at_ms: i64,
     pub code: String,
     pub reason: String,
+    /// The refused message's MSH-10, so an engineer can find it (empty if it had none).
+    pub control_id: String,
 }
 
 /// Which audit lines to return.
@@ -505,7 +507,7 @@ pub trait Governance: Send + Sync {
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError>;
     /// Counts a processed message by its ACK code; a refusal's reason (never patient data) is kept
     /// among the last [`FEED_ERRORS_KEPT`].
-    fn feed_record(&self, code: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;
+    fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;
     fn feed_status(&self) -> Result<FeedStatus, StoreError>;
 
     // --- device view audits

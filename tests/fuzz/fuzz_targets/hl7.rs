@@ -19,6 +19,7 @@ fn store() -> &'static SqliteStore {
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     for message in care_sync_server::ingest::hl7::adt::split_messages(&text) {
-        let _ = care_sync_server::ingest::hl7::adt::process(store(), &message, 1_790_000_000_000);
+        let options = care_sync_server::ingest::hl7::adt::AdtOptions::default();
+        let _ = care_sync_server::ingest::hl7::adt::process(store(), &message, 1_790_000_000_000, &options);
     }
 });

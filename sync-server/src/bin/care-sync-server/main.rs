@@ -361,6 +361,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::IngestAdt { files } => {
             let store = open(&dir)?;
+            let options = config.feeds.adt_options();
             let (mut accepted, mut refused) = (0, 0);
             for file in &files {
                 let text = std::fs::read_to_string(file)
@@ -370,6 +371,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                         store.as_ref(),
                         &message,
                         care_node::now_ms(),
+                        &options,
                     );
                     println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
                     if ack.code == "AA" { accepted += 1 } else { refused += 1 }

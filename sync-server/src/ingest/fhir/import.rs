@@ -739,7 +739,7 @@ pub fn import_bundle(
         })
         .flatten()
         .collect();
-    let folded = fold_vitals(bundle, &ctx_for)?;
+    let folded = fold_vitals(bundle, ctx_for)?;
     let mut mapped = Vec::new();
     for (index, entry) in bundle.entry.iter().enumerate() {
         mapped.push(map_resource(&entry.resource, &medications, &folded, &ctx_for(index, &entry.resource))?);

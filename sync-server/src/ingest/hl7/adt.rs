@@ -12,7 +12,15 @@
 //!
 //! The NHS number comes from the PID-3 repetition with assigning authority `NHS` and type `NH`;
 //! a message without a valid one is refused (AE) with the reason. A message whose control id
-//! (MSH-10) was already processed is acknowledged again and changes nothing.
+//! (MSH-10) was already processed is acknowledged again and changes nothing. A valid NHS number
+//! the region has no record of creates one flagged for an operator's review, or is refused with
+//! AE, as [`AdtOptions::unknown_patient`] says for the sending facility.
+//!
+//! Times are read by [`super::time`]: offsets honoured, local times in the feed's time zone.
+//!
+//! Every ACK is `ACK^<event>^ACK` in the inbound message's version; an AE or AR has an ERR
+//! segment naming the segment, field and HL7 error code (table 0357), and a text that never
+//! holds patient data.
 
 use care_node::nhs::NhsNumber;
 use care_node::summary::{Demographics, Encounter, PatientSummary, Provenance, Section};
@@ -28,6 +36,84 @@ pub struct Ack {
     pub text: String,
     /// The HL7 ACK message to send back.
     pub message: String,
+}
+
+/// What to do with a valid NHS number the region has no record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownPatient {
+    /// Create the record from the message's demographics and raise a `feed-new-patient` alert
+    /// for an operator to review (the default: an admission is never lost).
+    Create,
+    /// Refuse the message with AE (HL7 error 204, unknown key identifier).
+    Refuse,
+}
+
+/// How a feed's messages are read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdtOptions {
+    /// The zone of times sent without an offset.
+    pub time_zone: jiff::tz::TimeZone,
+    /// For an unknown NHS number: the default, then by sending facility (MSH-4).
+    pub unknown_patient: UnknownPatient,
+    pub unknown_patient_by_facility: std::collections::BTreeMap<String, UnknownPatient>,
+}
+
+impl Default for AdtOptions {
+    fn default() -> Self {
+        AdtOptions {
+            time_zone: super::time::zone(DEFAULT_TIME_ZONE)
+                .expect("the bundled time zone database has London"),
+            unknown_patient: UnknownPatient::Create,
+            unknown_patient_by_facility: Default::default(),
+        }
+    }
+}
+
+/// The feeds' time zone unless configured otherwise.
+pub const DEFAULT_TIME_ZONE: &str = "Europe/London";
+
+impl AdtOptions {
+    fn unknown_patient_from(&self, facility: &str) -> UnknownPatient {
+        *self.unknown_patient_by_facility.get(facility.trim()).unwrap_or(&self.unknown_patient)
+    }
+}
+
+/// Why a message was not accepted, for the ACK: where (segment and field) and the HL7 error
+/// code of table 0357. The text never holds patient data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Problem {
+    segment: &'static str,
+    field: usize,
+    code: u16,
+    text: String,
+}
+
+/// HL7 table 0357, the codes used here.
+const SEGMENT_SEQUENCE_ERROR: u16 = 100;
+const REQUIRED_FIELD_MISSING: u16 = 101;
+const DATA_TYPE_ERROR: u16 = 102;
+const UNSUPPORTED_MESSAGE_TYPE: u16 = 200;
+const UNSUPPORTED_EVENT_CODE: u16 = 201;
+const UNKNOWN_KEY_IDENTIFIER: u16 = 204;
+const INTERNAL_ERROR: u16 = 207;
+
+fn code_text(code: u16) -> &'static str {
+    match code {
+        SEGMENT_SEQUENCE_ERROR => "Segment sequence error",
+        REQUIRED_FIELD_MISSING => "Required field missing",
+        DATA_TYPE_ERROR => "Data type error",
+        UNSUPPORTED_MESSAGE_TYPE => "Unsupported message type",
+        UNSUPPORTED_EVENT_CODE => "Unsupported event code",
+        UNKNOWN_KEY_IDENTIFIER => "Unknown key identifier",
+        _ => "Application internal error",
+    }
+}
+
+impl Problem {
+    fn at(segment: &'static str, field: usize, code: u16, text: impl Into<String>) -> Self {
+        Problem { segment, field, code, text: text.into() }
+    }
 }
 
 struct Header {
@@ -58,45 +144,61 @@ fn some(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// An HL7 timestamp (`YYYYMMDD[HHMM[SS]]`) as RFC 3339, or `None`.
-fn hl7_time(ts: &str) -> Option<String> {
-    let digits: String = ts.chars().take_while(|c| c.is_ascii_digit()).collect();
-    match digits.len() {
-        8 => Some(format!("{}-{}-{}", &digits[..4], &digits[4..6], &digits[6..8])),
-        12 | 14 => Some(format!(
-            "{}-{}-{}T{}:{}:{}Z",
-            &digits[..4],
-            &digits[4..6],
-            &digits[6..8],
-            &digits[8..10],
-            &digits[10..12],
-            if digits.len() == 14 { &digits[12..14] } else { "00" }
-        )),
-        _ => None,
-    }
+/// An HL7 time field as the record stores it; a malformed one is a data type error there.
+fn time_field(
+    msg: &Message<'_>,
+    segment: &'static str,
+    n: usize,
+    options: &AdtOptions,
+) -> Result<Option<String>, Problem> {
+    super::time::parse(&field(msg, segment, n), &options.time_zone)
+        .map(|t| t.map(super::time::Hl7Time::into_string))
+        .map_err(|e| Problem::at(segment, n, DATA_TYPE_ERROR, format!("{segment}-{n}: {e}")))
 }
 
-fn ack_message(header: Option<&Header>, code: &str, control_id: &str, text: &str, now_ms: i64) -> String {
+fn ack_message(
+    header: Option<&Header>,
+    code: &str,
+    control_id: &str,
+    text: &str,
+    problem: Option<&Problem>,
+    now_ms: i64,
+) -> String {
     let ts = time::OffsetDateTime::from_unix_timestamp(now_ms / 1000)
         .ok()
         .and_then(|t| {
-            t.format(time::macros::format_description!("[year][month][day][hour][minute][second]")).ok()
+            t.format(time::macros::format_description!("[year][month][day][hour][minute][second]+0000")).ok()
         })
         .unwrap_or_default();
     let clean = |s: &str| s.replace(['|', '^', '~', '\\', '&', '\r', '\n'], " ");
     let (app, facility, event, version) = header
         .map(|h| (h.sending_app.as_str(), h.sending_facility.as_str(), h.event.as_str(), h.version.as_str()))
         .unwrap_or(("", "", "", "2.4"));
-    format!(
-        "MSH|^~\\&|CARE-SYNC|REGION|{}|{}|{ts}||ACK^{}|ACK{}|P|{}\rMSA|{code}|{}|{}\r",
+    let kind = match clean(event).trim() {
+        "" => "ACK".to_string(),
+        event => format!("ACK^{event}^ACK"),
+    };
+    let mut message = format!(
+        "MSH|^~\\&|CARE-SYNC|REGION|{}|{}|{ts}||{kind}|ACK{}|P|{}\rMSA|{code}|{}|{}\r",
         clean(app),
         clean(facility),
-        clean(event),
         clean(control_id),
         clean(version),
         clean(control_id),
         clean(text)
-    )
+    );
+    if let Some(p) = problem {
+        // ERR-1 (the element of 2.4 and before), ERR-2 location, ERR-3 the table 0357 code,
+        // ERR-4 severity, ERR-8 the message for a person.
+        let (code_num, code_text) = (p.code, code_text(p.code));
+        message.push_str(&format!(
+            "ERR|{seg}^1^{field}^{code_num}&{code_text}&HL70357|{seg}^1^{field}|{code_num}^{code_text}^HL70357|E||||{}\r",
+            clean(&p.text),
+            seg = p.segment,
+            field = p.field,
+        ));
+    }
+    message
 }
 
 fn ack(
@@ -104,30 +206,46 @@ fn ack(
     code: &'static str,
     control_id: &str,
     text: impl Into<String>,
+    problem: Option<&Problem>,
     now_ms: i64,
 ) -> Ack {
     let text = text.into();
     Ack {
         code,
         control_id: control_id.to_string(),
-        message: ack_message(header, code, control_id, &text, now_ms),
+        message: ack_message(header, code, control_id, &text, problem, now_ms),
         text,
     }
 }
 
+fn refuse(
+    header: Option<&Header>,
+    code: &'static str,
+    control_id: &str,
+    problem: Problem,
+    now_ms: i64,
+) -> Ack {
+    ack(header, code, control_id, problem.text.clone(), Some(&problem), now_ms)
+}
+
 /// The NHS number in PID-3 (`number^^^NHS^NH`), if there is one.
-fn nhs_from_pid(msg: &Message<'_>) -> Result<NhsNumber, String> {
-    let pid3 = msg.segment("PID").and_then(|s| s.field(3)).ok_or("PID-3 (patient identifiers) is missing")?;
+fn nhs_from_pid(msg: &Message<'_>) -> Result<NhsNumber, Problem> {
+    let missing = |text: &str| Problem::at("PID", 3, REQUIRED_FIELD_MISSING, text);
+    let pid3 = msg
+        .segment("PID")
+        .and_then(|s| s.field(3))
+        .ok_or_else(|| missing("PID-3 (patient identifiers) is missing"))?;
     for repeat in pid3.repeats() {
         let part = |n: usize| {
             repeat.component(n).map(|c| c.raw_value().trim().to_ascii_uppercase()).unwrap_or_default()
         };
         if part(4) == "NHS" && part(5) == "NH" {
-            return NhsNumber::parse(&part(1))
-                .map_err(|e| format!("the NHS number in PID-3 is invalid: {e}"));
+            return NhsNumber::parse(&part(1)).map_err(|e| {
+                Problem::at("PID", 3, DATA_TYPE_ERROR, format!("the NHS number in PID-3 is invalid: {e}"))
+            });
         }
     }
-    Err("PID-3 holds no NHS number (assigning authority NHS, type NH)".into())
+    Err(missing("PID-3 holds no NHS number (assigning authority NHS, type NH)"))
 }
 
 fn demographics_from(msg: &Message<'_>, nhs: &NhsNumber) -> Demographics {
@@ -142,7 +260,7 @@ fn demographics_from(msg: &Message<'_>, nhs: &NhsNumber) -> Demographics {
         "U" => Some("unknown".to_string()),
         _ => None,
     };
-    let dob = hl7_time(&field(msg, "PID", 7)).map(|d| d[..10.min(d.len())].to_string());
+    let dob = super::time::date_of(&field(msg, "PID", 7));
     let mut demographics =
         Demographics::new(if name.is_empty() { "Unknown" } else { &name }, Some(nhs.as_str()));
     demographics.family = family;
@@ -179,25 +297,23 @@ fn update_demographics(current: &Demographics, incoming: &Demographics) -> Demog
     }
 }
 
-/// Processes one ADT message and returns the ACK to send; counts it for the feed status and
-/// metrics.
-pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
-    let ack = process_message(store, text, now_ms);
-    crate::operator::metrics::metrics()
-        .mllp_messages
-        .get_or_create(&crate::operator::metrics::AckLabel { code: ack.code.into() })
-        .inc();
-    if let Err(e) = store.feed_record(ack.code, &ack.text, now_ms) {
+/// Processes one ADT message and returns the ACK to send; records its outcome (with the
+/// control id of a refused one) for the feed status and metrics.
+pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOptions) -> Ack {
+    let ack = process_message(store, text, now_ms, options);
+    if let Err(e) = store.feed_record(ack.code, &ack.control_id, &ack.text, now_ms) {
         tracing::error!(error = %e, "could not record a feed message's outcome");
     }
     ack
 }
 
-fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
+fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOptions) -> Ack {
     let text =
         text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");
     let Ok(msg) = Message::parse(&text) else {
-        return ack(None, "AR", "", "the message could not be parsed as HL7 v2", now_ms);
+        let problem =
+            Problem::at("MSH", 1, SEGMENT_SEQUENCE_ERROR, "the message could not be parsed as HL7 v2");
+        return refuse(None, "AR", "", problem, now_ms);
     };
     let header = Header {
         control_id: field(&msg, "MSH", 10),
@@ -208,32 +324,39 @@ fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
     };
     let h = Some(&header);
     if header.control_id.trim().is_empty() {
-        return ack(h, "AR", "", "MSH-10 (message control id) is missing", now_ms);
+        let problem =
+            Problem::at("MSH", 10, REQUIRED_FIELD_MISSING, "MSH-10 (message control id) is missing");
+        return refuse(h, "AR", "", problem, now_ms);
     }
     if component(&msg, "MSH", 9, 1) != "ADT" {
-        return ack(h, "AR", &header.control_id, "only ADT messages are accepted", now_ms);
+        let problem = Problem::at("MSH", 9, UNSUPPORTED_MESSAGE_TYPE, "only ADT messages are accepted");
+        return refuse(h, "AR", &header.control_id, problem, now_ms);
     }
     match store.hl7_seen(&header.control_id) {
-        Ok(true) => return ack(h, "AA", &header.control_id, "already processed (duplicate MSH-10)", now_ms),
+        Ok(true) => {
+            return ack(h, "AA", &header.control_id, "already processed (duplicate MSH-10)", None, now_ms);
+        }
         Ok(false) => {}
         Err(e) => {
-            return ack(
-                h,
-                "AE",
-                &header.control_id,
+            let problem = Problem::at(
+                "MSH",
+                10,
+                INTERNAL_ERROR,
                 format!("the server could not check the message: {e}"),
-                now_ms,
             );
+            return refuse(h, "AE", &header.control_id, problem, now_ms);
         }
     }
-    let result = apply(store, &msg, &header, now_ms);
-    let (code, text) = match result {
-        Ok(text) => ("AA", text),
-        Err(Refusal::Content(reason)) => ("AE", reason),
-        Err(Refusal::Unsupported(reason)) => ("AR", reason),
+    let result = apply(store, &msg, &header, now_ms, options);
+    let (code, text, problem) = match result {
+        Ok(text) => ("AA", text, None),
+        Err(Refusal::Content(p)) => ("AE", p.text.clone(), Some(p)),
+        Err(Refusal::Unsupported(p)) => ("AR", p.text.clone(), Some(p)),
         Err(Refusal::Store(e)) => {
             tracing::error!(error = %e, "ADT message failed in the store");
-            ("AE", format!("the server could not store the message: {e}"))
+            let p =
+                Problem::at("MSH", 1, INTERNAL_ERROR, format!("the server could not store the message: {e}"));
+            ("AE", p.text.clone(), Some(p))
         }
     };
     if code == "AA"
@@ -248,18 +371,24 @@ fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64) -> Ack {
         &format!("MSH-10 {} → {code}", header.control_id),
         now_ms,
     );
-    ack(h, code, &header.control_id, text, now_ms)
+    ack(h, code, &header.control_id, text, problem.as_ref(), now_ms)
 }
 
 enum Refusal {
-    Content(String),
-    Unsupported(String),
+    Content(Problem),
+    Unsupported(Problem),
     Store(StoreError),
 }
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         Refusal::Store(e)
+    }
+}
+
+impl From<Problem> for Refusal {
+    fn from(p: Problem) -> Self {
+        Refusal::Content(p)
     }
 }
 
@@ -274,13 +403,15 @@ fn apply(
     msg: &Message<'_>,
     header: &Header,
     now_ms: i64,
+    options: &AdtOptions,
 ) -> Result<String, Refusal> {
     let event = header.event.to_ascii_uppercase();
     const SUPPORTED: &[&str] = &["A01", "A02", "A03", "A04", "A08", "A11", "A12", "A13", "A28", "A31", "A40"];
     if !SUPPORTED.contains(&event.as_str()) {
-        return Err(Refusal::Unsupported(format!("ADT event {event} is not supported")));
+        let text = "this ADT event is not supported (A01–A04, A08, A11–A13, A28, A31, A40 are)";
+        return Err(Refusal::Unsupported(Problem::at("MSH", 9, UNSUPPORTED_EVENT_CODE, text)));
     }
-    let nhs = nhs_from_pid(msg).map_err(Refusal::Content)?;
+    let nhs = nhs_from_pid(msg)?;
     let incoming = demographics_from(msg, &nhs);
 
     if event == "A40" {
@@ -295,9 +426,12 @@ fn apply(
                     (part(4) == "NHS").then(|| part(1))
                 })
             })
-            .ok_or_else(|| Refusal::Content("MRG-1 holds no prior NHS number".into()))?;
-        let prior = NhsNumber::parse(&prior)
-            .map_err(|e| Refusal::Content(format!("the NHS number in MRG-1 is invalid: {e}")))?;
+            .ok_or_else(|| {
+                Problem::at("MRG", 1, REQUIRED_FIELD_MISSING, "MRG-1 holds no prior NHS number")
+            })?;
+        let prior = NhsNumber::parse(&prior).map_err(|e| {
+            Problem::at("MRG", 1, DATA_TYPE_ERROR, format!("the NHS number in MRG-1 is invalid: {e}"))
+        })?;
         let keep = store.patient_by_nhs(&nhs)?;
         let merge = store.patient_by_nhs(&prior)?;
         let reason = format!(
@@ -321,6 +455,11 @@ fn apply(
             summary.set_actor(actor.to_bytes());
             (summary, false)
         }
+        None if options.unknown_patient_from(&header.sending_facility) == UnknownPatient::Refuse => {
+            let text =
+                "no record in this region has the NHS number in PID-3; this feed does not create records";
+            return Err(Problem::at("PID", 3, UNKNOWN_KEY_IDENTIFIER, text).into());
+        }
         None => (PatientSummary::create(uuid::Uuid::new_v4(), &incoming, actor.clone(), now_ms)?, true),
     };
     let patient = summary.patient_id()?;
@@ -339,7 +478,7 @@ fn apply(
         let parts: Vec<String> = (1..=3).filter_map(|c| some(component(msg, "PV1", 3, c))).collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     };
-    let event_time = hl7_time(&field(msg, "EVN", 2)).or_else(|| care_node::view::iso_time(now_ms));
+    let event_time = time_field(msg, "EVN", 2, options)?.or_else(|| care_node::view::iso_time(now_ms));
     let admission_id =
         PatientSummary::source_entry_id(&patient, Section::Encounters, &format!("visit:{visit}"));
     let existing = summary.entries::<Encounter>()?.into_iter().find(|e| e.id == admission_id).map(|e| e.data);
@@ -357,7 +496,7 @@ fn apply(
             e.class = class.or(e.class);
             e.location = location.or(e.location);
             e.facility = facility.or(e.facility);
-            e.start = hl7_time(&field(msg, "PV1", 44)).or(event_time).or(e.start);
+            e.start = time_field(msg, "PV1", 44, options)?.or(event_time).or(e.start);
             e.visit = Some(visit.clone());
             e.provenance = provenance.clone();
             summary.upsert(admission_id, &e)?;
@@ -381,7 +520,7 @@ fn apply(
             let mut e =
                 existing.unwrap_or_else(|| Encounter::new("admission", "finished", provenance.clone()));
             e.status = "finished".into();
-            e.end = hl7_time(&field(msg, "PV1", 45)).or(event_time);
+            e.end = time_field(msg, "PV1", 45, options)?.or(event_time);
             e.facility = e.facility.or(facility);
             e.reason = some(field(msg, "PV1", 36)).map(|d| format!("discharge disposition {d}")).or(e.reason);
             e.visit = Some(visit.clone());
@@ -396,7 +535,7 @@ fn apply(
                 summary.upsert(admission_id, &e)?;
                 "admission cancelled (kept in the record as cancelled)"
             }
-            None => return Err(Refusal::Content(format!("no admission for visit {visit} to cancel"))),
+            None => return Err(no_visit("no admission for this visit (PV1-19) to cancel")),
         },
         "A12" => {
             // Entries come in causal order: the last live transfer of the visit is the latest.
@@ -412,7 +551,7 @@ fn apply(
                     summary.upsert(t.id, &t.data)?;
                     "transfer cancelled (kept in the record as cancelled)"
                 }
-                None => return Err(Refusal::Content(format!("no transfer for visit {visit} to cancel"))),
+                None => return Err(no_visit("no transfer for this visit (PV1-19) to cancel")),
             }
         }
         "A13" => match existing {
@@ -423,20 +562,39 @@ fn apply(
                 summary.upsert(admission_id, &e)?;
                 "discharge cancelled: the admission is in progress again"
             }
-            _ => return Err(Refusal::Content(format!("no discharge for visit {visit} to cancel"))),
+            _ => return Err(no_visit("no discharge for this visit (PV1-19) to cancel")),
         },
         _ => "patient registered or updated",
     };
 
     if created {
         store.insert_patients(std::slice::from_mut(&mut summary))?;
+        // A record the region did not have: an operator checks it is not a duplicate of a
+        // provisional one (one open alert per facility, however many messages).
+        let reason = format!(
+            "{} sent an ADT message (first: MSH-10 {}) for NHS numbers the region had no record of; records were created: review them and merge any duplicates",
+            header.sending_facility.trim(),
+            header.control_id
+        );
+        let facility = format!("{} sent", header.sending_facility.trim());
+        if !store
+            .alerts(false)?
+            .iter()
+            .any(|a| a.kind == "feed-new-patient" && a.reason.starts_with(&facility))
+        {
+            store.raise_alert("feed-new-patient", None, Some(&patient), &reason, now_ms)?;
+        }
     } else {
         let changes = summary.changes_since(&before);
         if !changes.is_empty() {
             store.apply_server_changes(&patient, &changes)?;
         }
     }
-    Ok(outcome.to_string())
+    Ok(if created { format!("{outcome}; new record created for review") } else { outcome.to_string() })
+}
+
+fn no_visit(text: &str) -> Refusal {
+    Refusal::Content(Problem::at("PV1", 19, UNKNOWN_KEY_IDENTIFIER, text))
 }
 
 /// Splits a file of ADT messages (MLLP-framed, or plain and starting with `MSH|`) into messages.
@@ -472,14 +630,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hl7_times_become_rfc3339() {
-        assert_eq!(hl7_time("20261125143000").as_deref(), Some("2026-11-25T14:30:00Z"));
-        assert_eq!(hl7_time("202611251430").as_deref(), Some("2026-11-25T14:30:00Z"));
-        assert_eq!(hl7_time("19300517").as_deref(), Some("1930-05-17"));
-        assert_eq!(hl7_time(""), None);
-    }
-
-    #[test]
     fn files_split_into_messages() {
         let plain = "MSH|^~\\&|A\nPID|1\n\nMSH|^~\\&|B\r\nEVN|A01\n";
         assert_eq!(split_messages(plain), vec!["MSH|^~\\&|A\rPID|1", "MSH|^~\\&|B\rEVN|A01"]);
@@ -489,7 +639,7 @@ mod tests {
 
     #[test]
     fn acks_echo_the_control_id_and_never_break_the_format() {
-        let a = ack(None, "AE", "MSG|1", "bad | text", 0);
+        let a = ack(None, "AE", "MSG|1", "bad | text", None, 0);
         assert!(a.message.contains("\rMSA|AE|MSG 1|bad   text\r"), "{}", a.message);
     }
 }

@@ -14,7 +14,7 @@ const START: u8 = 0x0b;
 const END: [u8; 2] = [0x1c, 0x0d];
 
 /// Who may connect and how long a connection may last.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MllpOptions {
     /// Sender addresses allowed to connect (plain MLLP belongs on a trusted network, behind this
     /// list); anything else is closed at once, logged and counted.
@@ -23,6 +23,8 @@ pub struct MllpOptions {
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout: std::time::Duration,
+    /// How the messages are read (time zone, unknown patients).
+    pub adt: super::adt::AdtOptions,
 }
 
 impl Default for MllpOptions {
@@ -31,6 +33,7 @@ impl Default for MllpOptions {
             allow: vec![std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()],
             max_connections: 32,
             idle_timeout: std::time::Duration::from_secs(300),
+            adt: super::adt::AdtOptions::default(),
         }
     }
 }
@@ -74,9 +77,10 @@ pub async fn start_with(
             }
             open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (store, counted, idle) = (store.clone(), Counted(open.clone()), options.idle_timeout);
+            let adt = Arc::new(options.adt.clone());
             tokio::spawn(async move {
                 let _counted = counted; // released however the task ends
-                if let Err(e) = serve(socket, store, idle).await {
+                if let Err(e) = serve(socket, store, idle, adt).await {
                     tracing::info!(%peer, error = %e, "MLLP connection ended");
                 }
             });
@@ -99,6 +103,7 @@ async fn serve(
     mut socket: tokio::net::TcpStream,
     store: Arc<dyn ServerStore>,
     idle: std::time::Duration,
+    adt: Arc<super::adt::AdtOptions>,
 ) -> std::io::Result<()> {
     let mut buffer: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -115,9 +120,9 @@ async fn serve(
                 None => &frame[..frame.len() - 2],
             };
             let text = String::from_utf8_lossy(body).into_owned();
-            let store = store.clone();
+            let (store, adt) = (store.clone(), adt.clone());
             let ack = tokio::task::spawn_blocking(move || {
-                super::adt::process(store.as_ref(), &text, care_node::now_ms())
+                super::adt::process(store.as_ref(), &text, care_node::now_ms(), &adt)
             })
             .await
             .map_err(std::io::Error::other)?;

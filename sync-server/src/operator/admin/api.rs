@@ -476,7 +476,7 @@ async fn feeds(State(state): State<Arc<AdminState>>) -> ApiResult {
         let refusals: Vec<Value> = status
             .recent_refusals
             .iter()
-            .map(|r| json!({ "at": iso(Some(r.at_ms)), "code": r.code, "reason": r.reason }))
+            .map(|r| json!({ "at": iso(Some(r.at_ms)), "code": r.code, "control_id": r.control_id, "reason": r.reason }))
             .collect();
         Ok(Json(json!({
             "mllp": {

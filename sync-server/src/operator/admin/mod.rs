@@ -161,7 +161,13 @@ fn token_matches(headers: &HeaderMap, expected_hash: &[u8; 32]) -> bool {
     bool::from(given_hash.as_bytes().ct_eq(expected_hash))
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    // HL7 messages are counted in the store (MLLP and `ingest-adt` files alike, whichever
+    // process handled them); the counter catches up with it at each scrape.
+    let store = state.store.clone();
+    if let Ok(Ok(feeds)) = tokio::task::spawn_blocking(move || store.feed_status()).await {
+        crate::operator::metrics::metrics().catch_up_feeds(&feeds);
+    }
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         crate::operator::metrics::metrics().encode(),

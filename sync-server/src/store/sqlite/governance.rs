@@ -401,7 +401,7 @@ impl Governance for SqliteStore {
         )? > 0)
     }
 
-    fn feed_record(&self, code: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
+    fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -411,8 +411,8 @@ impl Governance for SqliteStore {
         )?;
         if code != "AA" {
             tx.execute(
-                "INSERT INTO feed_refusals (at_ms, code, reason) VALUES (?1, ?2, ?3)",
-                params![now_ms, code, reason],
+                "INSERT INTO feed_refusals (at_ms, code, reason, control_id) VALUES (?1, ?2, ?3, ?4)",
+                params![now_ms, code, reason, control_id],
             )?;
             tx.execute(
                 "DELETE FROM feed_refusals WHERE id <= (SELECT max(id) FROM feed_refusals) - ?1",
@@ -436,11 +436,16 @@ impl Governance for SqliteStore {
             }
             status.last_message_ms = status.last_message_ms.max(Some(at));
         }
-        let mut refusals =
-            conn.prepare_cached("SELECT at_ms, code, reason FROM feed_refusals ORDER BY id DESC")?;
+        let mut refusals = conn
+            .prepare_cached("SELECT at_ms, code, reason, control_id FROM feed_refusals ORDER BY id DESC")?;
         status.recent_refusals = refusals
             .query_map([], |r| {
-                Ok(crate::store::FeedRefusal { at_ms: r.get(0)?, code: r.get(1)?, reason: r.get(2)? })
+                Ok(crate::store::FeedRefusal {
+                    at_ms: r.get(0)?,
+                    code: r.get(1)?,
+                    reason: r.get(2)?,
+                    control_id: r.get(3)?,
+                })
             })?
             .collect::<Result<_, _>>()?;
         Ok(status)

@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS feed_refusals (
     id INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,
     code TEXT NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    control_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
@@ -267,6 +268,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        add_column(&conn, "feed_refusals", "control_id", "TEXT NOT NULL DEFAULT ''")?;
         let format: Option<String> = conn
             .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
             .optional()?;
@@ -402,5 +404,16 @@ fn audit_in(
         "INSERT INTO audit (at_ms, actor, action, patient_id, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail],
     )?;
+    Ok(())
+}
+
+/// Adds a column a newer release put in a table, to a store made before it (once).
+fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> Result<(), StoreError> {
+    let has: bool = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .exists([column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+    }
     Ok(())
 }
