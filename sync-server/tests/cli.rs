@@ -155,3 +155,15 @@ fn quarantine_lists_refused_uploads_by_rule_and_place_never_their_content() {
     let device = store.device_by_name("ambulance-7").unwrap().unwrap();
     assert_eq!(store.quarantine_count(device.id, 0).unwrap(), 0, "a reviewed item no longer counts");
 }
+
+#[test]
+fn generate_adds_new_patients_to_a_store_that_has_some() {
+    use care_sync_server::store::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = run(dir.path(), &["generate", "--patients", "25"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(store.patient_count().unwrap(), 50, "the second run added 25 with new NHS numbers");
+}

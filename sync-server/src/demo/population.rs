@@ -1,9 +1,10 @@
 //! A deterministic synthetic population for the demo, tests and benchmarks.
 //!
 //! Patients of the Wessex region (postcode districts of Hampshire, Dorset and the Isle of Wight)
-//! with only NHS numbers from the 999 test range (valid check digits), age-appropriate SNOMED
-//! CT-coded conditions, medications (coded at SNOMED substance level), allergies with coded
-//! reactions, ReSPECT/DNACPR decisions for some frail elderly people, next of kin, care plans and
+//! with only NHS numbers from the 999 test range (valid check digits), postcodes in the UK format
+//! (inward code: a digit and two of the letters postcodes use), SNOMED CT-coded conditions recorded
+//! at the ages they occur, medications (coded at SNOMED substance level) each prescribed for one
+//! of the patient's conditions ([`CONDITIONS`]), allergies with coded substances and reactions, ReSPECT/DNACPR decisions for some frail elderly people, next of kin, care plans and
 //! recent hospital encounters. The same seed always gives the same people; no real person, GP
 //! practice or address appears (practice codes start with `Z`, streets are invented).
 
@@ -117,36 +118,85 @@ const STREETS: &[&str] = &[
     "Fictional Crescent",
 ];
 
-/// (SNOMED code, display) of conditions of later life.
-const CONDITIONS_OLD: &[(&str, &str)] = &[
-    ("84114007", "Heart failure"),
-    ("49436004", "Atrial fibrillation"),
-    ("44054006", "Type 2 diabetes mellitus"),
-    ("13645005", "Chronic obstructive lung disease"),
-    ("433144002", "Chronic kidney disease stage 3"),
-    ("52448006", "Dementia"),
-    ("239872002", "Osteoarthritis of hip"),
-    ("38341003", "Hypertensive disorder"),
+/// A medication as a GP record lists it: SNOMED CT substance code, name, dose, frequency, route.
+#[derive(Debug, Clone, Copy)]
+pub struct Drug {
+    pub code: &'static str,
+    pub name: &'static str,
+    pub dose: &'static str,
+    pub frequency: &'static str,
+    pub route: &'static str,
+}
+
+const fn drug(
+    code: &'static str,
+    name: &'static str,
+    dose: &'static str,
+    frequency: &'static str,
+    route: &'static str,
+) -> Drug {
+    Drug { code, name, dose, frequency, route }
+}
+
+const FUROSEMIDE: Drug = drug("387475002", "Furosemide", "40 mg", "once daily", "oral");
+const RAMIPRIL: Drug = drug("386872004", "Ramipril", "2.5 mg", "once daily", "oral");
+const BISOPROLOL: Drug = drug("386868003", "Bisoprolol", "2.5 mg", "once daily", "oral");
+const APIXABAN: Drug = drug("698090000", "Apixaban", "5 mg", "twice daily", "oral");
+const WARFARIN: Drug = drug("372756006", "Warfarin", "as per INR clinic", "once daily", "oral");
+const METFORMIN: Drug = drug("372567009", "Metformin", "500 mg", "twice daily", "oral");
+const SALBUTAMOL: Drug = drug("372897005", "Salbutamol inhaler", "2 puffs", "when required", "inhalation");
+const PARACETAMOL: Drug =
+    drug("387517004", "Paracetamol", "1 g", "up to four times daily when required", "oral");
+const AMLODIPINE: Drug = drug("386864001", "Amlodipine", "5 mg", "once daily", "oral");
+const LEVETIRACETAM: Drug = drug("387000003", "Levetiracetam", "500 mg", "twice daily", "oral");
+const SERTRALINE: Drug = drug("372594008", "Sertraline", "50 mg", "once daily", "oral");
+const INSULIN_GLARGINE: Drug = drug("411529005", "Insulin glargine", "20 units", "at night", "subcutaneous");
+
+/// A condition a GP record holds: SNOMED CT code and display, the ages it is recorded at, and
+/// what is prescribed for it (`one_of`: one of these, e.g. one anticoagulant; otherwise each).
+pub struct Condition {
+    pub code: &'static str,
+    pub display: &'static str,
+    pub min_age: i32,
+    pub drugs: &'static [Drug],
+    pub one_of: bool,
+}
+
+const fn condition(
+    code: &'static str,
+    display: &'static str,
+    min_age: i32,
+    drugs: &'static [Drug],
+    one_of: bool,
+) -> Condition {
+    Condition { code, display, min_age, drugs, one_of }
+}
+
+/// The conditions of the synthetic records, each with its usual treatment.
+pub const CONDITIONS: &[Condition] = &[
+    condition("84114007", "Heart failure", 65, &[FUROSEMIDE, RAMIPRIL, BISOPROLOL], false),
+    condition("49436004", "Atrial fibrillation", 60, &[APIXABAN, APIXABAN, APIXABAN, WARFARIN], true),
+    condition("44054006", "Type 2 diabetes mellitus", 40, &[METFORMIN], false),
+    condition("13645005", "Chronic obstructive lung disease", 50, &[SALBUTAMOL], false),
+    condition("433144002", "Chronic kidney disease stage 3", 60, &[], false),
+    condition("52448006", "Dementia", 70, &[], false),
+    condition("239872002", "Osteoarthritis of hip", 55, &[PARACETAMOL], false),
+    condition("38341003", "Hypertensive disorder", 40, &[AMLODIPINE], false),
+    condition("195967001", "Asthma", 3, &[SALBUTAMOL], false),
+    condition("84757009", "Epilepsy", 2, &[LEVETIRACETAM], false),
+    condition("35489007", "Depressive disorder", 18, &[SERTRALINE], false),
+    condition("46635009", "Type 1 diabetes mellitus", 2, &[INSULIN_GLARGINE], false),
+    condition("37796009", "Migraine", 12, &[], false),
 ];
-const CONDITIONS_YOUNG: &[(&str, &str)] = &[
-    ("195967001", "Asthma"),
-    ("84757009", "Epilepsy"),
-    ("35489007", "Depressive disorder"),
-    ("46635009", "Type 1 diabetes mellitus"),
-    ("37796009", "Migraine"),
-];
-/// (SNOMED substance code, name, dose, frequency).
-const MEDICATIONS: &[(&str, &str, &str, &str)] = &[
-    ("372756006", "Warfarin", "as per INR clinic", "once daily"),
-    ("698090000", "Apixaban", "5 mg", "twice daily"),
-    ("387475002", "Furosemide", "40 mg", "once daily"),
-    ("372567009", "Metformin", "500 mg", "twice daily"),
-    ("386872004", "Ramipril", "5 mg", "once daily"),
-    ("372897005", "Salbutamol inhaler", "2 puffs", "when required"),
-    ("387000003", "Levetiracetam", "500 mg", "twice daily"),
-    ("372594008", "Sertraline", "50 mg", "once daily"),
-    ("411529005", "Insulin glargine", "20 units", "at night"),
-];
+
+/// The conditions a medication (by SNOMED CT code) is prescribed for in the synthetic records.
+pub fn indications(drug_code: &str) -> Vec<&'static str> {
+    CONDITIONS.iter().filter(|c| c.drugs.iter().any(|d| d.code == drug_code)).map(|c| c.code).collect()
+}
+
+/// The letters of a postcode's inward code (the last two): not C, I, K, M, O or V.
+pub const INWARD_LETTERS: &[u8] = b"ABDEFGHJLNPQRSTUWXYZ";
+
 /// (substance code, substance, reaction code, reaction, category).
 const ALLERGENS: &[(&str, &str, &str, &str, &str)] = &[
     ("764146007", "Penicillin", "39579001", "Anaphylaxis", "medication"),
@@ -157,6 +207,31 @@ const ALLERGENS: &[(&str, &str, &str, &str, &str)] = &[
 ];
 const WARDS: &[&str] = &["Ward 7", "Acute Medical Unit", "Ward F4", "Stroke Unit", "Ward C6"];
 const HOSPITALS: &[&str] = &["Wessex General Hospital (synthetic)", "Solent Infirmary (synthetic)"];
+
+/// The first NHS number stem of the synthetic population (the 999 test range).
+pub const FIRST_STEM: u32 = 999_000_001;
+
+/// The first stem after the synthetic numbers a store already holds (`exists` tells), found
+/// by galloping and bisection over the stems, which generators hand out in order.
+pub fn first_free_stem(exists: impl Fn(&NhsNumber) -> bool) -> u32 {
+    // Whether the valid number at or after `stem` is taken.
+    let taken =
+        |stem: u32| (stem..stem.saturating_add(2)).find_map(NhsNumber::from_stem).is_some_and(|n| exists(&n));
+    if !taken(FIRST_STEM) {
+        return FIRST_STEM;
+    }
+    let (mut low, mut step) = (FIRST_STEM, 1u32);
+    while taken(low.saturating_add(step)) && step < 1 << 30 {
+        low = low.saturating_add(step);
+        step *= 2;
+    }
+    let mut high = low.saturating_add(step).min(999_999_999);
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if taken(mid) { low = mid } else { high = mid }
+    }
+    high
+}
 
 /// A population generator with a fixed seed.
 pub struct Population {
@@ -175,7 +250,14 @@ fn gp(now_ms: i64, source: String) -> Provenance {
 
 impl Population {
     pub fn new(seed: u64, actor: ActorId) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), next_stem: 999_000_001, actor }
+        Self { rng: StdRng::seed_from_u64(seed), next_stem: FIRST_STEM, actor }
+    }
+
+    /// A population whose NHS numbers start at `first_stem` (see [`first_free_stem`]), with
+    /// people of their own (the seed is mixed with the stem), to add to an existing store.
+    pub fn starting_at(seed: u64, actor: ActorId, first_stem: u32) -> Self {
+        let mixed = seed ^ u64::from(first_stem.wrapping_sub(FIRST_STEM)).rotate_left(32);
+        Self { rng: StdRng::seed_from_u64(mixed), next_stem: first_stem, actor }
     }
 
     fn next_nhs(&mut self) -> NhsNumber {
@@ -219,9 +301,9 @@ impl Population {
             city: Some(town.into()),
             postcode: Some(format!(
                 "{district} {}{}{}",
-                self.rng.random_range(1..10),
-                char::from(b'A' + self.rng.random_range(0..26)),
-                char::from(b'A' + self.rng.random_range(0..26))
+                self.rng.random_range(0..10),
+                char::from(*self.pick(INWARD_LETTERS)),
+                char::from(*self.pick(INWARD_LETTERS))
             )),
             gp_practice_code: Some(format!("Z{:05}", 81000 + practice)),
             gp_practice_name: Some(format!("Practice {practice} (synthetic)")),
@@ -234,47 +316,59 @@ impl Population {
             format!("{kind}/syn-{}-{n}", nhs.as_str())
         };
 
+        // Conditions usual at this age: frail older people always have some; a GP record that
+        // lists none says so ("none known") more often than not.
         let old = age >= 65;
-        let conditions = if old { CONDITIONS_OLD } else { CONDITIONS_YOUNG };
-        let count = self.rng.random_range(0..=if old { 4 } else { 1 });
-        let mut had = Vec::new();
-        for _ in 0..count {
-            let (code, display) = *self.pick(conditions);
-            if had.contains(&code) {
+        let count = match age {
+            65.. => self.rng.random_range(1..=4),
+            40..=64 => self.rng.random_range(0..=2),
+            _ => self.rng.random_range(0..=1),
+        };
+        let possible: Vec<&Condition> = CONDITIONS.iter().filter(|c| c.min_age <= age).collect();
+        let mut had: Vec<&Condition> = Vec::new();
+        for _ in 0..if possible.is_empty() { 0 } else { count } {
+            let c = possible[self.rng.random_range(0..possible.len())];
+            if had.iter().any(|h| h.code == c.code) {
                 continue;
             }
-            had.push(code);
+            had.push(c);
             let source = next_source("Condition");
-            let mut p = Problem::new(display, gp(now_ms, source.clone()));
-            p.code = Some(Code::snomed(code, display));
-            p.onset = Some(format!("{}-01-01", 2026 - self.rng.random_range(1..=age.max(1))));
+            let mut p = Problem::new(c.display, gp(now_ms, source.clone()));
+            p.code = Some(Code::snomed(c.code, c.display));
+            let since = self.rng.random_range(0..=(age - c.min_age).max(0));
+            p.onset = Some(format!("{}-01-01", 2026 - since));
             summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Problems, &source), &p)?;
         }
-        if had.is_empty() && self.rng.random_bool(0.5) {
+        if had.is_empty() && self.rng.random_bool(0.8) {
             summary.assert_none_known(Section::Problems, &gp(now_ms, "List/problems".into()))?;
         }
 
-        let meds = self.rng.random_range(0..=if old { 3 } else { 1 });
+        // Each medication is prescribed for one of the recorded conditions.
         let mut taken: Vec<&str> = Vec::new();
-        for _ in 0..meds {
-            let (code, name, dose, frequency) = *self.pick(MEDICATIONS);
-            // No duplicates, and never two anticoagulants.
-            let anticoagulant = |n: &str| n == "Warfarin" || n == "Apixaban";
-            if taken.contains(&name) || (anticoagulant(name) && taken.iter().any(|t| anticoagulant(t))) {
-                continue;
+        for c in &had {
+            let drugs: Vec<Drug> =
+                if c.one_of && !c.drugs.is_empty() { vec![*self.pick(c.drugs)] } else { c.drugs.to_vec() };
+            for d in drugs {
+                if taken.contains(&d.name) || !self.rng.random_bool(0.9) {
+                    continue;
+                }
+                taken.push(d.name);
+                let source = next_source("MedicationStatement");
+                let mut m = Medication::new(d.name, gp(now_ms, source.clone()));
+                m.code = Some(Code::snomed(d.code, d.name));
+                m.dose = Some(
+                    if age < 16 { "as advised by the specialist team (weight-based)" } else { d.dose }.into(),
+                );
+                m.frequency = Some(d.frequency.into());
+                m.route = Some(d.route.into());
+                m.kind = Some("repeat".into());
+                summary.upsert(
+                    PatientSummary::source_entry_id(&patient_id, Section::Medications, &source),
+                    &m,
+                )?;
             }
-            taken.push(name);
-            let source = next_source("MedicationStatement");
-            let mut m = Medication::new(name, gp(now_ms, source.clone()));
-            m.code = Some(Code::snomed(code, name));
-            m.dose = Some(dose.into());
-            m.frequency = Some(frequency.into());
-            m.route = Some(if name.contains("inhaler") { "inhalation" } else { "oral" }.into());
-            m.kind = Some("repeat".into());
-            summary
-                .upsert(PatientSummary::source_entry_id(&patient_id, Section::Medications, &source), &m)?;
         }
-        if meds == 0 && self.rng.random_bool(0.5) {
+        if taken.is_empty() && self.rng.random_bool(0.8) {
             summary.assert_none_known(Section::Medications, &gp(now_ms, "List/medications".into()))?;
         }
 
@@ -337,7 +431,7 @@ impl Population {
             c.phone = Some(format!("07700 900{:03}", self.rng.random_range(0..1000)));
             summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Contacts, &source), &c)?;
         }
-        if had.contains(&"84114007") || had.contains(&"52448006") {
+        if had.iter().any(|c| c.code == "84114007" || c.code == "52448006") {
             let source = next_source("CarePlan");
             let mut plan = CarePlan::new("Community nursing care plan", gp(now_ms, source.clone()));
             plan.description = Some("Weekly review of weight, fluid status and skin integrity".into());
@@ -387,6 +481,80 @@ mod tests {
             (listing.nhs_number, listing.name.as_str(), listing.postcode),
             (None, "Unknown Male", None)
         );
+    }
+
+    /// The UK postcode format: an outward code of the listed districts, a space, a digit and two
+    /// letters of [`INWARD_LETTERS`].
+    fn is_uk_postcode(postcode: &str) -> bool {
+        let Some((outward, inward)) = postcode.split_once(' ') else { return false };
+        let inward = inward.as_bytes();
+        DISTRICTS.iter().any(|(d, _)| *d == outward)
+            && inward.len() == 3
+            && inward[0].is_ascii_digit()
+            && INWARD_LETTERS.contains(&inward[1])
+            && INWARD_LETTERS.contains(&inward[2])
+    }
+
+    #[test]
+    fn records_are_believable_postcodes_valid_and_every_medication_has_its_indication() {
+        let mut population = Population::new(3, ActorId::from(&[1u8; 16][..]));
+        let (mut medications, mut dnacpr) = (0, 0);
+        for _ in 0..2_000 {
+            let mut p = population.next_patient(0).unwrap();
+            let d = p.demographics().unwrap();
+            let postcode = d.postcode.clone().unwrap();
+            assert!(is_uk_postcode(&postcode), "{postcode}");
+            let age = 2026 - d.date_of_birth.unwrap()[..4].parse::<i32>().unwrap();
+            let problems: Vec<String> =
+                p.entries::<Problem>().unwrap().into_iter().map(|e| e.data.code.unwrap().code).collect();
+            for code in &problems {
+                let c = CONDITIONS.iter().find(|c| c.code == *code).unwrap();
+                assert!(age >= c.min_age, "{} at {age}", c.display);
+            }
+            for m in p.entries::<Medication>().unwrap() {
+                let code = m.data.code.unwrap().code;
+                assert!(
+                    indications(&code).iter().any(|i| problems.iter().any(|p| p == i)),
+                    "{} without its indication",
+                    m.data.name
+                );
+                medications += 1;
+            }
+            let anticoagulants = p
+                .entries::<Medication>()
+                .unwrap()
+                .iter()
+                .filter(|m| ["Apixaban", "Warfarin"].contains(&m.data.name.as_str()))
+                .count();
+            assert!(anticoagulants <= 1);
+            if p.entries::<Alert>().unwrap().iter().any(|a| a.data.kind == alert_kind::RESPECT_DNACPR) {
+                dnacpr += 1;
+                assert!(!problems.is_empty(), "a patient with a DNACPR decision has recorded conditions");
+            }
+            if age >= 65 {
+                assert!(!problems.is_empty(), "older people have recorded conditions");
+            }
+        }
+        assert!(medications > 1_000 && dnacpr > 20, "{medications} medications, {dnacpr} DNACPR");
+        for bad in ["SO16 9OA", "SO15 4WI", "SO16 9A", "XX1 1AA", "SO161AA"] {
+            assert!(!is_uk_postcode(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_second_population_starts_after_the_numbers_a_store_holds() {
+        let mut first = Population::new(5, ActorId::from(&[1u8; 16][..]));
+        let held: std::collections::HashSet<String> = (0..300)
+            .map(|_| first.next_patient(0).unwrap().nhs_number().unwrap().as_str().to_string())
+            .collect();
+        let stem = first_free_stem(|n| held.contains(n.as_str()));
+        assert_eq!(stem, first.next_stem, "right after the last one handed out");
+        let mut second = Population::starting_at(5, ActorId::from(&[1u8; 16][..]), stem);
+        for _ in 0..50 {
+            let nhs = second.next_patient(0).unwrap().nhs_number().unwrap();
+            assert!(!held.contains(nhs.as_str()));
+        }
+        assert_eq!(first_free_stem(|_| false), FIRST_STEM);
     }
 
     #[test]

@@ -446,9 +446,17 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         Command::Generate { patients, seed, fhir_out } => {
             let store = open(&dir)?;
             let identity = store.server_identity()?;
-            let mut population = care_sync_server::demo::population::Population::new(
+            // Into a store that already has synthetic patients: new people, new NHS numbers.
+            let exists = |n: &care_node::nhs::NhsNumber| store.patient_by_nhs(n).ok().flatten().is_some();
+            let first = if fhir_out.is_some() {
+                care_sync_server::demo::population::FIRST_STEM
+            } else {
+                care_sync_server::demo::population::first_free_stem(exists)
+            };
+            let mut population = care_sync_server::demo::population::Population::starting_at(
                 seed,
                 care_sync_server::server_actor(&identity),
+                first,
             );
             let now = care_node::now_ms();
             if let Some(out) = &fhir_out {
@@ -457,8 +465,14 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             let mut made = 0;
             while made < patients {
                 let batch = (patients - made).min(500);
-                let mut summaries =
-                    (0..batch).map(|_| population.next_patient(now)).collect::<Result<Vec<_>, _>>()?;
+                let mut summaries = Vec::with_capacity(batch);
+                while summaries.len() < batch {
+                    let summary = population.next_patient(now)?;
+                    // A number imported meanwhile from elsewhere is skipped, never duplicated.
+                    if fhir_out.is_some() || summary.nhs_number().map_or(true, |n| !exists(&n)) {
+                        summaries.push(summary);
+                    }
+                }
                 match &fhir_out {
                     Some(out) => {
                         for summary in &mut summaries {
