@@ -264,6 +264,7 @@ async fn scopes_alerts_audit_feeds_planning_and_metrics_through_the_api() {
     assert_eq!(feeds["mllp"]["accepted"], 1);
     assert_eq!(feeds["mllp"]["errors"].as_u64().unwrap() + feeds["mllp"]["rejected"].as_u64().unwrap(), 1);
     assert_eq!(feeds["mllp"]["last_error"]["reason"], ack.text);
+    assert_eq!(feeds["mllp"]["last_error"]["control_id"], "MSG-2", "an engineer can find the message");
     assert!(feeds["mllp"]["last_message_at"].is_string());
 
     // Planning export: CSV, audited.
@@ -271,7 +272,14 @@ async fn scopes_alerts_audit_feeds_planning_and_metrics_through_the_api() {
     assert_eq!(status, 200);
     assert!(csv.lines().next().unwrap().contains("district"), "{csv}");
     let audit = console.get("/api/audit?device=operator");
-    assert!(audit["entries"].as_array().unwrap().iter().any(|e| e["action"] == "export-planning"));
+    let exports =
+        audit["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "export-planning").count();
+    assert_eq!(exports, 1, "one export, one audit line");
+    let (status, csv) = console.get_with("/api/planning.csv?by=district", Some(OPERATOR_TOKEN));
+    assert_eq!((status, csv.lines().next()), (200, Some("postcode_district,patients")), "{csv}");
+    let (status, body) = console.get_with("/api/planning.csv?by=postcode", Some(OPERATOR_TOKEN));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("cannot group by"), "{body}");
 
     // Status, health and metrics.
     let status = console.get("/api/status");

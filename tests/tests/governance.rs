@@ -297,14 +297,23 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
     for nhs in &older[..2] {
         ops::set_consent(store, nhs.as_str(), None, Some(true)).unwrap();
     }
-    let export = care_sync_server::operator::planning::export(store, care_node::now_ms()).unwrap();
-    assert_eq!(export.patients_opted_out, 2);
-    let rows: Vec<&str> = export.csv.lines().collect();
+    use care_sync_server::operator::planning::{Grouping, export};
+    let all = export(store, Grouping::ALL, care_node::now_ms()).unwrap();
+    assert_eq!(all.patients_opted_out, 2);
+    let rows: Vec<&str> = all.csv.lines().collect();
     assert_eq!(rows[0], "snomed_code,condition,age_band,postcode_district,patients");
     assert!(rows.contains(&"84114007,Heart failure,80+,SO16,10"), "10 left after 2 opted out: {rows:?}");
     assert!(rows.contains(&"84114007,Heart failure,18-44,SO16,*"), "3 is suppressed: {rows:?}");
     assert!(rows.contains(&"84114007,Heart failure,80+,PO30,10"), "8 rounds to 10: {rows:?}");
-    assert!(!export.csv.contains("Planning Person") && !export.csv.contains("999"), "nothing identifiable");
+    assert!(!all.csv.contains("Planning Person") && !all.csv.contains("999"), "nothing identifiable");
+    assert_eq!((all.cells, all.suppressed_cells), (3, 1));
+    // By district only: the 3 younger patients join the 10 older ones, and nothing is suppressed.
+    let by_district = export(store, Grouping::parse("district").unwrap(), care_node::now_ms()).unwrap();
+    let rows: Vec<&str> = by_district.csv.lines().collect();
+    assert_eq!(rows, ["postcode_district,patients", "PO30,10", "SO16,15"]);
+    assert_eq!((by_district.cells, by_district.suppressed_cells), (2, 0));
+    let by_age = export(store, Grouping::parse("condition,age-band").unwrap(), care_node::now_ms()).unwrap();
+    assert!(by_age.csv.lines().any(|l| l == "84114007,Heart failure,80+,20"), "{}", by_age.csv);
 }
 
 #[tokio::test(flavor = "multi_thread")]

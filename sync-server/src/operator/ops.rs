@@ -297,14 +297,16 @@ pub fn parse_since(s: &str) -> Result<i64, OpsError> {
     Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
 }
 
-/// The anonymised planning export (audited: who took it and how many patients it counts).
+/// The anonymised planning export, grouped as asked (audited once: who took it, how it was
+/// grouped, how many patients it counts and how many cells were suppressed).
 pub fn planning_export(
     store: &dyn ServerStore,
+    grouping: crate::operator::planning::Grouping,
 ) -> Result<crate::operator::planning::PlanningExport, OpsError> {
-    let export = crate::operator::planning::export(store, now())?;
+    let export = crate::operator::planning::export(store, grouping, now())?;
     let detail = format!(
-        "{} patients counted, {} excluded by the national data opt-out",
-        export.patients_counted, export.patients_opted_out
+        "{} patients counted, {} excluded by the national data opt-out; {} cells, {} suppressed",
+        export.patients_counted, export.patients_opted_out, export.cells, export.suppressed_cells
     );
     store.append_audit(OPERATOR, "export-planning", None, &detail, now())?;
     Ok(export)

@@ -1,8 +1,11 @@
-//! Anonymised planning exports: counts of patients by condition, age band and postcode district.
+//! Anonymised planning exports: counts of patients by condition, age band and postcode district,
+//! or by any of them the operator chooses ([`Grouping`]: district only gives useful counts for a
+//! small population; condition × age band × district needs a region).
 //!
 //! Patients with the national data opt-out are excluded; merged-away records are not counted
 //! twice. Counts of 1–7 are shown as `*` and every other count is rounded to the nearest 5, so no
-//! row identifies anyone. No identifiable field is ever written.
+//! row identifies anyone; the export says how many cells were suppressed. No identifiable field is
+//! ever written.
 
 use std::collections::BTreeMap;
 
@@ -14,8 +17,41 @@ use crate::store::{ServerStore, StoreError};
 pub const AGE_BANDS: &[(i32, i32, &str)] =
     &[(0, 17, "0-17"), (18, 44, "18-44"), (45, 64, "45-64"), (65, 79, "65-79"), (80, 200, "80+")];
 
-/// A key of the export: SNOMED code and display, age band, postcode district.
+/// A key of the export: SNOMED code and display, age band, postcode district (each empty when
+/// not grouped by).
 type Key = (String, String, &'static str, String);
+
+/// What the counts are grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grouping {
+    pub condition: bool,
+    pub age_band: bool,
+    pub district: bool,
+}
+
+impl Grouping {
+    /// Condition × age band × district.
+    pub const ALL: Grouping = Grouping { condition: true, age_band: true, district: true };
+    /// The names [`Grouping::parse`] takes.
+    pub const NAMES: &str = "condition, age-band, district";
+
+    /// A comma-separated list of `condition`, `age-band`, `district` (at least one).
+    pub fn parse(spec: &str) -> Result<Grouping, String> {
+        let mut g = Grouping { condition: false, age_band: false, district: false };
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "condition" => g.condition = true,
+                "age-band" => g.age_band = true,
+                "district" => g.district = true,
+                _ => return Err(format!("cannot group by `{part}`: choose from {}", Grouping::NAMES)),
+            }
+        }
+        if g == (Grouping { condition: false, age_band: false, district: false }) {
+            return Err(format!("group by at least one of {}", Grouping::NAMES));
+        }
+        Ok(g)
+    }
+}
 
 /// What one export produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +59,9 @@ pub struct PlanningExport {
     pub csv: String,
     pub patients_counted: u64,
     pub patients_opted_out: u64,
+    /// Rows written, and how many of them show `*` (a count of 1–7).
+    pub cells: u64,
+    pub suppressed_cells: u64,
 }
 
 fn age_band(date_of_birth: &str, today: time::Date) -> Option<&'static str> {
@@ -48,8 +87,12 @@ fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 
-/// Builds the export from every stored record.
-pub fn export(store: &dyn ServerStore, now_ms: i64) -> Result<PlanningExport, StoreError> {
+/// Builds the export from every stored record, grouped as asked. (The caller audits it.)
+pub fn export(
+    store: &dyn ServerStore,
+    grouping: Grouping,
+    now_ms: i64,
+) -> Result<PlanningExport, StoreError> {
     let today =
         time::OffsetDateTime::from_unix_timestamp(now_ms / 1000).map(|t| t.date()).unwrap_or(time::Date::MIN);
     let mut counts: BTreeMap<Key, u64> = BTreeMap::new();
@@ -75,6 +118,12 @@ pub fn export(store: &dyn ServerStore, now_ms: i64) -> Result<PlanningExport, St
             .map(|p| p.to_ascii_uppercase())
             .unwrap_or_else(|| "unknown".into());
         counted += 1;
+        let band = if grouping.age_band { band } else { "" };
+        let district = if grouping.district { district } else { String::new() };
+        if !grouping.condition {
+            *counts.entry((String::new(), String::new(), band, district)).or_default() += 1;
+            continue;
+        }
         let mut seen = Vec::new();
         for problem in summary.clinical_entries::<s::Problem>().map_err(document)? {
             let Some(code) = problem.data.code.filter(|c| c.system == s::SNOMED) else { continue };
@@ -85,25 +134,43 @@ pub fn export(store: &dyn ServerStore, now_ms: i64) -> Result<PlanningExport, St
             *counts.entry((code.code, code.display, band, district.clone())).or_default() += 1;
         }
     }
-    let mut csv = String::from("snomed_code,condition,age_band,postcode_district,patients\n");
-    for ((code, display, band, district), n) in counts {
-        csv.push_str(&format!(
-            "{},{},{},{},{}\n",
-            csv_field(&code),
-            csv_field(&display),
-            band,
-            csv_field(&district),
-            suppress(n)
-        ));
+    let mut header = Vec::new();
+    if grouping.condition {
+        header.extend(["snomed_code", "condition"]);
     }
-    store.append_audit(
-        crate::operator::ops::OPERATOR,
-        "export-planning",
-        None,
-        &format!("{counted} patients counted, {opted_out} excluded by the national data opt-out"),
-        now_ms,
-    )?;
-    Ok(PlanningExport { csv, patients_counted: counted, patients_opted_out: opted_out })
+    if grouping.age_band {
+        header.push("age_band");
+    }
+    if grouping.district {
+        header.push("postcode_district");
+    }
+    header.push("patients");
+    let mut csv = format!("{}\n", header.join(","));
+    let (mut cells, mut suppressed) = (0, 0);
+    for ((code, display, band, district), n) in counts {
+        let mut row = Vec::new();
+        if grouping.condition {
+            row.extend([csv_field(&code), csv_field(&display)]);
+        }
+        if grouping.age_band {
+            row.push(band.to_string());
+        }
+        if grouping.district {
+            row.push(csv_field(&district));
+        }
+        let shown = suppress(n);
+        cells += 1;
+        suppressed += u64::from(shown == "*");
+        row.push(shown);
+        csv.push_str(&format!("{}\n", row.join(",")));
+    }
+    Ok(PlanningExport {
+        csv,
+        patients_counted: counted,
+        patients_opted_out: opted_out,
+        cells,
+        suppressed_cells: suppressed,
+    })
 }
 
 #[cfg(test)]
@@ -126,6 +193,15 @@ mod tests {
         for (n, expected) in cases {
             assert_eq!(suppress(n), expected, "{n}");
         }
+    }
+
+    #[test]
+    fn groupings_parse_and_need_at_least_one_dimension() {
+        assert_eq!(Grouping::parse("condition,age-band,district"), Ok(Grouping::ALL));
+        let district = Grouping::parse(" district ").unwrap();
+        assert!(district.district && !district.condition && !district.age_band);
+        assert!(Grouping::parse("").unwrap_err().contains("at least one"));
+        assert!(Grouping::parse("postcode").unwrap_err().contains("cannot group by `postcode`"));
     }
 
     #[test]

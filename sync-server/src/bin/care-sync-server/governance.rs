@@ -260,20 +260,26 @@ pub fn audit(
     Ok(())
 }
 
-pub fn export_planning(store: &dyn ServerStore, out: Option<PathBuf>) -> CliResult {
-    let export = ops::planning_export(store)?;
+pub fn export_planning(
+    store: &dyn ServerStore,
+    out: Option<PathBuf>,
+    grouping: care_sync_server::operator::planning::Grouping,
+) -> CliResult {
+    let export = ops::planning_export(store, grouping)?;
+    let summary = format!(
+        "{} patients counted, {} excluded by the national data opt-out; {} cells, {} suppressed (1–7 patients)",
+        export.patients_counted, export.patients_opted_out, export.cells, export.suppressed_cells
+    );
     match out {
         Some(path) => {
             std::fs::write(&path, &export.csv)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            eprintln!(
-                "wrote {}: {} patients counted, {} excluded by the national data opt-out",
-                path.display(),
-                export.patients_counted,
-                export.patients_opted_out
-            );
+            eprintln!("wrote {}: {summary}", path.display());
         }
-        None => print!("{}", export.csv),
+        None => {
+            print!("{}", export.csv);
+            eprintln!("{summary}");
+        }
     }
     Ok(())
 }

@@ -153,8 +153,13 @@ enum Command {
     },
     /// Anonymised CSV of patient counts by condition, age band and postcode district.
     ExportPlanning {
-        #[arg(long)]
+        /// Write the CSV here (default: standard output).
+        #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// What to count by: a comma-separated list of condition, age-band, district. Fewer
+        /// dimensions give larger counts, so fewer are suppressed in a small population.
+        #[arg(long, value_name = "LIST", default_value = "condition,age-band,district")]
+        by: String,
     },
     /// Manages community nurses' caseloads.
     Caseload {
@@ -610,7 +615,10 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             governance::alerts(open(&dir)?.as_ref(), action)?
         }
         Command::Audit { nhs, device, since } => governance::audit(open(&dir)?.as_ref(), nhs, device, since)?,
-        Command::ExportPlanning { out } => governance::export_planning(open(&dir)?.as_ref(), out)?,
+        Command::ExportPlanning { out, by } => {
+            let grouping = care_sync_server::operator::planning::Grouping::parse(&by)?;
+            governance::export_planning(open(&dir)?.as_ref(), out, grouping)?
+        }
         #[cfg(feature = "demo")]
         Command::Demo { .. } => unreachable!("handled above"),
     }

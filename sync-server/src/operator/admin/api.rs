@@ -492,12 +492,33 @@ async fn feeds(State(state): State<Arc<AdminState>>) -> ApiResult {
     .await
 }
 
-async fn planning_export(State(state): State<Arc<AdminState>>) -> Result<Response, ApiError> {
-    let export = blocking(&state, |store| Ok(ops::planning_export(store)?)).await?;
+#[derive(Deserialize)]
+struct PlanningQuery {
+    by: Option<String>,
+}
+
+/// The planning CSV, grouped by `?by=` (default condition × age band × district); how many
+/// cells it has and how many were suppressed come in `X-Planning-Cells` and
+/// `X-Planning-Suppressed-Cells`.
+async fn planning_export(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<PlanningQuery>,
+) -> Result<Response, ApiError> {
+    let grouping = match q.by.as_deref().filter(|b| !b.trim().is_empty()) {
+        Some(by) => crate::operator::planning::Grouping::parse(by)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?,
+        None => crate::operator::planning::Grouping::ALL,
+    };
+    let export = blocking(&state, move |store| Ok(ops::planning_export(store, grouping)?)).await?;
     Ok((
         [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"care-sync-planning.csv\""),
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"care-sync-planning.csv\"".to_string()),
+            (header::HeaderName::from_static("x-planning-cells"), export.cells.to_string()),
+            (
+                header::HeaderName::from_static("x-planning-suppressed-cells"),
+                export.suppressed_cells.to_string(),
+            ),
         ],
         export.csv,
     )
