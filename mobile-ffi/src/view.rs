@@ -39,7 +39,7 @@ entry_record!(ReportEntry, s::Report);
 
 /// An entry this device recorded that the server refused: it is not in the shared record, and
 /// stays on this device for the clinician, with the rule it broke.
-#[derive(Debug, Clone, uniffi::Record)]
+#[derive(Clone, uniffi::Record)]
 pub struct RefusedEntry {
     /// Where it was written: `section/entry-id`, or `document`.
     pub place: String,
@@ -50,6 +50,17 @@ pub struct RefusedEntry {
     pub refused_at_ms: i64,
     /// What the refused changes recorded, as this device showed it (`section: line`).
     pub entries: Vec<String>,
+}
+
+impl std::fmt::Debug for RefusedEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusedEntry")
+            .field("place", &self.place)
+            .field("rule", &self.rule)
+            .field("refused_at_ms", &self.refused_at_ms)
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The default clinical view of one patient (entered-in-error entries left out and counted).

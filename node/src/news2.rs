@@ -71,27 +71,23 @@ pub const ADULT_AGE: u32 = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Assessment {
-    Scored {
-        news2: News2,
-    },
+    /// Scored. `age_known` is false when the record has no readable date of birth: NEWS2 then
+    /// assumes an adult, and says so.
+    Scored { news2: News2, age_known: bool },
     /// Under 16: NEWS2 is not validated for children; use the trust's paediatric early warning
     /// score (PEWS).
-    NotForChildren {
-        age_years: u32,
-    },
+    NotForChildren { age_years: u32 },
     /// Pregnant: NEWS2 is not validated in pregnancy; use the maternity early warning score.
     NotInPregnancy,
     /// Not every parameter was observed: these are missing, and no partial total is given.
-    Incomplete {
-        missing: Vec<String>,
-    },
+    Incomplete { missing: Vec<String> },
 }
 
 impl Assessment {
     /// The score, when there is one.
     pub fn news2(&self) -> Option<&News2> {
         match self {
-            Assessment::Scored { news2 } => Some(news2),
+            Assessment::Scored { news2, .. } => Some(news2),
             _ => None,
         }
     }
@@ -141,8 +137,20 @@ pub fn vitals_line(v: &Vitals) -> String {
     if v.pregnant == Some(true) {
         line.push_str(", pregnant");
     }
+    let complete = score(&Observations::from_vitals(v)).is_ok();
     match (v.news2, v.news2_withheld.as_deref()) {
-        (Some(total), _) => line.push_str(&format!("; NEWS2 {total}")),
+        (Some(total), None) if complete && v.pregnant != Some(true) => {
+            line.push_str(&format!("; NEWS2 {total}"))
+        }
+        // A total from elsewhere (an import) that NEWS2 would not give for these observations.
+        (Some(total), _) => line.push_str(&format!(
+            "; NEWS2 {total} as recorded by the source, but {}: do not rely on it",
+            if v.pregnant == Some(true) {
+                "the patient is pregnant"
+            } else {
+                "the observations are incomplete"
+            }
+        )),
         (None, Some(code)) if code == WITHHELD_INCOMPLETE => {
             let missing = score(&Observations::from_vitals(v)).err().unwrap_or_default();
             line.push_str(&format!("; {} (missing: {})", withheld_text(code), missing.join(", ")));
@@ -154,7 +162,7 @@ pub fn vitals_line(v: &Vitals) -> String {
 }
 
 /// Assesses observations for a patient of `age_years` (`None` when the date of birth is not
-/// known: NEWS2 is then scored, as for an adult).
+/// known or not readable: NEWS2 is then scored as for an adult, marked `age_known: false`).
 pub fn assess(o: &Observations, age_years: Option<u32>) -> Assessment {
     if let Some(age) = age_years.filter(|a| *a < ADULT_AGE) {
         return Assessment::NotForChildren { age_years: age };
@@ -163,26 +171,29 @@ pub fn assess(o: &Observations, age_years: Option<u32>) -> Assessment {
         return Assessment::NotInPregnancy;
     }
     match score(o) {
-        Ok(news2) => Assessment::Scored { news2 },
+        Ok(news2) => Assessment::Scored { news2, age_known: age_years.is_some() },
         Err(missing) => Assessment::Incomplete { missing: missing.into_iter().map(str::to_string).collect() },
     }
 }
 
-/// Age in whole years on `at_ms`, from an ISO date of birth (`YYYY-MM-DD`, or `YYYY-MM`, `YYYY`:
-/// then the youngest the patient can be).
+/// Age in whole years on `at_ms` (UTC), from an ISO date of birth (`YYYY-MM-DD`, or `YYYY-MM`,
+/// `YYYY`: then the youngest the patient can be). A date of birth after `at_ms` gives 0 (so a
+/// newborn, or a wrong date, is never taken for an adult); an unreadable one gives `None`.
 pub fn age_years(date_of_birth: &str, at_ms: i64) -> Option<u32> {
-    let mut parts = date_of_birth.trim().get(..10.min(date_of_birth.trim().len()))?.split('-');
-    let year: i32 = parts.next()?.parse().ok()?;
-    let month: u8 = parts.next().map_or(Ok(12), str::parse).ok()?;
-    let day: u8 = parts.next().map_or(Ok(31), str::parse).ok()?;
-    let born = time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, 1).ok()?;
-    let born = born.replace_day(day.min(born.month().length(year))).ok()?;
+    let text = date_of_birth.trim();
+    let mut parts = text.get(..10.min(text.len()))?.split('-');
+    let year: i32 = parts.next().filter(|y| y.len() == 4)?.parse().ok().filter(|y| *y >= 1)?;
+    let month = time::Month::try_from(parts.next().map_or(Ok(12), str::parse::<u8>).ok()?).ok()?;
+    let born = match parts.next() {
+        Some(day) => time::Date::from_calendar_date(year, month, day.parse().ok()?).ok()?,
+        None => time::Date::from_calendar_date(year, month, month.length(year)).ok()?,
+    };
     let today = time::OffsetDateTime::from_unix_timestamp(at_ms / 1000).ok()?.date();
     let mut age = today.year() - born.year();
     if (today.month() as u8, today.day()) < (born.month() as u8, born.day()) {
         age -= 1;
     }
-    u32::try_from(age).ok()
+    Some(u32::try_from(age).unwrap_or(0))
 }
 
 /// The response NEWS2 calls for.
@@ -563,8 +574,13 @@ mod tests {
         let sick = Observations { respiration_rate: Some(30), pulse: Some(150), ..normal() };
         assert_eq!(assess(&sick, Some(4)), Assessment::NotForChildren { age_years: 4 });
         assert_eq!(assess(&sick, Some(15)), Assessment::NotForChildren { age_years: 15 });
-        assert!(matches!(assess(&sick, Some(16)), Assessment::Scored { news2 } if news2.total == 6));
-        assert!(matches!(assess(&sick, None), Assessment::Scored { .. }), "age unknown: scored");
+        assert!(
+            matches!(assess(&sick, Some(16)), Assessment::Scored { news2, age_known: true } if news2.total == 6)
+        );
+        assert!(
+            matches!(assess(&sick, None), Assessment::Scored { age_known: false, .. }),
+            "age unknown: scored, marked"
+        );
         let pregnant = Observations { pregnant: true, ..sick };
         assert_eq!(assess(&pregnant, Some(30)), Assessment::NotInPregnancy);
         let v = pregnant.to_vitals(&Assessment::NotInPregnancy);
@@ -585,7 +601,22 @@ mod tests {
         assert_eq!(age_years("2010-06-15", at(2026, 6, 15)), Some(16));
         assert_eq!(age_years("2022-03-01", at(2026, 12, 1)), Some(4));
         assert_eq!(age_years("2008-02-29", at(2024, 2, 28)), Some(15));
+        assert_eq!(
+            age_years("2008-02-29", at(2025, 2, 28)),
+            Some(16),
+            "a non-leap year: 1 March is the birthday"
+        );
+        assert_eq!(age_years("2008-02-29", at(2025, 3, 1)), Some(17));
         assert_eq!(age_years("2010", at(2026, 12, 30)), Some(15), "a year only: the youngest possible");
-        assert_eq!(age_years("not a date", at(2026, 1, 1)), None);
+        assert_eq!(age_years("2026", at(2026, 6, 1)), Some(0), "born this year, month unknown: a baby");
+        assert_eq!(age_years("2026-06", at(2026, 6, 1)), Some(0));
+        assert_eq!(
+            age_years("2027-01-01", at(2026, 6, 1)),
+            Some(0),
+            "a date in the future is never an adult"
+        );
+        for unreadable in ["not a date", "15/06/2010", "2010-06-00", "2010-02-30", "0000-01-01", "10-06-15"] {
+            assert_eq!(age_years(unreadable, at(2026, 1, 1)), None, "{unreadable}");
+        }
     }
 }

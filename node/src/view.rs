@@ -141,7 +141,14 @@ pub fn render(
 pub fn assessment_text(assessment: &crate::news2::Assessment) -> String {
     use crate::news2::{Assessment, WITHHELD_PREGNANCY, WITHHELD_UNDER_16, withheld_text};
     match assessment {
-        Assessment::Scored { news2 } => format!("NEWS2 {} — {}", news2.total, risk_text(news2)),
+        Assessment::Scored { news2, age_known: true } => {
+            format!("NEWS2 {} — {}", news2.total, risk_text(news2))
+        }
+        Assessment::Scored { news2, age_known: false } => format!(
+            "NEWS2 {} — {} (no date of birth on record: NEWS2 assumes an adult of 16 or over, not pregnant)",
+            news2.total,
+            risk_text(news2)
+        ),
         Assessment::NotForChildren { age_years } => {
             format!("no NEWS2 (patient is {age_years}): {}", withheld_text(WITHHELD_UNDER_16))
         }

@@ -169,8 +169,9 @@ fn the_synthetic_population_round_trips_through_fhir() {
     }
 }
 
-/// A document with a GP record and three crew attendances: a complete adult set, a partial set
-/// (no temperature), and a child's (not scored), with an ADT-style visit number on one.
+/// A document with a GP record and four crew attendances: a complete adult set, a partial set
+/// (no temperature), a child's and a pregnant woman's (neither scored), with an ADT-style visit
+/// number on one.
 fn with_attendances() -> PatientSummary {
     let (store, _d) = store();
     let first = import(&store, GP_BUNDLE).unwrap();
@@ -187,8 +188,10 @@ fn with_attendances() -> PatientSummary {
         temperature_c: Some(38.4),
         pregnant: false,
     };
-    let partial = care_node::news2::Observations { temperature_c: None, pregnant: true, ..full };
-    for (i, (obs, age)) in [(full, Some(70)), (partial, Some(30)), (full, Some(6))].into_iter().enumerate() {
+    let partial = care_node::news2::Observations { temperature_c: None, ..full };
+    let pregnant = care_node::news2::Observations { pregnant: true, ..full };
+    let sets = [(full, Some(70)), (partial, Some(30)), (full, Some(6)), (pregnant, Some(30))];
+    for (i, (obs, age)) in sets.into_iter().enumerate() {
         let mut attendance = Encounter::new(
             "attendance",
             "finished",
@@ -230,21 +233,27 @@ fn crew_vitals_leave_as_vital_sign_observations_and_come_back_losslessly() {
     };
     for (code, unit) in [("9279-1", "/min"), ("59408-5", "%"), ("8480-6", "mm[Hg]"), ("8867-4", "/min")] {
         let found = coded(s::LOINC, code);
-        assert_eq!(found.len(), 3, "{code} once per attendance");
+        assert_eq!(found.len(), 4, "{code} once per attendance");
         assert!(found.iter().all(|o| o["category"][0]["coding"][0]["code"] == "vital-signs"), "{code}");
         assert!(found.iter().all(|o| o["valueQuantity"]["system"] == "http://unitsofmeasure.org"
             && o["valueQuantity"]["code"] == unit));
     }
-    assert_eq!(coded(s::LOINC, "8310-5").len(), 2, "no temperature for the partial set");
-    assert_eq!(coded(s::SNOMED, "1104441000000107").len(), 3, "ACVPU");
+    assert_eq!(coded(s::LOINC, "8310-5").len(), 3, "no temperature for the partial set");
+    assert_eq!(coded(s::SNOMED, "1104441000000107").len(), 4, "ACVPU");
+    assert_eq!(coded(s::LOINC, "82810-3").len(), 1, "pregnancy status");
     let news2 = coded(s::SNOMED, "1104051000000101");
-    assert_eq!(news2.len(), 3);
+    assert_eq!(news2.len(), 4);
     assert_eq!(
         news2.iter().filter(|o| o["valueQuantity"]["code"] == "{score}").count(),
         1,
         "only the adult's is scored"
     );
-    assert_eq!(news2.iter().filter(|o| o["dataAbsentReason"].is_object()).count(), 2);
+    let absent: Vec<String> = news2
+        .iter()
+        .filter_map(|o| o["dataAbsentReason"]["coding"].as_array())
+        .map(|c| format!("{}/{}", c[0]["code"].as_str().unwrap(), c[1]["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(absent, ["not-performed/incomplete", "not-applicable/under-16", "not-applicable/pregnancy"]);
     // Every Observation points at an Encounter of the Bundle, and sits in the Vital Signs section.
     let urls: std::collections::HashSet<&str> =
         bundle["entry"].as_array().unwrap().iter().filter_map(|e| e["fullUrl"].as_str()).collect();
@@ -273,12 +282,56 @@ fn crew_vitals_leave_as_vital_sign_observations_and_come_back_losslessly() {
     assert_eq!(snapshot(&mut imported, false), snapshot(&mut original, false));
     let vitals: Vec<_> =
         imported.entries::<Encounter>().unwrap().into_iter().filter_map(|e| e.data.vitals).collect();
-    assert_eq!(vitals.len(), 3);
+    assert_eq!(vitals.len(), 4);
     assert!(vitals.iter().all(|v| v.spo2_scale == 2 && v.on_oxygen));
+    let withheld: Vec<_> = vitals.iter().map(|v| v.news2_withheld.as_deref()).collect();
+    assert_eq!(withheld, [None, Some("incomplete"), Some("under-16"), Some("pregnancy")]);
     assert_eq!(
         imported.entries::<s::Report>().unwrap().len(),
-        stored(&b, &again.patient).entries::<s::Report>().unwrap().len()
+        original.entries::<s::Report>().unwrap().len(),
+        "the vital signs were folded into their encounters, not added as results"
     );
+}
+
+#[test]
+fn only_current_readings_of_one_time_fold_into_an_encounter() {
+    let mut original = with_attendances();
+    let mut bundle = export_ips(&mut original, 7_000).unwrap();
+    // Mark the first attendance's pulse entered-in-error, and move its temperature to another time.
+    let entries = bundle["entry"].as_array_mut().unwrap();
+    let first_encounter = entries
+        .iter()
+        .find(|e| {
+            e["resource"]["resourceType"] == "Encounter"
+                && e["resource"]["identifier"].to_string().contains("V100")
+        })
+        .map(|e| e["fullUrl"].as_str().unwrap().to_string())
+        .unwrap();
+    for e in entries.iter_mut() {
+        let r = &mut e["resource"];
+        if r["encounter"]["reference"] != first_encounter.as_str() {
+            continue;
+        }
+        match r["code"]["coding"][0]["code"].as_str() {
+            Some("8867-4") => r["status"] = "entered-in-error".into(),
+            Some("8310-5") => r["effectiveDateTime"] = "2026-07-02T09:00:00Z".into(),
+            _ => {}
+        }
+    }
+    let (b, _db) = store();
+    let again = import(&b, &bundle.to_string()).unwrap();
+    let mut imported = stored(&b, &again.patient);
+    let first = imported
+        .entries::<Encounter>()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.data.visit.as_deref() == Some("V100"))
+        .and_then(|e| e.data.vitals)
+        .unwrap();
+    assert_eq!((first.pulse, first.temperature_c), (None, None), "{first:?}");
+    assert_eq!(first.respiration_rate, Some(22));
+    // Shown as recorded, with the warning that the set is now incomplete.
+    assert!(care_node::news2::vitals_line(&first).contains("do not rely on it"));
 }
 
 /// The exported Bundle, with vital signs, passes the R4B models of `fhir.resources` (installed
@@ -294,7 +347,7 @@ fn an_ips_with_vital_signs_validates_against_the_fhir_r4b_models() {
     let out = std::process::Command::new(&python).arg(script).arg(&path).output().expect("python runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}\n(.ci/test installs fhir.resources and sets CARE_SYNC_PYTHON)");
-    assert!(text.contains("vital-sign observations: 24"), "{text}");
+    assert!(text.contains("vital-sign observations: 32"), "{text}");
 }
 
 #[test]

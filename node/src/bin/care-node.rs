@@ -336,8 +336,16 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Notifications { limit } => print_notifications(&store, limit)?,
         Command::Refused => {
+            // The entries' text is patient data: the lease applies, and each patient shown is
+            // written to the view log like any other read.
+            store.check_lease(care_node::now_ms())?;
             let refused = store.diverged()?;
+            let mut logged = Vec::new();
             for d in &refused {
+                if !logged.contains(&d.doc) {
+                    store.record_view(&d.doc, "refused-entries", "")?;
+                    logged.push(d.doc);
+                }
                 println!(
                     "{}  patient {}  {}  rule {}",
                     care_node::view::format_time(d.at_ms),

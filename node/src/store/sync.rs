@@ -124,7 +124,12 @@ impl DeviceStore {
         for (id, body) in rows {
             let body: DivergedBody = self.open_row("diverged", &id.to_be_bytes(), 0, &body)?;
             match out.last_mut() {
-                Some(d) if d.doc == body.patient_id && d.rule == body.rule && d.place == body.place => {
+                Some(d)
+                    if d.doc == body.patient_id
+                        && d.rule == body.rule
+                        && d.place == body.place
+                        && d.at_ms == body.at_ms =>
+                {
                     d.changes += 1
                 }
                 _ => out.push(Diverged {

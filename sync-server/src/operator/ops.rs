@@ -236,18 +236,27 @@ pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result
 }
 
 /// Records that an operator or privacy officer reviewed a quarantined upload, with a note
-/// (audited once: reviewing again changes nothing). Reviewed items no longer count towards the
-/// device's quarantine limit. False if there is no such item.
+/// (audited). Reviewed items no longer count towards the device's quarantine limit. False if
+/// there is no such item; an item already reviewed is an error (the first review stands).
 pub fn review_quarantine(store: &dyn ServerStore, id: i64, note: &str) -> Result<bool, OpsError> {
     if note.trim().is_empty() {
         return Err(OpsError::Invalid("a review needs a note".into()));
     }
-    let Some(item) = store.quarantined(None)?.into_iter().find(|q| q.id == id) else { return Ok(false) };
-    if store.review_quarantine(id, note, now())? {
-        let detail =
-            format!("quarantine {id} ({} at {}, rule {}): {note}", item.device, item.place, item.rule);
-        store.append_audit(OPERATOR, "quarantine-reviewed", Some(&item.patient), &detail, now())?;
+    let Some(item) = store.quarantined_item(id)? else { return Ok(false) };
+    let already = |at_ms: i64| {
+        OpsError::Invalid(format!(
+            "quarantined upload {id} was already reviewed on {}; the first review stands",
+            care_node::view::format_time(at_ms)
+        ))
+    };
+    if let Some(review) = &item.reviewed {
+        return Err(already(review.at_ms));
     }
+    if !store.review_quarantine(id, note, now())? {
+        return Err(already(now())); // reviewed by someone else a moment ago
+    }
+    let detail = format!("quarantine {id} ({} at {}, rule {}): {note}", item.device, item.place, item.rule);
+    store.append_audit(OPERATOR, "quarantine-reviewed", Some(&item.patient), &detail, now())?;
     Ok(true)
 }
 

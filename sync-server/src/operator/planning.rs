@@ -83,6 +83,14 @@ pub fn suppress(count: u64) -> String {
     }
 }
 
+/// A postcode's district (outward code): everything but the inward code, which is always its
+/// last three characters, written with or without the space (`SO16 1AA`, `SO161AA`).
+fn outward_code(postcode: &str) -> Option<String> {
+    let compact: String =
+        postcode.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_uppercase();
+    (5..=7).contains(&compact.len()).then(|| compact[..compact.len() - 3].to_string())
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
@@ -111,12 +119,7 @@ pub fn export(
         }
         let d = summary.demographics().map_err(document)?;
         let band = d.date_of_birth.as_deref().and_then(|b| age_band(b, today)).unwrap_or("unknown");
-        let district = d
-            .postcode
-            .as_deref()
-            .and_then(|p| p.split_whitespace().next())
-            .map(|p| p.to_ascii_uppercase())
-            .unwrap_or_else(|| "unknown".into());
+        let district = d.postcode.as_deref().and_then(outward_code).unwrap_or_else(|| "unknown".into());
         counted += 1;
         let band = if grouping.age_band { band } else { "" };
         let district = if grouping.district { district } else { String::new() };
@@ -202,6 +205,16 @@ mod tests {
         assert!(district.district && !district.condition && !district.age_band);
         assert!(Grouping::parse("").unwrap_err().contains("at least one"));
         assert!(Grouping::parse("postcode").unwrap_err().contains("cannot group by `postcode`"));
+    }
+
+    #[test]
+    fn districts_are_outward_codes_with_or_without_the_space() {
+        assert_eq!(outward_code("SO16 1AA").as_deref(), Some("SO16"));
+        assert_eq!(outward_code("so161aa").as_deref(), Some("SO16"));
+        assert_eq!(outward_code("PO1 2AB").as_deref(), Some("PO1"));
+        assert_eq!(outward_code("W1A 1AA").as_deref(), Some("W1A"));
+        assert_eq!(outward_code("SO16"), None, "not a whole postcode: unknown, never the text");
+        assert_eq!(outward_code("SOMEWHERE LONG"), None);
     }
 
     #[test]

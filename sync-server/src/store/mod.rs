@@ -528,6 +528,8 @@ pub trait Governance: Send + Sync {
     ) -> Result<i64, StoreError>;
     /// Quarantined uploads, newest first (of one device, or all), reviewed ones included.
     fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError>;
+    /// One quarantined upload, reviewed or not.
+    fn quarantined_item(&self, id: i64) -> Result<Option<QuarantineRecord>, StoreError>;
     /// Records an operator's review of a quarantined upload; `false` if there is no such item or
     /// it was already reviewed (the first review stands).
     fn review_quarantine(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError>;

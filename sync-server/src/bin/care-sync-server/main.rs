@@ -151,7 +151,8 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Anonymised CSV of patient counts by condition, age band and postcode district.
+    /// Anonymised CSV of patient counts by condition, age band and postcode district (or those of
+    /// them `--by` names), small numbers suppressed; reports how many cells were suppressed.
     ExportPlanning {
         /// Write the CSV here (default: standard output).
         #[arg(long, value_name = "FILE")]

@@ -323,6 +323,9 @@ fn fold_vitals<'a>(
         }
     }
     let mut folded = Folded::default();
+    // One set of observations per encounter, taken at one time (the first seen): readings at
+    // other times stay results of their own, never mixed into that set.
+    let mut taken_at: HashMap<usize, Option<String>> = HashMap::new();
     for (i, e) in bundle.entry.iter().enumerate() {
         let Resource::Observation(o) = &e.resource else { continue };
         let Some(at) =
@@ -331,6 +334,9 @@ fn fold_vitals<'a>(
             continue;
         };
         if !super::vitals::is_vital_sign(o) {
+            continue;
+        }
+        if *taken_at.entry(*at).or_insert_with(|| o.effective_date_time.clone()) != o.effective_date_time {
             continue;
         }
         let vitals = folded.by_encounter.entry(*at).or_insert_with(super::vitals::empty);

@@ -42,6 +42,7 @@ const AIR_OR_OXYGEN: &str = "air-or-oxygen";
 const ON_OXYGEN: &str = "371825009";
 const ON_AIR: &str = "722742002";
 const PREGNANT: &str = "77386006";
+const NOT_PREGNANT: &str = "60001007";
 
 /// The ACVPU letters and their SNOMED CT findings (UK Core's ACVPU value set).
 const ACVPU_VALUES: [(&str, &str, &str); 5] = [
@@ -169,9 +170,10 @@ pub fn export(
         o.value_quantity = Some(quantity(t, "°C", "Cel"));
         out.push(o);
     }
-    if vitals.pregnant == Some(true) {
+    if let Some(pregnant) = vitals.pregnant {
         let mut o = make("pregnancy", survey(), loinc(PREGNANCY_STATUS, "Pregnancy status"));
-        o.value_codeable_concept = Some(concept(vec![coding(SNOMED, PREGNANT, "Pregnant")], "pregnant"));
+        let (code, display) = if pregnant { (PREGNANT, "Pregnant") } else { (NOT_PREGNANT, "Not pregnant") };
+        o.value_codeable_concept = Some(concept(vec![coding(SNOMED, code, display)], display));
         out.push(o);
     }
     let news2 = || {
@@ -218,8 +220,12 @@ fn code_in(cc: &Option<f::CodeableConcept>, system: &str) -> Option<String> {
     cc.as_ref()?.coding.iter().find(|c| c.system.as_deref() == Some(system)).and_then(|c| c.code.clone())
 }
 
-/// Whether an Observation is one of the vital signs [`export`] writes.
+/// Whether an Observation is one of the vital signs [`export`] writes, and current (an
+/// entered-in-error or cancelled reading is never folded into an encounter's vitals).
 pub fn is_vital_sign(o: &f::Observation) -> bool {
+    if !matches!(o.status.as_str(), "final" | "amended" | "corrected" | "preliminary") {
+        return false;
+    }
     [
         (LOINC, RESPIRATORY_RATE),
         (LOINC, OXYGEN_SATURATION),

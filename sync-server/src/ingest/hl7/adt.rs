@@ -170,7 +170,10 @@ fn ack_message(
             t.format(time::macros::format_description!("[year][month][day][hour][minute][second]+0000")).ok()
         })
         .unwrap_or_default();
-    let clean = |s: &str| s.replace(['|', '^', '~', '\\', '&', '\r', '\n'], " ");
+    let clean = |s: &str| escape(s);
+    // MSH-3/4 echo into MSH-5/6 as they came, components and all (HD: `PAS^1.2.3^ISO`), minus
+    // anything that could end the field or the segment.
+    let hd = |s: &str| s.replace(['|', '\r', '\n'], " ");
     let (app, facility, event, version) = header
         .map(|h| (h.sending_app.as_str(), h.sending_facility.as_str(), h.event.as_str(), h.version.as_str()))
         .unwrap_or(("", "", "", "2.4"));
@@ -180,8 +183,8 @@ fn ack_message(
     };
     let mut message = format!(
         "MSH|^~\\&|CARE-SYNC|REGION|{}|{}|{ts}||{kind}|ACK{}|P|{}\rMSA|{code}|{}|{}\r",
-        clean(app),
-        clean(facility),
+        hd(app),
+        hd(facility),
         clean(control_id),
         clean(version),
         clean(control_id),
@@ -199,6 +202,24 @@ fn ack_message(
         ));
     }
     message
+}
+
+/// A value as HL7 v2 text: the delimiters escaped (`\F\` `\S\` `\R\` `\E\` `\T\`), line
+/// breaks as spaces (a segment ends at a carriage return).
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '|' => out.push_str("\\F\\"),
+            '^' => out.push_str("\\S\\"),
+            '~' => out.push_str("\\R\\"),
+            '\\' => out.push_str("\\E\\"),
+            '&' => out.push_str("\\T\\"),
+            '\r' | '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn ack(
@@ -572,10 +593,18 @@ fn apply(
         // A record the region did not have: an operator checks it is not a duplicate of a
         // provisional one (one open alert per facility, however many messages).
         let reason = format!(
-            "{} sent an ADT message (first: MSH-10 {}) for NHS numbers the region had no record of; records were created: review them and merge any duplicates",
+            "{} sent ADT messages (first: MSH-10 {}) for NHS numbers the region had no record of; records were created: review them (audit action feed-new-patient) and merge any duplicates",
             header.sending_facility.trim(),
             header.control_id
         );
+        let detail = format!("record created from MSH-10 {} for review", header.control_id);
+        store.append_audit(
+            &format!("hl7:{}", header.sending_facility.trim()),
+            "feed-new-patient",
+            Some(&patient),
+            &detail,
+            now_ms,
+        )?;
         let facility = format!("{} sent", header.sending_facility.trim());
         if !store
             .alerts(false)?
@@ -639,7 +668,11 @@ mod tests {
 
     #[test]
     fn acks_echo_the_control_id_and_never_break_the_format() {
-        let a = ack(None, "AE", "MSG|1", "bad | text", None, 0);
-        assert!(a.message.contains("\rMSA|AE|MSG 1|bad   text\r"), "{}", a.message);
+        let a = ack(None, "AE", "MSG|1", "bad | text ^~&\\ end", None, 0);
+        assert!(
+            a.message.contains("\rMSA|AE|MSG\\F\\1|bad \\F\\ text \\S\\\\R\\\\T\\\\E\\ end\r"),
+            "{}",
+            a.message
+        );
     }
 }

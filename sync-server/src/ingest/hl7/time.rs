@@ -58,8 +58,14 @@ pub fn parse(value: &str, zone: &TimeZone) -> Result<Option<Hl7Time>, TimeError>
     }
     let num = |from: usize, to: usize| -> i32 { digits.get(from..to).map_or(0, |d| d.parse().unwrap_or(0)) };
     let (year, month, day) = (num(0, 4), num(4, 6), num(6, 8));
+    if year < 1 {
+        return Err(TimeError::OutOfRange);
+    }
     if digits.len() <= 8 {
-        if fraction.is_some() || offset.is_some() {
+        // A date stays a date: an offset sent with it (HL7 allows one) does not move it.
+        if fraction.is_some()
+            || offset.is_some_and(|o| o.len() != 5 || !o[1..].bytes().all(|b| b.is_ascii_digit()))
+        {
             return Err(TimeError::Format);
         }
         // Validate what is there, then write the precision given.
@@ -158,6 +164,7 @@ mod tests {
         assert_eq!(at("2026"), "2026");
         assert_eq!(at("202607"), "2026-07");
         assert_eq!(at("20260701"), "2026-07-01");
+        assert_eq!(at("20260701+0100"), "2026-07-01", "a date with an offset stays that date");
         assert_eq!(at("2026070111"), "2026-07-01T10:00:00Z");
         assert_eq!(at("202607011150"), "2026-07-01T10:50:00Z");
         assert_eq!(at("20260701115012"), "2026-07-01T10:50:12Z");

@@ -312,45 +312,11 @@ impl Governance for SqliteStore {
     }
 
     fn quarantined(&self, device: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT q.id, q.at_ms, d.name, q.patient_id, q.rule, q.place, q.changes, r.at_ms, r.note
-             FROM quarantine q JOIN devices d ON d.id = q.device_id
-             LEFT JOIN quarantine_reviews r ON r.quarantine_id = q.id
-             WHERE ?1 IS NULL OR q.device_id = ?1 ORDER BY q.id DESC",
-        )?;
-        let rows = stmt.query_map([device], |r| {
-            let changes: Vec<u8> = r.get(6)?;
-            let review = match r.get::<_, Option<i64>>(7)? {
-                Some(at_ms) => Some(QuarantineReview { at_ms, note: r.get(8)? }),
-                None => None,
-            };
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                changes,
-                review,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, at_ms, device, patient, rule, place, changes, reviewed) = row?;
-            out.push(QuarantineRecord {
-                id,
-                at_ms,
-                device,
-                patient: patient_id(patient)?,
-                rule,
-                place,
-                changes: postcard::from_bytes(&changes).map_err(|_| StoreError::UnknownFormat)?,
-                reviewed,
-            });
-        }
-        Ok(out)
+        self.quarantine_rows("WHERE ?1 IS NULL OR q.device_id = ?1", device)
+    }
+
+    fn quarantined_item(&self, id: i64) -> Result<Option<QuarantineRecord>, StoreError> {
+        Ok(self.quarantine_rows("WHERE q.id = ?1", Some(id))?.pop())
     }
 
     fn review_quarantine(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError> {
@@ -457,5 +423,50 @@ impl Governance for SqliteStore {
             params![control_id, event, now_ms],
         )?;
         Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Quarantined uploads matching `filter` (on `q`, with one parameter), newest first.
+    fn quarantine_rows(&self, filter: &str, param: Option<i64>) -> Result<Vec<QuarantineRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT q.id, q.at_ms, d.name, q.patient_id, q.rule, q.place, q.changes, r.at_ms, r.note
+             FROM quarantine q JOIN devices d ON d.id = q.device_id
+             LEFT JOIN quarantine_reviews r ON r.quarantine_id = q.id
+             {filter} ORDER BY q.id DESC"
+        ))?;
+        let rows = stmt.query_map([param], |r| {
+            let changes: Vec<u8> = r.get(6)?;
+            let review = match r.get::<_, Option<i64>>(7)? {
+                Some(at_ms) => Some(QuarantineReview { at_ms, note: r.get(8)? }),
+                None => None,
+            };
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                changes,
+                review,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at_ms, device, patient, rule, place, changes, reviewed) = row?;
+            out.push(QuarantineRecord {
+                id,
+                at_ms,
+                device,
+                patient: patient_id(patient)?,
+                rule,
+                place,
+                changes: postcard::from_bytes(&changes).map_err(|_| StoreError::UnknownFormat)?,
+                reviewed,
+            });
+        }
+        Ok(out)
     }
 }
