@@ -289,6 +289,22 @@ async fn scopes_alerts_audit_feeds_planning_and_metrics_through_the_api() {
     assert_eq!(console.get("/ready")["status"], "ready");
     let (code, metrics) = console.get_with("/metrics", Some(OPERATOR_TOKEN));
     assert_eq!(code, 200);
+    // Prometheus's own linter reads it without a complaint (`.ci/test` installs promtool).
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian's prometheus package; .ci/test installs it)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     let value = |name: &str| -> f64 {
         metrics
             .lines()

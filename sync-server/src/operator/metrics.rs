@@ -119,10 +119,31 @@ impl Metrics {
         }
     }
 
-    /// The metrics in the Prometheus text exposition format.
+    /// The metrics in the Prometheus text exposition format (0.0.4), which Prometheus and
+    /// `promtool check metrics` read: `prometheus-client` writes OpenMetrics, where a counter's
+    /// HELP and TYPE name the family without `_total` and the text ends with `# EOF`; here they
+    /// name the samples, as the older format wants.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        let mut open_metrics = String::new();
+        prometheus_client::encoding::text::encode(&mut open_metrics, &self.registry)
+            .expect("writing to a String");
+        let counters: std::collections::HashSet<&str> = open_metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(open_metrics.len() + 256);
+        for line in open_metrics.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            out.push_str(renamed.as_deref().unwrap_or(line));
+            out.push('\n');
+        }
         out
     }
 }
@@ -145,6 +166,9 @@ mod tests {
         metrics().mllp_messages.get_or_create(&AckLabel { code: "AR".into() }).inc();
         let text = metrics().encode();
         assert!(text.contains("care_sync_mllp_messages_total{code=\"AR\"}"), "{text}");
+        assert!(text.contains("# TYPE care_sync_mllp_messages_total counter\n"), "{text}");
+        assert!(text.contains("# HELP care_sync_mllp_messages_total HL7"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
         assert!(text.contains("# TYPE care_sync_sync_duration_seconds histogram"), "{text}");
         assert!(text.contains("care_sync_connected_devices"), "{text}");
     }

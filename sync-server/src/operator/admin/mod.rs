@@ -169,7 +169,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         crate::operator::metrics::metrics().catch_up_feeds(&feeds);
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         crate::operator::metrics::metrics().encode(),
     )
         .into_response()
