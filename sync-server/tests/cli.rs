@@ -171,3 +171,58 @@ fn generate_adds_new_patients_to_a_store_that_has_some() {
     let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
     assert_eq!(store.patient_count().unwrap(), 50, "the second run added 25 with new NHS numbers");
 }
+
+#[test]
+fn an_operators_setting_stands_until_the_configuration_files_value_changes() {
+    use care_sync_server::domain::settings::{Applied, Setting, Source};
+    use care_sync_server::operator::config::Config;
+    use care_sync_server::store::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let budget = |store: &dyn ServerStore| Setting::Budget.effective(store).unwrap();
+    assert_eq!(budget(&store), ("20000".to_string(), Source::Default));
+
+    let file = Config::parse("[policy]\nbudget = 300\n").unwrap();
+    let applied = file.apply_policy(&store).unwrap();
+    assert_eq!(applied, [(Setting::Budget, Applied::FromFile { value: "300".into(), replaced: None })]);
+    assert_eq!(budget(&store), ("300".to_string(), Source::ConfigFile));
+
+    // An operator's change survives restarts with the same file, and the file `config` prints.
+    care_sync_server::operator::ops::set_setting(&store, "budget", "500").unwrap();
+    assert_eq!(budget(&store), ("500".to_string(), Source::Operator));
+    for config in [file.clone(), Config::parse(&file.to_toml()).unwrap()] {
+        let applied = config.apply_policy(&store).unwrap();
+        assert!(
+            applied.contains(&(
+                Setting::Budget,
+                Applied::OperatorKept { operator: "500".into(), file: "300".into() }
+            )),
+            "{applied:?}"
+        );
+        assert_eq!(budget(&store).0, "500");
+    }
+    // A changed file value wins, and says whose value it replaced.
+    let changed = Config::parse("[policy]\nbudget = 400\n").unwrap();
+    let applied = changed.apply_policy(&store).unwrap();
+    assert_eq!(
+        applied,
+        [(Setting::Budget, Applied::FromFile { value: "400".into(), replaced: Some("500".into()) })]
+    );
+    assert_eq!(budget(&store), ("400".to_string(), Source::ConfigFile));
+    let audit = store.audit_entries(&Default::default()).unwrap();
+    assert!(audit.iter().any(|a| a.detail.contains("replacing 500 set by an operator")));
+    drop(store);
+
+    let out = run(dir.path(), &["settings"]);
+    let printed = text(&out.stdout);
+    assert!(
+        printed.lines().any(|l| l.starts_with("budget") && l.contains("400") && l.ends_with("config-file")),
+        "{printed}"
+    );
+    assert!(
+        printed.lines().any(|l| l.starts_with("permission-hours") && l.ends_with("default")),
+        "{printed}"
+    );
+    let out = run(dir.path(), &["set", "budget", "-5"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("whole number"), "{}", text(&out.stderr));
+}

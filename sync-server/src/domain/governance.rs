@@ -5,6 +5,7 @@ use care_node::nhs::NhsNumber;
 use care_node::protocol::{AccessKind, ServerMessage};
 use care_node::viewlog::{SignedView, check_chain};
 
+use crate::domain::settings::Setting;
 use crate::store::{AuditFilter, DeviceRecord, GrantKind, Role, ServerStore, StoreError};
 
 /// Default offline lease: how long a device may show patient data without reaching the server.
@@ -14,15 +15,9 @@ pub const DEFAULT_PERMISSION_HOURS: f64 = 24.0;
 /// Default duration of a break-glass grant.
 pub const DEFAULT_BREAK_GLASS_HOURS: f64 = 4.0;
 
-fn hours_setting(store: &dyn ServerStore, name: &str, default: f64) -> Result<i64, StoreError> {
-    let hours =
-        store.setting(name)?.and_then(|v| v.parse::<f64>().ok()).filter(|h| *h >= 0.0).unwrap_or(default);
-    Ok((hours * 3_600_000.0) as i64)
-}
-
 /// The offline lease of a role (setting `lease-hours.<role>`, default 72 h).
 pub fn lease_ms(store: &dyn ServerStore, role: Role) -> Result<u64, StoreError> {
-    Ok(hours_setting(store, &format!("lease-hours.{}", role.as_str()), DEFAULT_LEASE_HOURS)? as u64)
+    Ok(Setting::LeaseHours(role).hours_ms(store)? as u64)
 }
 
 /// Raises an alert of `kind` for `device` unless one is still open (unacknowledged): a flood of
@@ -97,13 +92,11 @@ pub fn decide_access(
         store.append_audit(&device.name, "access-refused", None, "no record available", now_ms)?;
         return refuse(UNAVAILABLE);
     };
-    let (grant, hours_key, default_hours) = match kind {
-        AccessKind::PermissionToView => {
-            (GrantKind::PermissionToView, "permission-hours", DEFAULT_PERMISSION_HOURS)
-        }
-        AccessKind::BreakGlass => (GrantKind::BreakGlass, "break-glass-hours", DEFAULT_BREAK_GLASS_HOURS),
+    let (grant, hours) = match kind {
+        AccessKind::PermissionToView => (GrantKind::PermissionToView, Setting::PermissionHours),
+        AccessKind::BreakGlass => (GrantKind::BreakGlass, Setting::BreakGlassHours),
     };
-    let until = now_ms + hours_setting(store, hours_key, default_hours)?;
+    let until = now_ms + hours.hours_ms(store)?;
     store.grant(device.id, &patient, grant, reason, until, now_ms)?;
     // The reason is the clinician's free text: kept with the grant and the alert, never in the
     // audit's plain lines.

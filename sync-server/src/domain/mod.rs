@@ -4,10 +4,12 @@
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
 //! - [`limits`]: what one peer may cost the server (the `[limits]` settings).
 //! - [`governance`]: leases, permission to view, break glass, view-log verification.
+//! - [`settings`]: the settings an operator changes at run time, typed, with their precedence.
 //! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
 //!   ([`care_node::policy`]), before anything is committed.
 
 pub mod governance;
 pub mod limits;
 pub mod scope;
+pub mod settings;
 pub mod upload;

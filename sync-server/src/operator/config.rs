@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::ServerStore;
+use crate::store::{Role, ServerStore};
 
 /// The default address of QUIC sync and enrolment.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -312,31 +312,53 @@ impl Config {
         self.admin.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin-token"))
     }
 
-    /// Writes the `[policy]` keys the file sets into the store, auditing each change.
-    /// Returns the names of the settings that changed.
+    /// Applies the `[policy]` keys the file sets, by the precedence of
+    /// [`crate::domain::settings`]: a file value that changed since it was last applied is put in
+    /// force (audited); one that did not never undoes an operator's change. Returns what
+    /// happened to each setting worth a log line.
     pub fn apply_policy(
         &self,
         store: &dyn ServerStore,
-    ) -> Result<Vec<String>, crate::operator::ops::OpsError> {
+    ) -> Result<
+        Vec<(crate::domain::settings::Setting, crate::domain::settings::Applied)>,
+        crate::operator::ops::OpsError,
+    > {
+        use crate::domain::settings::{Applied, Setting, apply_file_value};
         let p = &self.policy;
         let number = |v: Option<f64>| v.map(|h| h.to_string());
         let wanted = [
-            ("budget", p.budget.map(|b| b.to_string())),
-            ("prefetch-flags", p.prefetch_flags.as_ref().map(|f| f.join(","))),
-            ("permission-hours", number(p.permission_hours)),
-            ("break-glass-hours", number(p.break_glass_hours)),
-            ("lease-hours.ambulance-crew", number(p.lease_hours_ambulance_crew)),
-            ("lease-hours.community-nurse", number(p.lease_hours_community_nurse)),
+            (Setting::Budget, p.budget.map(|b| b.to_string())),
+            (Setting::PrefetchFlags, p.prefetch_flags.as_ref().map(|f| f.join(","))),
+            (Setting::PermissionHours, number(p.permission_hours)),
+            (Setting::BreakGlassHours, number(p.break_glass_hours)),
+            (Setting::LeaseHours(Role::AmbulanceCrew), number(p.lease_hours_ambulance_crew)),
+            (Setting::LeaseHours(Role::CommunityNurse), number(p.lease_hours_community_nurse)),
         ];
-        let mut changed = Vec::new();
-        for (name, value) in wanted {
+        let mut outcomes = Vec::new();
+        for (setting, value) in wanted {
             let Some(value) = value else { continue };
-            if store.setting(name)?.as_deref() != Some(value.as_str()) {
-                crate::operator::ops::set_setting(store, name, &value)?;
-                changed.push(name.to_string());
+            setting.validate(&value).map_err(crate::operator::ops::OpsError::Invalid)?;
+            if let Some(applied) = apply_file_value(store, setting, &value)? {
+                if let Applied::FromFile { value, replaced } = &applied {
+                    let detail = match replaced {
+                        Some(old) => format!(
+                            "{} = {value} from the configuration file (replacing {old} set by an operator)",
+                            setting.name()
+                        ),
+                        None => format!("{} = {value} from the configuration file", setting.name()),
+                    };
+                    store.append_audit(
+                        crate::operator::ops::OPERATOR,
+                        "setting",
+                        None,
+                        &detail,
+                        care_node::now_ms(),
+                    )?;
+                }
+                outcomes.push((setting, applied));
             }
         }
-        Ok(changed)
+        Ok(outcomes)
     }
 }
 

@@ -362,23 +362,16 @@ pub fn cancel_server_key(store: &dyn ServerStore) -> Result<bool, OpsError> {
     Ok(cancelled)
 }
 
-/// Changes a server setting (audited).
+/// Changes a server setting as an operator (audited); it stands until the configuration file's
+/// value for it changes ([`crate::domain::settings`]).
 pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(), OpsError> {
-    const KNOWN: &[&str] = &[
-        "budget",
-        "prefetch-flags",
-        "permission-hours",
-        "break-glass-hours",
-        "lease-hours.ambulance-crew",
-        "lease-hours.community-nurse",
-    ];
-    if !KNOWN.contains(&name) {
-        return Err(OpsError::Invalid(format!("unknown setting `{name}` (known: {})", KNOWN.join(", "))));
-    }
-    if name != "prefetch-flags" && value.parse::<f64>().map_or(true, |v| v < 0.0) {
-        return Err(OpsError::Invalid(format!("setting `{name}` takes a non-negative number")));
-    }
-    store.set_setting(name, value)?;
-    store.append_audit(OPERATOR, "setting", None, &format!("{name} = {value}"), now())?;
+    use crate::domain::settings::Setting;
+    let setting = Setting::parse(name).ok_or_else(|| {
+        OpsError::Invalid(format!("unknown setting `{name}` (known: {})", Setting::names()))
+    })?;
+    setting.validate(value).map_err(OpsError::Invalid)?;
+    let value = value.trim();
+    store.set_setting(setting.name(), value)?;
+    store.append_audit(OPERATOR, "setting", None, &format!("{} = {value}", setting.name()), now())?;
     Ok(())
 }

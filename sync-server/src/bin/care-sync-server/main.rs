@@ -118,9 +118,20 @@ enum Command {
         #[arg(long)]
         documents: u64,
     },
-    /// Changes a server setting: budget, prefetch-flags, permission-hours, break-glass-hours,
-    /// lease-hours.ambulance-crew, lease-hours.community-nurse.
-    Set { name: String, value: String },
+    /// Changes a server setting; it stands until the configuration file's [policy] value for it
+    /// changes (see `settings`).
+    Set {
+        /// One of: budget, prefetch-flags, permission-hours, break-glass-hours,
+        /// lease-hours.ambulance-crew, lease-hours.community-nurse.
+        name: String,
+        /// A whole number for budget, hours for the others, a comma-separated list for
+        /// prefetch-flags.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// Lists every setting's value in force and where it came from (default, config-file,
+    /// operator).
+    Settings,
     /// Break-glass and view-log alerts.
     Alerts {
         #[command(subcommand)]
@@ -606,7 +617,18 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::Set { name, value } => {
             ops::set_setting(open(&dir)?.as_ref(), &name, &value)?;
-            println!("{name} = {value}");
+            println!(
+                "{name} = {} (set by an operator; it stands until the configuration file's value for it changes)",
+                value.trim()
+            );
+        }
+        Command::Settings => {
+            let store = open(&dir)?;
+            println!("{:<30} {:<28} SOURCE", "SETTING", "VALUE");
+            for setting in care_sync_server::domain::settings::Setting::ALL {
+                let (value, source) = setting.effective(store.as_ref())?;
+                println!("{:<30} {:<28} {}", setting.name(), value, source.as_str());
+            }
         }
         Command::Quarantine { device, all, action } => {
             governance::quarantine(open(&dir)?.as_ref(), device.as_deref(), all, action)?

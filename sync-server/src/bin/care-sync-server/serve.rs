@@ -16,8 +16,25 @@ pub fn advertised_addr_file(dir: &Path) -> PathBuf {
 pub async fn serve(config: Config) -> CliResult {
     let dir = &config.data_dir;
     let store = crate::open(dir)?;
-    for name in config.apply_policy(store.as_ref())? {
-        tracing::info!(setting = %name, "policy setting taken from the configuration file");
+    for (setting, applied) in config.apply_policy(store.as_ref())? {
+        use care_sync_server::domain::settings::Applied;
+        match applied {
+            Applied::FromFile { value, replaced: None } => {
+                tracing::info!(setting = setting.name(), %value, "policy setting taken from the configuration file")
+            }
+            Applied::FromFile { value, replaced: Some(old) } => tracing::warn!(
+                setting = setting.name(),
+                %value,
+                replaced = %old,
+                "the configuration file's value changed and replaces the one an operator set"
+            ),
+            Applied::OperatorKept { operator, file } => tracing::info!(
+                setting = setting.name(),
+                value = %operator,
+                file = %file,
+                "an operator's setting stands (the configuration file's value has not changed since it was applied)"
+            ),
+        }
     }
     let running =
         care_sync_server::transport::start_with(store.clone(), config.sync.listen, config.limits).await?;

@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/api/quarantine/{id}/review", post(review_quarantine))
         .route("/api/audit", get(audit))
         .route("/api/feeds", get(feeds))
+        .route("/api/settings", get(settings).post(set_setting))
         .route("/api/planning.csv", get(planning_export))
 }
 
@@ -466,6 +467,41 @@ async fn audit(State(state): State<Arc<AdminState>>, Query(q): Query<AuditQuery>
             })
             .collect();
         Ok(Json(json!({ "total": total, "entries": shown })))
+    })
+    .await
+}
+
+/// Every setting in force, with its default and where it came from.
+async fn settings(State(state): State<Arc<AdminState>>) -> ApiResult {
+    blocking(&state, |store| {
+        let mut out = Vec::new();
+        for setting in crate::domain::settings::Setting::ALL {
+            let (value, source) = setting.effective(store)?;
+            out.push(json!({
+                "name": setting.name(),
+                "value": value,
+                "default": setting.default_value(),
+                "source": source.as_str(),
+                "description": setting.describe(),
+            }));
+        }
+        Ok(Json(json!({ "settings": out })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingRequest {
+    name: String,
+    value: String,
+}
+
+/// Changes a setting as an operator (audited).
+async fn set_setting(State(state): State<Arc<AdminState>>, Json(r): Json<SettingRequest>) -> ApiResult {
+    blocking(&state, move |store| {
+        ops::set_setting(store, &r.name, &r.value)?;
+        Ok(Json(json!({ "name": r.name, "value": r.value.trim(), "source": "operator" })))
     })
     .await
 }
