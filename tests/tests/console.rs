@@ -89,7 +89,7 @@ async fn every_protected_path_refuses_a_missing_or_wrong_token_and_changes_nothi
     let (status, page) = console.get_with("/", None);
     assert_eq!(status, 200);
     assert!(page.contains("operators' console") && !page.contains("http://") && !page.contains("https://"));
-    for asset in ["/assets/dashboard.js", "/assets/dashboard.css"] {
+    for asset in ["/assets/dashboard.js", "/assets/dashboard.css", "/favicon.ico", "/assets/favicon.svg"] {
         let (status, text) = console.get_with(asset, None);
         assert_eq!(status, 200, "{asset}");
         assert!(!text.contains("https://"), "{asset} fetches nothing from elsewhere");

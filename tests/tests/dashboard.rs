@@ -166,6 +166,9 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
     };
     assert!(within(30, request_access(&mut crew.store, request)).await.unwrap().0.granted);
     let alert = server.store.alerts(false).unwrap()[0].id;
+    let mut second = TestDevice::enrolled(&server, "ambulance-2", Role::AmbulanceCrew).await;
+    within(30, second.sync()).await.unwrap();
+    let patient_to_add = server.patients[5].clone();
     let console = TestConsole::start(&server, Duration::from_secs(24 * 3600)).await;
 
     let base = console.base.clone();
@@ -173,6 +176,12 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
     let (token, screenshot) = tokio::task::spawn_blocking(move || {
         let browser = Browser::start();
         browser.open(&format!("{base}/"));
+        // Signed out: no panel is shown at all, empty or not (the CSS grid does not override
+        // `hidden`), only the sign-in form.
+        let shown = "return getComputedStyle(document.querySelector('#console')).display";
+        assert_eq!(browser.script(shown), json!("none"));
+        assert_eq!(browser.script("return getComputedStyle(document.querySelector('#devices')).display === 'none' || document.querySelector('#devices').offsetParent === null"), json!(true));
+        assert_eq!(browser.script("return document.querySelector('#sign-out').hidden"), json!(true));
 
         // A wrong token is refused and shows nothing.
         browser.type_into("#token-input", "not-the-operator-token");
@@ -185,6 +194,38 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
         browser.click("#token-save");
         browser.wait_for("the device table", "return !!document.querySelector('tr[data-device=\"ambulance-1\"]')");
         assert!(browser.text("#status").contains("patients"));
+        // Times in one form, UTC.
+        let row = browser.text("tr[data-device=\"ambulance-1\"]");
+        assert!(row.contains(" UTC"), "{row}");
+
+        // Scopes: a caseload change through the page shows in the table.
+        assert!(browser.text("tr[data-scope=\"ambulance-1\"]").contains("2 patient(s)"));
+        browser.type_into("#scope-device", "ambulance-1");
+        browser.type_into("#scope-value", patient_to_add.as_str());
+        browser.click("#scope-submit");
+        browser.wait_for(
+            "the caseload to grow",
+            "return document.querySelector('tr[data-scope=\"ambulance-1\"]').textContent.includes('3 patient(s)')",
+        );
+        assert!(!browser.text("#scopes").contains(patient_to_add.as_str()), "NHS numbers are not shown");
+
+        // Settings: the source of each value, and an operator's change.
+        assert!(browser.text("tr[data-setting=\"budget\"]").contains("default"));
+        browser.type_into("#setting-value", "750");
+        browser.click("#setting-submit");
+        browser.wait_for(
+            "the new budget",
+            "return document.querySelector('tr[data-setting=\"budget\"]').textContent.includes('750')",
+        );
+        assert!(browser.text("tr[data-setting=\"budget\"]").contains("operator"));
+
+        // A wipe shows as pending until the device confirms it.
+        browser.script("window.confirm = () => true; return true");
+        browser.click("tr[data-device=\"ambulance-2\"] .wipe");
+        browser.wait_for(
+            "the pending wipe",
+            "return document.querySelector('tr[data-device=\"ambulance-2\"]').textContent.includes('wipe pending')",
+        );
 
         // Enrol a device through the page.
         browser.type_into("#enrol-name", "ambulance-9");
@@ -220,13 +261,25 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
         browser.wait_for("the alert to close", &format!("return !document.querySelector('{}')", row.replace('\'', "\\'")));
         assert!(browser.text("#message").contains("acknowledged"));
         assert!(store.alerts(false).unwrap().is_empty(), "the store has the acknowledgement");
+        // Acknowledged alerts are there on request, with their note.
+        browser.click("#alerts-all");
+        browser.wait_for("the acknowledged alert", &format!("return !!document.querySelector('{}')", row.replace('\'', "\\'")));
+        assert!(browser.text(&row).contains("reviewed with the crew lead"));
+        assert!(browser.text("#feed-refusals").contains("none"), "the feed refusals table is there");
 
         // Sign-out state aside, the page fetched nothing from the internet (no external resources).
         let external = browser.script(
             "return performance.getEntriesByType('resource').filter(e => !e.name.startsWith(location.origin)).length",
         );
         assert_eq!(external, json!(0));
-        (token, browser.screenshot())
+        let screenshot = browser.screenshot();
+
+        // Sign out: the token is gone and the panels with it.
+        browser.click("#sign-out");
+        browser.wait_for("the signed-out page", "return getComputedStyle(document.querySelector('#console')).display === 'none'");
+        assert_eq!(browser.script("return sessionStorage.getItem('care-sync-token')"), Value::Null);
+        assert!(browser.text("#message").contains("Signed out"));
+        (token, screenshot)
     })
     .await
     .unwrap();

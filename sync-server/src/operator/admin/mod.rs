@@ -104,6 +104,12 @@ fn router(state: Arc<AdminState>) -> Router {
             "/assets/dashboard.js",
             get(|| async { asset("text/javascript; charset=utf-8", include_str!("assets/dashboard.js")) }),
         )
+        // The browser asks for /favicon.ico on every page load: answer it (no 404 in the logs).
+        .route("/favicon.ico", get(|| async { asset("image/svg+xml", include_str!("assets/favicon.svg")) }))
+        .route(
+            "/assets/favicon.svg",
+            get(|| async { asset("image/svg+xml", include_str!("assets/favicon.svg")) }),
+        )
         .route(
             "/assets/dashboard.css",
             get(|| async { asset("text/css; charset=utf-8", include_str!("assets/dashboard.css")) }),

@@ -24,7 +24,7 @@ async function api(path, options = {}) {
     body: options.body === undefined ? undefined : JSON.stringify(options.body),
   });
   if (response.status === 401) {
-    $("#console").hidden = true;
+    showSignedOut();
     throw new Error("The operator token was not accepted.");
   }
   if (options.raw) {
@@ -50,9 +50,32 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Every time on the page in one form, in UTC (as the CLI and the audit show them).
 function when(iso) {
-  return iso ? new Date(iso).toLocaleString() : "never";
+  if (!iso) return "never";
+  const t = new Date(iso);
+  return isNaN(t) ? iso : t.toISOString().slice(0, 16).replace("T", " ") + " UTC";
 }
+
+function showSignedOut() {
+  $("#console").hidden = true;
+  $("#sign-out").hidden = true;
+  $("#token-form").hidden = false;
+  if (refreshTimer) clearInterval(refreshTimer);
+  refreshTimer = null;
+}
+
+function showSignedIn() {
+  $("#console").hidden = false;
+  $("#sign-out").hidden = false;
+  $("#token-form").hidden = true;
+  if (!refreshTimer) refreshTimer = setInterval(refresh, 10000);
+}
+
+const STATE_TEXT = {
+  "wipe-requested": "wipe pending",
+  "revoked-wipe-requested": "revoked · wipe pending",
+};
 
 function fill(tbody, rows, columns) {
   tbody.replaceChildren(...rows);
@@ -93,7 +116,7 @@ async function loadDevices() {
       { "data-device": d.name, class: [d.state, d.stale ? "stale" : ""].join(" ") },
       el("td", {}, d.name),
       el("td", {}, d.role),
-      el("td", {}, d.state),
+      el("td", {}, STATE_TEXT[d.state] ? el("span", { class: "badge" }, STATE_TEXT[d.state]) : d.state),
       el("td", {}, when(d.last_sync)),
       el("td", { class: d.lease === "expired" ? "expired" : "" }, d.lease),
       el("td", {}, String(d.documents_held) + (d.left_out ? ` (+${d.left_out} over budget)` : "")),
@@ -117,8 +140,46 @@ async function act(name, action) {
   }
 }
 
+async function loadScopes() {
+  const { scopes } = await api("/api/scopes");
+  const ids = (list) => el("div", { class: "ids" }, list.slice(0, 5).join(" ") + (list.length > 5 ? " …" : ""));
+  const rows = scopes.map((s) =>
+    el(
+      "tr",
+      { "data-scope": s.device },
+      el("td", {}, s.device),
+      el("td", {}, `${s.caseload.length} patient(s)`, ids(s.caseload)),
+      el("td", {}, `${s.incidents.length}`, ids(s.incidents.map((i) => `${i.patient} until ${when(i.expires_at)}`))),
+      el("td", {}, s.areas.join(", ") || "none"),
+      el("td", {}, s.budget === null || s.budget === undefined ? "region default" : String(s.budget)),
+    ),
+  );
+  fill($("#scopes tbody"), rows, 5);
+}
+
+async function loadSettings() {
+  const { settings } = await api("/api/settings");
+  const rows = settings.map((s) =>
+    el(
+      "tr",
+      { "data-setting": s.name },
+      el("td", {}, s.name),
+      el("td", {}, s.value),
+      el("td", {}, s.source),
+      el("td", {}, s.default),
+      el("td", {}, s.description),
+    ),
+  );
+  fill($("#settings tbody"), rows, 5);
+  const select = $("#setting-name");
+  if (select.options.length === 0) {
+    select.replaceChildren(...settings.map((s) => el("option", { value: s.name }, s.name)));
+  }
+}
+
 async function loadAlerts() {
-  const { alerts } = await api("/api/alerts");
+  const all = $("#alerts-all").checked;
+  const { alerts } = await api(all ? "/api/alerts?all=true" : "/api/alerts");
   const rows = alerts.map((a) => {
     const note = el("input", { class: "ack-note", placeholder: "note (required)", "aria-label": "note" });
     const ack = async () => {
@@ -143,7 +204,13 @@ async function loadAlerts() {
       el("td", {}, a.device || ""),
       el("td", {}, a.patient || ""),
       el("td", {}, a.reason_sealed ? sealedReason(a.id) : a.reason),
-      el("td", {}, note, " ", el("button", { type: "button", class: "ack", onclick: ack }, "Acknowledge")),
+      el(
+        "td",
+        {},
+        a.acknowledged_at
+          ? `acknowledged ${when(a.acknowledged_at)}: ${a.note || ""}`
+          : el("span", {}, note, " ", el("button", { type: "button", class: "ack", onclick: ack }, "Acknowledge")),
+      ),
     );
   });
   fill($("#alerts tbody"), rows, 7);
@@ -207,12 +274,24 @@ async function loadFeeds() {
     ["last refusal", last ? `${when(last.at)} — ${last.code}: ${last.reason}` : "none"],
   ];
   $("#feeds").replaceChildren(...pairs.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  const rows = (mllp.recent_refusals || []).slice(0, 20).map((r) =>
+    el("tr", {}, el("td", {}, when(r.at)), el("td", {}, r.code), el("td", {}, r.control_id || "—"), el("td", {}, r.reason)),
+  );
+  fill($("#feed-refusals tbody"), rows, 4);
 }
 
 async function refresh() {
   try {
-    await Promise.all([loadStatus(), loadDevices(), loadAlerts(), loadQuarantine(), loadFeeds()]);
-    $("#console").hidden = false;
+    await Promise.all([
+      loadStatus(),
+      loadDevices(),
+      loadScopes(),
+      loadSettings(),
+      loadAlerts(),
+      loadQuarantine(),
+      loadFeeds(),
+    ]);
+    showSignedIn();
   } catch (e) {
     say(e.message, true);
   }
@@ -226,6 +305,43 @@ function start() {
     say("");
     await refresh();
     if (!$("#console").hidden) say("Signed in.");
+  });
+
+  $("#sign-out").addEventListener("click", () => {
+    sessionStorage.removeItem("care-sync-token");
+    showSignedOut();
+    say("Signed out.");
+  });
+
+  $("#alerts-all").addEventListener("change", () => refresh());
+
+  $("#scope-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const action = $("#scope-action").value;
+    const device = $("#scope-device").value.trim();
+    const value = $("#scope-value").value.trim();
+    const body = action.startsWith("areas") ? { device, district: value } : { device, nhs: value };
+    try {
+      const result = await api(`/api/${action}`, { method: "POST", body });
+      $("#scope-value").value = "";
+      say(`${device}: ${$("#scope-action").selectedOptions[0].textContent}${result.changed === false ? " (no change)" : ""}.`);
+      await refresh();
+    } catch (e) {
+      say(e.message, true);
+    }
+  });
+
+  $("#setting-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = $("#setting-name").value;
+    try {
+      await api("/api/settings", { method: "POST", body: { name, value: $("#setting-value").value.trim() } });
+      $("#setting-value").value = "";
+      say(`${name} changed.`);
+      await refresh();
+    } catch (e) {
+      say(e.message, true);
+    }
   });
 
   $("#enrol-form").addEventListener("submit", async (event) => {
@@ -265,7 +381,11 @@ function start() {
 
   $("#planning-download").addEventListener("click", async () => {
     try {
-      const response = await api("/api/planning.csv", { raw: true });
+      const by = encodeURIComponent($("#planning-by").value);
+      const response = await api(`/api/planning.csv?by=${by}`, { raw: true });
+      const cells = response.headers.get("X-Planning-Cells");
+      const hidden = response.headers.get("X-Planning-Suppressed-Cells");
+      say(`Planning CSV: ${cells} cells, ${hidden} suppressed (1–7 patients).`);
       const url = URL.createObjectURL(await response.blob());
       el("a", { href: url, download: "care-sync-planning.csv" }).click();
       setTimeout(() => URL.revokeObjectURL(url), 10000);
@@ -275,9 +395,7 @@ function start() {
   });
 
   if (token()) refresh();
-  refreshTimer = setInterval(() => {
-    if (token() && !$("#console").hidden) refresh();
-  }, 10000);
+  else showSignedOut();
 }
 
 document.addEventListener("DOMContentLoaded", start);
