@@ -41,3 +41,29 @@ fn the_cli_works_offline_and_explains_its_errors() {
     let (ok, text) = care_node(&store, "pass", &["enrol", "not-a-token"]);
     assert!(!ok && text.contains("not an enrolment token"), "{text}");
 }
+
+#[test]
+fn the_store_flag_goes_anywhere_a_failed_enrolment_leaves_no_store_and_help_names_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("after.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_care-node"))
+        .args(["list", "--store"])
+        .arg(&store)
+        .env("CARE_NODE_PASSPHRASE", "pass")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(store.exists(), "--store after the command is honoured");
+
+    let fresh = dir.path().join("never.db");
+    let (ok, text) = care_node(&fresh, "pass", &["enrol", "care-enrol1.not-a-real-token"]);
+    assert!(!ok, "{text}");
+    assert!(!fresh.exists(), "a store made only for a failed enrolment is removed");
+    // An existing store is never removed by a failed enrolment.
+    let (ok, _) = care_node(&store, "pass", &["enrol", "care-enrol1.not-a-real-token"]);
+    assert!(!ok && store.exists());
+
+    let help = Command::new(env!("CARGO_BIN_EXE_care-node")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("CARE_NODE_PASSPHRASE") && help.contains("twice for a new store"), "{help}");
+}

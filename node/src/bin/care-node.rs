@@ -17,10 +17,22 @@ use care_node::sync::AccessRequest;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "care-node", version, about = "care-sync device: encrypted offline patient summaries")]
+#[command(
+    name = "care-node",
+    version,
+    about = "care-sync device: encrypted offline patient summaries",
+    after_help = "Environment:\n  CARE_NODE_PASSPHRASE  the store's passphrase (asked at the terminal when unset; twice for a new store)\n  CARE_NODE_STORE       the store file, as --store\n  CARE_NODE_LOG         log filter (default: warn), e.g. info or care_node=debug"
+)]
 struct Cli {
-    /// The device's encrypted store (created on first use).
-    #[arg(long, env = "CARE_NODE_STORE", default_value = "./care-node.db")]
+    /// The device's encrypted store (created on first use); before or after the command.
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_NODE_STORE",
+        default_value = "./care-node.db",
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
     store: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -29,10 +41,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Enrols this device with the one-time token from the operator.
-    Enrol { token: String },
+    Enrol {
+        /// The one-time enrolment token the operator gave (`care-enrol1.…`).
+        token: String,
+    },
     /// Connects to the server, exchanges changes, disconnects (`--watch`: stays connected and
     /// prints notifications as changes arrive, until Ctrl-C).
     Sync {
+        /// Stay connected and print each notification as it arrives, until Ctrl-C.
         #[arg(long)]
         watch: bool,
     },
@@ -40,6 +56,7 @@ enum Command {
     List,
     /// Shows a patient's summary (with "as of" and last-sync times).
     Show {
+        /// The patient's NHS number.
         nhs_number: String,
         /// Also print entry ids (to mark one entered in error).
         #[arg(long)]
@@ -47,17 +64,23 @@ enum Command {
     },
     /// Records an allergy (works offline).
     AddAllergy {
+        /// The patient's NHS number.
         nhs_number: String,
+        /// What the patient is allergic to (e.g. Penicillin).
         #[arg(long)]
         substance: String,
+        /// The reaction (e.g. anaphylaxis, rash).
         #[arg(long)]
         reaction: Option<String>,
+        /// mild, moderate or severe.
         #[arg(long)]
         severity: Option<String>,
     },
     /// Records an entry in any section (works offline).
     Add {
+        /// The patient's NHS number.
         nhs_number: String,
+        /// Which section the entry goes in.
         #[arg(long, value_enum)]
         section: SectionArg,
         /// The entry: a problem's description, a medication's name, an alert's description.
@@ -71,6 +94,7 @@ enum Command {
     /// not apply (under 16, pregnancy) or what is missing. Every observation is optional; works
     /// offline.
     RecordObs {
+        /// The patient's NHS number.
         nhs_number: String,
         /// Respiration rate per minute.
         #[arg(long, value_name = "PER_MIN")]
@@ -105,27 +129,39 @@ enum Command {
     },
     /// Marks an entry as entered in error (kept for the record, hidden from the clinical view).
     MarkError {
+        /// The patient's NHS number.
         nhs_number: String,
+        /// The section of the entry.
         #[arg(long, value_enum)]
         section: Section,
         /// The entry id (see `show --ids`).
         #[arg(long)]
         entry: uuid::Uuid,
+        /// Why it is in error (e.g. wrong patient), kept with the marker.
         #[arg(long)]
         reason: String,
     },
     /// Emergency access to a patient outside this device's scope (online only; audited; raises
     /// an alert for the privacy officer).
     BreakGlass {
+        /// The patient's NHS number.
         nhs_number: String,
+        /// Why (e.g. unconscious, no carers present); a privacy officer reads it.
         #[arg(long)]
         reason: String,
     },
     /// Records that the patient in front of you gave permission to view their record (online;
     /// audited), and fetches it.
-    PermissionToView { nhs_number: String },
+    PermissionToView {
+        /// The patient's NHS number.
+        nhs_number: String,
+        /// What the patient agreed to, as recorded (e.g. verbal consent at the door).
+        #[arg(long)]
+        reason: String,
+    },
     /// Shows notifications (admissions, transfers, discharges, attendances), newest first.
     Notifications {
+        /// How many, newest first.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
@@ -143,11 +179,36 @@ enum SectionArg {
     Alerts,
 }
 
-fn passphrase() -> Result<String, String> {
-    match std::env::var("CARE_NODE_PASSPHRASE") {
-        Ok(p) if !p.is_empty() => Ok(p),
-        _ => rpassword::prompt_password("store passphrase: ")
-            .map_err(|e| format!("cannot read the passphrase: {e}")),
+/// The store's passphrase: `CARE_NODE_PASSPHRASE`, or asked at the terminal (twice for a new
+/// store, so a typing slip does not lock the data away).
+fn passphrase(new_store: bool) -> Result<String, String> {
+    if let Ok(p) = std::env::var("CARE_NODE_PASSPHRASE")
+        && !p.is_empty()
+    {
+        return Ok(p);
+    }
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt).map_err(|e| format!("cannot read the passphrase: {e}"))
+    };
+    if !new_store {
+        return ask("store passphrase: ");
+    }
+    let first = ask("new store passphrase: ")?;
+    if first.is_empty() {
+        return Err("the passphrase must not be empty".into());
+    }
+    if ask("the same passphrase again: ")? != first {
+        return Err("the two passphrases differ; nothing was created".into());
+    }
+    Ok(first)
+}
+
+/// Removes a store file this command created (and SQLite's companions), after a failed enrolment.
+fn remove_new_store(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
     }
 }
 
@@ -159,10 +220,22 @@ fn parse_nhs(s: &str) -> Result<NhsNumber, String> {
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn run(cli: Cli) -> CliResult {
-    let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(passphrase()?))?;
+    let new_store = !cli.store.exists();
+    let secret = passphrase(new_store)?;
+    let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(secret.clone()))?;
     match cli.command {
         Command::Enrol { token } => {
-            let enrolment = client::enrol(&mut store, &token).await?;
+            let enrolment = match client::enrol(&mut store, &token).await {
+                Ok(e) => e,
+                Err(e) => {
+                    // A store made only for this enrolment is not left behind.
+                    if new_store {
+                        drop(store);
+                        remove_new_store(&cli.store);
+                    }
+                    return Err(e.into());
+                }
+            };
             println!(
                 "enrolled as {} ({}) with server {}",
                 enrolment.device_name, enrolment.role, enrolment.server_addr
@@ -170,13 +243,17 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Sync { watch: true } => {
             println!("watching for changes (Ctrl-C to stop)…");
-            let mut last = (0, 0);
-            // The store is busy with the live session; the texts are printed when it ends.
-            let mut on_round = |stats: &care_node::sync::SyncStats| {
-                let now = (stats.changes_received + stats.documents_received, stats.notifications);
-                if now != last {
-                    eprintln!("update: {} change(s), {} notification(s) so far", now.0, now.1);
-                    last = now;
+            // The live session holds the store; a second handle on the same file reads each
+            // notification as its round is committed, and prints it at once.
+            let reader = DeviceStore::open(&cli.store, &PassphraseWrapper::new(secret))?;
+            let mut printed = 0u64;
+            let mut on_round = move |stats: &care_node::sync::SyncStats| {
+                let new = stats.notifications.saturating_sub(printed);
+                if new > 0 {
+                    if let Err(e) = print_notifications(&reader, new as usize) {
+                        eprintln!("cannot show the notifications: {e}");
+                    }
+                    printed = stats.notifications;
                 }
             };
             let stop = async {
@@ -187,7 +264,6 @@ async fn run(cli: Cli) -> CliResult {
                 "stopped: {} new documents, {} changes received, {} notifications",
                 report.stats.documents_received, report.stats.changes_received, report.stats.notifications
             );
-            print_notifications(&store, report.stats.notifications as usize)?;
         }
         Command::Sync { watch: false } => {
             let pending = store.pending_count()?;
@@ -325,14 +401,8 @@ async fn run(cli: Cli) -> CliResult {
         Command::BreakGlass { nhs_number, reason } => {
             access(&mut store, &nhs_number, AccessKind::BreakGlass, &reason).await?;
         }
-        Command::PermissionToView { nhs_number } => {
-            access(
-                &mut store,
-                &nhs_number,
-                AccessKind::PermissionToView,
-                "permission given at the point of care",
-            )
-            .await?;
+        Command::PermissionToView { nhs_number, reason } => {
+            access(&mut store, &nhs_number, AccessKind::PermissionToView, &reason).await?;
         }
         Command::Notifications { limit } => print_notifications(&store, limit)?,
         Command::Refused => {
@@ -454,5 +524,34 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for arg in cli.get_arguments().filter(|a| a.get_id() != "help" && a.get_id() != "version") {
+            if arg.get_help().is_none() {
+                missing.push(format!("care-node --{}", arg.get_id()));
+            }
+        }
+        for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
+            if sub.get_about().is_none() {
+                missing.push(format!("care-node {}", sub.get_name()));
+            }
+            for arg in sub.get_arguments().filter(|a| a.get_id() != "help") {
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("care-node {} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+        assert!(cli.get_after_help().is_some_and(|h| h.to_string().contains("CARE_NODE_PASSPHRASE")));
     }
 }

@@ -13,17 +13,22 @@ use crate::CliResult;
 pub enum IncidentAction {
     /// Grants a device a patient for an incident; it lapses after `--hours`.
     Open {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
+        /// How long the grant lasts, in hours.
         #[arg(long, default_value_t = ops::DEFAULT_INCIDENT_HOURS)]
         hours: f64,
     },
     /// Ends the incident now; the device purges the record at its next sync.
     Close {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
@@ -33,18 +38,25 @@ pub enum IncidentAction {
 pub enum AreaAction {
     /// Adds a postcode district whose high-risk patients the device prefetches.
     Add {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// A postcode district (the outward code), e.g. SO16.
         #[arg(long)]
         district: String,
     },
+    /// Stops prefetching a district for the device.
     Remove {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// A postcode district (the outward code), e.g. SO16.
         #[arg(long)]
         district: String,
     },
+    /// Lists the districts the device prefetches.
     List {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
     },
@@ -54,26 +66,31 @@ pub enum AreaAction {
 pub enum ConsentAction {
     /// Records the patient's objection to sharing (no caseload or prefetch delivery).
     Object {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
     /// Withdraws the objection.
     Withdraw {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
     /// Records the national data opt-out (planning exports only).
     OptOut {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
     /// Clears the national data opt-out.
     OptIn {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
     /// Shows the patient's consent flags.
     Show {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
@@ -83,18 +100,24 @@ pub enum ConsentAction {
 pub enum AlertAction {
     /// Lists open alerts (break glass, view-log problems); `--all` includes acknowledged ones.
     List {
+        /// Include acknowledged ones.
         #[arg(long)]
         all: bool,
     },
     /// Acknowledges an alert with a note.
     Ack {
+        /// The id, from the list.
         id: i64,
+        /// What was decided, for the audit.
         #[arg(long)]
         note: String,
     },
     /// Shows one alert's reason: a clinician's free text (break glass, permission to view) is
     /// sealed in the list, and reading it here is audited.
-    Reason { id: i64 },
+    Reason {
+        /// The alert's id, from the list.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]

@@ -22,14 +22,26 @@ mod serve;
 struct Cli {
     /// The configuration file (TOML; `care-sync-server config` prints every setting and its
     /// default). Flags given on the command line win over it.
-    #[arg(long, global = true, env = "CARE_SYNC_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_SYNC_CONFIG",
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
     config: Option<PathBuf>,
     /// Where the server keeps its store [default: `data_dir` of the configuration, else
     /// ./care-sync-data; for `demo`, a temporary directory removed afterwards].
-    #[arg(long, global = true, env = "CARE_SYNC_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_SYNC_DATA_DIR",
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     data_dir: Option<PathBuf>,
     /// Log format: `text` (default) or `json` (one object per line, for log shippers).
-    #[arg(long, global = true, value_parser = parse_log_format)]
+    #[arg(long, global = true, value_parser = parse_log_format, value_name = "FORMAT", help_heading = "Global options")]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
@@ -61,11 +73,13 @@ enum Command {
     AdminToken,
     /// Copies the store to FILE while the server runs (consistent, integrity-checked).
     Backup {
+        /// Write to this file.
         #[arg(long)]
         out: PathBuf,
     },
     /// Puts a backup in place as the store of the data directory (stop the server first).
     Restore {
+        /// The backup file to restore.
         #[arg(long)]
         from: PathBuf,
         /// Replace an existing store (it is kept beside the new one as server.db.replaced-*).
@@ -74,14 +88,17 @@ enum Command {
     },
     /// Processes HL7 v2 ADT messages from files (plain, one `MSH` per message, or MLLP-framed).
     IngestAdt {
+        /// The files to read.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Prints a one-time enrolment token for a new device.
     EnrolDevice {
+        /// The device's name: unique among devices in use (e.g. the vehicle, ambulance-7).
         #[arg(long)]
         name: String,
-        #[arg(long, value_parser = parse_role)]
+        /// The device's role.
+        #[arg(long, value_parser = role_parser())]
         role: Role,
         /// The address devices reach the server on (default: where `serve` last listened).
         #[arg(long)]
@@ -93,9 +110,15 @@ enum Command {
     /// Lists devices with their state and last sync.
     Devices,
     /// Revokes a device: its next handshake fails.
-    RevokeDevice { name: String },
+    RevokeDevice {
+        /// The device, by its enrolled name.
+        name: String,
+    },
     /// Tells a device to destroy its data key and patient data at its next contact.
-    WipeDevice { name: String },
+    WipeDevice {
+        /// The device, by its enrolled name.
+        name: String,
+    },
     /// Incidents: grant a device a patient for an incident, with a grace period.
     Incident {
         #[command(subcommand)]
@@ -113,8 +136,10 @@ enum Command {
     },
     /// Sets a device's document budget (`--documents 0` clears it back to the default).
     Budget {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// The most documents the device holds (0 clears the device's own budget).
         #[arg(long)]
         documents: u64,
     },
@@ -153,6 +178,7 @@ enum Command {
     },
     /// Who saw this patient, when, and why (and every other audited action).
     Audit {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: Option<String>,
         /// Only actions by this device or operator.
@@ -182,8 +208,10 @@ enum Command {
     /// Bundles with `--fhir-out DIR`.
     #[cfg(feature = "demo")]
     Generate {
+        /// How many patients.
         #[arg(long, default_value_t = 1000)]
         patients: usize,
+        /// The random seed (the same seed gives the same people).
         #[arg(long, default_value_t = demo::DEMO_SEED)]
         seed: u64,
         /// Write one FHIR IPS Bundle per patient into this directory instead of the store.
@@ -192,6 +220,7 @@ enum Command {
     },
     /// Imports FHIR R4 Bundles (one patient each); each Bundle is applied whole or not at all.
     ImportFhir {
+        /// The files to read.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The name recorded as the source of entries without care-sync provenance.
@@ -200,6 +229,7 @@ enum Command {
     },
     /// Writes a patient's summary as a FHIR IPS document Bundle.
     ExportFhir {
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
         /// Output file (default: standard output).
@@ -209,8 +239,10 @@ enum Command {
     /// Merges two records of one person: `--keep` absorbs `--merge` (NHS numbers or patient ids).
     /// Never automatic; audited.
     MergePatients {
+        /// The record that stays: an NHS number or a care-sync patient id.
         #[arg(long)]
         keep: String,
+        /// The record merged into it: an NHS number or a care-sync patient id.
         #[arg(long)]
         merge: String,
         /// Who decided the merge (recorded in the audit).
@@ -226,6 +258,7 @@ enum Command {
     /// Runs the end-to-end demonstration on a fresh server and two devices.
     #[cfg(feature = "demo")]
     Demo {
+        /// How many patients.
         #[arg(long, default_value_t = 2000)]
         patients: usize,
     },
@@ -249,22 +282,31 @@ enum ServerKeyAction {
 
 #[derive(Subcommand)]
 enum CaseloadAction {
+    /// Puts a patient on a device's caseload: it receives the record at its next sync.
     Add {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
+    /// Takes a patient off a device's caseload: it purges the record at its next sync.
     Remove {
+        /// The device, by its enrolled name (e.g. ambulance-7).
         #[arg(long)]
         device: String,
+        /// The patient's NHS number (10 digits; spaces allowed).
         #[arg(long)]
         nhs: String,
     },
 }
 
-fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse()
+/// `--role`, with its values listed in the help and in the error for a wrong one.
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["ambulance-crew", "community-nurse"])
+        .map(|s| s.parse::<Role>().expect("one of the listed roles"))
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -680,5 +722,36 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help"
+                    && id != "version"
+                    && arg.get_help().is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "care-sync-server", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }
