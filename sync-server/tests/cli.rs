@@ -226,3 +226,34 @@ fn an_operators_setting_stands_until_the_configuration_files_value_changes() {
     let out = run(dir.path(), &["set", "budget", "-5"]);
     assert!(!out.status.success() && text(&out.stderr).contains("whole number"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn operator_output_survives_a_closed_pipe_logs_to_a_file_without_colours_and_empty_lists_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["generate", "--patients", "30"]).status.success());
+    // `patients | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_care-sync-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("patients")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+
+    let out = run(dir.path(), &["enrol-device", "--name", "ambulance-7", "--role", "ambulance-crew"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(dir.path(), &["revoke-device", "ambulance-7"]);
+    let logged = text(&out.stderr);
+    assert!(logged.contains("device revoked by an operator"), "a security event is logged: {logged}");
+    assert!(!logged.contains('\u{1b}'), "no colour codes when standard error is not a terminal: {logged:?}");
+
+    let devices = text(&run(dir.path(), &["devices"]).stdout);
+    assert!(devices.lines().next().unwrap().contains("LEASE") && devices.contains("DOCUMENTS"), "{devices}");
+    assert!(devices.contains("ambulance-7") && devices.contains("revoked"), "{devices}");
+    assert!(text(&run(dir.path(), &["alerts"]).stdout).contains("no open alerts"));
+    assert!(text(&run(dir.path(), &["patients", "--provisional"]).stdout).contains("no provisional records"));
+}

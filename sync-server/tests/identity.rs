@@ -52,9 +52,11 @@ fn an_operator_merges_a_provisional_record_into_the_known_one() {
     let audit = store.audit_entries(&filter).unwrap();
     assert!(audit.iter().any(|a| a.action == "merge-patients" && a.actor == "dr-ops"));
 
-    // Merging again changes nothing; merging into itself is refused.
-    let again = ops::merge_patients(&store, "9990000069", &unknown.to_string(), "dr-ops").unwrap();
-    assert_eq!(again.entries_moved, 0);
+    // Merging again is refused (and not audited again); merging into itself is refused.
+    let audited = store.audit_entries(&Default::default()).unwrap().len();
+    let again = ops::merge_patients(&store, "9990000069", &unknown.to_string(), "dr-ops").unwrap_err();
+    assert!(again.to_string().contains("already merged"), "{again}");
+    assert_eq!(store.audit_entries(&Default::default()).unwrap().len(), audited);
     assert!(ops::merge_patients(&store, "9990000069", "9990000069", "dr-ops").is_err());
 }
 

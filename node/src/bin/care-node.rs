@@ -510,10 +510,16 @@ fn print_notifications(store: &DeviceStore, limit: usize) -> CliResult {
 }
 
 fn main() -> ExitCode {
+    // `care-node list | head` ends quietly when `head` has had enough (Rust ignores SIGPIPE).
+    // SAFETY: setting a signal's disposition to the default, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CARE_NODE_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

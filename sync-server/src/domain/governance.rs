@@ -114,6 +114,13 @@ pub fn decide_access(
     // Both kinds reach the operators and the privacy officer: break glass as an alert to act on,
     // permission to view as one to review.
     store.raise_alert(grant.as_str(), Some(device.id), Some(&patient), reason, now_ms)?;
+    // A security event at the default level (the patient by opaque id; the reason is sealed).
+    tracing::warn!(
+        device = %device.name,
+        patient = %care_node::identity::short_hex(patient.as_bytes()),
+        access = grant.as_str(),
+        "access granted outside the device's scope; an alert is raised for review"
+    );
     Ok(ServerMessage::AccessDecision {
         granted: true,
         message: format!("{} granted until {}", grant.as_str(), care_node::view::format_time(until)),

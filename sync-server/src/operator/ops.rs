@@ -203,7 +203,23 @@ pub fn merge_patients(
 ) -> Result<MergeOutcome, OpsError> {
     let keep = find_patient(store, keep)?;
     let merge = find_patient(store, merge)?;
+    // An operator's merge happens once; the store also re-merges on its own when late entries
+    // of a merged record arrive, but a second operator merge is a mistake worth saying so.
+    if merged_into(store, &merge)? == Some(keep) {
+        return Err(OpsError::Invalid(
+            "that record is already merged into the one to keep; nothing to do".into(),
+        ));
+    }
     Ok(store.merge_patients(&keep, &merge, operator, now())?)
+}
+
+/// The record a patient's record was merged into, if it was.
+pub fn merged_into(store: &dyn ServerStore, patient: &PatientId) -> Result<Option<PatientId>, OpsError> {
+    let Some(saved) = store.load_document(patient)? else { return Ok(None) };
+    let summary = care_node::summary::PatientSummary::load(&saved).map_err(|e| {
+        crate::store::StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e))
+    })?;
+    Ok(summary.merged_into().map_err(|e| crate::store::StoreError::Document("merge".into(), Box::new(e)))?)
 }
 
 /// Revokes a device: its next handshake fails.
@@ -211,6 +227,7 @@ pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     // Idempotent: a second revocation changes nothing and is not audited again.
     if store.revoke_device(name, now())? {
         store.append_audit(OPERATOR, "revoke-device", None, &format!("device {name}"), now())?;
+        tracing::warn!(device = %name, "device revoked by an operator");
     }
     Ok(())
 }
@@ -219,6 +236,7 @@ pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
 pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     if store.request_wipe(name, now())? {
         store.append_audit(OPERATOR, "wipe-requested", None, &format!("device {name}"), now())?;
+        tracing::warn!(device = %name, "wipe requested by an operator");
     }
     Ok(())
 }
@@ -374,4 +392,58 @@ pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(
     store.set_setting(setting.name(), value)?;
     store.append_audit(OPERATOR, "setting", None, &format!("{} = {value}", setting.name()), now())?;
     Ok(())
+}
+
+/// A device as operators see it (the CLI's `devices`, the API and the dashboard).
+#[derive(Debug, Clone)]
+pub struct DeviceOverview {
+    pub name: String,
+    pub role: crate::store::Role,
+    /// `pending`, `enrolled`, `wipe-requested`, `revoked`, `revoked-wipe-requested`, `wiped`.
+    pub state: &'static str,
+    pub enrolled_at_ms: Option<i64>,
+    pub last_sync_ms: Option<i64>,
+    /// `valid`, `expired` or `never-synced`: whether the device may still show records offline.
+    pub lease: &'static str,
+    pub lease_expires_at_ms: Option<i64>,
+    /// Admitted, and no sync for longer than `stale_after_ms`.
+    pub stale: bool,
+    pub documents_held: u64,
+    /// Patients in scope that the device's budget left out at its last round.
+    pub left_out: u64,
+    pub cursor: u64,
+}
+
+/// Every device with its lease, staleness and documents held, at `now_ms`.
+pub fn device_overview(
+    store: &dyn ServerStore,
+    stale_after_ms: i64,
+    now_ms: i64,
+) -> Result<Vec<DeviceOverview>, OpsError> {
+    let held = store.held_counts()?;
+    let mut out = Vec::new();
+    for d in store.devices()? {
+        let lease_ms = crate::domain::governance::lease_ms(store, d.role)? as i64;
+        let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
+        let lease = match lease_expires {
+            None => "never-synced",
+            Some(until) if until > now_ms => "valid",
+            Some(_) => "expired",
+        };
+        let stale = d.admitted() && d.last_sync_ms.is_none_or(|t| now_ms - t > stale_after_ms);
+        out.push(DeviceOverview {
+            state: d.state(),
+            documents_held: held.get(&d.id).copied().unwrap_or(0),
+            name: d.name,
+            role: d.role,
+            enrolled_at_ms: d.enrolled_at_ms,
+            last_sync_ms: d.last_sync_ms,
+            lease,
+            lease_expires_at_ms: lease_expires,
+            stale,
+            left_out: d.left_out,
+            cursor: d.acked_cursor,
+        });
+    }
+    Ok(out)
 }

@@ -356,9 +356,16 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
                 live.remove(&device.id);
             }
         }
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "sync session failed");
-            close_with(&conn, e);
+        match &result {
+            Err(e) => {
+                tracing::warn!(error = %e, "sync session failed");
+                close_with(&conn, e);
+            }
+            // One line per session at the default level: who synced, for how long.
+            Ok(()) => tracing::info!(
+                seconds = (care_node::now_ms() - admitted) as f64 / 1000.0,
+                "sync session ended"
+            ),
         }
         result
     }

@@ -222,8 +222,20 @@ pub fn consent(store: &dyn ServerStore, action: ConsentAction) -> CliResult {
 pub fn alerts(store: &dyn ServerStore, action: AlertAction) -> CliResult {
     match action {
         AlertAction::List { all } => {
+            let alerts = store.alerts(all)?;
+            if alerts.is_empty() {
+                println!(
+                    "{}",
+                    if all {
+                        "no alerts"
+                    } else {
+                        "no open alerts (`alerts list --all` shows acknowledged ones)"
+                    }
+                );
+                return Ok(());
+            }
             println!("{:<5} {:<22} {:<13} {:<18} {:<18} REASON", "ID", "AT", "KIND", "DEVICE", "PATIENT");
-            for a in store.alerts(all)? {
+            for a in alerts {
                 let patient =
                     a.patient.map(|p| care_node::identity::short_hex(p.as_bytes())).unwrap_or_default();
                 let state = if a.acknowledged_at_ms.is_some() { " (acknowledged)" } else { "" };

@@ -321,6 +321,15 @@ fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::erro
     Ok(Arc::new(SqliteStore::open(dir)?))
 }
 
+/// `care-sync-server patients | head` ends quietly when `head` has had enough, as Unix tools
+/// do, instead of panicking on the broken pipe (Rust ignores SIGPIPE by default).
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Errors of the operator commands, shown to the operator as one line.
 pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -459,18 +468,32 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::Devices => {
             let store = open(&dir)?;
-            println!("{:<20} {:<16} {:<22} {:<22} {:>8}", "NAME", "ROLE", "STATE", "LAST SYNC", "CURSOR");
-            for d in store.devices()? {
-                let state = d.state();
+            let stale_after = (config.admin.stale_after_hours * 3_600_000.0) as i64;
+            let devices = ops::device_overview(store.as_ref(), stale_after, care_node::now_ms())?;
+            println!(
+                "{:<20} {:<16} {:<24} {:<22} {:<14} {:>9}  STALE",
+                "NAME", "ROLE", "STATE", "LAST SYNC", "LEASE", "DOCUMENTS"
+            );
+            for d in &devices {
                 let last = d.last_sync_ms.map_or("never".to_string(), care_node::view::format_time);
+                let documents = if d.left_out > 0 {
+                    format!("{} (+{} over budget)", d.documents_held, d.left_out)
+                } else {
+                    d.documents_held.to_string()
+                };
                 println!(
-                    "{:<20} {:<16} {:<22} {:<22} {:>8}",
+                    "{:<20} {:<16} {:<24} {:<22} {:<14} {:>9}  {}",
                     d.name,
                     d.role.as_str(),
-                    state,
+                    d.state,
                     last,
-                    d.acked_cursor
+                    d.lease,
+                    documents,
+                    if d.stale { "stale" } else { "" }
                 );
+            }
+            if devices.is_empty() {
+                println!("no devices yet: `enrol-device --name NAME --role ROLE` issues a token");
             }
         }
         Command::RevokeDevice { name } => {
@@ -639,11 +662,24 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::Patients { provisional } => {
             let store = open(&dir)?;
+            let mut shown = 0;
             for (id, nhs) in store.patient_ids()? {
-                if provisional && nhs.is_some() {
-                    continue;
-                }
-                println!("{id}  {}", nhs.as_deref().unwrap_or("provisional"));
+                let label = match nhs {
+                    Some(nhs) if !provisional => nhs,
+                    Some(_) => continue,
+                    // Without an NHS number: provisional, or merged away (its number went to the
+                    // record that absorbed it). Merged records are not provisional any more.
+                    None => match ops::merged_into(store.as_ref(), &id)? {
+                        Some(_) if provisional => continue,
+                        Some(into) => format!("merged into {into}"),
+                        None => "provisional".into(),
+                    },
+                };
+                println!("{id}  {label}");
+                shown += 1;
+            }
+            if shown == 0 {
+                println!("{}", if provisional { "no provisional records" } else { "no patients yet" });
             }
         }
         Command::WipeDevice { name } => {
@@ -691,6 +727,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let config = match &cli.config {
         Some(file) => match Config::load(file) {
@@ -710,7 +747,9 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::DEFAULT_LOG_FILTER));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match cli.log_format.unwrap_or(config.logging.format) {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),

@@ -145,34 +145,22 @@ struct DeviceView {
 async fn devices(State(state): State<Arc<AdminState>>) -> ApiResult {
     let stale_after = state.stale_after_ms;
     blocking(&state, move |store| {
-        let now = care_node::now_ms();
-        let held = store.held_counts()?;
-        let mut out = Vec::new();
-        for d in store.devices()? {
-            let state = d.state();
-            let lease_ms = crate::domain::governance::lease_ms(store, d.role)? as i64;
-            let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
-            let lease = match lease_expires {
-                None => "never-synced",
-                Some(until) if until > now => "valid",
-                Some(_) => "expired",
-            };
-            let active = d.admitted();
-            let stale = active && d.last_sync_ms.is_none_or(|t| now - t > stale_after);
-            out.push(DeviceView {
+        let out: Vec<DeviceView> = ops::device_overview(store, stale_after, care_node::now_ms())?
+            .into_iter()
+            .map(|d| DeviceView {
                 name: d.name,
                 role: d.role.as_str(),
-                state,
+                state: d.state,
                 enrolled_at: iso(d.enrolled_at_ms),
                 last_sync: iso(d.last_sync_ms),
-                lease,
-                lease_expires_at: iso(lease_expires),
-                stale,
-                documents_held: held.get(&d.id).copied().unwrap_or(0),
+                lease: d.lease,
+                lease_expires_at: iso(d.lease_expires_at_ms),
+                stale: d.stale,
+                documents_held: d.documents_held,
                 left_out: d.left_out,
-                cursor: d.acked_cursor,
-            });
-        }
+                cursor: d.cursor,
+            })
+            .collect();
         Ok(Json(json!({ "devices": out })))
     })
     .await
