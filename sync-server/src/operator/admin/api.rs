@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -63,9 +63,12 @@ impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
         match e {
             OpsError::Store(e) => e.into(),
-            OpsError::NhsNumber(_) | OpsError::Invalid(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            // No patient has a number whose check digit fails (the format itself is the
+            // schema's to check): not found, like any number the region does not know.
+            OpsError::NhsNumber(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("no patient has that NHS number: {e}"))
             }
+            OpsError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
             OpsError::NotEnrolled(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         }
     }
@@ -91,6 +94,54 @@ impl From<StoreError> for ApiError {
 }
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+/// An extractor's refusal, answered like every other error: `{"error": …}` with its status
+/// (400 malformed, 415 not JSON, 422 wrong or missing fields), values hidden.
+fn refused(status: StatusCode, text: String) -> ApiError {
+    ApiError::new(status, crate::ingest::fhir::model::hide_values(text.lines().next().unwrap_or_default()))
+}
+
+/// `axum::Json` with JSON refusals.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(r) => Err(refused(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `axum::extract::Query` with JSON refusals.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(r) => Err(refused(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `axum::extract::Path` with JSON refusals.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(r) => Err(refused(r.status(), r.body_text())),
+        }
+    }
+}
 
 /// Runs store work on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -176,10 +227,10 @@ struct EnrolRequest {
 
 async fn enrol_device(
     State(state): State<Arc<AdminState>>,
-    Json(request): Json<EnrolRequest>,
+    ApiJson(request): ApiJson<EnrolRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let name = request.name.trim().to_string();
-    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(|c| c.is_control()) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "a device name is 1 to 64 printable characters"));
     }
     let role: Role = request.role.parse().map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
@@ -197,7 +248,7 @@ async fn enrol_device(
     ))
 }
 
-async fn revoke_device(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> ApiResult {
+async fn revoke_device(State(state): State<Arc<AdminState>>, ApiPath(name): ApiPath<String>) -> ApiResult {
     blocking(&state, move |store| {
         ops::revoke(store, &name)?;
         Ok(Json(json!({ "device": name, "state": "revoked" })))
@@ -205,7 +256,7 @@ async fn revoke_device(State(state): State<Arc<AdminState>>, Path(name): Path<St
     .await
 }
 
-async fn wipe_device(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> ApiResult {
+async fn wipe_device(State(state): State<Arc<AdminState>>, ApiPath(name): ApiPath<String>) -> ApiResult {
     blocking(&state, move |store| {
         ops::wipe(store, &name)?;
         Ok(Json(json!({ "device": name, "state": "wipe-requested" })))
@@ -246,25 +297,38 @@ async fn scopes(State(state): State<Arc<AdminState>>) -> ApiResult {
 struct DevicePatient {
     device: String,
     nhs: String,
-    /// Incidents only: how long the grant lasts.
+}
+
+/// An incident to open: a device, a patient, and how long the grant lasts.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncidentRequest {
+    device: String,
+    nhs: String,
     hours: Option<f64>,
 }
 
-async fn caseload_add(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+async fn caseload_add(State(state): State<Arc<AdminState>>, ApiJson(r): ApiJson<DevicePatient>) -> ApiResult {
     blocking(&state, move |store| {
         Ok(Json(json!({ "changed": ops::caseload_add(store, &r.device, &r.nhs)? })))
     })
     .await
 }
 
-async fn caseload_remove(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+async fn caseload_remove(
+    State(state): State<Arc<AdminState>>,
+    ApiJson(r): ApiJson<DevicePatient>,
+) -> ApiResult {
     blocking(&state, move |store| {
         Ok(Json(json!({ "changed": ops::caseload_remove(store, &r.device, &r.nhs)? })))
     })
     .await
 }
 
-async fn incident_open(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+async fn incident_open(
+    State(state): State<Arc<AdminState>>,
+    ApiJson(r): ApiJson<IncidentRequest>,
+) -> ApiResult {
     blocking(&state, move |store| {
         let hours = r.hours.unwrap_or(ops::DEFAULT_INCIDENT_HOURS);
         Ok(Json(json!({ "grant": ops::incident_open(store, &r.device, &r.nhs, hours)? })))
@@ -272,7 +336,10 @@ async fn incident_open(State(state): State<Arc<AdminState>>, Json(r): Json<Devic
     .await
 }
 
-async fn incident_close(State(state): State<Arc<AdminState>>, Json(r): Json<DevicePatient>) -> ApiResult {
+async fn incident_close(
+    State(state): State<Arc<AdminState>>,
+    ApiJson(r): ApiJson<DevicePatient>,
+) -> ApiResult {
     blocking(&state, move |store| {
         Ok(Json(json!({ "closed": ops::incident_close(store, &r.device, &r.nhs)? })))
     })
@@ -286,14 +353,14 @@ struct DeviceDistrict {
     district: String,
 }
 
-async fn area_add(State(state): State<Arc<AdminState>>, Json(r): Json<DeviceDistrict>) -> ApiResult {
+async fn area_add(State(state): State<Arc<AdminState>>, ApiJson(r): ApiJson<DeviceDistrict>) -> ApiResult {
     blocking(&state, move |store| {
         Ok(Json(json!({ "changed": ops::area(store, &r.device, &r.district, true)? })))
     })
     .await
 }
 
-async fn area_remove(State(state): State<Arc<AdminState>>, Json(r): Json<DeviceDistrict>) -> ApiResult {
+async fn area_remove(State(state): State<Arc<AdminState>>, ApiJson(r): ApiJson<DeviceDistrict>) -> ApiResult {
     blocking(&state, move |store| {
         Ok(Json(json!({ "changed": ops::area(store, &r.device, &r.district, false)? })))
     })
@@ -306,7 +373,7 @@ struct AlertsQuery {
     all: bool,
 }
 
-async fn alerts(State(state): State<Arc<AdminState>>, Query(q): Query<AlertsQuery>) -> ApiResult {
+async fn alerts(State(state): State<Arc<AdminState>>, ApiQuery(q): ApiQuery<AlertsQuery>) -> ApiResult {
     blocking(&state, move |store| {
         let alerts: Vec<Value> = store
             .alerts(q.all)?
@@ -338,8 +405,8 @@ struct AckRequest {
 
 async fn acknowledge_alert(
     State(state): State<Arc<AdminState>>,
-    Path(id): Path<i64>,
-    Json(r): Json<AckRequest>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(r): ApiJson<AckRequest>,
 ) -> ApiResult {
     blocking(&state, move |store| {
         if ops::acknowledge_alert(store, id, &r.note)? {
@@ -352,7 +419,7 @@ async fn acknowledge_alert(
 }
 
 /// A sealed alert reason, for the operator who asks; the look is audited.
-async fn alert_reason(State(state): State<Arc<AdminState>>, Path(id): Path<i64>) -> ApiResult {
+async fn alert_reason(State(state): State<Arc<AdminState>>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     blocking(&state, move |store| match ops::alert_reason(store, id)? {
         Some(reason) => Ok(Json(json!({ "id": id, "reason": reason }))),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no alert {id}"))),
@@ -369,8 +436,8 @@ struct QuarantineQuery {
 
 async fn review_quarantine(
     State(state): State<Arc<AdminState>>,
-    Path(id): Path<i64>,
-    Json(r): Json<AckRequest>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(r): ApiJson<AckRequest>,
 ) -> ApiResult {
     blocking(&state, move |store| {
         if ops::review_quarantine(store, id, &r.note)? {
@@ -383,7 +450,10 @@ async fn review_quarantine(
 }
 
 /// Uploads the write policy refused: rule and place, never the changes themselves.
-async fn quarantine(State(state): State<Arc<AdminState>>, Query(q): Query<QuarantineQuery>) -> ApiResult {
+async fn quarantine(
+    State(state): State<Arc<AdminState>>,
+    ApiQuery(q): ApiQuery<QuarantineQuery>,
+) -> ApiResult {
     let all = q.all;
     blocking(&state, move |store| {
         let device = match q.device.filter(|d| !d.trim().is_empty()) {
@@ -427,16 +497,26 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-async fn audit(State(state): State<Arc<AdminState>>, Query(q): Query<AuditQuery>) -> ApiResult {
+/// The most audit lines one request returns.
+const MAX_AUDIT_LIMIT: usize = 10_000;
+
+async fn audit(State(state): State<Arc<AdminState>>, ApiQuery(q): ApiQuery<AuditQuery>) -> ApiResult {
     blocking(&state, move |store| {
-        let blank = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        // An empty parameter is no filter (as the schema says); anything else is read.
+        let blank = |s: Option<String>| s.filter(|s| !s.is_empty());
         let filter = AuditFilter {
             patient: blank(q.nhs).map(|n| ops::find_patient(store, &n)).transpose()?,
             actor: blank(q.device),
             since_ms: blank(q.since).map(|s| ops::parse_since(&s)).transpose()?,
         };
         let entries = ops::audit_search(store, &filter)?;
-        let limit = q.limit.unwrap_or(500).min(10_000);
+        let limit = q.limit.unwrap_or(500);
+        if limit > MAX_AUDIT_LIMIT {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit is at most {MAX_AUDIT_LIMIT}"),
+            ));
+        }
         let total = entries.len();
         // Newest first, so that a limit keeps the most recent.
         let shown: Vec<Value> = entries
@@ -486,7 +566,7 @@ struct SettingRequest {
 }
 
 /// Changes a setting as an operator (audited).
-async fn set_setting(State(state): State<Arc<AdminState>>, Json(r): Json<SettingRequest>) -> ApiResult {
+async fn set_setting(State(state): State<Arc<AdminState>>, ApiJson(r): ApiJson<SettingRequest>) -> ApiResult {
     blocking(&state, move |store| {
         ops::set_setting(store, &r.name, &r.value)?;
         Ok(Json(json!({ "name": r.name, "value": r.value.trim(), "source": "operator" })))
@@ -526,9 +606,9 @@ struct PlanningQuery {
 /// `X-Planning-Suppressed-Cells`.
 async fn planning_export(
     State(state): State<Arc<AdminState>>,
-    Query(q): Query<PlanningQuery>,
+    ApiQuery(q): ApiQuery<PlanningQuery>,
 ) -> Result<Response, ApiError> {
-    let grouping = match q.by.as_deref().filter(|b| !b.trim().is_empty()) {
+    let grouping = match q.by.as_deref().filter(|b| !b.is_empty()) {
         Some(by) => crate::operator::planning::Grouping::parse(by)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?,
         None => crate::operator::planning::Grouping::ALL,
