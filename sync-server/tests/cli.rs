@@ -257,3 +257,48 @@ fn operator_output_survives_a_closed_pipe_logs_to_a_file_without_colours_and_emp
     assert!(text(&run(dir.path(), &["alerts"]).stdout).contains("no open alerts"));
     assert!(text(&run(dir.path(), &["patients", "--provisional"]).stdout).contains("no provisional records"));
 }
+
+#[test]
+fn a_caseload_file_is_applied_whole_or_refused_with_every_bad_line_named() {
+    use care_sync_server::store::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["generate", "--patients", "5"]).status.success());
+    assert!(
+        run(dir.path(), &["enrol-device", "--name", "nurse-1", "--role", "community-nurse"]).status.success()
+    );
+    let nhs: Vec<String> = {
+        let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        store.patient_ids().unwrap().into_iter().filter_map(|(_, n)| n).collect()
+    };
+    let file = dir.path().join("caseload.csv");
+    let bad =
+        format!("device,nhs\nnurse-1,{}\n# a comment\nnurse-9,{}\nnurse-1,1234567890\n", nhs[0], nhs[1]);
+    std::fs::write(&file, bad).unwrap();
+    let out = run(dir.path(), &["caseload", "import", file.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("line 4: no device named `nurse-9`")
+            && err.contains("line 5:")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(!err.contains("1234567890"), "the number is not echoed: {err}");
+    let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let nurse = store.device_by_name("nurse-1").unwrap().unwrap().id;
+    assert!(store.caseload(nurse).unwrap().is_empty(), "nothing applied");
+
+    let good: String = nhs.iter().map(|n| format!("nurse-1,\"{n}\"\n")).collect();
+    std::fs::write(&file, good).unwrap();
+    let out = run(dir.path(), &["caseload", "import", file.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("5 line(s): 5 added to caseloads, 0 already there"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(dir.path(), &["caseload", "import", file.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("0 added to caseloads, 5 already there"));
+    assert_eq!(store.caseload(nurse).unwrap().len(), 5);
+    let audit = store.audit_entries(&Default::default()).unwrap();
+    assert_eq!(audit.iter().filter(|a| a.action == "caseload-add").count(), 5, "each addition audited once");
+}

@@ -316,10 +316,17 @@ async fn a_lost_tablet_wiped_then_revoked_still_hears_the_wipe() {
     ops::revoke(server.store.as_ref(), "ambulance-7").unwrap();
     let device = server.store.device_by_name("ambulance-7").unwrap().unwrap();
     assert_eq!(device.state(), "revoked-wipe-requested", "the pending wipe is shown");
+    // The replacement tablet for the same vehicle takes the name; the lost one keeps its record.
+    let mut replacement = TestDevice::enrolled(&server, "ambulance-7", Role::AmbulanceCrew).await;
+    let retired = format!("ambulance-7#{}", device.id);
+    assert_eq!(server.store.device_by_name(&retired).unwrap().unwrap().state(), "revoked-wipe-requested");
+    server.caseload("ambulance-7", [0]);
+    within(30, replacement.sync()).await.expect("the replacement syncs under the old name");
+    assert_eq!(replacement.store.document_count().unwrap(), 1);
     let err = within(30, crew.sync()).await.expect_err("admitted only to be told to wipe");
     assert!(matches!(err, care_node::client::ClientError::Wiped), "{err:?}");
     assert!(crew.store.document_count().is_err() || crew.store.document_count().unwrap() == 0);
-    let device = server.store.device_by_name("ambulance-7").unwrap().unwrap();
+    let device = server.store.device_by_name(&retired).unwrap().unwrap();
     assert_eq!(device.state(), "wiped");
     // And now it is refused outright.
     assert!(within(30, crew.sync()).await.is_err());

@@ -91,6 +91,77 @@ pub fn caseload_add(store: &dyn ServerStore, device_name: &str, patient: &str) -
     Ok(added)
 }
 
+/// What a caseload file did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseloadImport {
+    /// Lines read (data lines: no header, blank lines or comments).
+    pub lines: usize,
+    pub added: usize,
+    pub already: usize,
+}
+
+/// The most problems one refusal of a caseload file lists.
+const MAX_LISTED_PROBLEMS: usize = 20;
+
+/// Puts many patients on caseloads from CSV text (`device,nhs` per line; a `device,nhs` header,
+/// blank lines and `#` comments are skipped): every line is checked first, and any problem
+/// refuses the whole file with each problem's line number; otherwise all of it is applied in
+/// one transaction and each addition audited.
+pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImport, OpsError> {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    let mut devices: std::collections::HashMap<String, Option<i64>> = Default::default();
+    let mut lines = 0;
+    for (n, line) in csv.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty()
+            || line.starts_with('#')
+            || (n == 0 && line.to_ascii_lowercase().replace(' ', "") == "device,nhs")
+        {
+            continue;
+        }
+        lines += 1;
+        let unquote = |f: &str| f.trim().trim_matches('"').trim().to_string();
+        let Some((name, nhs)) = line.split_once(',').map(|(a, b)| (unquote(a), unquote(b))) else {
+            problems.push(format!("line {}: expected `device,nhs`", n + 1));
+            continue;
+        };
+        let id = *devices
+            .entry(name.clone())
+            .or_insert_with(|| store.device_by_name(&name).ok().flatten().map(|d| d.id));
+        let Some(id) = id else {
+            problems.push(format!("line {}: no device named `{name}`", n + 1));
+            continue;
+        };
+        match find_patient(store, &nhs) {
+            Ok(patient) => entries.push((id, patient, name)),
+            Err(e) => problems.push(format!("line {}: {e}", n + 1)),
+        }
+    }
+    if !problems.is_empty() {
+        let more = problems.len().saturating_sub(MAX_LISTED_PROBLEMS);
+        problems.truncate(MAX_LISTED_PROBLEMS);
+        let mut text = format!("nothing was changed; fix these lines:\n{}", problems.join("\n"));
+        if more > 0 {
+            text.push_str(&format!("\n… and {more} more"));
+        }
+        return Err(OpsError::Invalid(text));
+    }
+    let pairs: Vec<(i64, PatientId)> = entries.iter().map(|(d, p, _)| (*d, *p)).collect();
+    let added = store.caseload_add_many(&pairs)?;
+    for (device, patient) in &added {
+        let name = entries.iter().find(|(d, _, _)| d == device).map_or("?", |(_, _, n)| n.as_str());
+        store.append_audit(
+            OPERATOR,
+            "caseload-add",
+            Some(patient),
+            &format!("device {name} (caseload file)"),
+            now(),
+        )?;
+    }
+    Ok(CaseloadImport { lines, added: added.len(), already: pairs.len() - added.len() })
+}
+
 /// Takes a patient off a device's caseload; the device purges the record at its next sync.
 pub fn caseload_remove(store: &dyn ServerStore, device_name: &str, patient: &str) -> Result<bool, OpsError> {
     let device = device(store, device_name)?;

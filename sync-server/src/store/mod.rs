@@ -24,7 +24,9 @@ pub enum StoreError {
     Document(String, Box<care_node::summary::SummaryError>),
     #[error("no device named `{0}`")]
     UnknownDevice(String),
-    #[error("device `{0}` is already enrolled; revoke it or choose another name")]
+    #[error(
+        "device `{0}` is already enrolled; revoke it first to give its name to a new device, or choose another name"
+    )]
     AlreadyEnrolled(String),
     #[error("no patient with that NHS number on this server")]
     UnknownPatient,
@@ -537,6 +539,9 @@ pub trait Governance: Send + Sync {
     fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError>;
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
+    /// Adds many `(device, patient)` pairs in one transaction (all or none); returns the pairs
+    /// that were not there before.
+    fn caseload_add_many(&self, entries: &[(i64, PatientId)]) -> Result<Vec<(i64, PatientId)>, StoreError>;
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError>;
     fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
 }

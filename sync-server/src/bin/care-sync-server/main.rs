@@ -291,6 +291,12 @@ enum CaseloadAction {
         #[arg(long)]
         nhs: String,
     },
+    /// Puts many patients on caseloads from a CSV file of `device,nhs` lines, all or nothing,
+    /// with every bad line named.
+    Import {
+        /// The CSV file (a `device,nhs` header, blank lines and `#` comments are skipped).
+        file: PathBuf,
+    },
     /// Takes a patient off a device's caseload: it purges the record at its next sync.
     Remove {
         /// The device, by its enrolled name (e.g. ambulance-7).
@@ -510,6 +516,15 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                 CaseloadAction::Add { device, nhs } => {
                     let added = ops::caseload_add(store.as_ref(), &device, &nhs)?;
                     println!("{}", if added { "added to the caseload" } else { "already on the caseload" });
+                }
+                CaseloadAction::Import { file } => {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    let done = ops::caseload_import(store.as_ref(), &text)?;
+                    println!(
+                        "{} line(s): {} added to caseloads, {} already there",
+                        done.lines, done.added, done.already
+                    );
                 }
                 CaseloadAction::Remove { device, nhs } => {
                     let removed = ops::caseload_remove(store.as_ref(), &device, &nhs)?;

@@ -107,7 +107,16 @@ impl DeviceRegistry for SqliteStore {
         let existing =
             tx.query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row).optional()?;
         let device_id = match existing {
-            Some(d) if d.public_key.is_some() || d.revoked_at_ms.is_some() => {
+            // A revoked device gives up its name, so a replacement tablet for the same vehicle
+            // can take it: the old record stays (its key, audit and any pending wipe) as
+            // `name#id`.
+            Some(d) if d.revoked_at_ms.is_some() => {
+                let retired = format!("{name}#{}", d.id);
+                tx.execute("UPDATE devices SET name = ?1 WHERE id = ?2", params![retired, d.id])?;
+                tx.execute("INSERT INTO devices (name, role) VALUES (?1, ?2)", params![name, role.as_str()])?;
+                tx.last_insert_rowid()
+            }
+            Some(d) if d.public_key.is_some() => {
                 return Err(StoreError::AlreadyEnrolled(name.to_string()));
             }
             Some(d) => {

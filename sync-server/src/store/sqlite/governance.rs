@@ -344,6 +344,24 @@ impl Governance for SqliteStore {
         )? > 0)
     }
 
+    fn caseload_add_many(&self, entries: &[(i64, PatientId)]) -> Result<Vec<(i64, PatientId)>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut added = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO caseload (device_id, patient_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )?;
+            for (device, patient) in entries {
+                if insert.execute(params![device, patient.as_bytes().as_slice()])? > 0 {
+                    added.push((*device, *patient));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
     fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError> {
         let conn = self.conn();
         let mut stmt =
