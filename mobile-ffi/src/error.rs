@@ -67,6 +67,7 @@ impl From<StoreError> for CareError {
             StoreError::UnknownPatient => CareError::UnknownPatient(message),
             StoreError::Wiped => CareError::Wiped(message),
             StoreError::Refused(_) => CareError::NotPermitted(message),
+            StoreError::InvalidEntry(_) => CareError::InvalidInput(message),
             _ => CareError::Internal(message),
         }
     }

@@ -20,6 +20,7 @@ use care_node::news2::{Assessment, Observations};
 use care_node::nhs::NhsNumber;
 use care_node::notify::Notification;
 use care_node::protocol::AccessKind;
+use care_node::record::NewEntry;
 use care_node::store::{DeviceStore, PatientCard};
 use care_node::summary::Section;
 use care_node::sync::{AccessRequest, SyncStats};
@@ -286,6 +287,17 @@ impl CareNode {
             let mut patient = s.view_patient(&nhs, if from_search { "search-open" } else { "ffi-read" })?;
             let sync = s.sync_state()?;
             PatientView::build(&mut patient, &sync, s.diverged()?)
+        })
+    }
+
+    /// Records an entry of any section (works offline): an allergy, problem, medication, alert,
+    /// care plan, contact or result, with the same checks as the CLI. Returns the entry's id.
+    /// `InvalidInput` names the field at fault; `NotPermitted` when the device's role may not
+    /// write that section.
+    pub fn add_entry(&self, nhs_number: String, entry: NewEntry) -> Result<String, CareError> {
+        self.with_store(|s| {
+            let nhs = NhsNumber::parse(&nhs_number)?;
+            Ok(s.record(&nhs, &entry)?.to_string())
         })
     }
 

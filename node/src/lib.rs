@@ -32,6 +32,7 @@ pub mod notify;
 pub mod policy;
 pub mod private;
 pub mod protocol;
+pub mod record;
 pub mod store;
 pub mod summary;
 pub mod sync;

@@ -141,6 +141,30 @@ async def main():
     assert outcome.stats.uploaded_changes == 3, outcome.stats
     assert node.status().pending_changes == 0
 
+    # Entries of every section a crew may write, offline, with the CLI's checks.
+    added = {
+        "allergies": node.add_entry(NHS, cn.NewEntry.ALLERGY("Latex", "urticaria", "moderate")),
+        "problems": node.add_entry(NHS, cn.NewEntry.PROBLEM("Fractured neck of femur")),
+        "medications": node.add_entry(NHS, cn.NewEntry.MEDICATION("Morphine", "2.5 mg", "intravenous", None)),
+        "alerts": node.add_entry(NHS, cn.NewEntry.ALERT("communication", "Hard of hearing: face her when speaking")),
+        "contacts": node.add_entry(NHS, cn.NewEntry.CONTACT("Ann Tester", "daughter", "07700 900123")),
+        "results": node.add_entry(NHS, cn.NewEntry.RESULT("Capillary blood glucose", "6.1", "mmol/L")),
+    }
+    after = node.read_patient(NHS, False)
+    for section, entry_id in added.items():
+        assert entry_id in [e.id for e in getattr(after, section)], section
+    assert any(e.entry.substance == "Latex" and e.entry.severity == "moderate" for e in after.allergies)
+    # A crew's role does not write care plans: refused on the device, before anything is stored.
+    e = expect(ffi.CareError.NotPermitted, node.add_entry, NHS, cn.NewEntry.CARE_PLAN("Weekly review", None))
+    assert "Weekly review" not in str(e)
+    e = expect(ffi.CareError.InvalidInput, node.add_entry, NHS, cn.NewEntry.ALERT("gossip", "Secret text"))
+    assert "alert kind" in str(e) and "Secret" not in str(e), str(e)
+    expect(ffi.CareError.InvalidInput, node.add_entry, NHS, cn.NewEntry.PROBLEM("   "))
+    pending = node.status().pending_changes
+    assert pending == len(added), pending
+    outcome = await node.sync(None)
+    assert outcome.stats.uploaded_changes == pending and outcome.stats.refused_changes == 0, outcome.stats
+
     # Error mapping: kinds are right and messages carry no patient data.
     e = expect(ffi.CareError.InvalidInput, node.read_patient, "9990000010", False)
     assert "9990000010" not in str(e)

@@ -11,8 +11,9 @@ use care_node::crypto::PassphraseWrapper;
 use care_node::news2::{Consciousness, Observations};
 use care_node::nhs::NhsNumber;
 use care_node::protocol::AccessKind;
+use care_node::record::NewEntry;
 use care_node::store::{DeviceStore, StoreError};
-use care_node::summary::{Alert, Allergy, Medication, Problem, Section, alert_kind};
+use care_node::summary::Section;
 use care_node::sync::AccessRequest;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -83,10 +84,13 @@ enum Command {
         /// Which section the entry goes in.
         #[arg(long, value_enum)]
         section: SectionArg,
-        /// The entry: a problem's description, a medication's name, an alert's description.
+        /// The entry: a problem's description, a medication's name, an alert's description, a
+        /// care plan's title, a contact's name, a result's title.
         #[arg(long)]
         text: String,
-        /// Medication dose, or alert kind (e.g. respect-dnacpr, safeguarding, access).
+        /// A medication's dose; an alert's kind (respect-dnacpr, safeguarding, communication,
+        /// access, end-of-life, clinical; default clinical); a care plan's description; a
+        /// contact's relationship (required); a result's value.
         #[arg(long)]
         detail: Option<String>,
     },
@@ -177,6 +181,9 @@ enum SectionArg {
     Problems,
     Medications,
     Alerts,
+    CarePlans,
+    Contacts,
+    Results,
 }
 
 /// The store's passphrase: `CARE_NODE_PASSPHRASE`, or asked at the terminal (twice for a new
@@ -335,27 +342,29 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::AddAllergy { nhs_number, substance, reaction, severity } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let mut entry = Allergy::new(&substance, store.provenance()?);
-            entry.reaction = reaction;
-            entry.severity = severity;
-            let id = store.add_entry(&nhs, &entry)?;
+            let id = store.record(&nhs, &NewEntry::Allergy { substance, reaction, severity })?;
             println!("recorded allergy {id}; it will upload at the next sync");
         }
         Command::Add { nhs_number, section, text, detail } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let provenance = store.provenance()?;
-            let id = match section {
-                SectionArg::Problems => store.add_entry(&nhs, &Problem::new(&text, provenance)),
+            let entry = match section {
+                SectionArg::Problems => NewEntry::Problem { description: text },
                 SectionArg::Medications => {
-                    let mut m = Medication::new(&text, provenance);
-                    m.dose = detail;
-                    store.add_entry(&nhs, &m)
+                    NewEntry::Medication { name: text, dose: detail, route: None, frequency: None }
                 }
-                SectionArg::Alerts => {
-                    let kind = detail.unwrap_or_else(|| alert_kind::CLINICAL.into());
-                    store.add_entry(&nhs, &Alert::new(&kind, &text, provenance))
-                }
-            }?;
+                SectionArg::Alerts => NewEntry::Alert {
+                    kind: detail.unwrap_or_else(|| care_node::summary::alert_kind::CLINICAL.into()),
+                    description: text,
+                },
+                SectionArg::CarePlans => NewEntry::CarePlan { title: text, description: detail },
+                SectionArg::Contacts => NewEntry::Contact {
+                    name: text,
+                    relationship: detail.ok_or("a contact needs --detail RELATIONSHIP (e.g. next-of-kin)")?,
+                    phone: None,
+                },
+                SectionArg::Results => NewEntry::Result { title: text, value: detail, unit: None },
+            };
+            let id = store.record(&nhs, &entry)?;
             println!("recorded entry {id}; it will upload at the next sync");
         }
         Command::RecordObs {

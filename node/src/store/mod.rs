@@ -76,6 +76,8 @@ pub enum StoreError {
     ClockWoundBack { minutes: i64 },
     #[error("this device may not make that change: {0}")]
     Refused(#[from] crate::policy::Refusal),
+    #[error("the entry cannot be recorded: {0}")]
+    InvalidEntry(#[from] crate::record::InvalidEntry),
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -99,6 +99,18 @@ impl DeviceStore {
         self.edit(nhs, |summary| summary.add(entry))
     }
 
+    /// Records a clinician's entry of any section (works offline): checked, given this
+    /// device's provenance, and stored under the write policy like every local edit.
+    pub fn record(
+        &mut self,
+        nhs: &NhsNumber,
+        entry: &crate::record::NewEntry,
+    ) -> Result<crate::summary::EntryId, StoreError> {
+        entry.check()?;
+        let provenance = self.provenance()?;
+        self.edit(nhs, |summary| entry.add_to(summary, provenance))
+    }
+
     /// Marks an entry as entered in error on this device (works offline).
     pub fn mark_entered_in_error(
         &mut self,
