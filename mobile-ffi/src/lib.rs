@@ -290,6 +290,12 @@ impl CareNode {
         })
     }
 
+    /// Sets how long network calls (sync, enrol, break glass, permission to view) wait for the
+    /// server before `Offline` (default 10 s; at least 100 ms; for the whole process).
+    pub fn set_connect_timeout_ms(&self, timeout_ms: u64) {
+        care_node::client::set_connect_timeout(std::time::Duration::from_millis(timeout_ms));
+    }
+
     /// Records an entry of any section (works offline): an allergy, problem, medication, alert,
     /// care plan, contact or result, with the same checks as the CLI. Returns the entry's id.
     /// `InvalidInput` names the field at fault; `NotPermitted` when the device's role may not

@@ -21,8 +21,27 @@ use crate::wire::{WireError, read_frame, write_frame};
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long closing a connection waits for the close to leave (draining goes on in the background).
 pub const CLOSE_GRACE: Duration = Duration::from_millis(5);
-/// How long a device tries to reach the server before saying it is unreachable.
+/// How long a device tries to reach the server before saying it is unreachable, unless
+/// [`set_connect_timeout`] says otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connect timeout in force, in milliseconds (process-wide).
+static CONNECT_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(CONNECT_TIMEOUT.as_millis() as u64);
+
+/// Sets how long connecting waits for the server (for every connection this process opens
+/// from now on; at least 100 ms). QUIC runs over UDP, where a server that is down and a slow
+/// link look the same until the time runs out: a crew that knows it has no signal can ask for
+/// a short wait.
+pub fn set_connect_timeout(timeout: Duration) {
+    let ms = timeout.as_millis().clamp(100, u128::from(u32::MAX)) as u64;
+    CONNECT_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How long connecting waits for the server now.
+pub fn connect_timeout() -> Duration {
+    Duration::from_millis(CONNECT_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -137,9 +156,10 @@ impl DeviceConnection {
         endpoint.set_default_client_config(client_config(identity, fingerprints, alpn)?);
         let connecting =
             endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let wait = connect_timeout();
+        let connection = tokio::time::timeout(wait, connecting)
             .await
-            .map_err(|_| ClientError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|_| ClientError::Unreachable(format!("no answer within {wait:?}")))?
             .map_err(|e| match e {
                 quinn::ConnectionError::TransportError(ref t) if is_crypto_error(u64::from(t.code)) => {
                     ClientError::ServerKeyMismatch

@@ -67,3 +67,18 @@ fn the_store_flag_goes_anywhere_a_failed_enrolment_leaves_no_store_and_help_name
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("CARE_NODE_PASSPHRASE") && help.contains("twice for a new store"), "{help}");
 }
+
+#[test]
+fn the_connect_timeout_is_the_operators_to_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("device.db");
+    // A token for a server that is not there (nothing listens on UDP port 9 of loopback).
+    let token = care_node::token::EnrolmentToken::new("127.0.0.1:9".into(), [7; 32]).encode();
+    let started = std::time::Instant::now();
+    let (ok, text) = care_node(&store, "pass", &["--connect-timeout", "0.5", "enrol", &token]);
+    let waited = started.elapsed();
+    assert!(!ok && text.contains("no answer within 500ms"), "{text}");
+    assert!(waited < std::time::Duration::from_secs(5), "gave up after {waited:?}, not the default 10 s");
+    let (ok, text) = care_node(&store, "pass", &["--connect-timeout", "-1", "status"]);
+    assert!(!ok && text.contains("positive number of seconds"), "{text}");
+}

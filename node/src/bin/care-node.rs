@@ -35,6 +35,18 @@ struct Cli {
         help_heading = "Global options"
     )]
     store: PathBuf,
+    /// Seconds to wait for the server before saying it cannot be reached (sync, enrol, break
+    /// glass, permission to view).
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_NODE_CONNECT_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS",
+        allow_hyphen_values = true,
+        help_heading = "Global options"
+    )]
+    connect_timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -227,6 +239,10 @@ fn parse_nhs(s: &str) -> Result<NhsNumber, String> {
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn run(cli: Cli) -> CliResult {
+    if !(cli.connect_timeout.is_finite() && cli.connect_timeout > 0.0) {
+        return Err("--connect-timeout takes a positive number of seconds".into());
+    }
+    client::set_connect_timeout(std::time::Duration::from_secs_f64(cli.connect_timeout.min(3600.0)));
     let new_store = !cli.store.exists();
     let secret = passphrase(new_store)?;
     let mut store = DeviceStore::open(&cli.store, &PassphraseWrapper::new(secret.clone()))?;
