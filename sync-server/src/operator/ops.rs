@@ -126,9 +126,15 @@ pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImp
             problems.push(format!("line {}: expected `device,nhs`", n + 1));
             continue;
         };
-        let id = *devices
-            .entry(name.clone())
-            .or_insert_with(|| store.device_by_name(&name).ok().flatten().map(|d| d.id));
+        let id = match devices.get(&name) {
+            Some(id) => *id,
+            None => {
+                // A store failure is the store's error, never taken for an unknown device.
+                let id = store.device_by_name(&name)?.map(|d| d.id);
+                devices.insert(name.clone(), id);
+                id
+            }
+        };
         let Some(id) = id else {
             problems.push(format!("line {}: no device named `{name}`", n + 1));
             continue;
