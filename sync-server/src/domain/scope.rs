@@ -165,16 +165,14 @@ pub fn device_scope(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result
     let flags = prefetch_flags(store)?;
     let budget = match store.device_budget(device)? {
         Some(b) => b,
-        None => {
-            crate::domain::settings::Setting::Budget.effective(store)?.0.parse().unwrap_or(DEFAULT_BUDGET)
-        }
+        None => crate::domain::settings::Setting::Budget.value(store)?.parse().unwrap_or(DEFAULT_BUDGET),
     };
     Ok(decide(store.scope_candidates(device, &flags, now_ms)?, budget))
 }
 
 /// The flags that make a patient prefetched (setting `prefetch-flags`, comma-separated).
 pub fn prefetch_flags(store: &dyn ServerStore) -> Result<Vec<String>, StoreError> {
-    let (list, _) = crate::domain::settings::Setting::PrefetchFlags.effective(store)?;
+    let list = crate::domain::settings::Setting::PrefetchFlags.value(store)?;
     Ok(list.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect())
 }
 

@@ -124,6 +124,12 @@ impl Setting {
     }
 
     /// The value in force, and where it came from.
+    /// The value in force (one store read: the sync path asks for it every round).
+    pub fn value(self, store: &dyn ServerStore) -> Result<String, StoreError> {
+        Ok(store.setting(self.name())?.unwrap_or_else(|| self.default_value()))
+    }
+
+    /// The value in force, and where it came from (for operators: two store reads).
     pub fn effective(self, store: &dyn ServerStore) -> Result<(String, Source), StoreError> {
         let Some(value) = store.setting(self.name())? else {
             return Ok((self.default_value(), Source::Default));
@@ -136,7 +142,7 @@ impl Setting {
 
     /// A number of hours as milliseconds (the stored value if it reads, else the default).
     pub fn hours_ms(self, store: &dyn ServerStore) -> Result<i64, StoreError> {
-        let (value, _) = self.effective(store)?;
+        let value = self.value(store)?;
         let default: f64 = self.default_value().parse().unwrap_or(0.0);
         let hours = value.parse::<f64>().ok().filter(|h| h.is_finite() && *h >= 0.0).unwrap_or(default);
         Ok((hours * 3_600_000.0) as i64)
