@@ -14,9 +14,22 @@ pub enum CareError {
     NotEnrolled(String),
     #[error("{0}")]
     AlreadyEnrolled(String),
-    /// Wrong passphrase, or the keystore could not unwrap the data key.
+    /// Wrong passphrase (or its wrapped data key is damaged).
     #[error("{0}")]
     WrongKey(String),
+    /// The user cancelled the platform keystore's prompt; ask again when they are ready.
+    #[error("{0}")]
+    KeystoreCancelled(String),
+    /// The platform keystore could not unwrap the data key (e.g. the key was invalidated when
+    /// the device's biometrics changed); the message carries the keystore's reason.
+    #[error("{0}")]
+    KeystoreFailed(String),
+    /// A passphrase store opened with the keystore, or a keystore store with a passphrase.
+    #[error("{0}")]
+    WrongUnlockMethod(String),
+    /// A watch holds the connection to the server: stop it first.
+    #[error("{0}")]
+    Busy(String),
     /// The store is tampered with, corrupt, or not a care-sync store.
     #[error("{0}")]
     StoreDamaged(String),
@@ -46,6 +59,10 @@ impl CareError {
     pub(crate) fn internal() -> Self {
         CareError::Internal("internal error in care-sync; the operation did not complete".into())
     }
+
+    pub(crate) fn busy() -> Self {
+        CareError::Busy("a live session (watch) holds the connection to the server; stop it first".into())
+    }
 }
 
 impl From<StoreError> for CareError {
@@ -54,9 +71,15 @@ impl From<StoreError> for CareError {
         match e {
             StoreError::NotEnrolled => CareError::NotEnrolled(message),
             StoreError::AlreadyEnrolled => CareError::AlreadyEnrolled(message),
-            StoreError::Key(
-                CryptoError::WrongPassphrase | CryptoError::Keystore(_) | CryptoError::MalformedWrappedKey,
-            ) => CareError::WrongKey(message),
+            StoreError::Key(CryptoError::WrongPassphrase | CryptoError::MalformedWrappedKey) => {
+                CareError::WrongKey(message)
+            }
+            // The keystore's own words, once: "the platform keystore failed: <reason>".
+            StoreError::Key(e @ CryptoError::Keystore(_)) => CareError::KeystoreFailed(e.to_string()),
+            StoreError::Key(e @ CryptoError::KeystoreCancelled) => {
+                CareError::KeystoreCancelled(format!("{e}; nothing was opened"))
+            }
+            StoreError::WrongUnlockMethod { .. } => CareError::WrongUnlockMethod(message),
             StoreError::Tampered { .. }
             | StoreError::NotAStore
             | StoreError::Decode { .. }
@@ -110,8 +133,21 @@ impl From<SummaryError> for CareError {
 /// What a platform keystore callback reports.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 pub enum KeystoreError {
-    #[error("the platform keystore failed: {message}")]
+    /// The keystore could not wrap or unwrap; `message` says why (it must hold no patient data).
+    #[error("{message}")]
     Failed { message: String },
+    /// The user dismissed the prompt (biometrics, device PIN).
+    #[error("cancelled by the user")]
+    Cancelled,
+}
+
+impl KeystoreError {
+    pub(crate) fn into_crypto(self) -> CryptoError {
+        match self {
+            KeystoreError::Failed { message } => CryptoError::Keystore(message),
+            KeystoreError::Cancelled => CryptoError::KeystoreCancelled,
+        }
+    }
 }
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for KeystoreError {

@@ -12,7 +12,8 @@
 mod error;
 mod view;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use care_node::client;
 use care_node::crypto::{CryptoError, DataKey, KeyWrapper, PassphraseWrapper};
@@ -55,15 +56,76 @@ pub trait KeyProvider: Send + Sync {
     fn unwrap_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, KeystoreError>;
 }
 
-/// Progress and live updates from syncs.
+/// Progress and live updates from syncs and watches.
+///
+/// Callbacks arrive on the library's own thread (`care-ffi-callbacks`), never the app's main
+/// thread, one at a time and in order; post to the UI thread to update views. Every callback of
+/// a `sync` has arrived before `sync` returns. A callback may call the local methods (reads,
+/// entries, `notifications`, `status`): they use their own connection to the store. It must not
+/// wait for a network call (`sync`, `enrol`, `breakGlass`…) of the same `CareNode`.
 #[uniffi::export(with_foreign)]
 pub trait SyncListener: Send + Sync {
-    /// After each batch from the server: items (documents, changes, purges) of the current round
-    /// applied so far, and how many the round has — for a progress bar.
+    /// Items (documents, changes, purges) of the current round applied so far, and how many the
+    /// round has, for a progress bar: at every hundredth of the round and after each page, never
+    /// before the first item (`total` is known from the first call).
     fn on_progress(&self, applied: u64, total: u64);
     /// New data arrived for patients on this device (documents, changes or purges), with how
-    /// many notifications it produced (read them with `notifications`).
+    /// many notifications it produced (read them with `notifications`). Once per sync; once per
+    /// round the server pushes during a watch.
     fn on_new_data(&self, changed: u64, notifications: u64);
+}
+
+/// A listener's callbacks, queued to one thread of their own: none runs while the store is
+/// locked or a page is being applied, and a slow one never slows the sync.
+enum Event {
+    Progress { applied: u64, total: u64 },
+    NewData { changed: u64, notifications: u64 },
+}
+
+struct Callbacks {
+    queue: Option<std::sync::mpsc::Sender<Event>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Callbacks {
+    fn new(listener: Option<Arc<dyn SyncListener>>) -> Self {
+        let Some(listener) = listener else { return Self { queue: None, thread: None } };
+        let (queue, events) = std::sync::mpsc::channel::<Event>();
+        let thread = std::thread::Builder::new()
+            .name("care-ffi-callbacks".into())
+            .spawn(move || {
+                for event in events {
+                    // An app's callback that throws must not take the library down.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match event {
+                        Event::Progress { applied, total } => listener.on_progress(applied, total),
+                        Event::NewData { changed, notifications } => {
+                            listener.on_new_data(changed, notifications)
+                        }
+                    }));
+                }
+            })
+            .ok();
+        Self { queue: thread.as_ref().map(|_| queue), thread }
+    }
+
+    fn sender(&self) -> Option<std::sync::mpsc::Sender<Event>> {
+        self.queue.clone()
+    }
+
+    /// Waits until every callback queued so far has run. Every handle from [`Callbacks::sender`]
+    /// must be dropped first: the thread ends when the queue closes.
+    async fn finish(mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// New data in a session's totals since `before`: (items changed, notifications).
+fn new_data(before: &SyncStats, now: &SyncStats) -> (u64, u64) {
+    let items = |s: &SyncStats| s.documents_received + s.changes_received + s.documents_purged;
+    (items(now).saturating_sub(items(before)), now.notifications.saturating_sub(before.notifications))
 }
 
 struct PlatformKeystore(Arc<dyn KeyProvider>);
@@ -74,11 +136,11 @@ impl KeyWrapper for PlatformKeystore {
     }
 
     fn wrap(&self, key: &DataKey) -> Result<Vec<u8>, CryptoError> {
-        self.0.wrap_key(key.as_bytes().to_vec()).map_err(|e| CryptoError::Keystore(e.to_string()))
+        self.0.wrap_key(key.as_bytes().to_vec()).map_err(KeystoreError::into_crypto)
     }
 
     fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
-        let key = self.0.unwrap_key(wrapped.to_vec()).map_err(|e| CryptoError::Keystore(e.to_string()))?;
+        let key = self.0.unwrap_key(wrapped.to_vec()).map_err(KeystoreError::into_crypto)?;
         let key: [u8; 32] = key.try_into().map_err(|_| CryptoError::MalformedWrappedKey)?;
         Ok(DataKey::from_bytes(key))
     }
@@ -153,22 +215,45 @@ pub struct DeviceStatus {
     pub left_out_by_budget: u64,
 }
 
-/// A care-sync device: one encrypted store.
+/// A care-sync device: one encrypted store, held on two connections.
 #[derive(uniffi::Object)]
 pub struct CareNode {
-    store: Arc<tokio::sync::Mutex<DeviceStore>>,
+    /// Network calls (enrol, sync, watch, permission to view, break glass) hold this connection
+    /// for their whole exchange, one at a time.
+    network: Arc<tokio::sync::Mutex<DeviceStore>>,
+    /// Local calls (reads, search, entries, status) use their own connection, so they never wait
+    /// for the network: at most for another local call, or for one page of a sync to commit.
+    local: Mutex<DeviceStore>,
+    /// A watch holds the network connection until it is stopped.
+    watching: Arc<AtomicBool>,
 }
 
+type NetworkStore = tokio::sync::OwnedMutexGuard<DeviceStore>;
+
 impl CareNode {
-    fn new(store: DeviceStore) -> Arc<Self> {
-        Arc::new(Self { store: Arc::new(tokio::sync::Mutex::new(store)) })
+    fn new(store: DeviceStore) -> Result<Arc<Self>, CareError> {
+        let local = store.another_connection()?;
+        Ok(Arc::new(Self {
+            network: Arc::new(tokio::sync::Mutex::new(store)),
+            local: Mutex::new(local),
+            watching: Arc::new(AtomicBool::new(false)),
+        }))
     }
 
     fn with_store<T>(
         &self,
         f: impl FnOnce(&mut DeviceStore) -> Result<T, CareError>,
     ) -> Result<T, CareError> {
-        guarded(|| f(&mut self.store.blocking_lock()))
+        // A panic inside a call leaves the store as its last transaction left it: usable.
+        guarded(|| f(&mut self.local.lock().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    /// The network connection: after a running sync, refused while a watch holds it.
+    async fn network(&self) -> Result<NetworkStore, CareError> {
+        if self.watching.load(Ordering::SeqCst) {
+            return Err(CareError::busy());
+        }
+        Ok(self.network.clone().lock_owned().await)
     }
 
     async fn access(
@@ -177,9 +262,8 @@ impl CareNode {
         kind: AccessKind,
         reason: String,
     ) -> Result<AccessOutcome, CareError> {
-        let store = self.store.clone();
+        let mut store = self.network().await?;
         run(async move {
-            let mut store = store.lock().await;
             let nhs = NhsNumber::parse(&nhs_number)?;
             let request = AccessRequest { nhs_number: nhs.as_str().into(), kind, reason };
             let (decision, _) = client::request_access(&mut store, request).await?;
@@ -212,46 +296,48 @@ impl CareNode {
     /// Opens (or creates) the store at `path`, its data key wrapped by the platform keystore.
     #[uniffi::constructor]
     pub fn open_with_keystore(path: String, keys: Arc<dyn KeyProvider>) -> Result<Arc<Self>, CareError> {
-        guarded(|| Ok(Self::new(DeviceStore::open(path.as_ref(), &PlatformKeystore(keys))?)))
+        guarded(|| Self::new(DeviceStore::open(path.as_ref(), &PlatformKeystore(keys))?))
     }
 
     /// Opens (or creates) the store at `path`, its data key wrapped under a passphrase (tests).
     #[uniffi::constructor]
     pub fn open_with_passphrase(path: String, passphrase: String) -> Result<Arc<Self>, CareError> {
-        guarded(|| Ok(Self::new(DeviceStore::open(path.as_ref(), &PassphraseWrapper::new(passphrase))?)))
+        guarded(|| Self::new(DeviceStore::open(path.as_ref(), &PassphraseWrapper::new(passphrase))?))
     }
 
     /// Enrols this device with the operator's one-time token.
     pub async fn enrol(&self, token: String) -> Result<Enrolled, CareError> {
-        let store = self.store.clone();
+        let mut store = self.network().await?;
         run(async move {
-            let mut store = store.lock().await;
             let e = client::enrol(&mut store, &token).await?;
             Ok(Enrolled { device_name: e.device_name, role: e.role, server_address: e.server_addr })
         })
         .await
     }
 
-    /// Syncs with the server, reporting progress and new data to `listener`.
+    /// Syncs with the server, reporting progress and new data to `listener` (see
+    /// [`SyncListener`] for the thread they arrive on). Waits for a sync already running;
+    /// `Busy` while a watch runs (it syncs already).
     pub async fn sync(&self, listener: Option<Arc<dyn SyncListener>>) -> Result<SyncOutcome, CareError> {
-        let store = self.store.clone();
+        let mut store = self.network().await?;
         run(async move {
-            let mut store = store.lock().await;
-            let progress_listener = listener.clone();
+            let callbacks = Callbacks::new(listener);
+            let queue = callbacks.sender();
             let mut progress = move |s: &SyncStats| {
-                if let Some(l) = &progress_listener {
-                    l.on_progress(s.round_applied, s.round_items);
+                if let Some(q) = &queue {
+                    let _ = q.send(Event::Progress { applied: s.round_applied, total: s.round_items });
                 }
             };
-            let report = client::sync_with_progress(&mut store, &mut progress).await?;
-            let changed = report.stats.documents_received
-                + report.stats.changes_received
-                + report.stats.documents_purged;
-            if let Some(l) = &listener
-                && changed > 0
+            let report = client::sync_with_progress(&mut store, &mut progress).await;
+            drop(progress); // its queue handle: `finish` waits for every handle to go
+            if let Ok(report) = &report
+                && let (changed @ 1.., notifications) = new_data(&SyncStats::default(), &report.stats)
+                && let Some(q) = callbacks.sender()
             {
-                l.on_new_data(changed, report.stats.notifications);
+                let _ = q.send(Event::NewData { changed, notifications });
             }
+            callbacks.finish().await;
+            let report = report?;
             Ok(SyncOutcome {
                 bytes: report.udp_bytes(),
                 duration_ms: report.duration.as_millis() as u64,
@@ -259,6 +345,50 @@ impl CareNode {
             })
         })
         .await
+    }
+
+    /// Syncs, then stays connected (a live session): every round the server pushes — within
+    /// about a second of a change anywhere in this device's scope — is applied, and `listener`
+    /// hears `onNewData` for each. Returns at once with the session's handle: `stop()` ends it,
+    /// `wait()` says how it ended (`Offline` when the connection was lost: watch again when
+    /// connected). While it runs, reads and entries work as always; `sync`, `enrol`, `breakGlass`
+    /// and `permissionToView` are `Busy` (stop the watch first). Entries recorded during a watch
+    /// are uploaded by the next sync or watch.
+    pub async fn watch(&self, listener: Arc<dyn SyncListener>) -> Result<Arc<Watch>, CareError> {
+        let mut store = self.network().await?;
+        if self.watching.swap(true, Ordering::SeqCst) {
+            return Err(CareError::busy());
+        }
+        let watching = self.watching.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let session = runtime().spawn(async move {
+            let callbacks = Callbacks::new(Some(listener));
+            let queue = callbacks.sender();
+            let mut seen = SyncStats::default();
+            let mut on_round = move |stats: &SyncStats| {
+                if let (changed @ 1.., notifications) = new_data(&seen, stats)
+                    && let Some(q) = &queue
+                {
+                    let _ = q.send(Event::NewData { changed, notifications });
+                }
+                seen = stats.clone();
+            };
+            let stop = async {
+                let _ = stopped.await;
+            };
+            let report = client::watch(&mut store, &mut on_round, stop).await;
+            drop(on_round);
+            callbacks.finish().await;
+            watching.store(false, Ordering::SeqCst);
+            drop(store);
+            let report = report?;
+            Ok(SyncOutcome {
+                bytes: report.udp_bytes(),
+                duration_ms: report.duration.as_millis() as u64,
+                stats: report.stats,
+            })
+        });
+        Ok(Arc::new(Watch { stop: Mutex::new(Some(stop)), session: Mutex::new(Some(session)) }))
     }
 
     /// The patients on this device (refused when the offline lease has expired).
@@ -388,11 +518,45 @@ impl CareNode {
         })
     }
 
-    /// Destroys every patient record and the data key on this device (crypto-shredding).
+    /// Destroys every patient record and the data key on this device (crypto-shredding). Waits
+    /// for a running sync to finish; `Busy` while a watch runs (stop it first).
     pub fn wipe(&self) -> Result<(), CareError> {
+        if self.watching.load(Ordering::SeqCst) {
+            return Err(CareError::busy());
+        }
+        // Holding the network connection too: no sync writes a page after the shredding.
+        let _network = self.network.blocking_lock();
         self.with_store(|s| {
             s.wipe_patient_data()?;
             Ok(s.shred()?)
         })
+    }
+}
+
+/// A live session started by [`CareNode::watch`].
+#[derive(uniffi::Object)]
+pub struct Watch {
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    session: Mutex<Option<tokio::task::JoinHandle<Result<SyncOutcome, CareError>>>>,
+}
+
+#[uniffi::export]
+impl Watch {
+    /// Ends the live session: the connection closes after the page being applied, if any (a
+    /// round cut short resumes at the next sync). `wait` then returns. Stopping twice is harmless.
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until the session has ended — stopped, the connection lost (`Offline`), refused, or
+    /// told to wipe — and every callback has arrived; then says what it moved. Once only.
+    pub async fn wait(&self) -> Result<SyncOutcome, CareError> {
+        let session = self.session.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match session {
+            Some(session) => session.await.unwrap_or_else(|_| Err(CareError::internal())),
+            None => Err(CareError::InvalidInput("this watch was already waited for".into())),
+        }
     }
 }

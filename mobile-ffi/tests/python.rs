@@ -1,7 +1,8 @@
 //! The mobile API through real generated bindings: builds on the compiled library, generates
 //! Python, Kotlin and Swift bindings, starts a real server on 127.0.0.1 and runs the Python test
 //! (`tests/python/test_care_ffi.py`), which enrols, syncs, reads, searches, records offline,
-//! resyncs, breaks glass, reads the view log, checks the error mapping and wipes.
+//! resyncs, breaks glass, reads while a second device syncs, watches live, reads the view log,
+//! checks the error mapping and wipes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,6 +57,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Patients on the second (nurse's) device: enough for a sync of several pages.
+const NURSE_CASELOAD: usize = 1_000;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn python_drives_a_device_through_the_generated_bindings() {
     let lib = library();
@@ -70,9 +74,11 @@ async fn python_drives_a_device_through_the_generated_bindings() {
     assert!(!files_with(&out, "swift").is_empty(), "Swift bindings");
     std::fs::copy(&lib, out.join(lib.file_name().unwrap())).expect("library next to the bindings");
 
-    let server = TestServer::start(6).await;
+    let server = TestServer::start(NURSE_CASELOAD).await;
     let token = server.token("tablet-py", Role::AmbulanceCrew);
     let second_token = server.token("tablet-py-2", Role::CommunityNurse);
+    // The nurse's device syncs hundreds of patients: the Python test reads while it does.
+    server.caseload("tablet-py-2", 0..NURSE_CASELOAD);
     let nhs = server.patients[0].clone();
     let other = server.patients[5].clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_care_ffi.py");
@@ -108,6 +114,7 @@ async fn python_drives_a_device_through_the_generated_bindings() {
                 .env("CARE_NHS", nhs)
                 .env("CARE_NHS_OTHER", other)
                 .env("CARE_READY_FILE", ready)
+                .env("CARE_NURSE_CASELOAD", NURSE_CASELOAD.to_string())
                 .output()
                 .expect("python3 runs")
         })

@@ -307,7 +307,8 @@ pub async fn sync(store: &mut DeviceStore) -> Result<SyncReport, ClientError> {
     Ok(sync_with(store, Vec::new(), &mut |_| {}).await?.1)
 }
 
-/// [`sync`], calling `progress` after every frame the server sends (for progress bars).
+/// [`sync`], calling `progress` as the round's items are applied (see
+/// [`SyncSession::handle_reporting`]): for progress bars.
 pub async fn sync_with_progress(
     store: &mut DeviceStore,
     progress: &mut (dyn FnMut(&SyncStats) + Send),
@@ -424,10 +425,9 @@ async fn sync_once(
             .recv()
             .await?
             .ok_or_else(|| ClientError::Protocol("the server ended the session early".into()))?;
-        for reply in session.handle(message, store)? {
+        for reply in session.handle_reporting(message, store, progress)? {
             conn.send(&reply).await?;
         }
-        progress(session.stats());
     }
     let decisions = session.decisions().to_vec();
     let restored = session.server_restored();

@@ -32,6 +32,9 @@ pub enum CryptoError {
     Kdf(String),
     #[error("the platform keystore failed: {0}")]
     Keystore(String),
+    /// The user dismissed the keystore's prompt (biometrics, device PIN): nothing was opened.
+    #[error("unlocking was cancelled at the keystore's prompt")]
+    KeystoreCancelled,
 }
 
 /// The 256-bit key that encrypts every value of a device store. Zeroized on drop.

@@ -241,6 +241,19 @@ impl SyncSession {
         message: ServerMessage,
         store: &mut DeviceStore,
     ) -> Result<Vec<ClientMessage>, SyncError> {
+        self.handle_reporting(message, store, &mut |_| {})
+    }
+
+    /// [`SyncSession::handle`], calling `progress` as the items of a round are applied: at every
+    /// hundredth of the round (and at least once per page, after it is committed), so a bar moves
+    /// smoothly however the server pages. Mid-page calls count the page's items applied so far
+    /// (the page commits as a whole); the other totals are those of the pages committed.
+    pub fn handle_reporting(
+        &mut self,
+        message: ServerMessage,
+        store: &mut DeviceStore,
+        progress: &mut dyn FnMut(&SyncStats),
+    ) -> Result<Vec<ClientMessage>, SyncError> {
         let mut out = Vec::new();
         match (self.phase, message) {
             (_, ServerMessage::Refused { message }) => {
@@ -317,9 +330,19 @@ impl SyncSession {
                 }
                 self.phase = Phase::Downloading;
                 let now = crate::now_ms();
-                self.stats.notifications += store.apply_items(round, priority, &items, now)?;
                 self.stats.round_items = round_items;
-                self.stats.round_applied += items.len() as u64;
+                let step = (round_items / 100).max(1);
+                let mut during = self.stats.clone();
+                let page = items.len();
+                let on_item = &mut |done: usize| {
+                    during.round_applied = self.stats.round_applied + done as u64;
+                    if done < page && during.round_applied.is_multiple_of(step) {
+                        progress(&during);
+                    }
+                };
+                let notified = store.apply_items(round, priority, &items, now, on_item)?;
+                self.stats.notifications += notified;
+                self.stats.round_applied += page as u64;
                 for item in &items {
                     match &item.body {
                         crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
@@ -327,6 +350,7 @@ impl SyncSession {
                         crate::protocol::DocBody::Purge => self.stats.documents_purged += 1,
                     }
                 }
+                progress(&self.stats);
             }
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,

@@ -74,12 +74,12 @@ impl TestServer {
         ops::issue_token(self.store.as_ref(), name, role, self.addr, ops::DEFAULT_TOKEN_TTL).expect("token")
     }
 
-    /// Puts the patients with these indices on a device's caseload.
     /// The store's id of an enrolled device.
     pub fn device_id(&self, name: &str) -> i64 {
         self.store.device_by_name(name).unwrap().expect("a device of that name").id
     }
 
+    /// Puts the patients with these indices on a device's caseload.
     pub fn caseload(&self, device: &str, patients: impl IntoIterator<Item = usize>) {
         for i in patients {
             ops::caseload_add(self.store.as_ref(), device, self.patients[i].as_str()).expect("caseload add");

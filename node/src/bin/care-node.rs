@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> CliResult {
             println!("watching for changes (Ctrl-C to stop)…");
             // The live session holds the store; a second handle on the same file reads each
             // notification as its round is committed, and prints it at once.
-            let reader = DeviceStore::open(&cli.store, &PassphraseWrapper::new(secret))?;
+            let reader = store.another_connection()?;
             let mut printed = 0u64;
             let mut on_round = move |stats: &care_node::sync::SyncStats| {
                 let new = stats.notifications.saturating_sub(printed);

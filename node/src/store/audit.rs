@@ -46,7 +46,7 @@ impl DeviceStore {
         detail: &str,
     ) -> Result<u64, StoreError> {
         let identity = self.identity()?;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let (seq, prev): (u64, [u8; 32]) = get_secret(&tx, &self.key, "view_head")?.unwrap_or((0, [0; 32]));
         let at_ms = crate::now_ms();
         let entry = crate::viewlog::ViewEntry {

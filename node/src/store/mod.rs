@@ -30,6 +30,8 @@ use crate::summary::{PatientId, PatientSummary, SectionEntry, SummaryError};
 mod audit;
 mod records;
 mod sync;
+#[cfg(test)]
+mod tests;
 mod wipe;
 
 /// Version 2 binds each document row's lookup columns into its associated data.
@@ -48,6 +50,10 @@ pub enum StoreError {
     UnknownFormat(String),
     #[error("the store's data key could not be unwrapped: {0}")]
     Key(#[source] CryptoError),
+    /// The store's data key is wrapped one way (a passphrase, the platform keystore) and it was
+    /// opened the other way: nothing was tried or changed.
+    #[error("this store is unlocked with {stored}, not with {given}")]
+    WrongUnlockMethod { stored: &'static str, given: &'static str },
     #[error("stored row {row} failed authentication: tampered, corrupt or swapped with another row")]
     Tampered { row: String },
     #[error("stored row {row} could not be decoded: {reason}")]
@@ -285,6 +291,17 @@ impl DeviceStore {
                 Some(other) => return Err(StoreError::UnknownFormat(other.to_string())),
                 None => return Err(StoreError::NotAStore),
             }
+            let wrapping: Option<String> = conn
+                .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'key_wrapping'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(stored) = wrapping.filter(|w| w != wrapper.kind()) {
+                return Err(StoreError::WrongUnlockMethod {
+                    stored: unlock_method(&stored),
+                    given: unlock_method(wrapper.kind()),
+                });
+            }
             let wrapped: Vec<u8> = conn
                 .query_row("SELECT value FROM meta WHERE name = 'wrapped_key'", [], |r| r.get(0))
                 .optional()?
@@ -460,10 +477,39 @@ impl DeviceStore {
         open_row(&self.key, table, key, version, sealed)
     }
 
+    /// Another connection to the same open store, with the same key: an app reads and records
+    /// on one while a sync runs on the other, so nothing local waits for the network (SQLite's
+    /// write-ahead log lets readers run beside a writer; writers wait for each other's short
+    /// transactions, never for a round trip).
+    pub fn another_connection(&self) -> Result<Self, StoreError> {
+        let path = self.conn.path().filter(|p| !p.is_empty()).ok_or(StoreError::NotAStore)?;
+        let conn = Connection::open(path)?;
+        Self::configure(&conn)?;
+        Ok(Self { conn, key: self.key.clone(), lookup: self.lookup.clone() })
+    }
+
     /// Direct access to the database, for tests that tamper with the file.
     #[doc(hidden)]
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+}
+
+/// A write transaction that takes the file's write lock at once (`BEGIN IMMEDIATE`): several
+/// connections may hold this store (an app's reads beside its sync, a second CLI), and a
+/// transaction that reads, then writes, must not find another connection's commit in between
+/// (SQLite would refuse the upgrade with `SQLITE_BUSY`); this one waits for the lock instead
+/// (the busy timeout), so each read-modify-write sees the latest committed rows.
+fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, StoreError> {
+    Ok(conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+}
+
+/// How a key wrapping's kind is unlocked, in words.
+fn unlock_method(kind: &str) -> &'static str {
+    match kind {
+        "passphrase-argon2id" => "a passphrase",
+        "platform-keystore" => "the platform keystore",
+        _ => "another key wrapping",
     }
 }
 

@@ -155,7 +155,7 @@ impl DeviceStore {
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
         let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
-        self.edit_patient(patient, change)
+        self.edit_patient(&patient.summary.patient_id()?, change)
     }
 
     /// [`DeviceStore::edit`] for a patient found by id (e.g. a provisional record).
@@ -164,24 +164,29 @@ impl DeviceStore {
         id: &PatientId,
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
-        let patient = self.get(id)?.ok_or(StoreError::UnknownPatient)?;
-        self.edit_patient(patient, change)
+        self.edit_patient(id, change)
     }
 
+    /// The document is read inside the write transaction, so a sync applying the server's changes
+    /// on another connection is never overwritten by an edit of the version before them.
     fn edit_patient<R>(
         &mut self,
-        mut patient: StoredPatient,
+        id: &PatientId,
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
         let identity = self.identity()?;
+        let enrolment = self.enrolment()?;
         let key = identity.public_key();
+        let tx = write_tx(&mut self.conn)?;
+        let mut patient =
+            super::sync::read_patient(&tx, &self.key, &self.lookup, id)?.ok_or(StoreError::UnknownPatient)?;
         patient.summary.set_actor(&key);
         let before = patient.summary.heads();
         let result = change(&mut patient.summary)?;
         let changes = patient.summary.changes_since(&before);
         // The server's write policy, checked here first: a refused edit is never stored.
         if !changes.is_empty() {
-            let enrolment = self.require_enrolment()?;
+            let enrolment = enrolment.ok_or(StoreError::NotEnrolled)?;
             let writer = crate::policy::Writer {
                 actor: &key,
                 device_name: &enrolment.device_name,
@@ -190,7 +195,6 @@ impl DeviceStore {
             patient.summary.check_writes(&before, &changes, &writer)?;
         }
         let patient_id = patient.summary.patient_id()?;
-        let tx = self.conn.transaction()?;
         write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;
         for change in changes {
             queue_upload(&tx, &self.key, patient_id, change.raw_bytes())?;
@@ -214,7 +218,7 @@ impl DeviceStore {
             })?
             .collect::<Result<_, _>>()?
         };
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut queued = 0;
         for (row, version, body) in rows {
             let body: DocumentBody = open_row(&self.key, "body", &row, version, &body)?;

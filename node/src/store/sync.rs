@@ -47,15 +47,17 @@ impl DeviceStore {
         refused: &[crate::protocol::RefusedDoc],
         now_ms: i64,
     ) -> Result<u64, StoreError> {
+        // The outbox is read inside the transaction: an entry recorded meanwhile on another
+        // connection is either seen here or recorded after the rebuild, never lost between.
+        let tx = write_tx(&mut self.conn)?;
         let queued: Vec<(i64, OutboxBody)> = {
-            let mut stmt = self.conn.prepare_cached("SELECT id, body FROM outbox ORDER BY id")?;
+            let mut stmt = tx.prepare_cached("SELECT id, body FROM outbox ORDER BY id")?;
             let rows: Vec<(i64, Vec<u8>)> =
                 stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
             rows.into_iter()
-                .map(|(id, body)| Ok((id, self.open_row("outbox", &id.to_be_bytes(), 0, &body)?)))
+                .map(|(id, body)| Ok((id, open_row(&self.key, "outbox", &id.to_be_bytes(), 0, &body)?)))
                 .collect::<Result<_, StoreError>>()?
         };
-        let tx = self.conn.transaction()?;
         let mut moved = 0;
         for refusal in refused {
             // The refused changes and every later one of this device's that builds on them; the
@@ -148,19 +150,22 @@ impl DeviceStore {
     /// Applies a page of a sync round in one transaction together with the round's progress
     /// (the last item applied), so a cut link or a crash leaves every document of the page and
     /// the marker that covers it applied, or none of them. Returns how many notifications
-    /// (admissions, discharges, attendances…) the page produced.
+    /// (admissions, discharges, attendances…) the page produced. `on_applied` hears how many
+    /// items of the page are applied so far, after each (for progress; nothing is committed yet).
     pub fn apply_items(
         &mut self,
         round: u64,
         priority: bool,
         items: &[DocItem],
         now_ms: i64,
+        on_applied: &mut dyn FnMut(usize),
     ) -> Result<u64, StoreError> {
         let Some(last) = items.last() else { return Ok(0) };
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut notified = 0;
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             notified += apply_one(&tx, &self.key, &self.lookup, item, now_ms)?;
+            on_applied(i + 1);
         }
         let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
         state.resume = Some(Resume { round, priority, through: last.doc });
@@ -178,7 +183,7 @@ impl DeviceStore {
         lease_ms: u64,
         left_out: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut state: SyncState = get_secret(&tx, &self.key, "sync")?.unwrap_or_default();
         state.cursor = round;
         state.lease_ms = Some(lease_ms);
@@ -209,7 +214,7 @@ fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), S
 }
 
 /// A held patient, read inside the caller's transaction.
-fn read_patient(
+pub(super) fn read_patient(
     tx: &Transaction<'_>,
     key: &DataKey,
     lookup: &LookupHasher,

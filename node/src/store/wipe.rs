@@ -8,7 +8,7 @@ impl DeviceStore {
     /// device can still tell the server.
     pub fn wipe_patient_data(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
-            "BEGIN; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log; DELETE FROM notifications;
+            "BEGIN IMMEDIATE; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log; DELETE FROM notifications;
              DELETE FROM secrets WHERE name IN ('sync', 'view_head', 'rows_root'); COMMIT;",
         )?;
         self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
@@ -19,7 +19,7 @@ impl DeviceStore {
     /// file can be decrypted, and marks the store as wiped.
     pub fn shred(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
-            "BEGIN; DELETE FROM secrets; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log;
+            "BEGIN IMMEDIATE; DELETE FROM secrets; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log;
              DELETE FROM notifications; DELETE FROM meta WHERE name = 'wrapped_key'; COMMIT;",
         )?;
         self.conn.execute(

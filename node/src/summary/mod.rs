@@ -802,4 +802,4 @@ pub fn change_deletes(change: &Change) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
