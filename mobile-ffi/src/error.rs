@@ -27,7 +27,8 @@ pub enum CareError {
     /// A passphrase store opened with the keystore, or a keystore store with a passphrase.
     #[error("{0}")]
     WrongUnlockMethod(String),
-    /// A watch holds the connection to the server: stop it first.
+    /// A sync or watch holds the connection to the server (stop the watch first), or the store
+    /// stayed locked by the other connection for longer than 5 s: try again.
     #[error("{0}")]
     Busy(String),
     /// The store is tampered with, corrupt, or not a care-sync store.
@@ -89,6 +90,7 @@ impl From<StoreError> for CareError {
             }
             StoreError::UnknownPatient => CareError::UnknownPatient(message),
             StoreError::Wiped => CareError::Wiped(message),
+            StoreError::Busy => CareError::Busy(message),
             StoreError::Refused(_) => CareError::NotPermitted(message),
             StoreError::InvalidEntry(_) => CareError::InvalidInput(message),
             _ => CareError::Internal(message),
@@ -102,9 +104,12 @@ impl From<ClientError> for CareError {
         match e {
             ClientError::Store(s) => s.into(),
             ClientError::Token(_) | ClientError::BadAddress(_) => CareError::InvalidInput(message),
-            ClientError::Unreachable(_) | ClientError::Timeout(_) | ClientError::NeedsConnection(..) => {
-                CareError::Offline(message)
-            }
+            // A connection lost or closed part-way is offline too: nothing acknowledged is lost,
+            // and the next sync resumes.
+            ClientError::Unreachable(_)
+            | ClientError::Timeout(_)
+            | ClientError::NeedsConnection(..)
+            | ClientError::Connection(_) => CareError::Offline(message),
             ClientError::ServerKeyMismatch
             | ClientError::DeviceRefused
             | ClientError::EnrolmentRefused(_)

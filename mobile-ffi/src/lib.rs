@@ -62,7 +62,8 @@ pub trait KeyProvider: Send + Sync {
 /// thread, one at a time and in order; post to the UI thread to update views. Every callback of
 /// a `sync` has arrived before `sync` returns. A callback may call the local methods (reads,
 /// entries, `notifications`, `status`): they use their own connection to the store. It must not
-/// wait for a network call (`sync`, `enrol`, `breakGlass`…) of the same `CareNode`.
+/// wait for a network call (`sync`, `enrol`, `breakGlass`…) of the same `CareNode` (`wipe` from
+/// a callback is `Busy`).
 #[uniffi::export(with_foreign)]
 pub trait SyncListener: Send + Sync {
     /// Items (documents, changes, purges) of the current round applied so far, and how many the
@@ -226,6 +227,30 @@ pub struct CareNode {
     local: Mutex<DeviceStore>,
     /// A watch holds the network connection until it is stopped.
     watching: Arc<AtomicBool>,
+    /// The store was wiped (here, or told by the server): every call is `Wiped`.
+    wiped: Arc<AtomicBool>,
+}
+
+/// Clears a flag when dropped: a watch that ends in any way, a panic included, frees the
+/// connection for the other network calls.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Marks the node wiped when a network call ends in `Wiped` (the server's order, carried out).
+fn note_wipe<T>(wiped: &AtomicBool, result: Result<T, CareError>) -> Result<T, CareError> {
+    if let Err(CareError::Wiped(_)) = &result {
+        wiped.store(true, Ordering::SeqCst);
+    }
+    result
+}
+
+fn wiped_error() -> CareError {
+    CareError::from(care_node::store::StoreError::Wiped)
 }
 
 type NetworkStore = tokio::sync::OwnedMutexGuard<DeviceStore>;
@@ -237,6 +262,7 @@ impl CareNode {
             network: Arc::new(tokio::sync::Mutex::new(store)),
             local: Mutex::new(local),
             watching: Arc::new(AtomicBool::new(false)),
+            wiped: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -244,12 +270,20 @@ impl CareNode {
         &self,
         f: impl FnOnce(&mut DeviceStore) -> Result<T, CareError>,
     ) -> Result<T, CareError> {
+        if self.wiped.load(Ordering::SeqCst) {
+            return Err(wiped_error());
+        }
         // A panic inside a call leaves the store as its last transaction left it: usable.
-        guarded(|| f(&mut self.local.lock().unwrap_or_else(PoisonError::into_inner)))
+        let result = guarded(|| f(&mut self.local.lock().unwrap_or_else(PoisonError::into_inner)));
+        note_wipe(&self.wiped, result)
     }
 
-    /// The network connection: after a running sync, refused while a watch holds it.
+    /// The network connection: after a running sync, refused while a watch holds it. (A sync
+    /// that asks in the instant a watch starts waits for that watch to end.)
     async fn network(&self) -> Result<NetworkStore, CareError> {
+        if self.wiped.load(Ordering::SeqCst) {
+            return Err(wiped_error());
+        }
         if self.watching.load(Ordering::SeqCst) {
             return Err(CareError::busy());
         }
@@ -263,7 +297,7 @@ impl CareNode {
         reason: String,
     ) -> Result<AccessOutcome, CareError> {
         let mut store = self.network().await?;
-        run(async move {
+        let result = run(async move {
             let nhs = NhsNumber::parse(&nhs_number)?;
             let request = AccessRequest { nhs_number: nhs.as_str().into(), kind, reason };
             let (decision, _) = client::request_access(&mut store, request).await?;
@@ -280,7 +314,8 @@ impl CareNode {
                 until_ms: decision.until_ms,
             })
         })
-        .await
+        .await;
+        note_wipe(&self.wiped, result)
     }
 }
 
@@ -308,11 +343,12 @@ impl CareNode {
     /// Enrols this device with the operator's one-time token.
     pub async fn enrol(&self, token: String) -> Result<Enrolled, CareError> {
         let mut store = self.network().await?;
-        run(async move {
+        let result = run(async move {
             let e = client::enrol(&mut store, &token).await?;
             Ok(Enrolled { device_name: e.device_name, role: e.role, server_address: e.server_addr })
         })
-        .await
+        .await;
+        note_wipe(&self.wiped, result)
     }
 
     /// Syncs with the server, reporting progress and new data to `listener` (see
@@ -320,7 +356,7 @@ impl CareNode {
     /// `Busy` while a watch runs (it syncs already).
     pub async fn sync(&self, listener: Option<Arc<dyn SyncListener>>) -> Result<SyncOutcome, CareError> {
         let mut store = self.network().await?;
-        run(async move {
+        let result = run(async move {
             let callbacks = Callbacks::new(listener);
             let queue = callbacks.sender();
             let mut progress = move |s: &SyncStats| {
@@ -344,7 +380,8 @@ impl CareNode {
                 stats: report.stats,
             })
         })
-        .await
+        .await;
+        note_wipe(&self.wiped, result)
     }
 
     /// Syncs, then stays connected (a live session): every round the server pushes — within
@@ -359,9 +396,11 @@ impl CareNode {
         if self.watching.swap(true, Ordering::SeqCst) {
             return Err(CareError::busy());
         }
-        let watching = self.watching.clone();
+        let watching = ClearOnDrop(self.watching.clone());
+        let wiped = self.wiped.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let session = runtime().spawn(async move {
+            let _watching = watching;
             let callbacks = Callbacks::new(Some(listener));
             let queue = callbacks.sender();
             let mut seen = SyncStats::default();
@@ -379,9 +418,8 @@ impl CareNode {
             let report = client::watch(&mut store, &mut on_round, stop).await;
             drop(on_round);
             callbacks.finish().await;
-            watching.store(false, Ordering::SeqCst);
             drop(store);
-            let report = report?;
+            let report = note_wipe(&wiped, report.map_err(CareError::from))?;
             Ok(SyncOutcome {
                 bytes: report.udp_bytes(),
                 duration_ms: report.duration.as_millis() as u64,
@@ -518,18 +556,23 @@ impl CareNode {
         })
     }
 
-    /// Destroys every patient record and the data key on this device (crypto-shredding). Waits
-    /// for a running sync to finish; `Busy` while a watch runs (stop it first).
+    /// Destroys every patient record and the data key on this device (crypto-shredding).
+    /// `Busy` while a sync or watch runs (stop it, or wait for it, first). After it, every call
+    /// is `Wiped`.
     pub fn wipe(&self) -> Result<(), CareError> {
-        if self.watching.load(Ordering::SeqCst) {
-            return Err(CareError::busy());
-        }
-        // Holding the network connection too: no sync writes a page after the shredding.
-        let _network = self.network.blocking_lock();
+        // Holding the network connection too, so no sync writes a page after the shredding; never
+        // waiting for it, so a wipe from a callback of the running sync cannot deadlock.
+        let Ok(_network) = self.network.try_lock() else {
+            return Err(CareError::Busy(
+                "a sync or watch is using the store; wipe when it has finished (stop a watch first)".into(),
+            ));
+        };
         self.with_store(|s| {
             s.wipe_patient_data()?;
             Ok(s.shred()?)
-        })
+        })?;
+        self.wiped.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -543,7 +586,8 @@ pub struct Watch {
 #[uniffi::export]
 impl Watch {
     /// Ends the live session: the connection closes after the page being applied, if any (a
-    /// round cut short resumes at the next sync). `wait` then returns. Stopping twice is harmless.
+    /// round cut short resumes at the next sync). `wait` then returns. Stopping twice is
+    /// harmless; dropping the `Watch` (the last reference to it) stops it too.
     pub fn stop(&self) {
         if let Some(stop) = self.stop.lock().unwrap_or_else(PoisonError::into_inner).take() {
             let _ = stop.send(());

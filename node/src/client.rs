@@ -219,6 +219,16 @@ impl DeviceConnection {
         }
     }
 
+    /// Closes at once, without waiting for the server's side: for leaving a live session, where
+    /// a frame may be half read (everything applied so far is committed; a round cut short
+    /// resumes at the next sync).
+    pub async fn close(self) -> (u64, u64, quinn::ConnectionStats) {
+        let stats = self.connection.stats();
+        self.connection.close(close::DONE.into(), b"done");
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        (self.sent, self.received, stats)
+    }
+
     /// Finishes our side, waits for the server to finish its side, and closes.
     pub async fn finish(mut self) -> Result<(u64, u64, quinn::ConnectionStats), ClientError> {
         let _ = self.send.finish();
@@ -342,7 +352,8 @@ pub async fn request_access(
 
 /// Syncs, then stays connected: every round the server pushes (within about a second of a
 /// change anywhere in this device's scope) is applied, and `on_round` is called with the
-/// session's totals after each. Returns when `stop` completes or the server goes away.
+/// session's totals after each. Returns when `stop` completes (closing at once, even mid-frame);
+/// a server that ends the session unasked is [`ClientError::Connection`].
 pub async fn watch(
     store: &mut DeviceStore,
     on_round: &mut (dyn FnMut(&SyncStats) + Send),
@@ -357,10 +368,14 @@ pub async fn watch(
     }
     let mut stop = std::pin::pin!(stop);
     let mut rounds = 0;
+    let mut ended_by_server = false;
     loop {
         tokio::select! {
             message = conn.recv_live() => {
-                let Some(message) = message? else { break };
+                let Some(message) = message? else {
+                    ended_by_server = true;
+                    break;
+                };
                 for reply in session.handle(message, store)? {
                     conn.send(&reply).await?;
                 }
@@ -372,10 +387,19 @@ pub async fn watch(
                     break; // e.g. told to wipe
                 }
             }
-            () = &mut stop => break,
+            () = &mut stop => {
+                // The read just dropped may have been part-way through a frame: leave now.
+                let (sent, received, udp) = conn.close().await;
+                let timing = Timing { started, open, done: Instant::now() };
+                return Ok(report(&session, (sent, received, udp), timing));
+            }
         }
     }
-    conclude(&session, conn, store, Timing { started, open, done: Instant::now() }).await
+    let report = conclude(&session, conn, store, Timing { started, open, done: Instant::now() }).await?;
+    if ended_by_server {
+        return Err(ClientError::Connection("the server ended the live session".into()));
+    }
+    Ok(report)
 }
 
 async fn sync_with(
@@ -450,12 +474,17 @@ async fn conclude(
     store: &mut DeviceStore,
     timing: Timing,
 ) -> Result<SyncReport, ClientError> {
-    let (sent, received, udp) = conn.finish().await?;
+    let moved = conn.finish().await?;
     if session.wiped() {
         store.shred()?;
         return Err(ClientError::Wiped);
     }
-    Ok(SyncReport {
+    Ok(report(session, moved, timing))
+}
+
+fn report(session: &SyncSession, moved: (u64, u64, quinn::ConnectionStats), timing: Timing) -> SyncReport {
+    let (sent, received, udp) = moved;
+    SyncReport {
         stats: session.stats().clone(),
         frame_bytes_sent: sent,
         frame_bytes_received: received,
@@ -464,5 +493,5 @@ async fn conclude(
         duration: timing.started.elapsed(),
         handshake: timing.open - timing.started,
         exchange: timing.done - timing.open,
-    })
+    }
 }

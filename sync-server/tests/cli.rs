@@ -301,4 +301,28 @@ fn a_caseload_file_is_applied_whole_or_refused_with_every_bad_line_named() {
     assert_eq!(store.caseload(nurse).unwrap().len(), 5);
     let audit = store.audit_entries(&Default::default()).unwrap();
     assert_eq!(audit.iter().filter(|a| a.action == "caseload-add").count(), 5, "each addition audited once");
+
+    // Areas the same way: `device,district` lines, all or nothing.
+    std::fs::write(&file, "device,district\nnurse-1,so16\nnurse-1,SO99 9ZZ\nnurse-2,SO17\n").unwrap();
+    let out = run(dir.path(), &["area", "import", file.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("line 3: `SO99 9ZZ` is not a postcode district"), "{err}");
+    assert!(
+        err.contains("line 4: no device named `nurse-2`") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(store.areas(nurse).unwrap().is_empty(), "nothing applied");
+    std::fs::write(&file, "device,district\nnurse-1,so16\n\"nurse-1\",SO17\n").unwrap();
+    let out = run(dir.path(), &["area", "import", file.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("2 line(s): 2 district(s) added, 0 already covered"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(dir.path(), &["area", "import", file.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("0 district(s) added, 2 already covered"));
+    assert_eq!(store.areas(nurse).unwrap(), ["SO16", "SO17"]);
+    let audit = store.audit_entries(&Default::default()).unwrap();
+    assert_eq!(audit.iter().filter(|a| a.action == "area-add").count(), 2, "each addition audited once");
 }

@@ -258,6 +258,7 @@ async def main():
     assert "Pressure ulcer, sacrum" in problems, problems
     await expect_async(ffi.CareError.Busy, node.sync(None))
     await expect_async(ffi.CareError.Busy, node.watch(live))
+    expect(ffi.CareError.Busy, node.wipe)
     watch.stop()
     watched = await watch.wait()
     assert watched.stats.changes_received >= 1, watched.stats
@@ -286,6 +287,8 @@ async def main():
     # Wipe: the data key is destroyed and the store refuses to open.
     node = ffi.CareNode.open_with_keystore(path, Keystore())
     node.wipe()
+    expect(ffi.CareError.Wiped, node.list_patients)
+    await expect_async(ffi.CareError.Wiped, node.sync(None))
     expect(ffi.CareError.Wiped, ffi.CareNode.open_with_keystore, path, Keystore())
 
 

@@ -73,6 +73,9 @@ pub enum StoreError {
          connect and sync to unlock"
     )]
     LeaseExpired { hours_ago: i64, lease_hours: i64 },
+    /// Another connection to the store held it for longer than the busy timeout (5 s).
+    #[error("the store is busy (another connection holds it); try again")]
+    Busy,
     #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
     Wiped,
     #[error(
@@ -88,7 +91,10 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        Self::Sqlite(Box::new(e))
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => Self::Busy,
+            _ => Self::Sqlite(Box::new(e)),
+        }
     }
 }
 

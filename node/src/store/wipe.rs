@@ -11,7 +11,7 @@ impl DeviceStore {
             "BEGIN IMMEDIATE; DELETE FROM documents; DELETE FROM outbox; DELETE FROM diverged; DELETE FROM view_log; DELETE FROM notifications;
              DELETE FROM secrets WHERE name IN ('sync', 'view_head', 'rows_root'); COMMIT;",
         )?;
-        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        compact(&self.conn)?;
         Ok(())
     }
 
@@ -26,7 +26,7 @@ impl DeviceStore {
             "INSERT INTO meta (name, value) VALUES ('wiped_at', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             [crate::now_ms().to_string().as_bytes()],
         )?;
-        self.conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        compact(&self.conn)?;
         Ok(())
     }
 
@@ -37,4 +37,19 @@ impl DeviceStore {
         state.last_sync_ms = state.last_sync_ms.map(|t| t - by_ms);
         self.put_secret("sync", &state)
     }
+}
+
+/// Rewrites the file without the deleted pages and empties the write-ahead log, so no old page
+/// (an encrypted document, the wrapped key) is left in either. Another connection reading at
+/// that moment can make the checkpoint stop short; it is retried until the log is empty.
+fn compact(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("VACUUM")?;
+    for _ in 0..100 {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(StoreError::Busy)
 }

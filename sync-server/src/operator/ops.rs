@@ -91,9 +91,9 @@ pub fn caseload_add(store: &dyn ServerStore, device_name: &str, patient: &str) -
     Ok(added)
 }
 
-/// What a caseload file did.
+/// What a caseload or area file did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaseloadImport {
+pub struct BulkImport {
     /// Lines read (data lines: no header, blank lines or comments).
     pub lines: usize,
     pub added: usize,
@@ -103,11 +103,19 @@ pub struct CaseloadImport {
 /// The most problems one refusal of a caseload file lists.
 const MAX_LISTED_PROBLEMS: usize = 20;
 
-/// Puts many patients on caseloads from CSV text (`device,nhs` per line; a `device,nhs` header,
-/// blank lines and `#` comments are skipped): every line is checked first, and any problem
-/// refuses the whole file with each problem's line number; otherwise all of it is applied in
-/// one transaction and each addition audited.
-pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImport, OpsError> {
+/// One checked line of a bulk file: the device's id and name, and the value.
+type DeviceLine<T> = (i64, String, T);
+
+/// Reads a `device,<value>` CSV file for a bulk change: a `device,<header>` header, blank lines
+/// and `#` comments are skipped and fields may be quoted. Every line is checked first (the device
+/// exists, `value` accepts the second field); any problem refuses the whole file with each
+/// problem's line number. Returns the data lines read and (device id, device name, value) each.
+fn device_lines<T>(
+    store: &dyn ServerStore,
+    csv: &str,
+    header: &str,
+    value: impl Fn(&str) -> Result<T, OpsError>,
+) -> Result<(usize, Vec<DeviceLine<T>>), OpsError> {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
     let mut devices: std::collections::HashMap<String, Option<i64>> = Default::default();
@@ -116,14 +124,14 @@ pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImp
         let line = line.trim();
         if line.is_empty()
             || line.starts_with('#')
-            || (n == 0 && line.to_ascii_lowercase().replace(' ', "") == "device,nhs")
+            || (n == 0 && line.to_ascii_lowercase().replace(' ', "") == format!("device,{header}"))
         {
             continue;
         }
         lines += 1;
         let unquote = |f: &str| f.trim().trim_matches('"').trim().to_string();
-        let Some((name, nhs)) = line.split_once(',').map(|(a, b)| (unquote(a), unquote(b))) else {
-            problems.push(format!("line {}: expected `device,nhs`", n + 1));
+        let Some((name, field)) = line.split_once(',').map(|(a, b)| (unquote(a), unquote(b))) else {
+            problems.push(format!("line {}: expected `device,{header}`", n + 1));
             continue;
         };
         let id = match devices.get(&name) {
@@ -139,8 +147,9 @@ pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImp
             problems.push(format!("line {}: no device named `{name}`", n + 1));
             continue;
         };
-        match find_patient(store, &nhs) {
-            Ok(patient) => entries.push((id, patient, name)),
+        match value(&field) {
+            Ok(v) => entries.push((id, name, v)),
+            Err(OpsError::Store(e)) => return Err(OpsError::Store(e)),
             Err(e) => problems.push(format!("line {}: {e}", n + 1)),
         }
     }
@@ -153,19 +162,56 @@ pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<CaseloadImp
         }
         return Err(OpsError::Invalid(text));
     }
-    let pairs: Vec<(i64, PatientId)> = entries.iter().map(|(d, p, _)| (*d, *p)).collect();
+    Ok((lines, entries))
+}
+
+/// Puts many patients on caseloads from CSV text (`device,nhs` per line, read by
+/// [`device_lines`]): all or nothing, applied in one transaction, each addition audited.
+pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<BulkImport, OpsError> {
+    let (lines, entries) = device_lines(store, csv, "nhs", |nhs| find_patient(store, nhs))?;
+    let pairs: Vec<(i64, PatientId)> = entries.iter().map(|(d, _, p)| (*d, *p)).collect();
     let added = store.caseload_add_many(&pairs)?;
     for (device, patient) in &added {
-        let name = entries.iter().find(|(d, _, _)| d == device).map_or("?", |(_, _, n)| n.as_str());
         store.append_audit(
             OPERATOR,
             "caseload-add",
             Some(patient),
-            &format!("device {name} (caseload file)"),
+            &format!("device {} (caseload file)", name_of(&entries, *device)),
             now(),
         )?;
     }
-    Ok(CaseloadImport { lines, added: added.len(), already: pairs.len() - added.len() })
+    Ok(BulkImport { lines, added: added.len(), already: pairs.len() - added.len() })
+}
+
+/// Gives devices postcode districts to prefetch from CSV text (`device,district` per line, read
+/// by [`device_lines`]): all or nothing, applied in one transaction, each addition audited.
+pub fn area_import(store: &dyn ServerStore, csv: &str) -> Result<BulkImport, OpsError> {
+    let (lines, entries) = device_lines(store, csv, "district", postcode_district)?;
+    let pairs: Vec<(i64, String)> = entries.iter().map(|(d, _, district)| (*d, district.clone())).collect();
+    let added = store.area_add_many(&pairs)?;
+    for (device, district) in &added {
+        store.append_audit(
+            OPERATOR,
+            "area-add",
+            None,
+            &format!("device {}, district {district} (area file)", name_of(&entries, *device)),
+            now(),
+        )?;
+    }
+    Ok(BulkImport { lines, added: added.len(), already: pairs.len() - added.len() })
+}
+
+fn name_of<T>(entries: &[DeviceLine<T>], device: i64) -> &str {
+    entries.iter().find(|(d, _, _)| *d == device).map_or("?", |(_, n, _)| n.as_str())
+}
+
+/// A postcode district (the outward code, e.g. SO16), upper-cased.
+fn postcode_district(district: &str) -> Result<String, OpsError> {
+    let district = district.trim().to_ascii_uppercase();
+    if district.is_empty() || district.len() > 4 || !district.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(OpsError::Invalid(format!("`{district}` is not a postcode district (e.g. SO16)")));
+    }
+    Ok(district)
 }
 
 /// Takes a patient off a device's caseload; the device purges the record at its next sync.
@@ -226,10 +272,7 @@ pub fn incident_close(store: &dyn ServerStore, device_name: &str, patient: &str)
 
 /// Adds or removes a postcode district from a device's area prefetch.
 pub fn area(store: &dyn ServerStore, device_name: &str, district: &str, add: bool) -> Result<bool, OpsError> {
-    let district = district.trim().to_ascii_uppercase();
-    if district.is_empty() || district.len() > 4 || !district.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(OpsError::Invalid(format!("`{district}` is not a postcode district (e.g. SO16)")));
-    }
+    let district = postcode_district(district)?;
     let device = device(store, device_name)?;
     let changed =
         if add { store.area_add(device.id, &district)? } else { store.area_remove(device.id, &district)? };

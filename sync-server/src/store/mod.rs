@@ -480,6 +480,8 @@ pub trait Governance: Send + Sync {
     fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError>;
     fn area_add(&self, device: i64, district: &str) -> Result<bool, StoreError>;
     fn area_remove(&self, device: i64, district: &str) -> Result<bool, StoreError>;
+    /// Adds many (device, district) pairs in one transaction; returns those that were new.
+    fn area_add_many(&self, entries: &[(i64, String)]) -> Result<Vec<(i64, String)>, StoreError>;
     fn areas(&self, device: i64) -> Result<Vec<String>, StoreError>;
     fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError>;
     fn set_consent(&self, patient: &PatientId, flags: ConsentFlags) -> Result<(), StoreError>;

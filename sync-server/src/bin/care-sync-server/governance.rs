@@ -45,6 +45,12 @@ pub enum AreaAction {
         #[arg(long)]
         district: String,
     },
+    /// Gives devices many districts from a CSV file of `device,district` lines, all or nothing,
+    /// with every bad line named.
+    Import {
+        /// The CSV file (a `device,district` header, blank lines and `#` comments are skipped).
+        file: std::path::PathBuf,
+    },
     /// Stops prefetching a district for the device.
     Remove {
         /// The device, by its enrolled name (e.g. ambulance-7).
@@ -194,6 +200,15 @@ pub fn area(store: &dyn ServerStore, action: AreaAction) -> CliResult {
         AreaAction::Add { device, district } => {
             let added = ops::area(store, &device, &district, true)?;
             println!("{}", if added { "district added" } else { "district already covered" });
+        }
+        AreaAction::Import { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let done = ops::area_import(store, &text)?;
+            println!(
+                "{} line(s): {} district(s) added, {} already covered",
+                done.lines, done.added, done.already
+            );
         }
         AreaAction::Remove { device, district } => {
             let removed = ops::area(store, &device, &district, false)?;

@@ -128,6 +128,25 @@ impl Governance for SqliteStore {
         )? > 0)
     }
 
+    fn area_add_many(&self, entries: &[(i64, String)]) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut added = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO device_areas (device_id, district) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )?;
+            for (device, district) in entries {
+                let district = district.trim().to_ascii_uppercase();
+                if insert.execute(params![device, district])? > 0 {
+                    added.push((*device, district));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
     fn area_remove(&self, device: i64, district: &str) -> Result<bool, StoreError> {
         Ok(self.conn().execute(
             "DELETE FROM device_areas WHERE device_id = ?1 AND district = ?2",
