@@ -5,9 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use care_sync_e2e::{TestServer, within};
+use care_sync_e2e::{TestServer, admit_over_mllp, within};
 use care_sync_server::store::Role;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn care_node(store: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_care-node"));
@@ -70,15 +69,8 @@ async fn sync_watch_prints_each_notification_as_it_arrives() {
         care_sync_server::ingest::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-    let mut socket = tokio::net::TcpStream::connect(mllp.addr).await.unwrap();
-    let message = format!(
-        "\u{0b}MSH|^~\\&|PAS|WGH|CARE|REGION|20261125143000||ADT^A01|CLI1|P|2.4\rPID|1||{}^^^NHS^NH||TESTER^EDITH\rPV1|1|I|Ward 7^^^Wessex General||||||||||||||||V1\r\u{1c}\r",
-        server.patients[0].as_str()
-    );
-    socket.write_all(message.as_bytes()).await.unwrap();
-    let mut ack = [0u8; 256];
-    let n = socket.read(&mut ack).await.unwrap();
-    assert!(String::from_utf8_lossy(&ack[..n]).contains("MSA|AA|CLI1"));
+    let ack = admit_over_mllp(mllp.addr, &server.patients[0], "CLI1").await;
+    assert!(ack.contains("MSA|AA|CLI1"), "{ack}");
     let printed = tokio::task::block_in_place(|| line_with(&lines, "admitted to Ward 7", 15));
     if printed.is_none() {
         let _ = watching.kill();

@@ -266,6 +266,21 @@ pub async fn within<T>(seconds: u64, future: impl std::future::Future<Output = T
     tokio::time::timeout(Duration::from_secs(seconds), future).await.expect("finished in time")
 }
 
+/// Sends an HL7 v2 ADT^A01 (admitted to Ward 7, Wessex General) for `nhs` over MLLP to `addr`
+/// and returns the acknowledgement's text.
+pub async fn admit_over_mllp(addr: SocketAddr, nhs: &NhsNumber, control_id: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("MLLP connects");
+    let message = format!(
+        "\u{0b}MSH|^~\\&|PAS|WGH|CARE|REGION|20261125143000||ADT^A01|{control_id}|P|2.4\rPID|1||{}^^^NHS^NH||TESTER^EDITH\rPV1|1|I|Ward 7^^^Wessex General||||||||||||||||V1\r\u{1c}\r",
+        nhs.as_str()
+    );
+    socket.write_all(message.as_bytes()).await.expect("MLLP send");
+    let mut ack = [0u8; 512];
+    let n = socket.read(&mut ack).await.expect("MLLP acknowledgement");
+    String::from_utf8_lossy(&ack[..n]).into_owned()
+}
+
 /// A raw sync session of `device` (as a hostile client would open one): connected, `Hello` sent
 /// with the device's cursor, the server's `Welcome` received. Frames are the caller's from here.
 pub async fn welcomed(device: &TestDevice) -> care_node::client::DeviceConnection {

@@ -2,9 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use care_sync_e2e::{TestDevice, TestServer, within};
+use care_sync_e2e::{TestDevice, TestServer, admit_over_mllp, within};
 use care_sync_server::store::Role;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watching_device_gets_changes_and_hospital_events_within_a_second() {
@@ -46,16 +45,9 @@ async fn a_watching_device_gets_changes_and_hospital_events_within_a_second() {
         care_sync_server::ingest::hl7::mllp::start(server.store.clone(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-    let mut socket = tokio::net::TcpStream::connect(mllp.addr).await.unwrap();
-    let message = format!(
-        "\u{0b}MSH|^~\\&|PAS|WGH|CARE|REGION|20261125143000||ADT^A01|LIVE1|P|2.4\rPID|1||{}^^^NHS^NH||TESTER^EDITH\rPV1|1|I|Ward 7^^^Wessex General||||||||||||||||V1\r\u{1c}\r",
-        nhs.as_str()
-    );
     let sent = Instant::now();
-    socket.write_all(message.as_bytes()).await.unwrap();
-    let mut ack = [0u8; 256];
-    let n = socket.read(&mut ack).await.unwrap();
-    assert!(String::from_utf8_lossy(&ack[..n]).contains("MSA|AA|LIVE1"));
+    let ack = admit_over_mllp(mllp.addr, &nhs, "LIVE1").await;
+    assert!(ack.contains("MSA|AA|LIVE1"), "{ack}");
     let (_, notifications) = within(5, rounds.recv()).await.expect("a pushed round");
     assert_eq!(notifications, 1, "the admission arrived as a notification");
     assert!(sent.elapsed() < Duration::from_secs(1), "admission pushed after {:?}", sent.elapsed());

@@ -72,14 +72,14 @@ impl Provenance {
 
 /// Marks an entry as recorded by mistake. Once present it never goes away: the API has no way to
 /// remove it, the server refuses changes that delete anything, and merges keep it.
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct EnteredInError {
     pub reason: String,
     pub provenance: Provenance,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Demographics {
     /// Ten digits, validated; `None` for a patient known only by a provisional local id.
@@ -114,7 +114,7 @@ pub struct Demographics {
 }
 
 /// A problem or condition (FHIR Condition).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Problem {
     /// Display text (the code's display when coded).
@@ -134,7 +134,7 @@ pub struct Problem {
 }
 
 /// An allergy or intolerance (FHIR AllergyIntolerance).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Allergy {
     /// The substance as displayed.
@@ -169,7 +169,7 @@ pub struct Allergy {
 }
 
 /// A medication the patient takes or took (FHIR MedicationStatement / MedicationRequest).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Medication {
     pub name: String,
@@ -204,7 +204,7 @@ pub mod alert_kind {
 
 /// An alert: ReSPECT/DNACPR decisions, safeguarding, communication needs, access notes
 /// (FHIR Flag, Consent or DocumentReference for advance directives).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Alert {
     /// One of [`alert_kind`].
@@ -228,7 +228,7 @@ pub struct Alert {
 }
 
 /// A care plan (FHIR CarePlan).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct CarePlan {
     pub title: String,
@@ -245,7 +245,7 @@ pub struct CarePlan {
 }
 
 /// A contact: next of kin, carer, lasting power of attorney (FHIR RelatedPerson).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Contact {
     pub name: String,
@@ -260,7 +260,7 @@ pub struct Contact {
 }
 
 /// Crew observations with their NEWS2 score (FHIR Observation vital signs).
-#[derive(Debug, Clone, PartialEq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Vitals {
     #[autosurgeon(missing = "Option::default")]
@@ -293,7 +293,7 @@ pub struct Vitals {
 }
 
 /// An encounter: admission, transfer, discharge, crew attendance (FHIR Encounter).
-#[derive(Debug, Clone, PartialEq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Encounter {
     /// `admission`, `attendance`, `outpatient`, `registration`, ...
@@ -325,7 +325,7 @@ pub struct Encounter {
 }
 
 /// A result or a letter (FHIR Observation, DiagnosticReport, DocumentReference).
-#[derive(Debug, Clone, PartialEq, Eq, Reconcile, Hydrate)]
+#[derive(Clone, PartialEq, Eq, Reconcile, Hydrate)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Report {
     /// `result` or `letter`.
@@ -506,3 +506,29 @@ impl Report {
         }
     }
 }
+
+/// `Debug` that names the record and nothing in it: these hold who the patient is or what a
+/// clinician wrote, and a panic message, a test failure or a debug log must carry neither.
+macro_rules! redacted_debug {
+    ($($t:ty),* $(,)?) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($t), " { .. }"))
+            }
+        }
+    )*};
+}
+
+redacted_debug!(
+    EnteredInError,
+    Demographics,
+    Problem,
+    Allergy,
+    Medication,
+    Alert,
+    CarePlan,
+    Contact,
+    Vitals,
+    Encounter,
+    Report
+);

@@ -243,14 +243,34 @@ pub struct Entry<T> {
 }
 
 /// Concurrent, differing values of one field: all are shown; none is silently chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct FieldConflict {
     pub field: String,
     pub values: Vec<ConflictValue>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who wrote a value and when, never the value.
+impl std::fmt::Debug for ConflictValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConflictValue")
+            .field("author", &self.author)
+            .field("at_ms", &self.at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The field's name and how many values, never the values (a clinician's words).
+impl std::fmt::Debug for FieldConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FieldConflict")
+            .field("field", &self.field)
+            .field("values", &self.values.len())
+            .finish()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct ConflictValue {
     pub value: String,

@@ -294,3 +294,19 @@ fn garbage_is_not_a_summary() {
     empty.put(ROOT, "x", 1).unwrap();
     assert!(matches!(PatientSummary::load(&empty.save()), Err(SummaryError::Layout(_))));
 }
+
+#[test]
+fn records_print_no_patient_data_in_debug_output() {
+    let shown = format!("{:?}", demographics());
+    for secret in ["Test Patient", "9990000018", "1930-01-01", "SO16 6YD", "Test Street"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    let (_, mut a, _) = replicas();
+    a.add(&allergy("Penicillin", "ambulance-1", 5)).unwrap();
+    let shown = format!("{:?} {:?}", a.entries::<Allergy>().unwrap(), a.demographics().unwrap());
+    assert!(shown.contains("Allergy { .. }"), "{shown}");
+    assert!(
+        !shown.contains("Penicillin") && !shown.contains("rash") && !shown.contains("Test Patient"),
+        "{shown}"
+    );
+}

@@ -112,7 +112,7 @@ impl Governance for SqliteStore {
                 id: r.get(0)?,
                 device: r.get(1)?,
                 patient: patient_id(r.get(2)?)?,
-                kind: GrantKind::parse(&kind).unwrap_or(GrantKind::Incident),
+                kind: GrantKind::parse(&kind).ok_or_else(|| super::unknown_stored("grant kind", &kind))?,
                 reason: r.get(4)?,
                 created_at_ms: r.get(5)?,
                 expires_at_ms: r.get(6)?,
@@ -505,5 +505,39 @@ impl SqliteStore {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(all(test, feature = "demo"))] // patients from the synthetic population
+mod tests {
+    use super::*;
+    use crate::store::prelude::*;
+
+    #[test]
+    fn a_stored_role_or_grant_kind_this_server_does_not_know_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let addr = "127.0.0.1:7400".parse().unwrap();
+        crate::operator::ops::issue_token(
+            &store,
+            "ambulance-1",
+            Role::CommunityNurse,
+            addr,
+            crate::operator::ops::DEFAULT_TOKEN_TTL,
+        )
+        .unwrap();
+        let device = store.device_by_name("ambulance-1").unwrap().unwrap().id;
+        let identity = store.server_identity().unwrap();
+        let mut population = crate::demo::population::Population::new(1, crate::server_actor(&identity));
+        let patient = store.insert_patients(&mut [population.next_patient(0).unwrap()]).unwrap()[0];
+        store.grant(device, &patient, GrantKind::BreakGlass, "test", i64::MAX, 0).unwrap();
+        assert_eq!(store.grants(Some(device), 1).unwrap()[0].kind, GrantKind::BreakGlass);
+
+        store.conn().execute("UPDATE devices SET role = 'drone-pilot'", []).unwrap();
+        let err = store.device_by_name("ambulance-1").unwrap_err().to_string();
+        assert!(err.contains("role `drone-pilot`"), "{err}");
+        store.conn().execute("UPDATE grants SET kind = 'lunch-break'", []).unwrap();
+        let err = store.grants(Some(device), 1).unwrap_err().to_string();
+        assert!(err.contains("grant kind `lunch-break`"), "{err}");
     }
 }

@@ -216,13 +216,24 @@ fn patient_id(bytes: Vec<u8>) -> rusqlite::Result<PatientId> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
 }
 
+/// A stored value outside the set this server knows (a damaged store, or one written by a newer
+/// release): reading it is an error that names the column and the value.
+pub(super) fn unknown_stored(column: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("the store holds {column} `{value}`, which this server does not know").into(),
+    )
+}
+
 fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     let role: String = r.get("role")?;
     let key: Option<Vec<u8>> = r.get("public_key")?;
     Ok(DeviceRecord {
         id: r.get("id")?,
         name: r.get("name")?,
-        role: role.parse().unwrap_or(Role::AmbulanceCrew),
+        // A role this server does not know is a damaged or newer store: said so, never guessed.
+        role: role.parse().map_err(|_| unknown_stored("role", &role))?,
         public_key: key.and_then(|k| k.try_into().ok()),
         enrolled_at_ms: r.get("enrolled_at_ms")?,
         revoked_at_ms: r.get("revoked_at_ms")?,
