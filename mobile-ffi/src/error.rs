@@ -104,12 +104,9 @@ impl From<ClientError> for CareError {
         match e {
             ClientError::Store(s) => s.into(),
             ClientError::Token(_) | ClientError::BadAddress(_) => CareError::InvalidInput(message),
-            // A connection lost or closed part-way is offline too: nothing acknowledged is lost,
-            // and the next sync resumes.
-            ClientError::Unreachable(_)
-            | ClientError::Timeout(_)
-            | ClientError::NeedsConnection(..)
-            | ClientError::Connection(_) => CareError::Offline(message),
+            ClientError::Unreachable(_) | ClientError::Timeout(_) | ClientError::NeedsConnection(..) => {
+                CareError::Offline(message)
+            }
             ClientError::ServerKeyMismatch
             | ClientError::DeviceRefused
             | ClientError::EnrolmentRefused(_)

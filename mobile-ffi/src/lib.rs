@@ -148,7 +148,7 @@ impl KeyWrapper for PlatformKeystore {
 }
 
 /// A search of the patients on this device. Give an NHS number, or any of the others.
-#[derive(Debug, Clone, Default, uniffi::Record)]
+#[derive(Clone, Default, uniffi::Record)]
 pub struct SearchQuery {
     #[uniffi(default = None)]
     pub nhs_number: Option<String>,
@@ -159,6 +159,8 @@ pub struct SearchQuery {
     #[uniffi(default = None)]
     pub postcode: Option<String>,
 }
+
+care_node::redacted_debug!(SearchQuery);
 
 /// What enrolment told the device.
 #[derive(Debug, Clone, uniffi::Record)]
@@ -287,7 +289,12 @@ impl CareNode {
         if self.watching.load(Ordering::SeqCst) {
             return Err(CareError::busy());
         }
-        Ok(self.network.clone().lock_owned().await)
+        let store = self.network.clone().lock_owned().await;
+        // A wipe may have run while this call waited for the connection.
+        if self.wiped.load(Ordering::SeqCst) {
+            return Err(wiped_error());
+        }
+        Ok(store)
     }
 
     async fn access(

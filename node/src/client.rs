@@ -261,6 +261,8 @@ fn map_connection_error(e: &quinn::ConnectionError) -> ClientError {
             }
         }
         quinn::ConnectionError::TimedOut => ClientError::Unreachable("the connection timed out".into()),
+        // The server restarted and no longer knows the connection: gone, as if unreachable.
+        quinn::ConnectionError::Reset => ClientError::Unreachable("the server reset the connection".into()),
         other => ClientError::Connection(other.to_string()),
     }
 }
@@ -353,7 +355,7 @@ pub async fn request_access(
 /// Syncs, then stays connected: every round the server pushes (within about a second of a
 /// change anywhere in this device's scope) is applied, and `on_round` is called with the
 /// session's totals after each. Returns when `stop` completes (closing at once, even mid-frame);
-/// a server that ends the session unasked is [`ClientError::Connection`].
+/// a server that ends the session unasked is [`ClientError::Unreachable`]: connect again later.
 pub async fn watch(
     store: &mut DeviceStore,
     on_round: &mut (dyn FnMut(&SyncStats) + Send),
@@ -397,7 +399,7 @@ pub async fn watch(
     }
     let report = conclude(&session, conn, store, Timing { started, open, done: Instant::now() }).await?;
     if ended_by_server {
-        return Err(ClientError::Connection("the server ended the live session".into()));
+        return Err(ClientError::Unreachable("the server ended the live session (restarting?)".into()));
     }
     Ok(report)
 }

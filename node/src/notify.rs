@@ -8,13 +8,23 @@ use serde::{Deserialize, Serialize};
 use crate::summary::{Encounter, EntryId, PatientId, PatientSummary, SummaryError};
 
 /// One notification, stored sealed on the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct Notification {
     pub patient_id: PatientId,
     pub at_ms: i64,
     /// e.g. "admitted to Ward 7, Wessex General (2026-11-25T14:30:00Z)".
     pub text: String,
+}
+
+/// Whose and when, never the text (where the patient is, what happened).
+impl std::fmt::Debug for Notification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notification")
+            .field("patient_id", &self.patient_id)
+            .field("at_ms", &self.at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a notification compares: each encounter's kind, status and location.

@@ -17,11 +17,18 @@ pub const UPLOAD_WINDOW: usize = 4;
 pub const VIEWS_PER_FRAME: usize = 500;
 
 /// Access to ask for at the start of a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AccessRequest {
     pub nhs_number: String,
     pub kind: AccessKind,
     pub reason: String,
+}
+
+/// The kind of access only: the NHS number and the clinician's reason are patient data.
+impl std::fmt::Debug for AccessRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessRequest").field("kind", &self.kind).finish_non_exhaustive()
+    }
 }
 
 /// The server's answer to an [`AccessRequest`].

@@ -84,8 +84,20 @@ async fn sync_watch_prints_each_notification_as_it_arrives() {
     let interrupted = Command::new("kill").args(["-INT", &watching.id().to_string()]).status().unwrap();
     assert!(interrupted.success());
     let stopped = tokio::task::block_in_place(|| line_with(&lines, "stopped:", 30));
-    assert!(stopped.is_some_and(|l| l.contains("1 notifications")), "a summary on stopping");
-    let status = tokio::task::block_in_place(|| watching.wait()).unwrap();
-    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.as_deref().is_some_and(|l| l.contains(" 1 notifications")),
+        "a summary on stopping: {stopped:?}"
+    );
+    let status = tokio::task::block_in_place(|| {
+        for _ in 0..300 {
+            if let Some(status) = watching.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = watching.kill();
+        None
+    });
+    assert!(status.is_some_and(|s| s.success()), "ended cleanly within 30 s: {status:?}");
     mllp.stop();
 }

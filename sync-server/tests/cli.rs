@@ -271,8 +271,10 @@ fn a_caseload_file_is_applied_whole_or_refused_with_every_bad_line_named() {
         store.patient_ids().unwrap().into_iter().filter_map(|(_, n)| n).collect()
     };
     let file = dir.path().join("caseload.csv");
-    let bad =
-        format!("device,nhs\nnurse-1,{}\n# a comment\nnurse-9,{}\nnurse-1,1234567890\n", nhs[0], nhs[1]);
+    let bad = format!(
+        "device,nhs\nnurse-1,{}\n# a comment\nnurse-9,{}\nnurse-1,1234567890\nnurse-1,9434765919\n",
+        nhs[0], nhs[1]
+    );
     std::fs::write(&file, bad).unwrap();
     let out = run(dir.path(), &["caseload", "import", file.to_str().unwrap()]);
     let err = text(&out.stderr);
@@ -280,6 +282,7 @@ fn a_caseload_file_is_applied_whole_or_refused_with_every_bad_line_named() {
     assert!(
         err.contains("line 4: no device named `nurse-9`")
             && err.contains("line 5:")
+            && err.contains("line 6:")
             && err.contains("nothing was changed"),
         "{err}"
     );

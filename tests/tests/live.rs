@@ -55,6 +55,21 @@ async fn a_watching_device_gets_changes_and_hospital_events_within_a_second() {
     stop_tx.send(()).unwrap();
     let (nurse, report) = within(30, watcher).await.unwrap();
     report.expect("the live session ends cleanly");
+    // The server counts the stopped watch as a sync that ended well (the crew's two syncs and
+    // the watch), not as a failure an operator's alert would fire on.
+    let count = |outcome| {
+        care_sync_server::operator::metrics::metrics()
+            .syncs
+            .get_or_create(&care_sync_server::operator::metrics::OutcomeLabel { outcome })
+            .get()
+    };
+    for _ in 0..50 {
+        if count("ok") >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((count("ok"), count("error")), (3, 0), "sync outcomes on the server");
     assert!(nurse.allergies(&nhs).iter().any(|a| a == "Chlorhexidine"));
     assert!(nurse.store.notifications(5).unwrap()[0].text.starts_with("admitted to Ward 7"));
     mllp.stop();

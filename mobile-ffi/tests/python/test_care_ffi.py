@@ -235,6 +235,10 @@ async def main():
     # Reads saw the sync part-way (its pages committed one by one) and never waited for it.
     assert any(0 < seen < caseload for _, seen in reads), reads
     assert max(took for took, _ in reads) < 1.0, reads
+    partial = sum(1 for _, seen in reads if 0 < seen < caseload)
+    print(f"reads during a {caseload}-patient sync: {len(reads)}, {partial} saw it part-way, "
+          f"slowest {max(took for took, _ in reads) * 1000:.0f} ms; sync {outcome.duration_ms} ms, "
+          f"{len(nurse_listener.progress)} progress calls")
     steps = [b[0] - a[0] for a, b in zip(nurse_listener.progress, nurse_listener.progress[1:])]
     assert len(nurse_listener.progress) >= 50 and max(steps) <= caseload // 50, nurse_listener.progress
     assert nurse_listener.progress[-1] == (caseload, caseload)

@@ -42,8 +42,16 @@ impl DeviceStore {
 /// Rewrites the file without the deleted pages and empties the write-ahead log, so no old page
 /// (an encrypted document, the wrapped key) is left in either. Another connection reading at
 /// that moment can make the checkpoint stop short; it is retried until the log is empty.
+/// Each try waits at most 100 ms for the other connection, about 15 s in all.
 fn compact(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch("VACUUM")?;
+    conn.busy_timeout(std::time::Duration::from_millis(100))?;
+    let emptied = checkpoint(conn);
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    emptied
+}
+
+fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
     for _ in 0..100 {
         let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
         if busy == 0 {

@@ -509,6 +509,7 @@ impl Report {
 
 /// `Debug` that names the record and nothing in it: these hold who the patient is or what a
 /// clinician wrote, and a panic message, a test failure or a debug log must carry neither.
+#[macro_export]
 macro_rules! redacted_debug {
     ($($t:ty),* $(,)?) => {$(
         impl std::fmt::Debug for $t {

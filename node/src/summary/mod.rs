@@ -224,13 +224,15 @@ section_entry!(Report, Section::Results, |r| {
 
 /// An entry with what the record knows around it.
 /// The demographics a device lists and searches by (see [`PatientSummary::listing`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Listing {
     pub nhs_number: Option<String>,
     pub name: String,
     pub date_of_birth: Option<String>,
     pub postcode: Option<String>,
 }
+
+crate::redacted_debug!(Listing);
 
 #[derive(Debug, Clone)]
 pub struct Entry<T> {

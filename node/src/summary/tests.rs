@@ -303,7 +303,17 @@ fn records_print_no_patient_data_in_debug_output() {
     }
     let (_, mut a, _) = replicas();
     a.add(&allergy("Penicillin", "ambulance-1", 5)).unwrap();
-    let shown = format!("{:?} {:?}", a.entries::<Allergy>().unwrap(), a.demographics().unwrap());
+    let listing = a.listing().unwrap();
+    let conflict = FieldConflict {
+        field: "reaction".into(),
+        values: vec![ConflictValue { value: "anaphylaxis".into(), author: "ambulance-1".into(), at_ms: 1 }],
+    };
+    let shown = format!(
+        "{:?} {:?} {listing:?} {conflict:?}",
+        a.entries::<Allergy>().unwrap(),
+        a.demographics().unwrap()
+    );
+    assert!(!shown.contains("anaphylaxis") && !shown.contains("SO16"), "{shown}");
     assert!(shown.contains("Allergy { .. }"), "{shown}");
     assert!(
         !shown.contains("Penicillin") && !shown.contains("rash") && !shown.contains("Test Patient"),

@@ -6,9 +6,11 @@
 //! reconnect; both entries are on both devices. It prints what the crew sees and the figures.
 //!
 //! Beside it, what demonstrations and benchmarks share: [`population`], the deterministic
-//! synthetic population, and [`bench`], the harness of `care-sync-bench`.
+//! synthetic population, [`bench`], the harness of `care-sync-bench`, and [`link`], a UDP relay
+//! that makes loopback behave like a 3G, EDGE or flaky Wi-Fi link.
 
 pub mod bench;
+pub mod link;
 pub mod population;
 
 use std::io::Write;

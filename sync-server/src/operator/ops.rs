@@ -120,14 +120,19 @@ fn device_lines<T>(
     let mut problems = Vec::new();
     let mut devices: std::collections::HashMap<String, Option<i64>> = Default::default();
     let mut lines = 0;
+    // A spreadsheet's export may start with a byte-order mark and quote the header.
+    let csv = csv.strip_prefix('\u{feff}').unwrap_or(csv);
+    let mut seen_data = false;
     for (n, line) in csv.lines().enumerate() {
         let line = line.trim();
-        if line.is_empty()
-            || line.starts_with('#')
-            || (n == 0 && line.to_ascii_lowercase().replace(' ', "") == format!("device,{header}"))
-        {
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let is_header = line.to_ascii_lowercase().replace([' ', '"'], "") == format!("device,{header}");
+        if is_header && !seen_data {
+            continue;
+        }
+        seen_data = true;
         lines += 1;
         let unquote = |f: &str| f.trim().trim_matches('"').trim().to_string();
         let Some((name, field)) = line.split_once(',').map(|(a, b)| (unquote(a), unquote(b))) else {
@@ -149,7 +154,10 @@ fn device_lines<T>(
         };
         match value(&field) {
             Ok(v) => entries.push((id, name, v)),
-            Err(OpsError::Store(e)) => return Err(OpsError::Store(e)),
+            // The store failing is the store's error; a patient it does not hold is this line's.
+            Err(OpsError::Store(e)) if !matches!(e, StoreError::UnknownPatient) => {
+                return Err(OpsError::Store(e));
+            }
             Err(e) => problems.push(format!("line {}: {e}", n + 1)),
         }
     }

@@ -231,8 +231,8 @@ impl GrantKind {
     }
 }
 
-/// An active grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An active grant. `Debug` leaves out the reason (a clinician's words).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Grant {
     pub id: i64,
     pub device: i64,
@@ -243,8 +243,9 @@ pub struct Grant {
     pub expires_at_ms: i64,
 }
 
-/// An alert for operators and the privacy officer (break glass, audit chain problems).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An alert for operators and the privacy officer (break glass, audit chain problems). `Debug`
+/// leaves out the reason and the note (a clinician's or operator's words).
+#[derive(Clone, PartialEq, Eq)]
 pub struct AlertRecord {
     pub id: i64,
     pub at_ms: i64,
@@ -254,6 +255,30 @@ pub struct AlertRecord {
     pub reason: String,
     pub acknowledged_at_ms: Option<i64>,
     pub note: Option<String>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("id", &self.id)
+            .field("device", &self.device)
+            .field("patient", &self.patient)
+            .field("kind", &self.kind)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AlertRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertRecord")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("device", &self.device)
+            .field("patient", &self.patient)
+            .field("acknowledged_at_ms", &self.acknowledged_at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A patient's consent flags, kept on the server.

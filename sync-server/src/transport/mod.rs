@@ -124,7 +124,14 @@ async fn watch_revocations(shared: Arc<Shared>) {
             continue;
         }
         let store = shared.store.clone();
-        let Ok(Ok(devices)) = tokio::task::spawn_blocking(move || store.devices()).await else { continue };
+        let devices = match tokio::task::spawn_blocking(move || store.devices()).await {
+            Ok(Ok(devices)) => devices,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the devices to apply revocations and wipes to live sessions");
+                continue;
+            }
+            Err(_) => continue,
+        };
         for (id, since, stable) in live {
             let Some(d) = devices.iter().find(|d| d.id == id) else { continue };
             let revoked = d.revoked_at_ms.is_some_and(|at| at >= since)
@@ -277,6 +284,16 @@ enum ConnectionError {
     Join,
     #[error("too many connections of this kind at once")]
     Busy,
+}
+
+/// The device closed the connection itself, saying it was done.
+fn closed_by_device(e: &ConnectionError) -> bool {
+    let ConnectionError::Wire(wire) = e else { return false };
+    matches!(
+        wire.connection_error(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if u64::from(c.error_code) == u64::from(care_node::protocol::close::DONE)
+    )
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnectionError> {
@@ -478,6 +495,8 @@ async fn run_sync(
         };
         let message = match next {
             Some(Ok(Some(message))) => message,
+            // A device leaving a live session closes the connection with `DONE`: a normal end.
+            Some(Err(e)) if session.is_watching() && closed_by_device(&e) => break,
             Some(Err(e)) => return Err(e),
             // The device finished its side: the normal end of a live session.
             _ if session.is_watching() => break,
