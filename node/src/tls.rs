@@ -210,6 +210,14 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_concurrent_bidi_streams(4u32.into())
         .max_concurrent_uni_streams(0u32.into());
+    // BBR: on a lossy mobile link Cubic takes random loss for congestion and crawls (docs/benchmarks.md:
+    // a cold sync of 1,000 over `3g` took 2.6x the link's bandwidth time with Cubic, 1.1x with BBR).
+    // `CARE_SYNC_CONGESTION=cubic` picks Cubic instead (for comparisons; both ends read it).
+    if std::env::var("CARE_SYNC_CONGESTION").is_ok_and(|c| c == "cubic") {
+        transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+    } else {
+        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     Arc::new(transport)
 }
 

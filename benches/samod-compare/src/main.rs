@@ -231,7 +231,7 @@ fn main() {
     println!("care-sync vs samod 0.16 on {cpus} CPU(s), same synthetic summaries, loopback, one run");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     for n in sizes {
-        let ours = runtime.block_on(bench::measure(n));
+        let ours = runtime.block_on(bench::measure(n, None));
         let theirs = runtime.block_on(samod_run(n));
         let mine: Vec<&SyncReport> =
             [&ours.cold, &ours.idle].into_iter().chain(ours.changed.iter().map(|(_, r)| r)).collect();

@@ -15,7 +15,12 @@
 //! hot patient 20 times; the bench records when each device has applied each change: p50, p99 and
 //! max of the propagation latency.
 //!
-//! Run it optimised: `cargo run --release -p care-sync-server --bin care-sync-bench [N...]`.
+//! `--link 3g` (or `edge`, `flaky-wifi`, `loopback`) puts the seeded impairment relay of
+//! `care_sync_server::demo::link` between the device and the server, prints the link's figures
+//! beside the sync's (cold sync against the time the link's bandwidth allows for its bytes,
+//! reconnects in round trips) and skips the live test unless `--live D` is given.
+//!
+//! Run it optimised: `cargo run --release -p care-sync-server --bin care-sync-bench [--link L] [N...]`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -26,6 +31,7 @@ use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
 use care_sync_server::demo::bench::{self, SEED, Server, ms, peak_rss_mb, unix_ms};
+use care_sync_server::demo::link::Profile;
 use care_sync_server::demo::population::Population;
 
 /// Changes made to the hot patient in the live test.
@@ -66,8 +72,8 @@ fn floor(docs: &[Vec<u8>]) -> Floor {
     Floor { load, save, seal, insert }
 }
 
-async fn run(n: usize) {
-    let figures = bench::measure(n).await;
+async fn run(n: usize, link: Option<Profile>) {
+    let figures = bench::measure(n, link).await;
     let mut population = Population::new(SEED, automerge::ActorId::random());
     let sample: Vec<Vec<u8>> =
         (0..n.min(1_000)).map(|_| population.next_patient(0).expect("patient").save()).collect();
@@ -108,6 +114,38 @@ async fn run(n: usize) {
         ms(floor_total),
         figures.cold.duration.as_secs_f64() / floor_total.as_secs_f64()
     );
+    if let Some((link, relay)) = &figures.link {
+        let rtt = link.delay * 2;
+        println!(
+            "  link {}: {:.0} ms round trip, {}, {:.0}% loss{}{}; relay {relay:?}",
+            link.name,
+            ms(rtt),
+            link.rate_bps.map_or("no cap".to_string(), |r| format!("{:.1} Mbit/s", r as f64 / 1e6)),
+            link.loss * 100.0,
+            if link.burst.is_some() { " plus bursts" } else { "" },
+            link.outages
+                .map_or(String::new(), |(every, length)| format!(", {length:?} outage every {every:?}")),
+        );
+        if let Some(rate) = link.rate_bps {
+            let wire = Duration::from_secs_f64(figures.cold.udp_bytes() as f64 * 8.0 / rate as f64);
+            println!(
+                "  cold sync {:.1} s against {:.1} s for its {} UDP bytes at the link's rate: {:.2}x",
+                figures.cold.duration.as_secs_f64(),
+                wire.as_secs_f64(),
+                figures.cold.udp_bytes(),
+                figures.cold.duration.as_secs_f64() / wire.as_secs_f64()
+            );
+        }
+        if !rtt.is_zero() {
+            let in_rtts = |r: &SyncReport| r.duration.as_secs_f64() / rtt.as_secs_f64();
+            println!(
+                "  reconnects in round trips: 0 changed {:.1} (handshake {:.1}), 1 changed {:.1}",
+                in_rtts(&figures.idle),
+                figures.idle.handshake.as_secs_f64() / rtt.as_secs_f64(),
+                figures.changed.first().map_or(0.0, |(_, r)| in_rtts(r))
+            );
+        }
+    }
     println!(
         "  device store {:.1} MB on disk vs {:.1} MB plain Automerge ({:.2}x)",
         figures.device_store_bytes as f64 / 1e6,
@@ -241,11 +279,18 @@ fn main() {
         return;
     }
     let mut sizes = Vec::new();
-    let mut live_devices = 1_000;
+    let mut live_devices = None;
+    let mut link = None;
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
-            "--live" => live_devices = words.next().and_then(|d| d.parse().ok()).expect("--live D"),
+            "--live" => live_devices = Some(words.next().and_then(|d| d.parse().ok()).expect("--live D")),
+            "--link" => {
+                let name = words.next().map(String::as_str).unwrap_or_default();
+                let profile = Profile::named(name)
+                    .unwrap_or_else(|| panic!("--link takes one of {}", Profile::NAMES.join(", ")));
+                link = Some(profile);
+            }
             n => sizes.push(n.parse::<usize>().unwrap_or_else(|_| panic!("not a size: {n}"))),
         }
     }
@@ -255,8 +300,9 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("care-sync bench: {cpus} CPU(s); server and devices in two processes, QUIC over 127.0.0.1");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let live_devices = live_devices.unwrap_or(if link.is_some() { 0 } else { 1_000 });
     for n in sizes {
-        runtime.block_on(run(n));
+        runtime.block_on(run(n, link.clone()));
     }
     if live_devices > 0 {
         runtime.block_on(live(live_devices));

@@ -188,12 +188,15 @@ pub struct Figures {
     pub device_store_bytes: u64,
     pub device_peak_mb: f64,
     pub server_peak_mb: f64,
+    /// The impaired link the device synced over, and what its relay did.
+    pub link: Option<(crate::demo::link::Profile, crate::demo::link::RelayStats)>,
 }
 
 /// Runs the device side against a new server process of `n` patients: cold sync, then
-/// reconnects with 0, 1 and 100 changed. The calling binary must hand `--server-role DIR N` to
-/// [`server_role`].
-pub async fn measure(n: usize) -> Figures {
+/// reconnects with 0, 1 and 100 changed — over `link` when given (a relay of
+/// [`crate::demo::link`] between the device and the server). The calling binary must hand
+/// `--server-role DIR N` to [`server_role`].
+pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figures {
     let (mut server, ready) = Server::start(n);
     let (token, generation_ms, plain_bytes): (&str, u64, u64) =
         (&ready[1], ready[2].parse().expect("ms"), ready[3].parse().expect("bytes"));
@@ -202,6 +205,15 @@ pub async fn measure(n: usize) -> Figures {
     let wrapper = PassphraseWrapper::with_params("bench", KdfParams::default());
     let mut device = DeviceStore::open(&device_path, &wrapper).expect("device store");
     client::enrol(&mut device, token).await.expect("enrol");
+    let relay = match link {
+        Some(profile) => {
+            let server = device.require_enrolment().expect("enrolled").server_addr.parse().expect("address");
+            let relay = crate::demo::link::Relay::start(server, profile.clone(), SEED).await.expect("relay");
+            device.update_server_addr(&relay.addr.to_string()).expect("point at the relay");
+            Some((profile, relay))
+        }
+        None => None,
+    };
 
     let cold = client::sync(&mut device).await.expect("cold sync");
     assert_eq!(cold.stats.documents_received as usize, n);
@@ -226,6 +238,7 @@ pub async fn measure(n: usize) -> Figures {
         device_store_bytes: file_size(&device_path),
         device_peak_mb,
         server_peak_mb,
+        link: relay.map(|(profile, relay)| (profile, relay.stats())),
     }
 }
 

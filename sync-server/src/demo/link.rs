@@ -1,5 +1,5 @@
 //! Links as users have them, on loopback: a userspace UDP relay between devices and the server
-//! that adds delay and jitter (and so reordering), random and burst loss, duplication, a
+//! that adds delay and jitter, reordering, random and burst loss, duplication, a
 //! bandwidth cap with a bounded queue, periodic outages and cuts — seeded, so a run's loss
 //! pattern can be repeated. This machine's kernel has no `netem` qdisc, and a relay runs
 //! unprivileged in CI; it is written here because no maintained crate does this for UDP.
@@ -37,9 +37,13 @@ pub struct Burst {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     pub name: &'static str,
-    /// One-way delay (half the round trip) and its jitter (uniform, ±).
+    /// One-way delay (half the round trip) and its jitter (uniform, ±). Jitter alone keeps the
+    /// order packets were sent in, as a queue does (a packet never arrives before the one ahead).
     pub delay: Duration,
     pub jitter: Duration,
+    /// Chance that a packet is held back by twice the jitter (at least 5 ms) outside the queue's
+    /// order, so later ones overtake it.
+    pub reorder: f64,
     /// Chance that a packet is lost outside bursts.
     pub loss: f64,
     pub burst: Option<Burst>,
@@ -68,6 +72,7 @@ impl Profile {
             name: "loopback",
             delay: Duration::ZERO,
             jitter: Duration::ZERO,
+            reorder: 0.0,
             loss: 0.0,
             burst: None,
             duplicate: 0.0,
@@ -80,6 +85,7 @@ impl Profile {
                 name: "3g",
                 delay: ms(150),
                 jitter: ms(10),
+                reorder: 0.001,
                 loss: 0.02,
                 rate_bps: Some(1_000_000),
                 duplicate: 0.001,
@@ -89,6 +95,7 @@ impl Profile {
                 name: "edge",
                 delay: ms(300),
                 jitter: ms(40),
+                reorder: 0.002,
                 loss: 0.02,
                 // About 3% more in bursts of three packets on average.
                 burst: Some(Burst { enter: 0.01, leave: 0.33, loss: 0.9 }),
@@ -277,6 +284,8 @@ struct Fate {
     in_burst: bool,
     /// When the bandwidth cap is free for the next packet.
     next_free: Instant,
+    /// When the last packet in the queue's order arrives.
+    last_arrival: Instant,
 }
 
 impl Pipe {
@@ -305,7 +314,9 @@ impl Pipe {
                 }
             }
         });
-        let fate = Fate { rng: StdRng::seed_from_u64(seed), in_burst: false, next_free: Instant::now() };
+        let now = Instant::now();
+        let fate =
+            Fate { rng: StdRng::seed_from_u64(seed), in_burst: false, next_free: now, last_arrival: now };
         Pipe { fate: Mutex::new(fate), deliver, shared }
     }
 
@@ -316,12 +327,8 @@ impl Pipe {
         let now = Instant::now();
         let mut fate = self.fate.lock().expect("fate lock");
         // Draw every number for every packet, so one decision never shifts the next ones.
-        let (lost_draw, burst_draw, dup_draw, jitter_draw) = (
-            fate.rng.random::<f64>(),
-            fate.rng.random::<f64>(),
-            fate.rng.random::<f64>(),
-            fate.rng.random::<f64>(),
-        );
+        let draws: [f64; 5] = std::array::from_fn(|_| fate.rng.random::<f64>());
+        let [lost_draw, burst_draw, dup_draw, jitter_draw, reorder_draw] = draws;
         if let Some(burst) = profile.burst {
             fate.in_burst = if fate.in_burst { burst_draw >= burst.leave } else { burst_draw < burst.enter };
         }
@@ -349,7 +356,13 @@ impl Pipe {
             leaves = fate.next_free;
         }
         let jitter = profile.jitter.as_secs_f64() * (2.0 * jitter_draw - 1.0);
-        let arrives = leaves + Duration::from_secs_f64((profile.delay.as_secs_f64() + jitter).max(0.0));
+        let mut arrives = leaves + Duration::from_secs_f64((profile.delay.as_secs_f64() + jitter).max(0.0));
+        if reorder_draw < profile.reorder {
+            arrives += (profile.jitter * 2).max(Duration::from_millis(5));
+        } else {
+            arrives = arrives.max(fate.last_arrival);
+            fate.last_arrival = arrives;
+        }
         let _ = self.deliver.send((arrives, bytes.to_vec()));
         if dup_draw < profile.duplicate {
             c.duplicated.fetch_add(1, Ordering::Relaxed);
@@ -370,7 +383,8 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 16];
-            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), sink.recv(&mut buf)).await {
+            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), sink.recv(&mut buf)).await
+            {
                 assert_eq!(n, 2);
                 got.push(u16::from_be_bytes([buf[0], buf[1]]));
             }
