@@ -256,6 +256,9 @@ fn map_connection_error(e: &quinn::ConnectionError) -> ClientError {
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
             if u64::from(close.error_code) == u64::from(close::REFUSED) {
                 ClientError::Refused(reason)
+            } else if u64::from(close.error_code) == u64::from(close::DONE) {
+                // The server shutting down, or a newer connection of this device taking over.
+                ClientError::Unreachable(format!("the server closed the connection: {reason}"))
             } else {
                 ClientError::Connection(format!("closed by the server: {reason}"))
             }

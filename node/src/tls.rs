@@ -213,13 +213,29 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     // BBR: on a lossy mobile link Cubic takes random loss for congestion and crawls (docs/benchmarks.md:
     // a cold sync of 1,000 over `3g` took 2.6x the link's bandwidth time with Cubic, 1.1x with BBR).
     // `CARE_SYNC_CONGESTION=cubic` picks Cubic instead (for comparisons; both ends read it).
-    if std::env::var("CARE_SYNC_CONGESTION").is_ok_and(|c| c == "cubic") {
+    if *CUBIC {
         transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
     } else {
         transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
     Arc::new(transport)
 }
+
+/// `CARE_SYNC_CONGESTION`, read once: `cubic` or `bbr` (the default); anything else is said and
+/// ignored.
+static CUBIC: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    match std::env::var("CARE_SYNC_CONGESTION").map(|v| v.to_ascii_lowercase()).as_deref() {
+        Ok("cubic") => {
+            tracing::info!("QUIC congestion control: Cubic (CARE_SYNC_CONGESTION)");
+            true
+        }
+        Ok("bbr") | Err(_) => false,
+        Ok(other) => {
+            tracing::warn!(value = other, "CARE_SYNC_CONGESTION is `cubic` or `bbr`; using BBR");
+            false
+        }
+    }
+});
 
 /// A device's QUIC client configuration. `identity` is `None` for enrolment. The server must
 /// prove a key with one of `server_fingerprints`.

@@ -117,7 +117,7 @@ async fn run(n: usize, link: Option<Profile>) {
     if let Some((link, relay)) = &figures.link {
         let rtt = link.delay * 2;
         println!(
-            "  link {}: {:.0} ms round trip, {}, {:.0}% loss{}{}; relay {relay:?}",
+            "  link {}: {:.0} ms round trip, {}, {:.0}% loss{}{}; relay during the cold sync {relay:?}",
             link.name,
             ms(rtt),
             link.rate_bps.map_or("no cap".to_string(), |r| format!("{:.1} Mbit/s", r as f64 / 1e6)),
@@ -127,12 +127,14 @@ async fn run(n: usize, link: Option<Profile>) {
                 .map_or(String::new(), |(every, length)| format!(", {length:?} outage every {every:?}")),
         );
         if let Some(rate) = link.rate_bps {
-            let wire = Duration::from_secs_f64(figures.cold.udp_bytes() as f64 * 8.0 / rate as f64);
+            // The cap is per direction: the busier one (the documents coming down) bounds it.
+            let down = figures.cold.udp_bytes_received.max(figures.cold.udp_bytes_sent);
+            let wire = Duration::from_secs_f64(down as f64 * 8.0 / rate as f64);
             println!(
-                "  cold sync {:.1} s against {:.1} s for its {} UDP bytes at the link's rate: {:.2}x",
+                "  cold sync {:.1} s against {:.1} s for its {} UDP bytes down at the link's rate: {:.2}x",
                 figures.cold.duration.as_secs_f64(),
                 wire.as_secs_f64(),
-                figures.cold.udp_bytes(),
+                down,
                 figures.cold.duration.as_secs_f64() / wire.as_secs_f64()
             );
         }

@@ -188,7 +188,7 @@ pub struct Figures {
     pub device_store_bytes: u64,
     pub device_peak_mb: f64,
     pub server_peak_mb: f64,
-    /// The impaired link the device synced over, and what its relay did.
+    /// The impaired link the device synced over, and what its relay did during the cold sync.
     pub link: Option<(crate::demo::link::Profile, crate::demo::link::RelayStats)>,
 }
 
@@ -216,6 +216,7 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
     };
 
     let cold = client::sync(&mut device).await.expect("cold sync");
+    let cold_relay = relay.as_ref().map(|(profile, relay)| (profile.clone(), relay.stats()));
     assert_eq!(cold.stats.documents_received as usize, n);
     let idle = client::sync(&mut device).await.expect("reconnect");
     let mut changed = Vec::new();
@@ -238,7 +239,7 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
         device_store_bytes: file_size(&device_path),
         device_peak_mb,
         server_peak_mb,
-        link: relay.map(|(profile, relay)| (profile, relay.stats())),
+        link: cold_relay,
     }
 }
 

@@ -155,14 +155,18 @@ impl Shared {
         if self.cut_until.lock().expect("cut lock").is_some_and(|until| now < until) {
             return true;
         }
-        self.profile.outages.is_some_and(|(every, length)| {
-            let phase = (now - self.started).as_nanos() % every.as_nanos().max(1);
-            phase >= (every - length.min(every)).as_nanos()
-        })
+        // A zero period or length means no outages (not "always cut").
+        self.profile.outages.filter(|(every, length)| !every.is_zero() && !length.is_zero()).is_some_and(
+            |(every, length)| {
+                let phase = (now - self.started).as_nanos() % every.as_nanos().max(1);
+                phase >= (every - length.min(every)).as_nanos()
+            },
+        )
     }
 }
 
-/// A running relay: devices send to [`Relay::addr`] instead of the server's address.
+/// A running relay: devices send to [`Relay::addr`] instead of the server's address. Each device
+/// address is a flow with its own pipes (and bandwidth cap); flows last as long as the relay.
 pub struct Relay {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
@@ -229,7 +233,8 @@ async fn relay(front: Arc<UdpSocket>, server: SocketAddr, shared: Arc<Shared>, s
     let mut tasks = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let Ok((n, device)) = front.recv_from(&mut buf).await else { return };
+        // An error for one datagram (e.g. an ICMP report on some systems) is not the relay's end.
+        let Ok((n, device)) = front.recv_from(&mut buf).await else { continue };
         if !flows.contains_key(&device) {
             let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else { continue };
             if back.connect(server).await.is_err() {
@@ -247,8 +252,13 @@ async fn relay(front: Arc<UdpSocket>, server: SocketAddr, shared: Arc<Shared>, s
             );
             tasks.spawn(async move {
                 let mut buf = vec![0u8; 65_536];
-                while let Ok(n) = back.recv(&mut buf).await {
-                    down.offer(&buf[..n]);
+                loop {
+                    match back.recv(&mut buf).await {
+                        Ok(n) => down.offer(&buf[..n]),
+                        // The server's port is closed for now (a restart): its return is awaited.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                        Err(_) => return,
+                    }
                 }
             });
             flows.insert(device, up);
@@ -300,7 +310,7 @@ impl Pipe {
                 let next = due.peek().map(|Reverse((at, _, _))| *at);
                 tokio::select! {
                     offered = queue.recv() => {
-                        let Some((at, bytes)) = offered else { return };
+                        let Some((at, bytes)) = offered else { break };
                         order += 1;
                         due.push(Reverse((at, order, bytes)));
                     }
@@ -312,6 +322,11 @@ impl Pipe {
                         c.bytes_delivered.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     }
                 }
+            }
+            // The flow ended: what is still on the wire arrives.
+            while let Some(Reverse((at, _, bytes))) = due.pop() {
+                tokio::time::sleep_until(at).await;
+                out.send(&bytes).await;
             }
         });
         let now = Instant::now();
@@ -379,16 +394,27 @@ mod tests {
     async fn survivors(profile: Profile, seed: u64) -> Vec<u16> {
         let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let relay = Relay::start(sink.local_addr().unwrap(), profile, seed).await.unwrap();
-        // The sink reads as packets come, so loopback's own buffer never drops any.
+        // The sink reads as packets come, so loopback's own buffer never drops any; it stops when
+        // the relay has accounted for every packet (or after 10 quiet seconds).
+        let stats = relay.shared.clone();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 16];
-            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), sink.recv(&mut buf)).await
-            {
-                assert_eq!(n, 2);
-                got.push(u16::from_be_bytes([buf[0], buf[1]]));
+            loop {
+                let c = &stats.counters;
+                let settled =
+                    c.lost.load(Ordering::Relaxed) + c.cut.load(Ordering::Relaxed) + got.len() as u64;
+                if settled >= 1_000 {
+                    return got;
+                }
+                match tokio::time::timeout(Duration::from_secs(10), sink.recv(&mut buf)).await {
+                    Ok(Ok(n)) => {
+                        assert_eq!(n, 2);
+                        got.push(u16::from_be_bytes([buf[0], buf[1]]));
+                    }
+                    _ => return got,
+                }
             }
-            got
         });
         let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         for i in 0..1_000u16 {
@@ -417,6 +443,39 @@ mod tests {
         assert_ne!(a, c);
         let lost = 1_000 - a.len();
         assert!((150..400).contains(&lost), "about a quarter lost with bursts: {lost}");
+    }
+
+    #[tokio::test]
+    async fn outages_drop_everything_while_they_last_and_nothing_between() {
+        // Every 100 ms, 50 ms of outage: about half of a steady stream is cut, the rest passes.
+        let flaky = Profile {
+            name: "test",
+            outages: Some((Duration::from_millis(100), Duration::from_millis(50))),
+            ..Profile::named("loopback").unwrap()
+        };
+        let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start(sink.local_addr().unwrap(), flaky, 1).await.unwrap();
+        let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..100u16 {
+            device.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = relay.stats();
+        assert_eq!(stats.packets_in, 100, "{stats:?}");
+        assert!((25..=75).contains(&stats.cut), "about half cut: {stats:?}");
+        assert_eq!(stats.lost, 0);
+        // No outages at all when the period or the length is zero.
+        let never = Profile {
+            outages: Some((Duration::ZERO, Duration::ZERO)),
+            ..Profile::named("loopback").unwrap()
+        };
+        let relay = Relay::start(sink.local_addr().unwrap(), never, 1).await.unwrap();
+        for i in 0..20u16 {
+            device.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(relay.stats().cut, 0);
     }
 
     #[test]
