@@ -178,6 +178,16 @@ pub struct SyncOutcome {
     pub duration_ms: u64,
 }
 
+impl From<client::SyncReport> for SyncOutcome {
+    fn from(report: client::SyncReport) -> Self {
+        SyncOutcome {
+            bytes: report.udp_bytes(),
+            duration_ms: report.duration.as_millis() as u64,
+            stats: report.stats,
+        }
+    }
+}
+
 /// The server's answer to permission to view or break glass.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct AccessOutcome {
@@ -380,12 +390,7 @@ impl CareNode {
                 let _ = q.send(Event::NewData { changed, notifications });
             }
             callbacks.finish().await;
-            let report = report?;
-            Ok(SyncOutcome {
-                bytes: report.udp_bytes(),
-                duration_ms: report.duration.as_millis() as u64,
-                stats: report.stats,
-            })
+            Ok(SyncOutcome::from(report?))
         })
         .await;
         note_wipe(&self.wiped, result)
@@ -426,12 +431,7 @@ impl CareNode {
             drop(on_round);
             callbacks.finish().await;
             drop(store);
-            let report = note_wipe(&wiped, report.map_err(CareError::from))?;
-            Ok(SyncOutcome {
-                bytes: report.udp_bytes(),
-                duration_ms: report.duration.as_millis() as u64,
-                stats: report.stats,
-            })
+            Ok(SyncOutcome::from(note_wipe(&wiped, report.map_err(CareError::from))?))
         });
         Ok(Arc::new(Watch { stop: Mutex::new(Some(stop)), session: Mutex::new(Some(session)) }))
     }

@@ -60,34 +60,12 @@ impl DeviceStore {
 
     /// The patient with this NHS number, if the device holds them.
     pub fn find_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<StoredPatient>, StoreError> {
-        self.read_document("nhs_key", &self.nhs_key(nhs))
+        read_document(&self.conn, &self.key, "nhs_key", &self.nhs_key(nhs))
     }
 
     /// The patient document with this id, if the device holds it.
     pub fn get(&self, doc: &PatientId) -> Result<Option<StoredPatient>, StoreError> {
-        self.read_document("doc_key", &self.doc_key(doc))
-    }
-
-    fn read_document(&self, column: &str, key: &[u8; 32]) -> Result<Option<StoredPatient>, StoreError> {
-        let row = self
-            .conn
-            .query_row(
-                &format!("SELECT doc_key, nhs_key, version, body FROM documents WHERE {column} = ?1"),
-                [key.as_slice()],
-                |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((doc_key, nhs_key, version, body)) = row else { return Ok(None) };
-        let body: DocumentBody = self.open_row("body", &document_row(&doc_key, &nhs_key), version, &body)?;
-        let summary = PatientSummary::load(&body.automerge)?;
-        Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
+        read_document(&self.conn, &self.key, "doc_key", &self.doc_key(doc))
     }
 
     /// Adds an entry to a patient's summary on this device (works offline).
@@ -154,8 +132,8 @@ impl DeviceStore {
         nhs: &NhsNumber,
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
-        let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
-        self.edit_patient(&patient.summary.patient_id()?, change)
+        let lookup = self.nhs_key(nhs);
+        self.edit_patient("nhs_key", lookup, change)
     }
 
     /// [`DeviceStore::edit`] for a patient found by id (e.g. a provisional record).
@@ -164,14 +142,16 @@ impl DeviceStore {
         id: &PatientId,
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
-        self.edit_patient(id, change)
+        let lookup = self.doc_key(id);
+        self.edit_patient("doc_key", lookup, change)
     }
 
     /// The document is read inside the write transaction, so a sync applying the server's changes
     /// on another connection is never overwritten by an edit of the version before them.
     fn edit_patient<R>(
         &mut self,
-        id: &PatientId,
+        column: &str,
+        lookup: [u8; 32],
         change: impl FnOnce(&mut PatientSummary) -> Result<R, SummaryError>,
     ) -> Result<R, StoreError> {
         let identity = self.identity()?;
@@ -179,7 +159,7 @@ impl DeviceStore {
         let key = identity.public_key();
         let tx = write_tx(&mut self.conn)?;
         let mut patient =
-            super::sync::read_patient(&tx, &self.key, &self.lookup, id)?.ok_or(StoreError::UnknownPatient)?;
+            read_document(&tx, &self.key, column, &lookup)?.ok_or(StoreError::UnknownPatient)?;
         patient.summary.set_actor(&key);
         let before = patient.summary.heads();
         let result = change(&mut patient.summary)?;
@@ -254,4 +234,32 @@ fn queue_upload(
     let sealed = seal_row(key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
     tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
     Ok(())
+}
+
+/// The patient document whose `column` (`doc_key` or `nhs_key`) is `lookup`, read on `conn` (a
+/// transaction, for a read-modify-write).
+fn read_document(
+    conn: &Connection,
+    key: &DataKey,
+    column: &str,
+    lookup: &[u8; 32],
+) -> Result<Option<StoredPatient>, StoreError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT doc_key, nhs_key, version, body FROM documents WHERE {column} = ?1"),
+            [lookup.as_slice()],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((doc_key, nhs_key, version, body)) = row else { return Ok(None) };
+    let body: DocumentBody = open_row(key, "body", &document_row(&doc_key, &nhs_key), version, &body)?;
+    let summary = PatientSummary::load(&body.automerge)?;
+    Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
 }

@@ -214,7 +214,7 @@ fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), S
 }
 
 /// A held patient, read inside the caller's transaction.
-pub(super) fn read_patient(
+fn read_patient(
     tx: &Transaction<'_>,
     key: &DataKey,
     lookup: &LookupHasher,
