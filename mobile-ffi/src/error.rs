@@ -31,6 +31,14 @@ pub enum CareError {
     /// stayed locked by the other connection for longer than 5 s: try again.
     #[error("{0}")]
     Busy(String),
+    /// The device's storage is full: what was being written was rolled back whole (nothing
+    /// recorded before is lost); free space and try again.
+    #[error("{0}")]
+    StorageFull(String),
+    /// The server could not complete the sync (its storage is full, say); nothing this device
+    /// holds was lost: try again later.
+    #[error("{0}")]
+    ServerUnavailable(String),
     /// The store is tampered with, corrupt, or not a care-sync store.
     #[error("{0}")]
     StoreDamaged(String),
@@ -91,6 +99,7 @@ impl From<StoreError> for CareError {
             StoreError::UnknownPatient => CareError::UnknownPatient(message),
             StoreError::Wiped => CareError::Wiped(message),
             StoreError::Busy => CareError::Busy(message),
+            StoreError::StorageFull => CareError::StorageFull(message),
             StoreError::Refused(_) => CareError::NotPermitted(message),
             StoreError::InvalidEntry(_) => CareError::InvalidInput(message),
             _ => CareError::Internal(message),
@@ -102,7 +111,8 @@ impl From<ClientError> for CareError {
     fn from(e: ClientError) -> Self {
         let message = e.to_string();
         match e {
-            ClientError::Store(s) => s.into(),
+            ClientError::Store(s) | ClientError::Sync(care_node::sync::SyncError::Store(s)) => s.into(),
+            ClientError::ServerUnavailable(_) => CareError::ServerUnavailable(message),
             ClientError::Token(_) | ClientError::BadAddress(_) => CareError::InvalidInput(message),
             ClientError::Unreachable(_) | ClientError::Timeout(_) | ClientError::NeedsConnection(..) => {
                 CareError::Offline(message)

@@ -555,7 +555,7 @@ impl CareNode {
                 device_name: enrolment.map(|e| e.device_name),
                 last_sync_ms: sync.last_sync_ms,
                 lease_ms: sync.lease_ms,
-                lease_expired: s.check_lease(care_node::now_ms()).is_err(),
+                lease_expired: s.check_lease(s.now_ms()).is_err(),
                 patients: s.document_count()?,
                 pending_changes: s.pending_count()?,
                 left_out_by_budget: sync.left_out,

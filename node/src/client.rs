@@ -68,6 +68,10 @@ pub enum ClientError {
     Refused(String),
     #[error("the connection failed: {0}")]
     Connection(String),
+    /// The server ended the session because something failed on its side (its storage is full,
+    /// say). Nothing this device holds was lost; try again later.
+    #[error("the server could not complete the sync; nothing on this device was lost, try again later: {0}")]
+    ServerUnavailable(String),
     #[error("the server sent something invalid: {0}")]
     Protocol(String),
     #[error("the server did not answer within {0:?}")]
@@ -259,6 +263,8 @@ fn map_connection_error(e: &quinn::ConnectionError) -> ClientError {
             } else if u64::from(close.error_code) == u64::from(close::DONE) {
                 // The server shutting down, or a newer connection of this device taking over.
                 ClientError::Unreachable(format!("the server closed the connection: {reason}"))
+            } else if u64::from(close.error_code) == u64::from(close::INTERNAL) {
+                ClientError::ServerUnavailable(reason)
             } else {
                 ClientError::Connection(format!("closed by the server: {reason}"))
             }
@@ -308,7 +314,7 @@ pub async fn enrol(store: &mut DeviceStore, token: &str) -> Result<Enrolment, Cl
                 server_key,
                 device_name,
                 role,
-                enrolled_at_ms: crate::now_ms(),
+                enrolled_at_ms: store.now_ms(),
             };
             store.set_enrolment(&enrolment)?;
             Ok(enrolment)

@@ -24,6 +24,7 @@
 
 pub mod chunk;
 pub mod client;
+pub mod clock;
 pub mod crypto;
 pub mod identity;
 pub mod news2;

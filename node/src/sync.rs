@@ -110,6 +110,19 @@ pub struct ServerView {
     pub role: String,
     pub server_time_ms: i64,
     pub lease_ms: u64,
+    /// The device's clock and its monotonic clock when the Welcome (and its server time)
+    /// arrived: later times of the session are these plus monotonic time elapsed, so a wall
+    /// clock set mid-session moves neither the lease's start nor the measured offset.
+    pub welcomed_at_ms: i64,
+    pub welcomed_at_monotonic_ms: i64,
+}
+
+impl ServerView {
+    /// The device's and the server's clocks now, from the Welcome and monotonic time since.
+    fn clocks_now(&self, monotonic_ms: i64) -> (i64, i64) {
+        let elapsed = (monotonic_ms - self.welcomed_at_monotonic_ms).max(0);
+        (self.welcomed_at_ms + elapsed, self.server_time_ms + elapsed)
+    }
 }
 
 impl SyncSession {
@@ -281,7 +294,14 @@ impl SyncSession {
                     restored,
                 },
             ) => {
-                self.server = Some(ServerView { device_name, role, server_time_ms, lease_ms });
+                self.server = Some(ServerView {
+                    device_name,
+                    role,
+                    server_time_ms,
+                    lease_ms,
+                    welcomed_at_ms: store.now_ms(),
+                    welcomed_at_monotonic_ms: store.monotonic_ms(),
+                });
                 store.follow_server_key(server_key, next_server_key)?;
                 if restored {
                     self.restored = true;
@@ -316,7 +336,7 @@ impl SyncSession {
                     for r in &refused {
                         tracing::warn!(rule = %r.rule, place = %r.place, "the server refused this device's changes to a document; kept on this device");
                     }
-                    self.stats.refused_changes += store.diverge(&refused, crate::now_ms())?;
+                    self.stats.refused_changes += store.diverge(&refused, store.now_ms())?;
                 }
                 store.acknowledge_uploads(through)?;
                 self.upload_in_flight -= 1;
@@ -336,7 +356,7 @@ impl SyncSession {
                     return Err(SyncError::Protocol("documents of two rounds in one session".into()));
                 }
                 self.phase = Phase::Downloading;
-                let now = crate::now_ms();
+                let now = store.now_ms();
                 self.stats.round_items = round_items;
                 let step = (round_items / 100).max(1);
                 let mut during = self.stats.clone();
@@ -366,9 +386,12 @@ impl SyncSession {
                 if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
                     return Err(SyncError::Protocol("round finished out of order".into()));
                 }
-                let (server_time, lease) =
-                    self.server.as_ref().map_or((0, 0), |s| (s.server_time_ms, s.lease_ms));
-                store.finish_round(round, server_time, crate::now_ms(), lease, left_out)?;
+                let now = store.now_ms();
+                let ((device_time, server_time), lease) = self
+                    .server
+                    .as_ref()
+                    .map_or(((now, 0), 0), |s| (s.clocks_now(store.monotonic_ms()), s.lease_ms));
+                store.finish_round(round, server_time, device_time, now, lease, left_out)?;
                 self.stats.documents_in_scope = documents_in_scope;
                 self.stats.left_out = left_out;
                 self.rounds_completed += 1;

@@ -39,6 +39,9 @@ fn the_printed_configuration_is_a_complete_file_and_bad_keys_are_named() {
         "[limits]",
         "upload_bytes_per_minute",
         "access_requests_per_hour",
+        "[compaction]",
+        "every_hours",
+        "hold_days",
     ] {
         assert!(printed.contains(key), "`{key}` missing from\n{printed}");
     }
@@ -328,4 +331,30 @@ fn a_caseload_file_is_applied_whole_or_refused_with_every_bad_line_named() {
     assert_eq!(store.areas(nurse).unwrap(), ["SO16", "SO17"]);
     let audit = store.audit_entries(&Default::default()).unwrap();
     assert_eq!(audit.iter().filter(|a| a.action == "area-add").count(), 2, "each addition audited once");
+}
+
+#[test]
+fn compact_log_reports_what_it_drops_and_a_dry_run_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["generate", "--patients", "50"]).status.success());
+    // No device has synced: nothing holds the log back, and a dry run says so.
+    let dry = run(dir.path(), &["compact-log", "--hold-days", "0", "--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    let said = text(&dry.stdout);
+    let would: u64 = said
+        .split_whitespace()
+        .skip_while(|w| *w != "drop")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count in {said}"));
+    assert!(would >= 50, "every patient's first change: {said}");
+    assert!(said.contains("every device that has synced is above the horizon"), "{said}");
+    let done = run(dir.path(), &["compact-log"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(text(&done.stdout).contains(&format!("dropped {would} entries")), "{}", text(&done.stdout));
+    let again = run(dir.path(), &["compact-log"]);
+    assert!(text(&again.stdout).contains("dropped 0 entries"), "{}", text(&again.stdout));
+    let bad = run(dir.path(), &["compact-log", "--hold-days=-1"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("--hold-days"), "{}", text(&bad.stderr));
 }

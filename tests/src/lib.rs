@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use care_node::clock::Clock;
 use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::nhs::NhsNumber;
 use care_node::store::DeviceStore;
@@ -30,6 +31,8 @@ pub struct TestServer {
     pub running: Option<RunningServer>,
     pub addr: SocketAddr,
     pub patients: Vec<NhsNumber>,
+    /// The server's clock: `clock.set_offset(…)` moves it while it runs (days offline, skew).
+    pub clock: Clock,
     _dir: tempfile::TempDir,
 }
 
@@ -41,7 +44,21 @@ impl TestServer {
 
     /// As [`TestServer::start`], with the transport's bounds set to `limits`.
     pub async fn start_limited(patients: usize, limits: care_sync_server::domain::limits::Limits) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_on_dir(tempfile::tempdir().expect("temp dir"), patients, limits).await
+    }
+
+    /// As [`TestServer::start`], with the store in a new directory under `parent` (a small
+    /// disk, say).
+    pub async fn start_in(parent: &std::path::Path, patients: usize) -> Self {
+        let dir = tempfile::tempdir_in(parent).expect("temp dir");
+        Self::start_on_dir(dir, patients, care_sync_server::domain::limits::Limits::default()).await
+    }
+
+    async fn start_on_dir(
+        dir: tempfile::TempDir,
+        patients: usize,
+        limits: care_sync_server::domain::limits::Limits,
+    ) -> Self {
         let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
         let identity = store.server_identity().expect("server identity");
         let mut population = Population::new(1, care_sync_server::server_actor(&identity));
@@ -50,11 +67,13 @@ impl TestServer {
             .collect::<Vec<_>>();
         store.insert_patients(&mut summaries).expect("insert patients");
         let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
-        let running = transport::start_with(store.clone(), "127.0.0.1:0".parse().unwrap(), limits)
-            .await
-            .expect("server starts");
+        let clock = Clock::system();
+        let running =
+            transport::start_with_clock(store.clone(), "127.0.0.1:0".parse().unwrap(), limits, clock.clone())
+                .await
+                .expect("server starts");
         let addr = running.addr;
-        Self { store, running: Some(running), addr, patients, _dir: dir }
+        Self { store, running: Some(running), addr, patients, clock, _dir: dir }
     }
 
     /// The server's data directory.
@@ -65,8 +84,9 @@ impl TestServer {
     /// A server on an existing data directory (a restored backup, say), on `addr`.
     pub async fn open(dir: tempfile::TempDir, addr: SocketAddr) -> Self {
         let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
-        let running = start_on(store.clone(), addr).await;
-        Self { store, running: Some(running), addr, patients: Vec::new(), _dir: dir }
+        let clock = Clock::system();
+        let running = start_on(store.clone(), addr, &clock).await;
+        Self { store, running: Some(running), addr, patients: Vec::new(), clock, _dir: dir }
     }
 
     /// A one-time token for a new device.
@@ -96,7 +116,7 @@ impl TestServer {
     /// Starts the server again on the same address.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.running = Some(start_on(self.store.clone(), self.addr).await);
+        self.running = Some(start_on(self.store.clone(), self.addr, &self.clock).await);
     }
 }
 
@@ -187,10 +207,11 @@ impl Drop for TestConsole {
 
 /// Starts a server on an address a stopped server used: the old socket closes when its endpoint's
 /// driver task ends, a moment after `shutdown` returns.
-async fn start_on(store: Arc<dyn ServerStore>, addr: SocketAddr) -> RunningServer {
+async fn start_on(store: Arc<dyn ServerStore>, addr: SocketAddr, clock: &Clock) -> RunningServer {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match transport::start(store.clone(), addr).await {
+        let limits = care_sync_server::domain::limits::Limits::default();
+        match transport::start_with_clock(store.clone(), addr, limits, clock.clone()).await {
             Ok(running) => return running,
             Err(transport::ServerError::Bind(..)) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -211,7 +232,15 @@ pub struct TestDevice {
 impl TestDevice {
     /// A new, unenrolled device.
     pub fn new(name: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::with_dir(name, tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// A new, unenrolled device whose store is in a new directory under `parent`.
+    pub fn new_in(name: &str, parent: &std::path::Path) -> Self {
+        Self::with_dir(name, tempfile::tempdir_in(parent).expect("temp dir"))
+    }
+
+    fn with_dir(name: &str, dir: tempfile::TempDir) -> Self {
         let path = dir.path().join("store.db");
         let store = DeviceStore::open(&path, &cheap_wrapper(PASSPHRASE)).expect("device store");
         Self { name: name.to_string(), store, path, _dir: dir }
@@ -229,9 +258,9 @@ impl TestDevice {
     }
 
     /// Records an allergy offline.
-    pub fn add_allergy(&mut self, nhs: &NhsNumber, substance: &str) {
+    pub fn add_allergy(&mut self, nhs: &NhsNumber, substance: &str) -> care_node::summary::EntryId {
         let entry = Allergy::new(substance, self.store.provenance().expect("provenance"));
-        self.store.add_entry(nhs, &entry).expect("add allergy");
+        self.store.add_entry(nhs, &entry).expect("add allergy")
     }
 
     /// The allergies' substances of a patient on this device, in display order.
@@ -254,6 +283,86 @@ impl TestDevice {
         }
         bytes
     }
+}
+
+/// A small tmpfs of its own, to fill up: the disk under a store running out mid-round.
+/// Mounting needs the right to (root, as in CI); where it is missing the tests that use it say
+/// so and pass, unless `CARE_SYNC_REQUIRE_MOUNT` is set (`.ci/run` sets it), when they fail.
+pub struct SmallDisk {
+    mountpoint: tempfile::TempDir,
+    filler: Option<PathBuf>,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes` on a new directory, or `None` where this process may not mount.
+    pub fn mount(bytes: u64) -> Option<Self> {
+        let mountpoint = tempfile::tempdir().expect("temp dir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700"), "tmpfs"])
+            .arg(mountpoint.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var_os("CARE_SYNC_REQUIRE_MOUNT").is_none(),
+                "CARE_SYNC_REQUIRE_MOUNT is set but this process cannot mount a tmpfs"
+            );
+            eprintln!("skipped: this process may not mount a tmpfs (run as root to test a full disk)");
+            return None;
+        }
+        Some(Self { mountpoint, filler: None })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.mountpoint.path()
+    }
+
+    /// Takes the disk's free space until at most `leave` bytes are left.
+    pub fn fill(&mut self, leave: u64) {
+        use std::io::Write;
+        assert!(self.filler.is_none(), "free the disk before filling it again");
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).expect("filler file");
+        let chunk = vec![0xA5u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        file.set_len(written.saturating_sub(leave)).expect("leave some space");
+        self.filler = Some(path);
+    }
+
+    /// Gives back what [`SmallDisk::fill`] took.
+    pub fn free(&mut self) {
+        if let Some(path) = self.filler.take() {
+            std::fs::remove_file(path).expect("remove filler");
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.mountpoint.path()).status();
+    }
+}
+
+/// A binary of the workspace (`care-node`, `care-sync-server`), beside the test's own
+/// executable: `cargo test --workspace` builds every package's binaries before running tests.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let test = std::env::current_exe().expect("the test's executable");
+    let path = test.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
 }
 
 /// Whether `needle` occurs in `haystack`.

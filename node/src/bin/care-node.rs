@@ -433,7 +433,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Refused => {
             // The entries' text is patient data: the lease applies, and each patient shown is
             // written to the view log like any other read.
-            store.check_lease(care_node::now_ms())?;
+            store.check_lease(store.now_ms())?;
             let refused = store.diverged()?;
             let mut logged = Vec::new();
             for d in &refused {
@@ -474,7 +474,7 @@ async fn run(cli: Cli) -> CliResult {
                 println!(
                     "offline lease: {} h{}",
                     lease / 3_600_000,
-                    match store.check_lease(care_node::now_ms()) {
+                    match store.check_lease(store.now_ms()) {
                         Ok(()) => String::new(),
                         Err(e) => format!(" — {e}"),
                     }

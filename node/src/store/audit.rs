@@ -32,7 +32,7 @@ impl DeviceStore {
     /// Opens a patient's record for a clinician to see: checks the lease and appends the view to
     /// the signed view log, in that order. Every user-facing read goes through here.
     pub fn view_patient(&mut self, nhs: &NhsNumber, action: &str) -> Result<StoredPatient, StoreError> {
-        self.check_lease(crate::now_ms())?;
+        self.check_lease(self.now_ms())?;
         let patient = self.find_by_nhs(nhs)?.ok_or(StoreError::UnknownPatient)?;
         self.record_view(&patient.summary.patient_id()?, action, "")?;
         Ok(patient)
@@ -46,9 +46,9 @@ impl DeviceStore {
         detail: &str,
     ) -> Result<u64, StoreError> {
         let identity = self.identity()?;
+        let at_ms = self.now_ms();
         let tx = write_tx(&mut self.conn)?;
         let (seq, prev): (u64, [u8; 32]) = get_secret(&tx, &self.key, "view_head")?.unwrap_or((0, [0; 32]));
-        let at_ms = crate::now_ms();
         let entry = crate::viewlog::ViewEntry {
             seq: seq + 1,
             prev_hash: prev,
@@ -92,7 +92,7 @@ impl DeviceStore {
     /// Notifications from received changes (admitted, transferred, discharged, attended), newest
     /// first.
     pub fn notifications(&self, limit: usize) -> Result<Vec<crate::notify::Notification>, StoreError> {
-        self.check_lease(crate::now_ms())?;
+        self.check_lease(self.now_ms())?;
         let mut stmt =
             self.conn.prepare_cached("SELECT id, body FROM notifications ORDER BY id DESC LIMIT ?1")?;
         let mut rows = stmt.query([limit as i64])?;

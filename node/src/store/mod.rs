@@ -76,6 +76,12 @@ pub enum StoreError {
     /// Another connection to the store held it for longer than the busy timeout (5 s).
     #[error("the store is busy (another connection holds it); try again")]
     Busy,
+    /// The device's disk is full: the write was rolled back whole (nothing already stored is
+    /// lost) and works again once there is space.
+    #[error(
+        "this device's storage is full: free some space and try again (nothing already recorded was lost)"
+    )]
+    StorageFull,
     #[error("this device was wiped on the operator's instruction; its data key is destroyed")]
     Wiped,
     #[error(
@@ -93,6 +99,7 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DatabaseBusy) => Self::Busy,
+            Some(rusqlite::ErrorCode::DiskFull) => Self::StorageFull,
             _ => Self::Sqlite(Box::new(e)),
         }
     }
@@ -232,6 +239,8 @@ pub struct DeviceStore {
     conn: Connection,
     key: DataKey,
     lookup: LookupHasher,
+    /// The device's wall clock: entries' times, the lease, the view log ([`DeviceStore::set_clock`]).
+    clock: crate::clock::Clock,
 }
 
 impl std::fmt::Debug for DeviceStore {
@@ -326,7 +335,7 @@ impl DeviceStore {
         // Tables added since a store was made are created here (every statement is idempotent).
         conn.execute_batch(SCHEMA)?;
         let lookup = key.lookup_hasher();
-        let store = Self { conn, key, lookup };
+        let store = Self { conn, key, lookup, clock: crate::clock::Clock::system() };
         store.verify_rows()?;
         if store.get_secret::<Zeroizing<Vec<u8>>>("identity")?.is_none() {
             let identity = Identity::generate();
@@ -398,7 +407,7 @@ impl DeviceStore {
             device: short_hex(&self.identity()?.public_key()),
             device_name: enrolment.device_name,
             role: enrolment.role,
-            recorded_at_ms: crate::now_ms(),
+            recorded_at_ms: self.now_ms(),
             clock_offset_ms: sync.clock_offset_ms(),
             person: None,
             source: None,
@@ -491,7 +500,23 @@ impl DeviceStore {
         let path = self.conn.path().filter(|p| !p.is_empty()).ok_or(StoreError::NotAStore)?;
         let conn = Connection::open(path)?;
         Self::configure(&conn)?;
-        Ok(Self { conn, key: self.key.clone(), lookup: self.lookup.clone() })
+        Ok(Self { conn, key: self.key.clone(), lookup: self.lookup.clone(), clock: self.clock.clone() })
+    }
+
+    /// Uses `clock` for this device's time from now on (the system clock by default): a test's
+    /// skewed or jumping device clock.
+    pub fn set_clock(&mut self, clock: crate::clock::Clock) {
+        self.clock = clock;
+    }
+
+    /// The device's time now, by its clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// A monotonic time (see [`crate::clock::Clock::monotonic_ms`]).
+    pub fn monotonic_ms(&self) -> i64 {
+        self.clock.monotonic_ms()
     }
 
     /// Direct access to the database, for tests that tamper with the file.

@@ -34,7 +34,7 @@ impl DeviceStore {
 
     /// Every patient on the device, ordered by name (refused when the lease has expired).
     pub fn list(&self) -> Result<Vec<PatientCard>, StoreError> {
-        self.check_lease(crate::now_ms())?;
+        self.check_lease(self.now_ms())?;
         let mut stmt = self.conn.prepare_cached("SELECT doc_key, nhs_key, version, card FROM documents")?;
         let rows = stmt.query_map([], |r| {
             Ok((

@@ -175,10 +175,14 @@ impl DeviceStore {
     }
 
     /// Completes a round: the cursor moves to `round` and the interrupted-round marker goes.
+    /// `synced_at_ms` and `server_time_ms` are the device's and the server's clocks at the same
+    /// moment (the lease runs from it, and their difference is the clock offset views correct
+    /// by); `now_ms` is the device's wall clock as it reads now, which may have been set since.
     pub fn finish_round(
         &mut self,
         round: u64,
         server_time_ms: i64,
+        synced_at_ms: i64,
         now_ms: i64,
         lease_ms: u64,
         left_out: u64,
@@ -189,11 +193,12 @@ impl DeviceStore {
         state.lease_ms = Some(lease_ms);
         state.left_out = left_out;
         state.resume = None;
-        state.last_sync_ms = Some(now_ms);
+        state.last_sync_ms = Some(synced_at_ms);
         state.last_sync_server_ms = Some(server_time_ms);
         put_secret(&tx, &self.key, "sync", &state)?;
-        // A sync re-establishes the clock against the server's: the high-water mark starts again.
-        put_secret(&tx, &self.key, super::audit::CLOCK_HIGH_WATER, &now_ms)?;
+        // A sync re-establishes the clock against the server's: the high-water mark starts again,
+        // at the latest the clock has read (a clock set forward mid-sync, then back, locks).
+        put_secret(&tx, &self.key, super::audit::CLOCK_HIGH_WATER, &now_ms.max(synced_at_ms))?;
         tx.commit()?;
         Ok(())
     }
@@ -266,10 +271,14 @@ fn apply_one(
             }
         }
         DocBody::Whole(bytes) => match read_body(tx, key, &doc_key)? {
+            // A document this device holds, sent whole because the changes it lacked were
+            // compacted away on the server: merged, and its news told as changes would be.
             Some(existing) => {
                 let mut summary = PatientSummary::load(&existing.automerge)?;
+                let before = crate::notify::snapshot(&mut summary)?;
                 summary.merge_saved(bytes)?;
                 check_received(&mut summary, &item.doc)?;
+                notified += notify(tx, key, &item.doc, &before, &mut summary, now_ms)?;
                 write_document(tx, key, lookup, &mut summary, now_ms, None)?;
             }
             None => {
@@ -294,16 +303,31 @@ fn apply_one(
                 })?;
             summary.apply_changes(decoded)?;
             check_received(&mut summary, &item.doc)?;
-            for text in crate::notify::changes(&before, &mut summary)? {
-                let note = crate::notify::Notification { patient_id: item.doc, at_ms: now_ms, text };
-                tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
-                let id = tx.last_insert_rowid();
-                let sealed = seal_row(key, "notifications", &id.to_be_bytes(), 0, &note)?;
-                tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
-                notified += 1;
-            }
+            notified += notify(tx, key, &item.doc, &before, &mut summary, now_ms)?;
             write_document(tx, key, lookup, &mut summary, now_ms, None)?;
         }
+    }
+    Ok(notified)
+}
+
+/// Stores a notification for each piece of news between `before` and `after` (admissions,
+/// discharges, attendances…); returns how many.
+fn notify(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    doc: &PatientId,
+    before: &crate::notify::Snapshot,
+    after: &mut PatientSummary,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let mut notified = 0;
+    for text in crate::notify::changes(before, after)? {
+        let note = crate::notify::Notification { patient_id: *doc, at_ms: now_ms, text };
+        tx.execute("INSERT INTO notifications (body) VALUES (x'')", [])?;
+        let id = tx.last_insert_rowid();
+        let sealed = seal_row(key, "notifications", &id.to_be_bytes(), 0, &note)?;
+        tx.execute("UPDATE notifications SET body = ?1 WHERE id = ?2", params![sealed, id])?;
+        notified += 1;
     }
     Ok(notified)
 }

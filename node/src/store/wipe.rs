@@ -24,7 +24,7 @@ impl DeviceStore {
         )?;
         self.conn.execute(
             "INSERT INTO meta (name, value) VALUES ('wiped_at', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            [crate::now_ms().to_string().as_bytes()],
+            [self.now_ms().to_string().as_bytes()],
         )?;
         compact(&self.conn)?;
         Ok(())

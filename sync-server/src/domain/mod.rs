@@ -5,9 +5,11 @@
 //! - [`limits`]: what one peer may cost the server (the `[limits]` settings).
 //! - [`governance`]: leases, permission to view, break glass, view-log verification.
 //! - [`settings`]: the settings an operator changes at run time, typed, with their precedence.
+//! - [`compaction`]: how far back the change log must reach, and which devices fall below it.
 //! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
 //!   ([`care_node::policy`]), before anything is committed.
 
+pub mod compaction;
 pub mod governance;
 pub mod limits;
 pub mod scope;

@@ -41,6 +41,39 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// What one peer may cost the server (docs/security.md, Bounds).
     pub limits: crate::domain::limits::Limits,
+    pub compaction: CompactionConfig,
+}
+
+/// When `serve` compacts the change log (docs/operations.md, Compact the change log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompactionConfig {
+    /// Hours between compactions while `serve` runs (0: never; run `compact-log` yourself).
+    pub every_hours: f64,
+    /// Days a device that stopped syncing holds the log back; devices away longer receive what
+    /// changed whole when they return.
+    pub hold_days: f64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            every_hours: 24.0,
+            hold_days: crate::operator::ops::DEFAULT_COMPACTION_HOLD.as_secs_f64() / 86_400.0,
+        }
+    }
+}
+
+impl CompactionConfig {
+    /// The hold as a duration.
+    pub fn hold(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.hold_days.max(0.0) * 86_400.0)
+    }
+
+    /// The period between compactions, or `None` for never.
+    pub fn every(&self) -> Option<std::time::Duration> {
+        (self.every_hours > 0.0).then(|| std::time::Duration::from_secs_f64(self.every_hours * 3_600.0))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +234,7 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             policy: PolicyConfig::default(),
             limits: crate::domain::limits::Limits::default(),
+            compaction: CompactionConfig::default(),
         }
     }
 }
@@ -284,11 +318,15 @@ impl Config {
             ("policy.break_glass_hours", self.policy.break_glass_hours),
             ("policy.lease_hours_ambulance_crew", self.policy.lease_hours_ambulance_crew),
             ("policy.lease_hours_community_nurse", self.policy.lease_hours_community_nurse),
+            ("compaction.every_hours", Some(self.compaction.every_hours)),
         ];
         for (name, value) in hours {
             if value.is_some_and(|h| !h.is_finite() || h < 0.0) {
                 return Err(key(name, "must be a non-negative number of hours"));
             }
+        }
+        if !self.compaction.hold_days.is_finite() || self.compaction.hold_days < 0.0 {
+            return Err(key("compaction.hold_days", "must be a non-negative number of days"));
         }
         if self.policy.prefetch_flags.as_ref().is_some_and(|f| f.iter().any(|f| f.trim().is_empty())) {
             return Err(key("policy.prefetch_flags", "flags must not be empty strings"));

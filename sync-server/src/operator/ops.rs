@@ -369,6 +369,55 @@ pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// How long a device that stopped syncing keeps the change log from being compacted, unless
+/// the operator says otherwise: a month covers leave, a tablet in a spare vehicle, a long
+/// outage. Devices away longer receive what changed whole when they return.
+pub const DEFAULT_COMPACTION_HOLD: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What a compaction of the change log did (or, dry, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compaction {
+    /// Entries with `seq <= horizon` are gone (or would go).
+    pub horizon: u64,
+    /// The newest entry of the log.
+    pub head: u64,
+    pub dropped: crate::store::Compacted,
+    /// Devices whose next sync receives documents whole (their cursor is below the horizon).
+    pub below: Vec<String>,
+}
+
+/// Compacts the change log: drops the entries every device that synced within `hold` has
+/// acknowledged (audited). With `dry_run`, reports what it would drop and changes nothing.
+pub fn compact_log(store: &dyn ServerStore, hold: Duration, dry_run: bool) -> Result<Compaction, OpsError> {
+    let head = store.max_seq()?;
+    let horizon = crate::domain::compaction::horizon(&store.devices()?, head, now(), hold.as_millis() as i64);
+    let current = store.log_horizon()?;
+    let dropped = if horizon.seq <= current {
+        crate::store::Compacted::default()
+    } else if dry_run {
+        store.log_below(horizon.seq)?
+    } else {
+        store.compact_log(horizon.seq)?
+    };
+    let horizon_seq = horizon.seq.max(current);
+    if !dry_run && dropped.entries > 0 {
+        let detail = format!(
+            "horizon {horizon_seq}: {} entries, {} bytes; below: {}",
+            dropped.entries,
+            dropped.bytes,
+            if horizon.below.is_empty() { "none".to_string() } else { horizon.below.join(", ") }
+        );
+        store.append_audit(OPERATOR, "compact-log", None, &detail, now())?;
+        tracing::info!(
+            horizon = horizon_seq,
+            entries = dropped.entries,
+            bytes = dropped.bytes,
+            "change log compacted"
+        );
+    }
+    Ok(Compaction { horizon: horizon_seq, head, dropped, below: horizon.below })
+}
+
 /// Acknowledges an open alert with the operator's note (audited); false if no such open alert.
 pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result<bool, OpsError> {
     if note.trim().is_empty() {

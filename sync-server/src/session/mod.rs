@@ -35,9 +35,20 @@ pub enum SessionError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("upload refused: {0}")]
-    Upload(#[from] UploadError),
+    Upload(UploadError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The store failing while an upload is checked is the server's failure (a full disk, say),
+/// not a refusal of the device's changes: the device is told to try again, not that it may not.
+impl From<UploadError> for SessionError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::Store(e) => SessionError::Store(e),
+            refusal => SessionError::Upload(refusal),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +75,9 @@ struct Round {
     scope: HashSet<PatientId>,
     held: HashSet<PatientId>,
     changes: ChangesByDoc,
+    /// Held documents whose changes since the device's cursor compaction dropped: sent whole
+    /// (the device merges them), and not recorded as newly sent, since the device holds them.
+    rewhole: HashSet<PatientId>,
     documents_in_scope: u64,
     left_out: u64,
     /// What a complete round establishes, recorded when the device acknowledges it (`None`: the
@@ -78,6 +92,8 @@ pub struct ServerSession {
     phase: Phase,
     /// The device asked to stay connected for live rounds.
     watch: bool,
+    /// Rounds the device acknowledged in this session.
+    rounds_acknowledged: u64,
     cursor: u64,
     resume: Option<Resume>,
     round: Option<Round>,
@@ -97,6 +113,7 @@ impl ServerSession {
             device,
             phase: Phase::AwaitHello,
             watch: false,
+            rounds_acknowledged: 0,
             cursor: 0,
             resume: None,
             round: None,
@@ -143,6 +160,14 @@ impl ServerSession {
     /// True while a live session waits for something to change.
     pub fn is_watching(&self) -> bool {
         self.phase == Phase::Watching
+    }
+
+    /// True once a live session's first round is acknowledged: from then on the device may end
+    /// it at any moment (its user stopped watching), even while a pushed round is in flight, and
+    /// that is a normal end. The round it did not acknowledge stays pending, settled by its next
+    /// `Hello` like any cut round.
+    pub fn is_live(&self) -> bool {
+        self.watch && self.rounds_acknowledged > 0
     }
 
     /// Starts a live round if anything in the device's scope changed since its cursor; returns
@@ -300,6 +325,7 @@ impl ServerSession {
                 }
                 self.cursor = round;
                 self.resume = None;
+                self.rounds_acknowledged += 1;
                 self.phase = if self.watch { Phase::Watching } else { Phase::Done };
                 Ok(Vec::new())
             }
@@ -390,6 +416,19 @@ impl ServerSession {
         }
     }
 
+    /// Held documents due whole because the changes the device lacks are below the log's
+    /// horizon. Read after the changes: the horizon only moves forward, so the one read here
+    /// covers whatever compaction dropped before them.
+    fn below_horizon(&self, store: &dyn ServerStore) -> Result<HashSet<PatientId>, SessionError> {
+        let horizon = store.log_horizon()?;
+        if self.cursor >= horizon {
+            return Ok(HashSet::new());
+        }
+        let mut due = store.held_changed_since(self.device.id, self.cursor)?;
+        due.retain(|doc| self.after_for(doc) < horizon);
+        Ok(due)
+    }
+
     fn plan_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<(), SessionError> {
         let seq = store.max_seq()?;
         let epoch = store.scope_epoch()?;
@@ -399,8 +438,10 @@ impl ServerSession {
             c.epoch == epoch && now_ms < c.valid_until_ms && self.resume.is_none() && self.cursor > 0
         }) {
             let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
-            changes.retain(|_, list| !list.is_empty());
-            let order: Vec<PatientId> = changes.keys().copied().collect();
+            let rewhole = self.below_horizon(store)?;
+            changes.retain(|doc, list| !list.is_empty() && !rewhole.contains(doc));
+            let mut order: Vec<PatientId> = changes.keys().chain(&rewhole).copied().collect();
+            order.sort_unstable();
             let docs: HashSet<PatientId> = order.iter().copied().collect();
             self.round = Some(Round {
                 seq,
@@ -412,6 +453,7 @@ impl ServerSession {
                 scope: docs.clone(),
                 held: docs,
                 changes,
+                rewhole,
                 establishes: None,
             });
             return Ok(());
@@ -431,12 +473,16 @@ impl ServerSession {
             let after = self.after_for(doc);
             list.retain(|(s, _)| *s > after);
         }
-        changes.retain(|doc, list| !list.is_empty() && held.contains(doc) && scope.contains(doc));
+        let mut rewhole = self.below_horizon(store)?;
+        rewhole.retain(|doc| scope.contains(doc));
+        changes.retain(|doc, list| {
+            !list.is_empty() && held.contains(doc) && scope.contains(doc) && !rewhole.contains(doc)
+        });
         let (mut order, mut rest): (Vec<PatientId>, Vec<PatientId>) =
             scope.difference(&held).copied().partition(|p| decided.first.contains(p));
         order.sort_unstable();
         let priority = order.len();
-        rest.extend(held.difference(&scope).chain(changes.keys()).copied());
+        rest.extend(held.difference(&scope).chain(changes.keys()).chain(&rewhole).copied());
         rest.sort_unstable();
         rest.dedup();
         order.extend(rest);
@@ -452,6 +498,7 @@ impl ServerSession {
             scope,
             held,
             changes,
+            rewhole,
         });
         Ok(())
     }
@@ -480,12 +527,14 @@ impl ServerSession {
             let body = if !round.scope.contains(&doc) {
                 purged.push(doc);
                 DocBody::Purge
-            } else if !round.held.contains(&doc) {
+            } else if !round.held.contains(&doc) || round.rewhole.contains(&doc) {
                 let Some(saved) = store.load_document(&doc)? else {
                     tracing::warn!(doc = %short_hex(doc.as_bytes()), "patient in scope has no document");
                     continue;
                 };
-                whole.push(doc);
+                if !round.held.contains(&doc) {
+                    whole.push(doc);
+                }
                 bytes += saved.len();
                 DocBody::Whole(ByteBuf::from(saved))
             } else {

@@ -18,6 +18,12 @@ use care_node::summary::{PatientId, PatientSummary};
 pub enum StoreError {
     #[error("the server database failed: {0}")]
     Sqlite(Box<rusqlite::Error>),
+    /// The disk under the store is full: the write was rolled back whole (nothing acknowledged
+    /// is lost) and works again once there is space.
+    #[error(
+        "the server's storage is full: the write was rolled back (nothing acknowledged was lost); free disk space"
+    )]
+    StorageFull,
     #[error("could not create the data directory: {0}")]
     Io(#[from] std::io::Error),
     #[error("patient document {0} is invalid: {1}")]
@@ -42,7 +48,10 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        Self::Sqlite(Box::new(e))
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::StorageFull,
+            _ => Self::Sqlite(Box::new(e)),
+        }
     }
 }
 
@@ -573,6 +582,13 @@ pub trait Governance: Send + Sync {
     fn caseload(&self, device: i64) -> Result<Vec<PatientId>, StoreError>;
 }
 
+/// Log entries dropped (or that would be) by compaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
 /// The change log and each device's progress through it.
 pub trait SyncLog: Send + Sync {
     /// Commits a device's changes, already checked by `domain::upload`, atomically (all or
@@ -584,8 +600,21 @@ pub trait SyncLog: Send + Sync {
         device: &DeviceRecord,
         docs: &[CheckedChanges],
     ) -> Result<UploadOutcome, UploadError>;
-    /// The newest sequence number.
+    /// The newest sequence number (never below the log's horizon, even when compaction has
+    /// dropped every entry).
     fn max_seq(&self) -> Result<u64, StoreError>;
+    /// The log's horizon: entries with `seq <= horizon` were dropped by compaction (0: none).
+    /// Only ever moves forward.
+    fn log_horizon(&self) -> Result<u64, StoreError>;
+    /// Documents the device holds whose latest change is after `after`: what a device whose
+    /// cursor fell below the horizon receives whole.
+    fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError>;
+    /// Drops the log's entries with `seq <= horizon` and moves the horizon there, in one
+    /// transaction (documents are stored whole, so nothing of a patient is lost). A horizon at
+    /// or below the current one drops nothing.
+    fn compact_log(&self, horizon: u64) -> Result<Compacted, StoreError>;
+    /// How many log entries there are at or below `seq`, and their bytes.
+    fn log_below(&self, seq: u64) -> Result<Compacted, StoreError>;
     /// Changes with `after < seq <= upto` to documents the device holds, not authored by it,
     /// by document. Costs what changed for this device, not what changed in the region.
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;

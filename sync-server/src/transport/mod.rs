@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use care_node::clock::Clock;
 use care_node::identity::{PublicKey, short_hex, verify};
 use care_node::protocol::{
     ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME_LEN, ServerMessage,
@@ -76,6 +77,8 @@ struct Shared {
     /// Each device's upload allowance.
     rates: Mutex<HashMap<i64, Allowance>>,
     limits: Limits,
+    /// The server's wall clock, passed to the sessions and the store.
+    clock: Clock,
 }
 
 /// A token bucket of upload bytes (`Limits::upload_bytes_per_minute`), so a device back from a
@@ -204,6 +207,16 @@ pub async fn start_with(
     listen: SocketAddr,
     limits: Limits,
 ) -> Result<RunningServer, ServerError> {
+    start_with_clock(store, listen, limits, Clock::system()).await
+}
+
+/// [`start_with`] on `clock` instead of the system's (tests: a server months ahead).
+pub async fn start_with_clock(
+    store: Arc<dyn ServerStore>,
+    listen: SocketAddr,
+    limits: Limits,
+    clock: Clock,
+) -> Result<RunningServer, ServerError> {
     let identity = store.server_identity()?;
     let config = server_config(&identity, Arc::new(StorePolicy(store.clone())))?;
     let endpoint = quinn::Endpoint::server(config, listen).map_err(|e| ServerError::Bind(listen, e))?;
@@ -217,6 +230,7 @@ pub async fn start_with(
         enrolling: std::sync::atomic::AtomicUsize::new(0),
         rates: Mutex::new(HashMap::new()),
         limits,
+        clock,
     });
     let revocations = tokio::spawn(watch_revocations(shared.clone()));
     let watcher = tokio::spawn(watch_changes(store, changed));
@@ -356,7 +370,7 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
-        let admitted = care_node::now_ms();
+        let admitted = shared.clock.now_ms();
         if let Some((old, _)) =
             shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))
         {
@@ -374,13 +388,18 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
             }
         }
         match &result {
+            // Only the operator can free space: that one is an error, the rest are the devices'.
+            Err(e @ ConnectionError::Session(SessionError::Store(crate::store::StoreError::StorageFull))) => {
+                tracing::error!(error = %e, "sync session failed: free disk space under the data directory");
+                close_with(&conn, e);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "sync session failed");
                 close_with(&conn, e);
             }
             // One line per session at the default level: who synced, for how long.
             Ok(()) => tracing::info!(
-                seconds = (care_node::now_ms() - admitted) as f64 / 1000.0,
+                seconds = (shared.clock.now_ms() - admitted) as f64 / 1000.0,
                 "sync session ended"
             ),
         }
@@ -476,13 +495,19 @@ async fn run_sync(
                     if changed.is_err() {
                         break; // the server is shutting down
                     }
-                    let (back, live) = on_store(session, shared.store.clone(), |s, store| {
-                        s.live_round(store, care_node::now_ms())
+                    let now = shared.clock.now_ms();
+                    let (back, live) = on_store(session, shared.store.clone(), move |s, store| {
+                        s.live_round(store, now)
                     })
                     .await?;
                     session = back;
                     if live? {
-                        session = send_round(session, &mut send, shared).await?;
+                        session = match send_round(session, &mut send, shared).await {
+                            Ok(session) => session,
+                            // The device stopped watching while the round went out: a normal end.
+                            Err(e) if closed_by_device(&e) => return Ok(()),
+                            Err(e) => return Err(e),
+                        };
                     }
                     continue;
                 }
@@ -495,8 +520,10 @@ async fn run_sync(
         };
         let message = match next {
             Some(Ok(Some(message))) => message,
-            // A device leaving a live session closes the connection with `DONE`: a normal end.
-            Some(Err(e)) if session.is_watching() && closed_by_device(&e) => break,
+            // A device leaving a live session closes the connection with `DONE`: a normal end,
+            // also while a pushed round is in flight (its acknowledgement may be lost with the
+            // connection: the round stays pending for the next `Hello`).
+            Some(Err(e)) if session.is_live() && closed_by_device(&e) => break,
             Some(Err(e)) => return Err(e),
             // The device finished its side: the normal end of a live session.
             _ if session.is_watching() => break,
@@ -527,10 +554,9 @@ async fn run_sync(
             refuse_session(conn, &mut send, message.into()).await;
             return Err(ConnectionError::Busy);
         }
-        let (back, replies) = on_store(session, shared.store.clone(), move |s, store| {
-            s.handle(message, store, care_node::now_ms())
-        })
-        .await?;
+        let now = shared.clock.now_ms();
+        let (back, replies) =
+            on_store(session, shared.store.clone(), move |s, store| s.handle(message, store, now)).await?;
         session = back;
         let replies = match replies {
             Ok(replies) => replies,
@@ -635,14 +661,14 @@ async fn enrol(request: &EnrolRequest, shared: &Shared) -> EnrolResponse {
     let hash = EnrolmentToken::secret_hash(&request.secret);
     let store = shared.store.clone();
     let key = request.device_key;
-    let result =
-        tokio::task::spawn_blocking(move || store.redeem_enrolment(hash, key, care_node::now_ms())).await;
+    let now = shared.clock.now_ms();
+    let result = tokio::task::spawn_blocking(move || store.redeem_enrolment(hash, key, now)).await;
     match result {
         Ok(Ok(device)) => {
             tracing::info!(device = %device.name, role = device.role.as_str(), "device enrolled");
             let detail = format!("key {}", short_hex(&key));
             if let Err(e) =
-                shared.store.append_audit(&device.name, "enrolled", None, &detail, care_node::now_ms())
+                shared.store.append_audit(&device.name, "enrolled", None, &detail, shared.clock.now_ms())
             {
                 tracing::error!(error = %e, "could not audit an enrolment");
             }

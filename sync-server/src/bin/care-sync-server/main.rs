@@ -109,6 +109,18 @@ enum Command {
     },
     /// Lists devices with their state and last sync.
     Devices,
+    /// Compacts the change log: drops the entries every device that synced within the hold has
+    /// received (documents are stored whole, so nothing of a patient is lost). Devices silent
+    /// for longer receive what changed whole at their next sync. `serve` also does this on a
+    /// schedule (`[compaction]`). Safe while the server runs.
+    CompactLog {
+        /// Days a device that stopped syncing holds the log back [default: `compaction.hold_days`, 30].
+        #[arg(long, value_name = "DAYS")]
+        hold_days: Option<f64>,
+        /// Report what would be dropped, and which devices would fall below, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Revokes a device: its next handshake fails.
     RevokeDevice {
         /// The device, by its enrolled name.
@@ -471,6 +483,30 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                 role.as_str()
             );
             println!("{token}");
+        }
+        Command::CompactLog { hold_days, dry_run } => {
+            let hold = match hold_days {
+                Some(days) if days.is_finite() && days >= 0.0 => {
+                    std::time::Duration::from_secs_f64(days * 86_400.0)
+                }
+                Some(_) => return Err("--hold-days must be a non-negative number of days".into()),
+                None => config.compaction.hold(),
+            };
+            let store = open(&dir)?;
+            let done = ops::compact_log(store.as_ref(), hold, dry_run)?;
+            let verb = if dry_run { "would drop" } else { "dropped" };
+            println!(
+                "change log: {verb} {} entries ({} bytes); horizon {} of {}",
+                done.dropped.entries, done.dropped.bytes, done.horizon, done.head
+            );
+            if done.below.is_empty() {
+                println!("every device that has synced is above the horizon");
+            } else {
+                println!(
+                    "devices below the horizon (their next sync brings changed documents whole): {}",
+                    done.below.join(", ")
+                );
+            }
         }
         Command::Devices => {
             let store = open(&dir)?;

@@ -58,6 +58,14 @@ pub async fn serve(config: Config) -> CliResult {
     } else {
         None
     };
+    let compaction = config.compaction.every().map(|every| {
+        println!(
+            "change log compacted every {:.0} h (hold {:.0} days)",
+            every.as_secs_f64() / 3600.0,
+            config.compaction.hold_days
+        );
+        tokio::spawn(compact_every(store.clone(), every, config.compaction.hold()))
+    });
     let console = if config.admin.enabled {
         let token_file = config.token_file();
         let (token, created) = admin::load_or_create_token(&token_file)?;
@@ -81,6 +89,9 @@ pub async fn serve(config: Config) -> CliResult {
     };
     shutdown_signal().await?;
     println!("shutting down");
+    if let Some(compaction) = compaction {
+        compaction.abort();
+    }
     if let Some(console) = console {
         console.stop();
     }
@@ -89,6 +100,33 @@ pub async fn serve(config: Config) -> CliResult {
     }
     running.shutdown().await;
     Ok(())
+}
+
+/// Compacts the change log every `every`, the first time one period after start, on the
+/// blocking pool (a compaction is one transaction; syncs read around it).
+async fn compact_every(
+    store: std::sync::Arc<dyn care_sync_server::store::ServerStore>,
+    every: std::time::Duration,
+    hold: std::time::Duration,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let store = store.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            care_sync_server::operator::ops::compact_log(store.as_ref(), hold, false)
+        });
+        match run.await {
+            Ok(Ok(done)) => tracing::debug!(
+                horizon = done.horizon,
+                entries = done.dropped.entries,
+                "scheduled compaction"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "the scheduled compaction of the change log failed"),
+            Err(e) => tracing::error!(error = %e, "the scheduled compaction of the change log panicked"),
+        }
+    }
 }
 
 /// Ctrl-C, or SIGTERM from systemd.

@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
 use crate::store::{
-    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, CheckedChanges, ConsentFlags, DeviceRecord,
-    EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, QuarantineReview, Role, RoundOutcome,
-    StoreError, UploadError, UploadOutcome,
+    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, CheckedChanges, Compacted, ConsentFlags,
+    DeviceRecord, EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, QuarantineReview, Role,
+    RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -153,6 +153,9 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE TABLE IF NOT EXISTS scope_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
 INSERT OR IGNORE INTO scope_epoch VALUES (1, 0);
+-- Change-log entries with seq <= this were dropped by compaction (documents are stored whole).
+CREATE TABLE IF NOT EXISTS log_horizon (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+INSERT OR IGNORE INTO log_horizon VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS device_scope_cache (
     device_id INTEGER PRIMARY KEY REFERENCES devices (id),
     epoch INTEGER NOT NULL,

@@ -52,8 +52,45 @@ impl SyncLog for SqliteStore {
     fn max_seq(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT coalesce(max(seq), 0) FROM changes")?
+            .prepare_cached(
+                "SELECT max(coalesce((SELECT max(seq) FROM changes), 0), (SELECT seq FROM log_horizon WHERE id = 1))",
+            )?
             .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn log_horizon(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT seq FROM log_horizon WHERE id = 1")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.patient_id FROM device_docs d JOIN patients p ON p.id = d.patient_id
+             WHERE d.device_id = ?1 AND d.state = ?2 AND p.last_seq > ?3",
+        )?;
+        let rows = stmt.query_map(params![device, HELD, after as i64], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn compact_log(&self, horizon: u64) -> Result<Compacted, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("SELECT seq FROM log_horizon WHERE id = 1", [], |r| r.get(0))?;
+        if horizon as i64 <= current {
+            return Ok(Compacted::default());
+        }
+        let dropped = below(&tx, horizon)?;
+        tx.execute("DELETE FROM changes WHERE seq <= ?1", [horizon as i64])?;
+        tx.execute("UPDATE log_horizon SET seq = ?1 WHERE id = 1", [horizon as i64])?;
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    fn log_below(&self, seq: u64) -> Result<Compacted, StoreError> {
+        below(&self.conn(), seq)
     }
 
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
@@ -244,4 +281,12 @@ impl SyncLog for SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// The log entries at or below `seq`, and their bytes.
+fn below(conn: &rusqlite::Connection, seq: u64) -> Result<Compacted, StoreError> {
+    let (entries, bytes): (i64, i64) = conn
+        .prepare_cached("SELECT count(*), coalesce(sum(length(body)), 0) FROM changes WHERE seq <= ?1")?
+        .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Compacted { entries: entries as u64, bytes: bytes as u64 })
 }
