@@ -70,7 +70,7 @@ pub enum ClientError {
     Connection(String),
     /// The server ended the session because something failed on its side (its storage is full,
     /// say). Nothing this device holds was lost; try again later.
-    #[error("the server could not complete the sync; nothing on this device was lost, try again later: {0}")]
+    #[error("the server could not do it now (nothing on this device was lost); try again later: {0}")]
     ServerUnavailable(String),
     #[error("the server sent something invalid: {0}")]
     Protocol(String),

@@ -387,11 +387,18 @@ impl SyncSession {
                     return Err(SyncError::Protocol("round finished out of order".into()));
                 }
                 let now = store.now_ms();
-                let ((device_time, server_time), lease) = self
+                let ((carried, server_now), lease) = self
                     .server
                     .as_ref()
                     .map_or(((now, 0), 0), |s| (s.clocks_now(store.monotonic_ms()), s.lease_ms));
-                store.finish_round(round, server_time, device_time, now, lease, left_out)?;
+                // The lease runs from the earlier of the clock as it reads now and as carried
+                // from the Welcome: a clock set forward during the sync cannot stretch it, and
+                // one set back (a correction) starts it at the true moment in the clock's new
+                // frame. The server's time is taken at that same moment, so the difference of
+                // the two is the offset the clock has now.
+                let synced_at = now.min(carried);
+                let server_at = server_now - (now - synced_at);
+                store.finish_round(round, server_at, synced_at, now, lease, left_out)?;
                 self.stats.documents_in_scope = documents_in_scope;
                 self.stats.left_out = left_out;
                 self.rounds_completed += 1;

@@ -80,7 +80,10 @@ fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
             }
         }
         while server.is_downloading() {
-            let Some(page) = server.next_page(&w.server).unwrap() else { break };
+            let Some(page) = server.next_page(&w.server, care_node::protocol::TARGET_BATCH_BYTES).unwrap()
+            else {
+                break;
+            };
             if let ServerMessage::Docs { items, priority, .. } = &page {
                 if cut_after_pages == Some(sent.pages) {
                     return sent;

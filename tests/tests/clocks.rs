@@ -95,8 +95,8 @@ async fn skewed_device_clocks_change_no_order_of_clinical_facts_and_no_lease_dec
 async fn a_clock_that_jumps_during_a_round_never_stretches_the_lease() {
     const PATIENTS: usize = 600;
     let server = TestServer::start(PATIENTS).await;
-    // One clock jumps three hours back mid-round, the other three hours forward; afterwards
-    // both are corrected (network time) to the true time.
+    // One clock is set three hours back mid-round (network time correcting a fast clock, say),
+    // the other three hours forward.
     for jump in [-3 * HOUR, 3 * HOUR] {
         let name = format!("nurse-jump{}", if jump < 0 { "back" } else { "forward" });
         let (mut device, clock) = device_with_clock(&server, &name, 0).await;
@@ -113,11 +113,33 @@ async fn a_clock_that_jumps_during_a_round_never_stretches_the_lease() {
             .expect("sync");
         assert!(jumped.into_inner(), "the clock jumped while documents arrived");
         let lease = lease_ms(&device);
-        clock.set_offset(0);
-        // However the device's clock moved, a real lease past the sync locks the data.
-        let real_now_past_lease = synced_at + lease + 5 * MINUTE;
-        clock.set_offset(real_now_past_lease - care_node::now_ms());
-        let outcome = device.store.check_lease(device.store.now_ms());
+        // The clock as set now: `at(t)` makes it read real time `t` in its new frame.
+        let at = |real_ms: i64| clock.set_offset(jump + real_ms - care_node::now_ms());
+        let check = |device: &TestDevice| device.store.check_lease(device.store.now_ms());
+        // Straight after the sync the data is open, and an entry's time is corrected by the
+        // offset the clock has now.
+        assert!(
+            check(&device).is_ok(),
+            "{name}: open after a sync, the clock set as it is: {:?}",
+            check(&device)
+        );
+        let nhs = server.patients[0].clone();
+        device.add_allergy(&nhs, "Recorded after the jump");
+        let corrected =
+            shown(&device, &nhs).into_iter().find(|(s, _)| s == "Recorded after the jump").unwrap().1;
+        assert!((corrected - care_node::now_ms()).abs() < MINUTE, "{name}: corrected time {corrected}");
+        // The clock stays as set: the lease never outlasts its real length (one set back mid-sync
+        // keeps its full length; one set forward ends it early, the safe side).
+        if jump < 0 {
+            at(synced_at + lease - 5 * MINUTE);
+            assert!(check(&device).is_ok(), "{name}: within the real lease");
+        }
+        at(synced_at + lease + 5 * MINUTE);
+        assert!(check(&device).is_err(), "{name}: past the real lease");
+        // Corrected to the true time past the real lease: still locked (the forward jump used to
+        // stretch the lease by three hours here).
+        clock.set_offset(synced_at + lease + 5 * MINUTE - care_node::now_ms());
+        let outcome = check(&device);
         assert!(
             matches!(outcome, Err(StoreError::LeaseExpired { .. } | StoreError::ClockWoundBack { .. })),
             "{name}: a lease past its real end is not stretched by the jump: {outcome:?}"
@@ -127,4 +149,39 @@ async fn a_clock_that_jumps_during_a_round_never_stretches_the_lease() {
         within(60, device.sync()).await.expect("sync");
         assert!(device.store.check_lease(device.store.now_ms()).is_ok(), "{name}: unlocked by a sync");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_session_keeps_the_clock_offset_it_measured() {
+    // The offset is the device's clock minus the server's at one moment. A live session's later
+    // rounds once paired the device's clock at the round with the server's at the Welcome, so
+    // the offset grew by the session's length (and entries' times drifted with it).
+    let server = TestServer::start(2).await;
+    let (mut nurse, _clock) = device_with_clock(&server, "nurse-live", 2 * HOUR).await;
+    let mut crew = TestDevice::enrolled(&server, "crew-live", Role::AmbulanceCrew).await;
+    server.caseload("nurse-live", [0]);
+    server.caseload("crew-live", [0]);
+    within(30, crew.sync()).await.unwrap();
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut on_round = move |_: &care_node::sync::SyncStats| {
+            let _ = rounds_tx.send(());
+        };
+        let report = care_node::client::watch(&mut nurse.store, &mut on_round, async move {
+            let _ = stop_rx.await;
+        })
+        .await;
+        (nurse, report)
+    });
+    within(30, rounds.recv()).await.expect("the first round");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    crew.add_allergy(&server.patients[0], "Pushed three seconds in");
+    within(30, crew.sync()).await.unwrap();
+    within(10, rounds.recv()).await.expect("the pushed round");
+    stop_tx.send(()).unwrap();
+    let (nurse, report) = within(30, watcher).await.unwrap();
+    report.expect("the live session ends cleanly");
+    let offset = nurse.store.sync_state().unwrap().clock_offset_ms().expect("an offset");
+    assert!((offset - 2 * HOUR).abs() < 1_500, "measured offset {offset} ms against a clock 2 h ahead");
 }

@@ -351,7 +351,7 @@ async fn run(cli: Cli) -> CliResult {
             let mut patient = store.view_patient(&nhs, "show")?;
             let sync = store.sync_state()?;
             let refused = store.diverged()?;
-            print!("{}", care_node::view::render(&mut patient, &sync, &refused, care_node::now_ms())?);
+            print!("{}", care_node::view::render(&mut patient, &sync, &refused, store.now_ms())?);
             if ids {
                 print!("{}", care_node::view::entry_ids(&mut patient.summary)?);
             }

@@ -196,9 +196,10 @@ impl DeviceStore {
         state.last_sync_ms = Some(synced_at_ms);
         state.last_sync_server_ms = Some(server_time_ms);
         put_secret(&tx, &self.key, "sync", &state)?;
-        // A sync re-establishes the clock against the server's: the high-water mark starts again,
-        // at the latest the clock has read (a clock set forward mid-sync, then back, locks).
-        put_secret(&tx, &self.key, super::audit::CLOCK_HIGH_WATER, &now_ms.max(synced_at_ms))?;
+        // A sync re-establishes the clock against the server's: the high-water mark starts again
+        // at the clock as it reads now (a clock set forward during the sync, then back, locks
+        // until the next sync; one set back during the sync does not).
+        put_secret(&tx, &self.key, super::audit::CLOCK_HIGH_WATER, &now_ms)?;
         tx.commit()?;
         Ok(())
     }

@@ -45,7 +45,9 @@ pub fn ms(d: Duration) -> f64 {
 
 /// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
 /// answers commands on stdin, one line each: `devices K` (K tokens, each device gets patient 0 and
-/// two of its own), `change K` (K documents changed), `touch` (patient 0 changed), `peak`, `quit`.
+/// two of its own), `token NAME` (a device holding every patient, as the first one),
+/// `change K` (K documents changed), `touch` (patient 0 changed), `sent` (documents sent so far),
+/// `peak`, `quit`.
 pub fn server_role(dir: &str, n: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(std::path::Path::new(dir)).expect("store"));
@@ -78,12 +80,17 @@ pub fn server_role(dir: &str, n: usize) {
         )
         .expect("token")
     };
-    let device = token("tablet");
-    let device_id = store.device_by_name("tablet").expect("device").expect("device").id;
-    for id in &ids {
-        store.caseload_add(device_id, id).expect("caseload");
-    }
-    store.set_device_budget(device_id, Some(n as u64 + 1)).expect("budget");
+    // A device that holds every patient.
+    let holding_all = |name: &str| {
+        let token = token(name);
+        let device_id = store.device_by_name(name).expect("device").expect("device").id;
+        for id in &ids {
+            store.caseload_add(device_id, id).expect("caseload");
+        }
+        store.set_device_budget(device_id, Some(n as u64 + 1)).expect("budget");
+        token
+    };
+    let device = holding_all("tablet");
     println!("ready {addr} {device} {} {plain_bytes}", generation.as_millis());
     let change = |id: &PatientId, label: &str| {
         let mut s = PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
@@ -119,6 +126,14 @@ pub fn server_role(dir: &str, n: usize) {
                 let at = unix_ms();
                 change(&ids[0], &format!("Live allergen {touches}"));
                 println!("touched {at}");
+            }
+            ["token", name] => println!("token {}", holding_all(name)),
+            ["sent"] => {
+                let sent = crate::operator::metrics::metrics()
+                    .documents
+                    .get_or_create(&crate::operator::metrics::SENT)
+                    .get();
+                println!("sent {sent}");
             }
             ["peak"] => println!("peak {:.0}", peak_rss_mb("self")),
             ["quit"] => break,
@@ -240,6 +255,111 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
         device_peak_mb,
         server_peak_mb,
         link: cold_relay,
+    }
+}
+
+/// A cold sync whose link is lost every `every` until it completes.
+#[derive(Debug)]
+pub struct CutFigures {
+    pub n: usize,
+    pub every: Duration,
+    /// Connections it took (1 + the cuts), and how many of them were cut before a document
+    /// arrived.
+    pub sessions: usize,
+    pub idle_sessions: usize,
+    /// Documents the device holds at the end (N: none missing; a document applied twice would
+    /// still be one row, so the bytes tell the resending).
+    pub documents_applied: u64,
+    /// Whole documents the server sent to the cut device, over all its sessions: N plus what
+    /// was in flight at the cuts.
+    pub documents_sent: u64,
+    pub wall: Duration,
+    pub udp_bytes: u64,
+    /// The same cold sync on the same link without cuts, in the same run.
+    pub uncut_wall: Duration,
+    pub uncut_udp_bytes: u64,
+}
+
+/// A cold sync of `n` over `profile`, the link lost for good every `every` (the relay drops
+/// everything and the device's sync is abandoned, as an app does when the OS reports the
+/// network gone), then re-established at once and synced again, until the round completes;
+/// and, for comparison, the same cold sync uncut. UDP bytes are counted on both sides' sockets
+/// (`SyncReport`), so a session cut before it could report counts what the relay delivered.
+pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: Duration) -> CutFigures {
+    let (mut server, ready) = Server::start(n);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A device enrolled with `token`, talking to the server through a relay of `profile`.
+    let behind_relay = |name: &str, token: String, seed: u64| {
+        let path = dir.path().join(name);
+        let profile = profile.clone();
+        async move {
+            let wrapper = PassphraseWrapper::with_params("bench", KdfParams::default());
+            let mut device = DeviceStore::open(&path, &wrapper).expect("device store");
+            client::enrol(&mut device, &token).await.expect("enrol");
+            let server = device.require_enrolment().expect("enrolled").server_addr.parse().expect("address");
+            let relay = crate::demo::link::Relay::start(server, profile, seed).await.expect("relay");
+            device.update_server_addr(&relay.addr.to_string()).expect("point at the relay");
+            (device, relay)
+        }
+    };
+
+    // Uncut, on the same link.
+    let (mut uncut, relay) = behind_relay("uncut.db", ready[1].clone(), SEED).await;
+    let before = relay.stats().bytes_delivered;
+    let t = Instant::now();
+    let report = client::sync(&mut uncut).await.expect("uncut cold sync");
+    let uncut_wall = t.elapsed();
+    let uncut_udp_bytes = relay.stats().bytes_delivered - before;
+    assert_eq!(report.stats.documents_received as usize, n);
+    drop(relay);
+
+    // Cut every `every`.
+    let sent_before: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
+    let token = server.ask("token cut").trim_start_matches("token ").to_string();
+    let (mut device, relay) = behind_relay("cut.db", token, SEED ^ 1).await;
+    let before = relay.stats().bytes_delivered;
+    let t = Instant::now();
+    let mut sessions = 0;
+    let mut idle_sessions = 0;
+    loop {
+        sessions += 1;
+        let held_before = device.document_count().expect("count");
+        let attempt = tokio::time::timeout(every, client::sync(&mut device)).await;
+        match attempt {
+            Ok(Ok(_)) => {
+                assert_eq!(device.document_count().expect("count") as usize, n);
+                break;
+            }
+            Ok(Err(e)) => panic!("a sync failed other than by the cut: {e}"),
+            Err(_) => {
+                // The link is lost: nothing more passes for this connection (it was dropped with
+                // the future, and its close never reaches the server), then a new one starts.
+                relay.cut();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                relay.restore();
+                if device.document_count().expect("count") == held_before {
+                    idle_sessions += 1;
+                }
+            }
+        }
+        assert!(idle_sessions < 10, "ten sessions cut before any document arrived: the cuts come too often");
+    }
+    let wall = t.elapsed();
+    let udp_bytes = relay.stats().bytes_delivered - before;
+    let documents_applied = device.document_count().expect("count");
+    let sent: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
+    server.stop();
+    CutFigures {
+        n,
+        every,
+        sessions,
+        idle_sessions,
+        documents_applied,
+        documents_sent: sent - sent_before,
+        wall,
+        udp_bytes,
+        uncut_wall,
+        uncut_udp_bytes,
     }
 }
 

@@ -44,6 +44,11 @@ pub struct Config {
     pub compaction: CompactionConfig,
 }
 
+/// The longest hold (ten years) and period (a year) of compaction: beyond them a duration no
+/// longer means anything, and would not fit the clocks.
+pub const MAX_HOLD_DAYS: f64 = 3650.0;
+const MAX_COMPACTION_HOURS: f64 = 8760.0;
+
 /// When `serve` compacts the change log (docs/operations.md, Compact the change log).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,12 +72,13 @@ impl Default for CompactionConfig {
 impl CompactionConfig {
     /// The hold as a duration.
     pub fn hold(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.hold_days.max(0.0) * 86_400.0)
+        std::time::Duration::from_secs_f64(self.hold_days.clamp(0.0, MAX_HOLD_DAYS) * 86_400.0)
     }
 
     /// The period between compactions, or `None` for never.
     pub fn every(&self) -> Option<std::time::Duration> {
-        (self.every_hours > 0.0).then(|| std::time::Duration::from_secs_f64(self.every_hours * 3_600.0))
+        (self.every_hours > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(self.every_hours.min(MAX_COMPACTION_HOURS) * 3_600.0))
     }
 }
 
@@ -325,8 +331,14 @@ impl Config {
                 return Err(key(name, "must be a non-negative number of hours"));
             }
         }
-        if !self.compaction.hold_days.is_finite() || self.compaction.hold_days < 0.0 {
-            return Err(key("compaction.hold_days", "must be a non-negative number of days"));
+        if !(0.0..=MAX_HOLD_DAYS).contains(&self.compaction.hold_days) {
+            return Err(key("compaction.hold_days", "must be a number of days from 0 to 3650"));
+        }
+        if !(0.0..=MAX_COMPACTION_HOURS).contains(&self.compaction.every_hours) {
+            return Err(key(
+                "compaction.every_hours",
+                "must be a number of hours from 0 (never) to 8760 (a year)",
+            ));
         }
         if self.policy.prefetch_flags.as_ref().is_some_and(|f| f.iter().any(|f| f.trim().is_empty())) {
             return Err(key("policy.prefetch_flags", "flags must not be empty strings"));

@@ -504,7 +504,14 @@ impl ServerSession {
     }
 
     /// The next frame of the round: a page of documents, then `RoundDone`, then `None`.
-    pub fn next_page(&mut self, store: &dyn ServerStore) -> Result<Option<ServerMessage>, SessionError> {
+    /// A page holds documents up to about `max_bytes` (the transport sizes pages to the link;
+    /// at most [`TARGET_BATCH_BYTES`]) and at most [`MAX_ITEMS_PER_PAGE`] items.
+    pub fn next_page(
+        &mut self,
+        store: &dyn ServerStore,
+        max_bytes: usize,
+    ) -> Result<Option<ServerMessage>, SessionError> {
+        let max_bytes = max_bytes.min(TARGET_BATCH_BYTES);
         if self.phase != Phase::Downloading {
             return Ok(None);
         }
@@ -521,7 +528,7 @@ impl ServerSession {
         // A page holds items of one part only.
         let priority = round.next < round.priority;
         let end = if priority { round.priority } else { round.order.len() };
-        while round.next < end && bytes < TARGET_BATCH_BYTES && items.len() < MAX_ITEMS_PER_PAGE {
+        while round.next < end && bytes < max_bytes && items.len() < MAX_ITEMS_PER_PAGE {
             let doc = round.order[round.next];
             round.next += 1;
             let body = if !round.scope.contains(&doc) {

@@ -449,14 +449,82 @@ async fn refuse_session(conn: &quinn::Connection, send: &mut quinn::SendStream, 
     let _ = tokio::time::timeout(LINGER, conn.closed()).await;
 }
 
+/// How long a page of a round should take to deliver on this connection: a link cut part-way
+/// through a page costs the page (it is sent again), so slow links get small pages.
+const PAGE_SECONDS: f64 = 0.5;
+/// How much of a round may be written ahead of delivery, in seconds of the link's rate.
+const AHEAD_SECONDS: f64 = 2.0;
+/// The smallest page, whatever the link (a few documents; below that, per-page costs dominate).
+const MIN_PAGE_BYTES: usize = 16 * 1024;
+/// The least a connection may hold of written, unacknowledged round data.
+const MIN_SEND_WINDOW: u64 = 64 * 1024;
+/// quinn's own default, the most (8 stream windows of 1.25 MB).
+const MAX_SEND_WINDOW: u64 = 10_000_000;
+
+/// Paces a round to the link it goes over. Whatever is written but not yet delivered when a
+/// link is cut is sent again on the next connection, so on a slow link neither a page nor the
+/// data written ahead may be seconds long: with quinn's default 10 MB send window, each cut of
+/// a cold sync over 3G sent more than a megabyte again, and the congestion window is no guide
+/// (BBR's on 3G grew to three seconds of the link behind its one-second queue). The rate is
+/// what the connection has delivered since the round began (sent less lost, per second), the
+/// congestion window per round trip until a few round trips have passed.
+struct Pacer {
+    started: std::time::Instant,
+    delivered_at_start: u64,
+}
+
+impl Pacer {
+    fn new(conn: &quinn::Connection) -> Self {
+        Self { started: std::time::Instant::now(), delivered_at_start: delivered(&conn.stats()) }
+    }
+
+    /// Sets how far ahead the round may be written and returns the next page's size: half a
+    /// second of the link's rate, between [`MIN_PAGE_BYTES`] and the protocol's
+    /// [`TARGET_BATCH_BYTES`] (on loopback or a LAN the maximum), and a second of it ahead.
+    fn pace(&self, conn: &quinn::Connection) -> usize {
+        if !*PACING {
+            return care_node::protocol::TARGET_BATCH_BYTES;
+        }
+        let stats = conn.stats();
+        let rtt = stats.path.rtt.as_secs_f64().max(0.000_1);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = if elapsed > (4.0 * rtt).max(0.5) {
+            delivered(&stats).saturating_sub(self.delivered_at_start) as f64 / elapsed
+        } else {
+            stats.path.cwnd as f64 / rtt
+        };
+        conn.set_send_window(((rate * AHEAD_SECONDS) as u64).clamp(MIN_SEND_WINDOW, MAX_SEND_WINDOW));
+        ((rate * PAGE_SECONDS) as usize).clamp(MIN_PAGE_BYTES, care_node::protocol::TARGET_BATCH_BYTES)
+    }
+}
+
+/// `CARE_SYNC_PACING=off` sends rounds unpaced (512 KB pages, quinn's send window), for
+/// side-by-side comparisons; read once.
+static PACING: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    let off = std::env::var("CARE_SYNC_PACING").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    if off {
+        tracing::info!("rounds unpaced (CARE_SYNC_PACING=off)");
+    }
+    !off
+});
+
+/// Bytes the connection has sent that were not declared lost.
+fn delivered(stats: &quinn::ConnectionStats) -> u64 {
+    stats.udp_tx.bytes.saturating_sub(stats.path.lost_bytes)
+}
+
 /// Streams the pages of the session's current round.
 async fn send_round(
     mut session: ServerSession,
+    conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     shared: &Shared,
 ) -> Result<ServerSession, ConnectionError> {
+    let pacer = Pacer::new(conn);
     while session.is_downloading() {
-        let (back, page) = on_store(session, shared.store.clone(), |s, store| s.next_page(store)).await?;
+        let max_bytes = pacer.pace(conn);
+        let (back, page) =
+            on_store(session, shared.store.clone(), move |s, store| s.next_page(store, max_bytes)).await?;
         session = back;
         if let Some(page) = page? {
             if let ServerMessage::Docs { items, .. } = &page {
@@ -502,7 +570,7 @@ async fn run_sync(
                     .await?;
                     session = back;
                     if live? {
-                        session = match send_round(session, &mut send, shared).await {
+                        session = match send_round(session, conn, &mut send, shared).await {
                             Ok(session) => session,
                             // The device stopped watching while the round went out: a normal end.
                             Err(e) if closed_by_device(&e) => return Ok(()),
@@ -570,7 +638,7 @@ async fn run_sync(
         for reply in &replies {
             write_frame(&mut send, reply).await?;
         }
-        session = send_round(session, &mut send, shared).await?;
+        session = send_round(session, conn, &mut send, shared).await?;
     }
     if !timed {
         metrics().sync_duration.observe(started.elapsed().as_secs_f64());

@@ -486,10 +486,10 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::CompactLog { hold_days, dry_run } => {
             let hold = match hold_days {
-                Some(days) if days.is_finite() && days >= 0.0 => {
+                Some(days) if (0.0..=config::MAX_HOLD_DAYS).contains(&days) => {
                     std::time::Duration::from_secs_f64(days * 86_400.0)
                 }
-                Some(_) => return Err("--hold-days must be a non-negative number of days".into()),
+                Some(_) => return Err("--hold-days must be a number of days from 0 to 3650".into()),
                 None => config.compaction.hold(),
             };
             let store = open(&dir)?;

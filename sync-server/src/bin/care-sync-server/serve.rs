@@ -103,7 +103,7 @@ pub async fn serve(config: Config) -> CliResult {
 }
 
 /// Compacts the change log every `every`, the first time one period after start, on the
-/// blocking pool (a compaction is one transaction; syncs read around it).
+/// blocking pool (in steps of its own transactions, so syncs and feeds wait for a step at most).
 async fn compact_every(
     store: std::sync::Arc<dyn care_sync_server::store::ServerStore>,
     every: std::time::Duration,

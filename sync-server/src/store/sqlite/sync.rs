@@ -76,17 +76,7 @@ impl SyncLog for SqliteStore {
     }
 
     fn compact_log(&self, horizon: u64) -> Result<Compacted, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row("SELECT seq FROM log_horizon WHERE id = 1", [], |r| r.get(0))?;
-        if horizon as i64 <= current {
-            return Ok(Compacted::default());
-        }
-        let dropped = below(&tx, horizon)?;
-        tx.execute("DELETE FROM changes WHERE seq <= ?1", [horizon as i64])?;
-        tx.execute("UPDATE log_horizon SET seq = ?1 WHERE id = 1", [horizon as i64])?;
-        tx.commit()?;
-        Ok(dropped)
+        self.compact_in_steps(horizon, COMPACTION_STEP)
     }
 
     fn log_below(&self, seq: u64) -> Result<Compacted, StoreError> {
@@ -283,10 +273,97 @@ impl SyncLog for SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Compacts in steps of `step` entries, each its own transaction that moves the horizon as
+    /// far as it deleted: the store's connection is free between steps, so syncs and feeds wait
+    /// for one step (milliseconds), not for the whole compaction, and an interrupted compaction
+    /// keeps the steps it finished.
+    fn compact_in_steps(&self, horizon: u64, step: i64) -> Result<Compacted, StoreError> {
+        let mut dropped = Compacted::default();
+        loop {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let current: i64 = tx.query_row("SELECT seq FROM log_horizon WHERE id = 1", [], |r| r.get(0))?;
+            if horizon as i64 <= current {
+                return Ok(dropped);
+            }
+            // The seq of the step's last entry, or the horizon if fewer remain.
+            let step_end: i64 = tx
+                .query_row(
+                    "SELECT seq FROM changes WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT 1 OFFSET ?3",
+                    params![current, horizon as i64, step - 1],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(horizon as i64);
+            let step = below(&tx, step_end as u64)?;
+            tx.execute("DELETE FROM changes WHERE seq <= ?1", [step_end])?;
+            tx.execute("UPDATE log_horizon SET seq = ?1 WHERE id = 1", [step_end])?;
+            tx.commit()?;
+            dropped.entries += step.entries;
+            dropped.bytes += step.bytes;
+        }
+    }
+}
+
+/// Log entries one compaction step deletes (a few megabytes; tens of milliseconds).
+const COMPACTION_STEP: i64 = 10_000;
+
 /// The log entries at or below `seq`, and their bytes.
 fn below(conn: &rusqlite::Connection, seq: u64) -> Result<Compacted, StoreError> {
     let (entries, bytes): (i64, i64) = conn
         .prepare_cached("SELECT count(*), coalesce(sum(length(body)), 0) FROM changes WHERE seq <= ?1")?
         .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(Compacted { entries: entries as u64, bytes: bytes as u64 })
+}
+
+#[cfg(all(test, feature = "demo"))] // patients from the synthetic population
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_in_steps_drops_exactly_what_is_at_or_below_the_horizon_and_keeps_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let identity = store.server_identity().unwrap();
+        let mut population = crate::demo::population::Population::new(3, crate::server_actor(&identity));
+        let mut patients: Vec<_> = (0..6).map(|_| population.next_patient(0).unwrap()).collect();
+        store.insert_patients(&mut patients).unwrap();
+        let head = store.max_seq().unwrap();
+        let all = store.log_below(head).unwrap();
+        assert!(all.entries >= 12, "a log to compact: {all:?}");
+
+        // Part-way, in steps of 5: what is at or below the horizon goes, the rest stays.
+        let middle = head / 2;
+        let first = store.compact_in_steps(middle, 5).unwrap();
+        assert_eq!(store.log_horizon().unwrap(), middle);
+        assert_eq!(store.log_below(middle).unwrap().entries, 0);
+        assert_eq!(
+            first.entries + store.log_below(head).unwrap().entries,
+            all.entries,
+            "nothing above it went"
+        );
+        // A lower horizon drops nothing and does not move it back.
+        assert_eq!(store.compact_in_steps(middle - 1, 5).unwrap(), Compacted::default());
+        assert_eq!(store.log_horizon().unwrap(), middle);
+        // The rest, in steps of 1: every entry gone, the head where it was.
+        let rest = store.compact_in_steps(head, 1).unwrap();
+        assert_eq!(first.entries + rest.entries, all.entries);
+        assert_eq!(first.bytes + rest.bytes, all.bytes);
+        assert_eq!(store.log_below(head).unwrap().entries, 0);
+        assert_eq!(store.max_seq().unwrap(), head, "the head stays: cursors never exceed it");
+        // New changes continue above it.
+        let id = store.patient_ids().unwrap()[0].0;
+        let mut summary = PatientSummary::load(&store.load_document(&id).unwrap().unwrap()).unwrap();
+        summary.set_actor(crate::server_actor(&identity).to_bytes());
+        let before = summary.heads();
+        summary
+            .add(&care_node::summary::Allergy::new(
+                "Latex",
+                care_node::summary::Provenance::new("server", "test", "gp-feed", 1),
+            ))
+            .unwrap();
+        store.apply_server_changes(&id, &summary.changes_since(&before)).unwrap();
+        assert_eq!(store.max_seq().unwrap(), head + 1);
+    }
 }
