@@ -24,6 +24,24 @@ fn empty_write_ahead_log(server: &TestServer) {
     assert_eq!(busy, 0, "the checkpoint finished");
 }
 
+/// Space returns: the next sync completes the round the full disk cut, bringing only what had
+/// not arrived (`applied` of `total` had).
+async fn completes_once_space_returns(
+    disk: &mut SmallDisk,
+    device: &mut TestDevice,
+    total: usize,
+    applied: usize,
+) {
+    disk.free();
+    let report = within(120, device.sync()).await.expect("the sync after space returns");
+    assert_eq!(device.store.document_count().unwrap() as usize, total, "nothing missing");
+    assert_eq!(
+        report.stats.documents_received as usize,
+        total - applied,
+        "documents stored before the disk filled are not sent again"
+    );
+}
+
 fn storage_full(e: &ClientError) -> bool {
     matches!(
         e,
@@ -87,14 +105,7 @@ async fn a_full_disk_on_the_server_fails_syncs_clearly_and_loses_nothing() {
     );
     let applied = colleague.store.document_count().unwrap() as usize;
     assert!(0 < applied && applied < PATIENTS, "the disk filled mid-round ({applied} of {PATIENTS} arrived)");
-    disk.free();
-    let report = within(60, colleague.sync()).await.expect("the round completes once there is space");
-    assert_eq!(colleague.store.document_count().unwrap() as usize, PATIENTS, "nothing missing");
-    assert_eq!(
-        report.stats.documents_received as usize,
-        PATIENTS - applied,
-        "documents that arrived before the disk filled are not sent again"
-    );
+    completes_once_space_returns(&mut disk, &mut colleague, PATIENTS, applied).await;
     let mut seen = colleague.allergies(&nhs);
     seen.retain(|s| s.starts_with("Substance "));
     seen.sort();
@@ -145,14 +156,7 @@ async fn a_full_disk_on_a_device_fails_the_sync_clearly_and_loses_nothing() {
     );
 
     // Space returns: the round completes and brings only what was missing.
-    disk.free();
-    let report = within(120, tablet.sync()).await.expect("the sync after space returns");
-    assert_eq!(tablet.store.document_count().unwrap() as usize, PATIENTS, "nothing missing");
-    assert_eq!(
-        report.stats.documents_received as usize,
-        PATIENTS - applied,
-        "documents stored before the disk filled are not sent again"
-    );
+    completes_once_space_returns(&mut disk, &mut tablet, PATIENTS, applied).await;
     assert_eq!(tablet.store.pending_count().unwrap(), 0, "the offline entry uploaded");
     let mut colleague = TestDevice::enrolled(&server, "colleague", Role::CommunityNurse).await;
     server.caseload("colleague", [0]);
