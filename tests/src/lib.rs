@@ -365,6 +365,15 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// Sync sessions this process's server counted as ended with `outcome` (`ok` or `error`):
+/// the metrics are process-wide, so a test that reads them has a test binary of its own.
+pub fn sync_outcomes(outcome: &'static str) -> u64 {
+    care_sync_server::operator::metrics::metrics()
+        .syncs
+        .get_or_create(&care_sync_server::operator::metrics::OutcomeLabel { outcome })
+        .get()
+}
+
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)

@@ -57,12 +57,7 @@ async fn a_watching_device_gets_changes_and_hospital_events_within_a_second() {
     report.expect("the live session ends cleanly");
     // The server counts the stopped watch as a sync that ended well (the crew's two syncs and
     // the watch), not as a failure an operator's alert would fire on.
-    let count = |outcome| {
-        care_sync_server::operator::metrics::metrics()
-            .syncs
-            .get_or_create(&care_sync_server::operator::metrics::OutcomeLabel { outcome })
-            .get()
-    };
+    let count = care_sync_e2e::sync_outcomes;
     for _ in 0..50 {
         if count("ok") >= 3 {
             break;

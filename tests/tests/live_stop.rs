@@ -5,11 +5,10 @@
 
 use care_node::protocol::{ClientMessage, ServerMessage, close};
 use care_sync_e2e::{TestDevice, TestServer, welcomed, within};
-use care_sync_server::operator::metrics::{OutcomeLabel, metrics};
 use care_sync_server::store::Role;
 
 fn syncs(outcome: &'static str) -> i64 {
-    metrics().syncs.get_or_create(&OutcomeLabel { outcome }).get() as i64
+    care_sync_e2e::sync_outcomes(outcome) as i64
 }
 
 #[tokio::test(flavor = "multi_thread")]

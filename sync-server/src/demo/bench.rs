@@ -222,9 +222,7 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
     client::enrol(&mut device, token).await.expect("enrol");
     let relay = match link {
         Some(profile) => {
-            let server = device.require_enrolment().expect("enrolled").server_addr.parse().expect("address");
-            let relay = crate::demo::link::Relay::start(server, profile.clone(), SEED).await.expect("relay");
-            device.update_server_addr(&relay.addr.to_string()).expect("point at the relay");
+            let relay = behind_relay(&mut device, profile.clone(), SEED).await;
             Some((profile, relay))
         }
         None => None,
@@ -258,6 +256,19 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
     }
 }
 
+/// Puts a relay of `profile` between an enrolled device and its server: the device talks to
+/// the relay's address from now on.
+async fn behind_relay(
+    device: &mut DeviceStore,
+    profile: crate::demo::link::Profile,
+    seed: u64,
+) -> crate::demo::link::Relay {
+    let server = device.require_enrolment().expect("enrolled").server_addr.parse().expect("address");
+    let relay = crate::demo::link::Relay::start(server, profile, seed).await.expect("relay");
+    device.update_server_addr(&relay.addr.to_string()).expect("point at the relay");
+    relay
+}
+
 /// A cold sync whose link is lost every `every` until it completes.
 #[derive(Debug)]
 pub struct CutFigures {
@@ -289,22 +300,20 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
     let (mut server, ready) = Server::start(n);
     let dir = tempfile::tempdir().expect("temp dir");
     // A device enrolled with `token`, talking to the server through a relay of `profile`.
-    let behind_relay = |name: &str, token: String, seed: u64| {
+    let enrolled_behind_relay = |name: &str, token: String, seed: u64| {
         let path = dir.path().join(name);
         let profile = profile.clone();
         async move {
             let wrapper = PassphraseWrapper::with_params("bench", KdfParams::default());
             let mut device = DeviceStore::open(&path, &wrapper).expect("device store");
             client::enrol(&mut device, &token).await.expect("enrol");
-            let server = device.require_enrolment().expect("enrolled").server_addr.parse().expect("address");
-            let relay = crate::demo::link::Relay::start(server, profile, seed).await.expect("relay");
-            device.update_server_addr(&relay.addr.to_string()).expect("point at the relay");
+            let relay = behind_relay(&mut device, profile, seed).await;
             (device, relay)
         }
     };
 
     // Uncut, on the same link.
-    let (mut uncut, relay) = behind_relay("uncut.db", ready[1].clone(), SEED).await;
+    let (mut uncut, relay) = enrolled_behind_relay("uncut.db", ready[1].clone(), SEED).await;
     let before = relay.stats().bytes_delivered;
     let t = Instant::now();
     let report = client::sync(&mut uncut).await.expect("uncut cold sync");
@@ -316,7 +325,7 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
     // Cut every `every`.
     let sent_before: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
     let token = server.ask("token cut").trim_start_matches("token ").to_string();
-    let (mut device, relay) = behind_relay("cut.db", token, SEED ^ 1).await;
+    let (mut device, relay) = enrolled_behind_relay("cut.db", token, SEED ^ 1).await;
     let before = relay.stats().bytes_delivered;
     let t = Instant::now();
     let mut sessions = 0;
