@@ -22,6 +22,7 @@ use care_node::nhs::NhsNumber;
 use care_node::notify::Notification;
 use care_node::protocol::AccessKind;
 use care_node::record::NewEntry;
+pub use care_node::store::DeviceStatus;
 use care_node::store::{DeviceStore, PatientCard};
 use care_node::summary::Section;
 use care_node::sync::{AccessRequest, SyncStats};
@@ -215,19 +216,6 @@ pub struct ViewRecord {
     pub uploaded: bool,
 }
 
-/// Enrolment, sync and lease state.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct DeviceStatus {
-    pub enrolled: bool,
-    pub device_name: Option<String>,
-    pub last_sync_ms: Option<i64>,
-    pub lease_ms: Option<u64>,
-    pub lease_expired: bool,
-    pub patients: u64,
-    pub pending_changes: u64,
-    pub left_out_by_budget: u64,
-}
-
 /// A care-sync device: one encrypted store, held on two connections.
 #[derive(uniffi::Object)]
 pub struct CareNode {
@@ -318,13 +306,6 @@ impl CareNode {
             let nhs = NhsNumber::parse(&nhs_number)?;
             let request = AccessRequest { nhs_number: nhs.as_str().into(), kind, reason };
             let (decision, _) = client::request_access(&mut store, request).await?;
-            if decision.granted
-                && let Some(patient) = store.find_by_nhs(&nhs)?
-            {
-                let action =
-                    if kind == AccessKind::BreakGlass { "break-glass" } else { "permission-to-view" };
-                store.record_view(&patient.summary.patient_id()?, action, "")?;
-            }
             Ok(AccessOutcome {
                 granted: decision.granted,
                 message: decision.message,
@@ -547,20 +528,7 @@ impl CareNode {
     }
 
     pub fn status(&self) -> Result<DeviceStatus, CareError> {
-        self.with_store(|s| {
-            let enrolment = s.enrolment()?;
-            let sync = s.sync_state()?;
-            Ok(DeviceStatus {
-                enrolled: enrolment.is_some(),
-                device_name: enrolment.map(|e| e.device_name),
-                last_sync_ms: sync.last_sync_ms,
-                lease_ms: sync.lease_ms,
-                lease_expired: s.check_lease(s.now_ms()).is_err(),
-                patients: s.document_count()?,
-                pending_changes: s.pending_count()?,
-                left_out_by_budget: sync.left_out,
-            })
-        })
+        self.with_store(|s| Ok(s.status()?))
     }
 
     /// Destroys every patient record and the data key on this device (crypto-shredding).

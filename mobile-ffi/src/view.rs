@@ -100,15 +100,9 @@ fn entries<T: SectionEntry, R>(
     hidden: &mut u32,
     make: impl Fn(String, T, Vec<FieldConflict>) -> R,
 ) -> Result<Vec<R>, CareError> {
-    let mut out = Vec::new();
-    for e in summary.entries::<T>()? {
-        if e.entered_in_error.is_some() {
-            *hidden += 1;
-        } else {
-            out.push(make(e.id.to_string(), e.data, e.conflicts));
-        }
-    }
-    Ok(out)
+    let (shown, not_shown) = summary.shown_entries::<T>()?;
+    *hidden += not_shown as u32;
+    Ok(shown.into_iter().map(|e| make(e.id.to_string(), e.data, e.conflicts)).collect())
 }
 
 impl PatientView {

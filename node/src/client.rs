@@ -339,15 +339,18 @@ pub async fn sync_with_progress(
 
 /// Asks the server for a patient outside this device's scope (permission to view recorded at
 /// the point of care, or break glass), then syncs so the record arrives. The request is written
-/// to the signed view log first.
+/// to the signed view log first; once granted, the record's first view is logged as
+/// `break-glass` or `permission-to-view`, so every front end audits it the same way.
 pub async fn request_access(
     store: &mut DeviceStore,
     request: AccessRequest,
 ) -> Result<(AccessDecision, SyncReport), ClientError> {
-    let what = match request.kind {
-        crate::protocol::AccessKind::BreakGlass => "break glass",
-        crate::protocol::AccessKind::PermissionToView => "permission to view",
+    use crate::protocol::AccessKind;
+    let (what, action) = match request.kind {
+        AccessKind::BreakGlass => ("break glass", "break-glass"),
+        AccessKind::PermissionToView => ("permission to view", "permission-to-view"),
     };
+    let nhs = crate::nhs::NhsNumber::parse(&request.nhs_number).ok();
     let (mut decisions, report) = match sync_with(store, vec![request], &mut |_| {}).await {
         Ok(result) => result,
         Err(e @ (ClientError::Unreachable(_) | ClientError::Timeout(_))) => {
@@ -358,6 +361,17 @@ pub async fn request_access(
     let decision = decisions
         .pop()
         .ok_or_else(|| ClientError::Protocol("the server did not answer the access request".into()))?;
+    if decision.granted {
+        // Access is a view of the record: logged as given, whichever front end asked. A record
+        // that did not arrive (a sync cut short) is logged when it is opened.
+        match nhs.map(|n| store.find_by_nhs(&n)).transpose()?.flatten() {
+            Some(patient) => {
+                let id = patient.summary.patient_id().map_err(StoreError::from)?;
+                store.record_view(&id, action, "")?;
+            }
+            None => tracing::warn!("access granted but the record is not on this device yet; sync again"),
+        }
+    }
     Ok((decision, report))
 }
 

@@ -10,6 +10,7 @@
 //! device: Hello{cursor, resume}         server: Welcome{device name, role, time}
 //! device: Upload{through, docs}...      server: UploadAck{through}...   (durable before acked)
 //! device: UploadDone                    server: Docs{round, items}... RoundDone{round}
+//! device: PageApplied{round}... (one per Docs frame, once it is durable)
 //! device: RoundAck{round}
 //! ```
 //! `cursor` is the server change sequence number up to which the device holds every change of
@@ -25,7 +26,7 @@ pub const ALPN_SYNC: &[u8] = b"care-sync/1";
 /// ALPN of enrolment connections; the device presents no certificate, only its token.
 pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 /// Version byte carried by every frame.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// The most distinct documents, and the most changes, a device puts in one upload batch (the
@@ -111,6 +112,12 @@ pub enum ClientMessage {
     /// Keep the session open after the round: the server pushes a new round whenever something
     /// in the device's scope changes (sent right after `Hello`).
     Watch,
+    /// The oldest `Docs` frame of `round` not yet acknowledged is applied and durable here (one
+    /// per frame, in order). The server keeps only a link's worth of a round unapplied, so a
+    /// link lost mid-round costs about that much sent again (protocol version 4).
+    PageApplied {
+        round: u64,
+    },
 }
 
 /// What the server sends for one document in a round.

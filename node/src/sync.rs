@@ -182,11 +182,6 @@ impl SyncSession {
         &self.stats
     }
 
-    /// The device name and role the server knows this device by, once welcomed.
-    pub fn server_view(&self) -> Option<&ServerView> {
-        self.server.as_ref()
-    }
-
     /// Starts a live session: like [`SyncSession::start`], but after the first round the session
     /// stays open and applies every round the server pushes.
     pub fn start_watching(store: &DeviceStore) -> Result<(Self, Vec<ClientMessage>), SyncError> {
@@ -368,6 +363,7 @@ impl SyncSession {
                     }
                 };
                 let notified = store.apply_items(round, priority, &items, now, on_item)?;
+                out.push(ClientMessage::PageApplied { round });
                 self.stats.notifications += notified;
                 self.stats.round_applied += page as u64;
                 for item in &items {

@@ -47,9 +47,7 @@ fn section<T: SectionEntry>(
     summary: &mut PatientSummary,
     title: &str,
 ) -> Result<(), SummaryError> {
-    let all = summary.entries::<T>()?;
-    let hidden = all.iter().filter(|e| e.entered_in_error.is_some()).count();
-    let shown: Vec<_> = all.into_iter().filter(|e| e.entered_in_error.is_none()).collect();
+    let (shown, hidden) = summary.shown_entries::<T>()?;
     let state = if T::SECTION.requires_assertion() { Some(summary.section_state(T::SECTION)?) } else { None };
     if shown.is_empty() && state.is_none() && hidden == 0 {
         return Ok(());

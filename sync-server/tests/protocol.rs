@@ -122,6 +122,7 @@ fn a_cut_round_resumes_without_resending_applied_documents() {
     let second = session(&mut w, None);
     assert!(second.completed);
     assert_eq!(second.whole, 2_500 - applied, "nothing applied before the cut is sent again");
+    assert_eq!(second.changes, 0, "nor, as changes, the history of what was sent whole");
     assert_eq!(w.device.document_count().unwrap(), 2_500);
 
     let third = session(&mut w, None);
@@ -168,10 +169,41 @@ fn a_round_cut_after_any_page_resumes_with_nothing_lost_or_sent_twice() {
         let second = session(&mut w, None);
         assert!(second.completed);
         assert_eq!(second.whole, n - applied, "cut after {cut} pages: nothing applied is sent again");
+        // Documents sent whole hold their history: none of it comes again as changes (the
+        // priority part's documents used to, after a cut in the rest).
+        assert_eq!(second.changes, 0, "cut after {cut} pages: no history sent again as changes");
         assert_eq!(w.device.document_count().unwrap() as usize, n);
         let third = session(&mut w, None);
         assert_eq!((third.whole, third.changes), (0, 0), "cut after {cut} pages: then nothing to send");
     }
+}
+
+#[test]
+fn a_purge_cut_before_it_was_applied_loses_no_change_when_the_patient_comes_back() {
+    let mut w = world(3);
+    assert!(session(&mut w, None).completed);
+    // A feed adds an allergy to a patient the device holds; then the patient leaves the caseload
+    // and the round that purges them is cut before its page is applied.
+    let patient = w.server.patient_by_nhs(&w.patients[1]).unwrap().unwrap();
+    let mut summary =
+        care_node::summary::PatientSummary::load(&w.server.load_document(&patient).unwrap().unwrap())
+            .unwrap();
+    let identity = w.server.server_identity().unwrap();
+    summary.set_actor(care_sync_server::server_actor(&identity).to_bytes());
+    let before = summary.heads();
+    let provenance = care_node::summary::Provenance::new("server", "gp", "gp-feed", 1);
+    summary.add(&Allergy::new("Penicillin", provenance)).unwrap();
+    w.server.apply_server_changes(&patient, &summary.changes_since(&before)).unwrap();
+    w.server.caseload_remove(w.record.id, &patient).unwrap();
+    let cut = session(&mut w, Some(0));
+    assert!(!cut.completed);
+    // Back in the caseload: the device still holds the old copy, and must get the allergy.
+    w.server.caseload_add(w.record.id, &patient).unwrap();
+    assert!(session(&mut w, None).completed);
+    let mut held = w.device.find_by_nhs(&w.patients[1]).unwrap().expect("still on the device");
+    let allergies: Vec<_> =
+        held.summary.entries::<Allergy>().unwrap().into_iter().map(|a| a.data.substance).collect();
+    assert!(allergies.iter().any(|s| s == "Penicillin"), "the feed's change arrived: {allergies:?}");
 }
 
 #[test]
@@ -219,6 +251,43 @@ fn a_message_out_of_order_is_a_protocol_error() {
     let mut server = ServerSession::new(w.record.clone());
     let err = server.handle(ClientMessage::UploadDone, &w.server, 1).unwrap_err();
     assert!(err.to_string().contains("unexpected UploadDone"), "{err}");
+}
+
+#[test]
+fn pages_are_acknowledged_once_each_in_order_and_a_page_never_sent_is_a_protocol_error() {
+    let w = world(40);
+    let (_, first) = SyncSession::start(&w.device).unwrap();
+    let mut server = ServerSession::new(w.record.clone());
+    for message in first {
+        server.handle(message, &w.server, 1).unwrap();
+    }
+    assert!(server.is_downloading());
+    let not_sent = server.handle(ClientMessage::PageApplied { round: 1 }, &w.server, 1).unwrap_err();
+    assert!(not_sent.to_string().contains("a page that was not sent"), "{not_sent}");
+
+    let mut server = ServerSession::new(w.record.clone());
+    let (_, first) = SyncSession::start(&w.device).unwrap();
+    for message in first {
+        server.handle(message, &w.server, 1).unwrap();
+    }
+    let Some(ServerMessage::Docs { round, .. }) = server.next_page(&w.server, 16 * 1024).unwrap() else {
+        panic!("a page of documents");
+    };
+    let Some(ServerMessage::Docs { .. }) = server.next_page(&w.server, 16 * 1024).unwrap() else {
+        panic!("a second page");
+    };
+    let unapplied = server.unapplied_bytes();
+    assert!(unapplied > 16 * 1024, "two pages of whole documents unapplied: {unapplied}");
+    let wrong_round = server.handle(ClientMessage::PageApplied { round: round + 1 }, &w.server, 1);
+    assert!(wrong_round.is_err(), "a page of another round");
+    server.handle(ClientMessage::PageApplied { round }, &w.server, 1).unwrap();
+    assert!(server.unapplied_bytes() < unapplied && server.applied_bytes() > 0);
+    server.handle(ClientMessage::PageApplied { round }, &w.server, 1).unwrap();
+    assert_eq!(server.unapplied_bytes(), 0);
+    assert!(
+        server.handle(ClientMessage::PageApplied { round }, &w.server, 1).is_err(),
+        "a third, never sent"
+    );
 }
 
 #[test]

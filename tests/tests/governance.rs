@@ -144,9 +144,14 @@ async fn break_glass_grants_for_a_while_is_audited_and_alerts_operators() {
     assert!(
         decision.until_ms > care_node::now_ms() && decision.until_ms < care_node::now_ms() + 5 * 3_600_000
     );
-    assert!(crew.store.find_by_nhs(&nhs).unwrap().is_some());
+    let held = crew.store.find_by_nhs(&nhs).unwrap().expect("break glass brings the record");
     let alerts = server.store.alerts(false).unwrap();
     assert!(alerts.iter().any(|a| a.kind == "break-glass" && a.device.as_deref() == Some("ambulance-4")));
+    // The library logs the record's first view as the access, once (not each front end its own).
+    let views = crew.store.view_log(100).unwrap();
+    let patient = held.summary.patient_id().unwrap();
+    let logged = views.iter().filter(|(v, _)| v.action == "break-glass" && v.patient == patient).count();
+    assert_eq!(logged, 1, "one break-glass view on the device's log");
 
     // Offline, the device says plainly that the record is not here and access needs a connection.
     server.stop().await;

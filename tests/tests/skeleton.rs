@@ -41,7 +41,13 @@ async fn concurrent_offline_entries_on_two_devices_both_survive() {
     nurse.add_allergy(&shared, "Latex");
     nurse.add_allergy(&shared, "Codeine");
     // Offline, a sync fails clearly and loses nothing.
-    assert_eq!(crew.store.pending_count().unwrap(), 1);
+    let offline = within(60, crew.sync()).await.expect_err("no server to sync with");
+    assert!(
+        matches!(offline, ClientError::Unreachable(_) | ClientError::Timeout(_)),
+        "a clear 'cannot reach the server', not {offline:?}"
+    );
+    assert_eq!(crew.store.pending_count().unwrap(), 1, "the offline entry is still queued");
+    assert_eq!(crew.allergies(&shared).len(), before + 1, "and still shown");
 
     server.restart().await;
     within(30, crew.sync()).await.unwrap();

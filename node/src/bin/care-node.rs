@@ -12,7 +12,7 @@ use care_node::news2::{Consciousness, Observations};
 use care_node::nhs::NhsNumber;
 use care_node::protocol::AccessKind;
 use care_node::record::NewEntry;
-use care_node::store::{DeviceStore, StoreError};
+use care_node::store::DeviceStore;
 use care_node::summary::Section;
 use care_node::sync::AccessRequest;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -149,7 +149,7 @@ enum Command {
         nhs_number: String,
         /// The section of the entry.
         #[arg(long, value_enum)]
-        section: Section,
+        section: AnySection,
         /// The entry id (see `show --ids`).
         #[arg(long)]
         entry: uuid::Uuid,
@@ -186,6 +186,35 @@ enum Command {
     /// Lists this device's entries the server refused, with the text as recorded here (they
     /// are not in the shared record; `show` lists a patient's own under its header).
     Refused,
+}
+
+/// Every section, as the command line spells it (the model's `Section` knows nothing of clap,
+/// so the mobile library does not link it).
+#[derive(Clone, Copy, ValueEnum)]
+enum AnySection {
+    Alerts,
+    Allergies,
+    Medications,
+    Problems,
+    CarePlans,
+    Contacts,
+    Encounters,
+    Results,
+}
+
+impl From<AnySection> for Section {
+    fn from(s: AnySection) -> Section {
+        match s {
+            AnySection::Alerts => Section::Alerts,
+            AnySection::Allergies => Section::Allergies,
+            AnySection::Medications => Section::Medications,
+            AnySection::Problems => Section::Problems,
+            AnySection::CarePlans => Section::CarePlans,
+            AnySection::Contacts => Section::Contacts,
+            AnySection::Encounters => Section::Encounters,
+            AnySection::Results => Section::Results,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -420,7 +449,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::MarkError { nhs_number, section, entry, reason } => {
             let nhs = parse_nhs(&nhs_number)?;
-            store.mark_entered_in_error(&nhs, section, entry, &reason)?;
+            store.mark_entered_in_error(&nhs, section.into(), entry, &reason)?;
             println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
         Command::BreakGlass { nhs_number, reason } => {
@@ -463,14 +492,14 @@ async fn run(cli: Cli) -> CliResult {
                 Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
                 None => println!("not enrolled"),
             }
-            let sync = store.sync_state()?;
+            let status = store.status()?;
             println!(
                 "last sync: {}",
-                sync.last_sync_ms.map_or("never".to_string(), care_node::view::format_time)
+                status.last_sync_ms.map_or("never".to_string(), care_node::view::format_time)
             );
-            println!("patients: {}", store.document_count()?);
-            println!("changes waiting for upload: {}", store.pending_count()?);
-            if let Some(lease) = sync.lease_ms {
+            println!("patients: {}", status.patients);
+            println!("changes waiting for upload: {}", status.pending_changes);
+            if let Some(lease) = status.lease_ms {
                 println!(
                     "offline lease: {} h{}",
                     lease / 3_600_000,
@@ -480,8 +509,9 @@ async fn run(cli: Cli) -> CliResult {
                     }
                 );
             }
-            if sync.left_out > 0 {
-                println!("{} patient(s) in scope left out by this device's document budget", sync.left_out);
+            if status.left_out_by_budget > 0 {
+                let left_out = status.left_out_by_budget;
+                println!("{left_out} patient(s) in scope left out by this device's document budget");
             }
             // Entries the server refused stay here for the clinician; patients by opaque id
             // only (`refused` and `show` give the text).
@@ -508,9 +538,9 @@ async fn access(store: &mut DeviceStore, nhs_number: &str, kind: AccessKind, rea
     if !decision.granted {
         return Err(format!("refused: {}", decision.message).into());
     }
-    let patient = store.find_by_nhs(&nhs)?.ok_or(StoreError::UnknownPatient)?;
-    let action = if kind == AccessKind::BreakGlass { "break-glass" } else { "permission-to-view" };
-    store.record_view(&patient.summary.patient_id()?, action, "")?;
+    if store.find_by_nhs(&nhs)?.is_none() {
+        return Err(format!("{}, but the record did not arrive: sync again", decision.message).into());
+    }
     println!("{}; the record is on this device now (`show` it)", decision.message);
     Ok(())
 }

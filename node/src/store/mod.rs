@@ -137,6 +137,20 @@ pub struct SyncState {
     pub left_out: u64,
 }
 
+/// Enrolment, sync and lease state, as an app's status screen and `care-node status` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
+pub struct DeviceStatus {
+    pub enrolled: bool,
+    pub device_name: Option<String>,
+    pub last_sync_ms: Option<i64>,
+    pub lease_ms: Option<u64>,
+    pub lease_expired: bool,
+    pub patients: u64,
+    pub pending_changes: u64,
+    pub left_out_by_budget: u64,
+}
+
 impl SyncState {
     /// This device's clock minus the server's, as measured at the last sync.
     pub fn clock_offset_ms(&self) -> Option<i64> {
@@ -464,6 +478,22 @@ impl DeviceStore {
 
     pub fn sync_state(&self) -> Result<SyncState, StoreError> {
         Ok(self.get_secret("sync")?.unwrap_or_default())
+    }
+
+    /// Enrolment, sync and lease state (no patient data: opaque counts and the device's name).
+    pub fn status(&self) -> Result<DeviceStatus, StoreError> {
+        let enrolment = self.enrolment()?;
+        let sync = self.sync_state()?;
+        Ok(DeviceStatus {
+            enrolled: enrolment.is_some(),
+            device_name: enrolment.map(|e| e.device_name),
+            last_sync_ms: sync.last_sync_ms,
+            lease_ms: sync.lease_ms,
+            lease_expired: self.check_lease(self.now_ms()).is_err(),
+            patients: self.document_count()?,
+            pending_changes: self.pending_count()?,
+            left_out_by_budget: sync.left_out,
+        })
     }
 
     fn nhs_key(&self, nhs: &NhsNumber) -> [u8; 32] {

@@ -74,7 +74,7 @@ impl From<autosurgeon::ReconcileError> for SummaryError {
 }
 
 /// The clinical sections of a summary, in the order a crew reads them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Section {
     Alerts,
@@ -602,7 +602,15 @@ impl PatientSummary {
 
     /// The entries a clinician sees by default: entered-in-error ones left out.
     pub fn clinical_entries<T: SectionEntry>(&mut self) -> Result<Vec<Entry<T>>, SummaryError> {
-        Ok(self.entries::<T>()?.into_iter().filter(|e| e.entered_in_error.is_none()).collect())
+        Ok(self.shown_entries::<T>()?.0)
+    }
+
+    /// The entries a clinician sees, and how many entered-in-error ones they do not (every view
+    /// says that some are hidden, so one place decides what is).
+    pub fn shown_entries<T: SectionEntry>(&mut self) -> Result<(Vec<Entry<T>>, usize), SummaryError> {
+        let (hidden, shown): (Vec<_>, Vec<_>) =
+            self.entries::<T>()?.into_iter().partition(|e| e.entered_in_error.is_some());
+        Ok((shown, hidden.len()))
     }
 
     fn conflicts_of(&mut self, entry: &ObjId) -> Result<Vec<FieldConflict>, SummaryError> {
@@ -734,12 +742,6 @@ impl PatientSummary {
             return Ok(SectionState::NoneKnown(a.provenance));
         }
         Ok(SectionState::NoInformation)
-    }
-
-    /// The newest change's time, in milliseconds (its author's clock).
-    pub fn last_change_ms(&mut self) -> Option<i64> {
-        let heads = self.doc.get_heads();
-        heads.iter().filter_map(|h| self.doc.get_change_by_hash(h)).map(|c| c.timestamp() * 1000).max()
     }
 
     pub fn save(&mut self) -> Vec<u8> {

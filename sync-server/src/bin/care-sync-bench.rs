@@ -81,9 +81,13 @@ async fn cut(n: usize, link: Profile, every: Duration) {
         link.name,
         every.as_secs_f64()
     );
-    println!("  {:<28} {:>9} {:>9} {:>12}", "", "wall s", "sessions", "UDP bytes");
-    println!("  {:<28} {:>9.1} {:>9} {:>12}", "uncut", f.uncut_wall.as_secs_f64(), 1, f.uncut_udp_bytes);
-    println!("  {:<28} {:>9.1} {:>9} {:>12}", "cut", f.wall.as_secs_f64(), f.sessions, f.udp_bytes);
+    println!("  {:<28} {:>9} {:>9} {:>12} {:>12}", "", "wall s", "sessions", "UDP bytes", "queue drops");
+    let (uncut_s, cut_s) = (f.uncut_wall.as_secs_f64(), f.wall.as_secs_f64());
+    println!(
+        "  {:<28} {uncut_s:>9.1} {:>9} {:>12} {:>12}",
+        "uncut", 1, f.uncut_udp_bytes, f.uncut_queue_drops
+    );
+    println!("  {:<28} {cut_s:>9.1} {:>9} {:>12} {:>12}", "cut", f.sessions, f.udp_bytes, f.queue_drops);
     if f.idle_sessions > 0 {
         println!("  {} of the sessions were cut before a document arrived", f.idle_sessions);
     }

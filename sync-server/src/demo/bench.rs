@@ -286,9 +286,12 @@ pub struct CutFigures {
     pub documents_sent: u64,
     pub wall: Duration,
     pub udp_bytes: u64,
+    /// Packets the link's queue dropped (sent faster than the link's rate).
+    pub queue_drops: u64,
     /// The same cold sync on the same link without cuts, in the same run.
     pub uncut_wall: Duration,
     pub uncut_udp_bytes: u64,
+    pub uncut_queue_drops: u64,
 }
 
 /// A cold sync of `n` over `profile`, the link lost for good every `every` (the relay drops
@@ -314,11 +317,12 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
 
     // Uncut, on the same link.
     let (mut uncut, relay) = enrolled_behind_relay("uncut.db", ready[1].clone(), SEED).await;
-    let before = relay.stats().bytes_delivered;
+    let before = relay.stats();
     let t = Instant::now();
     let report = client::sync(&mut uncut).await.expect("uncut cold sync");
     let uncut_wall = t.elapsed();
-    let uncut_udp_bytes = relay.stats().bytes_delivered - before;
+    let uncut_udp_bytes = relay.stats().bytes_delivered - before.bytes_delivered;
+    let uncut_queue_drops = relay.stats().queue_drops - before.queue_drops;
     assert_eq!(report.stats.documents_received as usize, n);
     drop(relay);
 
@@ -326,7 +330,7 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
     let sent_before: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
     let token = server.ask("token cut").trim_start_matches("token ").to_string();
     let (mut device, relay) = enrolled_behind_relay("cut.db", token, SEED ^ 1).await;
-    let before = relay.stats().bytes_delivered;
+    let before = relay.stats();
     let t = Instant::now();
     let mut sessions = 0;
     let mut idle_sessions = 0;
@@ -341,11 +345,12 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
             }
             Ok(Err(e)) => panic!("a sync failed other than by the cut: {e}"),
             Err(_) => {
-                // The link is lost: nothing more passes for this connection (it was dropped with
-                // the future, and its close never reaches the server), then a new one starts.
-                relay.cut();
+                // The link is lost for good: nothing more of this connection passes either way
+                // (it was dropped with the future, and its close never reaches the server; the
+                // server's side stays open until the next connection supersedes it), then a new
+                // connection starts from another port.
+                relay.lose_flows();
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                relay.restore();
                 if device.document_count().expect("count") == held_before {
                     idle_sessions += 1;
                 }
@@ -354,7 +359,8 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
         assert!(idle_sessions < 10, "ten sessions cut before any document arrived: the cuts come too often");
     }
     let wall = t.elapsed();
-    let udp_bytes = relay.stats().bytes_delivered - before;
+    let udp_bytes = relay.stats().bytes_delivered - before.bytes_delivered;
+    let queue_drops = relay.stats().queue_drops - before.queue_drops;
     let documents_applied = device.document_count().expect("count");
     let sent: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
     server.stop();
@@ -367,8 +373,10 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
         documents_sent: sent - sent_before,
         wall,
         udp_bytes,
+        queue_drops,
         uncut_wall,
         uncut_udp_bytes,
+        uncut_queue_drops,
     }
 }
 

@@ -147,6 +147,8 @@ struct Shared {
     started: Instant,
     /// Until when nothing passes (a cut); far in the future for a cut for good.
     cut_until: Mutex<Option<Instant>>,
+    /// Flows started before this generation are lost for good ([`Relay::lose_flows`]).
+    generation: AtomicU64,
     counters: Counters,
 }
 
@@ -184,6 +186,7 @@ impl Relay {
             profile,
             started: Instant::now(),
             cut_until: Mutex::new(None),
+            generation: AtomicU64::new(0),
             counters: Counters::default(),
         });
         let task = tokio::spawn(relay(front, server, shared.clone(), seed));
@@ -198,6 +201,13 @@ impl Relay {
     /// Nothing passes any more, until [`Relay::restore`].
     pub fn cut(&self) {
         self.cut_for(Duration::from_secs(365 * 24 * 3600));
+    }
+
+    /// Every flow open now is lost for good, packets on the way included, as when the device's
+    /// address changes (another network, a new NAT binding): nothing of it reaches either side
+    /// again, while a new flow (a new connection, from another port) passes at once.
+    pub fn lose_flows(&self) {
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Ends a cut.
@@ -287,6 +297,14 @@ struct Pipe {
     fate: Mutex<Fate>,
     deliver: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
     shared: Arc<Shared>,
+    /// The relay's generation when the flow started.
+    generation: u64,
+}
+
+impl Shared {
+    fn is_lost(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::SeqCst) > generation
+    }
 }
 
 struct Fate {
@@ -302,6 +320,7 @@ impl Pipe {
     fn start(shared: Arc<Shared>, seed: u64, out: Out, tasks: &mut tokio::task::JoinSet<()>) -> Pipe {
         let (deliver, mut queue) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
         let counters = shared.clone();
+        let generation = shared.generation.load(Ordering::SeqCst);
         tasks.spawn(async move {
             // Packets by arrival time (then by order offered), sent as each falls due.
             let mut due: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
@@ -316,23 +335,29 @@ impl Pipe {
                     }
                     () = async { tokio::time::sleep_until(next.expect("a packet is due")).await }, if next.is_some() => {
                         let Reverse((_, _, bytes)) = due.pop().expect("a packet is due");
-                        out.send(&bytes).await;
                         let c = &counters.counters;
+                        if counters.is_lost(generation) {
+                            c.cut.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        out.send(&bytes).await;
                         c.delivered.fetch_add(1, Ordering::Relaxed);
                         c.bytes_delivered.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     }
                 }
             }
-            // The flow ended: what is still on the wire arrives.
+            // The flow ended: what is still on the wire arrives (unless the flow was lost).
             while let Some(Reverse((at, _, bytes))) = due.pop() {
                 tokio::time::sleep_until(at).await;
-                out.send(&bytes).await;
+                if !counters.is_lost(generation) {
+                    out.send(&bytes).await;
+                }
             }
         });
         let now = Instant::now();
         let fate =
             Fate { rng: StdRng::seed_from_u64(seed), in_burst: false, next_free: now, last_arrival: now };
-        Pipe { fate: Mutex::new(fate), deliver, shared }
+        Pipe { fate: Mutex::new(fate), deliver, shared, generation }
     }
 
     fn offer(&self, bytes: &[u8]) {
@@ -347,7 +372,7 @@ impl Pipe {
         if let Some(burst) = profile.burst {
             fate.in_burst = if fate.in_burst { burst_draw >= burst.leave } else { burst_draw < burst.enter };
         }
-        if self.shared.is_cut(now) {
+        if self.shared.is_cut(now) || self.shared.is_lost(self.generation) {
             c.cut.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -476,6 +501,40 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(relay.stats().cut, 0);
+    }
+
+    #[tokio::test]
+    async fn a_lost_flow_passes_nothing_again_not_even_what_was_on_the_way_and_a_new_flow_passes() {
+        // 200 ms of delay: the first ten datagrams are on the way when the flow is lost.
+        let slow = Profile {
+            name: "test",
+            delay: Duration::from_millis(200),
+            ..Profile::named("loopback").unwrap()
+        };
+        let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start(sink.local_addr().unwrap(), slow, 1).await.unwrap();
+        let old = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..10u16 {
+            old.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        relay.lose_flows();
+        for i in 10..20u16 {
+            old.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+        }
+        let new = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 100..110u16 {
+            new.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(600), sink.recv(&mut buf)).await {
+            got.push(u16::from_be_bytes([buf[0], buf[1]]));
+        }
+        got.sort_unstable();
+        assert_eq!(got, (100..110).collect::<Vec<_>>(), "only the new flow's datagrams arrive");
+        let stats = relay.stats();
+        assert_eq!((stats.cut, stats.delivered), (20, 10), "{stats:?}");
     }
 
     #[test]

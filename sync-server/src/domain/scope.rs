@@ -165,7 +165,11 @@ pub fn device_scope(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result
     let flags = prefetch_flags(store)?;
     let budget = match store.device_budget(device)? {
         Some(b) => b,
-        None => crate::domain::settings::Setting::Budget.value(store)?.parse().unwrap_or(DEFAULT_BUDGET),
+        None => {
+            let setting = crate::domain::settings::Setting::Budget;
+            let value = setting.checked_value(store)?;
+            value.parse().map_err(|_| StoreError::Unreadable("setting", setting.name().into()))?
+        }
     };
     Ok(decide(store.scope_candidates(device, &flags, now_ms)?, budget))
 }

@@ -123,7 +123,6 @@ impl Setting {
         }
     }
 
-    /// The value in force, and where it came from.
     /// The value in force (one store read: the sync path asks for it every round).
     pub fn value(self, store: &dyn ServerStore) -> Result<String, StoreError> {
         Ok(store.setting(self.name())?.unwrap_or_else(|| self.default_value()))
@@ -140,11 +139,18 @@ impl Setting {
         Ok((value, source))
     }
 
-    /// A number of hours as milliseconds (the stored value if it reads, else the default).
-    pub fn hours_ms(self, store: &dyn ServerStore) -> Result<i64, StoreError> {
+    /// The value in force, checked as when it was written: a stored value that no longer
+    /// passes is a damaged store, and an error (never the default in its place).
+    pub fn checked_value(self, store: &dyn ServerStore) -> Result<String, StoreError> {
         let value = self.value(store)?;
-        let default: f64 = self.default_value().parse().unwrap_or(0.0);
-        let hours = value.parse::<f64>().ok().filter(|h| h.is_finite() && *h >= 0.0).unwrap_or(default);
+        self.validate(&value).map_err(|why| StoreError::Unreadable("setting", why))?;
+        Ok(value.trim().to_string())
+    }
+
+    /// A number of hours as milliseconds.
+    pub fn hours_ms(self, store: &dyn ServerStore) -> Result<i64, StoreError> {
+        let value = self.checked_value(store)?;
+        let hours: f64 = value.parse().map_err(|_| StoreError::Unreadable("setting", self.name().into()))?;
         Ok((hours * 3_600_000.0) as i64)
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! It never touches a socket: [`ServerSession::handle`] takes a device frame and returns the
 //! replies; [`ServerSession::next_page`] yields the round's pages one at a time, so a round over
-//! ten thousand documents is streamed with bounded memory and QUIC flow control as back-pressure.
+//! ten thousand documents is streamed with bounded memory; the device answers each page with
+//! `PageApplied`, and the session counts what is unapplied, by which the transport paces it.
 //!
 //! A round at sequence number `M` sends, in ascending patient order: whole documents newly in
 //! scope, the changes in `(cursor, M]` of held documents (minus the device's own), and purges of
@@ -105,6 +106,11 @@ pub struct ServerSession {
     /// The documents the device may write to (held and in scope), computed at its first upload.
     writable: Option<HashSet<PatientId>>,
     limits: Limits,
+    /// The sizes of the pages sent that the device has not yet said it applied, oldest first,
+    /// and the bytes of those it has: the transport paces a round by them (a cut link costs
+    /// what is unapplied, so it keeps that bounded).
+    unapplied: std::collections::VecDeque<usize>,
+    applied_bytes: u64,
 }
 
 impl ServerSession {
@@ -121,6 +127,8 @@ impl ServerSession {
             announced_key: None,
             writable: None,
             limits: Limits::default(),
+            unapplied: std::collections::VecDeque::new(),
+            applied_bytes: 0,
         }
     }
 
@@ -192,6 +200,29 @@ impl ServerSession {
         self.phase == Phase::Downloading
     }
 
+    /// Bytes of the pages sent that the device has not yet said it applied.
+    pub fn unapplied_bytes(&self) -> usize {
+        self.unapplied.iter().sum()
+    }
+
+    /// Bytes of pages the device said it applied, over the session.
+    pub fn applied_bytes(&self) -> u64 {
+        self.applied_bytes
+    }
+
+    /// The device applied the oldest page it had not yet acknowledged: pages are acknowledged
+    /// in the order sent, each once, and only pages of the round being sent or just sent.
+    /// Needs no store: the transport calls it while a round goes out.
+    pub fn page_applied(&mut self, round: u64) -> Result<(), SessionError> {
+        let current = self.round.as_ref().map(|r| r.seq);
+        let Some(bytes) = self.unapplied.front().copied().filter(|_| current == Some(round)) else {
+            return Err(SessionError::Protocol("acknowledged a page that was not sent".into()));
+        };
+        self.unapplied.pop_front();
+        self.applied_bytes += bytes as u64;
+        Ok(())
+    }
+
     /// Handles one device frame.
     pub fn handle(
         &mut self,
@@ -200,6 +231,12 @@ impl ServerSession {
         now_ms: i64,
     ) -> Result<Vec<ServerMessage>, SessionError> {
         match (self.phase, message) {
+            (phase, ClientMessage::PageApplied { round })
+                if !matches!(phase, Phase::AwaitHello | Phase::AwaitWipe) =>
+            {
+                self.page_applied(round)?;
+                Ok(Vec::new())
+            }
             (
                 Phase::AwaitHello,
                 ClientMessage::Hello { cursor, resume, staged_server_key, incarnation: known },
@@ -315,6 +352,11 @@ impl ServerSession {
                 let expected = self.round.as_ref().map(|r| r.seq);
                 if expected != Some(round) {
                     return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
+                }
+                if !self.unapplied.is_empty() {
+                    return Err(SessionError::Protocol(
+                        "acknowledged a round before applying all its pages".into(),
+                    ));
                 }
                 store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
                 if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
@@ -552,6 +594,7 @@ impl ServerSession {
             items.push(DocItem { doc, body });
         }
         store.record_round_page(self.device.id, round.seq, priority, &whole, &purged)?;
+        self.unapplied.push_back(bytes);
         let round_items = round.order.len() as u64;
         Ok(Some(ServerMessage::Docs { round: round.seq, priority, round_items, items }))
     }
@@ -567,5 +610,6 @@ fn message_name(message: &ClientMessage) -> &'static str {
         ClientMessage::ViewLog { .. } => "ViewLog",
         ClientMessage::WipeConfirmed => "WipeConfirmed",
         ClientMessage::Watch => "Watch",
+        ClientMessage::PageApplied { .. } => "PageApplied",
     }
 }

@@ -44,6 +44,10 @@ pub enum StoreError {
     KeyRotation(String),
     #[error("the server database is from a newer care-sync-server")]
     UnknownFormat,
+    /// A stored value that this server cannot read (settings are checked when written, so
+    /// this is a damaged store, or one written by another program): said, never defaulted.
+    #[error("the store holds an unreadable {0}: {1}")]
+    Unreadable(&'static str, String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -616,7 +620,10 @@ pub trait SyncLog: Send + Sync {
     /// How many log entries there are at or below `seq`, and their bytes.
     fn log_below(&self, seq: u64) -> Result<Compacted, StoreError>;
     /// Changes with `after < seq <= upto` to documents the device holds, not authored by it,
-    /// by document. Costs what changed for this device, not what changed in the region.
+    /// by document, leaving out those at or below the round each document was last sent whole
+    /// at (the whole document holds them: a round cut and resumed does not send its documents'
+    /// history again as changes). Costs what changed for this device, not what changed in the
+    /// region.
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;
     /// Documents the device holds for sure (its confirmed set).
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;

@@ -189,11 +189,6 @@ impl RunningServer {
         connections.abort_all();
         while connections.join_next().await.is_some() {}
     }
-
-    /// The server's endpoint, for tests that need to know about connections.
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.endpoint
-    }
 }
 
 /// Starts the server on `listen` (port 0 picks a free port), with the default [`Limits`].
@@ -426,10 +421,7 @@ async fn on_store<T: Send + 'static>(
 
 /// Reads the device's frames on its own task, so that waiting for a frame and waiting for a
 /// change can be raced without ever cutting a frame in half.
-async fn read_frames(
-    mut recv: quinn::RecvStream,
-    frames: tokio::sync::mpsc::Sender<Result<Option<ClientMessage>, ConnectionError>>,
-) {
+async fn read_frames(mut recv: quinn::RecvStream, frames: tokio::sync::mpsc::Sender<Frame>) {
     loop {
         let frame = read_frame::<ClientMessage>(&mut recv)
             .await
@@ -450,56 +442,98 @@ async fn refuse_session(conn: &quinn::Connection, send: &mut quinn::SendStream, 
 }
 
 /// How long a page of a round should take to deliver on this connection: a link cut part-way
-/// through a page costs the page (it is sent again), so slow links get small pages.
-const PAGE_SECONDS: f64 = 0.5;
-/// How much of a round may be written ahead of delivery, in seconds of the link's rate.
-const AHEAD_SECONDS: f64 = 2.0;
+/// through a page costs what of it arrived (the device applies whole pages), so slow links get
+/// small pages.
+const PAGE_SECONDS: f64 = 0.25;
+/// How much of a round may be sent and not yet applied on the device: this many times the
+/// link's bandwidth-delay product (BBR's own in-flight cap is two; the third keeps the link busy
+/// while a lost packet is sent again, when the device can apply nothing behind it), plus two
+/// pages (the one the device applies while the next arrives). Two made the uncut cold sync of
+/// 10,000 over `3g` 133 s against 126 s, four overflowed the link's queue (docs/benchmarks.md).
+const AHEAD_BDPS: f64 = 3.0;
 /// The smallest page, whatever the link (a few documents; below that, per-page costs dominate).
 const MIN_PAGE_BYTES: usize = 16 * 1024;
-/// The least a connection may hold of written, unacknowledged round data.
-const MIN_SEND_WINDOW: u64 = 64 * 1024;
-/// quinn's own default, the most (8 stream windows of 1.25 MB).
-const MAX_SEND_WINDOW: u64 = 10_000_000;
+/// The least a round may have unapplied, whatever the link.
+const MIN_AHEAD_BYTES: usize = 64 * 1024;
+/// The rate is what the device applied over the last this many round trips (at least
+/// [`RATE_WINDOW_MIN`]): long enough that a burst of acknowledgements (pages that queued on
+/// the link arrive together) does not read as a faster link.
+const RATE_WINDOW_RTTS: f64 = 8.0;
+const RATE_WINDOW_MIN: Duration = Duration::from_millis(500);
 
-/// Paces a round to the link it goes over. Whatever is written but not yet delivered when a
-/// link is cut is sent again on the next connection, so on a slow link neither a page nor the
-/// data written ahead may be seconds long: with quinn's default 10 MB send window, each cut of
-/// a cold sync over 3G sent more than a megabyte again, and the congestion window is no guide
-/// (BBR's on 3G grew to three seconds of the link behind its one-second queue). The rate is
-/// what the connection has delivered since the round began (sent less lost, per second), the
-/// congestion window per round trip until a few round trips have passed.
+/// Paces a round to the link and the device. Whatever is sent but not yet applied when a link
+/// is cut is lost with the connection and sent again on the next one, so the round keeps no
+/// more unapplied than the link needs to stay full: three times its bandwidth-delay product plus two
+/// pages, from the rate the device applied pages at over the last few round trips
+/// (`PageApplied`) and the lowest round trip seen. Neither the congestion window nor the
+/// transport's own acknowledgements are a guide: BBR's window on 3G grew to three seconds of
+/// the link behind its one-second queue, so data sent (and counted delivered) sat in the queue
+/// or was dropped there, and each cut threw that away; pacing on data applied cannot overrun
+/// the queue. Until pages are applied, a round starts with the least (see [`Pacer::pace`]).
 struct Pacer {
-    started: std::time::Instant,
-    delivered_at_start: u64,
+    min_rtt: Duration,
+    /// What the device had applied when the round began.
+    applied_at_start: u64,
+    /// (when, bytes the device had applied by then), oldest first, over the rate's window; the
+    /// first is the round's first page applied (the round trip before it is no measure of the
+    /// link).
+    points: std::collections::VecDeque<(std::time::Instant, u64)>,
 }
 
 impl Pacer {
-    fn new(conn: &quinn::Connection) -> Self {
-        Self { started: std::time::Instant::now(), delivered_at_start: delivered(&conn.stats()) }
+    fn new(conn: &quinn::Connection, session: &ServerSession) -> Self {
+        Self {
+            min_rtt: conn.rtt().max(Duration::from_micros(100)),
+            applied_at_start: session.applied_bytes(),
+            points: std::collections::VecDeque::new(),
+        }
     }
 
-    /// Sets how far ahead the round may be written and returns the next page's size: half a
-    /// second of the link's rate, between [`MIN_PAGE_BYTES`] and the protocol's
-    /// [`TARGET_BATCH_BYTES`] (on loopback or a LAN the maximum), and a second of it ahead.
-    fn pace(&self, conn: &quinn::Connection) -> usize {
-        if !*PACING {
-            return care_node::protocol::TARGET_BATCH_BYTES;
+    /// The link's rate as the device applies it (bytes per second), once a round trip's worth
+    /// of pages has been applied.
+    fn rate(&mut self, conn: &quinn::Connection, session: &ServerSession) -> Option<f64> {
+        let rtt = conn.rtt().max(Duration::from_micros(100));
+        self.min_rtt = self.min_rtt.min(rtt);
+        let now = std::time::Instant::now();
+        let window = self.min_rtt.mul_f64(RATE_WINDOW_RTTS).max(RATE_WINDOW_MIN);
+        if session.applied_bytes() == self.applied_at_start {
+            return None;
         }
-        let stats = conn.stats();
-        let rtt = stats.path.rtt.as_secs_f64().max(0.000_1);
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = if elapsed > (4.0 * rtt).max(0.5) {
-            delivered(&stats).saturating_sub(self.delivered_at_start) as f64 / elapsed
-        } else {
-            stats.path.cwnd as f64 / rtt
+        let last = self.points.back().map(|p| p.0);
+        if last.is_none_or(|at| now - at >= Duration::from_millis(10)) {
+            self.points.push_back((now, session.applied_bytes()));
+        }
+        // Keep one point at least a window old, so the rate spans a whole window.
+        while self.points.len() > 2 && now - self.points[1].0 >= window {
+            self.points.pop_front();
+        }
+        let (since, from) = self.points[0];
+        let span = (now - since).as_secs_f64();
+        let applied = session.applied_bytes().saturating_sub(from);
+        (span >= self.min_rtt.as_secs_f64() && applied > 0).then(|| applied as f64 / span)
+    }
+
+    /// The next page's size (a quarter of a second of the rate, between [`MIN_PAGE_BYTES`] and
+    /// the protocol's [`TARGET_BATCH_BYTES`](care_node::protocol::TARGET_BATCH_BYTES): on
+    /// loopback or a LAN the maximum) and how much of the round may be unapplied before it.
+    fn pace(&mut self, conn: &quinn::Connection, session: &ServerSession) -> (usize, usize) {
+        if !*PACING {
+            return (care_node::protocol::TARGET_BATCH_BYTES, usize::MAX);
+        }
+        // Until pages are applied, the least: quinn's BBR starts with a congestion window of
+        // 240 KB, two seconds of `3g`, so its window is no estimate of the link.
+        let Some(rate) = self.rate(conn, session) else {
+            return (MIN_PAGE_BYTES, MIN_AHEAD_BYTES);
         };
-        conn.set_send_window(((rate * AHEAD_SECONDS) as u64).clamp(MIN_SEND_WINDOW, MAX_SEND_WINDOW));
-        ((rate * PAGE_SECONDS) as usize).clamp(MIN_PAGE_BYTES, care_node::protocol::TARGET_BATCH_BYTES)
+        let page =
+            ((rate * PAGE_SECONDS) as usize).clamp(MIN_PAGE_BYTES, care_node::protocol::TARGET_BATCH_BYTES);
+        let ahead = (rate * self.min_rtt.as_secs_f64() * AHEAD_BDPS) as usize + 2 * page;
+        (page, ahead.max(MIN_AHEAD_BYTES))
     }
 }
 
-/// `CARE_SYNC_PACING=off` sends rounds unpaced (512 KB pages, quinn's send window), for
-/// side-by-side comparisons; read once.
+/// `CARE_SYNC_PACING=off` sends rounds unpaced (512 KB pages, as fast as the connection
+/// takes them), for side-by-side comparisons; read once.
 static PACING: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     let off = std::env::var("CARE_SYNC_PACING").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
     if off {
@@ -508,21 +542,76 @@ static PACING: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     !off
 });
 
-/// Bytes the connection has sent that were not declared lost.
-fn delivered(stats: &quinn::ConnectionStats) -> u64 {
-    stats.udp_tx.bytes.saturating_sub(stats.path.lost_bytes)
+/// What the reader task hands over: a message, the end of the device's stream, or an error.
+type Frame = Result<Option<ClientMessage>, ConnectionError>;
+
+/// The device's frames, and one that arrived while a round went out and waits to be handled.
+struct Inbox {
+    frames: tokio::sync::mpsc::Receiver<Frame>,
+    held: Option<Frame>,
 }
 
-/// Streams the pages of the session's current round.
+impl Inbox {
+    /// The next frame to handle (a held one first); `None` once the reader has ended.
+    async fn next(&mut self) -> Option<Frame> {
+        match self.held.take() {
+            Some(frame) => Some(frame),
+            None => self.frames.recv().await,
+        }
+    }
+
+    /// Takes `PageApplied` frames into the session until another frame arrives (held, for
+    /// the session loop) or none is waiting; with `wait`, waits for at least one frame.
+    async fn take_applied(
+        &mut self,
+        session: &mut ServerSession,
+        wait: Option<Duration>,
+    ) -> Result<(), ConnectionError> {
+        let mut wait = wait;
+        while self.held.is_none() {
+            let frame = match wait.take() {
+                Some(limit) => match tokio::time::timeout(limit, self.frames.recv()).await {
+                    Ok(Some(frame)) => frame,
+                    // The reader ended: as the end of the device's stream.
+                    Ok(None) => Ok(None),
+                    Err(_) => return Err(ConnectionError::Timeout(limit)),
+                },
+                None => match self.frames.try_recv() {
+                    Ok(frame) => frame,
+                    Err(_) => return Ok(()),
+                },
+            };
+            match frame {
+                Ok(Some(ClientMessage::PageApplied { round })) => session.page_applied(round)?,
+                other => self.held = Some(other),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streams the pages of the session's current round, keeping what the device has not applied
+/// within what the link needs (see [`Pacer`]). Returns early, the round unfinished, when the
+/// device sends anything but `PageApplied` meanwhile: the session loop handles that frame first.
 async fn send_round(
     mut session: ServerSession,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
+    inbox: &mut Inbox,
     shared: &Shared,
 ) -> Result<ServerSession, ConnectionError> {
-    let pacer = Pacer::new(conn);
+    let mut pacer = Pacer::new(conn, &session);
+    let read_timeout = Duration::from_secs(shared.limits.read_timeout_secs);
     while session.is_downloading() {
-        let max_bytes = pacer.pace(conn);
+        inbox.take_applied(&mut session, None).await?;
+        let (mut max_bytes, mut ahead) = pacer.pace(conn, &session);
+        while inbox.held.is_none() && session.unapplied_bytes() >= ahead {
+            inbox.take_applied(&mut session, Some(read_timeout)).await?;
+            (max_bytes, ahead) = pacer.pace(conn, &session);
+        }
+        if inbox.held.is_some() {
+            break;
+        }
         let (back, page) =
             on_store(session, shared.store.clone(), move |s, store| s.next_page(store, max_bytes)).await?;
         session = back;
@@ -542,8 +631,9 @@ async fn run_sync(
     shared: &Shared,
 ) -> Result<(), ConnectionError> {
     let (mut send, recv) = conn.accept_bi().await?;
-    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(16);
+    let (frames_tx, frames) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
+    let mut inbox = Inbox { frames, held: None };
     let mut changes = shared.changes.clone();
     changes.borrow_and_update();
     let device_id = device.id;
@@ -558,7 +648,7 @@ async fn run_sync(
         }
         let next = if session.is_watching() {
             tokio::select! {
-                frame = frames.recv() => frame,
+                frame = inbox.next() => frame,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break; // the server is shutting down
@@ -570,7 +660,7 @@ async fn run_sync(
                     .await?;
                     session = back;
                     if live? {
-                        session = match send_round(session, conn, &mut send, shared).await {
+                        session = match send_round(session, conn, &mut send, &mut inbox, shared).await {
                             Ok(session) => session,
                             // The device stopped watching while the round went out: a normal end.
                             Err(e) if closed_by_device(&e) => return Ok(()),
@@ -582,7 +672,7 @@ async fn run_sync(
             }
         } else {
             let read_timeout = Duration::from_secs(shared.limits.read_timeout_secs);
-            tokio::time::timeout(read_timeout, frames.recv())
+            tokio::time::timeout(read_timeout, inbox.next())
                 .await
                 .map_err(|_| ConnectionError::Timeout(read_timeout))?
         };
@@ -638,7 +728,7 @@ async fn run_sync(
         for reply in &replies {
             write_frame(&mut send, reply).await?;
         }
-        session = send_round(session, conn, &mut send, shared).await?;
+        session = send_round(session, conn, &mut send, &mut inbox, shared).await?;
     }
     if !timed {
         metrics().sync_duration.observe(started.elapsed().as_secs_f64());
@@ -646,7 +736,7 @@ async fn run_sync(
     // Finish our side and let the device hang up first (close is not delivery).
     let _ = send.finish();
     let _ = tokio::time::timeout(LINGER, async {
-        while frames.recv().await.is_some() {}
+        while inbox.frames.recv().await.is_some() {}
         conn.closed().await
     })
     .await;

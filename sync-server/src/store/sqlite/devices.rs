@@ -7,8 +7,8 @@ impl DeviceRegistry for SqliteStore {
         let conn = self.conn();
         let seed: Option<Vec<u8>> =
             conn.query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| r.get(0)).optional()?;
-        if let Some(seed) = seed.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
-            return Ok(Identity::from_seed(&seed));
+        if let Some(seed) = seed {
+            return Ok(Identity::from_seed(&fixed_bytes("server identity", seed)?));
         }
         let identity = Identity::generate();
         conn.execute("INSERT INTO meta VALUES ('identity', ?1)", [identity.seed().as_slice()])?;
@@ -20,8 +20,8 @@ impl DeviceRegistry for SqliteStore {
         let value: Option<Vec<u8>> = conn
             .query_row("SELECT value FROM meta WHERE name = 'incarnation'", [], |r| r.get(0))
             .optional()?;
-        if let Some(value) = value.and_then(|v| <[u8; 16]>::try_from(v).ok()) {
-            return Ok(value);
+        if let Some(value) = value {
+            return Ok(fixed_bytes("store incarnation", value)?);
         }
         Ok(new_incarnation(&conn)?)
     }
@@ -31,7 +31,10 @@ impl DeviceRegistry for SqliteStore {
             .conn()
             .query_row("SELECT value FROM meta WHERE name = 'next_identity'", [], |r| r.get(0))
             .optional()?;
-        Ok(seed.and_then(|s| <[u8; 32]>::try_from(s).ok()).map(|s| Identity::from_seed(&s)))
+        Ok(seed
+            .map(|s| fixed_bytes("staged server identity", s))
+            .transpose()?
+            .map(|s| Identity::from_seed(&s)))
     }
 
     fn stage_server_key(&self) -> Result<Identity, StoreError> {

@@ -213,7 +213,13 @@ impl Governance for SqliteStore {
         )?;
         let rows = grants.query_map(params![device, now_ms], |r| {
             let kind: String = r.get(4)?;
-            let tier = if kind == GrantKind::Incident.as_str() { Tier::Incident } else { Tier::Grant };
+            // A kind this server does not know is a damaged or newer store: said so, never
+            // given the highest priority by default.
+            let tier =
+                match GrantKind::parse(&kind).ok_or_else(|| super::unknown_stored("grant kind", &kind))? {
+                    GrantKind::Incident => Tier::Incident,
+                    GrantKind::PermissionToView | GrantKind::BreakGlass => Tier::Grant,
+                };
             row(tier)(r)
         })?;
         for r in rows {
@@ -301,7 +307,8 @@ impl Governance for SqliteStore {
             [device],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        Ok((seq as u64, hash.and_then(|h| h.try_into().ok()).unwrap_or([0; 32])))
+        // No hash yet: the chain starts from zeroes (`viewlog`'s genesis).
+        Ok((seq as u64, hash.map(|h| super::fixed_bytes("view log head", h)).transpose()?.unwrap_or([0; 32])))
     }
 
     fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
@@ -539,5 +546,48 @@ mod tests {
         store.conn().execute("UPDATE grants SET kind = 'lunch-break'", []).unwrap();
         let err = store.grants(Some(device), 1).unwrap_err().to_string();
         assert!(err.contains("grant kind `lunch-break`"), "{err}");
+        // Who gets what: not a grant of the highest priority by default.
+        let err = store.scope_candidates(device, &[], 1).unwrap_err().to_string();
+        assert!(err.contains("grant kind `lunch-break`"), "{err}");
+    }
+
+    #[test]
+    fn damaged_keys_and_settings_are_errors_and_nothing_is_made_anew_in_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.server_identity().unwrap();
+        store.incarnation().unwrap();
+        store.stage_server_key().unwrap();
+        let stored = |name: &str| -> Vec<u8> {
+            store.conn().query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)).unwrap()
+        };
+        for name in ["identity", "incarnation", "next_identity"] {
+            store.conn().execute("UPDATE meta SET value = x'0102' WHERE name = ?1", [name]).unwrap();
+            let read = match name {
+                "identity" => store.server_identity().map(drop),
+                "incarnation" => store.incarnation().map(drop),
+                _ => store.next_server_identity().map(drop),
+            };
+            let err = read.unwrap_err().to_string();
+            assert!(err.contains("of 2 bytes") && err.contains("damaged"), "{name}: {err}");
+            assert_eq!(stored(name), vec![1, 2], "{name}: kept as found, not replaced by a new one");
+        }
+
+        let addr = "127.0.0.1:7400".parse().unwrap();
+        let ttl = crate::operator::ops::DEFAULT_TOKEN_TTL;
+        crate::operator::ops::issue_token(&store, "nurse-1", Role::CommunityNurse, addr, ttl).unwrap_err();
+        store.conn().execute("DELETE FROM meta WHERE name = 'identity'", []).unwrap();
+        crate::operator::ops::issue_token(&store, "nurse-1", Role::CommunityNurse, addr, ttl).unwrap();
+        let device = store.device_by_name("nurse-1").unwrap().unwrap().id;
+        store.conn().execute("UPDATE devices SET view_hash = x'00'", []).unwrap();
+        assert!(store.view_head(device).unwrap_err().to_string().contains("view log head of 1 bytes"));
+
+        // Settings are checked when written; one stored past the checks is not read as the default.
+        store.set_setting("budget", "lots").unwrap();
+        let err = crate::domain::scope::device_scope(&store, device, 0).unwrap_err().to_string();
+        assert!(err.contains("unreadable setting") && err.contains("budget"), "{err}");
+        store.set_setting("lease-hours.community-nurse", "-3").unwrap();
+        let err = crate::domain::governance::lease_ms(&store, Role::CommunityNurse).unwrap_err().to_string();
+        assert!(err.contains("lease-hours"), "{err}");
     }
 }

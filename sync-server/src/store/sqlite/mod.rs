@@ -186,11 +186,13 @@ CREATE TRIGGER IF NOT EXISTS scope_patients_change AFTER UPDATE ON patients
     BEGIN UPDATE scope_epoch SET n = n + 1; END;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit is append-only'); END;
--- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round
+-- state: 0 held (confirmed), 1 sent whole in the pending round, 2 purged in the pending round;
+-- since: the round the document was last sent whole at (it holds every change up to it)
 CREATE TABLE IF NOT EXISTS device_docs (
     device_id INTEGER NOT NULL REFERENCES devices (id),
     patient_id BLOB NOT NULL,
     state INTEGER NOT NULL,
+    since INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, patient_id)
 );
 ";
@@ -229,6 +231,20 @@ pub(super) fn unknown_stored(column: &str, value: &str) -> rusqlite::Error {
     )
 }
 
+/// A stored key, seed or hash of `N` bytes; any other length is a damaged store, said so (a
+/// server that quietly made a new identity or incarnation would cut off every device).
+pub(super) fn fixed_bytes<const N: usize>(column: &str, value: Vec<u8>) -> rusqlite::Result<[u8; N]> {
+    let len = value.len();
+    value.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            format!("the store holds a {column} of {len} bytes where {N} belong: the store is damaged")
+                .into(),
+        )
+    })
+}
+
 fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     let role: String = r.get("role")?;
     let key: Option<Vec<u8>> = r.get("public_key")?;
@@ -237,7 +253,7 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         name: r.get("name")?,
         // A role this server does not know is a damaged or newer store: said so, never guessed.
         role: role.parse().map_err(|_| unknown_stored("role", &role))?,
-        public_key: key.and_then(|k| k.try_into().ok()),
+        public_key: key.map(|k| fixed_bytes("device key", k)).transpose()?,
         enrolled_at_ms: r.get("enrolled_at_ms")?,
         revoked_at_ms: r.get("revoked_at_ms")?,
         acked_cursor: r.get::<_, i64>("acked_cursor")? as u64,
@@ -283,6 +299,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
         add_column(&conn, "feed_refusals", "control_id", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(&conn, "device_docs", "since", "INTEGER NOT NULL DEFAULT 0")?;
         let format: Option<String> = conn
             .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
             .optional()?;

@@ -91,11 +91,11 @@ impl SyncLog for SqliteStore {
         let sql = if upto.saturating_sub(after) <= 50_000 {
             "SELECT c.seq, c.patient_id, c.body FROM changes c
              CROSS JOIN device_docs d ON d.device_id = ?1 AND d.patient_id = c.patient_id AND d.state = 0
-             WHERE c.seq > ?2 AND c.seq <= ?3 AND (c.author_device IS NULL OR c.author_device != ?1)
+             WHERE c.seq > ?2 AND c.seq > d.since AND c.seq <= ?3 AND (c.author_device IS NULL OR c.author_device != ?1)
              ORDER BY c.seq"
         } else {
             "SELECT c.seq, c.patient_id, c.body FROM device_docs d
-             CROSS JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq <= ?3
+             CROSS JOIN changes c ON c.patient_id = d.patient_id AND c.seq > ?2 AND c.seq > d.since AND c.seq <= ?3
              WHERE d.device_id = ?1 AND d.state = 0 AND (c.author_device IS NULL OR c.author_device != ?1)
              ORDER BY c.seq"
         };
@@ -192,13 +192,17 @@ impl SyncLog for SqliteStore {
         let tx = conn.unchecked_transaction()?;
         tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
         let sending = if priority { SENDING_FIRST } else { SENDING };
-        for (ids, state) in [(whole, sending), (purged, PURGING)] {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO device_docs (device_id, patient_id, state) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state",
-            )?;
+        // A document sent whole holds every change up to the round; one purged keeps what it
+        // had (if the purge is not applied it stays held, and lacks what came since).
+        let upsert = format!(
+            "INSERT INTO device_docs (device_id, patient_id, state, since) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (device_id, patient_id) DO UPDATE SET state = excluded.state,
+                 since = CASE WHEN excluded.state = {PURGING} THEN device_docs.since ELSE excluded.since END"
+        );
+        for (ids, state, since) in [(whole, sending, round as i64), (purged, PURGING, 0)] {
+            let mut stmt = tx.prepare_cached(&upsert)?;
             for id in ids {
-                stmt.execute(params![device, id.as_bytes().as_slice(), state])?;
+                stmt.execute(params![device, id.as_bytes().as_slice(), state, since])?;
             }
         }
         tx.commit()?;
