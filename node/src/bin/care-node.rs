@@ -149,7 +149,7 @@ enum Command {
         nhs_number: String,
         /// The section of the entry.
         #[arg(long, value_enum)]
-        section: AnySection,
+        section: Section,
         /// The entry id (see `show --ids`).
         #[arg(long)]
         entry: uuid::Uuid,
@@ -186,35 +186,6 @@ enum Command {
     /// Lists this device's entries the server refused, with the text as recorded here (they
     /// are not in the shared record; `show` lists a patient's own under its header).
     Refused,
-}
-
-/// Every section, as the command line spells it (the model's `Section` knows nothing of clap,
-/// so the mobile library does not link it).
-#[derive(Clone, Copy, ValueEnum)]
-enum AnySection {
-    Alerts,
-    Allergies,
-    Medications,
-    Problems,
-    CarePlans,
-    Contacts,
-    Encounters,
-    Results,
-}
-
-impl From<AnySection> for Section {
-    fn from(s: AnySection) -> Section {
-        match s {
-            AnySection::Alerts => Section::Alerts,
-            AnySection::Allergies => Section::Allergies,
-            AnySection::Medications => Section::Medications,
-            AnySection::Problems => Section::Problems,
-            AnySection::CarePlans => Section::CarePlans,
-            AnySection::Contacts => Section::Contacts,
-            AnySection::Encounters => Section::Encounters,
-            AnySection::Results => Section::Results,
-        }
-    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -449,7 +420,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::MarkError { nhs_number, section, entry, reason } => {
             let nhs = parse_nhs(&nhs_number)?;
-            store.mark_entered_in_error(&nhs, section.into(), entry, &reason)?;
+            store.mark_entered_in_error(&nhs, section, entry, &reason)?;
             println!("marked entered in error; kept for the record and hidden from the clinical view");
         }
         Command::BreakGlass { nhs_number, reason } => {

@@ -76,6 +76,9 @@ impl From<autosurgeon::ReconcileError> for SummaryError {
 /// The clinical sections of a summary, in the order a crew reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
+// The command line's spelling (`care-plans`); only with the `cli` feature, so the mobile
+// library does not link clap.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Section {
     Alerts,
     Allergies,

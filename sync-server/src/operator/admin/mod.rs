@@ -152,6 +152,10 @@ async fn require_token(State(state): State<Arc<AdminState>>, request: Request, n
     let mut response =
         api::ApiError::new(StatusCode::UNAUTHORIZED, "a valid operator token is required").into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    // The request's body is not read: the connection ends with the answer, and says so, so a
+    // client does not send its next request on a connection the server is closing (seen as
+    // "peer disconnected" by a client that pools connections).
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

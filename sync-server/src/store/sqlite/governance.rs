@@ -581,6 +581,19 @@ mod tests {
         let device = store.device_by_name("nurse-1").unwrap().unwrap().id;
         store.conn().execute("UPDATE devices SET view_hash = x'00'", []).unwrap();
         assert!(store.view_head(device).unwrap_err().to_string().contains("view log head of 1 bytes"));
+        // A damaged device key refuses that device; the others are still listed (revocations
+        // and compaction read the list).
+        let key = care_node::identity::Identity::generate().public_key();
+        store.create_enrolment("ambulance-2", Role::AmbulanceCrew, [7; 32], i64::MAX).unwrap();
+        store.redeem_enrolment([7; 32], key, 0).unwrap();
+        store
+            .conn()
+            .execute("UPDATE devices SET public_key = x'0102' WHERE name = 'ambulance-2'", [])
+            .unwrap();
+        let listed = store.devices().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|d| d.public_key.is_none()), "no key to authenticate with");
+        assert!(store.device_by_key(&key).unwrap().is_none(), "the damaged device cannot connect");
 
         // Settings are checked when written; one stored past the checks is not read as the default.
         store.set_setting("budget", "lots").unwrap();

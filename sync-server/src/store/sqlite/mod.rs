@@ -253,7 +253,15 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         name: r.get("name")?,
         // A role this server does not know is a damaged or newer store: said so, never guessed.
         role: role.parse().map_err(|_| unknown_stored("role", &role))?,
-        public_key: key.map(|k| fixed_bytes("device key", k)).transpose()?,
+        // A damaged key refuses that device (it cannot authenticate), said at error level; one
+        // bad row must not stop the listing that revocations and compaction read.
+        public_key: key.and_then(|k| match fixed_bytes("device key", k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::error!(device = r.get::<_, i64>("id").unwrap_or(-1), error = %e, "device refused");
+                None
+            }
+        }),
         enrolled_at_ms: r.get("enrolled_at_ms")?,
         revoked_at_ms: r.get("revoked_at_ms")?,
         acked_cursor: r.get::<_, i64>("acked_cursor")? as u64,
