@@ -386,12 +386,8 @@ async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(),
             // Only the operator can free space: that one is an error, the rest are the devices'.
             Err(e @ ConnectionError::Session(SessionError::Store(crate::store::StoreError::StorageFull))) => {
                 tracing::error!(error = %e, "sync session failed: free disk space under the data directory");
-                close_with(&conn, e);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "sync session failed");
-                close_with(&conn, e);
-            }
+            Err(e) => tracing::warn!(error = %e, "sync session failed"),
             // One line per session at the default level: who synced, for how long.
             Ok(()) => tracing::info!(
                 seconds = (shared.clock.now_ms() - admitted) as f64 / 1000.0,
@@ -630,7 +626,25 @@ async fn run_sync(
     device: DeviceRecord,
     shared: &Shared,
 ) -> Result<(), ConnectionError> {
+    // A failed accept is a lost connection: nothing to close.
     let (mut send, recv) = conn.accept_bi().await?;
+    let result = run_session(conn, &mut send, recv, device, shared).await;
+    if let Err(e) = &result {
+        // Closed while the stream is still ours: a dropped stream is finished, and a device that
+        // read that finish before the close would see a clean end of the session instead of the
+        // reason (CI saw it once).
+        close_with(conn, e);
+    }
+    result
+}
+
+async fn run_session(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+    device: DeviceRecord,
+    shared: &Shared,
+) -> Result<(), ConnectionError> {
     let (frames_tx, frames) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let mut inbox = Inbox { frames, held: None };
@@ -660,7 +674,7 @@ async fn run_sync(
                     .await?;
                     session = back;
                     if live? {
-                        session = match send_round(session, conn, &mut send, &mut inbox, shared).await {
+                        session = match send_round(session, conn, send, &mut inbox, shared).await {
                             Ok(session) => session,
                             // The device stopped watching while the round went out: a normal end.
                             Err(e) if closed_by_device(&e) => return Ok(()),
@@ -709,7 +723,7 @@ async fn run_sync(
                 .take(cost, per_minute)
         {
             let message = "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly";
-            refuse_session(conn, &mut send, message.into()).await;
+            refuse_session(conn, send, message.into()).await;
             return Err(ConnectionError::Busy);
         }
         let now = shared.clock.now_ms();
@@ -720,15 +734,15 @@ async fn run_sync(
             Ok(replies) => replies,
             Err(e) => {
                 if let SessionError::Upload(reason) = &e {
-                    refuse_session(conn, &mut send, reason.to_string()).await;
+                    refuse_session(conn, send, reason.to_string()).await;
                 }
                 return Err(e.into());
             }
         };
         for reply in &replies {
-            write_frame(&mut send, reply).await?;
+            write_frame(send, reply).await?;
         }
-        session = send_round(session, conn, &mut send, &mut inbox, shared).await?;
+        session = send_round(session, conn, send, &mut inbox, shared).await?;
     }
     if !timed {
         metrics().sync_duration.observe(started.elapsed().as_secs_f64());
