@@ -70,3 +70,34 @@ async fn a_three_second_cut_mid_round_is_ridden_out_and_nothing_arrives_twice() 
     }
     assert!(at_cut < 200 && after == 200, "documents arrived after the cut ({at_cut} before it)");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_change_mid_round_keeps_the_connection_and_nothing_arrives_twice() {
+    let server = TestServer::start(200).await;
+    let relay = Relay::start(server.addr, Profile::named("3g").unwrap(), 11).await.unwrap();
+    let mut device = device_behind(&server, &relay, "crew-moving", 200).await;
+    let (landed_tx, mut landed) = tokio::sync::mpsc::unbounded_channel();
+    let sync = tokio::spawn(async move {
+        let mut progress = move |s: &care_node::sync::SyncStats| {
+            let _ = landed_tx.send(s.round_applied);
+        };
+        let report = care_node::client::sync_with_progress(&mut device.store, &mut progress).await;
+        (device, report)
+    });
+    let mut at_move = 0;
+    while at_move == 0 {
+        at_move = within(60, landed.recv()).await.expect("progress");
+    }
+    // From here the server's packets to the old address are lost: only a server that follows
+    // the connection to its new address (QUIC migration) completes this round.
+    relay.rebind();
+    let (device, report) = within(120, sync).await.unwrap();
+    let report = report.expect("the round continues on the same connection from the new address");
+    assert_eq!(report.stats.documents_received, 200, "each document once");
+    assert_eq!(device.store.document_count().unwrap(), 200);
+    let mut after = at_move;
+    while let Ok(applied) = landed.try_recv() {
+        after = after.max(applied);
+    }
+    assert!(at_move < 200 && after == 200, "documents arrived after the move ({at_move} before it)");
+}

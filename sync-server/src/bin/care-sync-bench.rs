@@ -338,40 +338,61 @@ async fn live(devices: usize, link: Option<Profile>) {
     );
 }
 
+/// Sync figures on this machine, printed as tables (docs/benchmarks.md has the published ones).
+///
+/// For each size N the server (a child process) holds N synthetic patients in one device's
+/// scope; the device measures the cold sync, reconnects with 0, 1 and 100 changed, its store's
+/// size and the per-document floor. Then D devices keep live sessions while one patient changes
+/// 20 times: propagation p50, p99 and max. Run it optimised:
+/// `cargo run --release -p care-sync-server --bin care-sync-bench -- [OPTIONS] [N]...`
+#[derive(clap::Parser)]
+#[command(name = "care-sync-bench", version)]
+struct Args {
+    /// Patients in each cold-sync run, one run per size, at least 100 (a reconnect changes 100)
+    /// [default: 1000 10000].
+    #[arg(value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(100..))]
+    sizes: Vec<usize>,
+    /// Devices with live sessions in the propagation run; 0 skips it [default: 1000, or 0 with
+    /// --link].
+    #[arg(long, value_name = "D")]
+    live: Option<usize>,
+    /// Puts the seeded impairment relay between the device and the server, with this link's
+    /// delay, loss, bandwidth and outages; cold syncs are then compared with the time the
+    /// link's bandwidth allows for their bytes and reconnects are counted in round trips.
+    #[arg(long, value_name = "PROFILE", value_parser = clap::builder::PossibleValuesParser::new(Profile::NAMES))]
+    link: Option<String>,
+    /// Instead of the cold-sync runs: a cold sync cut (its connection lost) every SECONDS until
+    /// done, beside an uncut one, over --link (loopback if none): time, connections, bytes and
+    /// documents sent again.
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
+    cut_every: Option<f64>,
+    /// The server's role, started by the bench itself: `--server-role DIR N`.
+    #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
+    server_role: Option<Vec<String>>,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Ok(secs),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--server-role") {
-        bench::server_role(&args[1], args[2].parse().expect("N"));
+    let args = <Args as clap::Parser>::parse();
+    if let Some(role) = &args.server_role {
+        let n =
+            role[1].parse().unwrap_or_else(|_| panic!("--server-role DIR N: `{}` is not a size", role[1]));
+        bench::server_role(&role[0], n);
         return;
     }
-    let mut sizes = Vec::new();
-    let mut live_devices = None;
-    let mut link = None;
-    let mut cut_every = None;
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        match word.as_str() {
-            "--live" => live_devices = Some(words.next().and_then(|d| d.parse().ok()).expect("--live D")),
-            "--cut-every" => {
-                let secs: f64 = words.next().and_then(|s| s.parse().ok()).expect("--cut-every SECONDS");
-                cut_every = Some(Duration::from_secs_f64(secs));
-            }
-            "--link" => {
-                let name = words.next().map(String::as_str).unwrap_or_default();
-                let profile = Profile::named(name)
-                    .unwrap_or_else(|| panic!("--link takes one of {}", Profile::NAMES.join(", ")));
-                link = Some(profile);
-            }
-            n => sizes.push(n.parse::<usize>().unwrap_or_else(|_| panic!("not a size: {n}"))),
-        }
-    }
-    if sizes.is_empty() {
-        sizes = vec![1_000, 10_000];
-    }
+    let link = args.link.as_deref().map(|name| Profile::named(name).expect("a profile the parser accepted"));
+    let cut_every = args.cut_every.map(Duration::from_secs_f64);
+    let sizes = if args.sizes.is_empty() { vec![1_000, 10_000] } else { args.sizes };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("care-sync bench: {cpus} CPU(s); server and devices in two processes, QUIC over 127.0.0.1");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let live_devices = live_devices.unwrap_or(if link.is_some() { 0 } else { 1_000 });
+    let live_devices = args.live.unwrap_or(if link.is_some() { 0 } else { 1_000 });
     for n in sizes {
         match cut_every {
             Some(every) => runtime.block_on(cut(

@@ -149,6 +149,8 @@ struct Shared {
     cut_until: Mutex<Option<Instant>>,
     /// Flows started before this generation are lost for good ([`Relay::lose_flows`]).
     generation: AtomicU64,
+    /// Flows bound before this generation move to a new address ([`Relay::rebind`]).
+    binding: AtomicU64,
     counters: Counters,
 }
 
@@ -187,6 +189,7 @@ impl Relay {
             started: Instant::now(),
             cut_until: Mutex::new(None),
             generation: AtomicU64::new(0),
+            binding: AtomicU64::new(0),
             counters: Counters::default(),
         });
         let task = tokio::spawn(relay(front, server, shared.clone(), seed));
@@ -208,6 +211,14 @@ impl Relay {
     /// again, while a new flow (a new connection, from another port) passes at once.
     pub fn lose_flows(&self) {
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Every flow open now reaches the server from a new address at its next packet, and what
+    /// the server sends to the old one is lost, as when a NAT rebinds or a phone moves from Wi-Fi
+    /// to 3G with the same socket: the connection survives only if the server follows it to
+    /// the new address (QUIC connection migration).
+    pub fn rebind(&self) {
+        self.shared.binding.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Ends a cut.
@@ -239,53 +250,83 @@ impl Drop for Relay {
 /// Reads what devices send; each new device address gets its own socket towards the server
 /// (so the server sees one address per device, as through a NAT) and a pipe each way.
 async fn relay(front: Arc<UdpSocket>, server: SocketAddr, shared: Arc<Shared>, seed: u64) {
-    let mut flows: HashMap<SocketAddr, Pipe> = HashMap::new();
+    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         // An error for one datagram (e.g. an ICMP report on some systems) is not the relay's end.
         let Ok((n, device)) = front.recv_from(&mut buf).await else { continue };
+        let binding = shared.binding.load(Ordering::SeqCst);
         if !flows.contains_key(&device) {
-            let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else { continue };
-            if back.connect(server).await.is_err() {
-                continue;
-            }
-            let back = Arc::new(back);
-            let flow = flows.len() as u64;
+            let Some(back) = bind_towards(server).await else { continue };
+            let number = flows.len() as u64;
+            let slot = Arc::new(Mutex::new(back.clone()));
             let up =
-                Pipe::start(shared.clone(), seed ^ (flow << 1), Out::Connected(back.clone()), &mut tasks);
-            let down = Pipe::start(
+                Pipe::start(shared.clone(), seed ^ (number << 1), Out::Connected(slot.clone()), &mut tasks);
+            let down = Arc::new(Pipe::start(
                 shared.clone(),
-                seed ^ (flow << 1 | 1),
+                seed ^ (number << 1 | 1),
                 Out::To(front.clone(), device),
                 &mut tasks,
-            );
-            tasks.spawn(async move {
-                let mut buf = vec![0u8; 65_536];
-                loop {
-                    match back.recv(&mut buf).await {
-                        Ok(n) => down.offer(&buf[..n]),
-                        // The server's port is closed for now (a restart): its return is awaited.
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                        Err(_) => return,
-                    }
-                }
-            });
-            flows.insert(device, up);
+            ));
+            let reader = tasks.spawn(read_back(back, down.clone()));
+            flows.insert(device, Flow { up, down, slot, reader, binding });
         }
-        flows[&device].offer(&buf[..n]);
+        let flow = flows.get_mut(&device).expect("the flow was just made");
+        if flow.binding < binding {
+            // A new address towards the server; the old one is gone with what is sent to it.
+            let Some(back) = bind_towards(server).await else { continue };
+            *flow.slot.lock().expect("binding lock") = back.clone();
+            flow.reader.abort();
+            flow.reader = tasks.spawn(read_back(back, flow.down.clone()));
+            flow.binding = binding;
+        }
+        flow.up.offer(&buf[..n]);
+    }
+}
+
+/// One device's flow: its pipes, and the socket (its address towards the server) and reader
+/// of the current binding.
+struct Flow {
+    up: Pipe,
+    down: Arc<Pipe>,
+    slot: Arc<Mutex<Arc<UdpSocket>>>,
+    reader: tokio::task::AbortHandle,
+    binding: u64,
+}
+
+async fn bind_towards(server: SocketAddr) -> Option<Arc<UdpSocket>> {
+    let back = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    back.connect(server).await.ok()?;
+    Some(Arc::new(back))
+}
+
+/// Hands what the server sends to one binding to the flow's downward pipe.
+async fn read_back(back: Arc<UdpSocket>, down: Arc<Pipe>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match back.recv(&mut buf).await {
+            Ok(n) => down.offer(&buf[..n]),
+            // The server's port is closed for now (a restart): its return is awaited.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(_) => return,
+        }
     }
 }
 
 enum Out {
-    Connected(Arc<UdpSocket>),
+    /// Towards the server, from the flow's current binding.
+    Connected(Arc<Mutex<Arc<UdpSocket>>>),
     To(Arc<UdpSocket>, SocketAddr),
 }
 
 impl Out {
     async fn send(&self, bytes: &[u8]) {
         let _ = match self {
-            Out::Connected(s) => s.send(bytes).await,
+            Out::Connected(slot) => {
+                let socket = slot.lock().expect("binding lock").clone();
+                socket.send(bytes).await
+            }
             Out::To(s, to) => s.send_to(bytes, to).await,
         };
     }
