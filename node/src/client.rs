@@ -401,7 +401,7 @@ pub async fn watch(
                     ended_by_server = true;
                     break;
                 };
-                for reply in session.handle(message, store)? {
+                for reply in off_the_runtime(|| session.handle(message, store))? {
                     conn.send(&reply).await?;
                 }
                 if session.rounds_completed() > rounds {
@@ -474,7 +474,7 @@ async fn sync_once(
             .recv()
             .await?
             .ok_or_else(|| ClientError::Protocol("the server ended the session early".into()))?;
-        for reply in session.handle_reporting(message, store, progress)? {
+        for reply in off_the_runtime(|| session.handle_reporting(message, store, progress))? {
             conn.send(&reply).await?;
         }
     }
@@ -482,6 +482,19 @@ async fn sync_once(
     let restored = session.server_restored();
     let timing = Timing { started, open, done: Instant::now() };
     Ok((decisions, conclude(&session, conn, store, timing).await?, restored))
+}
+
+/// Runs a step of store work (applying a page: parsing, sealing and committing its documents,
+/// tens of milliseconds) without holding up the runtime's other tasks, among them the QUIC
+/// connection's driver, whose acknowledgements pace the server: on a multi-threaded runtime
+/// the worker first hands its queued tasks to another thread.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 /// Ends a session: finishes the connection, and if the server told the device to wipe, destroys

@@ -14,6 +14,7 @@
 //! - [`sync`]: the device half of the sync protocol, as a sans-IO state machine.
 //! - [`token`]: enrolment tokens.
 //! - [`tls`]: rustls configuration and the ed25519 key verifiers (shared with the server).
+//! - [`bbr`]: BBR congestion control (quinn's, with its first ProbeRTT at ten seconds, not at once).
 //! - [`client`]: the QUIC client that moves protocol frames.
 //! - [`view`]: the text view of a summary, with its "as of" time.
 //! - [`viewlog`]: the hash-chained, signed log of views that syncs to the server.
@@ -22,6 +23,7 @@
 //! Nothing in this crate logs or puts in an error message a patient's name, NHS number or date of
 //! birth; logs carry opaque ids only.
 
+pub mod bbr;
 pub mod chunk;
 pub mod client;
 pub mod clock;

@@ -205,9 +205,12 @@ impl ClientCertVerifier for EnrolledDeviceVerifier {
 /// Transport limits shared by both ends (the same on both, as quinn expects).
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
+    // Keep-alives matter in live sessions only: they hold the NAT binding and let a dead peer be
+    // noticed within the idle timeout; every 10 s (not 5) lets a phone's radio leave its
+    // high-power state between them and still allows two lost pings (docs/protocol.md).
     transport
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")))
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_interval(Some(Duration::from_secs(10)))
         .max_concurrent_bidi_streams(4u32.into())
         .max_concurrent_uni_streams(0u32.into());
     // BBR: on a lossy mobile link Cubic takes random loss for congestion and crawls (docs/benchmarks.md:
@@ -216,7 +219,7 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     if *CUBIC {
         transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
     } else {
-        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        transport.congestion_controller_factory(Arc::new(crate::bbr::BbrConfig::default()));
     }
     Arc::new(transport)
 }
@@ -283,6 +286,9 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config());
+    // A device whose address changes mid-round (a new NAT binding, Wi-Fi to 3G) keeps its
+    // connection: quinn validates the new path and follows it (tests/tests/links.rs).
+    config.migration(true);
     Ok(config)
 }
 

@@ -30,7 +30,7 @@ use care_node::client::{self, SyncReport};
 use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
-use care_sync_server::demo::bench::{self, SEED, Server, ms, peak_rss_mb, unix_ms};
+use care_sync_server::demo::bench::{self, CutKind, SEED, Server, ms, peak_rss_mb, unix_ms};
 use care_sync_server::demo::link::Profile;
 use care_sync_server::demo::population::Population;
 
@@ -72,14 +72,19 @@ fn floor(docs: &[Vec<u8>]) -> Floor {
     Floor { load, save, seal, insert }
 }
 
-/// A cold sync of `n` over `link`, the link lost every `every` until it completes, beside the
-/// same cold sync uncut.
-async fn cut(n: usize, link: Profile, every: Duration) {
-    let f = bench::measure_cut(n, link.clone(), every).await;
+/// A cold sync of `n` over `link`, cut every `every` until it completes, beside the same cold
+/// sync uncut.
+async fn cut(n: usize, link: Profile, every: Duration, kind: CutKind) {
+    let f = bench::measure_cut(n, link.clone(), every, kind).await;
+    let what = match kind {
+        CutKind::Lost => "the link lost",
+        CutKind::Moved => "the device's address changed",
+    };
     println!(
-        "\nN = {n}, cold sync over {}, the link lost every {:.0} s until done",
+        "\nN = {n}, cold sync over {}, {what} every {:.0} s until done ({} times)",
         link.name,
-        every.as_secs_f64()
+        every.as_secs_f64(),
+        f.cuts
     );
     println!("  {:<28} {:>9} {:>9} {:>12} {:>12}", "", "wall s", "sessions", "UDP bytes", "queue drops");
     let (uncut_s, cut_s) = (f.uncut_wall.as_secs_f64(), f.wall.as_secs_f64());
@@ -92,7 +97,7 @@ async fn cut(n: usize, link: Profile, every: Duration) {
         println!("  {} of the sessions were cut before a document arrived", f.idle_sessions);
     }
     println!(
-        "  documents held at the end {} of {n}; sent whole {} ({} again after a cut); bytes cut/uncut {:.3}",
+        "  documents held at the end {} of {n}; sent whole {} ({} again); bytes cut/uncut {:.3}",
         f.documents_applied,
         f.documents_sent,
         f.documents_sent.saturating_sub(n as u64),
@@ -366,6 +371,10 @@ struct Args {
     /// documents sent again.
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
     cut_every: Option<f64>,
+    /// What each cut of --cut-every is: `lost` (the connection is lost for good and the device
+    /// connects again) or `moved` (the device's address changes and the connection follows it).
+    #[arg(long, value_name = "KIND", default_value = "lost", requires = "cut_every", value_parser = ["lost", "moved"])]
+    cut_kind: String,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
@@ -388,6 +397,7 @@ fn main() {
     }
     let link = args.link.as_deref().map(|name| Profile::named(name).expect("a profile the parser accepted"));
     let cut_every = args.cut_every.map(Duration::from_secs_f64);
+    let cut_kind = if args.cut_kind == "moved" { CutKind::Moved } else { CutKind::Lost };
     let sizes = if args.sizes.is_empty() { vec![1_000, 10_000] } else { args.sizes };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("care-sync bench: {cpus} CPU(s); server and devices in two processes, QUIC over 127.0.0.1");
@@ -399,6 +409,7 @@ fn main() {
                 n,
                 link.clone().unwrap_or_else(|| Profile::named("loopback").expect("loopback")),
                 every,
+                cut_kind,
             )),
             None => runtime.block_on(run(n, link.clone())),
         }

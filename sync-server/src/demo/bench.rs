@@ -269,11 +269,24 @@ async fn behind_relay(
     relay
 }
 
-/// A cold sync whose link is lost every `every` until it completes.
+/// What happens to the link at each cut of [`measure_cut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutKind {
+    /// The link is lost for good: the device gives up on the connection and opens another.
+    Lost,
+    /// The device's address changes (a new NAT binding, Wi-Fi to 3G on the same socket): the
+    /// server follows the connection to the new address (QUIC migration).
+    Moved,
+}
+
+/// A cold sync whose link is cut every `every` until it completes.
 #[derive(Debug)]
 pub struct CutFigures {
     pub n: usize,
     pub every: Duration,
+    pub kind: CutKind,
+    /// Cuts made.
+    pub cuts: usize,
     /// Connections it took (1 + the cuts), and how many of them were cut before a document
     /// arrived.
     pub sessions: usize,
@@ -294,12 +307,18 @@ pub struct CutFigures {
     pub uncut_queue_drops: u64,
 }
 
-/// A cold sync of `n` over `profile`, the link lost for good every `every` (the relay drops
-/// everything and the device's sync is abandoned, as an app does when the OS reports the
-/// network gone), then re-established at once and synced again, until the round completes;
-/// and, for comparison, the same cold sync uncut. UDP bytes are counted on both sides' sockets
+/// A cold sync of `n` over `profile` cut every `every` until the round completes, and, for
+/// comparison, the same cold sync uncut. [`CutKind::Lost`]: the link is lost for good (the
+/// relay drops everything and the device's sync is abandoned, as an app does when the OS
+/// reports the network gone), then re-established at once and synced again;
+/// [`CutKind::Moved`]: the device's address changes, one session throughout. UDP bytes are counted on both sides' sockets
 /// (`SyncReport`), so a session cut before it could report counts what the relay delivered.
-pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: Duration) -> CutFigures {
+pub async fn measure_cut(
+    n: usize,
+    profile: crate::demo::link::Profile,
+    every: Duration,
+    kind: CutKind,
+) -> CutFigures {
     let (mut server, ready) = Server::start(n);
     let dir = tempfile::tempdir().expect("temp dir");
     // A device enrolled with `token`, talking to the server through a relay of `profile`.
@@ -332,19 +351,75 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
     let (mut device, relay) = enrolled_behind_relay("cut.db", token, SEED ^ 1).await;
     let before = relay.stats();
     let t = Instant::now();
-    let mut sessions = 0;
-    let mut idle_sessions = 0;
+    let (sessions, idle_sessions, cuts) = match kind {
+        CutKind::Moved => (1, 0, sync_while_moving(&mut device, &relay, every).await),
+        CutKind::Lost => sync_while_losing(&mut device, &relay, every).await,
+    };
+    assert_eq!(device.document_count().expect("count") as usize, n);
+    let wall = t.elapsed();
+    let udp_bytes = relay.stats().bytes_delivered - before.bytes_delivered;
+    let queue_drops = relay.stats().queue_drops - before.queue_drops;
+    let documents_applied = device.document_count().expect("count");
+    let sent: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
+    server.stop();
+    CutFigures {
+        n,
+        every,
+        kind,
+        cuts,
+        sessions,
+        idle_sessions,
+        documents_applied,
+        documents_sent: sent - sent_before,
+        wall,
+        udp_bytes,
+        queue_drops,
+        uncut_wall,
+        uncut_udp_bytes,
+        uncut_queue_drops,
+    }
+}
+
+/// One sync whose flow moves to a new address every `every` while it runs; returns the moves.
+async fn sync_while_moving(
+    device: &mut DeviceStore,
+    relay: &crate::demo::link::Relay,
+    every: Duration,
+) -> usize {
+    let mut cuts = 0;
+    let sync = client::sync(device);
+    tokio::pin!(sync);
+    let mut moves = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut sync => {
+                done.expect("a sync whose address changes completes on its one connection");
+                return cuts;
+            }
+            _ = moves.tick() => {
+                relay.rebind();
+                cuts += 1;
+            }
+        }
+    }
+}
+
+/// Syncs until one completes, the link lost for good every `every`; returns the sessions, those
+/// cut before a document arrived, and the cuts.
+async fn sync_while_losing(
+    device: &mut DeviceStore,
+    relay: &crate::demo::link::Relay,
+    every: Duration,
+) -> (usize, usize, usize) {
+    let (mut sessions, mut idle_sessions, mut cuts) = (0, 0, 0);
     loop {
         sessions += 1;
         let held_before = device.document_count().expect("count");
-        let attempt = tokio::time::timeout(every, client::sync(&mut device)).await;
-        match attempt {
-            Ok(Ok(_)) => {
-                assert_eq!(device.document_count().expect("count") as usize, n);
-                break;
-            }
+        match tokio::time::timeout(every, client::sync(device)).await {
+            Ok(Ok(_)) => return (sessions, idle_sessions, cuts),
             Ok(Err(e)) => panic!("a sync failed other than by the cut: {e}"),
             Err(_) => {
+                cuts += 1;
                 // The link is lost for good: nothing more of this connection passes either way
                 // (it was dropped with the future, and its close never reaches the server; the
                 // server's side stays open until the next connection supersedes it), then a new
@@ -357,26 +432,6 @@ pub async fn measure_cut(n: usize, profile: crate::demo::link::Profile, every: D
             }
         }
         assert!(idle_sessions < 10, "ten sessions cut before any document arrived: the cuts come too often");
-    }
-    let wall = t.elapsed();
-    let udp_bytes = relay.stats().bytes_delivered - before.bytes_delivered;
-    let queue_drops = relay.stats().queue_drops - before.queue_drops;
-    let documents_applied = device.document_count().expect("count");
-    let sent: u64 = server.ask("sent").trim_start_matches("sent ").parse().expect("sent");
-    server.stop();
-    CutFigures {
-        n,
-        every,
-        sessions,
-        idle_sessions,
-        documents_applied,
-        documents_sent: sent - sent_before,
-        wall,
-        udp_bytes,
-        queue_drops,
-        uncut_wall,
-        uncut_udp_bytes,
-        uncut_queue_drops,
     }
 }
 
