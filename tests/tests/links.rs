@@ -40,11 +40,15 @@ async fn a_cold_sync_over_3g_edge_and_flaky_wifi_brings_every_document_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_three_second_cut_mid_round_is_ridden_out_and_nothing_arrives_twice() {
-    let server = TestServer::start(200).await;
-    let relay = Relay::start(server.addr, Profile::named("3g").unwrap(), 7).await.unwrap();
-    let mut device = device_behind(&server, &relay, "crew-cut", 200).await;
+/// A cold sync of 200 over `relay` with `disturb` done to the link once documents are arriving;
+/// checks that the round completed with every document once, and that documents arrived after
+/// the disturbance (it came mid-round).
+async fn sync_disturbed_mid_round(
+    relay: &Relay,
+    mut device: TestDevice,
+    disturb: impl FnOnce(&Relay),
+    what: &str,
+) {
     let (landed_tx, mut landed) = tokio::sync::mpsc::unbounded_channel();
     let sync = tokio::spawn(async move {
         let mut progress = move |s: &care_node::sync::SyncStats| {
@@ -53,51 +57,39 @@ async fn a_three_second_cut_mid_round_is_ridden_out_and_nothing_arrives_twice() 
         let report = care_node::client::sync_with_progress(&mut device.store, &mut progress).await;
         (device, report)
     });
-    // Cut the link once documents are arriving.
-    let mut at_cut = 0;
-    while at_cut == 0 {
-        at_cut = within(60, landed.recv()).await.expect("progress");
+    let mut before = 0;
+    while before == 0 {
+        before = within(60, landed.recv()).await.expect("progress");
     }
-    relay.cut_for(Duration::from_secs(3));
+    disturb(relay);
     let (device, report) = within(120, sync).await.unwrap();
-    let report = report.expect("the sync rides out a 3 s cut (the idle timeout is 30 s)");
+    let report = report.unwrap_or_else(|e| panic!("the round completes despite {what}: {e}"));
     assert_eq!(report.stats.documents_received, 200, "each document once");
     assert_eq!(device.store.document_count().unwrap(), 200);
-    assert!(relay.stats().cut > 0, "packets were dropped by the cut: {:?}", relay.stats());
-    let mut after = at_cut;
+    let mut after = before;
     while let Ok(applied) = landed.try_recv() {
         after = after.max(applied);
     }
-    assert!(at_cut < 200 && after == 200, "documents arrived after the cut ({at_cut} before it)");
+    assert!(before < 200 && after == 200, "documents arrived after {what} ({before} before it)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_second_cut_mid_round_is_ridden_out_and_nothing_arrives_twice() {
+    let server = TestServer::start(200).await;
+    let relay = Relay::start(server.addr, Profile::named("3g").unwrap(), 7).await.unwrap();
+    let device = device_behind(&server, &relay, "crew-cut", 200).await;
+    // The idle timeout is 30 s: the same connection carries on after the cut.
+    sync_disturbed_mid_round(&relay, device, |relay| relay.cut_for(Duration::from_secs(3)), "a 3 s cut")
+        .await;
+    assert!(relay.stats().cut > 0, "packets were dropped by the cut: {:?}", relay.stats());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_address_change_mid_round_keeps_the_connection_and_nothing_arrives_twice() {
     let server = TestServer::start(200).await;
     let relay = Relay::start(server.addr, Profile::named("3g").unwrap(), 11).await.unwrap();
-    let mut device = device_behind(&server, &relay, "crew-moving", 200).await;
-    let (landed_tx, mut landed) = tokio::sync::mpsc::unbounded_channel();
-    let sync = tokio::spawn(async move {
-        let mut progress = move |s: &care_node::sync::SyncStats| {
-            let _ = landed_tx.send(s.round_applied);
-        };
-        let report = care_node::client::sync_with_progress(&mut device.store, &mut progress).await;
-        (device, report)
-    });
-    let mut at_move = 0;
-    while at_move == 0 {
-        at_move = within(60, landed.recv()).await.expect("progress");
-    }
-    // From here the server's packets to the old address are lost: only a server that follows
-    // the connection to its new address (QUIC migration) completes this round.
-    relay.rebind();
-    let (device, report) = within(120, sync).await.unwrap();
-    let report = report.expect("the round continues on the same connection from the new address");
-    assert_eq!(report.stats.documents_received, 200, "each document once");
-    assert_eq!(device.store.document_count().unwrap(), 200);
-    let mut after = at_move;
-    while let Ok(applied) = landed.try_recv() {
-        after = after.max(applied);
-    }
-    assert!(at_move < 200 && after == 200, "documents arrived after the move ({at_move} before it)");
+    let device = device_behind(&server, &relay, "crew-moving", 200).await;
+    // From the move the server's packets to the old address are lost: only a server that
+    // follows the connection to its new address (QUIC migration) completes this round.
+    sync_disturbed_mid_round(&relay, device, Relay::rebind, "an address change").await;
 }
