@@ -30,6 +30,9 @@ pub mod transport;
 #[cfg(feature = "demo")]
 pub mod demo;
 
+#[cfg(test)]
+mod layers;
+
 use automerge::ActorId;
 use care_node::identity::Identity;
 

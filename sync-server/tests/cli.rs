@@ -182,7 +182,7 @@ fn an_operators_setting_stands_until_the_configuration_files_value_changes() {
     use care_sync_server::store::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
-    let budget = |store: &dyn ServerStore| Setting::Budget.effective(store).unwrap();
+    let budget = |store: &dyn ServerStore| store.effective_setting(Setting::Budget).unwrap();
     assert_eq!(budget(&store), ("20000".to_string(), Source::Default));
 
     let file = Config::parse("[policy]\nbudget = 300\n").unwrap();

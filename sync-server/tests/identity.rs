@@ -46,7 +46,7 @@ fn an_operator_merges_a_provisional_record_into_the_known_one() {
     assert_eq!(kept.clinical_entries::<s::Problem>().unwrap().len(), 1);
     let gone = load(&store, &unknown);
     assert_eq!(gone.merged_into().unwrap(), Some(known), "the merged record is kept, pointing at the other");
-    let scope = care_sync_server::domain::scope::device_scope(&store, nurse.id, 0).unwrap();
+    let scope = care_sync_server::session::scope::device_scope(&store, nurse.id, 0).unwrap();
     assert_eq!(scope.patients, vec![known], "the nurse now has the kept record only");
     let filter = care_sync_server::store::AuditFilter { patient: Some(known), ..Default::default() };
     let audit = store.audit_entries(&filter).unwrap();

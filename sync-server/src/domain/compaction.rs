@@ -6,7 +6,7 @@
 //! growing for everyone: their next sync receives the documents that changed since their cursor
 //! whole, and merges them (nothing is lost; the cost is bytes).
 
-use crate::store::DeviceRecord;
+use crate::domain::device::DeviceRecord;
 
 /// Where compaction may cut the log, and the devices it leaves below.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub fn horizon(devices: &[DeviceRecord], head: u64, now_ms: i64, hold_ms: i64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Role;
+    use crate::domain::device::Role;
 
     const HOUR: i64 = 3_600_000;
 

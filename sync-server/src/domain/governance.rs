@@ -1,207 +1,108 @@
-//! Governance decisions the server makes for devices: offline leases, access at the point of
-//! care (permission to view, break glass), and the verification of device view logs.
+//! Governance rules the server applies to devices, with no I/O: the kinds of grant, the setting
+//! that says how long each lasts, and when a request for access at the point of care
+//! (permission to view, break glass) is refused before any record is looked up. The session
+//! carries them out against the store ([`crate::session::governance`]).
 
-use care_node::nhs::NhsNumber;
-use care_node::protocol::{AccessKind, ServerMessage};
-use care_node::viewlog::{SignedView, check_chain};
+use care_node::protocol::AccessKind;
 
 use crate::domain::settings::Setting;
-use crate::store::{AuditFilter, DeviceRecord, GrantKind, Role, ServerStore, StoreError};
 
-/// Default offline lease: how long a device may show patient data without reaching the server.
-pub const DEFAULT_LEASE_HOURS: f64 = 72.0;
-/// Default duration of a permission-to-view grant.
-pub const DEFAULT_PERMISSION_HOURS: f64 = 24.0;
-/// Default duration of a break-glass grant.
-pub const DEFAULT_BREAK_GLASS_HOURS: f64 = 4.0;
+/// Who an operator action is attributed to when the caller does not say.
+pub const OPERATOR: &str = "operator";
 
-/// The offline lease of a role (setting `lease-hours.<role>`, default 72 h).
-pub fn lease_ms(store: &dyn ServerStore, role: Role) -> Result<u64, StoreError> {
-    Ok(Setting::LeaseHours(role).hours_ms(store)? as u64)
+/// Why a device was granted a patient outside its caseload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    /// Assigned to an incident (lapses after its grace period, or when closed).
+    Incident,
+    /// A clinician recorded the patient's permission to view at the point of care.
+    PermissionToView,
+    /// Emergency access without permission (reason required; raises an alert).
+    BreakGlass,
 }
 
-/// Raises an alert of `kind` for `device` unless one is still open (unacknowledged): a flood of
-/// the same trouble is one alert for an operator, not thousands.
-pub fn raise_alert_once(
-    store: &dyn ServerStore,
-    kind: &str,
-    device: &DeviceRecord,
-    patient: Option<&care_node::summary::PatientId>,
-    reason: impl FnOnce() -> String,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    let open =
-        store.alerts(false)?.iter().any(|a| a.kind == kind && a.device.as_deref() == Some(&device.name));
-    if !open {
-        store.raise_alert(kind, Some(device.id), patient, &reason(), now_ms)?;
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Incident => "incident",
+            GrantKind::PermissionToView => "permission-to-view",
+            GrantKind::BreakGlass => "break-glass",
+        }
     }
-    Ok(())
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [GrantKind::Incident, GrantKind::PermissionToView, GrantKind::BreakGlass]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
 }
 
 /// Audited actions that count as access requests for the rate limit.
-const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];
+pub const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];
 
-/// Grants (or refuses) access asked for at the point of care, audits it, and raises an alert
-/// (break glass and permission to view alike). A reason is required for both.
-pub fn decide_access(
-    store: &dyn ServerStore,
-    device: &DeviceRecord,
-    nhs_number: &str,
-    kind: AccessKind,
-    reason: &str,
-    per_hour: usize,
-    now_ms: i64,
-) -> Result<ServerMessage, StoreError> {
-    let refuse = |message: &str| {
-        Ok(ServerMessage::AccessDecision { granted: false, message: message.into(), until_ms: 0 })
-    };
-    // Rate: a clinician asks for a few patients in a shift; a flood is refused and raises one
-    // alert until acknowledged.
-    let since = now_ms - 3_600_000;
-    let recent = store
-        .audit_entries(&AuditFilter {
-            actor: Some(device.name.clone()),
-            since_ms: Some(since),
-            ..Default::default()
-        })?
-        .iter()
-        .filter(|a| ACCESS_ACTIONS.contains(&a.action.as_str()))
-        .count();
-    if recent >= per_hour {
-        raise_alert_once(
-            store,
-            "access-flood",
-            device,
-            None,
-            || format!("more than {per_hour} access requests in an hour"),
-            now_ms,
-        )?;
-        return refuse("too many access requests from this device in the last hour; ask the operator");
-    }
-    if reason.trim().chars().count() < 5 {
-        return refuse("a reason is needed (at least a few words)");
-    }
-    // One answer for an invalid, unknown or unavailable NHS number: the answer never tells a
-    // device whether someone is registered.
-    const UNAVAILABLE: &str = "no record available for that NHS number";
-    let patient = match NhsNumber::parse(nhs_number) {
-        Ok(nhs) => store.patient_by_nhs(&nhs)?,
-        Err(_) => None,
-    };
-    let Some(patient) = patient else {
-        store.append_audit(&device.name, "access-refused", None, "no record available", now_ms)?;
-        return refuse(UNAVAILABLE);
-    };
-    let (grant, hours) = match kind {
-        AccessKind::PermissionToView => (GrantKind::PermissionToView, Setting::PermissionHours),
-        AccessKind::BreakGlass => (GrantKind::BreakGlass, Setting::BreakGlassHours),
-    };
-    let until = now_ms + hours.hours_ms(store)?;
-    store.grant(device.id, &patient, grant, reason, until, now_ms)?;
-    // The reason is the clinician's free text: kept with the grant and the alert, never in the
-    // audit's plain lines.
-    store.append_audit(
-        &device.name,
-        grant.as_str(),
-        Some(&patient),
-        "reason sealed with the alert",
-        now_ms,
-    )?;
-    crate::operator::metrics::metrics()
-        .access_grants
-        .get_or_create(&crate::operator::metrics::KindLabel { kind: grant.as_str() })
-        .inc();
-    // Both kinds reach the operators and the privacy officer: break glass as an alert to act on,
-    // permission to view as one to review.
-    store.raise_alert(grant.as_str(), Some(device.id), Some(&patient), reason, now_ms)?;
-    // A security event at the default level (the patient by opaque id; the reason is sealed).
-    tracing::warn!(
-        device = %device.name,
-        patient = %care_node::identity::short_hex(patient.as_bytes()),
-        access = grant.as_str(),
-        "access granted outside the device's scope; an alert is raised for review"
-    );
-    Ok(ServerMessage::AccessDecision {
-        granted: true,
-        message: format!("{} granted until {}", grant.as_str(), care_node::view::format_time(until)),
-        until_ms: until,
-    })
+/// The one answer for an invalid, unknown or unavailable NHS number: it never tells a device
+/// whether someone is registered.
+pub const UNAVAILABLE: &str = "no record available for that NHS number";
+
+/// Why a request for access is refused before any record is looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessRefusal {
+    /// More requests in the last hour than the `[limits]` allow (raises one alert).
+    Flood,
+    /// No reason, or one too short to be read as a reason.
+    NoReason,
 }
 
-/// Verifies a batch of a device's view log, records the views in the audit and flags gaps,
-/// forks and bad signatures with an alert. Always acknowledges: problems are recorded, not
-/// bounced back to a device that cannot fix them.
-pub fn record_views(
-    store: &dyn ServerStore,
-    device: &DeviceRecord,
-    entries: &[SignedView],
-    now_ms: i64,
-) -> Result<ServerMessage, StoreError> {
-    let Some(key) = device.public_key else { return Err(StoreError::UnknownDevice(device.name.clone())) };
-    let head = store.view_head(device.id)?;
-    let mut check = check_chain(&key, head, entries);
-    // A view of a patient the device does not hold now (purged since, or never sent) is still
-    // recorded, flagged, so no look is lost from "who saw this patient"; a view naming no patient
-    // on this server is not recorded. Either raises the batch's alert.
-    let held = store.held(device.id)?;
-    let (views, other): (Vec<_>, Vec<_>) = check.accepted.drain(..).partition(|e| held.contains(&e.patient));
-    let mut flagged = Vec::new();
-    let mut unknown = 0;
-    for entry in other {
-        if store.load_document(&entry.patient)?.is_some() {
-            flagged.push(entry);
-        } else {
-            unknown += 1;
+impl AccessRefusal {
+    /// What the device is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            AccessRefusal::Flood => {
+                "too many access requests from this device in the last hour; ask the operator"
+            }
+            AccessRefusal::NoReason => "a reason is needed (at least a few words)",
         }
     }
-    if !flagged.is_empty() {
-        check
-            .problems
-            .push(format!("{} view log entries name patients this device does not hold now", flagged.len()));
+}
+
+/// Whether a request is refused, given the device's requests in the last hour: a clinician asks
+/// for a few patients in a shift, so a flood is refused first; then a reason of at least a few
+/// words is required, for permission to view and break glass alike.
+pub fn refusal(recent_requests: usize, per_hour: usize, reason: &str) -> Option<AccessRefusal> {
+    if recent_requests >= per_hour {
+        Some(AccessRefusal::Flood)
+    } else if reason.trim().chars().count() < 5 {
+        Some(AccessRefusal::NoReason)
+    } else {
+        None
     }
-    if unknown > 0 {
-        check
-            .problems
-            .push(format!("{unknown} view log entries name no patient on this server (not recorded)"));
+}
+
+/// The grant a kind of access makes, and the setting that says how long it lasts.
+pub fn grant_for(kind: AccessKind) -> (GrantKind, Setting) {
+    match kind {
+        AccessKind::PermissionToView => (GrantKind::PermissionToView, Setting::PermissionHours),
+        AccessKind::BreakGlass => (GrantKind::BreakGlass, Setting::BreakGlassHours),
     }
-    for entry in &flagged {
-        store.append_audit(
-            &device.name,
-            &format!("view:{}", entry.action),
-            Some(&entry.patient),
-            &format!(
-                "device seq {} at {} (flagged: not held by the device when uploaded)",
-                entry.seq,
-                care_node::view::format_time(entry.at_ms)
-            ),
-            now_ms,
-        )?;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_refused_before_the_reason_is_read_and_a_short_reason_is_refused() {
+        assert_eq!(refusal(20, 20, "unconscious, no carer present"), Some(AccessRefusal::Flood));
+        assert_eq!(refusal(20, 20, ""), Some(AccessRefusal::Flood));
+        assert_eq!(refusal(3, 20, "  ok  "), Some(AccessRefusal::NoReason));
+        assert_eq!(refusal(19, 20, "unconscious, no carer present"), None);
     }
-    for entry in &views {
-        store.append_audit(
-            &device.name,
-            &format!("view:{}", entry.action),
-            Some(&entry.patient),
-            &format!("device seq {} at {}", entry.seq, care_node::view::format_time(entry.at_ms)),
-            now_ms,
-        )?;
+
+    #[test]
+    fn every_grant_kind_reads_back_from_its_name() {
+        for kind in [GrantKind::Incident, GrantKind::PermissionToView, GrantKind::BreakGlass] {
+            assert_eq!(GrantKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(GrantKind::parse("incident "), None);
     }
-    for problem in &check.problems {
-        tracing::warn!(device = %device.name, %problem, "view log problem");
-        store.append_audit(&device.name, "view-log-problem", None, problem, now_ms)?;
-    }
-    // One alert for a batch's problems, and none while the device already has one open.
-    if let Some(first) = check.problems.first() {
-        raise_alert_once(
-            store,
-            "view-log",
-            device,
-            None,
-            || format!("{first} ({} problem(s) in this batch)", check.problems.len()),
-            now_ms,
-        )?;
-    }
-    store.set_view_head(device.id, check.head.0, check.head.1)?;
-    let through = entries.iter().map(|e| e.entry.seq).max().unwrap_or(head.0);
-    Ok(ServerMessage::ViewLogAck { through })
 }

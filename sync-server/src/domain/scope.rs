@@ -11,13 +11,12 @@
 //! document budget caps the total: higher tiers first, and within a tier the nearest review date
 //! first; what the budget leaves out is counted and reported to the device.
 //!
-//! [`decide`] is pure and unit-tested; [`device_scope`] gathers its inputs from the store.
+//! [`decide`] is pure and unit-tested; [`crate::session::scope::device_scope`] gathers its
+//! inputs from the store.
 
 use std::collections::HashSet;
 
 use care_node::summary::{self as s, PatientId, PatientSummary};
-
-use crate::store::{ServerStore, StoreError};
 
 /// The default per-device document budget.
 pub const DEFAULT_BUDGET: u64 = 20_000;
@@ -158,26 +157,6 @@ impl PatientIndex {
         flags.sort();
         Ok(Self { district, flags, review_date })
     }
-}
-
-/// The device's scope now, with the operator's settings (budget, prefetch flags).
-pub fn device_scope(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result<Scope, StoreError> {
-    let flags = prefetch_flags(store)?;
-    let budget = match store.device_budget(device)? {
-        Some(b) => b,
-        None => {
-            let setting = crate::domain::settings::Setting::Budget;
-            let value = setting.checked_value(store)?;
-            value.parse().map_err(|_| StoreError::Unreadable("setting", setting.name().into()))?
-        }
-    };
-    Ok(decide(store.scope_candidates(device, &flags, now_ms)?, budget))
-}
-
-/// The flags that make a patient prefetched (setting `prefetch-flags`, comma-separated).
-pub fn prefetch_flags(store: &dyn ServerStore) -> Result<Vec<String>, StoreError> {
-    let list = crate::domain::settings::Setting::PrefetchFlags.value(store)?;
-    Ok(list.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect())
 }
 
 #[cfg(test)]

@@ -7,7 +7,14 @@
 //! operator's. A file value that has not changed since it was last applied never undoes an
 //! operator's change (printing the configuration with `config` and saving it is harmless).
 
-use crate::store::{Role, ServerStore, StoreError};
+use crate::domain::device::Role;
+
+/// Default offline lease: how long a device may show patient data without reaching the server.
+pub const DEFAULT_LEASE_HOURS: f64 = 72.0;
+/// Default duration of a permission-to-view grant.
+pub const DEFAULT_PERMISSION_HOURS: f64 = 24.0;
+/// Default duration of a break-glass grant.
+pub const DEFAULT_BREAK_GLASS_HOURS: f64 = 4.0;
 
 /// A setting of the region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,9 +96,6 @@ impl Setting {
 
     /// The built-in value.
     pub fn default_value(self) -> String {
-        use crate::domain::governance::{
-            DEFAULT_BREAK_GLASS_HOURS, DEFAULT_LEASE_HOURS, DEFAULT_PERMISSION_HOURS,
-        };
         match self {
             Setting::Budget => crate::domain::scope::DEFAULT_BUDGET.to_string(),
             Setting::PrefetchFlags => crate::domain::scope::DEFAULT_PREFETCH_FLAGS.join(","),
@@ -123,34 +127,39 @@ impl Setting {
         }
     }
 
-    /// The value in force (one store read: the sync path asks for it every round).
-    pub fn value(self, store: &dyn ServerStore) -> Result<String, StoreError> {
-        Ok(store.setting(self.name())?.unwrap_or_else(|| self.default_value()))
+    /// The key under which the configuration file's last applied value is kept.
+    pub fn file_key(self) -> String {
+        format!("{FILE_PREFIX}{}", self.name())
     }
 
-    /// The value in force, and where it came from (for operators: two store reads).
-    pub fn effective(self, store: &dyn ServerStore) -> Result<(String, Source), StoreError> {
-        let Some(value) = store.setting(self.name())? else {
-            return Ok((self.default_value(), Source::Default));
-        };
-        let from_file = store.setting(&format!("{FILE_PREFIX}{}", self.name()))?;
-        let source =
-            if from_file.as_deref() == Some(value.as_str()) { Source::ConfigFile } else { Source::Operator };
-        Ok((value, source))
+    /// The value in force: what is stored, else the default.
+    pub fn in_force(self, stored: Option<String>) -> String {
+        stored.unwrap_or_else(|| self.default_value())
     }
 
-    /// The value in force, checked as when it was written: a stored value that no longer
-    /// passes is a damaged store, and an error (never the default in its place).
-    pub fn checked_value(self, store: &dyn ServerStore) -> Result<String, StoreError> {
-        let value = self.value(store)?;
-        self.validate(&value).map_err(|why| StoreError::Unreadable("setting", why))?;
+    /// Where a value in force came from: not stored is the default; stored and equal to what the
+    /// file last applied is the file's; anything else an operator set.
+    pub fn source(stored: Option<&str>, file_applied: Option<&str>) -> Source {
+        match stored {
+            None => Source::Default,
+            Some(value) if file_applied == Some(value) => Source::ConfigFile,
+            Some(_) => Source::Operator,
+        }
+    }
+
+    /// A value in force, checked as when it was written: a stored value that no longer passes is
+    /// a damaged store, and an error (never the default in its place).
+    pub fn checked(self, value: &str) -> Result<String, String> {
+        self.validate(value)?;
         Ok(value.trim().to_string())
     }
 
-    /// A number of hours as milliseconds.
-    pub fn hours_ms(self, store: &dyn ServerStore) -> Result<i64, StoreError> {
-        let value = self.checked_value(store)?;
-        let hours: f64 = value.parse().map_err(|_| StoreError::Unreadable("setting", self.name().into()))?;
+    /// A checked number of hours as milliseconds.
+    pub fn hours_ms_of(self, value: &str) -> Result<i64, String> {
+        let hours: f64 = self
+            .checked(value)?
+            .parse()
+            .map_err(|_| format!("`{}` is not a number of hours", self.name()))?;
         Ok((hours * 3_600_000.0) as i64)
     }
 }
@@ -165,30 +174,80 @@ pub enum Applied {
     OperatorKept { operator: String, file: String },
 }
 
-/// Applies the configuration file's value of `setting`, by the precedence above. `None` when
-/// nothing changed and there is nothing to say.
-pub fn apply_file_value(
-    store: &dyn ServerStore,
-    setting: Setting,
-    file_value: &str,
-) -> Result<Option<Applied>, StoreError> {
-    let key = format!("{FILE_PREFIX}{}", setting.name());
-    let last_applied = store.setting(&key)?;
-    let current = store.setting(setting.name())?;
-    if last_applied.as_deref() == Some(file_value) {
-        return Ok(match current {
+/// What to write when the configuration file says `file_value` for a setting, by the
+/// precedence above.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileValue {
+    /// Record `file_value` as the file's last applied value.
+    pub record: bool,
+    /// Put `file_value` in force.
+    pub put_in_force: bool,
+    /// What to say (`None`: nothing changed that an operator needs to hear).
+    pub applied: Option<Applied>,
+}
+
+/// Decides what the file's value does, given what the file last applied and the value stored.
+pub fn file_value(last_applied: Option<&str>, stored: Option<&str>, file_value: &str) -> FileValue {
+    if last_applied == Some(file_value) {
+        let applied = match stored {
             Some(operator) if operator != file_value => {
-                Some(Applied::OperatorKept { operator, file: file_value.to_string() })
+                Some(Applied::OperatorKept { operator: operator.to_string(), file: file_value.to_string() })
             }
             _ => None,
-        });
+        };
+        return FileValue { record: false, put_in_force: false, applied };
     }
-    store.set_setting(&key, file_value)?;
-    if current.as_deref() == Some(file_value) {
-        return Ok(None);
+    if stored == Some(file_value) {
+        return FileValue { record: true, put_in_force: false, applied: None };
     }
-    store.set_setting(setting.name(), file_value)?;
     // An operator's value (not one the file put there) is replaced: say so.
-    let replaced = current.filter(|c| last_applied.as_deref() != Some(c.as_str()));
-    Ok(Some(Applied::FromFile { value: file_value.to_string(), replaced }))
+    let replaced = stored.filter(|c| last_applied != Some(*c)).map(str::to_string);
+    FileValue {
+        record: true,
+        put_in_force: true,
+        applied: Some(Applied::FromFile { value: file_value.to_string(), replaced }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_value_applies_once_and_never_undoes_an_operator_change_until_it_changes() {
+        // First start with `budget = 500` in the file, nothing stored.
+        let first = file_value(None, None, "500");
+        assert!(first.record && first.put_in_force);
+        assert_eq!(first.applied, Some(Applied::FromFile { value: "500".into(), replaced: None }));
+        // An operator set 800 since; the file still says 500: the operator's value stands.
+        let kept = file_value(Some("500"), Some("800"), "500");
+        assert!(!kept.record && !kept.put_in_force);
+        assert_eq!(kept.applied, Some(Applied::OperatorKept { operator: "800".into(), file: "500".into() }));
+        // The file changes to 600: it replaces the operator's 800, and says so.
+        let changed = file_value(Some("500"), Some("800"), "600");
+        assert!(changed.record && changed.put_in_force);
+        assert_eq!(
+            changed.applied,
+            Some(Applied::FromFile { value: "600".into(), replaced: Some("800".into()) })
+        );
+        // The file's old value in force (no operator change) is replaced silently.
+        let quiet = file_value(Some("500"), Some("500"), "600");
+        assert_eq!(quiet.applied, Some(Applied::FromFile { value: "600".into(), replaced: None }));
+        // The file says what is already in force: recorded, nothing to say.
+        assert_eq!(
+            file_value(None, Some("600"), "600"),
+            FileValue { record: true, put_in_force: false, applied: None }
+        );
+    }
+
+    #[test]
+    fn where_a_value_came_from_and_a_damaged_one_is_an_error() {
+        assert_eq!(Setting::source(None, Some("5")), Source::Default);
+        assert_eq!(Setting::source(Some("5"), Some("5")), Source::ConfigFile);
+        assert_eq!(Setting::source(Some("6"), Some("5")), Source::Operator);
+        assert_eq!(Setting::BreakGlassHours.hours_ms_of(" 2 "), Ok(7_200_000));
+        assert!(Setting::BreakGlassHours.hours_ms_of("two").is_err());
+        assert!(Setting::Budget.checked("-1").is_err());
+        assert_eq!(Setting::Budget.in_force(None), crate::domain::scope::DEFAULT_BUDGET.to_string());
+    }
 }

@@ -24,8 +24,37 @@ use care_node::policy::{MAX_CHANGE_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_GROWT
 use care_node::protocol::DocChanges;
 use care_node::summary::{PatientId, PatientSummary};
 
+use crate::domain::device::DeviceRecord;
 use crate::domain::limits::Limits;
-use crate::store::{CheckedChanges, DeviceRecord, ServerStore, StoreError, UploadError};
+
+/// A device's changes to one document that passed the write policy, and the document's heads
+/// they were checked against.
+#[derive(Debug, Clone)]
+pub struct CheckedChanges {
+    pub doc: PatientId,
+    pub changes: Vec<automerge::Change>,
+    pub checked_at: Vec<automerge::ChangeHash>,
+}
+
+/// Why a batch could not be judged (nothing of it is committed; the device keeps it). `E` is
+/// the error of whatever loads the stored documents.
+#[derive(Debug)]
+pub enum CheckError<E> {
+    /// Over the batch's bounds: the session ends.
+    TooMany { docs: usize, changes: usize, limits: Limits },
+    /// The device has no key on record (never enrolled): named.
+    NoKey(String),
+    /// A stored document does not load.
+    Unreadable(PatientId, Box<care_node::summary::SummaryError>),
+    /// Loading a stored document failed.
+    Load(E),
+}
+
+impl<E> From<E> for CheckError<E> {
+    fn from(e: E) -> Self {
+        CheckError::Load(e)
+    }
+}
 
 /// The changes of a batch that passed, by document, with what was refused.
 #[derive(Debug, Default)]
@@ -44,20 +73,20 @@ pub struct RefusedUpload {
 }
 
 /// Checks a batch from `device`, which may write only to `writable` (held and in scope).
-pub fn check(
-    store: &dyn ServerStore,
+pub fn check<E>(
+    mut load: impl FnMut(&PatientId) -> Result<Option<Vec<u8>>, E>,
     device: &DeviceRecord,
     docs: &[DocChanges],
     writable: &HashSet<PatientId>,
     limits: &Limits,
-) -> Result<CheckedUpload, UploadError> {
+) -> Result<CheckedUpload, CheckError<E>> {
     let changes: usize = docs.iter().map(|d| d.changes.len()).sum();
     let distinct = docs.iter().map(|d| d.doc).collect::<HashSet<_>>().len();
     if distinct > limits.upload_docs || docs.len() > limits.upload_changes || changes > limits.upload_changes
     {
-        return Err(UploadError::TooMany { docs: distinct, changes, limits: *limits });
+        return Err(CheckError::TooMany { docs: distinct, changes, limits: *limits });
     }
-    let key = device.public_key.ok_or_else(|| StoreError::UnknownDevice(device.name.clone()))?;
+    let key = device.public_key.ok_or_else(|| CheckError::NoKey(device.name.clone()))?;
     let writer = Writer { actor: &key, device_name: &device.name, role: device.role.as_str() };
     // A batch may name a document more than once (changes in outbox order): judge each
     // document's changes together, in order.
@@ -72,7 +101,7 @@ pub fn check(
     }
     let mut out = CheckedUpload::default();
     for (doc, changes) in grouped {
-        match check_doc(store, &doc, &changes, writable, &writer)? {
+        match check_doc(&mut load, &doc, &changes, writable, &writer)? {
             Judged::Passed(changes, checked_at) => {
                 out.accepted.push(CheckedChanges { doc, changes, checked_at })
             }
@@ -101,13 +130,13 @@ pub struct RefusedChange {
 }
 
 /// One document's changes, judged.
-fn check_doc(
-    store: &dyn ServerStore,
+fn check_doc<E>(
+    load: &mut impl FnMut(&PatientId) -> Result<Option<Vec<u8>>, E>,
     doc: &PatientId,
     uploaded: &[&[u8]],
     writable: &HashSet<PatientId>,
     writer: &Writer<'_>,
-) -> Result<Judged, StoreError> {
+) -> Result<Judged, CheckError<E>> {
     // Parse what can be parsed (bounded first); what cannot is refused with the rest.
     let mut parsed = Vec::with_capacity(uploaded.len());
     let mut broken: Option<Rule> = None;
@@ -137,9 +166,8 @@ fn check_doc(
         changes.extend_from_slice(unparsed);
         Ok(Judged::Refused(Refusal::new(rule), changes))
     };
-    let Some(saved) = store.load_document(doc)? else { return refused(Rule::NotInScope, &parsed, &unparsed) };
-    let mut summary = PatientSummary::load(&saved)
-        .map_err(|e| StoreError::Document(care_node::identity::short_hex(doc.as_bytes()), Box::new(e)))?;
+    let Some(saved) = load(doc)? else { return refused(Rule::NotInScope, &parsed, &unparsed) };
+    let mut summary = PatientSummary::load(&saved).map_err(|e| CheckError::Unreadable(*doc, Box::new(e)))?;
     let before = summary.heads();
     // What the server already has is settled, whatever else is wrong with the batch.
     let new: Vec<_> = parsed.into_iter().filter(|c| !summary.has_change(&c.hash())).collect();
@@ -181,26 +209,4 @@ fn check_doc(
         }
         Err(_) => refused(Rule::Malformed, &new, &[]),
     }
-}
-
-/// The documents `device` may write to now: those it holds that are in its scope, and those it
-/// holds that an operator merged into another record (their late entries are carried over to the
-/// kept record; see `session`).
-pub fn writable(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result<HashSet<PatientId>, StoreError> {
-    let scope: HashSet<PatientId> =
-        crate::domain::scope::device_scope(store, device, now_ms)?.patients.into_iter().collect();
-    let mut held = store.held(device)?;
-    let leaving: Vec<PatientId> = held.iter().filter(|p| !scope.contains(p)).copied().collect();
-    for patient in leaving {
-        let merged = match store.load_document(&patient)? {
-            Some(saved) => {
-                PatientSummary::load(&saved).ok().and_then(|s| s.merged_into().ok().flatten()).is_some()
-            }
-            None => false,
-        };
-        if !merged {
-            held.remove(&patient);
-        }
-    }
-    Ok(held)
 }

@@ -197,7 +197,7 @@ pub struct PolicyConfig {
 impl PolicyConfig {
     /// The built-in policy defaults, every key set.
     pub fn defaults() -> PolicyConfig {
-        use crate::domain::governance::{
+        use crate::domain::settings::{
             DEFAULT_BREAK_GLASS_HOURS, DEFAULT_LEASE_HOURS, DEFAULT_PERMISSION_HOURS,
         };
         PolicyConfig {
@@ -373,7 +373,7 @@ impl Config {
         Vec<(crate::domain::settings::Setting, crate::domain::settings::Applied)>,
         crate::operator::ops::OpsError,
     > {
-        use crate::domain::settings::{Applied, Setting, apply_file_value};
+        use crate::domain::settings::{Applied, Setting};
         let p = &self.policy;
         let number = |v: Option<f64>| v.map(|h| h.to_string());
         let wanted = [
@@ -388,7 +388,7 @@ impl Config {
         for (setting, value) in wanted {
             let Some(value) = value else { continue };
             setting.validate(&value).map_err(crate::operator::ops::OpsError::Invalid)?;
-            if let Some(applied) = apply_file_value(store, setting, &value)? {
+            if let Some(applied) = store.apply_file_setting(setting, &value)? {
                 if let Applied::FromFile { value, replaced } = &applied {
                     let detail = match replaced {
                         Some(old) => format!(

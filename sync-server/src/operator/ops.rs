@@ -14,8 +14,7 @@ use crate::store::{ConsentFlags, DeviceRecord, GrantKind, MergeOutcome, Role, Se
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long an incident grant lasts unless the operator says otherwise (incident plus grace).
 pub const DEFAULT_INCIDENT_HOURS: f64 = 24.0;
-/// Who an action is attributed to when the caller does not say.
-pub const OPERATOR: &str = "operator";
+pub use crate::domain::governance::OPERATOR;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -600,7 +599,7 @@ pub fn device_overview(
     let held = store.held_counts()?;
     let mut out = Vec::new();
     for d in store.devices()? {
-        let lease_ms = crate::domain::governance::lease_ms(store, d.role)? as i64;
+        let lease_ms = store.setting_hours_ms(crate::domain::settings::Setting::LeaseHours(d.role))?;
         let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
         let lease = match lease_expires {
             None => "never-synced",

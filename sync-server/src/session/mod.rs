@@ -12,6 +12,10 @@
 //! the incident patients before the rest. Before a page goes out the store records what it sends
 //! whole or purges; the device's next `Hello` (or its `RoundAck`) settles that record.
 
+pub mod enrol;
+pub mod governance;
+pub mod scope;
+
 use std::collections::HashSet;
 
 use care_node::identity::{PublicKey, short_hex};
@@ -22,6 +26,7 @@ use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
 
 use crate::domain::limits::Limits;
+use crate::domain::settings::Setting;
 use crate::domain::upload::RefusedUpload;
 use crate::store::{
     ChangesByDoc, DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError,
@@ -268,7 +273,7 @@ impl ServerSession {
                     device_name: self.device.name.clone(),
                     role: self.device.role.as_str().to_string(),
                     server_time_ms: now_ms,
-                    lease_ms: crate::domain::governance::lease_ms(store, self.device.role)?,
+                    lease_ms: store.setting_hours_ms(Setting::LeaseHours(self.device.role))? as u64,
                     wipe,
                     server_key,
                     next_server_key,
@@ -290,7 +295,7 @@ impl ServerSession {
             }
             (Phase::AwaitWipe, _) => Ok(Vec::new()),
             (Phase::Uploading, ClientMessage::AccessRequest { nhs_number, kind, reason }) => {
-                Ok(vec![crate::domain::governance::decide_access(
+                Ok(vec![governance::decide_access(
                     store,
                     &self.device,
                     &nhs_number,
@@ -307,7 +312,7 @@ impl ServerSession {
                         care_node::sync::VIEWS_PER_FRAME
                     )));
                 }
-                Ok(vec![crate::domain::governance::record_views(store, &self.device, &entries, now_ms)?])
+                Ok(vec![governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
                 // A rate, not a total: a device is never blocked for good by its past refusals.
@@ -316,14 +321,20 @@ impl ServerSession {
                     return Err(UploadError::QuarantineFull.into());
                 }
                 if self.writable.is_none() {
-                    self.writable = Some(crate::domain::upload::writable(store, self.device.id, now_ms)?);
+                    self.writable = Some(scope::writable(store, self.device.id, now_ms)?);
                 }
                 let writable = self.writable.as_ref().expect("just computed");
                 // Checked outside the store's lock, committed only if no document moved meanwhile.
                 let mut attempts = 0;
                 let (checked, outcome) = loop {
-                    let checked =
-                        crate::domain::upload::check(store, &self.device, &docs, writable, &self.limits)?;
+                    let checked = crate::domain::upload::check(
+                        |doc| store.load_document(doc),
+                        &self.device,
+                        &docs,
+                        writable,
+                        &self.limits,
+                    )
+                    .map_err(UploadError::from)?;
                     match store.commit_device_changes(&self.device, &checked.accepted) {
                         Err(UploadError::Moved(_)) if attempts < 5 => attempts += 1,
                         result => break (checked, result?),
@@ -408,7 +419,7 @@ impl ServerSession {
                     first.refusal.rule
                 )
             };
-            crate::domain::governance::raise_alert_once(
+            governance::raise_alert_once(
                 store,
                 "write-refused",
                 &self.device,
@@ -506,7 +517,7 @@ impl ServerSession {
             .map(|g| g.expires_at_ms)
             .min()
             .unwrap_or(i64::MAX);
-        let decided = crate::domain::scope::device_scope(store, self.device.id, now_ms)?;
+        let decided = scope::device_scope(store, self.device.id, now_ms)?;
         let left_out = decided.left_out;
         let scope: HashSet<PatientId> = decided.patients.into_iter().collect();
         let held = store.held(self.device.id)?;

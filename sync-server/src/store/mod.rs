@@ -7,6 +7,11 @@
 
 pub mod sqlite;
 
+pub use crate::domain::device::{DeviceRecord, Role};
+pub use crate::domain::governance::GrantKind;
+use crate::domain::settings::{Applied, Setting, Source};
+pub use crate::domain::upload::CheckedChanges;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use care_node::identity::{Identity, PublicKey};
@@ -87,6 +92,20 @@ pub enum UploadError {
     Store(#[from] StoreError),
 }
 
+impl From<crate::domain::upload::CheckError<StoreError>> for UploadError {
+    fn from(e: crate::domain::upload::CheckError<StoreError>) -> Self {
+        use crate::domain::upload::CheckError;
+        match e {
+            CheckError::TooMany { docs, changes, limits } => UploadError::TooMany { docs, changes, limits },
+            CheckError::NoKey(device) => UploadError::Store(StoreError::UnknownDevice(device)),
+            CheckError::Unreadable(doc, e) => {
+                UploadError::Store(StoreError::Document(care_node::identity::short_hex(doc.as_bytes()), e))
+            }
+            CheckError::Load(e) => UploadError::Store(e),
+        }
+    }
+}
+
 /// Why an enrolment token was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -105,82 +124,6 @@ pub enum EnrolError {
     BadSignature,
     #[error("the server could not record the enrolment")]
     Internal,
-}
-
-/// The roles a device can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    AmbulanceCrew,
-    CommunityNurse,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::AmbulanceCrew => "ambulance-crew",
-            Role::CommunityNurse => "community-nurse",
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "ambulance-crew" => Ok(Role::AmbulanceCrew),
-            "community-nurse" => Ok(Role::CommunityNurse),
-            other => Err(format!("unknown role `{other}` (expected ambulance-crew or community-nurse)")),
-        }
-    }
-}
-
-/// A device as the server knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceRecord {
-    pub id: i64,
-    pub name: String,
-    pub role: Role,
-    pub public_key: Option<PublicKey>,
-    pub enrolled_at_ms: Option<i64>,
-    pub revoked_at_ms: Option<i64>,
-    /// The cursor the device last acknowledged, and when.
-    pub acked_cursor: u64,
-    pub last_sync_ms: Option<i64>,
-    pub wipe_requested_at_ms: Option<i64>,
-    pub wiped_at_ms: Option<i64>,
-    /// Patients in scope that its budget left out at its last round.
-    pub left_out: u64,
-}
-
-impl DeviceRecord {
-    /// An operator asked this device to wipe and it has not confirmed yet.
-    pub fn wipe_pending(&self) -> bool {
-        self.wipe_requested_at_ms.is_some() && self.wiped_at_ms.is_none()
-    }
-
-    /// Whether the device may connect: enrolled and not revoked, or revoked with a wipe pending
-    /// (then it is admitted only to be told to wipe).
-    pub fn admitted(&self) -> bool {
-        self.public_key.is_some() && (self.revoked_at_ms.is_none() || self.wipe_pending())
-    }
-
-    /// What operators see: `pending` (token issued), `enrolled`, `wipe-requested`, `revoked`,
-    /// `revoked-wipe-requested` (revoked, still to be told to wipe), `wiped`.
-    pub fn state(&self) -> &'static str {
-        match (
-            self.public_key.is_some(),
-            self.revoked_at_ms.is_some(),
-            self.wipe_pending(),
-            self.wiped_at_ms.is_some(),
-        ) {
-            (_, _, _, true) => "wiped",
-            (_, true, true, _) => "revoked-wipe-requested",
-            (_, true, false, _) => "revoked",
-            (false, ..) => "pending",
-            (true, false, true, _) => "wipe-requested",
-            (true, false, false, _) => "enrolled",
-        }
-    }
 }
 
 /// How a device stands with respect to its last round.
@@ -215,33 +158,6 @@ pub struct AuditRecord {
     pub patient: Option<PatientId>,
     /// Opaque details (ids, counts); never patient data.
     pub detail: String,
-}
-
-/// Why a device was granted a patient outside its caseload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GrantKind {
-    /// Assigned to an incident (lapses after its grace period, or when closed).
-    Incident,
-    /// A clinician recorded the patient's permission to view at the point of care.
-    PermissionToView,
-    /// Emergency access without permission (reason required; raises an alert).
-    BreakGlass,
-}
-
-impl GrantKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantKind::Incident => "incident",
-            GrantKind::PermissionToView => "permission-to-view",
-            GrantKind::BreakGlass => "break-glass",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [GrantKind::Incident, GrantKind::PermissionToView, GrantKind::BreakGlass]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
 }
 
 /// An active grant. `Debug` leaves out the reason (a clinician's words).
@@ -311,15 +227,6 @@ pub struct ScopeCache {
     pub valid_until_ms: i64,
     pub in_scope: u64,
     pub left_out: u64,
-}
-
-/// A device's changes to one document that passed the write policy, and the document's heads
-/// they were checked against.
-#[derive(Debug, Clone)]
-pub struct CheckedChanges {
-    pub doc: PatientId,
-    pub changes: Vec<automerge::Change>,
-    pub checked_at: Vec<automerge::ChangeHash>,
 }
 
 /// Uploaded changes refused by the write policy, kept for the operator and privacy officer.
@@ -493,6 +400,44 @@ pub trait Governance: Send + Sync {
     // --- settings
     fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
     fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError>;
+    /// The value of `setting` in force (one read: the sync path asks for it every round).
+    fn setting_value(&self, setting: Setting) -> Result<String, StoreError> {
+        Ok(setting.in_force(self.setting(setting.name())?))
+    }
+    /// The value of `setting` in force, and where it came from (for operators: two reads).
+    fn effective_setting(&self, setting: Setting) -> Result<(String, Source), StoreError> {
+        let stored = self.setting(setting.name())?;
+        let source = Setting::source(stored.as_deref(), self.setting(&setting.file_key())?.as_deref());
+        Ok((setting.in_force(stored), source))
+    }
+    /// The value of `setting` in force, checked; a stored value that fails is `Unreadable`.
+    fn checked_setting(&self, setting: Setting) -> Result<String, StoreError> {
+        setting.checked(&self.setting_value(setting)?).map_err(|why| StoreError::Unreadable("setting", why))
+    }
+    /// A setting in hours, as milliseconds.
+    fn setting_hours_ms(&self, setting: Setting) -> Result<i64, StoreError> {
+        setting
+            .hours_ms_of(&self.setting_value(setting)?)
+            .map_err(|why| StoreError::Unreadable("setting", why))
+    }
+    /// Applies the configuration file's value of `setting` by the precedence of
+    /// [`settings::file_value`](crate::domain::settings::file_value); `None` when there is
+    /// nothing to say.
+    fn apply_file_setting(&self, setting: Setting, value: &str) -> Result<Option<Applied>, StoreError> {
+        let key = setting.file_key();
+        let decided = crate::domain::settings::file_value(
+            self.setting(&key)?.as_deref(),
+            self.setting(setting.name())?.as_deref(),
+            value,
+        );
+        if decided.record {
+            self.set_setting(&key, value)?;
+        }
+        if decided.put_in_force {
+            self.set_setting(setting.name(), value)?;
+        }
+        Ok(decided.applied)
+    }
     fn device_budget(&self, device: i64) -> Result<Option<u64>, StoreError>;
     fn set_device_budget(&self, device: i64, budget: Option<u64>) -> Result<(), StoreError>;
 

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use care_node::clock::Clock;
-use care_node::identity::{PublicKey, short_hex, verify};
+use care_node::identity::{PublicKey, short_hex};
 use care_node::protocol::{
     ALPN_ENROL, ALPN_SYNC, ClientMessage, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME_LEN, ServerMessage,
-    close, enrol_signed_bytes,
+    close,
 };
 use care_node::tls::{DeviceKeyPolicy, certificate_key, server_config};
-use care_node::token::EnrolmentToken;
 use care_node::wire::{WireError, read_frame, read_frame_within, write_frame};
 use tracing::Instrument;
 
@@ -847,34 +846,12 @@ async fn enrol_exchange(conn: &quinn::Connection, shared: &Shared) -> Result<(),
 }
 
 async fn enrol(request: &EnrolRequest, shared: &Shared) -> EnrolResponse {
-    let refused = |message: String| EnrolResponse::Refused { message };
-    let Ok(signature) = <[u8; 64]>::try_from(request.signature.as_slice()) else {
-        return refused(crate::store::EnrolError::BadSignature.to_string());
-    };
-    if !verify(&request.device_key, &enrol_signed_bytes(&request.secret, &request.device_key), &signature) {
-        return refused(crate::store::EnrolError::BadSignature.to_string());
-    }
-    let hash = EnrolmentToken::secret_hash(&request.secret);
     let store = shared.store.clone();
-    let key = request.device_key;
-    let now = shared.clock.now_ms();
-    let result = tokio::task::spawn_blocking(move || store.redeem_enrolment(hash, key, now)).await;
-    match result {
-        Ok(Ok(device)) => {
-            tracing::info!(device = %device.name, role = device.role.as_str(), "device enrolled");
-            let detail = format!("key {}", short_hex(&key));
-            if let Err(e) =
-                shared.store.append_audit(&device.name, "enrolled", None, &detail, shared.clock.now_ms())
-            {
-                tracing::error!(error = %e, "could not audit an enrolment");
-            }
-            EnrolResponse::Enrolled {
-                device_name: device.name,
-                role: device.role.as_str().to_string(),
-                server_key: shared.server_key,
-            }
-        }
-        Ok(Err(e)) => refused(e.to_string()),
-        Err(_) => refused(crate::store::EnrolError::Internal.to_string()),
-    }
+    let request = request.clone();
+    let (server_key, now_ms) = (shared.server_key, shared.clock.now_ms());
+    tokio::task::spawn_blocking(move || {
+        crate::session::enrol::enrol(store.as_ref(), &request, server_key, now_ms)
+    })
+    .await
+    .unwrap_or_else(|_| EnrolResponse::Refused { message: crate::store::EnrolError::Internal.to_string() })
 }

@@ -755,7 +755,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             let store = open(&dir)?;
             println!("{:<30} {:<28} SOURCE", "SETTING", "VALUE");
             for setting in care_sync_server::domain::settings::Setting::ALL {
-                let (value, source) = setting.effective(store.as_ref())?;
+                let (value, source) = store.effective_setting(setting)?;
                 println!("{:<30} {:<28} {}", setting.name(), value, source.as_str());
             }
         }

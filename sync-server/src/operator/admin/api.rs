@@ -544,7 +544,7 @@ async fn settings(State(state): State<Arc<AdminState>>) -> ApiResult {
     blocking(&state, |store| {
         let mut out = Vec::new();
         for setting in crate::domain::settings::Setting::ALL {
-            let (value, source) = setting.effective(store)?;
+            let (value, source) = store.effective_setting(setting)?;
             out.push(json!({
                 "name": setting.name(),
                 "value": value,

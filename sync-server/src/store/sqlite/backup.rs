@@ -106,7 +106,7 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
         format!("restored from a backup of {} patients; devices resend their changes", report.patients);
     crate::store::Governance::append_audit(
         &store,
-        crate::operator::ops::OPERATOR,
+        crate::domain::governance::OPERATOR,
         "restored",
         None,
         &detail,

@@ -518,6 +518,7 @@ impl SqliteStore {
 #[cfg(all(test, feature = "demo"))] // patients from the synthetic population
 mod tests {
     use super::*;
+    use crate::domain::settings::Setting;
     use crate::store::prelude::*;
 
     #[test]
@@ -597,10 +598,10 @@ mod tests {
 
         // Settings are checked when written; one stored past the checks is not read as the default.
         store.set_setting("budget", "lots").unwrap();
-        let err = crate::domain::scope::device_scope(&store, device, 0).unwrap_err().to_string();
+        let err = store.checked_setting(Setting::Budget).unwrap_err().to_string();
         assert!(err.contains("unreadable setting") && err.contains("budget"), "{err}");
         store.set_setting("lease-hours.community-nurse", "-3").unwrap();
-        let err = crate::domain::governance::lease_ms(&store, Role::CommunityNurse).unwrap_err().to_string();
+        let err = store.setting_hours_ms(Setting::LeaseHours(Role::CommunityNurse)).unwrap_err().to_string();
         assert!(err.contains("lease-hours"), "{err}");
     }
 }
