@@ -1,14 +1,14 @@
 //! `care-sync-server`: the regional authority of care-sync.
 //!
-//! The folders are the layers, from the inside out:
+//! The folders are the layers (which may use which: docs/architecture.md, checked by a test):
 //!
-//! - [`domain`]: who gets what and who may do what: scope tiers, objection and budget
-//!   ([`domain::scope`]); leases, permission to view, break glass, view-log checks
-//!   ([`domain::governance`]).
-//! - [`session`]: the server half of the sync protocol, as a state machine (no sockets).
-//! - [`transport`]: the QUIC endpoint: enrolment and sync connections.
+//! - [`domain`]: the rules, with no I/O: scope tiers, objection and budget ([`domain::scope`]);
+//!   grants and access refusals ([`domain::governance`]); settings; the upload check.
 //! - [`store`]: what the server stores, as the [`store::ServerStore`] trait, and its backends
 //!   ([`store::sqlite`], the embedded default).
+//! - [`session`]: the server half of the sync protocol, as a state machine (no sockets), with
+//!   the store reads the rules need (scope inputs, access, the view log, enrolment).
+//! - [`transport`]: the QUIC endpoint: enrolment and sync connections.
 //! - [`ingest`]: what hospitals and GPs send: FHIR R4 IPS bundles ([`ingest::fhir`], in and out)
 //!   and HL7 v2 ADT over MLLP or files ([`ingest::hl7`]).
 //! - [`operator`]: what operators use: actions shared by CLI and API ([`operator::ops`]),

@@ -264,88 +264,9 @@ async fn run(cli: Cli) -> CliResult {
                 enrolment.device_name, enrolment.role, enrolment.server_addr
             );
         }
-        Command::Sync { watch: true } => {
-            println!("watching for changes (Ctrl-C to stop)…");
-            // The live session holds the store; a second handle on the same file reads each
-            // notification as its round is committed, and prints it at once.
-            let reader = store.another_connection()?;
-            let mut printed = 0u64;
-            let mut on_round = move |stats: &care_node::sync::SyncStats| {
-                let new = stats.notifications.saturating_sub(printed);
-                if new > 0 {
-                    if let Err(e) = print_notifications(&reader, new as usize) {
-                        eprintln!("cannot show the notifications: {e}");
-                    }
-                    printed = stats.notifications;
-                }
-            };
-            let stop = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            let report = client::watch(&mut store, &mut on_round, stop).await?;
-            println!(
-                "stopped: {} new documents, {} changes received, {} notifications",
-                report.stats.documents_received, report.stats.changes_received, report.stats.notifications
-            );
-        }
-        Command::Sync { watch: false } => {
-            let pending = store.pending_count()?;
-            // A bar on the terminal (hidden when standard error is not one) once a round has
-            // more than a page of items.
-            let bar = indicatif::ProgressBar::hidden();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items, {per_sec}, eta {eta}")
-                    .expect("valid template"),
-            );
-            let mut progress = |stats: &care_node::sync::SyncStats| {
-                if stats.round_items > 1_000 && bar.is_hidden() {
-                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                }
-                bar.set_length(stats.round_items);
-                bar.set_position(stats.round_applied);
-            };
-            let report = client::sync_with_progress(&mut store, &mut progress).await;
-            bar.finish_and_clear();
-            let report = report?;
-            println!(
-                "synced: {} uploaded (of {pending} pending), {} new documents, {} changes received, {} purged; \
-                 {} in scope; {} bytes in {:.0} ms",
-                report.stats.uploaded_changes,
-                report.stats.documents_received,
-                report.stats.changes_received,
-                report.stats.documents_purged,
-                report.stats.documents_in_scope,
-                report.udp_bytes(),
-                report.duration.as_secs_f64() * 1000.0
-            );
-            if report.stats.notifications > 0 {
-                print_notifications(&store, report.stats.notifications as usize)?;
-            }
-            if report.stats.refused_changes > 0 {
-                println!(
-                    "the server refused {} of this device's changes; they are kept on this device \
-                     (see `care-node status`) and an operator reviews them",
-                    report.stats.refused_changes
-                );
-            }
-        }
-        Command::List => {
-            let cards = store.list()?;
-            for card in &cards {
-                let nhs = card
-                    .nhs_number
-                    .as_deref()
-                    .and_then(|n| NhsNumber::parse(n).ok())
-                    .map_or("provisional".to_string(), |n| n.formatted());
-                println!(
-                    "{nhs:<13} {:<28} {:<11} {}",
-                    card.name,
-                    card.date_of_birth.as_deref().unwrap_or("-"),
-                    card.postcode.as_deref().unwrap_or("-")
-                );
-            }
-            println!("{} patient(s) on this device", cards.len());
-        }
+        Command::Sync { watch: true } => watch(&mut store).await?,
+        Command::Sync { watch: false } => sync_once(&mut store).await?,
+        Command::List => list(&store)?,
         Command::Show { nhs_number, ids } => {
             let nhs = parse_nhs(&nhs_number)?;
             let mut patient = store.view_patient(&nhs, "show")?;
@@ -363,23 +284,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Add { nhs_number, section, text, detail } => {
             let nhs = parse_nhs(&nhs_number)?;
-            let entry = match section {
-                SectionArg::Problems => NewEntry::Problem { description: text },
-                SectionArg::Medications => {
-                    NewEntry::Medication { name: text, dose: detail, route: None, frequency: None }
-                }
-                SectionArg::Alerts => NewEntry::Alert {
-                    kind: detail.unwrap_or_else(|| care_node::summary::alert_kind::CLINICAL.into()),
-                    description: text,
-                },
-                SectionArg::CarePlans => NewEntry::CarePlan { title: text, description: detail },
-                SectionArg::Contacts => NewEntry::Contact {
-                    name: text,
-                    relationship: detail.ok_or("a contact needs --detail RELATIONSHIP (e.g. next-of-kin)")?,
-                    phone: None,
-                },
-                SectionArg::Results => NewEntry::Result { title: text, value: detail, unit: None },
-            };
+            let entry = new_entry(section, text, detail)?;
             let id = store.record(&nhs, &entry)?;
             println!("recorded entry {id}; it will upload at the next sync");
         }
@@ -430,76 +335,199 @@ async fn run(cli: Cli) -> CliResult {
             access(&mut store, &nhs_number, AccessKind::PermissionToView, &reason).await?;
         }
         Command::Notifications { limit } => print_notifications(&store, limit)?,
-        Command::Refused => {
-            // The entries' text is patient data: the lease applies, and each patient shown is
-            // written to the view log like any other read.
-            store.check_lease(store.now_ms())?;
-            let refused = store.diverged()?;
-            let mut logged = Vec::new();
-            for d in &refused {
-                if !logged.contains(&d.doc) {
-                    store.record_view(&d.doc, "refused-entries", "")?;
-                    logged.push(d.doc);
-                }
-                println!(
-                    "{}  patient {}  {}  rule {}",
-                    care_node::view::format_time(d.at_ms),
-                    d.doc,
-                    d.place,
-                    d.rule
-                );
-                for line in &d.entries {
-                    println!("    - {line}");
-                }
-            }
-            println!(
-                "{} refused entr{} kept on this device",
-                refused.len(),
-                if refused.len() == 1 { "y" } else { "ies" }
-            );
-        }
-        Command::Status => {
-            match store.enrolment()? {
-                Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
-                None => println!("not enrolled"),
-            }
-            let status = store.status()?;
-            println!(
-                "last sync: {}",
-                status.last_sync_ms.map_or("never".to_string(), care_node::view::format_time)
-            );
-            println!("patients: {}", status.patients);
-            println!("changes waiting for upload: {}", status.pending_changes);
-            if let Some(lease) = status.lease_ms {
-                println!(
-                    "offline lease: {} h{}",
-                    lease / 3_600_000,
-                    match store.check_lease(store.now_ms()) {
-                        Ok(()) => String::new(),
-                        Err(e) => format!(" — {e}"),
-                    }
-                );
-            }
-            if status.left_out_by_budget > 0 {
-                let left_out = status.left_out_by_budget;
-                println!("{left_out} patient(s) in scope left out by this device's document budget");
-            }
-            // Entries the server refused stay here for the clinician; patients by opaque id
-            // only (`refused` and `show` give the text).
-            for d in store.diverged()? {
-                println!(
-                    "refused by the server {}: {} change(s) to patient {} at {} — rule {}: {}",
-                    care_node::view::format_time(d.at_ms),
-                    d.changes,
-                    d.doc,
-                    d.place,
-                    d.rule,
-                    care_node::policy::Rule::parse(&d.rule).map_or("", |r| r.explain())
-                );
-            }
-        }
+        Command::Refused => refused(&mut store)?,
+        Command::Status => status(&store)?,
     }
     Ok(())
+}
+
+/// `sync --watch`: a live session, printing each notification as its round is committed.
+async fn watch(store: &mut DeviceStore) -> CliResult {
+    println!("watching for changes (Ctrl-C to stop)…");
+    // The live session holds the store; a second handle on the same file reads each
+    // notification as its round is committed, and prints it at once.
+    let reader = store.another_connection()?;
+    let mut printed = 0u64;
+    let mut on_round = move |stats: &care_node::sync::SyncStats| {
+        let new = stats.notifications.saturating_sub(printed);
+        if new > 0 {
+            if let Err(e) = print_notifications(&reader, new as usize) {
+                eprintln!("cannot show the notifications: {e}");
+            }
+            printed = stats.notifications;
+        }
+    };
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let report = client::watch(store, &mut on_round, stop).await?;
+    println!(
+        "stopped: {} new documents, {} changes received, {} notifications",
+        report.stats.documents_received, report.stats.changes_received, report.stats.notifications
+    );
+
+    Ok(())
+}
+
+/// `sync`: one round, with a progress bar on a terminal once the round is large.
+async fn sync_once(store: &mut DeviceStore) -> CliResult {
+    let pending = store.pending_count()?;
+    // A bar on the terminal (hidden when standard error is not one) once a round has
+    // more than a page of items.
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items, {per_sec}, eta {eta}")
+            .expect("valid template"),
+    );
+    let mut progress = |stats: &care_node::sync::SyncStats| {
+        if stats.round_items > 1_000 && bar.is_hidden() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        bar.set_length(stats.round_items);
+        bar.set_position(stats.round_applied);
+    };
+    let report = client::sync_with_progress(store, &mut progress).await;
+    bar.finish_and_clear();
+    let report = report?;
+    println!(
+        "synced: {} uploaded (of {pending} pending), {} new documents, {} changes received, {} purged; \
+         {} in scope; {} bytes in {:.0} ms",
+        report.stats.uploaded_changes,
+        report.stats.documents_received,
+        report.stats.changes_received,
+        report.stats.documents_purged,
+        report.stats.documents_in_scope,
+        report.udp_bytes(),
+        report.duration.as_secs_f64() * 1000.0
+    );
+    if report.stats.notifications > 0 {
+        print_notifications(store, report.stats.notifications as usize)?;
+    }
+    if report.stats.refused_changes > 0 {
+        println!(
+            "the server refused {} of this device's changes; they are kept on this device \
+             (see `care-node status`) and an operator reviews them",
+            report.stats.refused_changes
+        );
+    }
+
+    Ok(())
+}
+
+/// `list`: the patients on this device, one line each.
+fn list(store: &DeviceStore) -> CliResult {
+    let cards = store.list()?;
+    for card in &cards {
+        let nhs = card
+            .nhs_number
+            .as_deref()
+            .and_then(|n| NhsNumber::parse(n).ok())
+            .map_or("provisional".to_string(), |n| n.formatted());
+        println!(
+            "{nhs:<13} {:<28} {:<11} {}",
+            card.name,
+            card.date_of_birth.as_deref().unwrap_or("-"),
+            card.postcode.as_deref().unwrap_or("-")
+        );
+    }
+    println!("{} patient(s) on this device", cards.len());
+
+    Ok(())
+}
+
+/// `refused`: the entries the server refused, kept on this device (each patient shown is
+/// written to the view log).
+fn refused(store: &mut DeviceStore) -> CliResult {
+    // The entries' text is patient data: the lease applies, and each patient shown is
+    // written to the view log like any other read.
+    store.check_lease(store.now_ms())?;
+    let refused = store.diverged()?;
+    let mut logged = Vec::new();
+    for d in &refused {
+        if !logged.contains(&d.doc) {
+            store.record_view(&d.doc, "refused-entries", "")?;
+            logged.push(d.doc);
+        }
+        println!(
+            "{}  patient {}  {}  rule {}",
+            care_node::view::format_time(d.at_ms),
+            d.doc,
+            d.place,
+            d.rule
+        );
+        for line in &d.entries {
+            println!("    - {line}");
+        }
+    }
+    println!(
+        "{} refused entr{} kept on this device",
+        refused.len(),
+        if refused.len() == 1 { "y" } else { "ies" }
+    );
+
+    Ok(())
+}
+
+/// `status`: enrolment, last sync, what waits for upload, the lease, refusals.
+fn status(store: &DeviceStore) -> CliResult {
+    match store.enrolment()? {
+        Some(e) => println!("device {} ({}), server {}", e.device_name, e.role, e.server_addr),
+        None => println!("not enrolled"),
+    }
+    let status = store.status()?;
+    println!("last sync: {}", status.last_sync_ms.map_or("never".to_string(), care_node::view::format_time));
+    println!("patients: {}", status.patients);
+    println!("changes waiting for upload: {}", status.pending_changes);
+    if let Some(lease) = status.lease_ms {
+        println!(
+            "offline lease: {} h{}",
+            lease / 3_600_000,
+            match store.check_lease(store.now_ms()) {
+                Ok(()) => String::new(),
+                Err(e) => format!(" — {e}"),
+            }
+        );
+    }
+    if status.left_out_by_budget > 0 {
+        let left_out = status.left_out_by_budget;
+        println!("{left_out} patient(s) in scope left out by this device's document budget");
+    }
+    // Entries the server refused stay here for the clinician; patients by opaque id
+    // only (`refused` and `show` give the text).
+    for d in store.diverged()? {
+        println!(
+            "refused by the server {}: {} change(s) to patient {} at {} — rule {}: {}",
+            care_node::view::format_time(d.at_ms),
+            d.changes,
+            d.doc,
+            d.place,
+            d.rule,
+            care_node::policy::Rule::parse(&d.rule).map_or("", |r| r.explain())
+        );
+    }
+
+    Ok(())
+}
+
+/// The entry `add` records in a section: `text` is its main field, `detail` the second.
+fn new_entry(section: SectionArg, text: String, detail: Option<String>) -> Result<NewEntry, &'static str> {
+    Ok(match section {
+        SectionArg::Problems => NewEntry::Problem { description: text },
+        SectionArg::Medications => {
+            NewEntry::Medication { name: text, dose: detail, route: None, frequency: None }
+        }
+        SectionArg::Alerts => NewEntry::Alert {
+            kind: detail.unwrap_or_else(|| care_node::summary::alert_kind::CLINICAL.into()),
+            description: text,
+        },
+        SectionArg::CarePlans => NewEntry::CarePlan { title: text, description: detail },
+        SectionArg::Contacts => NewEntry::Contact {
+            name: text,
+            relationship: detail.ok_or("a contact needs --detail RELATIONSHIP (e.g. next-of-kin)")?,
+            phone: None,
+        },
+        SectionArg::Results => NewEntry::Result { title: text, value: detail, unit: None },
+    })
 }
 
 async fn access(store: &mut DeviceStore, nhs_number: &str, kind: AccessKind, reason: &str) -> CliResult {

@@ -6,8 +6,9 @@
 //! - [`device`]: a device's role and where it stands (enrolled, revoked, asked to wipe).
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
 //! - [`limits`]: what one peer may cost the server (the `[limits]` settings).
-//! - [`governance`]: grants, lease and grant durations, when access is refused.
-//! - [`settings`]: the settings an operator changes at run time, typed, with their precedence.
+//! - [`governance`]: grants, the setting each lasts for, when access is refused.
+//! - [`settings`]: the settings an operator changes at run time (leases, grant hours, budget,
+//!   prefetch flags), typed, with their defaults and precedence.
 //! - [`compaction`]: how far back the change log must reach, and which devices fall below it.
 //! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
 //!   ([`care_node::policy`]), before anything is committed.

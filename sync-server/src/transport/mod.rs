@@ -849,8 +849,10 @@ async fn enrol(request: &EnrolRequest, shared: &Shared) -> EnrolResponse {
     let store = shared.store.clone();
     let request = request.clone();
     let (server_key, now_ms) = (shared.server_key, shared.clock.now_ms());
+    // The connection's span (its address) goes with the work, so its log lines still say whose.
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
-        crate::session::enrol::enrol(store.as_ref(), &request, server_key, now_ms)
+        span.in_scope(|| crate::session::enrol::enrol(store.as_ref(), &request, server_key, now_ms))
     })
     .await
     .unwrap_or_else(|_| EnrolResponse::Refused { message: crate::store::EnrolError::Internal.to_string() })

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[cfg(feature = "demo")]
 use care_sync_server::demo::{self, DemoOptions};
@@ -14,7 +13,9 @@ use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
 use clap::{Parser, Subcommand};
 
+mod devices;
 mod governance;
+mod records;
 mod serve;
 
 #[derive(Parser)]
@@ -370,47 +371,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             config.admin.listen = admin_listen.unwrap_or(config.admin.listen);
             serve::serve(config).await?;
         }
-        Command::ServerKey { action } => {
-            let store = open(&dir)?;
-            let hex = |f: [u8; 32]| care_node::identity::hex(&f);
-            match action {
-                ServerKeyAction::Status => {
-                    println!("current key fingerprint: {}", hex(store.server_identity()?.fingerprint()));
-                    match store.next_server_identity()? {
-                        None => println!("no next key staged"),
-                        Some(next) => {
-                            println!("staged key fingerprint:  {}", hex(next.fingerprint()));
-                            let behind = store.devices_without_staged_key()?;
-                            if behind.is_empty() {
-                                println!("every enrolled device has learnt it: ready to activate");
-                            } else {
-                                println!(
-                                    "{} device(s) have not learnt it yet: {}",
-                                    behind.len(),
-                                    behind.join(", ")
-                                );
-                            }
-                        }
-                    }
-                }
-                ServerKeyAction::Stage => {
-                    let fingerprint = ops::stage_server_key(store.as_ref())?;
-                    println!("staged key fingerprint: {}", hex(fingerprint));
-                    println!(
-                        "devices learn it at their next sync; `server-key status` shows who has not yet"
-                    );
-                }
-                ServerKeyAction::Activate { force } => {
-                    let fingerprint = ops::activate_server_key(store.as_ref(), force)?;
-                    println!("active key fingerprint: {}", hex(fingerprint));
-                    println!("restart `serve` to present it; new enrolment tokens carry it");
-                }
-                ServerKeyAction::Cancel => {
-                    let cancelled = ops::cancel_server_key(store.as_ref())?;
-                    println!("{}", if cancelled { "staged key dropped" } else { "no key was staged" });
-                }
-            }
-        }
+        Command::ServerKey { action } => devices::server_key(open(&dir)?.as_ref(), action)?,
         Command::Config => {
             // Policy keys the file leaves out are shown with the built-in defaults; a value
             // changed with `set` is kept in the store and shown by `set`'s audit line.
@@ -425,119 +386,24 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             }
             println!("{token}");
         }
-        Command::Backup { out } => {
-            let report = care_sync_server::store::sqlite::backup::backup(&dir, &out)?;
-            println!(
-                "backed up {} patients and {} devices to {} ({} bytes); integrity check ok",
-                report.patients,
-                report.devices,
-                out.display(),
-                report.bytes
-            );
-        }
-        Command::Restore { from, force } => {
-            let report = care_sync_server::store::sqlite::backup::restore(&from, &dir, force)?;
-            println!(
-                "restored {} patients and {} devices from {} into {}",
-                report.patients,
-                report.devices,
-                from.display(),
-                dir.display()
-            );
-        }
+        Command::Backup { out } => records::backup(&dir, &out)?,
+        Command::Restore { from, force } => records::restore(&from, &dir, force)?,
         Command::IngestAdt { files } => {
-            let store = open(&dir)?;
-            let options = config.feeds.adt_options();
-            let (mut accepted, mut refused) = (0, 0);
-            for file in &files {
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                for message in care_sync_server::ingest::hl7::adt::split_messages(&text) {
-                    let ack = care_sync_server::ingest::hl7::adt::process(
-                        store.as_ref(),
-                        &message,
-                        care_node::now_ms(),
-                        &options,
-                    );
-                    println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
-                    if ack.code == "AA" { accepted += 1 } else { refused += 1 }
-                }
-            }
-            println!("{accepted} message(s) accepted, {refused} refused");
-            if refused > 0 {
-                return Err(format!("{refused} message(s) refused").into());
-            }
+            records::ingest_adt(open(&dir)?.as_ref(), &files, &config.feeds.adt_options())?
         }
         Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
-            let store = open(&dir)?;
             let addr = server_addr.or(config.sync.advertised_addr).unwrap_or_else(|| {
                 std::fs::read_to_string(serve::advertised_addr_file(&dir))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(config.sync.listen)
             });
-            let ttl = Duration::from_secs(expires_in_hours * 3600);
-            let token = ops::issue_token(store.as_ref(), &name, role, addr, ttl)?;
-            eprintln!(
-                "one-time token for {name} ({}), valid for {expires_in_hours} h, server {addr}:",
-                role.as_str()
-            );
-            println!("{token}");
+            devices::enrol(open(&dir)?.as_ref(), &name, role, addr, expires_in_hours)?
         }
         Command::CompactLog { hold_days, dry_run } => {
-            let hold = match hold_days {
-                Some(days) if (0.0..=config::MAX_HOLD_DAYS).contains(&days) => {
-                    std::time::Duration::from_secs_f64(days * 86_400.0)
-                }
-                Some(_) => return Err("--hold-days must be a number of days from 0 to 3650".into()),
-                None => config.compaction.hold(),
-            };
-            let store = open(&dir)?;
-            let done = ops::compact_log(store.as_ref(), hold, dry_run)?;
-            let verb = if dry_run { "would drop" } else { "dropped" };
-            println!(
-                "change log: {verb} {} entries ({} bytes); horizon {} of {}",
-                done.dropped.entries, done.dropped.bytes, done.horizon, done.head
-            );
-            if done.below.is_empty() {
-                println!("every device that has synced is above the horizon");
-            } else {
-                println!(
-                    "devices below the horizon (their next sync brings changed documents whole): {}",
-                    done.below.join(", ")
-                );
-            }
+            devices::compact_log(open(&dir)?.as_ref(), hold_days, config.compaction.hold(), dry_run)?
         }
-        Command::Devices => {
-            let store = open(&dir)?;
-            let stale_after = (config.admin.stale_after_hours * 3_600_000.0) as i64;
-            let devices = ops::device_overview(store.as_ref(), stale_after, care_node::now_ms())?;
-            println!(
-                "{:<20} {:<16} {:<24} {:<22} {:<14} {:>9}  STALE",
-                "NAME", "ROLE", "STATE", "LAST SYNC", "LEASE", "DOCUMENTS"
-            );
-            for d in &devices {
-                let last = d.last_sync_ms.map_or("never".to_string(), care_node::view::format_time);
-                let documents = if d.left_out > 0 {
-                    format!("{} (+{} over budget)", d.documents_held, d.left_out)
-                } else {
-                    d.documents_held.to_string()
-                };
-                println!(
-                    "{:<20} {:<16} {:<24} {:<22} {:<14} {:>9}  {}",
-                    d.name,
-                    d.role.as_str(),
-                    d.state,
-                    last,
-                    d.lease,
-                    documents,
-                    if d.stale { "stale" } else { "" }
-                );
-            }
-            if devices.is_empty() {
-                println!("no devices yet: `enrol-device --name NAME --role ROLE` issues a token");
-            }
-        }
+        Command::Devices => devices::list(open(&dir)?.as_ref(), config.admin.stale_after_hours)?,
         Command::RevokeDevice { name } => {
             let store = open(&dir)?;
             ops::revoke(store.as_ref(), &name)?;
@@ -546,193 +412,17 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
                  (unless a wipe is pending: then it is admitted only to be told to wipe)"
             );
         }
-        Command::Caseload { action } => {
-            let store = open(&dir)?;
-            match action {
-                CaseloadAction::Add { device, nhs } => {
-                    let added = ops::caseload_add(store.as_ref(), &device, &nhs)?;
-                    println!("{}", if added { "added to the caseload" } else { "already on the caseload" });
-                }
-                CaseloadAction::Import { file } => {
-                    let text = std::fs::read_to_string(&file)
-                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    let done = ops::caseload_import(store.as_ref(), &text)?;
-                    println!(
-                        "{} line(s): {} added to caseloads, {} already there",
-                        done.lines, done.added, done.already
-                    );
-                }
-                CaseloadAction::Remove { device, nhs } => {
-                    let removed = ops::caseload_remove(store.as_ref(), &device, &nhs)?;
-                    println!(
-                        "{}",
-                        if removed {
-                            "removed; the device purges the record at its next sync"
-                        } else {
-                            "was not on the caseload"
-                        }
-                    );
-                }
-            }
-        }
+        Command::Caseload { action } => devices::caseload(open(&dir)?.as_ref(), action)?,
         #[cfg(feature = "demo")]
         Command::Generate { patients, seed, fhir_out } => {
-            let store = open(&dir)?;
-            let identity = store.server_identity()?;
-            // Into a store that already has synthetic patients: new people, new NHS numbers.
-            let exists = |n: &care_node::nhs::NhsNumber| store.patient_by_nhs(n).ok().flatten().is_some();
-            let first = if fhir_out.is_some() {
-                care_sync_server::demo::population::FIRST_STEM
-            } else {
-                care_sync_server::demo::population::first_free_stem(exists)
-            };
-            let mut population = care_sync_server::demo::population::Population::starting_at(
-                seed,
-                care_sync_server::server_actor(&identity),
-                first,
-            );
-            let now = care_node::now_ms();
-            if let Some(out) = &fhir_out {
-                std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-            }
-            let mut made = 0;
-            while made < patients {
-                let batch = (patients - made).min(500);
-                let mut summaries = Vec::with_capacity(batch);
-                while summaries.len() < batch {
-                    let summary = population.next_patient(now)?;
-                    // A number imported meanwhile from elsewhere is skipped, never duplicated.
-                    if fhir_out.is_some() || summary.nhs_number().map_or(true, |n| !exists(&n)) {
-                        summaries.push(summary);
-                    }
-                }
-                match &fhir_out {
-                    Some(out) => {
-                        for summary in &mut summaries {
-                            let bundle = care_sync_server::ingest::fhir::export::export_ips(summary, now)?;
-                            let path = out.join(format!("patient-{:06}.json", made + 1));
-                            let text = serde_json::to_string_pretty(&bundle)?;
-                            std::fs::write(&path, text)
-                                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                            made += 1;
-                        }
-                    }
-                    None => {
-                        store.insert_patients(&mut summaries)?;
-                        made += batch;
-                    }
-                }
-                eprint!("\rgenerated {made}/{patients}");
-            }
-            eprintln!();
+            records::generate(open(&dir)?.as_ref(), patients, seed, fhir_out)?
         }
-        Command::ImportFhir { files, feed } => {
-            let store = open(&dir)?;
-            let (mut ok, mut failed) = (0, 0);
-            for file in &files {
-                // Refused before reading: a file over the limit never reaches memory.
-                let size = std::fs::metadata(file)
-                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?
-                    .len();
-                if size > care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES as u64 {
-                    eprintln!(
-                        "{}: refused: the Bundle is too large: {size} bytes (the limit is {})",
-                        file.display(),
-                        care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES
-                    );
-                    failed += 1;
-                    continue;
-                }
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                let result = care_sync_server::ingest::fhir::import::parse_bundle(&text).and_then(|bundle| {
-                    care_sync_server::ingest::fhir::import::import_bundle(
-                        store.as_ref(),
-                        &bundle,
-                        &feed,
-                        care_node::now_ms(),
-                    )
-                });
-                match result {
-                    Ok(outcome) => {
-                        ok += 1;
-                        println!(
-                            "{}: {} patient, {} entries written, {} unchanged",
-                            file.display(),
-                            if outcome.created { "new" } else { "existing" },
-                            outcome.entries_written,
-                            outcome.entries_unchanged
-                        );
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("{}: refused, nothing imported: {e}", file.display());
-                    }
-                }
-            }
-            println!("{ok} bundle(s) imported, {failed} refused");
-            if failed > 0 {
-                return Err(format!("{failed} bundle(s) refused").into());
-            }
-        }
-        Command::ExportFhir { nhs, out } => {
-            let store = open(&dir)?;
-            let nhs =
-                care_node::nhs::NhsNumber::parse(&nhs).map_err(|e| format!("invalid NHS number: {e}"))?;
-            let id = store.patient_by_nhs(&nhs)?.ok_or("no patient with that NHS number on this server")?;
-            let saved = store.load_document(&id)?.ok_or("the patient has no document")?;
-            let mut summary = care_node::summary::PatientSummary::load(&saved)?;
-            let bundle =
-                care_sync_server::ingest::fhir::export::export_ips(&mut summary, care_node::now_ms())?;
-            let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-            store.append_audit(
-                &operator,
-                "export-fhir",
-                Some(&id),
-                "IPS bundle exported",
-                care_node::now_ms(),
-            )?;
-            let text = serde_json::to_string_pretty(&bundle)?;
-            match out {
-                Some(path) => {
-                    std::fs::write(&path, text)
-                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                    eprintln!("wrote {}", path.display());
-                }
-                None => println!("{text}"),
-            }
-        }
+        Command::ImportFhir { files, feed } => records::import_fhir(open(&dir)?.as_ref(), &files, &feed)?,
+        Command::ExportFhir { nhs, out } => records::export_fhir(open(&dir)?.as_ref(), &nhs, out)?,
         Command::MergePatients { keep, merge, operator } => {
-            let store = open(&dir)?;
-            let outcome = ops::merge_patients(store.as_ref(), &keep, &merge, &operator)?;
-            println!(
-                "merged: {} entries moved, {} caseload(s) moved; the merged record is kept for the record and \
-                 devices purge it at their next sync",
-                outcome.entries_moved, outcome.caseloads_moved
-            );
+            records::merge(open(&dir)?.as_ref(), &keep, &merge, &operator)?
         }
-        Command::Patients { provisional } => {
-            let store = open(&dir)?;
-            let mut shown = 0;
-            for (id, nhs) in store.patient_ids()? {
-                let label = match nhs {
-                    Some(nhs) if !provisional => nhs,
-                    Some(_) => continue,
-                    // Without an NHS number: provisional, or merged away (its number went to the
-                    // record that absorbed it). Merged records are not provisional any more.
-                    None => match ops::merged_into(store.as_ref(), &id)? {
-                        Some(_) if provisional => continue,
-                        Some(into) => format!("merged into {into}"),
-                        None => "provisional".into(),
-                    },
-                };
-                println!("{id}  {label}");
-                shown += 1;
-            }
-            if shown == 0 {
-                println!("{}", if provisional { "no provisional records" } else { "no patients yet" });
-            }
-        }
+        Command::Patients { provisional } => records::patients(open(&dir)?.as_ref(), provisional)?,
         Command::WipeDevice { name } => {
             ops::wipe(open(&dir)?.as_ref(), &name)?;
             println!("{name} will destroy its data key and patient data at its next contact");
