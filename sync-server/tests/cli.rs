@@ -357,4 +357,9 @@ fn compact_log_reports_what_it_drops_and_a_dry_run_changes_nothing() {
     let bad = run(dir.path(), &["compact-log", "--hold-days=-1"]);
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("--hold-days"), "{}", text(&bad.stderr));
+    // Refused before any store is opened: a mistyped data directory is not made a store.
+    let nowhere = dir.path().join("mistyped");
+    let bad = run(&nowhere, &["compact-log", "--hold-days=-1"]);
+    assert!(text(&bad.stderr).contains("--hold-days"), "{}", text(&bad.stderr));
+    assert!(!nowhere.exists(), "no store is made for a refused command");
 }

@@ -47,20 +47,19 @@ pub fn server_key(store: &dyn ServerStore, action: ServerKeyAction) -> CliResult
     Ok(())
 }
 
-/// `compact-log`: drops change-log entries every recently synced device has.
-pub fn compact_log(
-    store: &dyn ServerStore,
-    hold_days: Option<f64>,
-    default_hold: Duration,
-    dry_run: bool,
-) -> CliResult {
-    let hold = match hold_days {
+/// `compact-log --hold-days`, checked (before any store is opened), or the configured hold.
+pub fn hold(hold_days: Option<f64>, default_hold: Duration) -> Result<Duration, Box<dyn std::error::Error>> {
+    match hold_days {
         Some(days) if (0.0..=config::MAX_HOLD_DAYS).contains(&days) => {
-            std::time::Duration::from_secs_f64(days * 86_400.0)
+            Ok(Duration::from_secs_f64(days * 86_400.0))
         }
-        Some(_) => return Err("--hold-days must be a number of days from 0 to 3650".into()),
-        None => default_hold,
-    };
+        Some(_) => Err("--hold-days must be a number of days from 0 to 3650".into()),
+        None => Ok(default_hold),
+    }
+}
+
+/// `compact-log`: drops change-log entries every recently synced device has.
+pub fn compact_log(store: &dyn ServerStore, hold: Duration, dry_run: bool) -> CliResult {
     let done = ops::compact_log(store, hold, dry_run)?;
     let verb = if dry_run { "would drop" } else { "dropped" };
     println!(

@@ -392,16 +392,18 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             records::ingest_adt(open(&dir)?.as_ref(), &files, &config.feeds.adt_options())?
         }
         Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
+            let store = open(&dir)?;
             let addr = server_addr.or(config.sync.advertised_addr).unwrap_or_else(|| {
                 std::fs::read_to_string(serve::advertised_addr_file(&dir))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(config.sync.listen)
             });
-            devices::enrol(open(&dir)?.as_ref(), &name, role, addr, expires_in_hours)?
+            devices::enrol(store.as_ref(), &name, role, addr, expires_in_hours)?
         }
         Command::CompactLog { hold_days, dry_run } => {
-            devices::compact_log(open(&dir)?.as_ref(), hold_days, config.compaction.hold(), dry_run)?
+            let hold = devices::hold(hold_days, config.compaction.hold())?;
+            devices::compact_log(open(&dir)?.as_ref(), hold, dry_run)?
         }
         Command::Devices => devices::list(open(&dir)?.as_ref(), config.admin.stale_after_hours)?,
         Command::RevokeDevice { name } => {
