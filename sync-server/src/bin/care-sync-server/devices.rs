@@ -119,8 +119,7 @@ pub fn caseload(store: &dyn ServerStore, action: CaseloadAction) -> CliResult {
             println!("{}", if added { "added to the caseload" } else { "already on the caseload" });
         }
         CaseloadAction::Import { file } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let text = crate::read_text(&file)?;
             let done = ops::caseload_import(store, &text)?;
             println!(
                 "{} line(s): {} added to caseloads, {} already there",

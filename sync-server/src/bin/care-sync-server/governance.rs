@@ -202,8 +202,7 @@ pub fn area(store: &dyn ServerStore, action: AreaAction) -> CliResult {
             println!("{}", if added { "district added" } else { "district already covered" });
         }
         AreaAction::Import { file } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let text = crate::read_text(&file)?;
             let done = ops::area_import(store, &text)?;
             println!(
                 "{} line(s): {} district(s) added, {} already covered",

@@ -352,6 +352,11 @@ fn restore_sigpipe() {
 /// Errors of the operator commands, shown to the operator as one line.
 pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A file the operator named, read whole; the error names the file.
+pub(crate) fn read_text(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
 async fn run(cli: Cli, mut config: Config) -> CliResult {
     #[cfg(feature = "demo")]
     if let Command::Demo { patients } = cli.command {

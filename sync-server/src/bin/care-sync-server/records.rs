@@ -13,8 +13,7 @@ use crate::CliResult;
 pub fn ingest_adt(store: &dyn ServerStore, files: &[PathBuf], options: &AdtOptions) -> CliResult {
     let (mut accepted, mut refused) = (0, 0);
     for file in files {
-        let text =
-            std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let text = crate::read_text(file)?;
         for message in care_sync_server::ingest::hl7::adt::split_messages(&text) {
             let ack =
                 care_sync_server::ingest::hl7::adt::process(store, &message, care_node::now_ms(), options);
@@ -99,8 +98,7 @@ pub fn import_fhir(store: &dyn ServerStore, files: &[PathBuf], feed: &str) -> Cl
             failed += 1;
             continue;
         }
-        let text =
-            std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let text = crate::read_text(file)?;
         let result = care_sync_server::ingest::fhir::import::parse_bundle(&text).and_then(|bundle| {
             care_sync_server::ingest::fhir::import::import_bundle(store, &bundle, feed, care_node::now_ms())
         });
