@@ -15,6 +15,7 @@
 //! - [`token`]: enrolment tokens.
 //! - [`tls`]: rustls configuration and the ed25519 key verifiers (shared with the server).
 //! - [`bbr`]: BBR congestion control (quinn's, with its first ProbeRTT at ten seconds, not at once).
+//! - [`driver`]: what a device does around a sync session, over any [`driver::Link`].
 //! - [`client`]: the QUIC client that moves protocol frames.
 //! - [`view`]: the text view of a summary, with its "as of" time.
 //! - [`viewlog`]: the hash-chained, signed log of views that syncs to the server.
@@ -28,6 +29,7 @@ pub mod chunk;
 pub mod client;
 pub mod clock;
 pub mod crypto;
+pub mod driver;
 pub mod identity;
 pub mod news2;
 pub mod nhs;

@@ -1,16 +1,22 @@
-//! Shared helpers of the end-to-end tests: a real server on 127.0.0.1 (port 0) with a real
-//! store, and devices with real encrypted stores, all speaking real QUIC.
+//! Shared helpers of the end-to-end tests: a real server with a real store, and devices with
+//! real encrypted stores, speaking real QUIC on 127.0.0.1 ([`TestServer::start`]) or joined by
+//! the socket-free pair ([`TestServer::in_memory`], [`pair`]). The same test reads the same
+//! either way: a device syncs with whichever server it enrolled with.
+
+pub mod pair;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use care_node::client::{ClientError, Quic, SyncReport};
 use care_node::clock::Clock;
 use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::nhs::NhsNumber;
 use care_node::store::DeviceStore;
 use care_node::summary::Allergy;
+use care_node::sync::{AccessDecision, AccessRequest, SyncStats};
 use care_sync_server::demo::population::Population;
 use care_sync_server::operator::ops;
 use care_sync_server::store::sqlite::SqliteStore;
@@ -29,6 +35,8 @@ pub fn cheap_wrapper(passphrase: &str) -> PassphraseWrapper {
 pub struct TestServer {
     pub store: Arc<dyn ServerStore>,
     pub running: Option<RunningServer>,
+    /// The socket-free pair's server, for a server [`TestServer::in_memory`].
+    pub memory: Option<pair::Memory>,
     pub addr: SocketAddr,
     pub patients: Vec<NhsNumber>,
     /// The server's clock: `clock.set_offset(…)` moves it while it runs (days offline, skew).
@@ -54,26 +62,37 @@ impl TestServer {
         Self::start_on_dir(dir, patients, care_sync_server::domain::limits::Limits::default()).await
     }
 
+    /// A server with `patients` synthetic patients that devices reach through the socket-free
+    /// pair: no transport, no port. [`TestServer::stop`] makes it unreachable.
+    pub fn in_memory(patients: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, patients) = filled_store(dir.path(), patients);
+        let clock = Clock::system();
+        let limits = care_sync_server::domain::limits::Limits::default();
+        let memory = Some(pair::Memory::new(store.clone(), clock.clone(), limits));
+        // Tokens carry an address; nothing listens on this one.
+        let addr = "127.0.0.1:9".parse().unwrap();
+        Self { store, running: None, memory, addr, patients, clock, _dir: dir }
+    }
+
     async fn start_on_dir(
         dir: tempfile::TempDir,
         patients: usize,
         limits: care_sync_server::domain::limits::Limits,
     ) -> Self {
-        let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
-        let identity = store.server_identity().expect("server identity");
-        let mut population = Population::new(1, care_sync_server::server_actor(&identity));
-        let mut summaries = (0..patients)
-            .map(|_| population.next_patient(care_node::now_ms()).expect("patient"))
-            .collect::<Vec<_>>();
-        store.insert_patients(&mut summaries).expect("insert patients");
-        let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
+        let (store, patients) = filled_store(dir.path(), patients);
         let clock = Clock::system();
         let running =
             transport::start_with_clock(store.clone(), "127.0.0.1:0".parse().unwrap(), limits, clock.clone())
                 .await
                 .expect("server starts");
         let addr = running.addr;
-        Self { store, running: Some(running), addr, patients, clock, _dir: dir }
+        Self { store, running: Some(running), memory: None, addr, patients, clock, _dir: dir }
+    }
+
+    /// How devices reach this server.
+    pub fn net(&self) -> Net {
+        self.memory.clone().map_or(Net::Quic, Net::Memory)
     }
 
     /// The server's data directory.
@@ -86,7 +105,7 @@ impl TestServer {
         let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir.path()).expect("server store"));
         let clock = Clock::system();
         let running = start_on(store.clone(), addr, &clock).await;
-        Self { store, running: Some(running), addr, patients: Vec::new(), clock, _dir: dir }
+        Self { store, running: Some(running), memory: None, addr, patients: Vec::new(), clock, _dir: dir }
     }
 
     /// A one-time token for a new device.
@@ -108,6 +127,9 @@ impl TestServer {
 
     /// Stops the server (the store stays), as a crash or an outage would.
     pub async fn stop(&mut self) {
+        if let Some(memory) = &self.memory {
+            memory.set_reachable(false);
+        }
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
@@ -116,7 +138,10 @@ impl TestServer {
     /// Starts the server again on the same address.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.running = Some(start_on(self.store.clone(), self.addr, &self.clock).await);
+        match &self.memory {
+            Some(memory) => memory.set_reachable(true),
+            None => self.running = Some(start_on(self.store.clone(), self.addr, &self.clock).await),
+        }
     }
 }
 
@@ -205,6 +230,46 @@ impl Drop for TestConsole {
     }
 }
 
+/// A new server store in `dir` with `patients` synthetic patients, and their NHS numbers.
+fn filled_store(dir: &std::path::Path, patients: usize) -> (Arc<dyn ServerStore>, Vec<NhsNumber>) {
+    let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(dir).expect("server store"));
+    let identity = store.server_identity().expect("server identity");
+    let mut population = Population::new(1, care_sync_server::server_actor(&identity));
+    let mut summaries = (0..patients)
+        .map(|_| population.next_patient(care_node::now_ms()).expect("patient"))
+        .collect::<Vec<_>>();
+    store.insert_patients(&mut summaries).expect("insert patients");
+    let patients = summaries.iter().map(|s| s.nhs_number().expect("nhs")).collect();
+    (store, patients)
+}
+
+/// How a test device reaches its server.
+#[derive(Clone)]
+pub enum Net {
+    /// QUIC to the address it enrolled with.
+    Quic,
+    /// The socket-free pair.
+    Memory(pair::Memory),
+}
+
+/// Runs a [`care_node::driver`] call over the device's [`Net`].
+macro_rules! over_net {
+    ($device:expr, |$store:ident, $connect:ident| $call:expr) => {{
+        let device = $device;
+        let $store = &mut device.store;
+        match &mut device.net {
+            Net::Quic => {
+                let $connect = &mut Quic;
+                $call.await
+            }
+            Net::Memory(memory) => {
+                let $connect = memory;
+                $call.await
+            }
+        }
+    }};
+}
+
 /// Starts a server on an address a stopped server used: the old socket closes when its endpoint's
 /// driver task ends, a moment after `shutdown` returns.
 async fn start_on(store: Arc<dyn ServerStore>, addr: SocketAddr, clock: &Clock) -> RunningServer {
@@ -226,6 +291,8 @@ pub struct TestDevice {
     pub name: String,
     pub store: DeviceStore,
     pub path: PathBuf,
+    /// How it reaches its server: set by enrolment.
+    pub net: Net,
     _dir: tempfile::TempDir,
 }
 
@@ -243,18 +310,53 @@ impl TestDevice {
     fn with_dir(name: &str, dir: tempfile::TempDir) -> Self {
         let path = dir.path().join("store.db");
         let store = DeviceStore::open(&path, &cheap_wrapper(PASSPHRASE)).expect("device store");
-        Self { name: name.to_string(), store, path, _dir: dir }
+        Self { name: name.to_string(), store, path, net: Net::Quic, _dir: dir }
     }
 
     /// A device enrolled with `server` under `name` and `role`.
     pub async fn enrolled(server: &TestServer, name: &str, role: Role) -> Self {
         let mut device = Self::new(name);
-        care_node::client::enrol(&mut device.store, &server.token(name, role)).await.expect("enrolment");
+        device.enrol(server, &server.token(name, role)).await.expect("enrolment");
         device
     }
 
-    pub async fn sync(&mut self) -> Result<care_node::client::SyncReport, care_node::client::ClientError> {
-        care_node::client::sync(&mut self.store).await
+    /// Enrols with `server` using `token`; the device then syncs the way that server is reached.
+    pub async fn enrol(
+        &mut self,
+        server: &TestServer,
+        token: &str,
+    ) -> Result<care_node::store::Enrolment, ClientError> {
+        self.net = server.net();
+        over_net!(self, |store, connect| care_node::driver::enrol(store, token, connect))
+    }
+
+    pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
+        over_net!(self, |store, connect| care_node::driver::sync(store, connect, &mut |_| {}))
+    }
+
+    /// [`TestDevice::sync`], calling `progress` as the round's items are applied.
+    pub async fn sync_with_progress(
+        &mut self,
+        progress: &mut (dyn FnMut(&SyncStats) + Send),
+    ) -> Result<SyncReport, ClientError> {
+        over_net!(self, |store, connect| care_node::driver::sync(store, connect, progress))
+    }
+
+    /// Asks for a patient outside the device's scope, then syncs.
+    pub async fn request_access(
+        &mut self,
+        request: AccessRequest,
+    ) -> Result<(AccessDecision, SyncReport), ClientError> {
+        over_net!(self, |store, connect| care_node::driver::request_access(store, connect, request))
+    }
+
+    /// Syncs and stays connected until `stop` completes.
+    pub async fn watch(
+        &mut self,
+        on_round: &mut (dyn FnMut(&SyncStats) + Send),
+        stop: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<SyncReport, ClientError> {
+        over_net!(self, |store, connect| care_node::driver::watch(store, connect, on_round, stop))
     }
 
     /// Records an allergy offline.
@@ -399,15 +501,53 @@ pub async fn admit_over_mllp(addr: SocketAddr, nhs: &NhsNumber, control_id: &str
     String::from_utf8_lossy(&ack[..n]).into_owned()
 }
 
-/// A raw sync session of `device` (as a hostile client would open one): connected, `Hello` sent
-/// with the device's cursor, the server's `Welcome` received. Frames are the caller's from here.
-pub async fn welcomed(device: &TestDevice) -> care_node::client::DeviceConnection {
+/// A session opened by hand, over the device's net: for tests that write frames themselves.
+pub enum Session {
+    Quic(care_node::client::DeviceConnection),
+    Memory(Box<pair::MemoryLink>),
+}
+
+impl Session {
+    pub async fn send(&mut self, message: &care_node::protocol::ClientMessage) -> Result<(), ClientError> {
+        use care_node::driver::Link;
+        match self {
+            Session::Quic(conn) => conn.send(message).await,
+            Session::Memory(link) => link.send(message).await,
+        }
+    }
+
+    pub async fn recv(&mut self) -> Result<Option<care_node::protocol::ServerMessage>, ClientError> {
+        use care_node::driver::Link;
+        match self {
+            Session::Quic(conn) => conn.recv().await,
+            Session::Memory(link) => link.recv().await,
+        }
+    }
+
+    /// The QUIC connection, for tests of the transport's defences (raw bytes).
+    pub fn quic(&mut self) -> &mut care_node::client::DeviceConnection {
+        match self {
+            Session::Quic(conn) => conn,
+            Session::Memory(_) => panic!("a QUIC session was wanted; the device is on the socket-free pair"),
+        }
+    }
+}
+
+/// Opens a session for `device` over its net and exchanges `Hello` for `Welcome`.
+pub async fn welcomed(device: &TestDevice) -> Session {
+    use care_node::driver::Connect;
     use care_node::protocol::{ClientMessage, ServerMessage};
-    let mut conn = within(30, care_node::client::DeviceConnection::open(&device.store)).await.unwrap();
+    let mut session = match &device.net {
+        Net::Quic => {
+            Session::Quic(within(30, care_node::client::DeviceConnection::open(&device.store)).await.unwrap())
+        }
+        Net::Memory(memory) => Session::Memory(Box::new(memory.clone().open(&device.store).await.unwrap())),
+    };
     let cursor = device.store.sync_state().unwrap().cursor;
-    conn.send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
+    session
+        .send(&ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None })
         .await
         .unwrap();
-    assert!(matches!(within(30, conn.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
-    conn
+    assert!(matches!(within(30, session.recv()).await.unwrap(), Some(ServerMessage::Welcome { .. })));
+    session
 }

@@ -36,7 +36,7 @@ fn summary(device: &TestDevice, nhs: &care_node::nhs::NhsNumber) -> PatientSumma
 
 #[tokio::test(flavor = "multi_thread")]
 async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut devices = three_devices(&server).await;
     let nhs = server.patients[0].clone();
     sync_all(&mut devices).await;
@@ -91,7 +91,7 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn another_authors_alert_cannot_be_rewritten_by_any_device() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut devices = three_devices(&server).await;
     let nhs = server.patients[0].clone();
     sync_all(&mut devices).await;
@@ -127,7 +127,7 @@ async fn another_authors_alert_cannot_be_rewritten_by_any_device() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crew_observations_with_news2_recorded_offline_reach_the_nurse() {
-    let mut server = TestServer::start(1).await;
+    let mut server = TestServer::in_memory(1);
     let mut devices = three_devices(&server).await;
     let nhs = server.patients[0].clone();
     sync_all(&mut devices).await;
@@ -167,7 +167,7 @@ async fn crew_observations_with_news2_recorded_offline_reach_the_nurse() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn news2_is_not_scored_for_children_pregnancy_or_partial_observations_and_show_prints_values() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
     // A child of four (born on 1 January, four years ago), imported as a GP record would be.
     let child = care_node::nhs::NhsNumber::from_stem(943_476_591)
@@ -244,7 +244,7 @@ async fn news2_is_not_scored_for_children_pregnancy_or_partial_observations_and_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offline_entry_on_a_record_merged_meanwhile_reaches_the_kept_record() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let known_nhs = server.patients[0].clone();
     let mut nurse = TestDevice::enrolled(&server, "nurse-2", Role::CommunityNurse).await;
     let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[{"resource":{"resourceType":"Patient","id":"u","name":[{"text":"Unknown male"}]}}]}"#;
@@ -275,7 +275,7 @@ async fn an_offline_entry_on_a_record_merged_meanwhile_reaches_the_kept_record()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_that_deletes_is_refused() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut crew = TestDevice::enrolled(&server, "ambulance-9", Role::AmbulanceCrew).await;
     server.caseload("ambulance-9", [0]);
     within(30, crew.sync()).await.unwrap();

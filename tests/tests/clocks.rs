@@ -16,9 +16,7 @@ async fn device_with_clock(server: &TestServer, name: &str, offset_ms: i64) -> (
     let mut device = TestDevice::new(name);
     let clock = Clock::offset(offset_ms);
     device.store.set_clock(clock.clone());
-    care_node::client::enrol(&mut device.store, &server.token(name, Role::CommunityNurse))
-        .await
-        .expect("enrol");
+    device.enrol(server, &server.token(name, Role::CommunityNurse)).await.expect("enrol");
     (device, clock)
 }
 
@@ -35,7 +33,7 @@ fn lease_ms(device: &TestDevice) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn skewed_device_clocks_change_no_order_of_clinical_facts_and_no_lease_decision() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let nhs = server.patients[0].clone();
     let (mut ahead, ahead_clock) = device_with_clock(&server, "nurse-ahead", 6 * HOUR).await;
     let (mut behind, behind_clock) = device_with_clock(&server, "nurse-behind", -6 * HOUR).await;
@@ -108,9 +106,7 @@ async fn a_clock_that_jumps_during_a_round_never_stretches_the_lease() {
                 clock.set_offset(jump);
             }
         };
-        within(120, care_node::client::sync_with_progress(&mut device.store, &mut progress))
-            .await
-            .expect("sync");
+        within(120, device.sync_with_progress(&mut progress)).await.expect("sync");
         assert!(jumped.into_inner(), "the clock jumped while documents arrived");
         let lease = lease_ms(&device);
         // The clock as set now: `at(t)` makes it read real time `t` in its new frame.
@@ -156,7 +152,7 @@ async fn a_live_session_keeps_the_clock_offset_it_measured() {
     // The offset is the device's clock minus the server's at one moment. A live session's later
     // rounds once paired the device's clock at the round with the server's at the Welcome, so
     // the offset grew by the session's length (and entries' times drifted with it).
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let (mut nurse, _clock) = device_with_clock(&server, "nurse-live", 2 * HOUR).await;
     let mut crew = TestDevice::enrolled(&server, "crew-live", Role::AmbulanceCrew).await;
     server.caseload("nurse-live", [0]);
@@ -168,10 +164,11 @@ async fn a_live_session_keeps_the_clock_offset_it_measured() {
         let mut on_round = move |_: &care_node::sync::SyncStats| {
             let _ = rounds_tx.send(());
         };
-        let report = care_node::client::watch(&mut nurse.store, &mut on_round, async move {
-            let _ = stop_rx.await;
-        })
-        .await;
+        let report = nurse
+            .watch(&mut on_round, async move {
+                let _ = stop_rx.await;
+            })
+            .await;
         (nurse, report)
     });
     within(30, rounds.recv()).await.expect("the first round");

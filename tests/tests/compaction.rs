@@ -18,7 +18,7 @@ fn cursor(server: &TestServer, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_offline_across_a_compaction_loses_nothing_and_hears_the_news() {
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let store: &dyn ServerStore = server.store.as_ref();
     let nhs = server.patients.clone();
     let mut busy = TestDevice::enrolled(&server, "nurse-busy", Role::CommunityNurse).await;

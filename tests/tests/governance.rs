@@ -1,7 +1,8 @@
 //! Who gets what, end to end: scopes, budgets, consent, break glass, wipe, lease, view audit,
-//! planning exports.
+//! planning exports. On the socket-free pair (`TestServer::in_memory`), but for the view-log
+//! test, which writes frames by hand over QUIC.
 
-use care_node::client::{ClientError, request_access};
+use care_node::client::ClientError;
 use care_node::protocol::{AccessKind, ClientMessage, ServerMessage};
 use care_node::store::{DeviceStore, StoreError};
 use care_node::sync::AccessRequest;
@@ -12,7 +13,7 @@ use care_sync_server::store::{AuditFilter, Role};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_out_of_scope_patient_never_reaches_a_device() {
-    let server = TestServer::start(12).await;
+    let server = TestServer::in_memory(12);
     let mut nurse = TestDevice::enrolled(&server, "nurse-1", Role::CommunityNurse).await;
     server.caseload("nurse-1", [1, 2, 3]);
     within(30, nurse.sync()).await.unwrap();
@@ -32,7 +33,7 @@ async fn an_out_of_scope_patient_never_reaches_a_device() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_incident_grant_lapses_and_the_record_is_purged() {
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
     let nhs = server.patients[2].clone();
     ops::incident_open(server.store.as_ref(), "ambulance-1", nhs.as_str(), 0.0005).unwrap(); // 1.8 s
@@ -59,7 +60,7 @@ async fn an_incident_grant_lapses_and_the_record_is_purged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn area_prefetch_brings_high_risk_patients_and_the_budget_keeps_priority_order() {
-    let server = TestServer::start(300).await;
+    let server = TestServer::in_memory(300);
     let mut crew = TestDevice::enrolled(&server, "ambulance-2", Role::AmbulanceCrew).await;
     let store = server.store.as_ref();
     // Districts of the synthetic population's high-risk patients.
@@ -98,7 +99,7 @@ async fn area_prefetch_brings_high_risk_patients_and_the_budget_keeps_priority_o
 
 #[tokio::test(flavor = "multi_thread")]
 async fn objection_withholds_a_caseload_patient_until_permission_to_view() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut nurse = TestDevice::enrolled(&server, "nurse-3", Role::CommunityNurse).await;
     let nhs = server.patients[1].clone();
     ops::set_consent(server.store.as_ref(), nhs.as_str(), Some(true), None).unwrap();
@@ -112,7 +113,7 @@ async fn objection_withholds_a_caseload_patient_until_permission_to_view() {
         kind: AccessKind::PermissionToView,
         reason: "asked at the visit".into(),
     };
-    let (decision, _) = within(30, request_access(&mut nurse.store, request)).await.unwrap();
+    let (decision, _) = within(30, nurse.request_access(request)).await.unwrap();
     assert!(decision.granted, "{}", decision.message);
     assert!(nurse.store.find_by_nhs(&nhs).unwrap().is_some(), "permission to view brings the record");
     let patient = server.store.patient_by_nhs(&nhs).unwrap().unwrap();
@@ -123,7 +124,7 @@ async fn objection_withholds_a_caseload_patient_until_permission_to_view() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn break_glass_grants_for_a_while_is_audited_and_alerts_operators() {
-    let mut server = TestServer::start(2).await;
+    let mut server = TestServer::in_memory(2);
     let mut crew = TestDevice::enrolled(&server, "ambulance-4", Role::AmbulanceCrew).await;
     within(30, crew.sync()).await.unwrap();
     let nhs = server.patients[0].clone();
@@ -131,7 +132,7 @@ async fn break_glass_grants_for_a_while_is_audited_and_alerts_operators() {
 
     let short =
         AccessRequest { nhs_number: nhs.as_str().into(), kind: AccessKind::BreakGlass, reason: "".into() };
-    let (decision, _) = within(30, request_access(&mut crew.store, short)).await.unwrap();
+    let (decision, _) = within(30, crew.request_access(short)).await.unwrap();
     assert!(!decision.granted && decision.message.contains("reason"));
 
     let request = AccessRequest {
@@ -139,7 +140,7 @@ async fn break_glass_grants_for_a_while_is_audited_and_alerts_operators() {
         kind: AccessKind::BreakGlass,
         reason: "unconscious, no identification of carers".into(),
     };
-    let (decision, _) = within(30, request_access(&mut crew.store, request.clone())).await.unwrap();
+    let (decision, _) = within(30, crew.request_access(request.clone())).await.unwrap();
     assert!(decision.granted);
     assert!(
         decision.until_ms > care_node::now_ms() && decision.until_ms < care_node::now_ms() + 5 * 3_600_000
@@ -156,14 +157,14 @@ async fn break_glass_grants_for_a_while_is_audited_and_alerts_operators() {
     // Offline, the device says plainly that the record is not here and access needs a connection.
     server.stop().await;
     let other = AccessRequest { nhs_number: server.patients[1].as_str().into(), ..request };
-    let err = within(60, request_access(&mut crew.store, other)).await.unwrap_err();
+    let err = within(60, crew.request_access(other)).await.unwrap_err();
     assert!(matches!(err, ClientError::NeedsConnection(..)), "{err:?}");
     assert!(err.to_string().contains("not on this device"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wiped_device_confirms_and_keeps_no_patient_data() {
-    let server = TestServer::start(5).await;
+    let server = TestServer::in_memory(5);
     let mut nurse = TestDevice::enrolled(&server, "nurse-5", Role::CommunityNurse).await;
     server.caseload("nurse-5", 0..5);
     within(30, nurse.sync()).await.unwrap();
@@ -189,7 +190,7 @@ async fn a_wiped_device_confirms_and_keeps_no_patient_data() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_lease_locks_patient_data_until_a_sync() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut crew = TestDevice::enrolled(&server, "ambulance-6", Role::AmbulanceCrew).await;
     server.caseload("ambulance-6", [0]);
     within(30, crew.sync()).await.unwrap();
@@ -276,7 +277,7 @@ async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out() {
-    let server = TestServer::start(0).await;
+    let server = TestServer::in_memory(0);
     let store = server.store.as_ref();
     let mut stem = 999_100_000u32;
     let mut add = |n: usize, dob: &str, postcode: &str| {
@@ -323,15 +324,12 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_told_to_wipe_during_a_live_session_shreds_its_key_too() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut crew = TestDevice::enrolled(&server, "ambulance-10", Role::AmbulanceCrew).await;
     server.caseload("ambulance-10", [0, 1]);
     within(30, crew.sync()).await.unwrap();
     ops::wipe(server.store.as_ref(), "ambulance-10").unwrap();
-    let err =
-        within(30, care_node::client::watch(&mut crew.store, &mut |_| {}, std::future::pending::<()>()))
-            .await
-            .unwrap_err();
+    let err = within(30, crew.watch(&mut |_| {}, std::future::pending::<()>())).await.unwrap_err();
     assert!(matches!(err, ClientError::Wiped), "{err:?}");
     assert!(server.store.device_by_name("ambulance-10").unwrap().unwrap().wiped_at_ms.is_some());
     assert!(matches!(DeviceStore::open(&crew.path, &cheap_wrapper(PASSPHRASE)), Err(StoreError::Wiped)));

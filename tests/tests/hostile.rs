@@ -53,7 +53,7 @@ fn saved(server: &TestServer, doc: &PatientId) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_quarantined() {
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let (target, alert) = gp_dnacpr(&server, 0);
     let mut hostile = TestDevice::enrolled(&server, "ambulance-stolen", Role::AmbulanceCrew).await;
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
@@ -115,7 +115,7 @@ async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_qua
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_compressed_bomb_and_an_oversized_change_are_refused_before_they_are_stored() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut hostile = TestDevice::enrolled(&server, "ambulance-bad", Role::AmbulanceCrew).await;
     let mut crew = TestDevice::enrolled(&server, "ambulance-good", Role::AmbulanceCrew).await;
     server.caseload("ambulance-bad", [0]);
@@ -177,7 +177,7 @@ async fn a_compressed_bomb_and_an_oversized_change_are_refused_before_they_are_s
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_caseload_remove_the_device_cannot_write_and_keeps_its_refused_entry() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut nurse = TestDevice::enrolled(&server, "nurse-1", Role::CommunityNurse).await;
     server.caseload("nurse-1", [0]);
     within(30, nurse.sync()).await.unwrap();
@@ -207,7 +207,7 @@ async fn after_caseload_remove_the_device_cannot_write_and_keeps_its_refused_ent
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_entry_leaves_the_record_and_the_patients_view_shows_it_with_the_clinicians_text() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut nurse = TestDevice::enrolled(&server, "nurse-2", Role::CommunityNurse).await;
     server.caseload("nurse-2", [0]);
     within(30, nurse.sync()).await.unwrap();
@@ -354,43 +354,37 @@ async fn an_enrolment_peer_announcing_a_huge_frame_is_closed_without_the_allocat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_one_alert() {
-    use care_node::client::request_access;
     use care_node::protocol::AccessKind;
     use care_node::sync::AccessRequest;
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
     let ask =
         |nhs: &str, kind, reason: &str| AccessRequest { nhs_number: nhs.into(), kind, reason: reason.into() };
 
-    let (decision, _) = within(
-        30,
-        request_access(&mut crew.store, ask(server.patients[0].as_str(), AccessKind::PermissionToView, "")),
-    )
-    .await
-    .unwrap();
+    let (decision, _) =
+        within(30, crew.request_access(ask(server.patients[0].as_str(), AccessKind::PermissionToView, "")))
+            .await
+            .unwrap();
     assert!(!decision.granted && decision.message.contains("reason"), "{decision:?}");
     // A valid but unregistered NHS number and a malformed one get the same answer.
-    let (unknown, _) = within(
-        30,
-        request_access(&mut crew.store, ask("9990000999", AccessKind::BreakGlass, "collapsed in street")),
-    )
-    .await
-    .unwrap();
-    let (invalid, _) = within(
-        30,
-        request_access(&mut crew.store, ask("1234567890", AccessKind::BreakGlass, "collapsed in street")),
-    )
-    .await
-    .unwrap();
+    let (unknown, _) =
+        within(30, crew.request_access(ask("9990000999", AccessKind::BreakGlass, "collapsed in street")))
+            .await
+            .unwrap();
+    let (invalid, _) =
+        within(30, crew.request_access(ask("1234567890", AccessKind::BreakGlass, "collapsed in street")))
+            .await
+            .unwrap();
     assert!(!unknown.granted && !invalid.granted);
     assert_eq!(unknown.message, invalid.message);
     // Permission to view is granted with a reason, and raises an alert to review.
     let (granted, _) = within(
         30,
-        request_access(
-            &mut crew.store,
-            ask(server.patients[1].as_str(), AccessKind::PermissionToView, "patient agreed verbally"),
-        ),
+        crew.request_access(ask(
+            server.patients[1].as_str(),
+            AccessKind::PermissionToView,
+            "patient agreed verbally",
+        )),
     )
     .await
     .unwrap();
@@ -400,12 +394,10 @@ async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_
     // A flood: past the hourly limit every request is refused, under one alert.
     let mut refused = 0;
     for _ in 0..care_sync_server::domain::limits::Limits::default().access_requests_per_hour + 3 {
-        let (d, _) = within(
-            30,
-            request_access(&mut crew.store, ask("9990000999", AccessKind::BreakGlass, "collapsed in street")),
-        )
-        .await
-        .unwrap();
+        let (d, _) =
+            within(30, crew.request_access(ask("9990000999", AccessKind::BreakGlass, "collapsed in street")))
+                .await
+                .unwrap();
         refused += usize::from(d.message.contains("too many"));
     }
     assert!(refused >= 3, "{refused}");
@@ -413,10 +405,7 @@ async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_
     assert_eq!(floods, 1);
     let (late, _) = within(
         30,
-        request_access(
-            &mut crew.store,
-            ask(server.patients[2].as_str(), AccessKind::BreakGlass, "collapsed in street"),
-        ),
+        crew.request_access(ask(server.patients[2].as_str(), AccessKind::BreakGlass, "collapsed in street")),
     )
     .await
     .unwrap();
@@ -426,7 +415,7 @@ async fn access_requests_need_a_reason_tell_nothing_of_existence_and_a_flood_is_
 #[tokio::test(flavor = "multi_thread")]
 async fn view_log_entries_for_patients_not_held_are_flagged_and_far_ahead_are_not_recorded() {
     use care_node::viewlog::{SignedView, ViewEntry};
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let mut nurse = TestDevice::enrolled(&server, "nurse-7", Role::CommunityNurse).await;
     server.caseload("nurse-7", [0]);
     within(30, nurse.sync()).await.unwrap();
@@ -465,7 +454,7 @@ async fn view_log_entries_for_patients_not_held_are_flagged_and_far_ahead_are_no
 
 #[tokio::test(flavor = "multi_thread")]
 async fn winding_the_device_clock_back_does_not_stretch_the_offline_lease() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
     server.caseload("ambulance-1", [0]);
     within(30, crew.sync()).await.unwrap();
@@ -493,7 +482,7 @@ async fn a_fuzzer_crash_input_through_the_whole_upload_path_is_refused_and_the_s
         133, 111, 74, 131, 10, 148, 133, 236, 1, 21, 0, 0, 78, 22, 0, 0, 0, 0, 0, 0, 212, 0, 149, 10, 21, 21,
         0, 31, 229, 64, 0,
     ];
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let mut hostile = TestDevice::enrolled(&server, "ambulance-bad", Role::AmbulanceCrew).await;
     server.caseload("ambulance-bad", [0]);
     within(30, hostile.sync()).await.unwrap();

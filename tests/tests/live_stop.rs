@@ -41,7 +41,7 @@ async fn stopping_a_watch_while_a_pushed_round_is_in_flight_is_a_normal_end() {
         "the change is pushed"
     );
     // The user stops watching now: the device leaves without acknowledging the pushed round.
-    conn.connection.close(close::DONE.into(), b"done");
+    conn.quic().connection.close(close::DONE.into(), b"done");
     // Two sessions ended since the baseline: the crew's sync and this live session.
     for _ in 0..250 {
         if syncs("ok") + syncs("error") >= ok + errors + 2 {

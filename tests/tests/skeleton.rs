@@ -11,7 +11,7 @@ use care_sync_server::store::Role;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crew_reads_a_caseload_patient_after_enrolling_and_syncing() {
-    let server = TestServer::start(20).await;
+    let server = TestServer::in_memory(20);
     let mut crew = TestDevice::enrolled(&server, "ambulance-7", Role::AmbulanceCrew).await;
     server.caseload("ambulance-7", [0, 3, 5]);
     let report = within(30, crew.sync()).await.expect("sync");
@@ -26,7 +26,7 @@ async fn crew_reads_a_caseload_patient_after_enrolling_and_syncing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_offline_entries_on_two_devices_both_survive() {
-    let mut server = TestServer::start(10).await;
+    let mut server = TestServer::in_memory(10);
     let mut crew = TestDevice::enrolled(&server, "ambulance-1", Role::AmbulanceCrew).await;
     let mut nurse = TestDevice::enrolled(&server, "nurse-1", Role::CommunityNurse).await;
     server.caseload("ambulance-1", [0, 1]);
@@ -97,12 +97,12 @@ async fn unenrolled_and_revoked_keys_are_refused_in_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_works_once_and_expires() {
-    let server = TestServer::start(1).await;
+    let server = TestServer::in_memory(1);
     let token = server.token("nurse-9", Role::CommunityNurse);
     let mut first = TestDevice::new("first");
-    within(30, care_node::client::enrol(&mut first.store, &token)).await.expect("first use works");
+    within(30, first.enrol(&server, &token)).await.expect("first use works");
     let mut second = TestDevice::new("second");
-    let err = within(30, care_node::client::enrol(&mut second.store, &token)).await.unwrap_err();
+    let err = within(30, second.enrol(&server, &token)).await.unwrap_err();
     assert!(err.to_string().contains("already used"), "got {err}");
     assert!(second.store.enrolment().unwrap().is_none());
 
@@ -116,16 +116,16 @@ async fn a_token_works_once_and_expires() {
     .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let mut late = TestDevice::new("late");
-    let err = within(30, care_node::client::enrol(&mut late.store, &expiring)).await.unwrap_err();
+    let err = within(30, late.enrol(&server, &expiring)).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "got {err}");
 
-    let err = within(30, care_node::client::enrol(&mut late.store, "care-enrol1.garbage")).await.unwrap_err();
+    let err = within(30, late.enrol(&server, "care-enrol1.garbage")).await.unwrap_err();
     assert!(matches!(err, ClientError::Token(_)), "got {err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_device_store_never_holds_identifiable_data_in_plaintext() {
-    let server = TestServer::start(30).await;
+    let server = TestServer::in_memory(30);
     let mut crew = TestDevice::enrolled(&server, "ambulance-3", Role::AmbulanceCrew).await;
     server.caseload("ambulance-3", 0..30);
     within(30, crew.sync()).await.unwrap();
@@ -142,7 +142,7 @@ async fn the_device_store_never_holds_identifiable_data_in_plaintext() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_passphrase_tampering_and_swapped_rows_are_clear_errors() {
-    let server = TestServer::start(5).await;
+    let server = TestServer::in_memory(5);
     let mut crew = TestDevice::enrolled(&server, "ambulance-4", Role::AmbulanceCrew).await;
     server.caseload("ambulance-4", [0, 1]);
     within(30, crew.sync()).await.unwrap();
@@ -219,7 +219,7 @@ async fn wrong_passphrase_tampering_and_swapped_rows_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_cannot_upload_changes_authored_by_another_device() {
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let mut crew = TestDevice::enrolled(&server, "ambulance-5", Role::AmbulanceCrew).await;
     let nurse = TestDevice::enrolled(&server, "nurse-5", Role::CommunityNurse).await;
     server.caseload("ambulance-5", [0]);
@@ -280,7 +280,7 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_patient_leaving_the_caseload_is_purged_and_returns_only_on_re_entry() {
-    let server = TestServer::start(4).await;
+    let server = TestServer::in_memory(4);
     let mut nurse = TestDevice::enrolled(&server, "nurse-6", Role::CommunityNurse).await;
     server.caseload("nurse-6", [0, 1]);
     within(30, nurse.sync()).await.unwrap();

@@ -29,7 +29,7 @@ fn allergies(device: &TestDevice, nhs: &care_node::nhs::NhsNumber) -> Vec<(Strin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_offline_for_400_days_sends_its_entries_and_receives_what_changed() {
-    let server = TestServer::start(3).await;
+    let server = TestServer::in_memory(3);
     let nhs = server.patients.clone();
     // Day 0 is 400 days ago: the server and both devices run there.
     server.clock.set_offset(-400 * DAY);
@@ -40,7 +40,7 @@ async fn a_device_offline_for_400_days_sends_its_entries_and_receives_what_chang
     let mut colleague = TestDevice::new("nurse-colleague");
     colleague.store.set_clock(colleague_clock.clone());
     for (device, name) in [(&mut drawer, "tablet-in-a-drawer"), (&mut colleague, "nurse-colleague")] {
-        care_node::client::enrol(&mut device.store, &server.token(name, Role::CommunityNurse)).await.unwrap();
+        device.enrol(&server, &server.token(name, Role::CommunityNurse)).await.unwrap();
         server.caseload(name, 0..3);
         within(60, device.sync()).await.expect("day 0 sync");
     }

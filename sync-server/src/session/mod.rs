@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use care_node::identity::{PublicKey, short_hex};
 use care_node::protocol::{
-    ClientMessage, DocBody, DocItem, RefusedDoc, Resume, ServerMessage, TARGET_BATCH_BYTES,
+    ClientMessage, DocBody, DocItem, RefusedDoc, Resume, ServerMessage, TARGET_BATCH_BYTES, close,
 };
 use care_node::summary::PatientId;
 use serde_bytes::ByteBuf;
@@ -44,6 +44,30 @@ pub enum SessionError {
     Upload(UploadError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl SessionError {
+    /// The close code a session that failed with this error ends with
+    /// ([`care_node::protocol::close`]): a refused upload is `REFUSED`, a store failure (a full
+    /// disk, say) `INTERNAL` (the device may try again), anything else the device's `PROTOCOL`
+    /// violation.
+    pub fn close_code(&self) -> u32 {
+        match self {
+            SessionError::Upload(_) => close::REFUSED,
+            SessionError::Store(_) => close::INTERNAL,
+            SessionError::Protocol(_) => close::PROTOCOL,
+        }
+    }
+
+    /// The frame that tells the device why, before the session closes: a refused upload is
+    /// answered with `Refused` and its reason (the device keeps its changes and shows why); the
+    /// rest end with the close code and reason alone.
+    pub fn refusal(&self) -> Option<ServerMessage> {
+        match self {
+            SessionError::Upload(reason) => Some(ServerMessage::Refused { message: reason.to_string() }),
+            _ => None,
+        }
+    }
 }
 
 /// The store failing while an upload is checked is the server's failure (a full disk, say),

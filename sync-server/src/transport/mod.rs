@@ -345,8 +345,8 @@ async fn read_with_deadline<T: serde::de::DeserializeOwned>(
 /// Ends a connection because of `error`, telling the device why (never with patient data).
 fn close_with(conn: &quinn::Connection, error: &ConnectionError) {
     let code = match error {
-        ConnectionError::Session(SessionError::Upload(_)) => close::REFUSED,
-        ConnectionError::Session(SessionError::Store(_)) | ConnectionError::Join => close::INTERNAL,
+        ConnectionError::Session(e) => e.close_code(),
+        ConnectionError::Join => close::INTERNAL,
         _ => close::PROTOCOL,
     };
     let reason = error.to_string();
@@ -430,8 +430,8 @@ async fn read_frames(mut recv: quinn::RecvStream, frames: tokio::sync::mpsc::Sen
 }
 
 /// Tells the device why its session ends, in a frame it will read, then lets it hang up first.
-async fn refuse_session(conn: &quinn::Connection, send: &mut quinn::SendStream, message: String) {
-    let _ = write_frame(send, &ServerMessage::Refused { message }).await;
+async fn tell_and_linger(conn: &quinn::Connection, send: &mut quinn::SendStream, why: &ServerMessage) {
+    let _ = write_frame(send, why).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(LINGER, conn.closed()).await;
 }
@@ -746,7 +746,7 @@ async fn run_session(
                 .take(cost, per_minute)
         {
             let message = "upload rate limit: this device sent too much in the last minute; it keeps its changes and may sync again shortly";
-            refuse_session(conn, send, message.into()).await;
+            tell_and_linger(conn, send, &ServerMessage::Refused { message: message.into() }).await;
             return Err(ConnectionError::Busy);
         }
         let now = shared.clock.now_ms();
@@ -756,8 +756,8 @@ async fn run_session(
         let replies = match replies {
             Ok(replies) => replies,
             Err(e) => {
-                if let SessionError::Upload(reason) = &e {
-                    refuse_session(conn, send, reason.to_string()).await;
+                if let Some(refusal) = e.refusal() {
+                    tell_and_linger(conn, send, &refusal).await;
                 }
                 return Err(e.into());
             }
