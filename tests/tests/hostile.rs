@@ -86,14 +86,13 @@ async fn content_attacks_merge_records_and_erase_a_gp_dnacpr_are_refused_and_qua
     // Nothing changed on the server; everything was kept for review, under one alert.
     assert_eq!(saved(&server, &target), before);
     assert_eq!(server.store.max_seq().unwrap(), seq);
-    assert!(
-        server
-            .store
-            .scope_candidates(server.device_id("ambulance-stolen"), &[], care_node::now_ms())
-            .unwrap()
-            .iter()
-            .all(|c| c.patient != other)
-    );
+    let scope = care_sync_server::session::scope::device_scope(
+        server.store.as_ref(),
+        server.device_id("ambulance-stolen"),
+        care_node::now_ms(),
+    )
+    .unwrap();
+    assert!(!scope.patients.contains(&other), "the other record did not enter the device's scope");
     let quarantined = server.store.quarantined(None).unwrap();
     assert_eq!(quarantined.len(), 3);
     assert!(quarantined.iter().all(|q| q.device == "ambulance-stolen" && q.patient == target));

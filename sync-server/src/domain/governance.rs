@@ -1,5 +1,5 @@
-//! Governance rules the server applies to devices, with no I/O: the kinds of grant, the setting
-//! that says how long each lasts, and when a request for access at the point of care
+//! Governance rules the server applies to devices, with no I/O: the setting that says how long
+//! each kind of grant lasts, and when a request for access at the point of care
 //! (permission to view, break glass) is refused before any record is looked up. The session
 //! carries them out against the store ([`crate::session::governance`]).
 
@@ -10,32 +10,7 @@ use crate::domain::settings::Setting;
 /// Who an operator action is attributed to when the caller does not say.
 pub const OPERATOR: &str = "operator";
 
-/// Why a device was granted a patient outside its caseload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GrantKind {
-    /// Assigned to an incident (lapses after its grace period, or when closed).
-    Incident,
-    /// A clinician recorded the patient's permission to view at the point of care.
-    PermissionToView,
-    /// Emergency access without permission (reason required; raises an alert).
-    BreakGlass,
-}
-
-impl GrantKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantKind::Incident => "incident",
-            GrantKind::PermissionToView => "permission-to-view",
-            GrantKind::BreakGlass => "break-glass",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [GrantKind::Incident, GrantKind::PermissionToView, GrantKind::BreakGlass]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
-}
+pub use crate::domain::grant::GrantKind;
 
 /// Audited actions that count as access requests for the rate limit.
 pub const ACCESS_ACTIONS: [&str; 3] = ["permission-to-view", "break-glass", "access-refused"];

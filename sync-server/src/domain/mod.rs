@@ -6,7 +6,8 @@
 //! - [`device`]: a device's role and where it stands (enrolled, revoked, asked to wipe).
 //! - [`scope`]: who gets what: tiers, objection, budget (pure policy).
 //! - [`limits`]: what one peer may cost the server (the `[limits]` settings).
-//! - [`governance`]: grants, the setting each lasts for, when access is refused.
+//! - [`grant`]: the kinds of grant (incident, permission to view, break glass).
+//! - [`governance`]: the setting each grant lasts for, when access is refused.
 //! - [`settings`]: the settings an operator changes at run time (leases, grant hours, budget,
 //!   prefetch flags), typed, with their defaults and precedence.
 //! - [`compaction`]: how far back the change log must reach, and which devices fall below it.
@@ -16,6 +17,7 @@
 pub mod compaction;
 pub mod device;
 pub mod governance;
+pub mod grant;
 pub mod limits;
 pub mod scope;
 pub mod settings;

@@ -11,12 +11,16 @@
 //! document budget caps the total: higher tiers first, and within a tier the nearest review date
 //! first; what the budget leaves out is counted and reported to the device.
 //!
-//! [`decide`] is pure and unit-tested; [`crate::session::scope::device_scope`] gathers its
-//! inputs from the store.
+//! [`candidates`] turns what the store holds (a device's grants, caseload and areas' patients,
+//! as plain rows) into the reasons each patient is on the device; [`decide`] applies objection,
+//! priority and budget. Both are pure and unit-tested; [`crate::session::scope::device_scope`]
+//! gathers their inputs from the store.
 
 use std::collections::HashSet;
 
 use care_node::summary::{self as s, PatientId, PatientSummary};
+
+use crate::domain::grant::GrantKind;
 
 /// The default per-device document budget.
 pub const DEFAULT_BUDGET: u64 = 20_000;
@@ -52,6 +56,79 @@ pub struct Candidate {
     pub objection: bool,
     /// The patient has an active alert (ReSPECT/DNACPR, safeguarding, …): sent first.
     pub alerted: bool,
+}
+
+/// What the scope rules read of one stored patient.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PatientFacts {
+    pub patient: PatientId,
+    /// The earliest review date of the patient's alerts (ISO 8601), if any.
+    pub review_date: Option<String>,
+    pub objection: bool,
+    /// The patient's risk flags ([`PatientIndex::flags`]).
+    pub risk_flags: Vec<String>,
+    /// An operator merged this record into another: it puts no one on a device.
+    pub merged: bool,
+}
+
+/// A grant of one patient to the device, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantFacts {
+    pub kind: GrantKind,
+    pub expires_at_ms: i64,
+    /// Closed by an operator (an incident closed), if it was.
+    pub closed_at_ms: Option<i64>,
+    pub patient: PatientFacts,
+}
+
+/// Everything stored that can put patients on one device. The store may leave out rows the rules
+/// would drop (grants long ended, patients in the areas with none of the flags asked for): it
+/// narrows, [`candidates`] decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeRows {
+    pub grants: Vec<GrantFacts>,
+    pub caseload: Vec<PatientFacts>,
+    /// Patients of the postcode districts the device covers.
+    pub area: Vec<PatientFacts>,
+}
+
+/// The tier a grant puts its patient in.
+pub fn grant_tier(kind: GrantKind) -> Tier {
+    match kind {
+        GrantKind::Incident => Tier::Incident,
+        GrantKind::PermissionToView | GrantKind::BreakGlass => Tier::Grant,
+    }
+}
+
+/// Every reason each patient is on the device at `now_ms`, before objection and budget: grants
+/// open and not yet expired, the caseload, and the area's patients carrying one of
+/// `prefetch_flags`; never a merged record. A patient is alerted by any flag but
+/// [`FREQUENT_ATTENDER`] (attendance is no alert).
+pub fn candidates(rows: ScopeRows, prefetch_flags: &[String], now_ms: i64) -> Vec<Candidate> {
+    let candidate = |facts: PatientFacts, tier: Tier| Candidate {
+        alerted: facts.risk_flags.iter().any(|f| f != FREQUENT_ATTENDER),
+        patient: facts.patient,
+        tier,
+        review_date: facts.review_date,
+        objection: facts.objection,
+    };
+    let grants = rows
+        .grants
+        .into_iter()
+        .filter(|g| g.closed_at_ms.is_none() && g.expires_at_ms > now_ms)
+        .map(|g| (g.patient, grant_tier(g.kind)));
+    let caseload = rows.caseload.into_iter().map(|p| (p, Tier::Caseload));
+    let area = rows
+        .area
+        .into_iter()
+        .filter(|p| p.risk_flags.iter().any(|f| prefetch_flags.contains(f)))
+        .map(|p| (p, Tier::AreaPrefetch));
+    grants
+        .chain(caseload)
+        .chain(area)
+        .filter(|(p, _)| !p.merged)
+        .map(|(p, tier)| candidate(p, tier))
+        .collect()
 }
 
 /// The decided scope of a device.
@@ -171,6 +248,49 @@ mod tests {
             objection,
             alerted: false,
         }
+    }
+
+    fn facts(n: u8, flags: &[&str], merged: bool) -> PatientFacts {
+        PatientFacts {
+            patient: PatientId::from_bytes([n; 16]),
+            risk_flags: flags.iter().map(|f| f.to_string()).collect(),
+            merged,
+            ..Default::default()
+        }
+    }
+
+    fn grant(n: u8, kind: GrantKind, expires_at_ms: i64, closed_at_ms: Option<i64>) -> GrantFacts {
+        GrantFacts { kind, expires_at_ms, closed_at_ms, patient: facts(n, &[], false) }
+    }
+
+    #[test]
+    fn candidates_are_open_grants_the_caseload_and_flagged_area_patients_never_merged_ones() {
+        let rows = ScopeRows {
+            grants: vec![
+                grant(1, GrantKind::BreakGlass, 100, None),
+                grant(2, GrantKind::Incident, 100, None),
+                grant(3, GrantKind::PermissionToView, 50, None), // lapsed at 50
+                grant(4, GrantKind::Incident, 100, Some(10)),    // closed
+            ],
+            caseload: vec![facts(5, &[FREQUENT_ATTENDER], false), facts(6, &[], true)],
+            area: vec![
+                facts(7, &["safeguarding"], false),
+                facts(8, &["frequent-attender"], false), // not a flag asked for
+                facts(9, &["safeguarding"], true),
+            ],
+        };
+        let found = candidates(rows, &["safeguarding".to_string()], 60);
+        let got: Vec<(u8, Tier, bool)> =
+            found.iter().map(|c| (c.patient.as_bytes()[0], c.tier, c.alerted)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Tier::Grant, false),
+                (2, Tier::Incident, false),
+                (5, Tier::Caseload, false), // frequent attendance is no alert
+                (7, Tier::AreaPrefetch, true),
+            ]
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Who gets what, as a session gathers it: the inputs of [`decide`] read from the store (the
-//! device's budget, the prefetch flags, the candidates), and what a device may write now. The
+//! Who gets what, as a session gathers it: the inputs of [`candidates`] and [`decide`] read from
+//! the store (the device's budget, the prefetch flags, its grants, caseload and areas' patients),
+//! and what a device may write now. The
 //! policy itself is [`crate::domain::scope`].
 
 use std::collections::HashSet;
 
 use care_node::summary::{PatientId, PatientSummary};
 
-use crate::domain::scope::{Scope, decide};
+use crate::domain::scope::{Scope, candidates, decide};
 use crate::domain::settings::Setting;
 use crate::store::{ServerStore, StoreError};
 
@@ -20,7 +21,7 @@ pub fn device_scope(store: &dyn ServerStore, device: i64, now_ms: i64) -> Result
             value.parse().map_err(|_| StoreError::Unreadable("setting", Setting::Budget.name().into()))?
         }
     };
-    Ok(decide(store.scope_candidates(device, &flags, now_ms)?, budget))
+    Ok(decide(candidates(store.scope_rows(device, &flags, now_ms)?, &flags, now_ms), budget))
 }
 
 /// The flags that make a patient prefetched (setting `prefetch-flags`, comma-separated).

@@ -8,7 +8,7 @@
 pub mod sqlite;
 
 pub use crate::domain::device::{DeviceRecord, Role};
-pub use crate::domain::governance::GrantKind;
+pub use crate::domain::grant::GrantKind;
 use crate::domain::settings::{Applied, Setting, Source};
 pub use crate::domain::upload::CheckedChanges;
 
@@ -468,13 +468,15 @@ pub trait Governance: Send + Sync {
     fn areas(&self, device: i64) -> Result<Vec<String>, StoreError>;
     fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError>;
     fn set_consent(&self, patient: &PatientId, flags: ConsentFlags) -> Result<(), StoreError>;
-    /// Every reason each patient is on the device now (before objection and budget).
-    fn scope_candidates(
+    /// What can put patients on the device (see [`crate::domain::scope::ScopeRows`]): its grants
+    /// (those ended by `now_ms` may be left out), its caseload, and the patients of its areas
+    /// (those with none of `prefetch_flags` may be left out). The rules are the domain's.
+    fn scope_rows(
         &self,
         device: i64,
         prefetch_flags: &[String],
         now_ms: i64,
-    ) -> Result<Vec<crate::domain::scope::Candidate>, StoreError>;
+    ) -> Result<crate::domain::scope::ScopeRows, StoreError>;
 
     // --- alerts
     fn raise_alert(

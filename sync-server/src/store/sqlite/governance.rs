@@ -184,75 +184,58 @@ impl Governance for SqliteStore {
         Ok(())
     }
 
-    fn scope_candidates(
+    fn scope_rows(
         &self,
         device: i64,
         prefetch_flags: &[String],
         now_ms: i64,
-    ) -> Result<Vec<crate::domain::scope::Candidate>, StoreError> {
-        use crate::domain::scope::{Candidate, Tier};
+    ) -> Result<crate::domain::scope::ScopeRows, StoreError> {
+        use crate::domain::scope::{GrantFacts, PatientFacts, ScopeRows};
+        const FACTS: &str = "p.id, p.review_date, p.objection, p.risk_flags, p.merged";
+        fn facts(r: &rusqlite::Row<'_>) -> rusqlite::Result<PatientFacts> {
+            let flags: String = r.get(3)?;
+            Ok(PatientFacts {
+                patient: patient_id(r.get(0)?)?,
+                review_date: r.get(1)?,
+                objection: r.get(2)?,
+                risk_flags: flags.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect(),
+                merged: r.get(4)?,
+            })
+        }
         let conn = self.conn();
-        let mut out = Vec::new();
-        let row = |tier: Tier| {
-            move |r: &rusqlite::Row<'_>| {
-                let flags: String = r.get(3)?;
-                Ok(Candidate {
-                    patient: patient_id(r.get(0)?)?,
-                    tier,
-                    review_date: r.get(1)?,
-                    objection: r.get(2)?,
-                    alerted: flags
-                        .split(',')
-                        .any(|f| !f.is_empty() && f != crate::domain::scope::FREQUENT_ATTENDER),
-                })
-            }
-        };
-        let mut grants = conn.prepare_cached(
-            "SELECT p.id, p.review_date, p.objection, p.risk_flags, g.kind FROM grants g JOIN patients p ON p.id = g.patient_id
-             WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2 AND p.merged = 0",
-        )?;
-        let rows = grants.query_map(params![device, now_ms], |r| {
-            let kind: String = r.get(4)?;
+        let mut rows = ScopeRows::default();
+        // Narrowed to grants not yet ended (closed ones and the lapsed pile up over the years).
+        let mut grants = conn.prepare_cached(&format!(
+            "SELECT {FACTS}, g.kind, g.expires_at_ms, g.closed_at_ms FROM grants g JOIN patients p ON p.id = g.patient_id
+             WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2"
+        ))?;
+        let found = grants.query_map(params![device, now_ms], |r| {
+            let kind: String = r.get(5)?;
             // A kind this server does not know is a damaged or newer store: said so, never
             // given the highest priority by default.
-            let tier =
-                match GrantKind::parse(&kind).ok_or_else(|| super::unknown_stored("grant kind", &kind))? {
-                    GrantKind::Incident => Tier::Incident,
-                    GrantKind::PermissionToView | GrantKind::BreakGlass => Tier::Grant,
-                };
-            row(tier)(r)
+            let kind = GrantKind::parse(&kind).ok_or_else(|| super::unknown_stored("grant kind", &kind))?;
+            Ok(GrantFacts { kind, expires_at_ms: r.get(6)?, closed_at_ms: r.get(7)?, patient: facts(r)? })
         })?;
-        for r in rows {
-            out.push(r?);
-        }
-        let mut caseload = conn.prepare_cached(
-            "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM caseload c JOIN patients p ON p.id = c.patient_id
-             WHERE c.device_id = ?1 AND p.merged = 0",
-        )?;
-        for r in caseload.query_map([device], row(Tier::Caseload))? {
-            out.push(r?);
-        }
+        rows.grants = found.collect::<Result<_, _>>()?;
+        let mut caseload = conn.prepare_cached(&format!(
+            "SELECT {FACTS} FROM caseload c JOIN patients p ON p.id = c.patient_id WHERE c.device_id = ?1"
+        ))?;
+        rows.caseload = caseload.query_map([device], facts)?.collect::<Result<_, _>>()?;
         if !prefetch_flags.is_empty() {
-            let flag_test = prefetch_flags
-                .iter()
-                .enumerate()
-                .map(|(i, _)| format!("instr(p.risk_flags, ',' || ?{} || ',') > 0", i + 2))
+            // Narrowed to patients with one of the flags: a district has thousands without.
+            let flag_test = (0..prefetch_flags.len())
+                .map(|i| format!("instr(p.risk_flags, ',' || ?{} || ',') > 0", i + 2))
                 .collect::<Vec<_>>()
                 .join(" OR ");
-            let sql = format!(
-                "SELECT p.id, p.review_date, p.objection, p.risk_flags FROM device_areas a JOIN patients p ON p.district = a.district
-                 WHERE a.device_id = ?1 AND p.merged = 0 AND p.risk_flags != ',' AND ({flag_test})"
-            );
-            let mut area = conn.prepare_cached(&sql)?;
+            let mut area = conn.prepare_cached(&format!(
+                "SELECT {FACTS} FROM device_areas a JOIN patients p ON p.district = a.district
+                 WHERE a.device_id = ?1 AND ({flag_test})"
+            ))?;
             let mut values: Vec<&dyn rusqlite::ToSql> = vec![&device];
-            for f in prefetch_flags {
-                values.push(f);
-            }
-            for r in area.query_map(values.as_slice(), row(Tier::AreaPrefetch))? {
-                out.push(r?);
-            }
+            values.extend(prefetch_flags.iter().map(|f| f as &dyn rusqlite::ToSql));
+            rows.area = area.query_map(values.as_slice(), facts)?.collect::<Result<_, _>>()?;
         }
-        Ok(out)
+        Ok(rows)
     }
 
     fn raise_alert(
@@ -548,7 +531,7 @@ mod tests {
         let err = store.grants(Some(device), 1).unwrap_err().to_string();
         assert!(err.contains("grant kind `lunch-break`"), "{err}");
         // Who gets what: not a grant of the highest priority by default.
-        let err = store.scope_candidates(device, &[], 1).unwrap_err().to_string();
+        let err = store.scope_rows(device, &[], 1).unwrap_err().to_string();
         assert!(err.contains("grant kind `lunch-break`"), "{err}");
     }
 
