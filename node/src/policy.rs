@@ -3,6 +3,9 @@
 //! and the device checks its own edits with the same function before it stores them, so a
 //! well-behaved device never produces a change the server refuses.
 //!
+//! Over 600 lines because it is the whole table, every rule in one place (and about 230 lines
+//! are its tests): split, there would be two places to read what a device may write.
+//!
 //! A device may, on a patient it holds:
 //! - **add** a new entry to a clinical section its role may write ([`sections_for_role`]), under a
 //!   fresh entry id, with provenance naming itself (its key, enrolled name and role);

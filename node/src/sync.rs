@@ -269,11 +269,10 @@ impl SyncSession {
         store: &mut DeviceStore,
         progress: &mut dyn FnMut(&SyncStats),
     ) -> Result<Vec<ClientMessage>, SyncError> {
-        let mut out = Vec::new();
         match (self.phase, message) {
             (_, ServerMessage::Refused { message }) => {
                 self.phase = Phase::Done;
-                return Err(SyncError::Refused(message));
+                Err(SyncError::Refused(message))
             }
             (
                 Phase::AwaitWelcome,
@@ -289,127 +288,172 @@ impl SyncSession {
                     restored,
                 },
             ) => {
-                self.server = Some(ServerView {
+                let view = ServerView {
                     device_name,
                     role,
                     server_time_ms,
                     lease_ms,
                     welcomed_at_ms: store.now_ms(),
                     welcomed_at_monotonic_ms: store.monotonic_ms(),
-                });
+                };
                 store.follow_server_key(server_key, next_server_key)?;
-                if restored {
-                    self.restored = true;
-                    let queued = store.follow_server_restore(incarnation)?;
-                    tracing::warn!(
-                        queued,
-                        "the server was restored from a backup; sending this device's changes again"
-                    );
-                } else if store.server_incarnation()? != Some(incarnation) {
-                    store.set_server_incarnation(incarnation)?;
-                }
-                if wipe {
-                    store.wipe_patient_data()?;
-                    self.wiped = true;
-                    self.phase = Phase::Done;
-                    out.push(ClientMessage::WipeConfirmed);
-                    return Ok(out);
-                }
-                self.phase = Phase::Uploading;
+                self.welcomed(view, store, incarnation, restored, wipe)
             }
             (Phase::Uploading, ServerMessage::AccessDecision { granted, message, until_ms }) => {
                 self.decisions.push(AccessDecision { granted, message, until_ms });
+                Ok(Vec::new())
             }
             (Phase::Uploading, ServerMessage::ViewLogAck { through }) => {
                 store.acknowledge_views(through)?;
+                Ok(Vec::new())
             }
             (Phase::Uploading, ServerMessage::UploadAck { through, refused }) => {
-                if through > self.upload_sent_through || self.upload_in_flight == 0 {
-                    return Err(SyncError::Protocol("acknowledgement of an upload never sent".into()));
-                }
-                if !refused.is_empty() {
-                    for r in &refused {
-                        tracing::warn!(rule = %r.rule, place = %r.place, "the server refused this device's changes to a document; kept on this device");
-                    }
-                    self.stats.refused_changes += store.diverge(&refused, store.now_ms())?;
-                }
-                store.acknowledge_uploads(through)?;
-                self.upload_in_flight -= 1;
-                self.fill_upload_window(store, &mut out)?;
+                self.upload_acknowledged(through, &refused, store)
             }
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
                 ServerMessage::Docs { round, priority, round_items, items },
-            ) => {
-                if self.upload_in_flight > 0 || !self.upload_finished {
-                    return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
-                }
-                if self.round.is_none() {
-                    self.stats.round_applied = 0; // a new round (live sessions have many)
-                }
-                if *self.round.get_or_insert(round) != round {
-                    return Err(SyncError::Protocol("documents of two rounds in one session".into()));
-                }
-                self.phase = Phase::Downloading;
-                let now = store.now_ms();
-                self.stats.round_items = round_items;
-                let step = (round_items / 100).max(1);
-                let mut during = self.stats.clone();
-                let page = items.len();
-                let on_item = &mut |done: usize| {
-                    during.round_applied = self.stats.round_applied + done as u64;
-                    if done < page && during.round_applied.is_multiple_of(step) {
-                        progress(&during);
-                    }
-                };
-                let notified = store.apply_items(round, priority, &items, now, on_item)?;
-                out.push(ClientMessage::PageApplied { round });
-                self.stats.notifications += notified;
-                self.stats.round_applied += page as u64;
-                for item in &items {
-                    match &item.body {
-                        crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
-                        crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,
-                        crate::protocol::DocBody::Purge => self.stats.documents_purged += 1,
-                    }
-                }
-                progress(&self.stats);
-            }
+            ) => self.page(round, priority, round_items, &items, store, progress),
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
                 ServerMessage::RoundDone { round, documents_in_scope, left_out },
-            ) => {
-                if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
-                    return Err(SyncError::Protocol("round finished out of order".into()));
-                }
-                let now = store.now_ms();
-                let ((carried, server_now), lease) = self
-                    .server
-                    .as_ref()
-                    .map_or(((now, 0), 0), |s| (s.clocks_now(store.monotonic_ms()), s.lease_ms));
-                // The lease runs from the earlier of the clock as it reads now and as carried
-                // from the Welcome: a clock set forward during the sync cannot stretch it, and
-                // one set back (a correction) starts it at the true moment in the clock's new
-                // frame. The server's time is taken at that same moment, so the difference of
-                // the two is the offset the clock has now.
-                let synced_at = now.min(carried);
-                let server_at = server_now - (now - synced_at);
-                store.finish_round(round, server_at, synced_at, now, lease, left_out)?;
-                self.stats.documents_in_scope = documents_in_scope;
-                self.stats.left_out = left_out;
-                self.rounds_completed += 1;
-                self.round = None;
-                self.phase = if self.watching { Phase::Watching } else { Phase::Done };
-                out.push(ClientMessage::RoundAck { round });
-            }
+            ) => self.round_done(round, documents_in_scope, left_out, store),
             (phase, other) => {
-                return Err(SyncError::Protocol(format!(
-                    "unexpected {} while {phase:?}",
-                    message_name(&other)
-                )));
+                Err(SyncError::Protocol(format!("unexpected {} while {phase:?}", message_name(&other))))
             }
         }
+    }
+
+    /// The server's Welcome: who it says this device is, whether it was restored from a backup
+    /// (this device's changes are queued again), and whether this device must wipe.
+    fn welcomed(
+        &mut self,
+        view: ServerView,
+        store: &mut DeviceStore,
+        incarnation: [u8; 16],
+        restored: bool,
+        wipe: bool,
+    ) -> Result<Vec<ClientMessage>, SyncError> {
+        self.server = Some(view);
+        if restored {
+            self.restored = true;
+            let queued = store.follow_server_restore(incarnation)?;
+            tracing::warn!(
+                queued,
+                "the server was restored from a backup; sending this device's changes again"
+            );
+        } else if store.server_incarnation()? != Some(incarnation) {
+            store.set_server_incarnation(incarnation)?;
+        }
+        if wipe {
+            store.wipe_patient_data()?;
+            self.wiped = true;
+            self.phase = Phase::Done;
+            return Ok(vec![ClientMessage::WipeConfirmed]);
+        }
+        self.phase = Phase::Uploading;
+        Ok(Vec::new())
+    }
+
+    /// An upload batch is durable on the server: what it refused stays on this device, set aside
+    /// for review; the next batches go up.
+    fn upload_acknowledged(
+        &mut self,
+        through: u64,
+        refused: &[crate::protocol::RefusedDoc],
+        store: &mut DeviceStore,
+    ) -> Result<Vec<ClientMessage>, SyncError> {
+        if through > self.upload_sent_through || self.upload_in_flight == 0 {
+            return Err(SyncError::Protocol("acknowledgement of an upload never sent".into()));
+        }
+        if !refused.is_empty() {
+            for r in refused {
+                tracing::warn!(rule = %r.rule, place = %r.place, "the server refused this device's changes to a document; kept on this device");
+            }
+            self.stats.refused_changes += store.diverge(refused, store.now_ms())?;
+        }
+        store.acknowledge_uploads(through)?;
+        self.upload_in_flight -= 1;
+        let mut out = Vec::new();
+        self.fill_upload_window(store, &mut out)?;
         Ok(out)
+    }
+
+    /// A page of a round: applied and committed as a whole, then acknowledged (the server paces
+    /// the round by these acknowledgements).
+    fn page(
+        &mut self,
+        round: u64,
+        priority: bool,
+        round_items: u64,
+        items: &[crate::protocol::DocItem],
+        store: &mut DeviceStore,
+        progress: &mut dyn FnMut(&SyncStats),
+    ) -> Result<Vec<ClientMessage>, SyncError> {
+        if self.upload_in_flight > 0 || !self.upload_finished {
+            return Err(SyncError::Protocol("documents before the uploads were acknowledged".into()));
+        }
+        if self.round.is_none() {
+            self.stats.round_applied = 0; // a new round (live sessions have many)
+        }
+        if *self.round.get_or_insert(round) != round {
+            return Err(SyncError::Protocol("documents of two rounds in one session".into()));
+        }
+        self.phase = Phase::Downloading;
+        let now = store.now_ms();
+        self.stats.round_items = round_items;
+        let step = (round_items / 100).max(1);
+        let mut during = self.stats.clone();
+        let page = items.len();
+        let on_item = &mut |done: usize| {
+            during.round_applied = self.stats.round_applied + done as u64;
+            if done < page && during.round_applied.is_multiple_of(step) {
+                progress(&during);
+            }
+        };
+        let notified = store.apply_items(round, priority, items, now, on_item)?;
+        self.stats.notifications += notified;
+        self.stats.round_applied += page as u64;
+        for item in items {
+            match &item.body {
+                crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
+                crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,
+                crate::protocol::DocBody::Purge => self.stats.documents_purged += 1,
+            }
+        }
+        progress(&self.stats);
+        Ok(vec![ClientMessage::PageApplied { round }])
+    }
+
+    /// The round is complete: the cursor, the lease and the clock offset are recorded, and the
+    /// round acknowledged.
+    fn round_done(
+        &mut self,
+        round: u64,
+        documents_in_scope: u64,
+        left_out: u64,
+        store: &mut DeviceStore,
+    ) -> Result<Vec<ClientMessage>, SyncError> {
+        if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
+            return Err(SyncError::Protocol("round finished out of order".into()));
+        }
+        let now = store.now_ms();
+        let ((carried, server_now), lease) =
+            self.server.as_ref().map_or(((now, 0), 0), |s| (s.clocks_now(store.monotonic_ms()), s.lease_ms));
+        // The lease runs from the earlier of the clock as it reads now and as carried from the
+        // Welcome: a clock set forward during the sync cannot stretch it, and one set back (a
+        // correction) starts it at the true moment in the clock's new frame. The server's time
+        // is taken at that same moment, so the difference of the two is the offset the clock
+        // has now.
+        let synced_at = now.min(carried);
+        let server_at = server_now - (now - synced_at);
+        store.finish_round(round, server_at, synced_at, now, lease, left_out)?;
+        self.stats.documents_in_scope = documents_in_scope;
+        self.stats.left_out = left_out;
+        self.rounds_completed += 1;
+        self.round = None;
+        self.phase = if self.watching { Phase::Watching } else { Phase::Done };
+        Ok(vec![ClientMessage::RoundAck { round }])
     }
 }
 

@@ -375,3 +375,95 @@ fn past_the_quarantine_limit_a_device_s_uploads_are_refused_whole() {
     assert!(err.to_string().contains("too many refused changes"), "{err}");
     assert_eq!(w.server.quarantined(None).unwrap().len(), 1, "the second was not even quarantined");
 }
+
+/// A live session past its first round: the device watching, the server waiting for changes.
+fn watching(w: &mut World) -> (SyncSession, ServerSession) {
+    let (mut client, first) = SyncSession::start_watching(&w.device).unwrap();
+    let mut server = ServerSession::new(w.record.clone());
+    let mut to_server: VecDeque<ClientMessage> = first.into();
+    while !server.is_watching() {
+        while let Some(message) = to_server.pop_front() {
+            for reply in server.handle(wire(&message), &w.server, 1).unwrap() {
+                to_server.extend(client.handle(wire(&reply), &mut w.device).unwrap());
+            }
+        }
+        while let Some(page) = server.next_page(&w.server, care_node::protocol::TARGET_BATCH_BYTES).unwrap() {
+            to_server.extend(client.handle(wire(&page), &mut w.device).unwrap());
+        }
+    }
+    (client, server)
+}
+
+/// A patient of the world's population not on the device's caseload (`had`: the world's size).
+fn one_more_patient(w: &World, had: usize) -> care_node::summary::PatientId {
+    let identity = w.server.server_identity().unwrap();
+    let mut population = Population::new(3, care_sync_server::server_actor(&identity));
+    let mut next = (0..=had).map(|_| population.next_patient(0).unwrap()).last().unwrap();
+    w.server.insert_patients(std::slice::from_mut(&mut next)).unwrap()[0]
+}
+
+/// A change written by the server's actor (as a feed would) to `patient`'s document.
+fn server_change(w: &World, patient: &care_node::summary::PatientId, substance: &str) {
+    let identity = w.server.server_identity().unwrap();
+    let mut doc =
+        care_node::summary::PatientSummary::load(&w.server.load_document(patient).unwrap().unwrap()).unwrap();
+    doc.set_actor(care_sync_server::server_actor(&identity).to_bytes());
+    let before = doc.heads();
+    let by = care_node::summary::Provenance::new("server", "GP record", "gp-feed", 1);
+    doc.add(&Allergy::new(substance, by)).unwrap();
+    w.server.apply_server_changes(patient, &doc.changes_since(&before)).unwrap();
+}
+
+#[test]
+fn a_live_session_plans_a_round_only_when_what_moved_can_concern_its_device() {
+    use care_sync_server::session::StoreMoved;
+    let mut w = world(2);
+    let elsewhere = one_more_patient(&w, 2);
+    let (_client, mut server) = watching(&mut w);
+    let mut seen = StoreMoved::read(&w.server, 0).unwrap();
+
+    // A change to a patient the device does not hold: no round is planned at all.
+    server_change(&w, &elsewhere, "Latex");
+    let moved = StoreMoved::read(&w.server, seen.seq).unwrap();
+    assert!(moved.docs.contains(&elsewhere));
+    assert!(!server.live_round(&w.server, &moved, 2).unwrap());
+    assert_eq!(server.rounds_planned(), 0, "a change elsewhere in the region costs this device nothing");
+    seen = moved;
+
+    // A scope input moves but the device's scope does not (a consent flag of a patient it does
+    // not hold): planned once, nothing to send, and what follows is looked at against it.
+    let flags = care_sync_server::store::ConsentFlags { objection: true, opt_out: false };
+    w.server.set_consent(&elsewhere, flags).unwrap();
+    let moved = StoreMoved::read(&w.server, seen.seq).unwrap();
+    assert!(!server.live_round(&w.server, &moved, 2).unwrap());
+    assert_eq!(server.rounds_planned(), 1);
+    seen = moved;
+    server_change(&w, &elsewhere, "Nuts");
+    let moved = StoreMoved::read(&w.server, seen.seq).unwrap();
+    assert!(!server.live_round(&w.server, &moved, 2).unwrap());
+    assert_eq!(server.rounds_planned(), 1, "an empty round leaves a view the next change is checked against");
+    seen = moved;
+
+    // A change to one it holds: planned, and something to send.
+    let held = w.server.patient_by_nhs(&w.patients[0]).unwrap().unwrap();
+    server_change(&w, &held, "Penicillin");
+    let moved = StoreMoved::read(&w.server, seen.seq).unwrap();
+    assert!(server.live_round(&w.server, &moved, 3).unwrap());
+    assert_eq!(server.rounds_planned(), 2);
+
+    // A note that does not follow on from what the session saw (one missed) plans, to be safe;
+    // so does a scope input moving with no change at all (a caseload added).
+    let mut w2 = world(1);
+    let (_c, mut s2) = watching(&mut w2);
+    let gap = StoreMoved { after: 0, seq: u64::MAX, ..StoreMoved::read(&w2.server, 0).unwrap() };
+    let _ = s2.live_round(&w2.server, &gap, 2).unwrap();
+    assert_eq!(s2.rounds_planned(), 1, "a gap in the notes plans a round");
+    let mut w3 = world(1);
+    let newcomer = one_more_patient(&w3, 1);
+    let (_c, mut s3) = watching(&mut w3);
+    let before = StoreMoved::read(&w3.server, 0).unwrap();
+    w3.server.caseload_add(w3.record.id, &newcomer).unwrap();
+    let moved = StoreMoved::read(&w3.server, before.seq).unwrap();
+    assert_ne!(moved.scope_epoch, before.scope_epoch);
+    assert!(s3.live_round(&w3.server, &moved, 2).unwrap(), "the new caseload patient is pushed");
+}

@@ -22,7 +22,7 @@ use care_node::protocol::{
 use care_node::store::DeviceStore;
 use care_node::token::EnrolmentToken;
 use care_sync_server::domain::limits::Limits;
-use care_sync_server::session::ServerSession;
+use care_sync_server::session::{ServerSession, StoreMoved};
 use care_sync_server::store::ServerStore;
 
 /// How often a live session on the pair looks for changes in the device's scope.
@@ -92,6 +92,8 @@ impl Connect for Memory {
             queue: VecDeque::new(),
             ended: None,
             moved: Moved::default(),
+            seen: 0,
+            epoch: 0,
         });
         Box::pin(async move { link })
     }
@@ -121,6 +123,9 @@ pub struct MemoryLink {
     /// The server ended the session: its close code and reason.
     ended: Option<(u32, String)>,
     moved: Moved,
+    /// What the last look at the store saw, as the transport's watcher keeps it.
+    seen: u64,
+    epoch: u64,
 }
 
 impl MemoryLink {
@@ -214,7 +219,20 @@ impl Link for MemoryLink {
                 return Ok(None);
             }
             let now = self.server.clock.now_ms();
-            match self.session.live_round(self.server.store.as_ref(), now) {
+            let store = self.server.store.as_ref();
+            let moved = match StoreMoved::read(store, self.seen) {
+                Ok(moved) => moved,
+                Err(e) => {
+                    self.end(e.into());
+                    continue;
+                }
+            };
+            if (moved.seq, moved.scope_epoch) == (self.seen, self.epoch) {
+                tokio::time::sleep(LIVE_POLL).await;
+                continue;
+            }
+            (self.seen, self.epoch) = (moved.seq, moved.scope_epoch);
+            match self.session.live_round(store, &moved, now) {
                 Ok(true) => continue,
                 Ok(false) => tokio::time::sleep(LIVE_POLL).await,
                 Err(e) => self.end(e),

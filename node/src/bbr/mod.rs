@@ -1,6 +1,7 @@
 //! BBR congestion control: quinn-proto 0.11.19's `congestion::bbr` (MIT or Apache-2.0, © the
 //! quinn developers), copied with one change, because quinn offers no way to change it from
 //! outside (docs/protocol.md, "Congestion control").
+//! Over 600 lines because it is quinn's file as quinn has it, so it diffs against upstream.
 //!
 //! **The change**: quinn's BBR took "no ProbeRTT yet" for "the minimum round trip expired", so
 //! the first acknowledgement of a connection that was not application-limited put it in

@@ -1,5 +1,9 @@
 //! The device's encrypted replica: one SQLite file.
 //!
+//! Over 600 lines because opening, the data key, enrolment and the server's keys belong to one
+//! type's invariants (nothing identifiable unsealed); patient records are in `records.rs`, what
+//! a sync reads and writes in `sync.rs`, the lease and view log in `audit.rs`, wiping in `wipe.rs`.
+//!
 //! Tables (see `docs/architecture.md`):
 //! - `meta`: plaintext, nothing identifiable: format version and the wrapped data key.
 //! - `secrets`: sealed values by name: the device identity, the enrolment, the sync state.

@@ -1,5 +1,9 @@
 //! The patient summary: one Automerge document per patient.
 //!
+//! Over 600 lines because it is the document's one typed API (36 public functions), so the
+//! layout below is decided here only; entry types are in `entries.rs`, schema migrations in
+//! `migrate.rs`, merging records in `merge.rs`, tests in `tests.rs`.
+//!
 //! Layout (schema version 2; version 1 lacked `actors`, `assertions` and the last four sections):
 //! ```text
 //! ROOT { schema_version, patient_id, demographics: {...},

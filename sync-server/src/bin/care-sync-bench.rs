@@ -23,6 +23,7 @@
 //! Run it optimised: `cargo run --release -p care-sync-server --bin care-sync-bench [--link L] [N...]`.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,8 +32,9 @@ use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
 use care_sync_server::demo::bench::{self, CutKind, SEED, Server, ms, peak_rss_mb, unix_ms};
-use care_sync_server::demo::link::Profile;
+use care_sync_server::demo::link::{Profile, Relay};
 use care_sync_server::demo::population::Population;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Changes made to the hot patient in the live test.
 const LIVE_CHANGES: usize = 20;
@@ -221,42 +223,79 @@ async fn live(devices: usize, link: Option<Profile>) {
     let files = raise_file_limit();
     assert!(files as usize > devices * 5, "open-file limit {files} is too low for {devices} devices");
     let (mut server, _) = Server::start(2_000);
+    let tokens = device_tokens(&mut server, devices);
+    let dir = device_dir();
+    let relay = start_relay(link.as_ref(), &tokens).await;
+    let relay_addr = relay.as_ref().map(|r| r.addr.to_string());
+    let t = Instant::now();
+    let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let tasks = spawn_devices(tokens, dir.path(), relay_addr, &arrivals_tx, &stop);
+    // Every device reports its first round once it is live.
+    let mut live = std::collections::HashSet::new();
+    while live.len() < devices {
+        let (i, _) = arrivals.recv().await.expect("device rounds");
+        live.insert(i);
+    }
+    let setup = t.elapsed();
+    let propagation = measure_propagation(&mut server, &mut arrivals, devices, link.as_ref()).await;
+    let server_peak: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    server.stop();
+    print_live(devices, link.as_ref(), relay.as_ref(), setup, propagation, server_peak);
+}
+
+/// The one-time tokens of `devices` devices, from the server.
+fn device_tokens(server: &mut Server, devices: usize) -> Vec<String> {
     let mut tokens = Vec::new();
     writeln!(server.stdin, "devices {devices}").expect("command");
     server.stdin.flush().expect("flush");
     for _ in 0..devices {
         tokens.push(server.line().trim_start_matches("token ").to_string());
     }
-    // The simulated devices' stores live in memory (tmpfs) where there is one: a thousand
-    // devices sharing one disk's fsync queue is an artefact of simulating them on one machine,
-    // not a cost any real device has. The server's store stays on disk.
-    let dir = match std::path::Path::new("/dev/shm").is_dir() {
+    tokens
+}
+
+/// The simulated devices' stores live in memory (tmpfs) where there is one: a thousand
+/// devices sharing one disk's fsync queue is an artefact of simulating them on one machine,
+/// not a cost any real device has. The server's store stays on disk.
+fn device_dir() -> tempfile::TempDir {
+    match std::path::Path::new("/dev/shm").is_dir() {
         true => tempfile::tempdir_in("/dev/shm").expect("temp dir"),
         false => tempfile::tempdir().expect("temp dir"),
-    };
-    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-    // Over an impaired link, every device's packets pass one relay (each device its own flow).
-    let relay = match &link {
+    }
+}
+
+/// Over an impaired link, every device's packets pass one relay (each device its own flow).
+async fn start_relay(link: Option<&Profile>, tokens: &[String]) -> Option<Relay> {
+    match link {
         Some(profile) => {
             let token = care_node::token::EnrolmentToken::decode(&tokens[0]).expect("token");
             let server = token.server_addr.parse().expect("server address");
-            Some(
-                care_sync_server::demo::link::Relay::start(server, profile.clone(), SEED)
-                    .await
-                    .expect("relay"),
-            )
+            Some(Relay::start(server, profile.clone(), SEED).await.expect("relay"))
         }
         None => None,
-    };
-    let relay_addr = relay.as_ref().map(|r| r.addr.to_string());
-    let t = Instant::now();
-    let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    }
+}
+
+/// One task per device: it enrols (32 at a time), points at the relay if there is one, and
+/// keeps a live session, sending `(device, unix ms)` for every round until `stop` turns true.
+fn spawn_devices(
+    tokens: Vec<String>,
+    dir: &Path,
+    relay_addr: Option<String>,
+    arrivals: &UnboundedSender<(usize, i64)>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
     let mut tasks = Vec::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(32));
     for (i, token) in tokens.into_iter().enumerate() {
-        let path = dir.path().join(format!("live-{i}.db"));
-        let arrivals = arrivals_tx.clone();
+        let path = dir.join(format!("live-{i}.db"));
+        let arrivals = arrivals.clone();
         let mut stop = stop.clone();
         let gate = gate.clone();
         let relay_addr = relay_addr.clone();
@@ -280,13 +319,24 @@ async fn live(devices: usize, link: Option<Profile>) {
             client::watch(&mut store, &mut on_round, stopped).await.expect("live session");
         }));
     }
-    // Every device reports its first round once it is live.
-    let mut live = std::collections::HashSet::new();
-    while live.len() < devices {
-        let (i, _) = arrivals.recv().await.expect("device rounds");
-        live.insert(i);
-    }
-    let setup = t.elapsed();
+    tasks
+}
+
+/// What the live test saw of the hot patient's changes.
+struct Propagation {
+    /// Milliseconds from each change to each device applying it.
+    latencies: Vec<f64>,
+    /// Arrivals that missed the 10 s window.
+    missing: usize,
+}
+
+/// Changes the hot patient LIVE_CHANGES times and waits for every device to apply each change.
+async fn measure_propagation(
+    server: &mut Server,
+    arrivals: &mut UnboundedReceiver<(usize, i64)>,
+    devices: usize,
+    link: Option<&Profile>,
+) -> Propagation {
     let mut latencies = Vec::new();
     let mut missing = 0;
     for _ in 0..LIVE_CHANGES {
@@ -305,29 +355,36 @@ async fn live(devices: usize, link: Option<Profile>) {
         }
         missing += devices - seen.len();
         // Over a link with outages, the changes are spread over more than one outage period.
-        let pause = match &link {
+        let pause = match link {
             Some(Profile { outages: Some((every, _)), .. }) => *every / (LIVE_CHANGES as u32 / 2),
             _ => Duration::from_millis(200),
         };
         tokio::time::sleep(pause).await;
         while arrivals.try_recv().is_ok() {}
     }
-    let server_peak: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
-    let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
-    server.stop();
+    Propagation { latencies, missing }
+}
+
+/// The live test's figures: setup time, propagation percentiles, memory.
+fn print_live(
+    devices: usize,
+    link: Option<&Profile>,
+    relay: Option<&Relay>,
+    setup: Duration,
+    propagation: Propagation,
+    server_peak: f64,
+) {
+    let Propagation { mut latencies, missing } = propagation;
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct =
         |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)).copied();
     println!(
         "\nLive: {devices} devices with live sessions{} ({:.1} s to enrol, sync and connect them all); \
          the hot patient changed {LIVE_CHANGES} times",
-        link.as_ref().map_or(String::new(), |l| format!(" over {}", l.name)),
+        link.map_or(String::new(), |l| format!(" over {}", l.name)),
         setup.as_secs_f64()
     );
-    if let Some(relay) = &relay {
+    if let Some(relay) = relay {
         println!("  relay: {:?}", relay.stats());
     }
     println!(

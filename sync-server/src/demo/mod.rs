@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use care_node::client::{self, ClientError, SyncReport};
 use care_node::crypto::PassphraseWrapper;
+use care_node::identity::Identity;
 use care_node::nhs::NhsNumber;
 use care_node::store::{DeviceStore, StoreError as DeviceStoreError};
 use care_node::summary::{Alert, Allergy};
@@ -116,18 +117,68 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
 
     // 1. The regional server and its population.
     let identity = store.server_identity()?;
+    populate(store.as_ref(), &identity, options.patients, out)?;
+    let running = transport::start(store.clone(), "127.0.0.1:0".parse().expect("valid address")).await?;
+    let addr: SocketAddr = running.addr;
+    let _ = writeln!(out, "server: listening on {addr} (QUIC, ALPN care-sync/1)");
+
+    // 2. Two devices, enrolled with one-time tokens.
+    let mut devices = enrol_devices(store.as_ref(), &root, addr, out).await?;
+
+    // 3. Caseloads: the crew covers the first half of the population, the nurse every third
+    //    person; the shared patient (the first with an alert) is on both.
+    let shared = assign_caseloads(store.as_ref(), &identity, options.patients)?;
+
+    // 4. Cold sync over QUIC.
+    let cold = sync_in_turn(&mut devices, &[0, 1], "first sync", out).await?;
+
+    // 5. Offline: the server goes away, and both devices record an allergy for the same patient.
+    running.shutdown().await;
+    let _ = writeln!(out, "\nserver: stopped — both devices are offline now");
+    record_offline(&mut devices, &shared, out)?;
+
+    // 6. Back online (same address): both upload, and each receives the other's entry.
+    let running = transport::start(store.clone(), addr).await?;
+    let _ = writeln!(out, "server: back on {addr}\n");
+    let reconnect = sync_in_turn(&mut devices, &[0, 1, 0], "reconnect", out).await?;
+    running.shutdown().await;
+
+    // 7. What the crew sees, and whether both offline entries are on both devices.
+    let (report, converged) = conclude(&mut devices, &shared, options.patients, cold, reconnect, out)?;
+    let _ = writeln!(
+        out,
+        "Figures: {} patients on the server; ambulance-1 holds {}, nurse-1 holds {}; {} bytes of UDP in all; {:.2} s in all.",
+        report.patients,
+        report.ambulance_documents,
+        report.nurse_documents,
+        report.cold_sync.iter().chain(&report.reconnect).map(SyncReport::udp_bytes).sum::<u64>(),
+        started.elapsed().as_secs_f64()
+    );
+    if !converged {
+        return Err(DemoError::Check("the devices did not converge".into()));
+    }
+    Ok(report)
+}
+
+/// Fills the server up to `patients` synthetic people, in batches.
+fn populate(
+    store: &dyn ServerStore,
+    identity: &Identity,
+    patients: usize,
+    out: &mut dyn Write,
+) -> Result<(), DemoError> {
     let existing = store.patient_count()? as usize;
-    if existing < options.patients {
+    if existing < patients {
         let t = Instant::now();
-        let mut population = Population::new(DEMO_SEED, crate::server_actor(&identity));
+        let mut population = Population::new(DEMO_SEED, crate::server_actor(identity));
         let now = care_node::now_ms();
         // Skip the people already made by an earlier run in this directory.
         for _ in 0..existing {
             population.next_patient(now)?;
         }
         let mut made = existing;
-        while made < options.patients {
-            let batch = (options.patients - made).min(500);
+        while made < patients {
+            let batch = (patients - made).min(500);
             let mut summaries =
                 (0..batch).map(|_| population.next_patient(now)).collect::<Result<Vec<_>, _>>()?;
             store.insert_patients(&mut summaries)?;
@@ -140,16 +191,21 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
             t.elapsed().as_secs_f64()
         );
     }
-    let running = transport::start(store.clone(), "127.0.0.1:0".parse().expect("valid address")).await?;
-    let addr: SocketAddr = running.addr;
-    let _ = writeln!(out, "server: listening on {addr} (QUIC, ALPN care-sync/1)");
+    Ok(())
+}
 
-    // 2. Two devices, enrolled with one-time tokens.
+/// Opens both devices' stores and enrols those not enrolled yet.
+async fn enrol_devices(
+    store: &dyn ServerStore,
+    root: &Path,
+    addr: SocketAddr,
+    out: &mut dyn Write,
+) -> Result<Vec<Device>, DemoError> {
     let mut devices = Vec::new();
     for (name, role) in [("ambulance-1", Role::AmbulanceCrew), ("nurse-1", Role::CommunityNurse)] {
-        let mut device = open_device(&root, name)?;
+        let mut device = open_device(root, name)?;
         if device.enrolment()?.is_none() {
-            let token = ops::issue_token(store.as_ref(), name, role, addr, ops::DEFAULT_TOKEN_TTL)?;
+            let token = ops::issue_token(store, name, role, addr, ops::DEFAULT_TOKEN_TTL)?;
             client::enrol(&mut device, &token).await?;
             let _ = writeln!(out, "{name}: enrolled as {} with a one-time token", role.as_str());
         } else {
@@ -159,22 +215,29 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
         }
         devices.push(Device { name, store: device });
     }
+    Ok(devices)
+}
 
-    // 3. Caseloads: the crew covers the first half of the population, the nurse every third
-    //    person; the shared patient (the first with an alert) is on both.
-    let mut population = Population::new(DEMO_SEED, crate::server_actor(&identity));
+/// Puts the population on the devices' caseloads (the same people `populate` made, from the
+/// same seed) and returns the patient both devices share.
+fn assign_caseloads(
+    store: &dyn ServerStore,
+    identity: &Identity,
+    patients: usize,
+) -> Result<NhsNumber, DemoError> {
+    let mut population = Population::new(DEMO_SEED, crate::server_actor(identity));
     let now = care_node::now_ms();
     let mut shared: Option<NhsNumber> = None;
-    for i in 0..options.patients {
+    for i in 0..patients {
         let mut patient = population.next_patient(now)?;
         let nhs = patient.nhs_number()?;
-        let on_ambulance = i < options.patients.div_ceil(2);
+        let on_ambulance = i < patients.div_ceil(2);
         let on_nurse = i % 3 == 0;
         if on_ambulance {
-            ops::caseload_add(store.as_ref(), "ambulance-1", nhs.as_str())?;
+            ops::caseload_add(store, "ambulance-1", nhs.as_str())?;
         }
         if on_nurse {
-            ops::caseload_add(store.as_ref(), "nurse-1", nhs.as_str())?;
+            ops::caseload_add(store, "nurse-1", nhs.as_str())?;
         }
         if shared.is_none() && on_ambulance && on_nurse && !patient.entries::<Alert>()?.is_empty() {
             shared = Some(nhs);
@@ -184,25 +247,35 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
         Some(nhs) => nhs,
         None => NhsNumber::from_stem(999_000_001).expect("the first test stem is valid"),
     };
+    Ok(shared)
+}
 
-    // 4. Cold sync over QUIC.
-    let mut cold = Vec::new();
-    for device in &mut devices {
+/// Syncs the devices in this order (indices into `devices`), printing each one's figures.
+async fn sync_in_turn(
+    devices: &mut [Device],
+    order: &[usize],
+    label: &str,
+    out: &mut dyn Write,
+) -> Result<Vec<SyncReport>, DemoError> {
+    let mut reports = Vec::new();
+    for &i in order {
+        let device = &mut devices[i];
         let report = client::sync(&mut device.store).await?;
-        let _ = writeln!(out, "{}: first sync  {}", device.name, figures(&report));
-        cold.push(report);
+        let _ = writeln!(out, "{}: {label}  {}", device.name, figures(&report));
+        reports.push(report);
     }
+    Ok(reports)
+}
 
-    // 5. Offline: the server goes away, and both devices record an allergy for the same patient.
-    running.shutdown().await;
-    let _ = writeln!(out, "\nserver: stopped — both devices are offline now");
+/// Each device records a different allergy for the shared patient while the server is away.
+fn record_offline(devices: &mut [Device], shared: &NhsNumber, out: &mut dyn Write) -> Result<(), DemoError> {
     let offline =
         [("ambulance-1", "Chlorhexidine", "anaphylaxis"), ("nurse-1", "Adhesive dressings", "blistering")];
     for (device, (_, substance, reaction)) in devices.iter_mut().zip(offline) {
         let mut allergy = Allergy::new(substance, device.store.provenance()?);
         allergy.reaction = Some(reaction.into());
         allergy.severity = Some("severe".into());
-        device.store.add_entry(&shared, &allergy)?;
+        device.store.add_entry(shared, &allergy)?;
         let _ = writeln!(
             out,
             "{}: recorded an allergy offline ({} change waiting)",
@@ -210,30 +283,24 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
             device.store.pending_count()?
         );
     }
+    Ok(())
+}
 
-    // 6. Back online (same address): both upload, and each receives the other's entry.
-    let running = transport::start(store.clone(), addr).await?;
-    let _ = writeln!(out, "server: back on {addr}\n");
-    let mut reconnect = Vec::new();
-    for i in [0, 1, 0] {
-        let device = &mut devices[i];
-        let report = client::sync(&mut device.store).await?;
-        let _ = writeln!(out, "{}: reconnect  {}", device.name, figures(&report));
-        reconnect.push(report);
-    }
-    running.shutdown().await;
-
-    let allergies = |store: &DeviceStore| -> Result<Vec<String>, DemoError> {
-        let mut patient = store
-            .find_by_nhs(&shared)?
-            .ok_or_else(|| DemoError::Check("the shared patient is missing".into()))?;
-        Ok(patient.summary.clinical_entries::<Allergy>()?.into_iter().map(|e| e.data.substance).collect())
-    };
-    let on_ambulance = allergies(&devices[0].store)?;
-    let on_nurse = allergies(&devices[1].store)?;
+/// Prints what the crew sees and whether both offline entries are on both devices; returns the
+/// report and whether they are.
+fn conclude(
+    devices: &mut [Device],
+    shared: &NhsNumber,
+    patients: usize,
+    cold: Vec<SyncReport>,
+    reconnect: Vec<SyncReport>,
+    out: &mut dyn Write,
+) -> Result<(DemoReport, bool), DemoError> {
+    let on_ambulance = shared_allergies(&devices[0].store, shared)?;
+    let on_nurse = shared_allergies(&devices[1].store, shared)?;
     let crew = &mut devices[0].store;
     // A clinician's view: lease checked, and written to the device's signed view log.
-    let mut patient = crew.view_patient(&shared, "show")?;
+    let mut patient = crew.view_patient(shared, "show")?;
     let _ = writeln!(out, "\nWhat the crew of ambulance-1 sees:\n");
     let _ = writeln!(
         out,
@@ -248,7 +315,7 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
         if converged { "yes — nothing lost, the replicas converged" } else { "NO" }
     );
     let report = DemoReport {
-        patients: options.patients,
+        patients,
         ambulance_documents: devices[0].store.document_count()?,
         nurse_documents: devices[1].store.document_count()?,
         cold_sync: cold,
@@ -256,17 +323,12 @@ pub async fn run(options: DemoOptions, out: &mut dyn Write) -> Result<DemoReport
         shared_allergies_ambulance: on_ambulance,
         shared_allergies_nurse: on_nurse,
     };
-    let _ = writeln!(
-        out,
-        "Figures: {} patients on the server; ambulance-1 holds {}, nurse-1 holds {}; {} bytes of UDP in all; {:.2} s in all.",
-        report.patients,
-        report.ambulance_documents,
-        report.nurse_documents,
-        report.cold_sync.iter().chain(&report.reconnect).map(SyncReport::udp_bytes).sum::<u64>(),
-        started.elapsed().as_secs_f64()
-    );
-    if !converged {
-        return Err(DemoError::Check("the devices did not converge".into()));
-    }
-    Ok(report)
+    Ok((report, converged))
+}
+
+/// The substances of the shared patient's allergies on one device.
+fn shared_allergies(store: &DeviceStore, shared: &NhsNumber) -> Result<Vec<String>, DemoError> {
+    let mut patient =
+        store.find_by_nhs(shared)?.ok_or_else(|| DemoError::Check("the shared patient is missing".into()))?;
+    Ok(patient.summary.clinical_entries::<Allergy>()?.into_iter().map(|e| e.data.substance).collect())
 }

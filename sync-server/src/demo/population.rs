@@ -1,4 +1,5 @@
 //! A deterministic synthetic population for the demo, tests and benchmarks.
+//! Over 600 lines with its tests (about 120): one builder per part of a summary.
 //!
 //! Patients of the Wessex region (postcode districts of Hampshire, Dorset and the Isle of Wight)
 //! with only NHS numbers from the 999 test range (valid check digits), postcodes in the UK format
@@ -11,8 +12,8 @@
 use automerge::ActorId;
 use care_node::nhs::NhsNumber;
 use care_node::summary::{
-    Alert, Allergy, CarePlan, Code, Contact, Demographics, Encounter, Medication, PatientSummary, Problem,
-    Provenance, Section, SummaryError, alert_kind,
+    Alert, Allergy, CarePlan, Code, Contact, Demographics, Encounter, Medication, PatientId, PatientSummary,
+    Problem, Provenance, Section, SectionEntry, SummaryError, alert_kind,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -281,10 +282,33 @@ impl Population {
         let female = self.rng.random_bool(0.5);
         let given = *self.pick(if female { GIVEN_F } else { GIVEN_M });
         let family = *self.pick(FAMILY);
+        let demographics = self.demographics(&nhs, age, female, given, family);
+        let patient_id = uuid::Uuid::from_bytes(self.rng.random());
+        let summary = PatientSummary::create(patient_id, &demographics, self.actor.clone(), now_ms)?;
+        let mut draft = Draft { summary, patient_id, nhs, added: 0, now_ms };
+
+        let had = self.add_conditions(&mut draft, age)?;
+        self.add_medications(&mut draft, &had, age)?;
+        self.add_allergy(&mut draft)?;
+        self.add_alerts(&mut draft, age)?;
+        self.add_support(&mut draft, age, family, &had)?;
+        self.add_history(&mut draft, age)?;
+        Ok(draft.summary)
+    }
+
+    /// The rest of the person: birth date, address and GP practice.
+    fn demographics(
+        &mut self,
+        nhs: &NhsNumber,
+        age: i32,
+        female: bool,
+        given: &str,
+        family: &str,
+    ) -> Demographics {
         let (district, town) = *self.pick(DISTRICTS);
         let practice = self.rng.random_range(1..40);
         let street = *self.pick(STREETS);
-        let demographics = Demographics {
+        Demographics {
             nhs_number: Some(nhs.as_str().to_string()),
             nhs_number_status: Some("number-present-and-verified".into()),
             name: format!("{given} {family}"),
@@ -307,45 +331,51 @@ impl Population {
             )),
             gp_practice_code: Some(format!("Z{:05}", 81000 + practice)),
             gp_practice_name: Some(format!("Practice {practice} (synthetic)")),
-        };
-        let patient_id = uuid::Uuid::from_bytes(self.rng.random());
-        let mut summary = PatientSummary::create(patient_id, &demographics, self.actor.clone(), now_ms)?;
-        let mut n = 0;
-        let mut next_source = |kind: &str| {
-            n += 1;
-            format!("{kind}/syn-{}-{n}", nhs.as_str())
-        };
+        }
+    }
 
-        // Conditions usual at this age: frail older people always have some; a GP record that
-        // lists none says so ("none known") more often than not.
-        let old = age >= 65;
+    /// Conditions usual at this age: frail older people always have some; a GP record that
+    /// lists none says so ("none known") more often than not.
+    fn add_conditions(
+        &mut self,
+        draft: &mut Draft,
+        age: i32,
+    ) -> Result<Vec<&'static Condition>, SummaryError> {
         let count = match age {
             65.. => self.rng.random_range(1..=4),
             40..=64 => self.rng.random_range(0..=2),
             _ => self.rng.random_range(0..=1),
         };
-        let possible: Vec<&Condition> = CONDITIONS.iter().filter(|c| c.min_age <= age).collect();
-        let mut had: Vec<&Condition> = Vec::new();
+        let possible: Vec<&'static Condition> = CONDITIONS.iter().filter(|c| c.min_age <= age).collect();
+        let mut had: Vec<&'static Condition> = Vec::new();
         for _ in 0..if possible.is_empty() { 0 } else { count } {
             let c = possible[self.rng.random_range(0..possible.len())];
             if had.iter().any(|h| h.code == c.code) {
                 continue;
             }
             had.push(c);
-            let source = next_source("Condition");
-            let mut p = Problem::new(c.display, gp(now_ms, source.clone()));
+            let source = draft.next_source("Condition");
+            let mut p = Problem::new(c.display, gp(draft.now_ms, source.clone()));
             p.code = Some(Code::snomed(c.code, c.display));
             let since = self.rng.random_range(0..=(age - c.min_age).max(0));
             p.onset = Some(format!("{}-01-01", 2026 - since));
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Problems, &source), &p)?;
+            draft.upsert(Section::Problems, &source, &p)?;
         }
         if had.is_empty() && self.rng.random_bool(0.8) {
-            summary.assert_none_known(Section::Problems, &gp(now_ms, "List/problems".into()))?;
+            draft.none_known(Section::Problems, "List/problems")?;
         }
+        Ok(had)
+    }
 
-        // Each medication is prescribed for one of the recorded conditions.
+    /// Each medication is prescribed for one of the recorded conditions.
+    fn add_medications(
+        &mut self,
+        draft: &mut Draft,
+        had: &[&Condition],
+        age: i32,
+    ) -> Result<(), SummaryError> {
         let mut taken: Vec<&str> = Vec::new();
-        for c in &had {
+        for c in had {
             let drugs: Vec<Drug> =
                 if c.one_of && !c.drugs.is_empty() { vec![*self.pick(c.drugs)] } else { c.drugs.to_vec() };
             for d in drugs {
@@ -353,8 +383,8 @@ impl Population {
                     continue;
                 }
                 taken.push(d.name);
-                let source = next_source("MedicationStatement");
-                let mut m = Medication::new(d.name, gp(now_ms, source.clone()));
+                let source = draft.next_source("MedicationStatement");
+                let mut m = Medication::new(d.name, gp(draft.now_ms, source.clone()));
                 m.code = Some(Code::snomed(d.code, d.name));
                 m.dose = Some(
                     if age < 16 { "as advised by the specialist team (weight-based)" } else { d.dose }.into(),
@@ -362,20 +392,21 @@ impl Population {
                 m.frequency = Some(d.frequency.into());
                 m.route = Some(d.route.into());
                 m.kind = Some("repeat".into());
-                summary.upsert(
-                    PatientSummary::source_entry_id(&patient_id, Section::Medications, &source),
-                    &m,
-                )?;
+                draft.upsert(Section::Medications, &source, &m)?;
             }
         }
         if taken.is_empty() && self.rng.random_bool(0.8) {
-            summary.assert_none_known(Section::Medications, &gp(now_ms, "List/medications".into()))?;
+            draft.none_known(Section::Medications, "List/medications")?;
         }
+        Ok(())
+    }
 
+    /// One in five has an allergy; most of the others' records say "none known".
+    fn add_allergy(&mut self, draft: &mut Draft) -> Result<(), SummaryError> {
         if self.rng.random_bool(0.2) {
             let (code, substance, reaction_code, reaction, category) = *self.pick(ALLERGENS);
-            let source = next_source("AllergyIntolerance");
-            let mut a = Allergy::new(substance, gp(now_ms, source.clone()));
+            let source = draft.next_source("AllergyIntolerance");
+            let mut a = Allergy::new(substance, gp(draft.now_ms, source.clone()));
             a.code = Some(Code::snomed(code, substance));
             a.reaction = Some(reaction.into());
             a.reaction_code = Some(Code::snomed(reaction_code, reaction));
@@ -383,17 +414,22 @@ impl Population {
             a.criticality = Some(if reaction == "Anaphylaxis" { "high" } else { "low" }.into());
             a.kind = Some("allergy".into());
             a.category = Some(category.into());
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Allergies, &source), &a)?;
+            draft.upsert(Section::Allergies, &source, &a)?;
         } else if self.rng.random_bool(0.6) {
-            summary.assert_none_known(Section::Allergies, &gp(now_ms, "List/allergies".into()))?;
+            draft.none_known(Section::Allergies, "List/allergies")?;
         }
+        Ok(())
+    }
 
+    /// ReSPECT/DNACPR decisions for some of the very old, safeguarding and access alerts.
+    fn add_alerts(&mut self, draft: &mut Draft, age: i32) -> Result<(), SummaryError> {
+        let old = age >= 65;
         if age >= 80 && self.rng.random_bool(0.3) {
-            let source = next_source("Consent");
+            let source = draft.next_source("Consent");
             let mut alert = Alert::new(
                 alert_kind::RESPECT_DNACPR,
                 "ReSPECT: do not attempt cardiopulmonary resuscitation; ward-based care",
-                gp(now_ms, source.clone()),
+                gp(draft.now_ms, source.clone()),
             );
             alert.code = Some(Code::snomed("304253006", "Not for resuscitation"));
             alert.decision_date = Some(format!(
@@ -403,53 +439,100 @@ impl Population {
             ));
             alert.author = Some(format!("Dr {} (synthetic)", self.pick(FAMILY)));
             alert.review_date = Some("2027-06-01".into());
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Alerts, &source), &alert)?;
+            draft.upsert(Section::Alerts, &source, &alert)?;
         }
         if self.rng.random_bool(0.03) {
-            let source = next_source("Flag");
+            let source = draft.next_source("Flag");
             let alert = Alert::new(
                 alert_kind::SAFEGUARDING,
                 "Safeguarding concern: contact the safeguarding team",
-                gp(now_ms, source.clone()),
+                gp(draft.now_ms, source.clone()),
             );
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Alerts, &source), &alert)?;
+            draft.upsert(Section::Alerts, &source, &alert)?;
         }
         if old && self.rng.random_bool(0.15) {
-            let source = next_source("Flag");
+            let source = draft.next_source("Flag");
             let alert = Alert::new(
                 alert_kind::ACCESS,
                 "Key safe by the front door; code held by the community team",
-                gp(now_ms, source.clone()),
+                gp(draft.now_ms, source.clone()),
             );
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Alerts, &source), &alert)?;
+            draft.upsert(Section::Alerts, &source, &alert)?;
         }
+        Ok(())
+    }
 
+    /// Next of kin for most older people; a community nursing plan for heart failure or dementia.
+    fn add_support(
+        &mut self,
+        draft: &mut Draft,
+        age: i32,
+        family: &str,
+        had: &[&Condition],
+    ) -> Result<(), SummaryError> {
+        let old = age >= 65;
         if old && self.rng.random_bool(0.6) {
-            let source = next_source("RelatedPerson");
+            let source = draft.next_source("RelatedPerson");
             let kin = format!("{} {family}", self.pick(GIVEN_F));
-            let mut c = Contact::new(&kin, "next-of-kin", gp(now_ms, source.clone()));
+            let mut c = Contact::new(&kin, "next-of-kin", gp(draft.now_ms, source.clone()));
             c.phone = Some(format!("07700 900{:03}", self.rng.random_range(0..1000)));
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Contacts, &source), &c)?;
+            draft.upsert(Section::Contacts, &source, &c)?;
         }
         if had.iter().any(|c| c.code == "84114007" || c.code == "52448006") {
-            let source = next_source("CarePlan");
-            let mut plan = CarePlan::new("Community nursing care plan", gp(now_ms, source.clone()));
+            let source = draft.next_source("CarePlan");
+            let mut plan = CarePlan::new("Community nursing care plan", gp(draft.now_ms, source.clone()));
             plan.description = Some("Weekly review of weight, fluid status and skin integrity".into());
             plan.period_start = Some("2026-09-01".into());
-            summary
-                .upsert(PatientSummary::source_entry_id(&patient_id, Section::CarePlans, &source), &plan)?;
+            draft.upsert(Section::CarePlans, &source, &plan)?;
         }
+        Ok(())
+    }
+
+    /// A recent hospital stay for some older people.
+    fn add_history(&mut self, draft: &mut Draft, age: i32) -> Result<(), SummaryError> {
+        let old = age >= 65;
         if old && self.rng.random_bool(0.1) {
-            let source = next_source("Encounter");
-            let mut e = Encounter::new("admission", "finished", gp(now_ms, source.clone()));
+            let source = draft.next_source("Encounter");
+            let mut e = Encounter::new("admission", "finished", gp(draft.now_ms, source.clone()));
             e.class = Some("inpatient".into());
             e.location = Some((*self.pick(WARDS)).into());
             e.facility = Some((*self.pick(HOSPITALS)).into());
             e.start = Some("2026-10-02T14:10:00Z".into());
             e.end = Some("2026-10-09T11:00:00Z".into());
-            summary.upsert(PatientSummary::source_entry_id(&patient_id, Section::Encounters, &source), &e)?;
+            draft.upsert(Section::Encounters, &source, &e)?;
         }
-        Ok(summary)
+        Ok(())
+    }
+}
+
+/// A patient's record while it is generated. Its entries' source ids
+/// (`Condition/syn-<nhs>-<n>`) are numbered in the order they are added.
+struct Draft {
+    summary: PatientSummary,
+    patient_id: PatientId,
+    nhs: NhsNumber,
+    added: u32,
+    now_ms: i64,
+}
+
+impl Draft {
+    fn next_source(&mut self, kind: &str) -> String {
+        self.added += 1;
+        format!("{kind}/syn-{}-{}", self.nhs.as_str(), self.added)
+    }
+
+    fn upsert<T: SectionEntry>(
+        &mut self,
+        section: Section,
+        source: &str,
+        entry: &T,
+    ) -> Result<(), SummaryError> {
+        self.summary.upsert(PatientSummary::source_entry_id(&self.patient_id, section, source), entry)?;
+        Ok(())
+    }
+
+    fn none_known(&mut self, section: Section, list: &str) -> Result<(), SummaryError> {
+        self.summary.assert_none_known(section, &gp(self.now_ms, list.into()))
     }
 }
 

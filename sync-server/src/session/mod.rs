@@ -14,23 +14,20 @@
 
 pub mod enrol;
 pub mod governance;
+mod round;
 pub mod scope;
 
 use std::collections::HashSet;
 
 use care_node::identity::{PublicKey, short_hex};
-use care_node::protocol::{
-    ClientMessage, DocBody, DocItem, RefusedDoc, Resume, ServerMessage, TARGET_BATCH_BYTES, close,
-};
+use care_node::protocol::{ClientMessage, RefusedDoc, Resume, ServerMessage, close};
 use care_node::summary::PatientId;
-use serde_bytes::ByteBuf;
 
 use crate::domain::limits::Limits;
 use crate::domain::settings::Setting;
 use crate::domain::upload::RefusedUpload;
-use crate::store::{
-    ChangesByDoc, DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError,
-};
+use crate::store::{DeviceRecord, RoundOutcome, ServerStore, StoreError, UploadError};
+use round::Round;
 
 /// Most items in one `Docs` frame.
 pub const MAX_ITEMS_PER_PAGE: usize = 1_000;
@@ -94,27 +91,6 @@ enum Phase {
     Done,
 }
 
-#[derive(Debug)]
-struct Round {
-    seq: u64,
-    /// Documents with something to send: the first `priority` of them (the priority part)
-    /// ascending, then the rest ascending.
-    order: Vec<PatientId>,
-    priority: usize,
-    next: usize,
-    scope: HashSet<PatientId>,
-    held: HashSet<PatientId>,
-    changes: ChangesByDoc,
-    /// Held documents whose changes since the device's cursor compaction dropped: sent whole
-    /// (the device merges them), and not recorded as newly sent, since the device holds them.
-    rewhole: HashSet<PatientId>,
-    documents_in_scope: u64,
-    left_out: u64,
-    /// What a complete round establishes, recorded when the device acknowledges it (`None`: the
-    /// round reused the recorded scope, which stays true).
-    establishes: Option<ScopeCache>,
-}
-
 /// One device's sync session on the server.
 #[derive(Debug)]
 pub struct ServerSession {
@@ -140,6 +116,41 @@ pub struct ServerSession {
     /// what is unapplied, so it keeps that bounded).
     unapplied: std::collections::VecDeque<usize>,
     applied_bytes: u64,
+    /// What a watching device holds, as of its last acknowledged round: what a change must touch
+    /// to concern it.
+    live: Option<LiveView>,
+    rounds_planned: u64,
+}
+
+/// A watching device as its last acknowledged round left it.
+#[derive(Debug)]
+struct LiveView {
+    /// Changes up to this sequence number are on the device or could not concern it.
+    seen: u64,
+    /// The scope epoch its scope was decided at.
+    epoch: u64,
+    /// The earliest end of its grants: past it the scope must be decided again.
+    valid_until_ms: i64,
+    holds: HashSet<PatientId>,
+}
+
+/// What moved in the store after sequence number `after`, read once for every live session
+/// ([`StoreMoved::read`]): the transport's watcher hands it to each.
+#[derive(Debug, Clone, Default)]
+pub struct StoreMoved {
+    pub after: u64,
+    pub seq: u64,
+    pub scope_epoch: u64,
+    /// Documents with a change in `(after, seq]`.
+    pub docs: std::sync::Arc<HashSet<PatientId>>,
+}
+
+impl StoreMoved {
+    pub fn read(store: &dyn ServerStore, after: u64) -> Result<Self, StoreError> {
+        let seq = store.max_seq()?;
+        let docs = if seq > after { store.changed_docs(after, seq)? } else { HashSet::new() };
+        Ok(Self { after, seq, scope_epoch: store.scope_epoch()?, docs: std::sync::Arc::new(docs) })
+    }
 }
 
 impl ServerSession {
@@ -158,6 +169,8 @@ impl ServerSession {
             limits: Limits::default(),
             unapplied: std::collections::VecDeque::new(),
             applied_bytes: 0,
+            live: None,
+            rounds_planned: 0,
         }
     }
 
@@ -199,6 +212,11 @@ impl ServerSession {
         self.phase == Phase::Watching
     }
 
+    /// Live rounds planned in this session (a change that could not concern the device plans none).
+    pub fn rounds_planned(&self) -> u64 {
+        self.rounds_planned
+    }
+
     /// True once a live session's first round is acknowledged: from then on the device may end
     /// it at any moment (its user stopped watching), even while a pushed round is in flight, and
     /// that is a normal end. The round it did not acknowledge stays pending, settled by its next
@@ -209,15 +227,42 @@ impl ServerSession {
 
     /// Starts a live round if anything in the device's scope changed since its cursor; returns
     /// whether there is something to send (then call [`ServerSession::next_page`]).
-    pub fn live_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<bool, SessionError> {
+    ///
+    /// A live device is not planned for at all when `moved` cannot concern it: nothing it holds
+    /// changed, no scope input moved, no grant of it lapsed, and `moved` follows on from what the
+    /// session last looked at (a watcher's note it missed means it plans, to be safe). Otherwise
+    /// every change in the region would make every watching device plan a round.
+    pub fn live_round(
+        &mut self,
+        store: &dyn ServerStore,
+        moved: &StoreMoved,
+        now_ms: i64,
+    ) -> Result<bool, SessionError> {
         if self.phase != Phase::Watching {
             return Ok(false);
         }
+        if let Some(live) = &mut self.live {
+            if moved.seq <= live.seen && moved.scope_epoch == live.epoch && now_ms < live.valid_until_ms {
+                return Ok(false); // nothing new
+            }
+            let follows = moved.after <= live.seen;
+            if follows
+                && moved.scope_epoch == live.epoch
+                && now_ms < live.valid_until_ms
+                && moved.docs.is_disjoint(&live.holds)
+            {
+                live.seen = moved.seq;
+                return Ok(false);
+            }
+        }
+        self.rounds_planned += 1;
         self.plan_round(store, now_ms)?;
         let round = self.round.as_ref().expect("a round was just planned");
         if round.order.is_empty() && round.left_out == 0 {
-            // Nothing of this device's changed: no frame at all; the next round starts from here.
+            // Nothing of this device's changed: no frame at all; the next round starts from here,
+            // and the next change is looked at against what was just decided.
             self.cursor = round.seq;
+            self.live = Some(self.live_view(store)?);
             return Ok(false);
         }
         self.phase = Phase::Downloading;
@@ -269,42 +314,7 @@ impl ServerSession {
             (
                 Phase::AwaitHello,
                 ClientMessage::Hello { cursor, resume, staged_server_key, incarnation: known },
-            ) => {
-                let wipe = self.device.wipe_requested_at_ms.is_some();
-                let incarnation = store.incarnation()?;
-                // A device that synced with another incarnation holds changes this store may have
-                // lost (a restore from backup): start it from the beginning, and it resends.
-                let restored = known.is_some_and(|k| k != incarnation);
-                let (cursor, resume) = if restored {
-                    tracing::warn!(device = %self.device.name, "device last synced before a restore; resyncing it from the start");
-                    (0, None)
-                } else {
-                    (cursor, resume)
-                };
-                let (server_key, next_server_key) = self.server_keys(store)?;
-                if staged_server_key.is_some() && staged_server_key == next_server_key {
-                    store.set_device_staged_key(self.device.id, next_server_key)?;
-                } else {
-                    self.announced_key = next_server_key;
-                }
-                if wipe {
-                    self.phase = Phase::AwaitWipe;
-                } else {
-                    self.hello(cursor, resume, store, now_ms)?;
-                    self.phase = Phase::Uploading;
-                }
-                Ok(vec![ServerMessage::Welcome {
-                    device_name: self.device.name.clone(),
-                    role: self.device.role.as_str().to_string(),
-                    server_time_ms: now_ms,
-                    lease_ms: store.setting_hours_ms(Setting::LeaseHours(self.device.role))? as u64,
-                    wipe,
-                    server_key,
-                    next_server_key,
-                    incarnation,
-                    restored,
-                }])
-            }
+            ) => Ok(vec![self.welcome(store, cursor, resume, staged_server_key, known, now_ms)?]),
             (Phase::AwaitWipe, ClientMessage::WipeConfirmed) => {
                 store.confirm_wipe(self.device.id, now_ms)?;
                 store.append_audit(
@@ -339,44 +349,7 @@ impl ServerSession {
                 Ok(vec![governance::record_views(store, &self.device, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
-                // A rate, not a total: a device is never blocked for good by its past refusals.
-                let day_ago = now_ms - 24 * 3_600_000;
-                if store.quarantine_count(self.device.id, day_ago)? >= self.limits.quarantine_per_device {
-                    return Err(UploadError::QuarantineFull.into());
-                }
-                if self.writable.is_none() {
-                    self.writable = Some(scope::writable(store, self.device.id, now_ms)?);
-                }
-                let writable = self.writable.as_ref().expect("just computed");
-                // Checked outside the store's lock, committed only if no document moved meanwhile.
-                let mut attempts = 0;
-                let (checked, outcome) = loop {
-                    let checked = crate::domain::upload::check(
-                        |doc| store.load_document(doc),
-                        &self.device,
-                        &docs,
-                        writable,
-                        &self.limits,
-                    )
-                    .map_err(UploadError::from)?;
-                    match store.commit_device_changes(&self.device, &checked.accepted) {
-                        Err(UploadError::Moved(_)) if attempts < 5 => attempts += 1,
-                        result => break (checked, result?),
-                    }
-                };
-                let refused = self.quarantine(store, checked.refused, now_ms)?;
-                tracing::debug!(accepted = outcome.accepted, "upload batch durable");
-                // Entries recorded offline on a record an operator has since merged away are
-                // carried over to the kept record, never left behind.
-                for (merged, kept) in outcome.merged {
-                    store.merge_patients(
-                        &kept,
-                        &merged,
-                        "server (late changes of a merged record)",
-                        now_ms,
-                    )?;
-                }
-                Ok(vec![ServerMessage::UploadAck { through, refused }])
+                Ok(vec![self.upload(store, through, &docs, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::UploadDone) => {
                 self.plan_round(store, now_ms)?;
@@ -384,26 +357,7 @@ impl ServerSession {
                 Ok(Vec::new())
             }
             (Phase::AwaitAck, ClientMessage::RoundAck { round }) => {
-                let expected = self.round.as_ref().map(|r| r.seq);
-                if expected != Some(round) {
-                    return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
-                }
-                if !self.unapplied.is_empty() {
-                    return Err(SessionError::Protocol(
-                        "acknowledged a round before applying all its pages".into(),
-                    ));
-                }
-                store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
-                if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
-                    store.set_scope_cache(self.device.id, established)?;
-                }
-                if let Some(key) = self.announced_key.take() {
-                    store.set_device_staged_key(self.device.id, Some(key))?;
-                }
-                self.cursor = round;
-                self.resume = None;
-                self.rounds_acknowledged += 1;
-                self.phase = if self.watch { Phase::Watching } else { Phase::Done };
+                self.round_acknowledged(store, round, now_ms)?;
                 Ok(Vec::new())
             }
             (Phase::Uploading, ClientMessage::Watch) => {
@@ -414,6 +368,143 @@ impl ServerSession {
                 Err(SessionError::Protocol(format!("unexpected {} while {phase:?}", message_name(&message))))
             }
         }
+    }
+
+    /// The device's Hello answered: where its round starts (from the beginning if it last
+    /// synced with another incarnation of this store), the server's keys, its lease, and
+    /// whether it must wipe.
+    fn welcome(
+        &mut self,
+        store: &dyn ServerStore,
+        cursor: u64,
+        resume: Option<Resume>,
+        staged_server_key: Option<PublicKey>,
+        known: Option<[u8; 16]>,
+        now_ms: i64,
+    ) -> Result<ServerMessage, SessionError> {
+        let wipe = self.device.wipe_requested_at_ms.is_some();
+        let incarnation = store.incarnation()?;
+        // A device that synced with another incarnation holds changes this store may have
+        // lost (a restore from backup): start it from the beginning, and it resends.
+        let restored = known.is_some_and(|k| k != incarnation);
+        let (cursor, resume) = if restored {
+            tracing::warn!(device = %self.device.name, "device last synced before a restore; resyncing it from the start");
+            (0, None)
+        } else {
+            (cursor, resume)
+        };
+        let (server_key, next_server_key) = self.server_keys(store)?;
+        if staged_server_key.is_some() && staged_server_key == next_server_key {
+            store.set_device_staged_key(self.device.id, next_server_key)?;
+        } else {
+            self.announced_key = next_server_key;
+        }
+        if wipe {
+            self.phase = Phase::AwaitWipe;
+        } else {
+            self.hello(cursor, resume, store, now_ms)?;
+            self.phase = Phase::Uploading;
+        }
+        Ok(ServerMessage::Welcome {
+            device_name: self.device.name.clone(),
+            role: self.device.role.as_str().to_string(),
+            server_time_ms: now_ms,
+            lease_ms: store.setting_hours_ms(Setting::LeaseHours(self.device.role))? as u64,
+            wipe,
+            server_key,
+            next_server_key,
+            incarnation,
+            restored,
+        })
+    }
+
+    /// An upload batch: within the device's quarantine rate, checked against what it may write
+    /// ([`crate::domain::upload::check`]), committed unless a document moved meanwhile, its
+    /// refusals kept for review.
+    fn upload(
+        &mut self,
+        store: &dyn ServerStore,
+        through: u64,
+        docs: &[care_node::protocol::DocChanges],
+        now_ms: i64,
+    ) -> Result<ServerMessage, SessionError> {
+        // A rate, not a total: a device is never blocked for good by its past refusals.
+        let day_ago = now_ms - 24 * 3_600_000;
+        if store.quarantine_count(self.device.id, day_ago)? >= self.limits.quarantine_per_device {
+            return Err(UploadError::QuarantineFull.into());
+        }
+        if self.writable.is_none() {
+            self.writable = Some(scope::writable(store, self.device.id, now_ms)?);
+        }
+        let writable = self.writable.as_ref().expect("just computed");
+        // Checked outside the store's lock, committed only if no document moved meanwhile.
+        let mut attempts = 0;
+        let (checked, outcome) = loop {
+            let checked = crate::domain::upload::check(
+                |doc| store.load_document(doc),
+                &self.device,
+                docs,
+                writable,
+                &self.limits,
+            )
+            .map_err(UploadError::from)?;
+            match store.commit_device_changes(&self.device, &checked.accepted) {
+                Err(UploadError::Moved(_)) if attempts < 5 => attempts += 1,
+                result => break (checked, result?),
+            }
+        };
+        let refused = self.quarantine(store, checked.refused, now_ms)?;
+        tracing::debug!(accepted = outcome.accepted, "upload batch durable");
+        // Entries recorded offline on a record an operator has since merged away are
+        // carried over to the kept record, never left behind.
+        for (merged, kept) in outcome.merged {
+            store.merge_patients(&kept, &merged, "server (late changes of a merged record)", now_ms)?;
+        }
+        Ok(ServerMessage::UploadAck { through, refused })
+    }
+
+    /// The device applied the whole round: it is settled, the scope it establishes recorded, and
+    /// the device's cursor moves to it.
+    fn round_acknowledged(
+        &mut self,
+        store: &dyn ServerStore,
+        round: u64,
+        now_ms: i64,
+    ) -> Result<(), SessionError> {
+        let expected = self.round.as_ref().map(|r| r.seq);
+        if expected != Some(round) {
+            return Err(SessionError::Protocol("acknowledged a round that was not sent".into()));
+        }
+        if !self.unapplied.is_empty() {
+            return Err(SessionError::Protocol("acknowledged a round before applying all its pages".into()));
+        }
+        store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
+        if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
+            store.set_scope_cache(self.device.id, established)?;
+        }
+        if self.watch {
+            self.live = Some(self.live_view(store)?);
+        }
+        if let Some(key) = self.announced_key.take() {
+            store.set_device_staged_key(self.device.id, Some(key))?;
+        }
+        self.cursor = round;
+        self.resume = None;
+        self.rounds_acknowledged += 1;
+        self.phase = if self.watch { Phase::Watching } else { Phase::Done };
+        Ok(())
+    }
+
+    /// The live view the acknowledged (or empty) round leaves: a round that decided the scope
+    /// holds it whole; one that reused the recorded scope left the device's holdings as they were.
+    fn live_view(&mut self, store: &dyn ServerStore) -> Result<LiveView, SessionError> {
+        let round = self.round.as_ref().expect("a round was planned");
+        let holds = match (&round.establishes, self.live.take()) {
+            (Some(_), _) => round.scope.clone(),
+            (None, Some(live)) => live.holds,
+            (None, None) => store.held(self.device.id)?,
+        };
+        Ok(LiveView { seen: round.seq, epoch: round.epoch, valid_until_ms: round.valid_until_ms, holds })
     }
 
     /// Keeps refused uploads for review, audits each, and raises one alert per device until an
@@ -453,185 +544,6 @@ impl ServerSession {
             )?;
         }
         Ok(told)
-    }
-
-    fn hello(
-        &mut self,
-        cursor: u64,
-        resume: Option<Resume>,
-        store: &dyn ServerStore,
-        now_ms: i64,
-    ) -> Result<(), SessionError> {
-        let max = store.max_seq()?;
-        self.cursor = if cursor > max {
-            // A server restored from an older backup: resend from the start (applying is idempotent).
-            tracing::warn!(device = %self.device.name, "device cursor is ahead of the server; resending held documents' changes");
-            0
-        } else {
-            cursor
-        };
-        if let Some(pending) = store.pending_round(self.device.id)? {
-            let outcome = match resume {
-                _ if cursor >= pending => RoundOutcome::Complete,
-                Some(r) if r.round == pending => {
-                    RoundOutcome::Through { priority: r.priority, through: r.through }
-                }
-                _ => RoundOutcome::Nothing,
-            };
-            store.settle_round(self.device.id, pending, outcome, now_ms)?;
-            self.resume =
-                resume.filter(|r| r.round == pending && r.round <= max && outcome != RoundOutcome::Complete);
-        }
-        Ok(())
-    }
-
-    fn after_for(&self, doc: &PatientId) -> u64 {
-        match self.resume {
-            // Changes of held documents are all in the second part.
-            Some(r) if !r.priority && *doc <= r.through => r.round.max(self.cursor),
-            _ => self.cursor,
-        }
-    }
-
-    /// Held documents due whole because the changes the device lacks are below the log's
-    /// horizon. Read after the changes: the horizon only moves forward, so the one read here
-    /// covers whatever compaction dropped before them.
-    fn below_horizon(&self, store: &dyn ServerStore) -> Result<HashSet<PatientId>, SessionError> {
-        let horizon = store.log_horizon()?;
-        if self.cursor >= horizon {
-            return Ok(HashSet::new());
-        }
-        let mut due = store.held_changed_since(self.device.id, self.cursor)?;
-        due.retain(|doc| self.after_for(doc) < horizon);
-        Ok(due)
-    }
-
-    fn plan_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<(), SessionError> {
-        let seq = store.max_seq()?;
-        let epoch = store.scope_epoch()?;
-        // Nothing a scope depends on moved since the last complete round and no grant lapsed: the
-        // device holds exactly its scope, and only changes can be due.
-        if let Some(cache) = store.scope_cache(self.device.id)?.filter(|c| {
-            c.epoch == epoch && now_ms < c.valid_until_ms && self.resume.is_none() && self.cursor > 0
-        }) {
-            let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
-            let rewhole = self.below_horizon(store)?;
-            changes.retain(|doc, list| !list.is_empty() && !rewhole.contains(doc));
-            let mut order: Vec<PatientId> = changes.keys().chain(&rewhole).copied().collect();
-            order.sort_unstable();
-            let docs: HashSet<PatientId> = order.iter().copied().collect();
-            self.round = Some(Round {
-                seq,
-                order,
-                priority: 0,
-                next: 0,
-                documents_in_scope: cache.in_scope,
-                left_out: cache.left_out,
-                scope: docs.clone(),
-                held: docs,
-                changes,
-                rewhole,
-                establishes: None,
-            });
-            return Ok(());
-        }
-        let valid_until_ms = store
-            .grants(Some(self.device.id), now_ms)?
-            .iter()
-            .map(|g| g.expires_at_ms)
-            .min()
-            .unwrap_or(i64::MAX);
-        let decided = scope::device_scope(store, self.device.id, now_ms)?;
-        let left_out = decided.left_out;
-        let scope: HashSet<PatientId> = decided.patients.into_iter().collect();
-        let held = store.held(self.device.id)?;
-        let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
-        for (doc, list) in changes.iter_mut() {
-            let after = self.after_for(doc);
-            list.retain(|(s, _)| *s > after);
-        }
-        let mut rewhole = self.below_horizon(store)?;
-        rewhole.retain(|doc| scope.contains(doc));
-        changes.retain(|doc, list| {
-            !list.is_empty() && held.contains(doc) && scope.contains(doc) && !rewhole.contains(doc)
-        });
-        let (mut order, mut rest): (Vec<PatientId>, Vec<PatientId>) =
-            scope.difference(&held).copied().partition(|p| decided.first.contains(p));
-        order.sort_unstable();
-        let priority = order.len();
-        rest.extend(held.difference(&scope).chain(changes.keys()).chain(&rewhole).copied());
-        rest.sort_unstable();
-        rest.dedup();
-        order.extend(rest);
-        tracing::debug!(round = seq, items = order.len(), in_scope = scope.len(), "round planned");
-        self.round = Some(Round {
-            seq,
-            order,
-            priority,
-            next: 0,
-            documents_in_scope: scope.len() as u64,
-            left_out,
-            establishes: Some(ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out }),
-            scope,
-            held,
-            changes,
-            rewhole,
-        });
-        Ok(())
-    }
-
-    /// The next frame of the round: a page of documents, then `RoundDone`, then `None`.
-    /// A page holds documents up to about `max_bytes` (the transport sizes pages to the link;
-    /// at most [`TARGET_BATCH_BYTES`]) and at most [`MAX_ITEMS_PER_PAGE`] items.
-    pub fn next_page(
-        &mut self,
-        store: &dyn ServerStore,
-        max_bytes: usize,
-    ) -> Result<Option<ServerMessage>, SessionError> {
-        let max_bytes = max_bytes.min(TARGET_BATCH_BYTES);
-        if self.phase != Phase::Downloading {
-            return Ok(None);
-        }
-        let round = self.round.as_mut().expect("a downloading session has a round");
-        if round.next >= round.order.len() {
-            self.phase = Phase::AwaitAck;
-            return Ok(Some(ServerMessage::RoundDone {
-                round: round.seq,
-                documents_in_scope: round.documents_in_scope,
-                left_out: round.left_out,
-            }));
-        }
-        let (mut items, mut bytes, mut whole, mut purged) = (Vec::new(), 0usize, Vec::new(), Vec::new());
-        // A page holds items of one part only.
-        let priority = round.next < round.priority;
-        let end = if priority { round.priority } else { round.order.len() };
-        while round.next < end && bytes < max_bytes && items.len() < MAX_ITEMS_PER_PAGE {
-            let doc = round.order[round.next];
-            round.next += 1;
-            let body = if !round.scope.contains(&doc) {
-                purged.push(doc);
-                DocBody::Purge
-            } else if !round.held.contains(&doc) || round.rewhole.contains(&doc) {
-                let Some(saved) = store.load_document(&doc)? else {
-                    tracing::warn!(doc = %short_hex(doc.as_bytes()), "patient in scope has no document");
-                    continue;
-                };
-                if !round.held.contains(&doc) {
-                    whole.push(doc);
-                }
-                bytes += saved.len();
-                DocBody::Whole(ByteBuf::from(saved))
-            } else {
-                let list = round.changes.remove(&doc).unwrap_or_default();
-                bytes += list.iter().map(|(_, c)| c.len()).sum::<usize>();
-                DocBody::Changes(list.into_iter().map(|(_, c)| ByteBuf::from(c)).collect())
-            };
-            items.push(DocItem { doc, body });
-        }
-        store.record_round_page(self.device.id, round.seq, priority, &whole, &purged)?;
-        self.unapplied.push_back(bytes);
-        let round_items = round.order.len() as u64;
-        Ok(Some(ServerMessage::Docs { round: round.seq, priority, round_items, items }))
     }
 }
 

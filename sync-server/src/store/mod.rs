@@ -2,6 +2,9 @@
 //! use only [`ServerStore`], so another backend (a shared PostgreSQL) can replace the embedded
 //! SQLite one ([`crate::store::sqlite::SqliteStore`]) without touching them.
 //!
+//! Over 600 lines because it is the whole contract a backend implements (the four traits and
+//! the types they exchange), in one file to read before writing another backend.
+//!
 //! The change log: every accepted Automerge change gets a global, increasing sequence number.
 //! A device's cursor names a position in it; a round sends only what lies after the cursor.
 
@@ -572,6 +575,8 @@ pub trait SyncLog: Send + Sync {
     /// history again as changes). Costs what changed for this device, not what changed in the
     /// region.
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;
+    /// The documents with a change `after < seq <= upto`, whoever wrote it.
+    fn changed_docs(&self, after: u64, upto: u64) -> Result<HashSet<PatientId>, StoreError>;
     /// Documents the device holds for sure (its confirmed set).
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;
     /// How many documents each device holds (devices holding none are left out).

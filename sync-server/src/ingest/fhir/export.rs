@@ -1,5 +1,7 @@
 //! Exporting a patient's summary as an HL7 FHIR International Patient Summary document Bundle.
 //!
+//! Over 600 lines because it is one builder per IPS section and resource, in document order.
+//!
 //! The Composition (LOINC 60591-5) has the three required sections (medications, allergies,
 //! problems), each with entries or, when empty, an IPS absent/unknown entry saying "none known"
 //! or "no information"; then alerts, plan of care, results, letters and encounters when present.
@@ -156,37 +158,42 @@ fn absent(code: &str, display: &str) -> f::CodeableConcept {
 pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_json::Value, SummaryError> {
     let patient_id = summary.patient_id()?;
     let d = summary.demographics()?;
-    let mut identifiers = Vec::new();
-    if let Some(nhs) = &d.nhs_number {
-        let status = d.nhs_number_status.as_ref().map(|st| f::Extension {
-            url: NHS_STATUS_EXT.into(),
-            value_codeable_concept: Some(f::CodeableConcept {
-                coding: vec![f::Coding {
-                    system: Some(
-                        "https://fhir.hl7.org.uk/CodeSystem/UKCore-NHSNumberVerificationStatusEngland".into(),
-                    ),
-                    code: (st == "number-present-and-verified").then(|| "01".to_string()),
-                    display: Some(st.clone()),
-                }],
-                text: None,
-            }),
-            ..Default::default()
-        });
-        identifiers.push(f::Identifier {
-            system: Some(NHS_NUMBER_SYSTEM.into()),
-            value: Some(nhs.clone()),
-            extension: status.into_iter().collect(),
-        });
-    }
-    identifiers.push(f::Identifier {
-        system: Some(PATIENT_SYSTEM.into()),
-        value: Some(patient_id.to_string()),
-        extension: Vec::new(),
-    });
-    let patient = f::Patient {
+    let patient = patient_resource(patient_id, &d);
+    let composition_id = Uuid::new_v4();
+    let mut b = Builder { patient_ref: f::Reference::default(), entries: Vec::new() };
+    // The Composition goes first; it is filled in once the sections are known.
+    let placeholder = Resource::Organization(f::Ignored::default());
+    b.entries
+        .push(f::BundleEntry { full_url: Some(format!("urn:uuid:{composition_id}")), resource: placeholder });
+    b.patient_ref = b.push(Resource::Patient(patient));
+
+    let mut sections = vec![
+        medications_section(summary, &mut b)?,
+        allergies_section(summary, &mut b)?,
+        problems_section(summary, &mut b)?,
+    ];
+    sections.extend(alerts_section(summary, &mut b)?);
+    sections.extend(care_plan_section(summary, &mut b)?);
+    let (results, letters) = report_sections(summary, &mut b)?;
+    sections.extend(results);
+    sections.extend(letters);
+    let (vital_signs, encounters) = encounter_sections(summary, &mut b)?;
+    sections.extend(vital_signs);
+    sections.extend(encounters);
+    push_contacts(summary, &mut b)?;
+
+    let date = care_node::view::iso_time(now_ms).unwrap_or_default();
+    b.entries[0].resource = Resource::Composition(composition(composition_id, b.subject(), &date, sections));
+    let bundle = document_bundle(date, b.entries);
+    Ok(serde_json::to_value(bundle).unwrap_or_else(|_| json!({})))
+}
+
+/// The Patient resource: identifiers, name, gender, birth date, address and GP practice.
+fn patient_resource(patient_id: s::PatientId, d: &s::Demographics) -> f::Patient {
+    f::Patient {
         common: f::Common {
             id: Some(patient_id.to_string()),
-            identifier: identifiers,
+            identifier: patient_identifiers(patient_id, d),
             extension: Vec::new(),
         },
         name: vec![f::HumanName {
@@ -218,17 +225,46 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
         } else {
             Vec::new()
         },
-    };
-    let composition_id = Uuid::new_v4();
-    let mut b = Builder { patient_ref: f::Reference::default(), entries: Vec::new() };
-    // The Composition goes first; it is filled in once the sections are known.
-    let placeholder = Resource::Organization(f::Ignored::default());
-    b.entries
-        .push(f::BundleEntry { full_url: Some(format!("urn:uuid:{composition_id}")), resource: placeholder });
-    b.patient_ref = b.push(Resource::Patient(patient));
-    let mut sections = Vec::new();
+    }
+}
 
-    // Medication Summary (required).
+/// The patient's identifiers: the NHS number with its verification status, then the care-sync id.
+fn patient_identifiers(patient_id: s::PatientId, d: &s::Demographics) -> Vec<f::Identifier> {
+    let mut identifiers = Vec::new();
+    if let Some(nhs) = &d.nhs_number {
+        let status = d.nhs_number_status.as_ref().map(|st| f::Extension {
+            url: NHS_STATUS_EXT.into(),
+            value_codeable_concept: Some(f::CodeableConcept {
+                coding: vec![f::Coding {
+                    system: Some(
+                        "https://fhir.hl7.org.uk/CodeSystem/UKCore-NHSNumberVerificationStatusEngland".into(),
+                    ),
+                    code: (st == "number-present-and-verified").then(|| "01".to_string()),
+                    display: Some(st.clone()),
+                }],
+                text: None,
+            }),
+            ..Default::default()
+        });
+        identifiers.push(f::Identifier {
+            system: Some(NHS_NUMBER_SYSTEM.into()),
+            value: Some(nhs.clone()),
+            extension: status.into_iter().collect(),
+        });
+    }
+    identifiers.push(f::Identifier {
+        system: Some(PATIENT_SYSTEM.into()),
+        value: Some(patient_id.to_string()),
+        extension: Vec::new(),
+    });
+    identifiers
+}
+
+/// The Medication Summary section (required), with an absent/unknown entry when empty.
+fn medications_section(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<f::CompositionSection, SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     for (id, m) in live::<s::Medication>(summary)? {
         lines.push(m.summary_line());
@@ -264,35 +300,18 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             ..Default::default()
         })));
     }
-    sections.push(section_of(
-        "Medication Summary",
-        "10160-0",
-        "History of Medication use Narrative",
-        lines,
-        refs,
-    ));
+    Ok(section_of("Medication Summary", "10160-0", "History of Medication use Narrative", lines, refs))
+}
 
-    // Allergies and Intolerances (required).
+/// The Allergies and Intolerances section (required), with an absent/unknown entry when empty.
+fn allergies_section(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<f::CompositionSection, SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     for (id, a) in live::<s::Allergy>(summary)? {
         lines.push(a.summary_line());
-        let reaction = if a.reaction.is_some() || a.reaction_code.is_some() || a.severity.is_some() {
-            let manifestation = match (&a.reaction, &a.reaction_code) {
-                (Some(r), code) => concept(code, r),
-                (None, Some(c)) => concept(&Some(c.clone()), &c.display),
-                (None, None) => f::CodeableConcept {
-                    coding: vec![f::Coding {
-                        system: Some(UNSPECIFIED_SYSTEM.into()),
-                        code: Some("unspecified".into()),
-                        display: None,
-                    }],
-                    text: None,
-                },
-            };
-            vec![f::Reaction { manifestation: vec![manifestation], severity: a.severity.clone() }]
-        } else {
-            Vec::new()
-        };
+        let reaction = allergy_reaction(&a);
         refs.push(b.push(Resource::AllergyIntolerance(f::AllergyIntolerance {
             common: common(id, &a.provenance),
             clinical_status: a.clinical_status.as_ref().map(|c| {
@@ -324,15 +343,42 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             ..Default::default()
         })));
     }
-    sections.push(section_of(
+    Ok(section_of(
         "Allergies and Intolerances",
         "48765-2",
         "Allergies and adverse reactions Document",
         lines,
         refs,
-    ));
+    ))
+}
 
-    // Problems (required).
+/// An allergy's reaction, if any part of one was recorded; a reaction without a manifestation
+/// gets an "unspecified" one, which FHIR requires.
+fn allergy_reaction(a: &s::Allergy) -> Vec<f::Reaction> {
+    if a.reaction.is_some() || a.reaction_code.is_some() || a.severity.is_some() {
+        let manifestation = match (&a.reaction, &a.reaction_code) {
+            (Some(r), code) => concept(code, r),
+            (None, Some(c)) => concept(&Some(c.clone()), &c.display),
+            (None, None) => f::CodeableConcept {
+                coding: vec![f::Coding {
+                    system: Some(UNSPECIFIED_SYSTEM.into()),
+                    code: Some("unspecified".into()),
+                    display: None,
+                }],
+                text: None,
+            },
+        };
+        vec![f::Reaction { manifestation: vec![manifestation], severity: a.severity.clone() }]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The Problems section (required), with an absent/unknown entry when empty.
+fn problems_section(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<f::CompositionSection, SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     for (id, p) in live::<s::Problem>(summary)? {
         lines.push(p.summary_line());
@@ -365,9 +411,14 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             ..Default::default()
         })));
     }
-    sections.push(section_of("Problems", "11450-4", "Problem list - Reported", lines, refs));
+    Ok(section_of("Problems", "11450-4", "Problem list - Reported", lines, refs))
+}
 
-    // Alerts.
+/// The Alerts section of Flags, if there are any alerts.
+fn alerts_section(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<Option<f::CompositionSection>, SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     for (id, a) in live::<s::Alert>(summary)? {
         lines.push(a.summary_line());
@@ -387,11 +438,14 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             })),
         );
     }
-    if !refs.is_empty() {
-        sections.push(section_of("Alerts", "104605-1", "Alert", lines, refs));
-    }
+    Ok((!refs.is_empty()).then(|| section_of("Alerts", "104605-1", "Alert", lines, refs)))
+}
 
-    // Plan of care.
+/// The Plan of Care section of CarePlans, if there are any.
+fn care_plan_section(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<Option<f::CompositionSection>, SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     for (id, c) in live::<s::CarePlan>(summary)? {
         lines.push(c.summary_line());
@@ -407,11 +461,15 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
                 c.author.as_ref().map(|x| f::Reference { display: Some(x.clone()), ..Default::default() }),
         })));
     }
-    if !refs.is_empty() {
-        sections.push(section_of("Plan of Care", "18776-5", "Plan of care note", lines, refs));
-    }
+    Ok((!refs.is_empty()).then(|| section_of("Plan of Care", "18776-5", "Plan of care note", lines, refs)))
+}
 
-    // Results and letters.
+/// The Results and Letters sections, each if it has entries: letters as DocumentReferences,
+/// reports as DiagnosticReports, other results as Observations.
+fn report_sections(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<(Option<f::CompositionSection>, Option<f::CompositionSection>), SummaryError> {
     let (mut results, mut result_lines, mut letters, mut letter_lines) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (id, r) in live::<s::Report>(summary)? {
@@ -419,28 +477,7 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
         match r.kind.as_str() {
             "letter" => {
                 letter_lines.push(r.summary_line());
-                // `date` is an instant (with a time zone); a letter dated by day only keeps its
-                // date as the period of care it covers.
-                let instant = r.effective.as_deref().filter(|d| is_instant(d)).map(str::to_string);
-                let period = r.effective.clone().filter(|_| instant.is_none());
-                letters.push(b.push(Resource::DocumentReference(f::DocumentReference {
-                    common,
-                    status: "current".into(),
-                    kind: Some(concept(&r.code, &r.title)),
-                    subject: Some(b.subject()),
-                    date: instant,
-                    description: Some(r.title.clone()),
-                    content: vec![f::DocumentContent {
-                        attachment: f::Attachment {
-                            content_type: Some("text/plain".into()),
-                            title: Some(r.title.clone()),
-                        },
-                    }],
-                    context: period.map(|p| f::DocumentContext {
-                        period: Some(f::Period { start: Some(p), end: None }),
-                    }),
-                    ..Default::default()
-                })));
+                letters.push(b.push(Resource::DocumentReference(letter_document(common, &r, b.subject()))));
             }
             "report" => {
                 result_lines.push(r.summary_line());
@@ -455,83 +492,79 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             }
             _ => {
                 result_lines.push(r.summary_line());
-                let numeric =
-                    r.value.as_ref().and_then(|v| v.parse::<f64>().ok().filter(|n| n.to_string() == *v));
-                results.push(b.push(Resource::Observation(f::Observation {
-                    common,
-                    status: r.status.clone(),
-                    code: concept(&r.code, &r.title),
-                    subject: Some(b.subject()),
-                    effective_date_time: r.effective.clone(),
-                    value_quantity: numeric.map(|n| f::Quantity {
-                        value: Some(n),
-                        unit: r.unit.clone(),
-                        ..Default::default()
-                    }),
-                    value_string: if numeric.is_some() { None } else { r.value.clone() },
-                    ..Default::default()
-                })));
+                results.push(b.push(Resource::Observation(result_observation(common, &r, b.subject()))));
             }
         }
     }
-    if !results.is_empty() {
-        sections.push(section_of(
+    let results_section = (!results.is_empty()).then(|| {
+        section_of(
             "Results",
             "30954-2",
             "Relevant diagnostic tests/laboratory data Narrative",
             result_lines,
             results,
-        ));
-    }
-    if !letters.is_empty() {
-        sections.push(section_of("Letters", "34133-9", "Summary of episode note", letter_lines, letters));
-    }
+        )
+    });
+    let letters_section = (!letters.is_empty())
+        .then(|| section_of("Letters", "34133-9", "Summary of episode note", letter_lines, letters));
+    Ok((results_section, letters_section))
+}
 
-    // Encounters, and the vital signs recorded at them.
+/// A letter as a DocumentReference.
+fn letter_document(common: f::Common, r: &s::Report, subject: f::Reference) -> f::DocumentReference {
+    // `date` is an instant (with a time zone); a letter dated by day only keeps its
+    // date as the period of care it covers.
+    let instant = r.effective.as_deref().filter(|d| is_instant(d)).map(str::to_string);
+    let period = r.effective.clone().filter(|_| instant.is_none());
+    f::DocumentReference {
+        common,
+        status: "current".into(),
+        kind: Some(concept(&r.code, &r.title)),
+        subject: Some(subject),
+        date: instant,
+        description: Some(r.title.clone()),
+        content: vec![f::DocumentContent {
+            attachment: f::Attachment {
+                content_type: Some("text/plain".into()),
+                title: Some(r.title.clone()),
+            },
+        }],
+        context: period.map(|p| f::DocumentContext { period: Some(f::Period { start: Some(p), end: None }) }),
+        ..Default::default()
+    }
+}
+
+/// A result as an Observation: a quantity when the value is a number that prints back the same,
+/// otherwise a string.
+fn result_observation(common: f::Common, r: &s::Report, subject: f::Reference) -> f::Observation {
+    let numeric = r.value.as_ref().and_then(|v| v.parse::<f64>().ok().filter(|n| n.to_string() == *v));
+    f::Observation {
+        common,
+        status: r.status.clone(),
+        code: concept(&r.code, &r.title),
+        subject: Some(subject),
+        effective_date_time: r.effective.clone(),
+        value_quantity: numeric.map(|n| f::Quantity {
+            value: Some(n),
+            unit: r.unit.clone(),
+            ..Default::default()
+        }),
+        value_string: if numeric.is_some() { None } else { r.value.clone() },
+        ..Default::default()
+    }
+}
+
+/// The Vital Signs and Encounters sections, each if it has entries: an Encounter per encounter,
+/// and the vital-sign Observations recorded at it.
+fn encounter_sections(
+    summary: &mut PatientSummary,
+    b: &mut Builder,
+) -> Result<(Option<f::CompositionSection>, Option<f::CompositionSection>), SummaryError> {
     let (mut refs, mut lines) = (Vec::new(), Vec::new());
     let (mut vital_refs, mut vital_lines) = (Vec::new(), Vec::new());
     for (id, e) in live::<s::Encounter>(summary)? {
         lines.push(e.summary_line());
-        let mut common = common(id, &e.provenance);
-        if let Some(visit) = &e.visit {
-            common.identifier.push(f::Identifier {
-                system: Some(VISIT_SYSTEM.into()),
-                value: Some(visit.clone()),
-                extension: Vec::new(),
-            });
-        }
-        let encounter = b.push(Resource::Encounter(f::Encounter {
-            common,
-            status: e.status.clone(),
-            class: Some(match &e.class {
-                Some(c) => f::Coding {
-                    system: Some("http://terminology.hl7.org/CodeSystem/v3-ActCode".into()),
-                    code: Some(c.clone()),
-                    display: None,
-                },
-                None => f::Coding {
-                    system: Some(UNSPECIFIED_SYSTEM.into()),
-                    code: Some("unspecified".into()),
-                    display: None,
-                },
-            }),
-            kind: vec![f::CodeableConcept { coding: Vec::new(), text: Some(e.kind.clone()) }],
-            subject: Some(b.subject()),
-            period: (e.start.is_some() || e.end.is_some())
-                .then(|| f::Period { start: e.start.clone(), end: e.end.clone() }),
-            reason_code: text(&e.reason).into_iter().collect(),
-            location: e
-                .location
-                .iter()
-                .map(|l| f::EncounterLocation {
-                    location: f::Reference { display: Some(l.clone()), ..Default::default() },
-                })
-                .collect(),
-            service_provider: e
-                .facility
-                .as_ref()
-                .map(|x| f::Reference { display: Some(x.clone()), ..Default::default() }),
-        }));
+        let encounter = b.push(Resource::Encounter(encounter_resource(id, &e, b.subject())));
         if let Some(v) = &e.vitals {
             vital_lines.push(format!(
                 "{}: {}",
@@ -544,19 +577,66 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
         }
         refs.push(encounter);
     }
-    if !vital_refs.is_empty() {
-        sections.push(section_of("Vital Signs", "8716-3", "Vital signs", vital_lines, vital_refs));
-    }
-    if !refs.is_empty() {
-        sections.push(section_of(
+    let vital_signs_section = (!vital_refs.is_empty())
+        .then(|| section_of("Vital Signs", "8716-3", "Vital signs", vital_lines, vital_refs));
+    let encounters_section = (!refs.is_empty()).then(|| {
+        section_of(
             "Encounters",
             "46240-8",
             "History of Hospitalizations+Outpatient visits Narrative",
             lines,
             refs,
-        ));
-    }
+        )
+    });
+    Ok((vital_signs_section, encounters_section))
+}
 
+/// An encounter as an Encounter resource, with its visit number as a second identifier.
+fn encounter_resource(id: Uuid, e: &s::Encounter, subject: f::Reference) -> f::Encounter {
+    let mut common = common(id, &e.provenance);
+    if let Some(visit) = &e.visit {
+        common.identifier.push(f::Identifier {
+            system: Some(VISIT_SYSTEM.into()),
+            value: Some(visit.clone()),
+            extension: Vec::new(),
+        });
+    }
+    f::Encounter {
+        common,
+        status: e.status.clone(),
+        class: Some(match &e.class {
+            Some(c) => f::Coding {
+                system: Some("http://terminology.hl7.org/CodeSystem/v3-ActCode".into()),
+                code: Some(c.clone()),
+                display: None,
+            },
+            None => f::Coding {
+                system: Some(UNSPECIFIED_SYSTEM.into()),
+                code: Some("unspecified".into()),
+                display: None,
+            },
+        }),
+        kind: vec![f::CodeableConcept { coding: Vec::new(), text: Some(e.kind.clone()) }],
+        subject: Some(subject),
+        period: (e.start.is_some() || e.end.is_some())
+            .then(|| f::Period { start: e.start.clone(), end: e.end.clone() }),
+        reason_code: text(&e.reason).into_iter().collect(),
+        location: e
+            .location
+            .iter()
+            .map(|l| f::EncounterLocation {
+                location: f::Reference { display: Some(l.clone()), ..Default::default() },
+            })
+            .collect(),
+        service_provider: e
+            .facility
+            .as_ref()
+            .map(|x| f::Reference { display: Some(x.clone()), ..Default::default() }),
+    }
+}
+
+/// Adds the contacts to the Bundle as RelatedPersons.
+fn push_contacts(summary: &mut PatientSummary, b: &mut Builder) -> Result<(), SummaryError> {
     // Contacts travel in the Bundle (RelatedPerson); IPS has no section for them.
     for (id, c) in live::<s::Contact>(summary)? {
         b.push(Resource::RelatedPerson(f::RelatedPerson {
@@ -578,23 +658,34 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
                 .collect(),
         }));
     }
+    Ok(())
+}
 
-    let date = care_node::view::iso_time(now_ms).unwrap_or_default();
-    let composition = f::Composition {
-        common: f::Common { id: Some(composition_id.to_string()), ..Default::default() },
+/// The IPS Composition (LOINC 60591-5) holding the sections.
+fn composition(
+    id: Uuid,
+    subject: f::Reference,
+    date: &str,
+    section: Vec<f::CompositionSection>,
+) -> f::Composition {
+    f::Composition {
+        common: f::Common { id: Some(id.to_string()), ..Default::default() },
         status: "final".into(),
         kind: section_code("60591-5", "Patient summary Document"),
-        subject: b.subject(),
-        date: date.clone(),
+        subject,
+        date: date.to_string(),
         author: vec![f::Reference {
             display: Some("care-sync regional server".into()),
             ..Default::default()
         }],
         title: format!("Patient Summary as of {date}"),
-        section: sections,
-    };
-    b.entries[0].resource = Resource::Composition(composition);
-    let bundle = f::Bundle {
+        section,
+    }
+}
+
+/// The document Bundle around the entries, with a fresh id and identifier.
+fn document_bundle(timestamp: String, entry: Vec<f::BundleEntry>) -> f::Bundle {
+    f::Bundle {
         resource_type: "Bundle".into(),
         id: Some(Uuid::new_v4().to_string()),
         identifier: Some(f::Identifier {
@@ -603,8 +694,7 @@ pub fn export_ips(summary: &mut PatientSummary, now_ms: i64) -> Result<serde_jso
             extension: Vec::new(),
         }),
         kind: "document".into(),
-        timestamp: Some(date),
-        entry: b.entries,
-    };
-    Ok(serde_json::to_value(bundle).unwrap_or_else(|_| json!({})))
+        timestamp: Some(timestamp),
+        entry,
+    }
 }

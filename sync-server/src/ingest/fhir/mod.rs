@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: serde types for the resources we use.
 //! - [`import`]: a Bundle for one patient, validated whole, applied atomically and idempotently.
+//! - `import_map`: what each resource of an imported Bundle becomes in the summary.
 //! - [`export`]: a patient's summary as an IPS document Bundle.
 //! - [`vitals`]: a crew's observations as vital-sign Observations, and back.
 //!
@@ -11,6 +12,7 @@
 
 pub mod export;
 pub mod import;
+mod import_map;
 pub mod model;
 pub mod vitals;
 

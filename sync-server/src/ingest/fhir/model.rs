@@ -1,4 +1,5 @@
 //! Serde types for the FHIR R4 resources care-sync reads and writes, and nothing more.
+//! Over 600 lines because it is one plain struct per resource and datatype used, no logic.
 //!
 //! Why not a FHIR model crate: `fhir-model` (behind `fhir-sdk`) generates every resource of
 //! STU3, R4B and R5 but not R4, and building it costs minutes on this project's 2-core machines.

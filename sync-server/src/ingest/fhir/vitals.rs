@@ -74,6 +74,61 @@ fn quantity(value: f64, unit: &str, ucum: &str) -> f::Quantity {
     }
 }
 
+/// What every Observation of one encounter's vitals shares: the encounter, the patient and the
+/// time.
+struct ObservationBase<'a> {
+    encounter_id: Uuid,
+    encounter: &'a f::Reference,
+    subject: &'a f::Reference,
+    effective: Option<&'a str>,
+}
+
+impl ObservationBase<'_> {
+    /// A final Observation of this encounter, its id derived from the encounter's and `part`.
+    fn observation(
+        &self,
+        part: &str,
+        category: Vec<f::CodeableConcept>,
+        code: f::CodeableConcept,
+    ) -> f::Observation {
+        f::Observation {
+            common: f::Common {
+                id: Some(Uuid::new_v5(&self.encounter_id, part.as_bytes()).to_string()),
+                ..Default::default()
+            },
+            status: "final".into(),
+            category,
+            code,
+            subject: Some(self.subject.clone()),
+            encounter: Some(self.encounter.clone()),
+            effective_date_time: self.effective.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    /// A vital-signs Observation with a LOINC code and a measured quantity.
+    fn measured(&self, part: &str, code: &str, display: &str, value: f::Quantity) -> f::Observation {
+        let mut o = self.observation(part, vital(), loinc(code, display));
+        o.value_quantity = Some(value);
+        o
+    }
+}
+
+/// The `vital-signs` category.
+fn vital() -> Vec<f::CodeableConcept> {
+    category("vital-signs", "Vital Signs")
+}
+
+/// The `survey` category.
+fn survey() -> Vec<f::CodeableConcept> {
+    category("survey", "Survey")
+}
+
+/// A LOINC code, its display also the text.
+fn loinc(code: &str, display: &str) -> f::CodeableConcept {
+    concept(vec![coding(LOINC, code, display)], display)
+}
+
 /// The vital-sign Observations of one encounter's vitals: one per parameter recorded, then the
 /// NEWS2 total (or why there is none). Ids are derived from the encounter's, so a re-export
 /// names the same resources.
@@ -84,98 +139,109 @@ pub fn export(
     subject: &f::Reference,
     effective: Option<&str>,
 ) -> Vec<f::Observation> {
-    let make = |part: &str, category: Vec<f::CodeableConcept>, code: f::CodeableConcept| f::Observation {
-        common: f::Common {
-            id: Some(Uuid::new_v5(&encounter_id, part.as_bytes()).to_string()),
-            ..Default::default()
-        },
-        status: "final".into(),
-        category,
-        code,
-        subject: Some(subject.clone()),
-        encounter: Some(encounter.clone()),
-        effective_date_time: effective.map(str::to_string),
-        ..Default::default()
-    };
-    let vital = || category("vital-signs", "Vital Signs");
-    let survey = || category("survey", "Survey");
-    let loinc = |code: &str, display: &str| concept(vec![coding(LOINC, code, display)], display);
+    let base = ObservationBase { encounter_id, encounter, subject, effective };
     let mut out = Vec::new();
     if let Some(rr) = vitals.respiration_rate {
-        let mut o = make("rr", vital(), loinc(RESPIRATORY_RATE, "Respiratory rate"));
-        o.value_quantity = Some(quantity(rr.into(), "breaths/minute", "/min"));
-        out.push(o);
+        out.push(base.measured(
+            "rr",
+            RESPIRATORY_RATE,
+            "Respiratory rate",
+            quantity(rr.into(), "breaths/minute", "/min"),
+        ));
     }
-    // SpO2 with the NEWS2 scale in use; on scale 2 without a reading the scale is still kept.
-    if vitals.spo2.is_some() || vitals.spo2_scale != 1 {
-        let code = concept(
-            vec![
-                coding(LOINC, OXYGEN_SATURATION, "Oxygen saturation in Arterial blood by Pulse oximetry"),
-                coding(LOINC, OXYGEN_SATURATION_ARTERIAL, "Oxygen saturation in Arterial blood"),
-            ],
-            "Oxygen saturation",
-        );
-        let mut o = make("spo2", vital(), code);
-        match vitals.spo2 {
-            Some(spo2) => o.value_quantity = Some(quantity(spo2.into(), "%", "%")),
-            None => {
-                o.data_absent_reason = Some(concept(
-                    vec![coding(ABSENT_SYSTEM, "not-performed", "Not Performed")],
-                    "not measured",
-                ))
-            }
-        }
-        o.component.push(f::ObservationComponent {
-            code: concept(vec![coding(NEWS2_SYSTEM, "spo2-scale", "NEWS2 SpO2 scale")], "NEWS2 SpO2 scale"),
-            value_integer: Some(vitals.spo2_scale.into()),
-            value_boolean: None,
-        });
-        out.push(o);
-    }
-    {
-        let mut o = make(
-            "o2",
-            survey(),
-            concept(vec![coding(NEWS2_SYSTEM, AIR_OR_OXYGEN, "Air or oxygen")], "Air or oxygen"),
-        );
-        let (code, display) =
-            if vitals.on_oxygen { (ON_OXYGEN, "Patient on oxygen") } else { (ON_AIR, "Breathing room air") };
-        o.value_codeable_concept = Some(concept(vec![coding(SNOMED, code, display)], display));
-        out.push(o);
-    }
+    out.extend(oxygen_saturation(&base, vitals));
+    out.push(air_or_oxygen(&base, vitals.on_oxygen));
     if let Some(bp) = vitals.systolic_bp {
-        let mut o = make("sbp", vital(), loinc(SYSTOLIC_BP, "Systolic blood pressure"));
-        o.value_quantity = Some(quantity(bp.into(), "mmHg", "mm[Hg]"));
-        out.push(o);
+        out.push(base.measured(
+            "sbp",
+            SYSTOLIC_BP,
+            "Systolic blood pressure",
+            quantity(bp.into(), "mmHg", "mm[Hg]"),
+        ));
     }
     if let Some(pulse) = vitals.pulse {
-        let mut o = make("pulse", vital(), loinc(HEART_RATE, "Heart rate"));
-        o.value_quantity = Some(quantity(pulse.into(), "beats/minute", "/min"));
-        out.push(o);
+        out.push(base.measured(
+            "pulse",
+            HEART_RATE,
+            "Heart rate",
+            quantity(pulse.into(), "beats/minute", "/min"),
+        ));
     }
-    if let Some(letter) = &vitals.consciousness {
-        let code = concept(
-            vec![coding(SNOMED, ACVPU, "Alert Confusion Voice Pain Unresponsive scale score")],
-            "Level of consciousness (ACVPU)",
-        );
-        let mut o = make("acvpu", survey(), code);
-        o.value_codeable_concept = Some(match ACVPU_VALUES.iter().find(|(l, _, _)| l == letter) {
-            Some((l, code, display)) => concept(vec![coding(SNOMED, code, display)], l),
-            None => f::CodeableConcept { coding: Vec::new(), text: Some(letter.clone()) },
-        });
-        out.push(o);
-    }
+    out.extend(acvpu(&base, vitals));
     if let Some(t) = vitals.temperature_c {
-        let mut o = make("temp", vital(), loinc(BODY_TEMPERATURE, "Body temperature"));
-        o.value_quantity = Some(quantity(t, "°C", "Cel"));
-        out.push(o);
+        out.push(base.measured("temp", BODY_TEMPERATURE, "Body temperature", quantity(t, "°C", "Cel")));
     }
     if let Some(pregnant) = vitals.pregnant {
-        let mut o = make("pregnancy", survey(), loinc(PREGNANCY_STATUS, "Pregnancy status"));
+        let mut o = base.observation("pregnancy", survey(), loinc(PREGNANCY_STATUS, "Pregnancy status"));
         let (code, display) = if pregnant { (PREGNANT, "Pregnant") } else { (NOT_PREGNANT, "Not pregnant") };
         o.value_codeable_concept = Some(concept(vec![coding(SNOMED, code, display)], display));
         out.push(o);
     }
+    out.extend(news2_total(&base, vitals));
+    out
+}
+
+/// The SpO2 Observation with the NEWS2 scale in use; on scale 2 without a reading the scale is
+/// still kept.
+fn oxygen_saturation(base: &ObservationBase<'_>, vitals: &Vitals) -> Option<f::Observation> {
+    if vitals.spo2.is_none() && vitals.spo2_scale == 1 {
+        return None;
+    }
+    let code = concept(
+        vec![
+            coding(LOINC, OXYGEN_SATURATION, "Oxygen saturation in Arterial blood by Pulse oximetry"),
+            coding(LOINC, OXYGEN_SATURATION_ARTERIAL, "Oxygen saturation in Arterial blood"),
+        ],
+        "Oxygen saturation",
+    );
+    let mut o = base.observation("spo2", vital(), code);
+    match vitals.spo2 {
+        Some(spo2) => o.value_quantity = Some(quantity(spo2.into(), "%", "%")),
+        None => {
+            o.data_absent_reason =
+                Some(concept(vec![coding(ABSENT_SYSTEM, "not-performed", "Not Performed")], "not measured"))
+        }
+    }
+    o.component.push(f::ObservationComponent {
+        code: concept(vec![coding(NEWS2_SYSTEM, "spo2-scale", "NEWS2 SpO2 scale")], "NEWS2 SpO2 scale"),
+        value_integer: Some(vitals.spo2_scale.into()),
+        value_boolean: None,
+    });
+    Some(o)
+}
+
+/// The NEWS2 "air or oxygen" Observation, always written.
+fn air_or_oxygen(base: &ObservationBase<'_>, on_oxygen: bool) -> f::Observation {
+    let mut o = base.observation(
+        "o2",
+        survey(),
+        concept(vec![coding(NEWS2_SYSTEM, AIR_OR_OXYGEN, "Air or oxygen")], "Air or oxygen"),
+    );
+    let (code, display) =
+        if on_oxygen { (ON_OXYGEN, "Patient on oxygen") } else { (ON_AIR, "Breathing room air") };
+    o.value_codeable_concept = Some(concept(vec![coding(SNOMED, code, display)], display));
+    o
+}
+
+/// The ACVPU Observation, if consciousness was recorded; a letter outside UK Core's value set is
+/// kept as text.
+fn acvpu(base: &ObservationBase<'_>, vitals: &Vitals) -> Option<f::Observation> {
+    let letter = vitals.consciousness.as_ref()?;
+    let code = concept(
+        vec![coding(SNOMED, ACVPU, "Alert Confusion Voice Pain Unresponsive scale score")],
+        "Level of consciousness (ACVPU)",
+    );
+    let mut o = base.observation("acvpu", survey(), code);
+    o.value_codeable_concept = Some(match ACVPU_VALUES.iter().find(|(l, _, _)| l == letter) {
+        Some((l, code, display)) => concept(vec![coding(SNOMED, code, display)], l),
+        None => f::CodeableConcept { coding: Vec::new(), text: Some(letter.clone()) },
+    });
+    Some(o)
+}
+
+/// The NEWS2 total Observation, or one with a `dataAbsentReason` saying why there is no total;
+/// none when neither was recorded.
+fn news2_total(base: &ObservationBase<'_>, vitals: &Vitals) -> Option<f::Observation> {
     let news2 = || {
         concept(
             vec![coding(
@@ -188,12 +254,12 @@ pub fn export(
     };
     match (vitals.news2, vitals.news2_withheld.as_deref()) {
         (Some(total), _) => {
-            let mut o = make("news2", survey(), news2());
+            let mut o = base.observation("news2", survey(), news2());
             o.value_quantity = Some(quantity(total.into(), "score", "{score}"));
-            out.push(o);
+            Some(o)
         }
         (None, Some(why)) => {
-            let mut o = make("news2", survey(), news2());
+            let mut o = base.observation("news2", survey(), news2());
             let (absent, display) = match why {
                 care_node::news2::WITHHELD_INCOMPLETE => ("not-performed", "Not Performed"),
                 _ => ("not-applicable", "Not Applicable"),
@@ -205,11 +271,10 @@ pub fn export(
                 ],
                 care_node::news2::withheld_text(why),
             ));
-            out.push(o);
+            Some(o)
         }
-        (None, None) => {}
+        (None, None) => None,
     }
-    out
 }
 
 fn has(cc: &f::CodeableConcept, system: &str, code: &str) -> bool {

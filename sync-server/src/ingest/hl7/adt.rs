@@ -1,5 +1,8 @@
 //! ADT events into the patient summary.
 //!
+//! Over 600 lines because the whole v2 mapping is here, a step per event; its tests are mostly in
+//! `tests/adt.rs`.
+//!
 //! | event | effect |
 //! |---|---|
 //! | A01 admit | the visit's admission encounter, in progress, with location and start |
@@ -23,7 +26,7 @@
 //! holds patient data.
 
 use care_node::nhs::NhsNumber;
-use care_node::summary::{Demographics, Encounter, PatientSummary, Provenance, Section};
+use care_node::summary::{Demographics, Encounter, EntryId, PatientId, PatientSummary, Provenance, Section};
 use hl7_parser::Message;
 
 use crate::store::{ServerStore, StoreError};
@@ -434,42 +437,80 @@ fn apply(
     }
     let nhs = nhs_from_pid(msg)?;
     let incoming = demographics_from(msg, &nhs);
-
     if event == "A40" {
-        let prior = msg
-            .segment("MRG")
-            .and_then(|s| s.field(1))
-            .and_then(|f| {
-                f.repeats().find_map(|r| {
-                    let part = |n: usize| {
-                        r.component(n).map(|c| c.raw_value().trim().to_ascii_uppercase()).unwrap_or_default()
-                    };
-                    (part(4) == "NHS").then(|| part(1))
-                })
-            })
-            .ok_or_else(|| {
-                Problem::at("MRG", 1, REQUIRED_FIELD_MISSING, "MRG-1 holds no prior NHS number")
-            })?;
-        let prior = NhsNumber::parse(&prior).map_err(|e| {
-            Problem::at("MRG", 1, DATA_TYPE_ERROR, format!("the NHS number in MRG-1 is invalid: {e}"))
-        })?;
-        let keep = store.patient_by_nhs(&nhs)?;
-        let merge = store.patient_by_nhs(&prior)?;
-        let reason = format!(
-            "{} asks to merge two records (A40, MSH-10 {}): run merge-patients",
-            header.sending_facility, header.control_id
-        );
-        store.raise_alert("merge-request", None, keep.as_ref().or(merge.as_ref()), &reason, now_ms)?;
-        return Ok("merge request recorded for an operator; records are never merged automatically".into());
+        return request_merge(store, msg, header, &nhs, now_ms);
     }
 
+    let (mut summary, created) = open_record(store, header, &nhs, &incoming, options, now_ms)?;
+    let patient = summary.patient_id()?;
+    let before = summary.heads();
+    if !created && matches!(event.as_str(), "A04" | "A08" | "A28" | "A31") {
+        let current = summary.demographics()?;
+        let updated = update_demographics(&current, &incoming);
+        if updated != current {
+            summary.set_demographics(&updated, now_ms)?;
+        }
+    }
+    let outcome = record_visit(&mut summary, msg, header, &event, &patient, options, now_ms)?;
+
+    if created {
+        store.insert_patients(std::slice::from_mut(&mut summary))?;
+        flag_new_record(store, header, &patient, now_ms)?;
+    } else {
+        let changes = summary.changes_since(&before);
+        if !changes.is_empty() {
+            store.apply_server_changes(&patient, &changes)?;
+        }
+    }
+    Ok(if created { format!("{outcome}; new record created for review") } else { outcome.to_string() })
+}
+
+/// A40: an alert for an operator, who runs the merge (merges are never automatic).
+fn request_merge(
+    store: &dyn ServerStore,
+    msg: &Message<'_>,
+    header: &Header,
+    nhs: &NhsNumber,
+    now_ms: i64,
+) -> Result<String, Refusal> {
+    let prior = msg
+        .segment("MRG")
+        .and_then(|s| s.field(1))
+        .and_then(|f| {
+            f.repeats().find_map(|r| {
+                let part = |n: usize| {
+                    r.component(n).map(|c| c.raw_value().trim().to_ascii_uppercase()).unwrap_or_default()
+                };
+                (part(4) == "NHS").then(|| part(1))
+            })
+        })
+        .ok_or_else(|| Problem::at("MRG", 1, REQUIRED_FIELD_MISSING, "MRG-1 holds no prior NHS number"))?;
+    let prior = NhsNumber::parse(&prior).map_err(|e| {
+        Problem::at("MRG", 1, DATA_TYPE_ERROR, format!("the NHS number in MRG-1 is invalid: {e}"))
+    })?;
+    let keep = store.patient_by_nhs(nhs)?;
+    let merge = store.patient_by_nhs(&prior)?;
+    let reason = format!(
+        "{} asks to merge two records (A40, MSH-10 {}): run merge-patients",
+        header.sending_facility, header.control_id
+    );
+    store.raise_alert("merge-request", None, keep.as_ref().or(merge.as_ref()), &reason, now_ms)?;
+    Ok("merge request recorded for an operator; records are never merged automatically".into())
+}
+
+/// The patient's record as the server's actor edits it, and whether this message creates it.
+/// An unknown NHS number is refused when the sending facility's feed does not create records.
+fn open_record(
+    store: &dyn ServerStore,
+    header: &Header,
+    nhs: &NhsNumber,
+    incoming: &Demographics,
+    options: &AdtOptions,
+    now_ms: i64,
+) -> Result<(PatientSummary, bool), Refusal> {
     let identity = store.server_identity()?;
     let actor = crate::server_actor(&identity);
-    let mut provenance = Provenance::new("server", header.sending_facility.trim(), "hospital-feed", now_ms);
-    provenance.clock_offset_ms = Some(0);
-    provenance.source = Some(format!("HL7 {event} {}", header.control_id));
-
-    let (mut summary, created) = match store.patient_by_nhs(&nhs)? {
+    let opened = match store.patient_by_nhs(nhs)? {
         Some(id) => {
             let saved = store.load_document(&id)?.ok_or(StoreError::UnknownPatient)?;
             let mut summary = PatientSummary::load(&saved)?;
@@ -481,145 +522,217 @@ fn apply(
                 "no record in this region has the NHS number in PID-3; this feed does not create records";
             return Err(Problem::at("PID", 3, UNKNOWN_KEY_IDENTIFIER, text).into());
         }
-        None => (PatientSummary::create(uuid::Uuid::new_v4(), &incoming, actor.clone(), now_ms)?, true),
+        None => (PatientSummary::create(uuid::Uuid::new_v4(), incoming, actor.clone(), now_ms)?, true),
     };
-    let patient = summary.patient_id()?;
-    let before = summary.heads();
-    if !created && matches!(event.as_str(), "A04" | "A08" | "A28" | "A31") {
-        let current = summary.demographics()?;
-        let updated = update_demographics(&current, &incoming);
-        if updated != current {
-            summary.set_demographics(&updated, now_ms)?;
-        }
-    }
+    Ok(opened)
+}
 
-    let visit = some(field(msg, "PV1", 19)).unwrap_or_else(|| header.control_id.clone());
-    let facility = some(component(msg, "PV1", 3, 4)).or_else(|| some(header.sending_facility.clone()));
-    let location = {
-        let parts: Vec<String> = (1..=3).filter_map(|c| some(component(msg, "PV1", 3, c))).collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
-    };
-    let event_time = time_field(msg, "EVN", 2, options)?.or_else(|| care_node::view::iso_time(now_ms));
-    let admission_id =
-        PatientSummary::source_entry_id(&patient, Section::Encounters, &format!("visit:{visit}"));
-    let existing = summary.entries::<Encounter>()?.into_iter().find(|e| e.id == admission_id).map(|e| e.data);
-    let class = match field(msg, "PV1", 2).trim() {
-        "I" => Some("inpatient".to_string()),
-        "E" => Some("emergency".to_string()),
-        "O" => Some("outpatient".to_string()),
-        _ => None,
-    };
-    let outcome = match event.as_str() {
+/// What PV1 and EVN say of the visit a message is about.
+struct Visit {
+    /// PV1-19, else the message's control id.
+    id: String,
+    facility: Option<String>,
+    location: Option<String>,
+    class: Option<String>,
+    /// EVN-2, else the time the message arrived.
+    event_time: Option<String>,
+}
+
+impl Visit {
+    fn read(msg: &Message<'_>, header: &Header, options: &AdtOptions, now_ms: i64) -> Result<Visit, Problem> {
+        let id = some(field(msg, "PV1", 19)).unwrap_or_else(|| header.control_id.clone());
+        let facility = some(component(msg, "PV1", 3, 4)).or_else(|| some(header.sending_facility.clone()));
+        let location = {
+            let parts: Vec<String> = (1..=3).filter_map(|c| some(component(msg, "PV1", 3, c))).collect();
+            (!parts.is_empty()).then(|| parts.join(", "))
+        };
+        let class = match field(msg, "PV1", 2).trim() {
+            "I" => Some("inpatient".to_string()),
+            "E" => Some("emergency".to_string()),
+            "O" => Some("outpatient".to_string()),
+            _ => None,
+        };
+        let event_time = time_field(msg, "EVN", 2, options)?.or_else(|| care_node::view::iso_time(now_ms));
+        Ok(Visit { id, facility, location, class, event_time })
+    }
+}
+
+/// Records what the event does to the visit's encounters; returns the ACK's text.
+fn record_visit(
+    summary: &mut PatientSummary,
+    msg: &Message<'_>,
+    header: &Header,
+    event: &str,
+    patient: &PatientId,
+    options: &AdtOptions,
+    now_ms: i64,
+) -> Result<&'static str, Refusal> {
+    let mut provenance = Provenance::new("server", header.sending_facility.trim(), "hospital-feed", now_ms);
+    provenance.clock_offset_ms = Some(0);
+    provenance.source = Some(format!("HL7 {event} {}", header.control_id));
+    let visit = Visit::read(msg, header, options, now_ms)?;
+    let admission =
+        PatientSummary::source_entry_id(patient, Section::Encounters, &format!("visit:{}", visit.id));
+    let existing = summary.entries::<Encounter>()?.into_iter().find(|e| e.id == admission).map(|e| e.data);
+    Ok(match event {
         "A01" => {
-            let mut e =
-                existing.unwrap_or_else(|| Encounter::new("admission", "in-progress", provenance.clone()));
-            e.status = "in-progress".into();
-            e.class = class.or(e.class);
-            e.location = location.or(e.location);
-            e.facility = facility.or(e.facility);
-            e.start = time_field(msg, "PV1", 44, options)?.or(event_time).or(e.start);
-            e.visit = Some(visit.clone());
-            e.provenance = provenance.clone();
-            summary.upsert(admission_id, &e)?;
+            let start = time_field(msg, "PV1", 44, options)?;
+            summary.upsert(admission, &admitted(existing, visit, start, &provenance))?;
             "admission recorded"
         }
         "A02" => {
+            // Its own entry (one per message), so that an A12 can cancel it.
             let id = PatientSummary::source_entry_id(
-                &patient,
+                patient,
                 Section::Encounters,
                 &format!("transfer:{}", header.control_id),
             );
-            let mut e = Encounter::new("transfer", "in-progress", provenance.clone());
-            e.location = location;
-            e.facility = facility;
-            e.start = event_time;
-            e.visit = Some(visit.clone());
-            summary.upsert(id, &e)?;
+            summary.upsert(id, &transferred(visit, &provenance))?;
             "transfer recorded"
         }
         "A03" => {
-            let mut e =
-                existing.unwrap_or_else(|| Encounter::new("admission", "finished", provenance.clone()));
-            e.status = "finished".into();
-            e.end = time_field(msg, "PV1", 45, options)?.or(event_time);
-            e.facility = e.facility.or(facility);
-            e.reason = some(field(msg, "PV1", 36)).map(|d| format!("discharge disposition {d}")).or(e.reason);
-            e.visit = Some(visit.clone());
-            e.provenance = provenance.clone();
-            summary.upsert(admission_id, &e)?;
+            let end = time_field(msg, "PV1", 45, options)?;
+            let disposition = some(field(msg, "PV1", 36));
+            summary.upsert(admission, &discharged(existing, visit, end, disposition, &provenance))?;
             "discharge recorded"
         }
-        "A11" => match existing {
-            Some(mut e) => {
-                e.status = "cancelled".into();
-                e.provenance = provenance.clone();
-                summary.upsert(admission_id, &e)?;
-                "admission cancelled (kept in the record as cancelled)"
-            }
-            None => return Err(no_visit("no admission for this visit (PV1-19) to cancel")),
-        },
-        "A12" => {
-            // Entries come in causal order: the last live transfer of the visit is the latest.
-            let latest = summary.entries::<Encounter>()?.into_iter().rev().find(|e| {
-                e.data.kind == "transfer"
-                    && e.data.visit.as_deref() == Some(&visit)
-                    && e.data.status != "cancelled"
-            });
-            match latest {
-                Some(mut t) => {
-                    t.data.status = "cancelled".into();
-                    t.data.provenance = provenance.clone();
-                    summary.upsert(t.id, &t.data)?;
-                    "transfer cancelled (kept in the record as cancelled)"
-                }
-                None => return Err(no_visit("no transfer for this visit (PV1-19) to cancel")),
-            }
-        }
-        "A13" => match existing {
-            Some(mut e) if e.status == "finished" => {
-                e.status = "in-progress".into();
-                e.end = None;
-                e.provenance = provenance.clone();
-                summary.upsert(admission_id, &e)?;
-                "discharge cancelled: the admission is in progress again"
-            }
-            _ => return Err(no_visit("no discharge for this visit (PV1-19) to cancel")),
-        },
+        "A11" => cancel_admission(summary, admission, existing, &provenance)?,
+        "A12" => cancel_transfer(summary, &visit.id, &provenance)?,
+        "A13" => cancel_discharge(summary, admission, existing, &provenance)?,
         _ => "patient registered or updated",
-    };
+    })
+}
 
-    if created {
-        store.insert_patients(std::slice::from_mut(&mut summary))?;
-        // A record the region did not have: an operator checks it is not a duplicate of a
-        // provisional one (one open alert per facility, however many messages).
-        let reason = format!(
-            "{} sent ADT messages (first: MSH-10 {}) for NHS numbers the region had no record of; records were created: review them (audit action feed-new-patient) and merge any duplicates",
-            header.sending_facility.trim(),
-            header.control_id
-        );
-        let detail = format!("record created from MSH-10 {} for review", header.control_id);
-        store.append_audit(
-            &format!("hl7:{}", header.sending_facility.trim()),
-            "feed-new-patient",
-            Some(&patient),
-            &detail,
-            now_ms,
-        )?;
-        let facility = format!("{} sent", header.sending_facility.trim());
-        if !store
-            .alerts(false)?
-            .iter()
-            .any(|a| a.kind == "feed-new-patient" && a.reason.starts_with(&facility))
-        {
-            store.raise_alert("feed-new-patient", None, Some(&patient), &reason, now_ms)?;
+/// A01: the visit's admission, in progress; what the message leaves out is kept.
+fn admitted(
+    existing: Option<Encounter>,
+    visit: Visit,
+    start: Option<String>,
+    provenance: &Provenance,
+) -> Encounter {
+    let mut e = existing.unwrap_or_else(|| Encounter::new("admission", "in-progress", provenance.clone()));
+    e.status = "in-progress".into();
+    e.class = visit.class.or(e.class);
+    e.location = visit.location.or(e.location);
+    e.facility = visit.facility.or(e.facility);
+    e.start = start.or(visit.event_time).or(e.start);
+    e.visit = Some(visit.id);
+    e.provenance = provenance.clone();
+    e
+}
+
+/// A02: a transfer encounter of the visit, starting at the event.
+fn transferred(visit: Visit, provenance: &Provenance) -> Encounter {
+    let mut e = Encounter::new("transfer", "in-progress", provenance.clone());
+    e.location = visit.location;
+    e.facility = visit.facility;
+    e.start = visit.event_time;
+    e.visit = Some(visit.id);
+    e
+}
+
+/// A03: the visit's admission finishes (created finished if the feed never sent the A01).
+fn discharged(
+    existing: Option<Encounter>,
+    visit: Visit,
+    end: Option<String>,
+    disposition: Option<String>,
+    provenance: &Provenance,
+) -> Encounter {
+    let mut e = existing.unwrap_or_else(|| Encounter::new("admission", "finished", provenance.clone()));
+    e.status = "finished".into();
+    e.end = end.or(visit.event_time);
+    e.facility = e.facility.or(visit.facility);
+    e.reason = disposition.map(|d| format!("discharge disposition {d}")).or(e.reason);
+    e.visit = Some(visit.id);
+    e.provenance = provenance.clone();
+    e
+}
+
+/// A11: the admission stays in the record, as cancelled.
+fn cancel_admission(
+    summary: &mut PatientSummary,
+    admission: EntryId,
+    existing: Option<Encounter>,
+    provenance: &Provenance,
+) -> Result<&'static str, Refusal> {
+    match existing {
+        Some(mut e) => {
+            e.status = "cancelled".into();
+            e.provenance = provenance.clone();
+            summary.upsert(admission, &e)?;
+            Ok("admission cancelled (kept in the record as cancelled)")
         }
-    } else {
-        let changes = summary.changes_since(&before);
-        if !changes.is_empty() {
-            store.apply_server_changes(&patient, &changes)?;
-        }
+        None => Err(no_visit("no admission for this visit (PV1-19) to cancel")),
     }
-    Ok(if created { format!("{outcome}; new record created for review") } else { outcome.to_string() })
+}
+
+/// A12: the visit's latest transfer stays in the record, as cancelled.
+fn cancel_transfer(
+    summary: &mut PatientSummary,
+    visit: &str,
+    provenance: &Provenance,
+) -> Result<&'static str, Refusal> {
+    // Entries come in causal order: the last live transfer of the visit is the latest.
+    let latest = summary.entries::<Encounter>()?.into_iter().rev().find(|e| {
+        e.data.kind == "transfer" && e.data.visit.as_deref() == Some(visit) && e.data.status != "cancelled"
+    });
+    match latest {
+        Some(mut t) => {
+            t.data.status = "cancelled".into();
+            t.data.provenance = provenance.clone();
+            summary.upsert(t.id, &t.data)?;
+            Ok("transfer cancelled (kept in the record as cancelled)")
+        }
+        None => Err(no_visit("no transfer for this visit (PV1-19) to cancel")),
+    }
+}
+
+/// A13: a finished admission is in progress again.
+fn cancel_discharge(
+    summary: &mut PatientSummary,
+    admission: EntryId,
+    existing: Option<Encounter>,
+    provenance: &Provenance,
+) -> Result<&'static str, Refusal> {
+    match existing {
+        Some(mut e) if e.status == "finished" => {
+            e.status = "in-progress".into();
+            e.end = None;
+            e.provenance = provenance.clone();
+            summary.upsert(admission, &e)?;
+            Ok("discharge cancelled: the admission is in progress again")
+        }
+        _ => Err(no_visit("no discharge for this visit (PV1-19) to cancel")),
+    }
+}
+
+/// A record the region did not have: an operator checks it is not a duplicate of a
+/// provisional one (one open alert per facility, however many messages).
+fn flag_new_record(
+    store: &dyn ServerStore,
+    header: &Header,
+    patient: &PatientId,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let reason = format!(
+        "{} sent ADT messages (first: MSH-10 {}) for NHS numbers the region had no record of; records were created: review them (audit action feed-new-patient) and merge any duplicates",
+        header.sending_facility.trim(),
+        header.control_id
+    );
+    let detail = format!("record created from MSH-10 {} for review", header.control_id);
+    store.append_audit(
+        &format!("hl7:{}", header.sending_facility.trim()),
+        "feed-new-patient",
+        Some(patient),
+        &detail,
+        now_ms,
+    )?;
+    let facility = format!("{} sent", header.sending_facility.trim());
+    if !store.alerts(false)?.iter().any(|a| a.kind == "feed-new-patient" && a.reason.starts_with(&facility)) {
+        store.raise_alert("feed-new-patient", None, Some(patient), &reason, now_ms)?;
+    }
+    Ok(())
 }
 
 fn no_visit(text: &str) -> Refusal {

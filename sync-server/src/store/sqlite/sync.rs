@@ -65,6 +65,14 @@ impl SyncLog for SqliteStore {
             .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
+    fn changed_docs(&self, after: u64, upto: u64) -> Result<HashSet<PatientId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT DISTINCT patient_id FROM changes WHERE seq > ?1 AND seq <= ?2")?;
+        let rows = stmt.query_map(params![after as i64, upto as i64], |r| patient_id(r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
