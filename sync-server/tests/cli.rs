@@ -363,3 +363,45 @@ fn compact_log_reports_what_it_drops_and_a_dry_run_changes_nothing() {
     assert!(text(&bad.stderr).contains("--hold-days"), "{}", text(&bad.stderr));
     assert!(!nowhere.exists(), "no store is made for a refused command");
 }
+
+#[test]
+fn the_audit_names_the_operator_who_acted_the_login_user_by_default() {
+    use care_sync_server::store::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let as_user = |user: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_care-sync-server"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("SUDO_USER")
+            .env("USER", user)
+            .env_remove("CARE_SYNC_OPERATOR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("care-sync-server runs")
+    };
+    let named = as_user("bob", &["--operator", "alice@wessex.nhs.uk", "set", "budget", "900"]);
+    assert!(named.status.success(), "{}", text(&named.stderr));
+    let by_login = as_user("bob", &["set", "budget", "800"]);
+    assert!(by_login.status.success(), "{}", text(&by_login.stderr));
+    let refused = as_user("bob", &["--operator", "  ", "set", "budget", "700"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("1 to 64 printable characters"), "{}", text(&refused.stderr));
+
+    let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let settings: Vec<(String, String)> = store
+        .audit_entries(&Default::default())
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "setting")
+        .map(|a| (a.actor, a.detail))
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            ("alice@wessex.nhs.uk".to_string(), "budget = 900".to_string()),
+            ("bob".to_string(), "budget = 800".to_string())
+        ],
+        "each change under the name of who made it; the refused one not at all"
+    );
+}

@@ -227,7 +227,8 @@ impl Link for MemoryLink {
                     continue;
                 }
             };
-            if (moved.seq, moved.scope_epoch) == (self.seen, self.epoch) {
+            let due = self.session.live_deadline_ms().is_some_and(|at| now >= at);
+            if (moved.seq, moved.scope_epoch) == (self.seen, self.epoch) && !due {
                 tokio::time::sleep(LIVE_POLL).await;
                 continue;
             }

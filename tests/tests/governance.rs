@@ -334,3 +334,40 @@ async fn a_device_told_to_wipe_during_a_live_session_shreds_its_key_too() {
     assert!(server.store.device_by_name("ambulance-10").unwrap().unwrap().wiped_at_ms.is_some());
     assert!(matches!(DeviceStore::open(&crew.path, &cheap_wrapper(PASSPHRASE)), Err(StoreError::Wiped)));
 }
+
+/// A watching crew's incident grant lapses while nothing else moves in the store: its record is
+/// purged by a live round all the same (the session wakes at the grant's end).
+async fn a_grant_lapsing_during_a_live_session_purges_the_record(server: TestServer) {
+    let mut crew = TestDevice::enrolled(&server, "ambulance-11", Role::AmbulanceCrew).await;
+    let nhs = server.patients[1].clone();
+    ops::incident_open(server.store.as_ref(), "ambulance-11", nhs.as_str(), 0.0008).unwrap(); // ~2.9 s
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut on_round = move |stats: &care_node::sync::SyncStats| {
+            let _ = rounds_tx.send(stats.documents_purged);
+        };
+        let report = crew.watch(&mut on_round, async move {
+            let _ = stop_rx.await;
+        });
+        let report = report.await;
+        (crew, report)
+    });
+    assert_eq!(within(30, rounds.recv()).await, Some(0), "the first round brings the incident patient");
+    let purged = within(30, rounds.recv()).await.expect("a live round when the grant lapses");
+    stop_tx.send(()).unwrap();
+    let (crew, report) = within(30, watcher).await.unwrap();
+    report.expect("the live session ends cleanly");
+    assert_eq!(purged, 1);
+    assert!(crew.store.find_by_nhs(&nhs).unwrap().is_none(), "the lapsed incident's record is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_lapsing_during_a_live_session_purges_the_record_on_the_pair() {
+    a_grant_lapsing_during_a_live_session_purges_the_record(TestServer::in_memory(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_lapsing_during_a_live_session_purges_the_record_over_quic() {
+    a_grant_lapsing_during_a_live_session_purges_the_record(TestServer::start(2).await).await;
+}

@@ -82,7 +82,7 @@ async fn a_restored_backup_is_the_same_server_to_its_devices_and_they_give_back_
     server.stop().await;
     drop(server);
     let restored = tempfile::tempdir().unwrap();
-    backup::restore(&file, restored.path(), false).unwrap();
+    backup::restore(&file, restored.path(), false, "ops-on-call").unwrap();
     let server = TestServer::open(restored, addr).await;
     let allergies = |server: &TestServer| -> Vec<String> {
         let id = server.store.patient_by_nhs(&nhs).unwrap().unwrap();

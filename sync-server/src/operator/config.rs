@@ -398,7 +398,7 @@ impl Config {
                         None => format!("{} = {value} from the configuration file", setting.name()),
                     };
                     store.append_audit(
-                        crate::operator::ops::OPERATOR,
+                        "configuration-file",
                         "setting",
                         None,
                         &detail,

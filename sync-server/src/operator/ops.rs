@@ -1,5 +1,7 @@
 //! Operator actions shared by the CLI, the demo and the tests. Each one that changes who may
-//! see what is written to the append-only audit with the operator's name.
+//! see what is written to the append-only audit with the operator's name: the one this process
+//! acts for ([`act_as`]: the CLI's `--operator`, by default the login user; `serve`'s admin API
+//! acts as `admin-api`, one shared token, until named operators sign in, issue 13).
 //!
 //! Over 600 lines because it is one function per operator action (29), each a few lines.
 
@@ -17,6 +19,28 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long an incident grant lasts unless the operator says otherwise (incident plus grace).
 pub const DEFAULT_INCIDENT_HOURS: f64 = 24.0;
 pub use crate::domain::governance::OPERATOR;
+
+/// Who the audit names for operator actions in this process.
+static ACTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names the operator this process acts for, once, before any action: a name of 1 to 64
+/// printable characters (a login, an email address). Later calls are refused.
+pub fn act_as(name: &str) -> Result<(), OpsError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(OpsError::Invalid(
+            "an operator's name is 1 to 64 printable characters (a login or an email address)".into(),
+        ));
+    }
+    ACTING
+        .set(name.to_string())
+        .map_err(|_| OpsError::Invalid("this process already acts for an operator".into()))
+}
+
+/// The operator this process acts for ([`act_as`]), else [`OPERATOR`].
+pub fn acting() -> &'static str {
+    ACTING.get().map_or(OPERATOR, String::as_str)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -49,7 +73,7 @@ pub fn issue_token(
     let expires = now() + ttl.as_millis() as i64;
     store.create_enrolment(name, role, EnrolmentToken::secret_hash(&token.secret), expires)?;
     store.append_audit(
-        OPERATOR,
+        acting(),
         "enrolment-token",
         None,
         &format!("device {name} ({})", role.as_str()),
@@ -82,7 +106,7 @@ pub fn caseload_add(store: &dyn ServerStore, device_name: &str, patient: &str) -
     let added = store.caseload_add(device.id, &patient)?;
     if added {
         store.append_audit(
-            OPERATOR,
+            acting(),
             "caseload-add",
             Some(&patient),
             &format!("device {device_name}"),
@@ -182,7 +206,7 @@ pub fn caseload_import(store: &dyn ServerStore, csv: &str) -> Result<BulkImport,
     let added = store.caseload_add_many(&pairs)?;
     for (device, patient) in &added {
         store.append_audit(
-            OPERATOR,
+            acting(),
             "caseload-add",
             Some(patient),
             &format!("device {} (caseload file)", name_of(&entries, *device)),
@@ -200,7 +224,7 @@ pub fn area_import(store: &dyn ServerStore, csv: &str) -> Result<BulkImport, Ops
     let added = store.area_add_many(&pairs)?;
     for (device, district) in &added {
         store.append_audit(
-            OPERATOR,
+            acting(),
             "area-add",
             None,
             &format!("device {}, district {district} (area file)", name_of(&entries, *device)),
@@ -230,7 +254,7 @@ pub fn caseload_remove(store: &dyn ServerStore, device_name: &str, patient: &str
     let removed = store.caseload_remove(device.id, &patient)?;
     if removed {
         store.append_audit(
-            OPERATOR,
+            acting(),
             "caseload-remove",
             Some(&patient),
             &format!("device {device_name}"),
@@ -255,7 +279,7 @@ pub fn incident_open(
     let until = now() + (hours * 3_600_000.0) as i64;
     let id = store.grant(device.id, &patient, GrantKind::Incident, "incident", until, now())?;
     store.append_audit(
-        OPERATOR,
+        acting(),
         "incident-open",
         Some(&patient),
         &format!("device {device_name}, until {}", care_node::view::format_time(until)),
@@ -270,7 +294,7 @@ pub fn incident_close(store: &dyn ServerStore, device_name: &str, patient: &str)
     let patient = find_patient(store, patient)?;
     let closed = store.close_grants(device.id, &patient, GrantKind::Incident, now())?;
     store.append_audit(
-        OPERATOR,
+        acting(),
         "incident-close",
         Some(&patient),
         &format!("device {device_name}"),
@@ -287,7 +311,7 @@ pub fn area(store: &dyn ServerStore, device_name: &str, district: &str, add: boo
         if add { store.area_add(device.id, &district)? } else { store.area_remove(device.id, &district)? };
     let action = if add { "area-add" } else { "area-remove" };
     store.append_audit(
-        OPERATOR,
+        acting(),
         action,
         None,
         &format!("device {device_name}, district {district}"),
@@ -309,7 +333,7 @@ pub fn set_consent(
     flags.opt_out = opt_out.unwrap_or(flags.opt_out);
     store.set_consent(&patient, flags)?;
     let detail = format!("objection {}, national data opt-out {}", flags.objection, flags.opt_out);
-    store.append_audit(OPERATOR, "consent", Some(&patient), &detail, now())?;
+    store.append_audit(acting(), "consent", Some(&patient), &detail, now())?;
     Ok(flags)
 }
 
@@ -319,7 +343,7 @@ pub fn set_budget(store: &dyn ServerStore, device_name: &str, budget: Option<u64
     store.set_device_budget(device.id, budget)?;
     let detail =
         format!("device {device_name}, budget {}", budget.map_or("default".into(), |b| b.to_string()));
-    store.append_audit(OPERATOR, "budget", None, &detail, now())?;
+    store.append_audit(acting(), "budget", None, &detail, now())?;
     Ok(())
 }
 
@@ -355,7 +379,7 @@ pub fn merged_into(store: &dyn ServerStore, patient: &PatientId) -> Result<Optio
 pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     // Idempotent: a second revocation changes nothing and is not audited again.
     if store.revoke_device(name, now())? {
-        store.append_audit(OPERATOR, "revoke-device", None, &format!("device {name}"), now())?;
+        store.append_audit(acting(), "revoke-device", None, &format!("device {name}"), now())?;
         tracing::warn!(device = %name, "device revoked by an operator");
     }
     Ok(())
@@ -364,7 +388,7 @@ pub fn revoke(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
 /// Tells a device to destroy its data key and patient data at its next contact.
 pub fn wipe(store: &dyn ServerStore, name: &str) -> Result<(), OpsError> {
     if store.request_wipe(name, now())? {
-        store.append_audit(OPERATOR, "wipe-requested", None, &format!("device {name}"), now())?;
+        store.append_audit(acting(), "wipe-requested", None, &format!("device {name}"), now())?;
         tracing::warn!(device = %name, "wipe requested by an operator");
     }
     Ok(())
@@ -408,7 +432,7 @@ pub fn compact_log(store: &dyn ServerStore, hold: Duration, dry_run: bool) -> Re
             dropped.bytes,
             if horizon.below.is_empty() { "none".to_string() } else { horizon.below.join(", ") }
         );
-        store.append_audit(OPERATOR, "compact-log", None, &detail, now())?;
+        store.append_audit(acting(), "compact-log", None, &detail, now())?;
         tracing::info!(
             horizon = horizon_seq,
             entries = dropped.entries,
@@ -427,7 +451,7 @@ pub fn acknowledge_alert(store: &dyn ServerStore, id: i64, note: &str) -> Result
     if !store.acknowledge_alert(id, note, now())? {
         return Ok(false);
     }
-    store.append_audit(OPERATOR, "alert-acknowledged", None, &format!("alert {id}: {note}"), now())?;
+    store.append_audit(acting(), "alert-acknowledged", None, &format!("alert {id}: {note}"), now())?;
     Ok(true)
 }
 
@@ -452,7 +476,7 @@ pub fn review_quarantine(store: &dyn ServerStore, id: i64, note: &str) -> Result
         return Err(already(now())); // reviewed by someone else a moment ago
     }
     let detail = format!("quarantine {id} ({} at {}, rule {}): {note}", item.device, item.place, item.rule);
-    store.append_audit(OPERATOR, "quarantine-reviewed", Some(&item.patient), &detail, now())?;
+    store.append_audit(acting(), "quarantine-reviewed", Some(&item.patient), &detail, now())?;
     Ok(true)
 }
 
@@ -470,7 +494,7 @@ pub fn alert_reason(store: &dyn ServerStore, id: i64) -> Result<Option<String>, 
     let Some(alert) = store.alerts(true)?.into_iter().find(|a| a.id == id) else { return Ok(None) };
     if reason_sealed(&alert) {
         store.append_audit(
-            OPERATOR,
+            acting(),
             "alert-reason-viewed",
             alert.patient.as_ref(),
             &format!("alert {id}"),
@@ -487,7 +511,7 @@ pub fn audit_search(
 ) -> Result<Vec<crate::store::AuditRecord>, OpsError> {
     let entries = store.audit_entries(filter)?;
     if let Some(patient) = &filter.patient {
-        store.append_audit(OPERATOR, "audit-lookup", Some(patient), "who saw this patient", now())?;
+        store.append_audit(acting(), "audit-lookup", Some(patient), "who saw this patient", now())?;
     }
     Ok(entries)
 }
@@ -513,7 +537,7 @@ pub fn planning_export(
         "{} patients counted, {} excluded by the national data opt-out; {} cells, {} suppressed",
         export.patients_counted, export.patients_opted_out, export.cells, export.suppressed_cells
     );
-    store.append_audit(OPERATOR, "export-planning", None, &detail, now())?;
+    store.append_audit(acting(), "export-planning", None, &detail, now())?;
     Ok(export)
 }
 
@@ -522,7 +546,7 @@ pub fn planning_export(
 pub fn stage_server_key(store: &dyn ServerStore) -> Result<[u8; 32], OpsError> {
     let next = store.stage_server_key()?;
     let detail = format!("next key {}", care_node::identity::short_hex(&next.public_key()));
-    store.append_audit(OPERATOR, "server-key-staged", None, &detail, now())?;
+    store.append_audit(acting(), "server-key-staged", None, &detail, now())?;
     Ok(next.fingerprint())
 }
 
@@ -545,7 +569,7 @@ pub fn activate_server_key(store: &dyn ServerStore, force: bool) -> Result<[u8; 
         care_node::identity::short_hex(&new.public_key()),
         behind.len()
     );
-    store.append_audit(OPERATOR, "server-key-activated", None, &detail, now())?;
+    store.append_audit(acting(), "server-key-activated", None, &detail, now())?;
     Ok(new.fingerprint())
 }
 
@@ -553,7 +577,7 @@ pub fn activate_server_key(store: &dyn ServerStore, force: bool) -> Result<[u8; 
 pub fn cancel_server_key(store: &dyn ServerStore) -> Result<bool, OpsError> {
     let cancelled = store.cancel_server_key()?;
     if cancelled {
-        store.append_audit(OPERATOR, "server-key-cancelled", None, "staged key dropped", now())?;
+        store.append_audit(acting(), "server-key-cancelled", None, "staged key dropped", now())?;
     }
     Ok(cancelled)
 }
@@ -568,7 +592,7 @@ pub fn set_setting(store: &dyn ServerStore, name: &str, value: &str) -> Result<(
     setting.validate(value).map_err(OpsError::Invalid)?;
     let value = value.trim();
     store.set_setting(setting.name(), value)?;
-    store.append_audit(OPERATOR, "setting", None, &format!("{} = {value}", setting.name()), now())?;
+    store.append_audit(acting(), "setting", None, &format!("{} = {value}", setting.name()), now())?;
     Ok(())
 }
 
@@ -599,9 +623,17 @@ pub fn device_overview(
     now_ms: i64,
 ) -> Result<Vec<DeviceOverview>, OpsError> {
     let held = store.held_counts()?;
+    // Each role's lease read once, not once per device.
+    let mut leases = std::collections::HashMap::new();
     let mut out = Vec::new();
     for d in store.devices()? {
-        let lease_ms = store.setting_hours_ms(crate::domain::settings::Setting::LeaseHours(d.role))?;
+        let lease_ms = match leases.get(&d.role) {
+            Some(&ms) => ms,
+            None => {
+                let ms = store.setting_hours_ms(crate::domain::settings::Setting::LeaseHours(d.role))?;
+                *leases.entry(d.role).or_insert(ms)
+            }
+        };
         let lease_expires = d.last_sync_ms.map(|t| t + lease_ms);
         let lease = match lease_expires {
             None => "never-synced",

@@ -146,9 +146,13 @@ pub struct StoreMoved {
 }
 
 impl StoreMoved {
+    /// What moved after `after`. If compaction dropped log entries past `after`, which documents
+    /// changed is no longer known: `after` is then `u64::MAX`, which follows on from nothing, so
+    /// every live session plans.
     pub fn read(store: &dyn ServerStore, after: u64) -> Result<Self, StoreError> {
         let seq = store.max_seq()?;
         let docs = if seq > after { store.changed_docs(after, seq)? } else { HashSet::new() };
+        let after = if store.log_horizon()? > after { u64::MAX } else { after };
         Ok(Self { after, seq, scope_epoch: store.scope_epoch()?, docs: std::sync::Arc::new(docs) })
     }
 }
@@ -210,6 +214,16 @@ impl ServerSession {
     /// True while a live session waits for something to change.
     pub fn is_watching(&self) -> bool {
         self.phase == Phase::Watching
+    }
+
+    /// When a watching device's scope must be decided again though nothing moved in the store
+    /// (the earliest end of its grants, server clock): the transport wakes the session then.
+    pub fn live_deadline_ms(&self) -> Option<i64> {
+        self.live
+            .as_ref()
+            .filter(|_| self.phase == Phase::Watching)
+            .map(|l| l.valid_until_ms)
+            .filter(|&t| t < i64::MAX)
     }
 
     /// Live rounds planned in this session (a change that could not concern the device plans none).
@@ -482,9 +496,6 @@ impl ServerSession {
         if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
             store.set_scope_cache(self.device.id, established)?;
         }
-        if self.watch {
-            self.live = Some(self.live_view(store)?);
-        }
         if let Some(key) = self.announced_key.take() {
             store.set_device_staged_key(self.device.id, Some(key))?;
         }
@@ -492,6 +503,9 @@ impl ServerSession {
         self.resume = None;
         self.rounds_acknowledged += 1;
         self.phase = if self.watch { Phase::Watching } else { Phase::Done };
+        if self.watch {
+            self.live = Some(self.live_view(store)?);
+        }
         Ok(())
     }
 

@@ -247,8 +247,21 @@ async fn run_session(
             timed = true;
         }
         let next = if session.is_watching() {
+            let deadline = session.live_deadline_ms().map(|at| {
+                let wait = (at - shared.clock.now_ms()).clamp(0, 3_600_000);
+                tokio::time::Instant::now() + Duration::from_millis(wait as u64)
+            });
             tokio::select! {
                 frame = inbox.next() => frame,
+                // A grant of the device's ends though nothing moved in the store: its record goes.
+                () = sleep_until(deadline) => {
+                    let moved = changes.borrow().clone();
+                    match push_round(session, moved, conn, send, &mut inbox, shared).await? {
+                        Some(back) => session = back,
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break; // the server is shutting down
@@ -293,6 +306,14 @@ async fn run_session(
     .await;
     reader.abort();
     Ok(())
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Plans a live round on a change in the store and sends it, if the device has anything new;

@@ -44,6 +44,16 @@ struct Cli {
     /// Log format: `text` (default) or `json` (one object per line, for log shippers).
     #[arg(long, global = true, value_parser = parse_log_format, value_name = "FORMAT", help_heading = "Global options")]
     log_format: Option<LogFormat>,
+    /// Who this command acts for: the name its audit lines carry [default: the login user,
+    /// `$SUDO_USER` else `$USER`; `serve`'s admin API acts as `admin-api`].
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_SYNC_OPERATOR",
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    operator: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -258,9 +268,6 @@ enum Command {
         /// The record merged into it: an NHS number or a care-sync patient id.
         #[arg(long)]
         merge: String,
-        /// Who decided the merge (recorded in the audit).
-        #[arg(long, env = "USER", default_value = "operator")]
-        operator: String,
     },
     /// Lists patients (id, NHS number or `provisional`) for operator tasks such as merging.
     Patients {
@@ -426,8 +433,8 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         }
         Command::ImportFhir { files, feed } => records::import_fhir(open(&dir)?.as_ref(), &files, &feed)?,
         Command::ExportFhir { nhs, out } => records::export_fhir(open(&dir)?.as_ref(), &nhs, out)?,
-        Command::MergePatients { keep, merge, operator } => {
-            records::merge(open(&dir)?.as_ref(), &keep, &merge, &operator)?
+        Command::MergePatients { keep, merge } => {
+            records::merge(open(&dir)?.as_ref(), &keep, &merge, ops::acting())?
         }
         Command::Patients { provisional } => records::patients(open(&dir)?.as_ref(), provisional)?,
         Command::WipeDevice { name } => {
@@ -474,6 +481,21 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
     Ok(())
 }
 
+/// Who this command acts for: `--operator`, else the admin API for `serve` (one shared token),
+/// else the login user (the person behind `sudo` first).
+fn acting_for(cli: &Cli) -> String {
+    if let Some(name) = &cli.operator {
+        return name.clone();
+    }
+    if matches!(cli.command, Command::Serve { .. }) {
+        return "admin-api".into();
+    }
+    ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))
+        .unwrap_or_else(|| ops::OPERATOR.into())
+}
+
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = Cli::parse();
@@ -501,6 +523,10 @@ fn main() -> ExitCode {
     match cli.log_format.unwrap_or(config.logging.format) {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    if let Err(e) = ops::act_as(&acting_for(&cli)) {
+        eprintln!("error: --operator: {e}");
+        return ExitCode::FAILURE;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli, config)) {

@@ -201,7 +201,7 @@ pub fn backup(dir: &Path, out: &Path) -> CliResult {
 
 /// `restore`: a backup made the store (the devices resend their own changes).
 pub fn restore(from: &Path, dir: &Path, force: bool) -> CliResult {
-    let report = care_sync_server::store::sqlite::backup::restore(from, dir, force)?;
+    let report = care_sync_server::store::sqlite::backup::restore(from, dir, force, ops::acting())?;
     println!(
         "restored {} patients and {} devices from {} into {}",
         report.patients,

@@ -72,7 +72,7 @@ pub fn backup(dir: &Path, out: &Path) -> Result<BackupReport, BackupError> {
 
 /// Puts the backup `from` in place as the store of `dir`. Refuses to replace an existing store
 /// unless `force`, and then keeps the old one as `server.db.replaced-<time>`.
-pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, BackupError> {
+pub fn restore(from: &Path, dir: &Path, force: bool, by: &str) -> Result<BackupReport, BackupError> {
     let report = check(from)?;
     care_node::private::dir(dir).map_err(|e| BackupError::Io(dir.into(), e))?;
     let target = store_file(dir);
@@ -104,14 +104,7 @@ pub fn restore(from: &Path, dir: &Path, force: bool) -> Result<BackupReport, Bac
     let store = super::SqliteStore::open(dir)?;
     let detail =
         format!("restored from a backup of {} patients; devices resend their changes", report.patients);
-    crate::store::Governance::append_audit(
-        &store,
-        crate::domain::governance::OPERATOR,
-        "restored",
-        None,
-        &detail,
-        care_node::now_ms(),
-    )?;
+    crate::store::Governance::append_audit(&store, by, "restored", None, &detail, care_node::now_ms())?;
     Ok(report)
 }
 
@@ -156,12 +149,12 @@ mod tests {
         assert!(matches!(backup(&live, &out), Err(BackupError::Exists(_))));
 
         let restored = dir.path().join("restored");
-        restore(&out, &restored, false).unwrap();
+        restore(&out, &restored, false, "ops").unwrap();
         let again = SqliteStore::open(&restored).unwrap();
         assert_eq!(again.server_identity().unwrap().public_key(), key, "same server key after restore");
         drop(again);
-        assert!(matches!(restore(&out, &restored, false), Err(BackupError::StoreExists(_))));
-        restore(&out, &restored, true).unwrap();
+        assert!(matches!(restore(&out, &restored, false, "ops"), Err(BackupError::StoreExists(_))));
+        restore(&out, &restored, true, "ops").unwrap();
         let kept = std::fs::read_dir(&restored)
             .unwrap()
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("server.db.replaced-"))
@@ -175,7 +168,7 @@ mod tests {
         let junk = dir.path().join("junk.db");
         std::fs::write(&junk, b"not a database at all, just text").unwrap();
         let target = dir.path().join("store");
-        assert!(matches!(restore(&junk, &target, true), Err(BackupError::NotABackup(..))));
+        assert!(matches!(restore(&junk, &target, true, "ops"), Err(BackupError::NotABackup(..))));
         assert!(!target.join("server.db").exists());
     }
 }

@@ -205,20 +205,20 @@ impl DeviceRegistry for SqliteStore {
 
     fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row)
             .optional()?)
     }
 
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .query_row("SELECT * FROM devices WHERE public_key = ?1", [key.as_slice()], device_from_row)
             .optional()?)
     }
 
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached("SELECT * FROM devices ORDER BY name")?;
         let rows = stmt.query_map([], device_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)

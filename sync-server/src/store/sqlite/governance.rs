@@ -15,7 +15,7 @@ impl Governance for SqliteStore {
     }
 
     fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, at_ms, actor, action, patient_id, detail FROM audit
              WHERE (?1 IS NULL OR patient_id = ?1) AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR at_ms >= ?3)
@@ -40,7 +40,7 @@ impl Governance for SqliteStore {
 
     fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .prepare_cached("SELECT value FROM settings WHERE name = ?1")?
             .query_row([name], |r| r.get(0))
             .optional()?)
@@ -56,7 +56,7 @@ impl Governance for SqliteStore {
 
     fn device_budget(&self, device: i64) -> Result<Option<u64>, StoreError> {
         let budget: Option<i64> =
-            self.conn().query_row("SELECT budget FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+            self.read().query_row("SELECT budget FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
         Ok(budget.map(|b| b.max(0) as u64))
     }
 
@@ -101,7 +101,7 @@ impl Governance for SqliteStore {
     }
 
     fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT id, device_id, patient_id, kind, reason, created_at_ms, expires_at_ms FROM grants
              WHERE (?1 IS NULL OR device_id = ?1) AND closed_at_ms IS NULL AND expires_at_ms > ?2 ORDER BY id",
@@ -155,7 +155,7 @@ impl Governance for SqliteStore {
     }
 
     fn areas(&self, device: i64) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT district FROM device_areas WHERE device_id = ?1 ORDER BY district")?;
         let rows = stmt.query_map([device], |r| r.get(0))?;
@@ -163,7 +163,7 @@ impl Governance for SqliteStore {
     }
 
     fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError> {
-        self.conn()
+        self.read()
             .query_row(
                 "SELECT objection, opt_out FROM patients WHERE id = ?1",
                 [patient.as_bytes().as_slice()],
@@ -202,7 +202,7 @@ impl Governance for SqliteStore {
                 merged: r.get(4)?,
             })
         }
-        let conn = self.conn();
+        let conn = self.read();
         let mut rows = ScopeRows::default();
         // Narrowed to grants not yet ended (closed ones and the lapsed pile up over the years).
         let mut grants = conn.prepare_cached(&format!(
@@ -255,7 +255,7 @@ impl Governance for SqliteStore {
     }
 
     fn alerts(&self, include_acknowledged: bool) -> Result<Vec<AlertRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT a.id, a.at_ms, a.kind, d.name, a.patient_id, a.reason, a.acknowledged_at_ms, a.note
              FROM alerts a LEFT JOIN devices d ON d.id = a.device_id
@@ -285,7 +285,7 @@ impl Governance for SqliteStore {
     }
 
     fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError> {
-        let (seq, hash): (i64, Option<Vec<u8>>) = self.conn().query_row(
+        let (seq, hash): (i64, Option<Vec<u8>>) = self.read().query_row(
             "SELECT view_seq, view_hash FROM devices WHERE id = ?1",
             [device],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -338,7 +338,7 @@ impl Governance for SqliteStore {
 
     fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .prepare_cached(
                 "SELECT count(*) FROM quarantine q WHERE q.device_id = ?1 AND q.at_ms >= ?2
                  AND NOT EXISTS (SELECT 1 FROM quarantine_reviews r WHERE r.quarantine_id = q.id)",

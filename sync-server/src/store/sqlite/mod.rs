@@ -206,8 +206,17 @@ const PURGING: i64 = 2;
 /// Sent whole in the priority part of the pending round, not yet confirmed.
 const SENDING_FIRST: i64 = 3;
 
+/// Read-only connections beside the one that writes: in WAL mode readers see the last commit
+/// and never wait for the writer, so planning rounds and loading documents for many devices do
+/// not queue behind an import or an upload (nor behind each other, up to this many at once).
+const READERS: usize = 4;
+
 pub struct SqliteStore {
+    /// The one connection that writes (SQLite has one writer at a time anyway), and reads that
+    /// belong with a write.
     conn: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -318,7 +327,8 @@ impl SqliteStore {
             Some(FORMAT) => {}
             Some(_) => return Err(StoreError::UnknownFormat),
         }
-        let store = Self { conn: Mutex::new(conn) };
+        let readers = (0..READERS).map(|_| Self::reader(dir).map(Mutex::new)).collect::<Result<_, _>>()?;
+        let store = Self { conn: Mutex::new(conn), readers, next_reader: Default::default() };
         store.migrate_documents()?;
         Ok(store)
     }
@@ -375,6 +385,28 @@ impl SqliteStore {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A read-only connection to the store (opened after the writer made the schema).
+    fn reader(dir: &Path) -> Result<Connection, StoreError> {
+        use rusqlite::OpenFlags;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(dir.join("server.db"), flags)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(conn)
+    }
+
+    /// A free read-only connection (each reader in turn; waits for one only when all are busy).
+    fn read(&self) -> std::sync::MutexGuard<'_, Connection> {
+        let first = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..self.readers.len() {
+            if let Ok(guard) = self.readers[(first + i) % self.readers.len()].try_lock() {
+                return guard;
+            }
+        }
+        let reader = &self.readers[first % self.readers.len()];
+        reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

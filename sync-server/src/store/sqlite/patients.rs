@@ -128,7 +128,7 @@ impl PatientRecords for SqliteStore {
     }
 
     fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached("SELECT id, nhs_number FROM patients ORDER BY nhs_number, id")?;
         let rows = stmt.query_map([], |r| Ok((patient_id(r.get(0)?)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -136,7 +136,7 @@ impl PatientRecords for SqliteStore {
 
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {
         let id: Option<Vec<u8>> = self
-            .conn()
+            .read()
             .query_row("SELECT id FROM patients WHERE nhs_number = ?1", [nhs.as_str()], |r| r.get(0))
             .optional()?;
         Ok(id.map(patient_id).transpose()?)
@@ -144,7 +144,7 @@ impl PatientRecords for SqliteStore {
 
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
                 r.get(0)
             })
@@ -152,6 +152,6 @@ impl PatientRecords for SqliteStore {
     }
 
     fn patient_count(&self) -> Result<u64, StoreError> {
-        Ok(self.conn().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.read().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
     }
 }

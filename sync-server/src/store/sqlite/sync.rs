@@ -51,7 +51,7 @@ impl SyncLog for SqliteStore {
 
     fn max_seq(&self) -> Result<u64, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .prepare_cached(
                 "SELECT max(coalesce((SELECT max(seq) FROM changes), 0), (SELECT seq FROM log_horizon WHERE id = 1))",
             )?
@@ -60,13 +60,13 @@ impl SyncLog for SqliteStore {
 
     fn log_horizon(&self) -> Result<u64, StoreError> {
         Ok(self
-            .conn()
+            .read()
             .prepare_cached("SELECT seq FROM log_horizon WHERE id = 1")?
             .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
     fn changed_docs(&self, after: u64, upto: u64) -> Result<HashSet<PatientId>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT DISTINCT patient_id FROM changes WHERE seq > ?1 AND seq <= ?2")?;
         let rows = stmt.query_map(params![after as i64, upto as i64], |r| patient_id(r.get(0)?))?;
@@ -74,7 +74,7 @@ impl SyncLog for SqliteStore {
     }
 
     fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT d.patient_id FROM device_docs d JOIN patients p ON p.id = d.patient_id
              WHERE d.device_id = ?1 AND d.state = ?2 AND p.last_seq > ?3",
@@ -92,7 +92,7 @@ impl SyncLog for SqliteStore {
     }
 
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         // A short window (the usual reconnect) is read from the change log and each change's
         // document looked up among the device's; a long one (a device back after weeks) from the
         // device's documents. `CROSS JOIN` makes SQLite keep that order.
@@ -118,7 +118,7 @@ impl SyncLog for SqliteStore {
     }
 
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT patient_id FROM device_docs WHERE device_id = ?1 AND state = ?2")?;
         let rows = stmt.query_map(params![device, HELD], |r| patient_id(r.get(0)?))?;
@@ -126,7 +126,7 @@ impl SyncLog for SqliteStore {
     }
 
     fn held_counts(&self) -> Result<HashMap<i64, u64>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT device_id, count(*) FROM device_docs WHERE state = ?1 GROUP BY device_id",
         )?;
@@ -135,14 +135,14 @@ impl SyncLog for SqliteStore {
     }
 
     fn scope_epoch(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let n: i64 =
             conn.prepare_cached("SELECT n FROM scope_epoch WHERE id = 1")?.query_row([], |r| r.get(0))?;
         Ok(n as u64)
     }
 
     fn scope_cache(&self, device: i64) -> Result<Option<crate::store::ScopeCache>, StoreError> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT epoch, valid_until_ms, in_scope, left_out FROM device_scope_cache WHERE device_id = ?1",
         )?;
@@ -179,7 +179,7 @@ impl SyncLog for SqliteStore {
 
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
         let round: Option<i64> =
-            self.conn()
+            self.read()
                 .query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
         Ok(round.map(|r| r as u64))
     }
