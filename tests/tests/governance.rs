@@ -1,6 +1,6 @@
 //! Who gets what, end to end: scopes, budgets, consent, break glass, wipe, lease, view audit,
-//! planning exports. On the socket-free pair (`TestServer::in_memory`), but for the view-log
-//! test, which writes frames by hand over QUIC.
+//! planning exports. On the socket-free pair (`TestServer::in_memory`); the live grant lapse also
+//! over QUIC, where the transport wakes the session.
 
 use care_node::client::ClientError;
 use care_node::protocol::{AccessKind, ClientMessage, ServerMessage};
@@ -216,7 +216,7 @@ async fn an_expired_lease_locks_patient_data_until_a_sync() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn views_reach_the_server_audit_and_a_broken_view_log_is_flagged() {
-    let server = TestServer::start(2).await;
+    let server = TestServer::in_memory(2);
     let mut nurse = TestDevice::enrolled(&server, "nurse-7", Role::CommunityNurse).await;
     server.caseload("nurse-7", [0]);
     within(30, nurse.sync()).await.unwrap();

@@ -9,6 +9,23 @@ use care_sync_server::store::{Role, ServerStore};
 
 use crate::{CaseloadAction, CliResult, ServerKeyAction};
 
+/// `revoke-device NAME`.
+pub fn revoke(store: &dyn ServerStore, name: &str) -> CliResult {
+    ops::revoke(store, name)?;
+    println!(
+        "revoked {name}: its live sessions close within a second and its next connection is refused \
+         (unless a wipe is pending: then it is admitted only to be told to wipe)"
+    );
+    Ok(())
+}
+
+/// `wipe-device NAME`.
+pub fn wipe(store: &dyn ServerStore, name: &str) -> CliResult {
+    ops::wipe(store, name)?;
+    println!("{name} will destroy its data key and patient data at its next contact");
+    Ok(())
+}
+
 /// `server-key status|stage|activate|cancel`: the server key's rotation.
 pub fn server_key(store: &dyn ServerStore, action: ServerKeyAction) -> CliResult {
     let hex = |f: [u8; 32]| care_node::identity::hex(&f);

@@ -332,3 +332,30 @@ pub fn export_planning(
     }
     Ok(())
 }
+
+/// `budget --device NAME --documents N` (0: the default budget).
+pub fn budget(store: &dyn ServerStore, device: &str, documents: u64) -> CliResult {
+    ops::set_budget(store, device, (documents > 0).then_some(documents))?;
+    println!("budget set");
+    Ok(())
+}
+
+/// `set NAME VALUE`: an operator's setting, audited.
+pub fn set(store: &dyn ServerStore, name: &str, value: &str) -> CliResult {
+    ops::set_setting(store, name, value)?;
+    println!(
+        "{name} = {} (set by an operator; it stands until the configuration file's value for it changes)",
+        value.trim()
+    );
+    Ok(())
+}
+
+/// `settings`: every setting in force and where its value comes from.
+pub fn settings(store: &dyn ServerStore) -> CliResult {
+    println!("{:<30} {:<28} SOURCE", "SETTING", "VALUE");
+    for setting in care_sync_server::domain::settings::Setting::ALL {
+        let (value, source) = store.effective_setting(setting)?;
+        println!("{:<30} {:<28} {}", setting.name(), value, source.as_str());
+    }
+    Ok(())
+}

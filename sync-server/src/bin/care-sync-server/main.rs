@@ -418,14 +418,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             devices::compact_log(open(&dir)?.as_ref(), hold, dry_run)?
         }
         Command::Devices => devices::list(open(&dir)?.as_ref(), config.admin.stale_after_hours)?,
-        Command::RevokeDevice { name } => {
-            let store = open(&dir)?;
-            ops::revoke(store.as_ref(), &name)?;
-            println!(
-                "revoked {name}: its live sessions close within a second and its next connection is refused \
-                 (unless a wipe is pending: then it is admitted only to be told to wipe)"
-            );
-        }
+        Command::RevokeDevice { name } => devices::revoke(open(&dir)?.as_ref(), &name)?,
         Command::Caseload { action } => devices::caseload(open(&dir)?.as_ref(), action)?,
         #[cfg(feature = "demo")]
         Command::Generate { patients, seed, fhir_out } => {
@@ -437,32 +430,15 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             records::merge(open(&dir)?.as_ref(), &keep, &merge, ops::acting())?
         }
         Command::Patients { provisional } => records::patients(open(&dir)?.as_ref(), provisional)?,
-        Command::WipeDevice { name } => {
-            ops::wipe(open(&dir)?.as_ref(), &name)?;
-            println!("{name} will destroy its data key and patient data at its next contact");
-        }
+        Command::WipeDevice { name } => devices::wipe(open(&dir)?.as_ref(), &name)?,
         Command::Incident { action } => governance::incident(open(&dir)?.as_ref(), action)?,
         Command::Area { action } => governance::area(open(&dir)?.as_ref(), action)?,
         Command::Consent { action } => governance::consent(open(&dir)?.as_ref(), action)?,
         Command::Budget { device, documents } => {
-            ops::set_budget(open(&dir)?.as_ref(), &device, (documents > 0).then_some(documents))?;
-            println!("budget set");
+            governance::budget(open(&dir)?.as_ref(), &device, documents)?
         }
-        Command::Set { name, value } => {
-            ops::set_setting(open(&dir)?.as_ref(), &name, &value)?;
-            println!(
-                "{name} = {} (set by an operator; it stands until the configuration file's value for it changes)",
-                value.trim()
-            );
-        }
-        Command::Settings => {
-            let store = open(&dir)?;
-            println!("{:<30} {:<28} SOURCE", "SETTING", "VALUE");
-            for setting in care_sync_server::domain::settings::Setting::ALL {
-                let (value, source) = store.effective_setting(setting)?;
-                println!("{:<30} {:<28} {}", setting.name(), value, source.as_str());
-            }
-        }
+        Command::Set { name, value } => governance::set(open(&dir)?.as_ref(), &name, &value)?,
+        Command::Settings => governance::settings(open(&dir)?.as_ref())?,
         Command::Quarantine { device, all, action } => {
             governance::quarantine(open(&dir)?.as_ref(), device.as_deref(), all, action)?
         }

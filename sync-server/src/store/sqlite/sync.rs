@@ -334,6 +334,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn readers_do_not_wait_for_the_writer_and_see_what_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let identity = store.server_identity().unwrap();
+        let mut population = crate::demo::population::Population::new(3, crate::server_actor(&identity));
+        let ids = store.insert_patients(&mut [population.next_patient(0).unwrap()]).unwrap();
+        // The writer is busy (held, as during a long import's commit)...
+        let writing = store.conn();
+        // ...and a session's reads still go through, with what was committed.
+        let (done, reads) = std::sync::mpsc::channel();
+        let reader = store.clone();
+        std::thread::spawn(move || {
+            let seen = (reader.max_seq().unwrap(), reader.load_document(&ids[0]).unwrap().is_some());
+            let _ = done.send(seen);
+        });
+        let seen = reads.recv_timeout(std::time::Duration::from_secs(10));
+        drop(writing);
+        let (seq, loaded) = seen.expect("reads did not wait for the writer");
+        assert!(seq > 0 && loaded, "the committed patient is visible to readers");
+    }
+
+    #[test]
     fn compaction_in_steps_drops_exactly_what_is_at_or_below_the_horizon_and_keeps_the_head() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
