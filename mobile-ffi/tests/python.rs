@@ -1,6 +1,6 @@
 //! The mobile API through real generated bindings: builds on the compiled library, generates
 //! Python, Kotlin and Swift bindings, starts a real server on 127.0.0.1 and runs the Python test
-//! (`tests/python/test_care_ffi.py`), which enrols, syncs, reads, searches, records offline,
+//! (`tests/python/test_care_ffi.py`), which enrols, syncs, reads, searches, records (on the device alone),
 //! resyncs, breaks glass, reads while a second device syncs, watches live, reads the view log,
 //! checks the error mapping and wipes.
 

@@ -28,7 +28,7 @@ fn line_with(lines: &std::sync::mpsc::Receiver<String>, text: &str, secs: u64) -
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sync_watch_prints_each_notification_as_it_arrives() {
+async fn sync_watch_prints_a_notification_as_it_arrives() {
     let server = TestServer::start(2).await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("nurse.db");

@@ -263,7 +263,9 @@ fn an_unknown_nhs_number_creates_a_record_for_review_or_is_refused_as_configured
     let ack = care_sync_server::ingest::hl7::adt::process(s, &unknown, 0, &refuse);
     assert_eq!((ack.code, parsed(&ack)("ERR", 3)), ("AE", "204^Unknown key identifier^HL70357".into()));
     assert_eq!(s.patient_count().unwrap(), 2);
+    let seq = s.max_seq().unwrap();
     accepted(&care_sync_server::ingest::hl7::adt::process(s, &adt("A03", "U4", ""), 0, &refuse));
+    assert!(s.max_seq().unwrap() > seq, "the known patient's discharge was applied");
     // Another facility keeps the default.
     let other = unknown.replace("|PAS|WGH|", "|PAS|QAH|").replace("U3", "U5");
     accepted(&care_sync_server::ingest::hl7::adt::process(s, &other, 0, &refuse));
@@ -322,17 +324,22 @@ async fn mllp_senders_off_the_allow_list_over_the_limit_or_idle_are_closed() {
     listener.stop();
 
     // Two connections at most; the third is closed; an idle one is closed after its timeout.
+    // The idle timeout (3 s) is longer than the wait for the third's close (1 s), so that close
+    // is the limit's.
     let limited = MllpOptions {
         max_connections: 2,
-        idle_timeout: std::time::Duration::from_secs(1),
+        idle_timeout: std::time::Duration::from_secs(3),
         ..Default::default()
     };
     let listener = start_with(store.clone(), "127.0.0.1:0".parse().unwrap(), limited).await.unwrap();
+    let opened = std::time::Instant::now();
     let mut first = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
     let _second = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut third = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
     assert!(closed_within(&mut third, 1).await, "over the connection limit");
-    assert!(closed_within(&mut first, 5).await, "idle past the timeout");
+    assert!(closed_within(&mut first, 10).await, "idle past the timeout");
+    let idle = opened.elapsed();
+    assert!(idle >= std::time::Duration::from_millis(2_900), "not before its timeout: {idle:?}");
     listener.stop();
 }

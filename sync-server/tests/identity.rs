@@ -79,6 +79,17 @@ fn a_second_record_with_a_known_nhs_number_is_refused_not_merged_automatically()
     // Same record, no NHS number yet: an update.
     import_bundle(&store, &parse_bundle(&bundle(&update, "")).unwrap(), "ed", 2).unwrap();
     assert_eq!(store.patient_count().unwrap(), 2);
+    // Through the feed: the same record, now with the NHS number the known record has.
+    let learnt = update.replace(
+        r#""identifier":["#,
+        r#""identifier":[{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"9990000069"},"#,
+    );
+    assert_ne!(learnt, update);
+    let err = import_bundle(&store, &parse_bundle(&bundle(&learnt, "")).unwrap(), "ed", 3).unwrap_err();
+    assert!(err.to_string().contains("merge-patients"), "{err}");
+    assert_eq!(store.patient_count().unwrap(), 2, "no record made, none merged");
+    assert!(load(&store, &unknown).demographics().unwrap().nhs_number.is_none(), "nor the number taken");
+    // And directly at the store, as any writer would:
     let mut summary = load(&store, &unknown);
     let mut d = summary.demographics().unwrap();
     d.nhs_number = Some("9990000069".into());

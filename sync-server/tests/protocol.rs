@@ -293,17 +293,39 @@ fn pages_are_acknowledged_once_each_in_order_and_a_page_never_sent_is_a_protocol
 #[test]
 fn a_batch_over_the_configured_limits_ends_the_session_and_nothing_is_applied() {
     use care_sync_server::domain::limits::Limits;
-    let w = world(3);
+    let mut w = world(3);
+    assert!(session(&mut w, None).completed);
+    // Two real entries, on two records the device may write to: acceptable but for the bound.
+    for nhs in &w.patients[..2] {
+        w.device.add_entry(nhs, &Allergy::new("Latex", w.device.provenance().unwrap())).unwrap();
+    }
+    let docs: Vec<_> = w
+        .device
+        .pending_changes(0, care_node::protocol::TARGET_BATCH_BYTES)
+        .unwrap()
+        .into_iter()
+        .map(|c| care_node::protocol::DocChanges {
+            doc: c.doc,
+            changes: vec![serde_bytes::ByteBuf::from(c.change)],
+        })
+        .collect();
+    assert_eq!(docs.len(), 2);
     let limits = Limits { upload_docs: 1, ..Limits::default() };
     let mut server = ServerSession::new(w.record.clone()).limited(limits);
-    let hello = ClientMessage::Hello { cursor: 0, resume: None, staged_server_key: None, incarnation: None };
+    let cursor = w.device.sync_state().unwrap().cursor;
+    let hello = ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None };
     server.handle(hello, &w.server, 1).unwrap();
-    let ids: Vec<_> = w.server.patient_ids().unwrap().into_iter().map(|(id, _)| id).take(2).collect();
-    let docs = ids.iter().map(|&doc| care_node::protocol::DocChanges { doc, changes: vec![] }).collect();
     let seq = w.server.max_seq().unwrap();
-    let err = server.handle(ClientMessage::Upload { through: 1, docs }, &w.server, 1).unwrap_err();
+    let err =
+        server.handle(ClientMessage::Upload { through: 1, docs: docs.clone() }, &w.server, 1).unwrap_err();
     assert!(err.to_string().contains("at most 1 documents"), "{err}");
-    assert_eq!(w.server.max_seq().unwrap(), seq);
+    assert_eq!(w.server.max_seq().unwrap(), seq, "neither entry was applied");
+    // Within the bounds the same batch is applied: the refusal was the bound's.
+    let mut server = ServerSession::new(w.record.clone());
+    let hello = ClientMessage::Hello { cursor, resume: None, staged_server_key: None, incarnation: None };
+    server.handle(hello, &w.server, 1).unwrap();
+    server.handle(ClientMessage::Upload { through: 1, docs }, &w.server, 1).unwrap();
+    assert_eq!(w.server.max_seq().unwrap(), seq + 2);
 }
 
 #[test]

@@ -66,6 +66,9 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
         .edit(&nhs, |sum| sum.set_field(Section::Allergies, id, "verification_status", "refuted", &p2));
     assert!(matches!(refused, Err(StoreError::Refused(_))));
     assert_eq!(devices[2].store.pending_count().unwrap(), 0, "nothing of a refused edit is queued");
+    // What another device may do to the same record at the same time: its own entry, merged
+    // with the mark by the CRDT.
+    devices[1].add_allergy(&nhs, "Latex");
     sync_all(&mut devices).await;
 
     for device in &devices {
@@ -77,9 +80,11 @@ async fn entered_in_error_on_one_device_survives_concurrent_edits_on_others() {
             .find(|e| e.id == id)
             .expect("kept for the record");
         assert!(entry.entered_in_error.is_some(), "{} shows it in error", device.name);
+        let shown = sum.clinical_entries::<s::Allergy>().unwrap();
+        assert!(shown.iter().all(|e| e.id != id), "hidden on {}", device.name);
         assert!(
-            sum.clinical_entries::<s::Allergy>().unwrap().iter().all(|e| e.id != id),
-            "hidden on {}",
+            shown.iter().any(|e| e.data.substance == "Latex"),
+            "the concurrent entry merged beside the mark on {}",
             device.name
         );
     }

@@ -97,7 +97,7 @@ async fn every_protected_path_refuses_a_missing_or_wrong_token_and_changes_nothi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn devices_are_enrolled_listed_revoked_and_wiped_through_the_api() {
+async fn devices_are_enrolled_listed_revoked_and_told_to_wipe_through_the_api() {
     let (server, mut crew) = server_with_an_alert().await;
     let console = TestConsole::start(&server, 24 * HOUR).await;
 
@@ -147,7 +147,11 @@ async fn devices_are_enrolled_listed_revoked_and_wiped_through_the_api() {
     let (status, _) = console.post("/api/devices/ambulance-1/revoke", json!({}));
     assert_eq!(status, 200);
     assert_eq!(find(&console.get("/api/devices"), "ambulance-1")["state"], "revoked");
-    assert!(within(30, crew.sync()).await.is_err(), "a revoked device is refused");
+    let refused = within(30, crew.sync()).await;
+    assert!(
+        matches!(refused, Err(care_node::client::ClientError::DeviceRefused)),
+        "a revoked device is refused in the handshake: {refused:?}"
+    );
     let audit = console.get("/api/audit?device=operator");
     let actions: Vec<&str> =
         audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();

@@ -97,6 +97,14 @@ async fn links_cut_at_random_frames_lose_nothing_and_resend_nothing_applied() {
     }
     let before = server.store.max_seq().unwrap();
     let _ = sync_cut_after(&mut device, 1).await; // the server's Welcome only
+    // The server stores the uploads that reached it before the cut, and the device heard no
+    // acknowledgement: what the next sync sends again is partly on the server already.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.store.max_seq().unwrap() == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(server.store.max_seq().unwrap() > before, "the server stored uploads sent before the cut");
+    assert_eq!(device.store.pending_count().unwrap(), 300, "none of them acknowledged to the device");
     within(60, device.sync()).await.unwrap();
     assert_eq!(server.store.max_seq().unwrap(), before + 300, "each offline change stored exactly once");
     assert_eq!(device.store.pending_count().unwrap(), 0);

@@ -219,7 +219,7 @@ async fn an_operator_enrols_a_device_and_acknowledges_an_alert_in_the_dashboard(
         );
         assert!(browser.text("tr[data-setting=\"budget\"]").contains("operator"));
 
-        // A wipe shows as pending until the device confirms it.
+        // A wipe asked for shows as pending (the device has not yet heard it and confirmed).
         browser.script("window.confirm = () => true; return true");
         browser.click("tr[data-device=\"ambulance-2\"] .wipe");
         browser.wait_for(

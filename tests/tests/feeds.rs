@@ -1,4 +1,5 @@
-//! A hospital's ADT feed reaches the community nurse: admitted, transferred, discharged.
+//! A hospital's ADT feed reaches the community nurse: admitted, then discharged (transfers and
+//! cancellations are in `sync-server/tests/adt.rs`).
 
 use care_sync_e2e::{TestDevice, TestServer, within};
 use care_sync_server::store::Role;

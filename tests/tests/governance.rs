@@ -24,7 +24,8 @@ async fn an_out_of_scope_patient_never_reaches_a_device() {
     let rows: i64 =
         nurse.store.connection().query_row("SELECT count(*) FROM documents", [], |r| r.get(0)).unwrap();
     assert_eq!(rows, 3, "the store file holds exactly the three caseload documents");
-    // And nothing of the others is in the file in any form we could recognise.
+    // Nor is any of their NHS numbers in the file (they never arrived; sealing would hide them
+    // if they had: this guards against a plaintext copy of a document that did not count).
     let raw = nurse.raw_bytes();
     for nhs in &outside {
         assert!(!contains(&raw, nhs.as_str().as_bytes()));
@@ -63,15 +64,22 @@ async fn area_prefetch_brings_high_risk_patients_and_the_budget_keeps_priority_o
     let server = TestServer::in_memory(300);
     let mut crew = TestDevice::enrolled(&server, "ambulance-2", Role::AmbulanceCrew).await;
     let store = server.store.as_ref();
-    // Districts of the synthetic population's high-risk patients.
+    // Districts of the synthetic population's high-risk patients, and who carries a prefetch flag.
+    use care_sync_server::domain::scope::{DEFAULT_PREFETCH_FLAGS, PatientIndex};
     let ids = store.patient_ids().unwrap();
     let mut districts = std::collections::BTreeMap::<String, usize>::new();
-    for (id, _) in &ids {
+    let mut flagged = std::collections::BTreeMap::<String, Vec<care_node::nhs::NhsNumber>>::new();
+    for (id, nhs) in &ids {
         let mut s =
             care_node::summary::PatientSummary::load(&store.load_document(id).unwrap().unwrap()).unwrap();
-        let index = care_sync_server::domain::scope::PatientIndex::of(&mut s).unwrap();
+        let index = PatientIndex::of(&mut s).unwrap();
+        let district = index.district.clone().unwrap();
         if index.flags.iter().any(|f| f == "respect-dnacpr") {
-            *districts.entry(index.district.unwrap()).or_default() += 1;
+            *districts.entry(district.clone()).or_default() += 1;
+        }
+        if index.flags.iter().any(|f| DEFAULT_PREFETCH_FLAGS.contains(&f.as_str())) {
+            let nhs = care_node::nhs::NhsNumber::parse(nhs.as_deref().unwrap()).unwrap();
+            flagged.entry(district).or_default().push(nhs);
         }
     }
     let (district, high_risk) =
@@ -79,19 +87,34 @@ async fn area_prefetch_brings_high_risk_patients_and_the_budget_keeps_priority_o
     assert!(high_risk >= 1);
     ops::area(store, "ambulance-2", &district, true).unwrap();
     let report = within(30, crew.sync()).await.unwrap();
-    assert!(
-        report.stats.documents_received as usize >= high_risk,
-        "the area's high-risk patients are prefetched"
+    let expected = &flagged[&district];
+    for nhs in expected {
+        assert!(crew.store.find_by_nhs(nhs).unwrap().is_some(), "every flagged patient of the area arrives");
+    }
+    assert_eq!(
+        crew.store.document_count().unwrap() as usize,
+        expected.len(),
+        "and no one else: not the area's unflagged patients, not other areas'"
     );
     let prefetched = report.stats.documents_received;
 
-    // Now a budget of 3 with an incident and a caseload of 3: incident first, then caseload.
+    // Now a budget of 3 with an incident and a caseload of 3: incident first, then caseload,
+    // and no prefetch at all.
     ops::set_budget(store, "ambulance-2", Some(3)).unwrap();
     ops::incident_open(store, "ambulance-2", server.patients[10].as_str(), 24.0).unwrap();
     server.caseload("ambulance-2", [20, 21, 22]);
     let report = within(30, crew.sync()).await.unwrap();
     assert_eq!(crew.store.document_count().unwrap(), 3, "never more than the budget");
     assert!(crew.store.find_by_nhs(&server.patients[10]).unwrap().is_some(), "the incident comes first");
+    let caseload_held = [20, 21, 22]
+        .iter()
+        .filter(|&&i| crew.store.find_by_nhs(&server.patients[i]).unwrap().is_some())
+        .count();
+    assert_eq!(caseload_held, 2, "then the caseload, before any prefetch");
+    let own: Vec<_> = [10, 20, 21, 22].iter().map(|&i| server.patients[i].clone()).collect();
+    for nhs in expected.iter().filter(|n| !own.contains(n)) {
+        assert!(crew.store.find_by_nhs(nhs).unwrap().is_none(), "a prefetch-only patient was dropped");
+    }
     let left_out = report.stats.left_out;
     assert_eq!(left_out, 1 + prefetched, "one caseload patient and every prefetch left out, and said so");
     assert_eq!(crew.store.sync_state().unwrap().left_out, left_out);
@@ -323,7 +346,7 @@ async fn the_planning_export_suppresses_small_numbers_and_respects_the_opt_out()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_device_told_to_wipe_during_a_live_session_shreds_its_key_too() {
+async fn a_watch_started_with_a_wipe_pending_shreds_its_key_too() {
     let server = TestServer::in_memory(2);
     let mut crew = TestDevice::enrolled(&server, "ambulance-10", Role::AmbulanceCrew).await;
     server.caseload("ambulance-10", [0, 1]);
@@ -370,4 +393,30 @@ async fn a_grant_lapsing_during_a_live_session_purges_the_record_on_the_pair() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_lapsing_during_a_live_session_purges_the_record_over_quic() {
     a_grant_lapsing_during_a_live_session_purges_the_record(TestServer::start(2).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wipe_ordered_during_a_live_session_ends_it_and_the_next_contact_shreds() {
+    // Over QUIC: closing a live session on a wipe is the transport's (the pair does not do it).
+    let server = TestServer::start(2).await;
+    let mut crew = TestDevice::enrolled(&server, "ambulance-12", Role::AmbulanceCrew).await;
+    server.caseload("ambulance-12", [0, 1]);
+    let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        let mut on_round = move |_: &care_node::sync::SyncStats| {
+            let _ = rounds_tx.send(());
+        };
+        let ended = crew.watch(&mut on_round, std::future::pending::<()>()).await;
+        (crew, ended)
+    });
+    within(30, rounds.recv()).await.expect("the first round: the crew is watching");
+    ops::wipe(server.store.as_ref(), "ambulance-12").unwrap();
+    let (mut crew, ended) = within(30, watcher).await.unwrap();
+    let err = ended.expect_err("the live session is ended by the wipe");
+    assert!(matches!(&err, ClientError::Refused(m) if m.contains("wipe")), "{err:?}");
+    assert_eq!(crew.store.document_count().unwrap(), 2, "nothing shredded before the wipe is confirmed");
+    let err = within(30, crew.sync()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Wiped), "{err:?}");
+    assert!(server.store.device_by_name("ambulance-12").unwrap().unwrap().wiped_at_ms.is_some());
+    assert!(matches!(DeviceStore::open(&crew.path, &cheap_wrapper(PASSPHRASE)), Err(StoreError::Wiped)));
 }

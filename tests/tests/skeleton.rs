@@ -1,4 +1,6 @@
-//! End-to-end scenarios of the walking skeleton: a real server, real devices, real QUIC.
+//! End-to-end scenarios of the walking skeleton: a real server and real devices, on the
+//! socket-free pair; the handshake's refusals, malformed frames, reconnect bytes and key pinning
+//! over real QUIC.
 
 use care_node::client::{ClientError, DeviceConnection};
 use care_node::crypto::CryptoError;

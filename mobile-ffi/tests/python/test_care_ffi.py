@@ -135,8 +135,8 @@ async def main():
     assert [h.nhs_number for h in node.search(ffi.SearchQuery(nhs_number=NHS))] == [NHS]
     node.read_patient(NHS, True)
 
-    step("Offline: record an attendance with observations; NEWS2 comes")
-    # Offline: record an attendance with observations; NEWS2 comes back at once.
+    step("Record an attendance with observations (no connection used); NEWS2 comes")
+    # Recorded on the device alone, as offline; NEWS2 comes back at once.
     obs = cn.Observations(
         respiration_rate=24,
         spo2=91,

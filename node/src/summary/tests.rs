@@ -89,6 +89,13 @@ fn concurrent_additions_on_three_replicas_all_survive_in_one_order() {
     assert_eq!(order.len(), 3);
     assert_eq!(order, substances(&mut b));
     assert_eq!(order, substances(&mut server));
+    // The same additions with b's clock an hour ahead instead: the same order.
+    let (mut server2, mut a2, mut b2) = replicas();
+    a2.add(&allergy("penicillin", "a", 5_000)).unwrap();
+    b2.add(&allergy("latex", "b", 5_000 + 3_600_000)).unwrap();
+    server2.add(&allergy("codeine", "server", 1)).unwrap();
+    converge(&mut [&mut server2, &mut a2, &mut b2]);
+    assert_eq!(substances(&mut a2), order, "b's clock moved nothing");
 }
 
 #[test]

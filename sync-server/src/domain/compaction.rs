@@ -78,11 +78,14 @@ mod tests {
         let now = 1_000 * HOUR;
         let mut revoked = device("lost-tablet", 10, Some(now));
         revoked.revoked_at_ms = Some(now);
+        // Told to wipe and not (yet) revoked: it will only ever be told to wipe again.
         let mut wiping = device("stolen-phone", 20, Some(now));
-        wiping.revoked_at_ms = Some(now);
         wiping.wipe_requested_at_ms = Some(now);
-        let h = horizon(&[revoked, wiping, device("recent", 500, Some(now))], 800, now, HOUR);
+        assert!(wiping.wipe_pending() && wiping.revoked_at_ms.is_none());
+        let h = horizon(&[revoked.clone(), wiping.clone(), device("recent", 500, Some(now))], 800, now, HOUR);
         assert_eq!(h, Horizon { seq: 500, below: vec![] });
+        assert_eq!(horizon(&[revoked], 800, now, HOUR).seq, 800, "a revoked device alone holds nothing");
+        assert_eq!(horizon(&[wiping], 800, now, HOUR).seq, 800, "nor one told to wipe");
         assert_eq!(horizon(&[], 800, now, HOUR).seq, 800);
     }
 }

@@ -303,17 +303,25 @@ fn care_sync_patient_id(patient: &f::Patient) -> Option<PatientId> {
         .and_then(|v| v.parse::<PatientId>().ok())
 }
 
-/// Finds the patient's document (by NHS number, else by a care-sync id already stored) or
-/// creates one; says whether it was created.
+/// Finds the patient's document (by a care-sync id already stored, else by NHS number) or
+/// creates one; says whether it was created. A bundle naming one stored record by its
+/// care-sync id and another by its NHS number is two records of one person: refused, for an
+/// operator to merge (`merge-patients`), never applied to either.
 fn open_document(
     store: &dyn ServerStore,
     patient: &f::Patient,
     demographics: &Demographics,
     now_ms: i64,
 ) -> Result<(PatientSummary, bool), ImportError> {
-    let existing = match &demographics.nhs_number {
+    let by_id = care_sync_patient_id(patient).filter(|id| store.load_document(id).ok().flatten().is_some());
+    let by_nhs = match &demographics.nhs_number {
         Some(nhs) => store.patient_by_nhs(&NhsNumber::parse(nhs).expect("validated above"))?,
-        None => care_sync_patient_id(patient).filter(|id| store.load_document(id).ok().flatten().is_some()),
+        None => None,
+    };
+    let existing = match (by_id, by_nhs) {
+        (Some(id), Some(other)) if id != other => return Err(StoreError::DuplicatePatient.into()),
+        (Some(id), _) => Some(id),
+        (None, by_nhs) => by_nhs,
     };
     let identity = store.server_identity()?;
     let actor = crate::server_actor(&identity);
