@@ -1,7 +1,8 @@
-//! Wall-clock time, passed in rather than read where it is used: the device store, the device
-//! half of the protocol and the server's transport each hold a [`Clock`], so a test can put a
-//! device's clock hours ahead, jump it mid-round, or carry a device a year into the future —
-//! and a phone's clock, which users and networks set, is one input among others.
+//! Wall-clock time, passed in rather than read where it is used: the device store and the
+//! server's transport each hold a [`Clock`], and the protocol's state machines are handed the
+//! moment ([`Now`]) with each frame, so a test can put a device's clock hours ahead, jump it
+//! mid-round, or carry a device a year into the future — and a phone's clock, which users and
+//! networks set, is one input among others.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -41,6 +42,21 @@ impl Clock {
         static START: std::sync::LazyLock<std::time::Instant> =
             std::sync::LazyLock::new(std::time::Instant::now);
         START.elapsed().as_millis() as i64
+    }
+}
+
+/// One moment by a [`Clock`]: the wall clock (which users and networks set) and the monotonic
+/// one (which never jumps). The protocol's state machines are handed it with each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall_ms: i64,
+    pub monotonic_ms: i64,
+}
+
+impl Clock {
+    /// This moment by this clock.
+    pub fn now(&self) -> Now {
+        Now { wall_ms: self.now_ms(), monotonic_ms: self.monotonic_ms() }
     }
 }
 

@@ -245,7 +245,7 @@ async fn sync_once(
             .recv()
             .await?
             .ok_or_else(|| ClientError::Protocol("the server ended the session early".into()))?;
-        for reply in off_the_runtime(|| session.handle_reporting(message, store, progress))? {
+        for reply in off_the_runtime(|| session.handle_reporting(message, store, store.now(), progress))? {
             link.send(&reply).await?;
         }
     }
@@ -320,7 +320,7 @@ pub async fn watch(
                     ended_by_server = true;
                     break;
                 };
-                for reply in off_the_runtime(|| session.handle(message, store))? {
+                for reply in off_the_runtime(|| session.handle(message, store, store.now()))? {
                     link.send(&reply).await?;
                 }
                 if session.rounds_completed() > rounds {

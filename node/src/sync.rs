@@ -8,6 +8,7 @@
 //! Uploads are pipelined: up to [`UPLOAD_WINDOW`] batches are in flight, and a local change is
 //! forgotten only when the server says it is durable.
 
+use crate::clock::Now;
 use crate::protocol::{AccessKind, ClientMessage, DocChanges, ServerMessage, TARGET_BATCH_BYTES};
 use crate::store::{DeviceStore, StoreError};
 
@@ -250,13 +251,15 @@ impl SyncSession {
         Ok(())
     }
 
-    /// Handles one server frame; returns the frames to send back.
+    /// Handles one server frame that arrived at `now` (the device's clock: [`DeviceStore::now`]);
+    /// returns the frames to send back.
     pub fn handle(
         &mut self,
         message: ServerMessage,
         store: &mut DeviceStore,
+        now: Now,
     ) -> Result<Vec<ClientMessage>, SyncError> {
-        self.handle_reporting(message, store, &mut |_| {})
+        self.handle_reporting(message, store, now, &mut |_| {})
     }
 
     /// [`SyncSession::handle`], calling `progress` as the items of a round are applied: at every
@@ -267,6 +270,7 @@ impl SyncSession {
         &mut self,
         message: ServerMessage,
         store: &mut DeviceStore,
+        now: Now,
         progress: &mut dyn FnMut(&SyncStats),
     ) -> Result<Vec<ClientMessage>, SyncError> {
         match (self.phase, message) {
@@ -293,8 +297,8 @@ impl SyncSession {
                     role,
                     server_time_ms,
                     lease_ms,
-                    welcomed_at_ms: store.now_ms(),
-                    welcomed_at_monotonic_ms: store.monotonic_ms(),
+                    welcomed_at_ms: now.wall_ms,
+                    welcomed_at_monotonic_ms: now.monotonic_ms,
                 };
                 store.follow_server_key(server_key, next_server_key)?;
                 self.welcomed(view, store, incarnation, restored, wipe)
@@ -308,16 +312,16 @@ impl SyncSession {
                 Ok(Vec::new())
             }
             (Phase::Uploading, ServerMessage::UploadAck { through, refused }) => {
-                self.upload_acknowledged(through, &refused, store)
+                self.upload_acknowledged(through, &refused, store, now)
             }
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
                 ServerMessage::Docs { round, priority, round_items, items },
-            ) => self.page(round, priority, round_items, &items, store, progress),
+            ) => self.page((round, priority, round_items), &items, store, now, progress),
             (
                 Phase::Uploading | Phase::Downloading | Phase::Watching,
                 ServerMessage::RoundDone { round, documents_in_scope, left_out },
-            ) => self.round_done(round, documents_in_scope, left_out, store),
+            ) => self.round_done(round, documents_in_scope, left_out, store, now),
             (phase, other) => {
                 Err(SyncError::Protocol(format!("unexpected {} while {phase:?}", message_name(&other))))
             }
@@ -362,6 +366,7 @@ impl SyncSession {
         through: u64,
         refused: &[crate::protocol::RefusedDoc],
         store: &mut DeviceStore,
+        now: Now,
     ) -> Result<Vec<ClientMessage>, SyncError> {
         if through > self.upload_sent_through || self.upload_in_flight == 0 {
             return Err(SyncError::Protocol("acknowledgement of an upload never sent".into()));
@@ -370,7 +375,7 @@ impl SyncSession {
             for r in refused {
                 tracing::warn!(rule = %r.rule, place = %r.place, "the server refused this device's changes to a document; kept on this device");
             }
-            self.stats.refused_changes += store.diverge(refused, store.now_ms())?;
+            self.stats.refused_changes += store.diverge(refused, now.wall_ms)?;
         }
         store.acknowledge_uploads(through)?;
         self.upload_in_flight -= 1;
@@ -383,11 +388,10 @@ impl SyncSession {
     /// the round by these acknowledgements).
     fn page(
         &mut self,
-        round: u64,
-        priority: bool,
-        round_items: u64,
+        (round, priority, round_items): (u64, bool, u64),
         items: &[crate::protocol::DocItem],
         store: &mut DeviceStore,
+        now: Now,
         progress: &mut dyn FnMut(&SyncStats),
     ) -> Result<Vec<ClientMessage>, SyncError> {
         if self.upload_in_flight > 0 || !self.upload_finished {
@@ -400,7 +404,6 @@ impl SyncSession {
             return Err(SyncError::Protocol("documents of two rounds in one session".into()));
         }
         self.phase = Phase::Downloading;
-        let now = store.now_ms();
         self.stats.round_items = round_items;
         let step = (round_items / 100).max(1);
         let mut during = self.stats.clone();
@@ -411,7 +414,7 @@ impl SyncSession {
                 progress(&during);
             }
         };
-        let notified = store.apply_items(round, priority, items, now, on_item)?;
+        let notified = store.apply_items(round, priority, items, now.wall_ms, on_item)?;
         self.stats.notifications += notified;
         self.stats.round_applied += page as u64;
         for item in items {
@@ -433,13 +436,14 @@ impl SyncSession {
         documents_in_scope: u64,
         left_out: u64,
         store: &mut DeviceStore,
+        at: Now,
     ) -> Result<Vec<ClientMessage>, SyncError> {
         if self.upload_in_flight > 0 || self.round.is_some_and(|r| r != round) {
             return Err(SyncError::Protocol("round finished out of order".into()));
         }
-        let now = store.now_ms();
+        let now = at.wall_ms;
         let ((carried, server_now), lease) =
-            self.server.as_ref().map_or(((now, 0), 0), |s| (s.clocks_now(store.monotonic_ms()), s.lease_ms));
+            self.server.as_ref().map_or(((now, 0), 0), |s| (s.clocks_now(at.monotonic_ms), s.lease_ms));
         // The lease runs from the earlier of the clock as it reads now and as carried from the
         // Welcome: a clock set forward during the sync cannot stretch it, and one set back (a
         // correction) starts it at the true moment in the clock's new frame. The server's time

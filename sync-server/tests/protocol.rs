@@ -76,7 +76,10 @@ fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
     loop {
         while let Some(message) = to_server.pop_front() {
             for reply in server.handle(wire(&message), &w.server, 1).unwrap() {
-                to_server.extend(client.handle(wire(&reply), &mut w.device).unwrap());
+                to_server.extend({
+                    let now = w.device.now();
+                    client.handle(wire(&reply), &mut w.device, now).unwrap()
+                });
             }
         }
         while server.is_downloading() {
@@ -100,7 +103,10 @@ fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
                     }
                 }
             }
-            to_server.extend(client.handle(wire(&page), &mut w.device).unwrap());
+            to_server.extend({
+                let now = w.device.now();
+                client.handle(wire(&page), &mut w.device, now).unwrap()
+            });
         }
         if to_server.is_empty() {
             break;
@@ -406,11 +412,17 @@ fn watching(w: &mut World) -> (SyncSession, ServerSession) {
     while !server.is_watching() {
         while let Some(message) = to_server.pop_front() {
             for reply in server.handle(wire(&message), &w.server, 1).unwrap() {
-                to_server.extend(client.handle(wire(&reply), &mut w.device).unwrap());
+                to_server.extend({
+                    let now = w.device.now();
+                    client.handle(wire(&reply), &mut w.device, now).unwrap()
+                });
             }
         }
         while let Some(page) = server.next_page(&w.server, care_node::protocol::TARGET_BATCH_BYTES).unwrap() {
-            to_server.extend(client.handle(wire(&page), &mut w.device).unwrap());
+            to_server.extend({
+                let now = w.device.now();
+                client.handle(wire(&page), &mut w.device, now).unwrap()
+            });
         }
     }
     (client, server)

@@ -31,7 +31,8 @@ async fn sync_cut_after(device: &mut TestDevice, cut: usize) -> u64 {
     while !session.is_done() && frames < cut {
         let Some(message) = within(30, conn.recv()).await.unwrap() else { break };
         frames += 1;
-        for reply in session.handle(message, &mut device.store).unwrap() {
+        let now = device.store.now();
+        for reply in session.handle(message, &mut device.store, now).unwrap() {
             conn.send(&reply).await.unwrap();
         }
     }

@@ -548,6 +548,11 @@ impl DeviceStore {
         self.clock.now_ms()
     }
 
+    /// This moment by the device's clock, wall and monotonic: what the sync session is handed.
+    pub fn now(&self) -> crate::clock::Now {
+        self.clock.now()
+    }
+
     /// A monotonic time (see [`crate::clock::Clock::monotonic_ms`]).
     pub fn monotonic_ms(&self) -> i64 {
         self.clock.monotonic_ms()
