@@ -66,6 +66,23 @@ impl std::fmt::Debug for Clock {
     }
 }
 
+/// Formats milliseconds since the epoch as `2026-11-25 17:04 UTC`.
+pub fn format_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok()
+        })
+        .unwrap_or_else(|| "unknown time".into())
+}
+
+/// Formats milliseconds since the epoch as ISO 8601 (`2026-11-25T17:04:00Z`), for record fields.
+pub fn iso_time(ms: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

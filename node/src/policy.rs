@@ -228,6 +228,17 @@ enum Created {
 
 /// Checks `changes` by `writer`, already applied to `doc`, whose state before them was
 /// `before`. Cheap checks first: authorship, size and deletions, then each operation's target.
+/// [`check`] on a patient summary: its changes, already applied, against the policy; `before`
+/// are the document's heads from before them.
+pub fn check_summary(
+    summary: &mut crate::summary::PatientSummary,
+    before: &[ChangeHash],
+    changes: &[Change],
+    writer: &Writer<'_>,
+) -> Result<(), Refusal> {
+    check(summary.doc_mut(), before, changes, writer)
+}
+
 pub fn check(
     doc: &mut AutoCommit,
     before: &[ChangeHash],
@@ -689,7 +700,7 @@ mod tests {
         // Checked as the server does: on a fresh copy with the changes applied.
         let mut server = PatientSummary::load(&doc.save()).unwrap();
         server.apply_changes(changes.clone()).unwrap();
-        server.check_writes(&before, &changes, &writer())
+        check_summary(&mut server, &before, &changes, &writer())
     }
 
     fn rule(result: Result<(), Refusal>) -> Option<Rule> {

@@ -10,22 +10,7 @@ use crate::summary::{
     SectionEntry, SectionState, SummaryError,
 };
 
-/// Formats milliseconds since the epoch as `2026-11-25 17:04 UTC`.
-pub fn format_time(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok()
-        })
-        .unwrap_or_else(|| "unknown time".into())
-}
-
-/// Formats milliseconds since the epoch as ISO 8601 (`2026-11-25T17:04:00Z`), for record fields.
-pub fn iso_time(ms: i64) -> Option<String> {
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-}
+pub use crate::clock::{format_time, iso_time};
 
 fn age_text(now_ms: i64, then_ms: i64) -> String {
     let minutes = (now_ms - then_ms).max(0) / 60_000;

@@ -44,6 +44,11 @@ const IO: [&str; 23] = [
 /// without comments and without the items under `#[cfg(test)]` (test modules set up fixtures
 /// from any layer).
 fn sources() -> Vec<(Vec<String>, String)> {
+    sources_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+}
+
+/// [`sources`] of any crate's `src/` (care-node's, next door, is checked too).
+fn sources_of(src: &Path) -> Vec<(Vec<String>, String)> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).expect("src/ is readable") {
             let path = entry.expect("a directory entry").path();
@@ -54,14 +59,13 @@ fn sources() -> Vec<(Vec<String>, String)> {
             }
         }
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
-    walk(&src, &mut files);
+    walk(src, &mut files);
     files
         .into_iter()
         .filter(|p| !p.starts_with(src.join("bin")))
         .map(|path| {
-            let rel = path.strip_prefix(&src).expect("under src/").with_extension("");
+            let rel = path.strip_prefix(src).expect("under src/").with_extension("");
             let mut module: Vec<String> = rel.iter().map(|c| c.to_string_lossy().into_owned()).collect();
             if module.last().is_some_and(|m| m == "mod") {
                 module.pop();
@@ -280,6 +284,25 @@ fn the_layers_form_no_cycle_and_no_layer_s_modules_do() {
         if let Some(found) = cycle(edges) {
             panic!("modules of `{layer}` form a cycle: {}", found.join(" -> "));
         }
+    }
+}
+
+#[test]
+fn care_node_s_modules_form_no_cycle() {
+    // The device library is flat (lib.rs lists its modules): no two of them may need each other.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/src");
+    let mut edges = Graph::new();
+    for (module, code) in sources_of(&src) {
+        let Some(from) = module.first().filter(|m| *m != "lib") else { continue };
+        for path in crate_paths(&module, &code) {
+            if let Some(to) = path.first().filter(|to| *to != from) {
+                edges.entry(from.clone()).or_default().insert(to.clone());
+            }
+        }
+    }
+    assert!(edges.contains_key("sync") && edges.contains_key("store"), "the check reads node/src: {edges:?}");
+    if let Some(found) = cycle(&edges) {
+        panic!("care-node's modules form a cycle: {}", found.join(" -> "));
     }
 }
 

@@ -331,7 +331,7 @@ fn only_current_readings_of_one_time_fold_into_an_encounter() {
     assert_eq!((first.pulse, first.temperature_c), (None, None), "{first:?}");
     assert_eq!(first.respiration_rate, Some(22));
     // Shown as recorded, with the warning that the set is now incomplete.
-    assert!(care_node::news2::vitals_line(&first).contains("do not rely on it"));
+    assert!(care_node::summary::vitals_line(&first).contains("do not rely on it"));
 }
 
 /// The exported Bundle, with vital signs, passes the R4B models of `fhir.resources` (installed

@@ -114,7 +114,7 @@ impl DeviceStore {
         let at_ms = provenance.corrected_time_ms();
         let mut encounter = crate::summary::Encounter::new("attendance", "finished", provenance);
         encounter.class = Some("emergency".into());
-        encounter.start = crate::view::iso_time(at_ms);
+        encounter.start = crate::clock::iso_time(at_ms);
         encounter.reason = reason.map(str::to_string);
         self.edit(nhs, |summary| {
             let born = summary.demographics()?.date_of_birth;
@@ -172,7 +172,7 @@ impl DeviceStore {
                 device_name: &enrolment.device_name,
                 role: &enrolment.role,
             };
-            patient.summary.check_writes(&before, &changes, &writer)?;
+            crate::policy::check_summary(&mut patient.summary, &before, &changes, &writer)?;
         }
         let patient_id = patient.summary.patient_id()?;
         write_document(&tx, &self.key, &self.lookup, &mut patient.summary, patient.received_at_ms, None)?;

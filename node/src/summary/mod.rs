@@ -24,6 +24,7 @@
 mod entries;
 mod merge;
 pub mod migrate;
+mod vitals;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
@@ -31,6 +32,7 @@ use autosurgeon::{Hydrate, Reconcile, hydrate_prop, reconcile_prop};
 use uuid::Uuid;
 
 pub use entries::*;
+pub use vitals::vitals_line;
 
 use crate::nhs::NhsNumber;
 
@@ -216,7 +218,7 @@ section_entry!(Encounter, Section::Encounters, |e| {
         line.push_str(&format!(" to {s}"));
     }
     if let Some(v) = &e.vitals {
-        line.push_str(&format!(": {}", crate::news2::vitals_line(v)));
+        line.push_str(&format!(": {}", vitals_line(v)));
     }
     line
 });
@@ -786,17 +788,6 @@ impl PatientSummary {
         !self.doc.get_missing_deps(&[]).is_empty()
     }
 
-    /// Checks a device's changes, already applied to this document, against the write policy
-    /// ([`crate::policy`]); `before` are the document's heads from before them.
-    pub fn check_writes(
-        &mut self,
-        before: &[automerge::ChangeHash],
-        changes: &[Change],
-        writer: &crate::policy::Writer<'_>,
-    ) -> Result<(), crate::policy::Refusal> {
-        crate::policy::check(&mut self.doc, before, changes, writer)
-    }
-
     /// Whether the document already contains a change.
     pub fn has_change(&mut self, hash: &automerge::ChangeHash) -> bool {
         self.doc.get_change_by_hash(hash).is_some()
@@ -816,7 +807,8 @@ impl PatientSummary {
         self.doc.get_last_local_change().expect("a change").raw_bytes().to_vec()
     }
 
-    /// The underlying document, for migrations and tests.
+    /// The underlying document, for migrations, the write policy's check
+    /// ([`crate::policy::check_summary`]) and tests.
     pub(crate) fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc
     }

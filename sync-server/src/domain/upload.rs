@@ -192,7 +192,7 @@ fn check_doc<E>(
         if summary.has_missing_deps() {
             return Err(Refusal::new(Rule::MissingDependencies));
         }
-        summary.check_writes(&before, &new, writer)?;
+        care_node::policy::check_summary(&mut summary, &before, &new, writer)?;
         // A device's changes may grow a record only so far, and never past what a frame carries.
         let size = summary.save().len();
         if size > MAX_DOCUMENT_BYTES || size > saved.len() + MAX_DOCUMENT_GROWTH {

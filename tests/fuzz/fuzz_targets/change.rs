@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Ok(change) = automerge::Change::try_from(data) else { return };
         if summary.apply_changes(vec![change.clone()]).is_ok() && !summary.has_missing_deps() {
-            let _ = summary.check_writes(&before, &[change], &writer);
+            let _ = care_node::policy::check_summary(&mut summary, &before, &[change], &writer);
         }
     }));
     std::panic::set_hook(hook);

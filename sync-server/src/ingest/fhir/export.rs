@@ -569,7 +569,7 @@ fn encounter_sections(
             vital_lines.push(format!(
                 "{}: {}",
                 e.start.as_deref().unwrap_or("undated"),
-                care_node::news2::vitals_line(v)
+                care_node::summary::vitals_line(v)
             ));
             for o in super::vitals::export(v, id, &encounter, &b.subject(), e.start.as_deref()) {
                 vital_refs.push(b.push(Resource::Observation(o)));
