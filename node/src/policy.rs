@@ -226,8 +226,6 @@ enum Created {
     Edited(Section, String),
 }
 
-/// Checks `changes` by `writer`, already applied to `doc`, whose state before them was
-/// `before`. Cheap checks first: authorship, size and deletions, then each operation's target.
 /// [`check`] on a patient summary: its changes, already applied, against the policy; `before`
 /// are the document's heads from before them.
 pub fn check_summary(
@@ -239,6 +237,8 @@ pub fn check_summary(
     check(summary.doc_mut(), before, changes, writer)
 }
 
+/// Checks `changes` by `writer`, already applied to `doc`, whose state before them was
+/// `before`. Cheap checks first: authorship, size and deletions, then each operation's target.
 pub fn check(
     doc: &mut AutoCommit,
     before: &[ChangeHash],

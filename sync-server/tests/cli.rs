@@ -388,7 +388,28 @@ fn the_audit_names_the_operator_who_acted_the_login_user_by_default() {
     assert!(!refused.status.success());
     assert!(text(&refused.stderr).contains("1 to 64 printable characters"), "{}", text(&refused.stderr));
 
+    // An export of a patient's record is access: it names the operator too.
+    assert!(as_user("bob", &["generate", "--patients", "1"]).status.success());
+    let nhs = {
+        let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        store.patient_ids().unwrap()[0].1.clone().expect("an NHS number")
+    };
+    let out = dir.path().join("ips.json");
+    let export = as_user(
+        "bob",
+        &["--operator", "carol", "export-fhir", "--nhs", &nhs, "--out", out.to_str().unwrap()],
+    );
+    assert!(export.status.success(), "{}", text(&export.stderr));
+
     let store = care_sync_server::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let exports: Vec<String> = store
+        .audit_entries(&Default::default())
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "export-fhir")
+        .map(|a| a.actor)
+        .collect();
+    assert_eq!(exports, ["carol"]);
     let settings: Vec<(String, String)> = store
         .audit_entries(&Default::default())
         .unwrap()

@@ -89,7 +89,30 @@ fn a_second_record_with_a_known_nhs_number_is_refused_not_merged_automatically()
     assert!(err.to_string().contains("merge-patients"), "{err}");
     assert_eq!(store.patient_count().unwrap(), 2, "no record made, none merged");
     assert!(load(&store, &unknown).demographics().unwrap().nhs_number.is_none(), "nor the number taken");
-    // And directly at the store, as any writer would:
+    // The operator merges them as told; the feed's retry then updates the kept record.
+    ops::merge_patients(&store, "9990000069", &unknown.to_string(), "dr-ops").unwrap();
+    let retry = bundle(
+        &learnt,
+        r#",{"resource":{"resourceType":"AllergyIntolerance","id":"a2","code":{"text":"Nuts"},"patient":{"reference":"Patient/u"}}}"#,
+    );
+    let outcome = import_bundle(&store, &parse_bundle(&retry).unwrap(), "ed", 4).unwrap();
+    let known =
+        store.patient_by_nhs(&care_node::nhs::NhsNumber::parse("9990000069").unwrap()).unwrap().unwrap();
+    assert_eq!(outcome.patient, known, "the retry lands on the kept record");
+    let kept: Vec<String> = load(&store, &known)
+        .clinical_entries::<s::Allergy>()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.data.substance)
+        .collect();
+    assert!(kept.contains(&"Nuts".to_string()), "{kept:?}");
+    assert_eq!(store.patient_count().unwrap(), 2);
+}
+
+#[test]
+fn a_provisional_record_does_not_take_a_number_another_record_holds() {
+    let (store, _d, _known, unknown) = setup();
+    // Directly at the store, as any writer would:
     let mut summary = load(&store, &unknown);
     let mut d = summary.demographics().unwrap();
     d.nhs_number = Some("9990000069".into());

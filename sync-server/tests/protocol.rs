@@ -489,7 +489,9 @@ fn a_live_session_plans_a_round_only_when_what_moved_can_concern_its_device() {
     // so does a scope input moving with no change at all (a caseload added).
     let mut w2 = world(1);
     let (_c, mut s2) = watching(&mut w2);
-    let gap = StoreMoved { after: 0, seq: u64::MAX, ..StoreMoved::read(&w2.server, 0).unwrap() };
+    // Nothing of the device's in it, the same epoch: only the gap (a note after `seen + 1`) can plan.
+    let now = StoreMoved::read(&w2.server, 0).unwrap();
+    let gap = StoreMoved { after: now.seq + 1, seq: now.seq + 2, docs: Default::default(), ..now };
     let _ = s2.live_round(&w2.server, &gap, 2).unwrap();
     assert_eq!(s2.rounds_planned(), 1, "a gap in the notes plans a round");
     let mut w3 = world(1);

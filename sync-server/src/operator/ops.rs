@@ -414,6 +414,16 @@ pub struct Compaction {
 /// Compacts the change log: drops the entries every device that synced within `hold` has
 /// acknowledged (audited). With `dry_run`, reports what it would drop and changes nothing.
 pub fn compact_log(store: &dyn ServerStore, hold: Duration, dry_run: bool) -> Result<Compaction, OpsError> {
+    compact_log_by(store, hold, dry_run, acting())
+}
+
+/// [`compact_log`], audited under `by` (the server's own schedule, say).
+pub fn compact_log_by(
+    store: &dyn ServerStore,
+    hold: Duration,
+    dry_run: bool,
+    by: &str,
+) -> Result<Compaction, OpsError> {
     let head = store.max_seq()?;
     let horizon = crate::domain::compaction::horizon(&store.devices()?, head, now(), hold.as_millis() as i64);
     let current = store.log_horizon()?;
@@ -432,7 +442,7 @@ pub fn compact_log(store: &dyn ServerStore, hold: Duration, dry_run: bool) -> Re
             dropped.bytes,
             if horizon.below.is_empty() { "none".to_string() } else { horizon.below.join(", ") }
         );
-        store.append_audit(acting(), "compact-log", None, &detail, now())?;
+        store.append_audit(by, "compact-log", None, &detail, now())?;
         tracing::info!(
             horizon = horizon_seq,
             entries = dropped.entries,

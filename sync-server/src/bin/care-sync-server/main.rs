@@ -45,7 +45,8 @@ struct Cli {
     #[arg(long, global = true, value_parser = parse_log_format, value_name = "FORMAT", help_heading = "Global options")]
     log_format: Option<LogFormat>,
     /// Who this command acts for: the name its audit lines carry [default: the login user,
-    /// `$SUDO_USER` else `$USER`; `serve`'s admin API acts as `admin-api`].
+    /// `$SUDO_USER`, else `$USER`, else `$LOGNAME`; `serve` ignores it: its admin API acts as
+    /// `admin-api`, its scheduled compaction as `compaction-schedule`].
     #[arg(
         long,
         global = true,
@@ -457,14 +458,15 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
     Ok(())
 }
 
-/// Who this command acts for: `--operator`, else the admin API for `serve` (one shared token),
-/// else the login user (the person behind `sudo` first).
+/// Who this command acts for: `serve`'s admin API is `admin-api` whoever started it (one shared
+/// token: who used it is not known); otherwise `--operator`, else the login user (the person
+/// behind `sudo` first).
 fn acting_for(cli: &Cli) -> String {
-    if let Some(name) = &cli.operator {
-        return name.clone();
-    }
     if matches!(cli.command, Command::Serve { .. }) {
         return "admin-api".into();
+    }
+    if let Some(name) = &cli.operator {
+        return name.clone();
     }
     ["SUDO_USER", "USER", "LOGNAME"]
         .iter()

@@ -134,8 +134,13 @@ pub fn export_fhir(store: &dyn ServerStore, nhs: &str, out: Option<PathBuf>) -> 
     let saved = store.load_document(&id)?.ok_or("the patient has no document")?;
     let mut summary = care_node::summary::PatientSummary::load(&saved)?;
     let bundle = care_sync_server::ingest::fhir::export::export_ips(&mut summary, care_node::now_ms())?;
-    let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    store.append_audit(&operator, "export-fhir", Some(&id), "IPS bundle exported", care_node::now_ms())?;
+    store.append_audit(
+        ops::acting(),
+        "export-fhir",
+        Some(&id),
+        "IPS bundle exported",
+        care_node::now_ms(),
+    )?;
     let text = serde_json::to_string_pretty(&bundle)?;
     match out {
         Some(path) => {

@@ -115,7 +115,12 @@ async fn compact_every(
         ticks.tick().await;
         let store = store.clone();
         let run = tokio::task::spawn_blocking(move || {
-            care_sync_server::operator::ops::compact_log(store.as_ref(), hold, false)
+            care_sync_server::operator::ops::compact_log_by(
+                store.as_ref(),
+                hold,
+                false,
+                "compaction-schedule",
+            )
         });
         match run.await {
             Ok(Ok(done)) => tracing::debug!(

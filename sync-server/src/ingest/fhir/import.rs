@@ -313,7 +313,11 @@ fn open_document(
     demographics: &Demographics,
     now_ms: i64,
 ) -> Result<(PatientSummary, bool), ImportError> {
-    let by_id = care_sync_patient_id(patient).filter(|id| store.load_document(id).ok().flatten().is_some());
+    let by_id =
+        match care_sync_patient_id(patient).filter(|id| store.load_document(id).ok().flatten().is_some()) {
+            Some(id) => Some(kept_record(store, id)?),
+            None => None,
+        };
     let by_nhs = match &demographics.nhs_number {
         Some(nhs) => store.patient_by_nhs(&NhsNumber::parse(nhs).expect("validated above"))?,
         None => None,
@@ -337,6 +341,21 @@ fn open_document(
             (PatientSummary::create(id, demographics, actor.clone(), now_ms)?, true)
         }
     })
+}
+
+/// The record a stored one stands for now: itself, or the one an operator merged it into
+/// (merges may chain), so an export of a merged-away record, or a feed's retry after the merge,
+/// updates the kept record.
+fn kept_record(store: &dyn ServerStore, id: PatientId) -> Result<PatientId, ImportError> {
+    let mut id = id;
+    for _ in 0..16 {
+        let Some(saved) = store.load_document(&id)? else { break };
+        match PatientSummary::load(&saved)?.merged_into()? {
+            Some(kept) if kept != id => id = kept,
+            _ => break,
+        }
+    }
+    Ok(id)
 }
 
 /// Writes the mapped entries into the document; returns how many were written and how many
