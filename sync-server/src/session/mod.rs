@@ -26,7 +26,7 @@ use care_node::summary::PatientId;
 use crate::domain::limits::Limits;
 use crate::domain::settings::Setting;
 use crate::domain::upload::RefusedUpload;
-use crate::store::{DeviceRecord, RoundOutcome, ServerStore, StoreError, UploadError};
+use crate::store::{DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError};
 use round::Round;
 
 /// Most items in one `Docs` frame.
@@ -272,7 +272,7 @@ impl ServerSession {
         self.rounds_planned += 1;
         self.plan_round(store, now_ms)?;
         let round = self.round.as_ref().expect("a round was just planned");
-        if round.order.is_empty() && round.left_out == 0 {
+        if round.order.is_empty() && round.decided.left_out == 0 {
             // Nothing of this device's changed: no frame at all; the next round starts from here,
             // and the next change is looked at against what was just decided.
             self.cursor = round.seq;
@@ -493,8 +493,8 @@ impl ServerSession {
             return Err(SessionError::Protocol("acknowledged a round before applying all its pages".into()));
         }
         store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
-        if let Some(established) = self.round.as_ref().and_then(|r| r.establishes.as_ref()) {
-            store.set_scope_cache(self.device.id, established)?;
+        if let Some(round) = self.round.as_ref().filter(|r| r.establishes) {
+            store.set_scope_cache(self.device.id, &round.decided)?;
         }
         if let Some(key) = self.announced_key.take() {
             store.set_device_staged_key(self.device.id, Some(key))?;
@@ -513,12 +513,13 @@ impl ServerSession {
     /// holds it whole; one that reused the recorded scope left the device's holdings as they were.
     fn live_view(&mut self, store: &dyn ServerStore) -> Result<LiveView, SessionError> {
         let round = self.round.as_ref().expect("a round was planned");
-        let holds = match (&round.establishes, self.live.take()) {
-            (Some(_), _) => round.scope.clone(),
-            (None, Some(live)) => live.holds,
-            (None, None) => store.held(self.device.id)?,
+        let holds = match (round.establishes, self.live.take()) {
+            (true, _) => round.scope.clone(),
+            (false, Some(live)) => live.holds,
+            (false, None) => store.held(self.device.id)?,
         };
-        Ok(LiveView { seen: round.seq, epoch: round.epoch, valid_until_ms: round.valid_until_ms, holds })
+        let ScopeCache { epoch, valid_until_ms, .. } = round.decided;
+        Ok(LiveView { seen: round.seq, epoch, valid_until_ms, holds })
     }
 
     /// Keeps refused uploads for review, audits each, and raises one alert per device until an

@@ -26,14 +26,12 @@ pub(super) struct Round {
     /// Held documents whose changes since the device's cursor compaction dropped: sent whole
     /// (the device merges them), and not recorded as newly sent, since the device holds them.
     pub(super) rewhole: HashSet<PatientId>,
-    pub(super) documents_in_scope: u64,
-    pub(super) left_out: u64,
-    /// What a complete round establishes, recorded when the device acknowledges it (`None`: the
-    /// round reused the recorded scope, which stays true).
-    pub(super) establishes: Option<ScopeCache>,
-    /// The scope epoch and the earliest grant end the round's scope was decided at.
-    pub(super) epoch: u64,
-    pub(super) valid_until_ms: i64,
+    /// The scope the round is for: the epoch and earliest grant end it was decided at, how many
+    /// documents it holds and how many the budget left out.
+    pub(super) decided: ScopeCache,
+    /// The round decided the scope afresh: recorded when the device acknowledges it (`false`:
+    /// the round reused the recorded scope, which stays true).
+    pub(super) establishes: bool,
 }
 
 impl ServerSession {
@@ -107,15 +105,12 @@ impl ServerSession {
                 order,
                 priority: 0,
                 next: 0,
-                documents_in_scope: cache.in_scope,
-                left_out: cache.left_out,
                 scope: docs.clone(),
                 held: docs,
                 changes,
                 rewhole,
-                establishes: None,
-                epoch,
-                valid_until_ms: cache.valid_until_ms,
+                decided: cache,
+                establishes: false,
             });
             return Ok(());
         }
@@ -153,15 +148,12 @@ impl ServerSession {
             order,
             priority,
             next: 0,
-            documents_in_scope: scope.len() as u64,
-            left_out,
-            establishes: Some(ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out }),
+            decided: ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out },
+            establishes: true,
             scope,
             held,
             changes,
             rewhole,
-            epoch,
-            valid_until_ms,
         });
         Ok(())
     }
@@ -183,8 +175,8 @@ impl ServerSession {
             self.phase = Phase::AwaitAck;
             return Ok(Some(ServerMessage::RoundDone {
                 round: round.seq,
-                documents_in_scope: round.documents_in_scope,
-                left_out: round.left_out,
+                documents_in_scope: round.decided.in_scope,
+                left_out: round.decided.left_out,
             }));
         }
         let (mut items, mut bytes, mut whole, mut purged) = (Vec::new(), 0usize, Vec::new(), Vec::new());
