@@ -358,21 +358,12 @@ pub fn merge_patients(
     let merge = find_patient(store, merge)?;
     // An operator's merge happens once; the store also re-merges on its own when late entries
     // of a merged record arrive, but a second operator merge is a mistake worth saying so.
-    if merged_into(store, &merge)? == Some(keep) {
+    if store.merged_into(&merge)? == Some(keep) {
         return Err(OpsError::Invalid(
             "that record is already merged into the one to keep; nothing to do".into(),
         ));
     }
     Ok(store.merge_patients(&keep, &merge, operator, now())?)
-}
-
-/// The record a patient's record was merged into, if it was.
-pub fn merged_into(store: &dyn ServerStore, patient: &PatientId) -> Result<Option<PatientId>, OpsError> {
-    let Some(saved) = store.load_document(patient)? else { return Ok(None) };
-    let summary = care_node::summary::PatientSummary::load(&saved).map_err(|e| {
-        crate::store::StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e))
-    })?;
-    Ok(summary.merged_into().map_err(|e| crate::store::StoreError::Document("merge".into(), Box::new(e)))?)
 }
 
 /// Revokes a device: its next handshake fails.

@@ -386,6 +386,14 @@ pub trait PatientRecords: Send + Sync {
     ) -> Result<MergeOutcome, StoreError>;
     /// Every patient id with its NHS number (if any), for operator tools.
     fn patient_ids(&self) -> Result<Vec<(PatientId, Option<String>)>, StoreError>;
+
+    /// The record an operator merged this one into, if it was (`None` too for no such record).
+    fn merged_into(&self, patient: &PatientId) -> Result<Option<PatientId>, StoreError> {
+        let Some(saved) = self.load_document(patient)? else { return Ok(None) };
+        let document =
+            |e| StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e));
+        PatientSummary::load(&saved).and_then(|s| s.merged_into()).map_err(document)
+    }
 }
 
 /// Who may see what (scopes, grants, consent) and the append-only audit.

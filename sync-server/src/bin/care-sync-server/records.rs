@@ -162,7 +162,7 @@ pub fn patients(store: &dyn ServerStore, provisional: bool) -> CliResult {
             Some(_) => continue,
             // Without an NHS number: provisional, or merged away (its number went to the
             // record that absorbed it). Merged records are not provisional any more.
-            None => match ops::merged_into(store, &id)? {
+            None => match store.merged_into(&id)? {
                 Some(_) if provisional => continue,
                 Some(into) => format!("merged into {into}"),
                 None => "provisional".into(),

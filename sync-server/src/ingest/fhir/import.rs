@@ -349,8 +349,7 @@ fn open_document(
 fn kept_record(store: &dyn ServerStore, id: PatientId) -> Result<PatientId, ImportError> {
     let mut id = id;
     for _ in 0..16 {
-        let Some(saved) = store.load_document(&id)? else { break };
-        match PatientSummary::load(&saved)?.merged_into()? {
+        match store.merged_into(&id)? {
             Some(kept) if kept != id => id = kept,
             _ => break,
         }

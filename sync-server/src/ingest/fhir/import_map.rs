@@ -171,6 +171,13 @@ fn source_key(
     Err(ctx.err("has neither id nor identifier, so it could not be re-imported without duplicating"))
 }
 
+/// A resource whose status says it was entered in error is kept, marked so.
+fn in_error_by_status(status: &str, verification_status: &mut String) {
+    if status == s::ENTERED_IN_ERROR {
+        *verification_status = s::ENTERED_IN_ERROR.into();
+    }
+}
+
 fn require<'a, T>(value: &'a Option<T>, ctx: &Ctx<'_>, field: &str) -> Result<&'a T, ImportError> {
     value.as_ref().ok_or_else(|| ctx.err(format!("{field} is required")))
 }
@@ -301,9 +308,7 @@ fn medication_statement(
     let mut x = medication(&concept, &m.dosage, ctx.provenance(common)?, ctx)?;
     x.status = m.status.clone();
     x.kind = m.category.as_ref().and_then(text_of);
-    if m.status == s::ENTERED_IN_ERROR {
-        x.verification_status = s::ENTERED_IN_ERROR.into();
-    }
+    in_error_by_status(&m.status, &mut x.verification_status);
     Ok(entry(id, source, x))
 }
 
@@ -323,9 +328,7 @@ fn medication_request(
         .as_ref()
         .and_then(|c| status_of(&Some(c.clone())))
         .map(|k| if k == "continuous" { "repeat".to_string() } else { k });
-    if m.status == s::ENTERED_IN_ERROR {
-        x.verification_status = s::ENTERED_IN_ERROR.into();
-    }
+    in_error_by_status(&m.status, &mut x.verification_status);
     Ok(entry(id, source, x))
 }
 
@@ -468,9 +471,7 @@ fn encounter(e: &f::Encounter, folded: &Folded, ctx: &Ctx<'_>) -> Result<Mapped,
         .iter()
         .find(|i| i.system.as_deref() == Some(VISIT_SYSTEM))
         .and_then(|i| i.value.clone());
-    if e.status == s::ENTERED_IN_ERROR {
-        x.verification_status = s::ENTERED_IN_ERROR.into();
-    }
+    in_error_by_status(&e.status, &mut x.verification_status);
     Ok(entry(id, source, x))
 }
 
@@ -487,9 +488,7 @@ fn observation_result(o: &f::Observation, ctx: &Ctx<'_>) -> Result<Mapped, Impor
     x.unit = o.value_quantity.as_ref().and_then(|q| q.unit.clone());
     x.effective = o.effective_date_time.clone();
     x.status = o.status.clone();
-    if o.status == s::ENTERED_IN_ERROR {
-        x.verification_status = s::ENTERED_IN_ERROR.into();
-    }
+    in_error_by_status(&o.status, &mut x.verification_status);
     Ok(entry(id, source, x))
 }
 
@@ -501,9 +500,7 @@ fn diagnostic_report(d: &f::DiagnosticReport, ctx: &Ctx<'_>) -> Result<Mapped, I
     x.value = d.conclusion.clone();
     x.effective = d.effective_date_time.clone();
     x.status = d.status.clone();
-    if d.status == s::ENTERED_IN_ERROR {
-        x.verification_status = s::ENTERED_IN_ERROR.into();
-    }
+    in_error_by_status(&d.status, &mut x.verification_status);
     Ok(entry(id, source, x))
 }
 
