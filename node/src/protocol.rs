@@ -26,7 +26,7 @@ pub const ALPN_SYNC: &[u8] = b"care-sync/1";
 /// ALPN of enrolment connections; the device presents no certificate, only its token.
 pub const ALPN_ENROL: &[u8] = b"care-enrol/1";
 /// Version byte carried by every frame.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// The largest frame either side accepts (version byte and message).
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// The most distinct documents, and the most changes, a device puts in one upload batch (the
@@ -123,8 +123,13 @@ pub enum ClientMessage {
 /// What the server sends for one document in a round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DocBody {
-    /// The whole document (`save()`), for a document newly in scope.
-    Whole(serde_bytes::ByteBuf),
+    /// The whole document (`save()`), for a document newly in scope (or one whose changes
+    /// compaction dropped). `listing` is what the device lists and searches the document by,
+    /// derived by the server from the document when it saved it (`None` for a document saved
+    /// before the server recorded listings): a device that does not hold the document stores
+    /// it as received under that listing and parses it when it is opened, so a cold sync costs
+    /// receiving, sealing and inserting its bytes (protocol version 5).
+    Whole { saved: serde_bytes::ByteBuf, listing: Option<crate::summary::Listing> },
     /// Changes after the device's cursor, in server order.
     Changes(Vec<serde_bytes::ByteBuf>),
     /// The patient left the device's scope: delete the document.

@@ -419,7 +419,7 @@ impl SyncSession {
         self.stats.round_applied += page as u64;
         for item in items {
             match &item.body {
-                crate::protocol::DocBody::Whole(_) => self.stats.documents_received += 1,
+                crate::protocol::DocBody::Whole { .. } => self.stats.documents_received += 1,
                 crate::protocol::DocBody::Changes(c) => self.stats.changes_received += c.len() as u64,
                 crate::protocol::DocBody::Purge => self.stats.documents_purged += 1,
             }

@@ -62,6 +62,8 @@ struct Sent {
     whole: usize,
     changes: usize,
     pages: usize,
+    /// Documents sent whole with their listing (stored by the device without parsing them).
+    listed: usize,
     completed: bool,
     /// Documents sent whole, in order, with the part of the round they came in.
     order: Vec<(bool, care_node::summary::PatientId)>,
@@ -94,8 +96,9 @@ fn session(w: &mut World, cut_after_pages: Option<usize>) -> Sent {
                 sent.pages += 1;
                 for item in items {
                     match item.body {
-                        DocBody::Whole(_) => {
+                        DocBody::Whole { ref listing, .. } => {
                             sent.whole += 1;
+                            sent.listed += usize::from(listing.is_some());
                             sent.order.push((*priority, item.doc));
                         }
                         DocBody::Changes(_) => sent.changes += 1,
@@ -502,4 +505,84 @@ fn a_live_session_plans_a_round_only_when_what_moved_can_concern_its_device() {
     let moved = StoreMoved::read(&w3.server, before.seq).unwrap();
     assert_ne!(moved.scope_epoch, before.scope_epoch);
     assert!(s3.live_round(&w3.server, &moved, 2).unwrap(), "the new caseload patient is pushed");
+}
+
+/// What a clinician is shown of a record: its entries' lines (sorted), its demographics, its heads.
+type Shown = (Vec<(&'static str, String, String)>, care_node::summary::Listing, Vec<automerge::ChangeHash>);
+
+fn shown(summary: &mut care_node::summary::PatientSummary) -> Shown {
+    let mut lines: Vec<_> = summary
+        .entry_lines()
+        .unwrap()
+        .into_iter()
+        .map(|(section, id, line)| (section.key(), id.to_string(), line))
+        .collect();
+    lines.sort();
+    (lines, summary.listing().unwrap(), summary.heads())
+}
+
+/// Every patient as the device opens it, and as the server's own document reads.
+fn held_and_served(w: &World) -> Vec<(Shown, Shown)> {
+    w.patients
+        .iter()
+        .map(|nhs| {
+            let id = w.server.patient_by_nhs(nhs).unwrap().unwrap();
+            let saved = w.server.load_document(&id).unwrap().unwrap();
+            let mut served = care_node::summary::PatientSummary::load(&saved).unwrap();
+            let mut held = w.device.find_by_nhs(nhs).unwrap().expect("held").summary;
+            (shown(&mut held), shown(&mut served))
+        })
+        .collect()
+}
+
+#[test]
+fn a_cold_sync_stores_documents_unparsed_and_each_opens_as_the_servers_own_reads() {
+    let mut w = world(300);
+    // Some with a history of changes after they were first saved.
+    for nhs in w.patients.iter().step_by(7) {
+        let id = w.server.patient_by_nhs(nhs).unwrap().unwrap();
+        let mut summary =
+            care_node::summary::PatientSummary::load(&w.server.load_document(&id).unwrap().unwrap()).unwrap();
+        summary.set_actor(&[3; 32]);
+        let before = summary.heads();
+        for i in 0..20 {
+            summary
+                .add(&Allergy::new(
+                    &format!("substance {i}"),
+                    care_node::summary::Provenance::new("gp", "GP", "gp", i),
+                ))
+                .unwrap();
+        }
+        w.server.apply_server_changes(&id, &summary.changes_since(&before)).unwrap();
+    }
+    let sent = session(&mut w, None);
+    assert!(sent.completed);
+    assert_eq!((sent.whole, sent.listed), (300, 300), "every document came with its listing");
+    for (held, served) in held_and_served(&w) {
+        assert_eq!(held, served);
+    }
+    let cards = w.device.list().unwrap();
+    assert_eq!(cards.len(), 300);
+    for card in cards {
+        let saved = w.server.load_document(&card.patient_id).unwrap().unwrap();
+        let listing = care_node::summary::PatientSummary::load(&saved).unwrap().listing().unwrap();
+        assert_eq!(
+            (card.nhs_number, card.name, card.date_of_birth, card.postcode),
+            (listing.nhs_number, listing.name, listing.date_of_birth, listing.postcode)
+        );
+    }
+}
+
+#[test]
+fn documents_saved_before_listings_were_recorded_are_sent_without_and_parsed_on_receipt() {
+    let mut w = world(60);
+    // A store written by the release before listings: the column is there, empty.
+    let db = rusqlite::Connection::open(w._dirs.0.path().join("server.db")).unwrap();
+    db.execute("UPDATE patients SET listing = NULL", []).unwrap();
+    let sent = session(&mut w, None);
+    assert!(sent.completed);
+    assert_eq!((sent.whole, sent.listed), (60, 0));
+    for (held, served) in held_and_served(&w) {
+        assert_eq!(held, served);
+    }
 }

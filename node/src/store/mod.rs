@@ -29,7 +29,7 @@ use crate::crypto::{CryptoError, DataKey, KeyWrapper, LookupHasher};
 use crate::identity::{Identity, short_hex};
 use crate::nhs::NhsNumber;
 use crate::protocol::{DocBody, DocItem, Resume};
-use crate::summary::{PatientId, PatientSummary, SectionEntry, SummaryError};
+use crate::summary::{Listing, PatientId, PatientSummary, SectionEntry, SummaryError};
 
 mod audit;
 mod records;
@@ -702,15 +702,72 @@ fn write_document(
     saved: Option<&[u8]>,
 ) -> Result<(), StoreError> {
     let patient_id = summary.patient_id()?;
-    let demographics = summary.listing()?;
-    let doc_key = lookup.hash("doc", &patient_id.to_string());
-    // A provisional record (no NHS number yet) is found by its id only.
-    let nhs_key = match &demographics.nhs_number {
+    let listing = summary.listing()?;
+    let automerge = saved.map_or_else(|| summary.save(), <[u8]>::to_vec);
+    write_row(tx, key, lookup, patient_id, listing, DocumentBody { patient_id, received_at_ms, automerge })
+}
+
+/// A received document must be the one it claims to be.
+fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), StoreError> {
+    if summary.has_missing_deps() {
+        return Err(StoreError::MissingDependencies { doc: short_hex(doc.as_bytes()) });
+    }
+    if summary.patient_id()? != *doc {
+        return Err(StoreError::Decode {
+            row: format!("document {}", short_hex(doc.as_bytes())),
+            reason: "the document names another patient".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A stored document, opened: parsed, and checked to be what its row says. A document stored
+/// as the server sent it (see `apply_one`) is parsed for the first time here, so here it must
+/// hold everything it depends on, name the patient it was sent for, and be filed under its own
+/// NHS number (a lookup by number never opens another patient's record).
+fn open_document(
+    lookup: &LookupHasher,
+    nhs_key: &[u8],
+    body: &DocumentBody,
+) -> Result<PatientSummary, StoreError> {
+    let mut summary = PatientSummary::load(&body.automerge)?;
+    check_received(&mut summary, &body.patient_id)?;
+    if nhs_lookup(lookup, &body.patient_id, &summary.listing()?)?.as_slice() != nhs_key {
+        return Err(StoreError::Decode {
+            row: format!("document {}", short_hex(body.patient_id.as_bytes())),
+            reason: "the document is filed under another NHS number than its own".into(),
+        });
+    }
+    Ok(summary)
+}
+
+/// The lookup key of the row a patient's document is found by: its NHS number's, or for a
+/// provisional record (no NHS number yet) its id's.
+fn nhs_lookup(
+    lookup: &LookupHasher,
+    patient_id: &PatientId,
+    listing: &Listing,
+) -> Result<[u8; 32], StoreError> {
+    Ok(match &listing.nhs_number {
         Some(nhs) => {
             lookup.hash("nhs", NhsNumber::parse(nhs).map_err(|_| SummaryError::InvalidNhsNumber)?.as_str())
         }
         None => lookup.hash("provisional", &patient_id.to_string()),
-    };
+    })
+}
+
+/// Writes a document's row (its card from `listing`, its body) in the caller's transaction,
+/// replacing the one it had.
+fn write_row(
+    tx: &Transaction<'_>,
+    key: &DataKey,
+    lookup: &LookupHasher,
+    patient_id: PatientId,
+    demographics: Listing,
+    body: DocumentBody,
+) -> Result<(), StoreError> {
+    let doc_key = lookup.hash("doc", &patient_id.to_string());
+    let nhs_key = nhs_lookup(lookup, &patient_id, &demographics)?;
     let previous: Option<i64> = tx
         .prepare_cached("SELECT version FROM documents WHERE doc_key = ?1")?
         .query_row([doc_key.as_slice()], |r| r.get(0))
@@ -726,8 +783,6 @@ fn write_document(
         date_of_birth: demographics.date_of_birth,
         postcode: demographics.postcode,
     };
-    let automerge = saved.map_or_else(|| summary.save(), <[u8]>::to_vec);
-    let body = DocumentBody { patient_id, received_at_ms, automerge };
     let row = document_row(&doc_key, &nhs_key);
     let card = seal_row(key, "card", &row, version, &card)?;
     let body = seal_row(key, "body", &row, version, &body)?;

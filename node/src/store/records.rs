@@ -60,12 +60,12 @@ impl DeviceStore {
 
     /// The patient with this NHS number, if the device holds them.
     pub fn find_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<StoredPatient>, StoreError> {
-        read_document(&self.conn, &self.key, "nhs_key", &self.nhs_key(nhs))
+        read_document(&self.conn, &self.key, &self.lookup, "nhs_key", &self.nhs_key(nhs))
     }
 
     /// The patient document with this id, if the device holds it.
     pub fn get(&self, doc: &PatientId) -> Result<Option<StoredPatient>, StoreError> {
-        read_document(&self.conn, &self.key, "doc_key", &self.doc_key(doc))
+        read_document(&self.conn, &self.key, &self.lookup, "doc_key", &self.doc_key(doc))
     }
 
     /// Adds an entry to a patient's summary on this device (works offline).
@@ -158,8 +158,8 @@ impl DeviceStore {
         let enrolment = self.enrolment()?;
         let key = identity.public_key();
         let tx = write_tx(&mut self.conn)?;
-        let mut patient =
-            read_document(&tx, &self.key, column, &lookup)?.ok_or(StoreError::UnknownPatient)?;
+        let mut patient = read_document(&tx, &self.key, &self.lookup, column, &lookup)?
+            .ok_or(StoreError::UnknownPatient)?;
         patient.summary.set_actor(&key);
         let before = patient.summary.heads();
         let result = change(&mut patient.summary)?;
@@ -241,6 +241,7 @@ fn queue_upload(
 fn read_document(
     conn: &Connection,
     key: &DataKey,
+    lookup_hasher: &LookupHasher,
     column: &str,
     lookup: &[u8; 32],
 ) -> Result<Option<StoredPatient>, StoreError> {
@@ -260,6 +261,6 @@ fn read_document(
         .optional()?;
     let Some((doc_key, nhs_key, version, body)) = row else { return Ok(None) };
     let body: DocumentBody = open_row(key, "body", &document_row(&doc_key, &nhs_key), version, &body)?;
-    let summary = PatientSummary::load(&body.automerge)?;
+    let summary = open_document(lookup_hasher, &nhs_key, &body)?;
     Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
 }

@@ -205,20 +205,6 @@ impl DeviceStore {
     }
 }
 
-/// A received document must be the one it claims to be.
-fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), StoreError> {
-    if summary.has_missing_deps() {
-        return Err(StoreError::MissingDependencies { doc: short_hex(doc.as_bytes()) });
-    }
-    if summary.patient_id()? != *doc {
-        return Err(StoreError::Decode {
-            row: format!("document {}", short_hex(doc.as_bytes())),
-            reason: "the document names another patient".into(),
-        });
-    }
-    Ok(())
-}
-
 /// A held patient, read inside the caller's transaction.
 fn read_patient(
     tx: &Transaction<'_>,
@@ -226,9 +212,17 @@ fn read_patient(
     lookup: &LookupHasher,
     doc: &PatientId,
 ) -> Result<Option<StoredPatient>, StoreError> {
-    let Some(body) = read_body(tx, key, &lookup.hash("doc", &doc.to_string()))? else { return Ok(None) };
+    let doc_key = lookup.hash("doc", &doc.to_string());
+    let row = tx
+        .prepare_cached("SELECT nhs_key, version, body FROM documents WHERE doc_key = ?1")?
+        .query_row([doc_key.as_slice()], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })
+        .optional()?;
+    let Some((nhs_key, version, body)) = row else { return Ok(None) };
+    let body: DocumentBody = open_row(key, "body", &document_row(&doc_key, &nhs_key), version, &body)?;
     Ok(Some(StoredPatient {
-        summary: PatientSummary::load(&body.automerge)?,
+        summary: open_document(lookup, &nhs_key, &body)?,
         received_at_ms: body.received_at_ms,
     }))
 }
@@ -271,22 +265,30 @@ fn apply_one(
                 adjust_rows_root(tx, key, &[row_mark(lookup, &doc_key, version)])?;
             }
         }
-        DocBody::Whole(bytes) => match read_body(tx, key, &doc_key)? {
+        DocBody::Whole { saved, listing } => match (read_body(tx, key, &doc_key)?, listing) {
             // A document this device holds, sent whole because the changes it lacked were
             // compacted away on the server: merged, and its news told as changes would be.
-            Some(existing) => {
+            (Some(existing), _) => {
                 let mut summary = PatientSummary::load(&existing.automerge)?;
                 let before = crate::notify::snapshot(&mut summary)?;
-                summary.merge_saved(bytes)?;
+                summary.merge_saved(saved)?;
                 check_received(&mut summary, &item.doc)?;
                 notified += notify(tx, key, &item.doc, &before, &mut summary, now_ms)?;
                 write_document(tx, key, lookup, &mut summary, now_ms, None)?;
             }
-            None => {
-                // A new document is stored as the server saved it: no second save.
-                let mut summary = PatientSummary::load(bytes)?;
+            // A new document with its listing is stored as received, unparsed: it is checked
+            // when it is opened (`read_document`), so receiving costs its bytes, whatever its
+            // history.
+            (None, Some(listing)) => {
+                let body =
+                    DocumentBody { patient_id: item.doc, received_at_ms: now_ms, automerge: saved.to_vec() };
+                write_row(tx, key, lookup, item.doc, listing.clone(), body)?;
+            }
+            // One the server has no listing for is parsed for it, and stored as saved.
+            (None, None) => {
+                let mut summary = PatientSummary::load(saved)?;
                 check_received(&mut summary, &item.doc)?;
-                write_document(tx, key, lookup, &mut summary, now_ms, Some(bytes))?;
+                write_document(tx, key, lookup, &mut summary, now_ms, Some(saved))?;
             }
         },
         DocBody::Changes(changes) => {

@@ -231,9 +231,10 @@ section_entry!(Report, Section::Results, |r| {
     }
 });
 
-/// An entry with what the record knows around it.
-/// The demographics a device lists and searches by (see [`PatientSummary::listing`]).
-#[derive(Clone, PartialEq, Eq)]
+/// The demographics a device lists and searches by (see [`PatientSummary::listing`]). The
+/// server sends it with each document newly in a device's scope, so the device can store the
+/// document as received without parsing it (see `DocBody::Whole`).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Listing {
     pub nhs_number: Option<String>,
     pub name: String,
@@ -243,6 +244,7 @@ pub struct Listing {
 
 crate::redacted_debug!(Listing);
 
+/// An entry with what the record knows around it.
 #[derive(Debug, Clone)]
 pub struct Entry<T> {
     pub id: EntryId,

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use care_node::identity::{Identity, PublicKey};
 use care_node::nhs::NhsNumber;
-use care_node::summary::{PatientId, PatientSummary};
+use care_node::summary::{Listing, PatientId, PatientSummary};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -360,6 +360,11 @@ pub trait DeviceRegistry: Send + Sync {
     fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError>;
 }
 
+/// A saved document and the listing derived from it when it was saved (`None` for one saved
+/// before listings were recorded, or whose demographics do not read as a listing: a device
+/// parses it for its own).
+pub type Listed = (Vec<u8>, Option<Listing>);
+
 /// Patient documents: creation, server-side changes, lookups, merges.
 pub trait PatientRecords: Send + Sync {
     /// Stores new patient documents in one transaction and logs their changes as server-authored.
@@ -373,6 +378,8 @@ pub trait PatientRecords: Send + Sync {
     ) -> Result<(), StoreError>;
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError>;
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The saved document and its listing, for sending it whole to a device.
+    fn load_listed(&self, patient: &PatientId) -> Result<Option<Listed>, StoreError>;
     fn patient_count(&self) -> Result<u64, StoreError>;
 
     /// Merges `merged` into `keep` atomically: `keep` absorbs every entry, `merged` is marked

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS patients (
     risk_flags TEXT NOT NULL DEFAULT ',',
     review_date TEXT,
     merged INTEGER NOT NULL DEFAULT 0,
+    -- What a device lists the patient by (postcard `Listing`), derived with the columns above;
+    -- sent with the document so a device can store it without parsing it. NULL: not recorded.
+    listing BLOB,
     -- Consent, kept on the server only.
     objection INTEGER NOT NULL DEFAULT 0,
     opt_out INTEGER NOT NULL DEFAULT 0
@@ -317,6 +320,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         add_column(&conn, "feed_refusals", "control_id", "TEXT NOT NULL DEFAULT ''")?;
         add_column(&conn, "device_docs", "since", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(&conn, "patients", "listing", "BLOB")?;
         let format: Option<String> = conn
             .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
             .optional()?;
@@ -433,9 +437,11 @@ fn log_changes(
         let nhs = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
         let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
         let flags = format!(",{},", index.flags.join(","));
+        // A document without a readable listing is stored without one: devices parse it.
+        let listing = summary.listing().ok().and_then(|l| postcard::to_allocvec(&l).ok());
         tx.execute(
             "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,
-                 review_date = ?6, merged = ?7 WHERE id = ?8",
+                 review_date = ?6, merged = ?7, listing = ?9 WHERE id = ?8",
             params![
                 summary.save(),
                 seq,
@@ -444,7 +450,8 @@ fn log_changes(
                 if flags == ",," { ",".to_string() } else { flags },
                 index.review_date,
                 merged,
-                patient.as_bytes().as_slice()
+                patient.as_bytes().as_slice(),
+                listing
             ],
         )
         .map_err(|e| match e.sqlite_error_code() {

@@ -151,6 +151,22 @@ impl PatientRecords for SqliteStore {
             .optional()?)
     }
 
+    fn load_listed(&self, patient: &PatientId) -> Result<Option<crate::store::Listed>, StoreError> {
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> = self
+            .read()
+            .query_row(
+                "SELECT doc, listing FROM patients WHERE id = ?1",
+                [patient.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(doc, listing)| {
+            // An unreadable listing is sent as none: the device then parses the document.
+            let listing = listing.and_then(|bytes| postcard::from_bytes(&bytes).ok());
+            (doc, listing)
+        }))
+    }
+
     fn patient_count(&self) -> Result<u64, StoreError> {
         Ok(self.read().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
     }
