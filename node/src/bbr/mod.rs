@@ -1,5 +1,5 @@
 //! BBR congestion control: quinn-proto 0.11.19's `congestion::bbr` (MIT or Apache-2.0, © the
-//! quinn developers), copied with one change, because quinn offers no way to change it from
+//! quinn developers), copied with two changes, because quinn offers no way to change it from
 //! outside (docs/protocol.md, "Congestion control").
 //! Over 600 lines because it is quinn's file as quinn has it, so it diffs against upstream.
 //!
@@ -10,6 +10,12 @@
 //! of 1,000 over `flaky-wifi` took 0.76–0.99 s of which up to 300 ms was that stall; the BBR
 //! draft times ProbeRTT from the minimum round trip's sample, so the first is due ten seconds
 //! into the connection ([`Bbr::new`] starts the clock; see `probe_rtt_last_started_at`).
+//!
+//! **The second** (session 12): in Startup quinn grew the window by every acknowledged byte
+//! without bound, comparing the window's *gain* with the target window in bytes (always true;
+//! quinn PR #2798 found the same). It now grows only while below its target, as Chromium's
+//! BBR has it (`calculate_cwnd`): over `flaky-wifi` the unbounded window had queued a quarter
+//! of a second of data at the link, behind which every lost packet waited to be sent again.
 //! Otherwise only the imports, the random source (rand 0.9's, which this crate already uses,
 //! instead of rand_pcg) and lints differ from the original.
 

@@ -723,20 +723,30 @@ fn check_received(summary: &mut PatientSummary, doc: &PatientId) -> Result<(), S
 
 /// A stored document, opened: parsed, and checked to be what its row says. A document stored
 /// as the server sent it (see `apply_one`) is parsed for the first time here, so here it must
-/// hold everything it depends on, name the patient it was sent for, and be filed under its own
-/// NHS number (a lookup by number never opens another patient's record).
+/// hold everything it depends on, name the patient it was sent for, be filed under its own NHS
+/// number (a lookup by number never opens another patient's record) and read as its card (a
+/// search by name or a pick from the list never opens another person's record either).
 fn open_document(
     lookup: &LookupHasher,
     nhs_key: &[u8],
+    card: &PatientCard,
     body: &DocumentBody,
 ) -> Result<PatientSummary, StoreError> {
     let mut summary = PatientSummary::load(&body.automerge)?;
     check_received(&mut summary, &body.patient_id)?;
-    if nhs_lookup(lookup, &body.patient_id, &summary.listing()?)?.as_slice() != nhs_key {
-        return Err(StoreError::Decode {
-            row: format!("document {}", short_hex(body.patient_id.as_bytes())),
-            reason: "the document is filed under another NHS number than its own".into(),
-        });
+    let listing = summary.listing()?;
+    let disagrees = |reason: &str| StoreError::Decode {
+        row: format!("document {}", short_hex(body.patient_id.as_bytes())),
+        reason: reason.into(),
+    };
+    if nhs_lookup(lookup, &body.patient_id, &listing)?.as_slice() != nhs_key {
+        return Err(disagrees("the document is filed under another NHS number than its own"));
+    }
+    let carded = (&card.nhs_number, &card.name, &card.date_of_birth, &card.postcode);
+    if card.patient_id != body.patient_id
+        || carded != (&listing.nhs_number, &listing.name, &listing.date_of_birth, &listing.postcode)
+    {
+        return Err(disagrees("the document does not read as the card it is listed by"));
     }
     Ok(summary)
 }
@@ -793,4 +803,36 @@ fn write_row(
     )?
     .execute(params![doc_key.as_slice(), nhs_key.as_slice(), version, card, body])?;
     Ok(())
+}
+
+/// The patient document whose `column` (`doc_key` or `nhs_key`) is `lookup`, read on `conn` (a
+/// transaction, for a read-modify-write).
+pub(super) fn read_document(
+    conn: &Connection,
+    key: &DataKey,
+    lookup_hasher: &LookupHasher,
+    column: &str,
+    lookup: &[u8; 32],
+) -> Result<Option<StoredPatient>, StoreError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT doc_key, nhs_key, version, body, card FROM documents WHERE {column} = ?1"),
+            [lookup.as_slice()],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((doc_key, nhs_key, version, body, card)) = row else { return Ok(None) };
+    let row = document_row(&doc_key, &nhs_key);
+    let body: DocumentBody = open_row(key, "body", &row, version, &body)?;
+    let card: PatientCard = open_row(key, "card", &row, version, &card)?;
+    let summary = open_document(lookup_hasher, &nhs_key, &card, &body)?;
+    Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
 }

@@ -190,20 +190,21 @@ impl DeviceStore {
     /// resumes the same recovery. Returns the changes queued.
     pub fn follow_server_restore(&mut self, incarnation: [u8; 16]) -> Result<u64, StoreError> {
         let actor = automerge::ActorId::from(self.identity()?.public_key().as_slice());
-        let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = {
+        let rows: Vec<SealedDocumentRow> = {
             let mut stmt =
-                self.conn.prepare_cached("SELECT doc_key, nhs_key, version, body FROM documents")?;
-            stmt.query_map([], |r| {
-                Ok((document_row(&r.get::<_, Vec<u8>>(0)?, &r.get::<_, Vec<u8>>(1)?), r.get(2)?, r.get(3)?))
-            })?
-            .collect::<Result<_, _>>()?
+                self.conn.prepare_cached("SELECT doc_key, nhs_key, version, body, card FROM documents")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<Result<_, _>>()?
         };
         let tx = write_tx(&mut self.conn)?;
         let mut queued = 0;
-        for (row, version, body) in rows {
+        for (doc_key, nhs_key, version, body, card) in rows {
+            let row = document_row(&doc_key, &nhs_key);
             let body: DocumentBody = open_row(&self.key, "body", &row, version, &body)?;
-            let mut summary = PatientSummary::load(&body.automerge)?;
-            let patient_id = summary.patient_id()?;
+            let card: PatientCard = open_row(&self.key, "card", &row, version, &card)?;
+            // Checked as any opening is (a document stored as received is parsed first here).
+            let mut summary = open_document(&self.lookup, &nhs_key, &card, &body)?;
+            let patient_id = body.patient_id;
             for change in summary.changes_since(&[]) {
                 if change.actor_id() == &actor {
                     queue_upload(&tx, &self.key, patient_id, change.raw_bytes())?;
@@ -221,6 +222,9 @@ impl DeviceStore {
     }
 }
 
+/// A `documents` row as stored: doc_key, nhs_key, version, sealed body, sealed card.
+type SealedDocumentRow = (Vec<u8>, Vec<u8>, i64, Vec<u8>, Vec<u8>);
+
 /// Adds one local change to the outbox (sealed, bound to its row id).
 fn queue_upload(
     tx: &Transaction<'_>,
@@ -234,33 +238,4 @@ fn queue_upload(
     let sealed = seal_row(key, "outbox", &id.to_be_bytes(), 0, &outbox)?;
     tx.execute("UPDATE outbox SET body = ?1 WHERE id = ?2", params![sealed, id])?;
     Ok(())
-}
-
-/// The patient document whose `column` (`doc_key` or `nhs_key`) is `lookup`, read on `conn` (a
-/// transaction, for a read-modify-write).
-fn read_document(
-    conn: &Connection,
-    key: &DataKey,
-    lookup_hasher: &LookupHasher,
-    column: &str,
-    lookup: &[u8; 32],
-) -> Result<Option<StoredPatient>, StoreError> {
-    let row = conn
-        .query_row(
-            &format!("SELECT doc_key, nhs_key, version, body FROM documents WHERE {column} = ?1"),
-            [lookup.as_slice()],
-            |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Vec<u8>>(3)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((doc_key, nhs_key, version, body)) = row else { return Ok(None) };
-    let body: DocumentBody = open_row(key, "body", &document_row(&doc_key, &nhs_key), version, &body)?;
-    let summary = open_document(lookup_hasher, &nhs_key, &body)?;
-    Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
 }

@@ -205,6 +205,21 @@ impl DeviceStore {
     }
 }
 
+/// Whether a new document can be filed under the NHS number its listing names: the number is
+/// valid and no other document is filed under it (a listing that claimed a held patient's
+/// number would otherwise hide that patient's record).
+fn takes_a_free_place(
+    tx: &Transaction<'_>,
+    lookup: &LookupHasher,
+    doc: &PatientId,
+    listing: &Listing,
+) -> Result<bool, StoreError> {
+    let Ok(nhs_key) = nhs_lookup(lookup, doc, listing) else { return Ok(false) };
+    let taken =
+        tx.prepare_cached("SELECT 1 FROM documents WHERE nhs_key = ?1")?.exists([nhs_key.as_slice()])?;
+    Ok(!taken)
+}
+
 /// A held patient, read inside the caller's transaction.
 fn read_patient(
     tx: &Transaction<'_>,
@@ -212,19 +227,7 @@ fn read_patient(
     lookup: &LookupHasher,
     doc: &PatientId,
 ) -> Result<Option<StoredPatient>, StoreError> {
-    let doc_key = lookup.hash("doc", &doc.to_string());
-    let row = tx
-        .prepare_cached("SELECT nhs_key, version, body FROM documents WHERE doc_key = ?1")?
-        .query_row([doc_key.as_slice()], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
-        })
-        .optional()?;
-    let Some((nhs_key, version, body)) = row else { return Ok(None) };
-    let body: DocumentBody = open_row(key, "body", &document_row(&doc_key, &nhs_key), version, &body)?;
-    Ok(Some(StoredPatient {
-        summary: open_document(lookup, &nhs_key, &body)?,
-        received_at_ms: body.received_at_ms,
-    }))
+    read_document(tx, key, lookup, "doc_key", &lookup.hash("doc", &doc.to_string()))
 }
 
 fn read_body(
@@ -279,13 +282,14 @@ fn apply_one(
             // A new document with its listing is stored as received, unparsed: it is checked
             // when it is opened (`read_document`), so receiving costs its bytes, whatever its
             // history.
-            (None, Some(listing)) => {
+            (None, Some(listing)) if takes_a_free_place(tx, lookup, &item.doc, listing)? => {
                 let body =
                     DocumentBody { patient_id: item.doc, received_at_ms: now_ms, automerge: saved.to_vec() };
                 write_row(tx, key, lookup, item.doc, listing.clone(), body)?;
             }
-            // One the server has no listing for is parsed for it, and stored as saved.
-            (None, None) => {
+            // One the server has no listing for is parsed for it, and stored as saved; so is one
+            // whose listing names a place another document holds (its own listing decides).
+            (None, _) => {
                 let mut summary = PatientSummary::load(saved)?;
                 check_received(&mut summary, &item.doc)?;
                 write_document(tx, key, lookup, &mut summary, now_ms, Some(saved))?;

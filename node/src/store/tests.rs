@@ -167,6 +167,19 @@ fn a_listing_that_disagrees_with_its_document_never_opens_another_patients_recor
     assert!(reason.contains("another NHS number"), "{reason}");
     assert!(store.get(&doc).is_err(), "nor by its id");
 
+    // A listing with the document's own number but another name: listed so, never opened as.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = enrolled_store(dir.path());
+    let mut renamed = server.listing().unwrap();
+    renamed.name = "Someone Else".into();
+    let item = DocItem { doc, body: DocBody::Whole { saved: server.save().into(), listing: Some(renamed) } };
+    store.apply_items(1, false, &[item], 0, &mut |_| {}).unwrap();
+    let opened = store.get(&doc);
+    assert!(
+        matches!(opened, Err(StoreError::Decode { ref reason, .. }) if reason.contains("card")),
+        "{opened:?}"
+    );
+
     // A document sent for another patient's id is refused when opened, too.
     let dir = tempfile::tempdir().unwrap();
     let mut store = enrolled_store(dir.path());
@@ -181,4 +194,34 @@ fn a_listing_that_disagrees_with_its_document_never_opens_another_patients_recor
         matches!(opened, Err(StoreError::Decode { ref reason, .. }) if reason.contains("another patient")),
         "{opened:?}"
     );
+}
+
+#[test]
+fn a_listing_that_claims_a_held_patients_number_never_hides_that_patient() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, held) = store_with_a_patient(dir.path());
+    let nhs = NhsNumber::parse(NHS).unwrap();
+    // Another patient, whose listing claims the held patient's number.
+    let mut other_demographics = demographics();
+    other_demographics.nhs_number = Some("9990000026".into());
+    other_demographics.name = "Other Person".into();
+    let mut other = PatientSummary::create(
+        uuid::Uuid::new_v4(),
+        &other_demographics,
+        automerge::ActorId::from(&[0u8; 16][..]),
+        0,
+    )
+    .unwrap();
+    let mut claim = other.listing().unwrap();
+    claim.nhs_number = Some(NHS.into());
+    let doc = other.patient_id().unwrap();
+    let item = DocItem { doc, body: DocBody::Whole { saved: other.save().into(), listing: Some(claim) } };
+    store.apply_items(2, false, &[item], 0, &mut |_| {}).unwrap();
+
+    let found = store.find_by_nhs(&nhs).unwrap().expect("the held patient is still found by number");
+    assert_eq!(found.summary.patient_id().unwrap(), held.patient_id().unwrap());
+    let filed =
+        store.find_by_nhs(&NhsNumber::parse("9990000026").unwrap()).unwrap().expect("filed by its own");
+    assert_eq!(filed.summary.listing().unwrap().name, "Other Person");
+    assert_eq!(store.list().unwrap().len(), 2);
 }

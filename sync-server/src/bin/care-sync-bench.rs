@@ -33,7 +33,7 @@ use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
 use care_sync_server::demo::bench::{self, CutKind, SEED, Server, ms, peak_rss_mb, unix_ms};
 use care_sync_server::demo::link::{Profile, Relay};
-use care_sync_server::demo::population::Population;
+use care_sync_server::demo::population::Records;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Changes made to the hot patient in the live test.
@@ -109,13 +109,14 @@ async fn cut(n: usize, link: Profile, every: Duration, kind: CutKind) {
 
 async fn run(n: usize, link: Option<Profile>) {
     let figures = bench::measure(n, link).await;
-    let mut population = Population::new(SEED, automerge::ActorId::random());
+    let mut population = bench::population(automerge::ActorId::random());
     let sample: Vec<Vec<u8>> =
         (0..n.min(1_000)).map(|_| population.next_patient(0).expect("patient").save()).collect();
     let f = floor(&sample);
     let floor_total = (f.load + f.save + f.seal + f.insert) * n as u32;
     println!(
-        "\nN = {n} documents in scope (server generated them in {:.1} s; {:.1} KB per saved document)",
+        "\nN = {n} documents in scope, {} records (server generated them in {:.1} s; {:.1} KB per saved document)",
+        format!("{:?}", bench::records()).to_lowercase(),
         figures.generation.as_secs_f64(),
         figures.plain_bytes as f64 / n as f64 / 1024.0
     );
@@ -441,6 +442,11 @@ struct Args {
     /// connects again) or `moved` (the device's address changes and the connection follows it).
     #[arg(long, value_name = "KIND", default_value = "lost", requires = "cut_every", value_parser = ["lost", "moved"])]
     cut_kind: String,
+    /// How full each patient's record is: `synthetic` (a handful of coded entries, about 1.2 KB
+    /// saved: every figure before session 12) or `realistic` (at least 15 entries and 20
+    /// hospital events each, one in 200 with a history of 500 changes).
+    #[arg(long, value_name = "RECORDS", value_enum, default_value_t = Records::Synthetic)]
+    records: Records,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
@@ -455,6 +461,7 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 
 fn main() {
     let args = <Args as clap::Parser>::parse();
+    bench::use_records(args.records);
     if let Some(role) = &args.server_role {
         let n =
             role[1].parse().unwrap_or_else(|_| panic!("--server-role DIR N: `{}` is not a size", role[1]));

@@ -13,12 +13,31 @@ use care_node::crypto::{KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::{Allergy, PatientId, PatientSummary, Provenance};
 
-use crate::demo::population::Population;
+use crate::demo::population::{Population, Records};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Role, ServerStore};
 
 /// The population seed of every run, so runs are comparable.
 pub const SEED: u64 = 7;
+
+/// How full the bench population's records are, for every server this process starts (and in
+/// the server role itself); set once, before the first, by [`use_records`].
+static RECORDS: std::sync::OnceLock<Records> = std::sync::OnceLock::new();
+
+/// Makes every bench population of this process `records` (the default is synthetic).
+pub fn use_records(records: Records) {
+    let _ = RECORDS.set(records);
+}
+
+/// The bench population's records ([`use_records`]).
+pub fn records() -> Records {
+    RECORDS.get().copied().unwrap_or_default()
+}
+
+/// The bench population: seed [`SEED`], records as [`use_records`] set them.
+pub fn population(actor: automerge::ActorId) -> Population {
+    Population::new(SEED, actor).with_records(records())
+}
 
 pub fn peak_rss_mb(pid: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -53,7 +72,7 @@ pub fn server_role(dir: &str, n: usize) {
     let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(std::path::Path::new(dir)).expect("store"));
     let actor = crate::server_actor(&store.server_identity().expect("identity"));
     let t = Instant::now();
-    let mut population = Population::new(SEED, actor.clone());
+    let mut population = population(actor.clone());
     let mut plain_bytes = 0u64;
     let mut made = 0;
     while made < n {
@@ -159,6 +178,8 @@ impl Server {
             .arg("--server-role")
             .arg(dir.path())
             .arg(n.to_string())
+            .arg("--records")
+            .arg(clap::ValueEnum::to_possible_value(&records()).expect("a named value").get_name())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

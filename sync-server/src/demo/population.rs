@@ -13,7 +13,7 @@ use automerge::ActorId;
 use care_node::nhs::NhsNumber;
 use care_node::summary::{
     Alert, Allergy, CarePlan, Code, Contact, Demographics, Encounter, Medication, PatientId, PatientSummary,
-    Problem, Provenance, Section, SectionEntry, SummaryError, alert_kind,
+    Problem, Provenance, Report, Section, SectionEntry, SummaryError, alert_kind,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -234,11 +234,29 @@ pub fn first_free_stem(exists: impl Fn(&NhsNumber) -> bool) -> u32 {
     high
 }
 
+/// How full each generated record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Records {
+    /// A handful of coded entries per patient (about 1.2 KB saved): the population of every
+    /// figure before session 12.
+    #[default]
+    Synthetic,
+    /// Closer to a real summary (issue 18): at least 15 entries and 20 hospital events each,
+    /// and one record in 200 with a history of 500 changes (a result amended again and again).
+    Realistic,
+}
+
 /// A population generator with a fixed seed.
 pub struct Population {
     rng: StdRng,
     next_stem: u32,
     actor: ActorId,
+    records: Records,
+    /// Draws for what a realistic record adds, apart from `rng`: the same seed gives the same
+    /// people whatever the records.
+    detail: StdRng,
+    /// Patients made so far.
+    made: u64,
 }
 
 /// Provenance of the synthetic GP record.
@@ -251,14 +269,31 @@ fn gp(now_ms: i64, source: String) -> Provenance {
 
 impl Population {
     pub fn new(seed: u64, actor: ActorId) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), next_stem: FIRST_STEM, actor }
+        Self::seeded(seed, actor, FIRST_STEM)
+    }
+
+    /// The same people, with records as full as `records` says.
+    pub fn with_records(mut self, records: Records) -> Self {
+        self.records = records;
+        self
     }
 
     /// A population whose NHS numbers start at `first_stem` (see [`first_free_stem`]), with
     /// people of their own (the seed is mixed with the stem), to add to an existing store.
     pub fn starting_at(seed: u64, actor: ActorId, first_stem: u32) -> Self {
         let mixed = seed ^ u64::from(first_stem.wrapping_sub(FIRST_STEM)).rotate_left(32);
-        Self { rng: StdRng::seed_from_u64(mixed), next_stem: first_stem, actor }
+        Self::seeded(mixed, actor, first_stem)
+    }
+
+    fn seeded(seed: u64, actor: ActorId, first_stem: u32) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            next_stem: first_stem,
+            actor,
+            records: Records::Synthetic,
+            detail: StdRng::seed_from_u64(seed ^ 0x5eed_de7a),
+            made: 0,
+        }
     }
 
     fn next_nhs(&mut self) -> NhsNumber {
@@ -293,6 +328,10 @@ impl Population {
         self.add_alerts(&mut draft, age)?;
         self.add_support(&mut draft, age, family, &had)?;
         self.add_history(&mut draft, age)?;
+        if self.records == Records::Realistic {
+            self.add_realistic(&mut draft)?;
+        }
+        self.made += 1;
         Ok(draft.summary)
     }
 
@@ -505,6 +544,86 @@ impl Population {
     }
 }
 
+impl Population {
+    /// What makes a record realistic: past problems, results and letters (at least 15 entries
+    /// with the synthetic ones), 20 hospital events over the last years, and for one patient in
+    /// 200 a result amended 500 times, each its own change.
+    fn add_realistic(&mut self, draft: &mut Draft) -> Result<(), SummaryError> {
+        let rng = &mut self.detail;
+        const PAST: &[&str] = &[
+            "Fractured wrist",
+            "Appendicitis",
+            "Pneumonia",
+            "Cellulitis of leg",
+            "Urinary tract infection",
+            "Gout",
+        ];
+        for description in PAST {
+            let source = draft.next_source("Condition");
+            let mut p = Problem::new(description, gp(draft.now_ms, source.clone()));
+            p.clinical_status = "resolved".into();
+            p.onset = Some(format!(
+                "20{:02}-0{}-1{}",
+                rng.random_range(5..25),
+                rng.random_range(1..10),
+                rng.random_range(0..10)
+            ));
+            draft.upsert(Section::Problems, &source, &p)?;
+        }
+        const RESULTS: &[(&str, &str)] = &[
+            ("Haemoglobin", "g/L"),
+            ("Serum sodium", "mmol/L"),
+            ("Serum potassium", "mmol/L"),
+            ("eGFR", "mL/min/1.73m2"),
+            ("HbA1c", "mmol/mol"),
+            ("C-reactive protein", "mg/L"),
+            ("White cell count", "10*9/L"),
+            ("Platelet count", "10*9/L"),
+        ];
+        for (title, unit) in RESULTS {
+            let source = draft.next_source("Observation");
+            let mut r = Report::new("result", title, gp(draft.now_ms, source.clone()));
+            r.value = Some(rng.random_range(3..150).to_string());
+            r.unit = Some((*unit).into());
+            r.effective = Some(format!("2026-0{}-1{}", rng.random_range(1..10), rng.random_range(0..10)));
+            draft.upsert(Section::Results, &source, &r)?;
+        }
+        for title in ["Discharge summary", "Outpatient clinic letter"] {
+            let source = draft.next_source("DocumentReference");
+            let r = Report::new("letter", title, gp(draft.now_ms, source.clone()));
+            draft.upsert(Section::Results, &source, &r)?;
+        }
+        const EVENTS: &[(&str, &str)] =
+            &[("attendance", "emergency"), ("outpatient", "ambulatory"), ("admission", "inpatient")];
+        for i in 0..20 {
+            let source = draft.next_source("Encounter");
+            let (kind, class) = EVENTS[rng.random_range(0..EVENTS.len())];
+            let mut e = Encounter::new(kind, "finished", gp(draft.now_ms, source.clone()));
+            e.class = Some(class.into());
+            e.facility = Some(HOSPITALS[rng.random_range(0..HOSPITALS.len())].into());
+            if kind == "admission" {
+                e.location = Some(WARDS[rng.random_range(0..WARDS.len())].into());
+            }
+            let (year, month) = (2026 - i / 4, 1 + (i * 5) % 12);
+            e.start = Some(format!("{year}-{month:02}-0{}T09:30:00Z", 1 + i % 9));
+            e.end = Some(format!("{year}-{month:02}-0{}T16:00:00Z", 1 + i % 9));
+            draft.upsert(Section::Encounters, &source, &e)?;
+        }
+        if self.made.is_multiple_of(200) {
+            let source = draft.next_source("Observation");
+            for k in 0..500 {
+                let mut r =
+                    Report::new("result", "Capillary blood glucose", gp(draft.now_ms + k, source.clone()));
+                r.value = Some(format!("{}.{}", 4 + k % 9, k % 10));
+                r.unit = Some("mmol/L".into());
+                r.effective = Some(format!("2026-11-{:02}T{:02}:00:00Z", 1 + k / 24 % 28, k % 24));
+                draft.upsert(Section::Results, &source, &r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A patient's record while it is generated. Its entries' source ids
 /// (`Condition/syn-<nhs>-<n>`) are numbered in the order they are added.
 struct Draft {
@@ -539,6 +658,28 @@ impl Draft {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realistic_records_have_15_entries_20_hospital_events_and_some_a_history_of_500_changes() {
+        let actor = ActorId::from(&[1u8; 16][..]);
+        let mut realistic = Population::new(5, actor.clone()).with_records(Records::Realistic);
+        let mut synthetic = Population::new(5, actor);
+        for i in 0..40 {
+            let mut r = realistic.next_patient(0).unwrap();
+            let mut s = synthetic.next_patient(0).unwrap();
+            assert_eq!(r.listing().unwrap(), s.listing().unwrap(), "the same people");
+            let (entries, events) = (r.entry_lines().unwrap().len(), r.entries::<Encounter>().unwrap().len());
+            assert!(events >= 20, "patient {i}: {events} hospital events");
+            assert!(entries - events >= 15, "patient {i}: {} entries besides them", entries - events);
+            let changes = r.changes_since(&[]).len();
+            if i % 200 == 0 {
+                assert!(changes > 500, "patient {i}: a long history ({changes} changes)");
+            } else {
+                assert!(changes < 100, "patient {i}: {changes} changes");
+                assert!(s.changes_since(&[]).len() < changes);
+            }
+        }
+    }
 
     #[test]
     fn the_listing_read_agrees_with_the_hydrated_demographics() {

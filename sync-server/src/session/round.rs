@@ -226,3 +226,24 @@ impl ServerSession {
         Ok(Some(ServerMessage::Docs { round: round.seq, priority, round_items, items }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_s_last_pages_halve_down_to_the_fewest_and_every_item_goes_once() {
+        let mut left = 1_000;
+        let mut pages = Vec::new();
+        while left > 0 {
+            let page = tail_page_items(left).min(left);
+            assert!(page > 0, "a page always takes something");
+            pages.push(page);
+            left -= page;
+        }
+        assert_eq!(pages.iter().sum::<usize>(), 1_000);
+        assert_eq!(&pages[..3], &[500, 250, 125], "each page half of what is left");
+        assert!(*pages.last().unwrap() <= MIN_TAIL_ITEMS, "the last page is a few documents: {pages:?}");
+        assert_eq!(tail_page_items(3), MIN_TAIL_ITEMS, "never fewer than the fewest");
+    }
+}

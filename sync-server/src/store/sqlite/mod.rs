@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use care_node::identity::{Identity, PublicKey, short_hex};
 use care_node::nhs::NhsNumber;
-use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
+use care_node::summary::{Listing, PatientId, PatientSummary, SCHEMA_VERSION};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
@@ -438,7 +438,7 @@ fn log_changes(
         let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
         let flags = format!(",{},", index.flags.join(","));
         // A document without a readable listing is stored without one: devices parse it.
-        let listing = summary.listing().ok().and_then(|l| postcard::to_allocvec(&l).ok());
+        let listing = summary.listing().ok().and_then(|l| encode_listing(&l));
         tx.execute(
             "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,
                  review_date = ?6, merged = ?7, listing = ?9 WHERE id = ?8",
@@ -483,6 +483,22 @@ fn audit_in(
         params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail],
     )?;
     Ok(())
+}
+
+/// The `listing` column's format: this byte, then the postcard `Listing` (postcard names no
+/// fields, so a later `Listing` of another shape gets another byte, and older rows read as none).
+const LISTING_FORMAT: u8 = 1;
+
+fn encode_listing(listing: &Listing) -> Option<Vec<u8>> {
+    postcard::to_extend(listing, vec![LISTING_FORMAT]).ok()
+}
+
+/// A stored listing; `None` for one of another format or unreadable (the device then parses).
+fn decode_listing(bytes: &[u8]) -> Option<Listing> {
+    match bytes.split_first() {
+        Some((&LISTING_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
 }
 
 /// Adds a column a newer release put in a table, to a store made before it (once).

@@ -162,7 +162,7 @@ impl PatientRecords for SqliteStore {
             .optional()?;
         Ok(row.map(|(doc, listing)| {
             // An unreadable listing is sent as none: the device then parses the document.
-            let listing = listing.and_then(|bytes| postcard::from_bytes(&bytes).ok());
+            let listing = listing.and_then(|bytes| decode_listing(&bytes));
             (doc, listing)
         }))
     }
