@@ -182,6 +182,14 @@ pub struct PatientCard {
     pub postcode: Option<String>,
 }
 
+impl PatientCard {
+    /// The card of a patient listed so.
+    fn of(patient_id: PatientId, listing: Listing) -> Self {
+        let Listing { nhs_number, name, date_of_birth, postcode } = listing;
+        Self { patient_id, nhs_number, name, date_of_birth, postcode }
+    }
+}
+
 impl std::fmt::Debug for PatientCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PatientCard({})", self.patient_id)
@@ -742,10 +750,7 @@ fn open_document(
     if nhs_lookup(lookup, &body.patient_id, &listing)?.as_slice() != nhs_key {
         return Err(disagrees("the document is filed under another NHS number than its own"));
     }
-    let carded = (&card.nhs_number, &card.name, &card.date_of_birth, &card.postcode);
-    if card.patient_id != body.patient_id
-        || carded != (&listing.nhs_number, &listing.name, &listing.date_of_birth, &listing.postcode)
-    {
+    if *card != PatientCard::of(body.patient_id, listing) {
         return Err(disagrees("the document does not read as the card it is listed by"));
     }
     Ok(summary)
@@ -786,13 +791,7 @@ fn write_row(
     let mut marks = vec![row_mark(lookup, &doc_key, version)];
     marks.extend(previous.map(|v| row_mark(lookup, &doc_key, v)));
     adjust_rows_root(tx, key, &marks)?;
-    let card = PatientCard {
-        patient_id,
-        nhs_number: demographics.nhs_number,
-        name: demographics.name,
-        date_of_birth: demographics.date_of_birth,
-        postcode: demographics.postcode,
-    };
+    let card = PatientCard::of(patient_id, demographics);
     let row = document_row(&doc_key, &nhs_key);
     let card = seal_row(key, "card", &row, version, &card)?;
     let body = seal_row(key, "body", &row, version, &body)?;
@@ -816,23 +815,33 @@ pub(super) fn read_document(
 ) -> Result<Option<StoredPatient>, StoreError> {
     let row = conn
         .query_row(
-            &format!("SELECT doc_key, nhs_key, version, body, card FROM documents WHERE {column} = ?1"),
+            &format!("SELECT {SEALED_DOCUMENT_COLUMNS} FROM documents WHERE {column} = ?1"),
             [lookup.as_slice()],
-            |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Vec<u8>>(3)?,
-                    r.get::<_, Vec<u8>>(4)?,
-                ))
-            },
+            sealed_document_row,
         )
         .optional()?;
-    let Some((doc_key, nhs_key, version, body, card)) = row else { return Ok(None) };
+    row.map(|row| open_sealed_document(key, lookup_hasher, row)).transpose()
+}
+
+/// A `documents` row as stored: doc_key, nhs_key, version, sealed body, sealed card (the
+/// columns [`SEALED_DOCUMENT_COLUMNS`], read by [`sealed_document_row`]).
+pub(super) type SealedDocumentRow = (Vec<u8>, Vec<u8>, i64, Vec<u8>, Vec<u8>);
+
+pub(super) const SEALED_DOCUMENT_COLUMNS: &str = "doc_key, nhs_key, version, body, card";
+
+pub(super) fn sealed_document_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SealedDocumentRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+/// A stored row's document, unsealed and opened ([`open_document`]'s checks).
+pub(super) fn open_sealed_document(
+    key: &DataKey,
+    lookup: &LookupHasher,
+    (doc_key, nhs_key, version, body, card): SealedDocumentRow,
+) -> Result<StoredPatient, StoreError> {
     let row = document_row(&doc_key, &nhs_key);
     let body: DocumentBody = open_row(key, "body", &row, version, &body)?;
     let card: PatientCard = open_row(key, "card", &row, version, &card)?;
-    let summary = open_document(lookup_hasher, &nhs_key, &card, &body)?;
-    Ok(Some(StoredPatient { summary, received_at_ms: body.received_at_ms }))
+    let summary = open_document(lookup, &nhs_key, &card, &body)?;
+    Ok(StoredPatient { summary, received_at_ms: body.received_at_ms })
 }

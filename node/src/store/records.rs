@@ -192,19 +192,15 @@ impl DeviceStore {
         let actor = automerge::ActorId::from(self.identity()?.public_key().as_slice());
         let rows: Vec<SealedDocumentRow> = {
             let mut stmt =
-                self.conn.prepare_cached("SELECT doc_key, nhs_key, version, body, card FROM documents")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                .collect::<Result<_, _>>()?
+                self.conn.prepare_cached(&format!("SELECT {SEALED_DOCUMENT_COLUMNS} FROM documents"))?;
+            stmt.query_map([], sealed_document_row)?.collect::<Result<_, _>>()?
         };
         let tx = write_tx(&mut self.conn)?;
         let mut queued = 0;
-        for (doc_key, nhs_key, version, body, card) in rows {
-            let row = document_row(&doc_key, &nhs_key);
-            let body: DocumentBody = open_row(&self.key, "body", &row, version, &body)?;
-            let card: PatientCard = open_row(&self.key, "card", &row, version, &card)?;
+        for row in rows {
             // Checked as any opening is (a document stored as received is parsed first here).
-            let mut summary = open_document(&self.lookup, &nhs_key, &card, &body)?;
-            let patient_id = body.patient_id;
+            let mut summary = open_sealed_document(&self.key, &self.lookup, row)?.summary;
+            let patient_id = summary.patient_id()?;
             for change in summary.changes_since(&[]) {
                 if change.actor_id() == &actor {
                     queue_upload(&tx, &self.key, patient_id, change.raw_bytes())?;
@@ -221,9 +217,6 @@ impl DeviceStore {
         Ok(queued)
     }
 }
-
-/// A `documents` row as stored: doc_key, nhs_key, version, sealed body, sealed card.
-type SealedDocumentRow = (Vec<u8>, Vec<u8>, i64, Vec<u8>, Vec<u8>);
 
 /// Adds one local change to the outbox (sealed, bound to its row id).
 fn queue_upload(
