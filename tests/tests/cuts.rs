@@ -97,13 +97,26 @@ async fn links_cut_at_random_frames_lose_nothing_and_resend_nothing_applied() {
         device.add_allergy(&server.patients[1 + i % 3], &format!("Allergen {i}"));
     }
     let before = server.store.max_seq().unwrap();
-    let _ = sync_cut_after(&mut device, 1).await; // the server's Welcome only
-    // The server stores the uploads that reached it before the cut, and the device heard no
-    // acknowledgement: what the next sync sends again is partly on the server already.
+    // The server's Welcome only is read, the uploads it asks for are sent, and the link is cut
+    // once the server has stored some of them (cutting at once raced the uploads leaving: CI
+    // once cut before any reached the server).
+    let mut conn = within(30, DeviceConnection::open(&device.store)).await.unwrap();
+    let (mut session, first) = SyncSession::start(&device.store).unwrap();
+    for message in &first {
+        conn.send(message).await.unwrap();
+    }
+    let welcome = within(30, conn.recv()).await.unwrap().expect("the server's Welcome");
+    let now = device.store.now();
+    for reply in session.handle(welcome, &mut device.store, now).unwrap() {
+        conn.send(&reply).await.unwrap();
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while server.store.max_seq().unwrap() == before && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    drop(conn); // the link goes, before the device read any acknowledgement
+    // The server stores the uploads that reached it before the cut, and the device heard no
+    // acknowledgement: what the next sync sends again is partly on the server already.
     assert!(server.store.max_seq().unwrap() > before, "the server stored uploads sent before the cut");
     assert_eq!(device.store.pending_count().unwrap(), 300, "none of them acknowledged to the device");
     within(60, device.sync()).await.unwrap();
