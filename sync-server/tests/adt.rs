@@ -343,3 +343,67 @@ async fn mllp_senders_off_the_allow_list_over_the_limit_or_idle_are_closed() {
     assert!(idle >= std::time::Duration::from_millis(2_900), "not before its timeout: {idle:?}");
     listener.stop();
 }
+
+fn framed(message: &str) -> Vec<u8> {
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(message.as_bytes());
+    frame.extend_from_slice(&[0x1c, 0x0d]);
+    frame
+}
+
+async fn read_ack(socket: &mut tokio::net::TcpStream) -> String {
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(&[0x1c, 0x0d]) {
+        socket.read_exact(&mut byte).await.unwrap();
+        reply.push(byte[0]);
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_mllp_sender_whose_connection_drops_before_its_ack_resends_and_nothing_applies_twice() {
+    let (store, _d) = store();
+    let listener = care_sync_server::ingest::hl7::mllp::start(store.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let admission = adt("A01", "DROP1", "");
+    // Sent, and the connection dropped before the ACK could be read.
+    let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    socket.write_all(&framed(&admission)).await.unwrap();
+    drop(socket);
+    // The sender had no ACK, so it sends the message again on a new connection.
+    let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    socket.write_all(&framed(&admission)).await.unwrap();
+    let ack = read_ack(&mut socket).await;
+    assert!(ack.contains("MSA|AA|DROP1"), "{ack}");
+    // One admission, however the two copies met the feed.
+    let admitted: Vec<_> = encounters(store.as_ref()).into_iter().filter(|e| e.status == "in-progress").collect();
+    assert_eq!(admitted.len(), 1, "{admitted:?}");
+    assert_eq!(encounters(store.as_ref()).len(), 1);
+    listener.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mllp_messages_sent_without_waiting_are_acknowledged_in_order_after_their_commit() {
+    let (store, _d) = store();
+    let listener = care_sync_server::ingest::hl7::mllp::start(store.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut socket = tokio::net::TcpStream::connect(listener.addr).await.unwrap();
+    // Forty admissions, each its own visit, in one write: more than one connection's share of
+    // the feed at once.
+    let mut all = Vec::new();
+    for i in 0..40 {
+        all.extend(framed(&adt("A01", &format!("P{i}"), "").replace("V100", &format!("V{i}"))));
+    }
+    socket.write_all(&all).await.unwrap();
+    for i in 0..40 {
+        let ack = read_ack(&mut socket).await;
+        assert!(ack.contains(&format!("MSA|AA|P{i}|")), "ACK {i}: {ack}");
+        // Acknowledged means committed: the admission is in the store already.
+        assert!(encounters(store.as_ref()).len() > i, "ACK {i} came before its admission was stored");
+    }
+    assert_eq!(encounters(store.as_ref()).len(), 40);
+    listener.stop();
+}

@@ -479,3 +479,145 @@ fn a_patient_without_an_nhs_number_gets_a_provisional_record() {
     assert_eq!(again.patient, outcome.patient);
     assert_eq!(store.patient_count().unwrap(), 1);
 }
+
+/// Patients of the realistic population as their IPS Bundles (JSON values).
+fn realistic_bundles(seed: u64, n: usize) -> (Vec<PatientSummary>, Vec<serde_json::Value>) {
+    use care_sync_server::demo::population::Records;
+    let mut population =
+        Population::new(seed, automerge::ActorId::from(&[7u8; 16][..])).with_records(Records::Realistic);
+    let mut originals = Vec::new();
+    let mut bundles = Vec::new();
+    for _ in 0..n {
+        let mut original = population.next_patient(5_000).unwrap();
+        bundles.push(serde_json::to_value(export_ips(&mut original, 7_000).unwrap()).unwrap());
+        originals.push(original);
+    }
+    (originals, bundles)
+}
+
+fn bulk_import(
+    store: &SqliteStore,
+    paths: &[std::path::PathBuf],
+) -> (care_sync_server::ingest::fhir::bulk::Progress, Vec<(String, String)>, usize) {
+    use care_sync_server::ingest::fhir::bulk::{self, BulkOptions, Event};
+    let options = BulkOptions { feed: "bulk test".into(), workers: 2, batch: 3 };
+    let (mut refused, mut resumed) = (Vec::new(), 0);
+    let progress = bulk::import(store, paths, &options, &mut |event| match event {
+        Event::Refused { at, reason } => refused.push((at.to_string(), reason.to_string())),
+        Event::Resumed { .. } => resumed += 1,
+        Event::Progress(_) => {}
+    })
+    .unwrap();
+    (progress, refused, resumed)
+}
+
+#[test]
+fn a_bulk_import_reads_ndjson_and_bundles_in_directories_and_each_patient_is_its_bundle() {
+    use care_sync_server::ingest::fhir::bulk::ndjson_of;
+    let (store, _d) = store();
+    let input = tempfile::tempdir().unwrap();
+    let (mut originals, bundles) = realistic_bundles(23, 9);
+    // Six patients in one NDJSON file, three as Bundle files, in nested directories.
+    std::fs::create_dir_all(input.path().join("gp/ndjson")).unwrap();
+    std::fs::create_dir_all(input.path().join("hospital")).unwrap();
+    let lines: Vec<String> = bundles[..6].iter().flat_map(ndjson_of).collect();
+    std::fs::write(input.path().join("gp/ndjson/export.ndjson"), lines.join("\n") + "\n").unwrap();
+    for (i, bundle) in bundles[6..].iter().enumerate() {
+        std::fs::write(input.path().join(format!("hospital/patient-{i}.json")), bundle.to_string()).unwrap();
+    }
+    std::fs::write(input.path().join("hospital/README.txt"), "not FHIR, not read").unwrap();
+
+    let (progress, refused, resumed) = bulk_import(&store, &[input.path().to_path_buf()]);
+    assert_eq!(refused, Vec::<(String, String)>::new());
+    assert_eq!((progress.imported, progress.created, progress.refused, resumed), (9, 9, 0, 0));
+    assert_eq!(progress.bytes_done, progress.bytes_total);
+    assert_eq!(store.patient_count().unwrap(), 9);
+    for original in &mut originals {
+        let id = store.patient_by_nhs(&original.nhs_number().unwrap()).unwrap().expect("imported");
+        assert_eq!(snapshot(&mut stored(&store, &id), false), snapshot(original, false));
+    }
+
+    // Run again: every source is resumed after what was committed, nothing is imported twice.
+    let (again, refused, resumed) = bulk_import(&store, &[input.path().to_path_buf()]);
+    assert!(refused.is_empty());
+    assert_eq!((again.imported, again.created, resumed), (0, 0, 4));
+    assert_eq!(store.patient_count().unwrap(), 9);
+}
+
+#[test]
+fn ndjson_refusals_name_the_line_refuse_only_that_patient_and_quote_nothing() {
+    use care_sync_server::ingest::fhir::bulk::ndjson_of;
+    let (store, _d) = store();
+    let (mut originals, bundles) = realistic_bundles(29, 4);
+    let mut patients: Vec<Vec<String>> = bundles.iter().map(ndjson_of).collect();
+    // Patient 1's third line is broken; patient 2 has a resource about someone else.
+    patients[1][2] = r#"{"resourceType": "Condition", "subject": {"reference": "Patient/x"#.to_string();
+    let other = patients[2].iter().position(|l| l.contains(r#""subject""#)).unwrap();
+    let mut moved: serde_json::Value = serde_json::from_str(&patients[2][other]).unwrap();
+    moved["subject"]["reference"] = "Patient/someone-else".into();
+    patients[2][other] = moved.to_string();
+    // A resource before any Patient, on line 1.
+    let orphan = patients[0][1].clone();
+    let mut lines = vec![orphan];
+    let mut first_line = Vec::new();
+    for p in &patients {
+        first_line.push(lines.len() + 1);
+        lines.extend(p.iter().cloned());
+    }
+    let input = tempfile::tempdir().unwrap();
+    let file = input.path().join("export.ndjson");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+
+    let (progress, refused, _) = bulk_import(&store, std::slice::from_ref(&file));
+    let at: Vec<&str> = refused.iter().map(|(at, _)| at.rsplit(':').next().unwrap()).collect();
+    let broken = (first_line[1] + 2).to_string();
+    let misfiled = (first_line[2] + other).to_string();
+    assert_eq!(at, ["1", broken.as_str(), misfiled.as_str()], "{refused:?}");
+    assert!(refused[0].1.contains("before any Patient"), "{}", refused[0].1);
+    assert!(refused[1].1.contains("not JSON"), "{}", refused[1].1);
+    assert!(refused[2].1.contains("subject"), "{}", refused[2].1);
+    for (_, reason) in &refused {
+        for original in &mut originals {
+            let name = original.demographics().unwrap().name;
+            assert!(!reason.contains(&name) && !reason.contains("someone-else"), "{reason}");
+        }
+    }
+    assert_eq!((progress.imported, progress.refused), (2, 3));
+    for i in [0, 3] {
+        let nhs = originals[i].nhs_number().unwrap();
+        assert!(store.patient_by_nhs(&nhs).unwrap().is_some(), "patient {i} imported");
+    }
+    for i in [1, 2] {
+        let nhs = originals[i].nhs_number().unwrap();
+        assert!(store.patient_by_nhs(&nhs).unwrap().is_none(), "patient {i} refused whole");
+    }
+}
+
+#[test]
+fn two_bundles_of_one_person_in_one_import_make_one_record_with_both() {
+    use care_sync_server::ingest::fhir::bulk::ndjson_of;
+    let (store, _d) = store();
+    let (mut originals, bundles) = realistic_bundles(31, 1);
+    // The same person twice in a row (prepared at once by two workers), the second time with
+    // one condition more.
+    let first = ndjson_of(&bundles[0]);
+    let mut second = first.clone();
+    let mut extra: serde_json::Value =
+        serde_json::from_str(second.iter().find(|l| l.contains(r#""resourceType":"Condition""#)).unwrap())
+            .unwrap();
+    extra["id"] = "an-extra-condition".into();
+    extra["identifier"] = serde_json::json!([{ "system": "https://gp.example/id", "value": "extra-1" }]);
+    extra["code"]["text"] = "Asthma".into();
+    second.push(extra.to_string());
+    let input = tempfile::tempdir().unwrap();
+    let file = input.path().join("twice.ndjson");
+    std::fs::write(&file, [first, second].concat().join("\n")).unwrap();
+
+    let (progress, refused, _) = bulk_import(&store, &[file]);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!((progress.imported, progress.created), (2, 1));
+    assert_eq!(store.patient_count().unwrap(), 1);
+    let id = store.patient_by_nhs(&originals[0].nhs_number().unwrap()).unwrap().unwrap();
+    let problems = stored(&store, &id).clinical_entries::<s::Problem>().unwrap().len();
+    assert_eq!(problems, originals[0].clinical_entries::<s::Problem>().unwrap().len() + 1);
+}

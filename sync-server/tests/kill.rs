@@ -90,3 +90,61 @@ async fn a_killed_server_loses_nothing_and_resends_nothing_applied() {
         "documents applied before the kill are not sent again"
     );
 }
+
+/// Patients in the store at `data`, and how many distinct NHS numbers they hold.
+fn patients_in(data: &Path) -> (usize, usize) {
+    use care_sync_server::store::PatientRecords;
+    let store = care_sync_server::store::sqlite::SqliteStore::open(data).unwrap();
+    let ids = store.patient_ids().unwrap();
+    let numbers: std::collections::HashSet<_> = ids.iter().filter_map(|(_, nhs)| nhs.clone()).collect();
+    (ids.len(), numbers.len())
+}
+
+#[test]
+fn an_import_killed_half_way_and_run_again_holds_every_patient_exactly_once() {
+    const N: usize = 800;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fhir");
+    let generated = server(
+        &dir.path().join("generator"),
+        &["generate", "--patients", &N.to_string(), "--fhir-out", out.to_str().unwrap(), "--ndjson"],
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let file = out.join("patients.ndjson");
+    let data = dir.path().join("server");
+
+    // Small transactions, killed (SIGKILL) once some of them are committed.
+    let mut import = server(&data, &["import-fhir", "--batch", "4", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(import.try_wait().unwrap().is_none(), "the import ended before it could be killed");
+        assert!(std::time::Instant::now() < deadline, "the import committed nothing in two minutes");
+        if data.join("server.db").exists() && patients_in(&data).0 >= 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    import.kill().unwrap();
+    import.wait().unwrap();
+    let (killed_at, _) = patients_in(&data);
+    assert!(killed_at < N, "killed half-way: {killed_at} of {N} committed");
+
+    let rerun =
+        server(&data, &["import-fhir", file.to_str().unwrap()]).stderr(Stdio::piped()).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&rerun.stdout), String::from_utf8_lossy(&rerun.stderr));
+    assert!(rerun.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("resuming after"), "{stderr}");
+    // Every patient once: as many records as patients, each its own NHS number.
+    assert_eq!(patients_in(&data), (N, N));
+    // The rerun read on from the last commit (with at most the patients of one uncommitted batch
+    // after it), instead of everything again.
+    let again: usize = stdout.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(again <= N - killed_at + 4, "{stdout}");
+}

@@ -319,6 +319,9 @@ struct ActorInfo {
 /// One patient's summary document.
 pub struct PatientSummary {
     doc: AutoCommit,
+    /// While set ([`PatientSummary::defer_commits`]), writes gather into one change, to be
+    /// committed at the latest time any of them was recorded.
+    deferred: Option<i64>,
 }
 
 impl std::fmt::Debug for PatientSummary {
@@ -342,19 +345,19 @@ impl PatientSummary {
         let mut doc = AutoCommit::new().with_actor(actor);
         doc.put(ROOT, "schema_version", SCHEMA_VERSION)?;
         doc.put(ROOT, "patient_id", patient_id.to_string())?;
-        reconcile_prop(&mut doc, ROOT, "demographics", demographics)?;
+        autosurgeon::reconcile(&mut doc, PutFresh { key: "demographics", value: demographics })?;
         doc.put_object(ROOT, "actors", ObjType::Map)?;
         doc.put_object(ROOT, "assertions", ObjType::Map)?;
         for section in Section::ALL {
             doc.put_object(ROOT, section.key(), ObjType::Map)?;
         }
         doc.commit_with(CommitOptions::default().with_time(now_ms / 1000));
-        Ok(Self { doc })
+        Ok(Self { doc, deferred: None })
     }
 
     /// Loads a saved document (or concatenated changes) of this or an older schema version.
     pub fn load(bytes: &[u8]) -> Result<Self, SummaryError> {
-        let summary = Self { doc: AutoCommit::load(bytes)? };
+        let summary = Self { doc: AutoCommit::load(bytes)?, deferred: None };
         let version = summary.schema_version()?;
         if version > SCHEMA_VERSION {
             return Err(SummaryError::TooNew(version));
@@ -431,7 +434,28 @@ impl PatientSummary {
     }
 
     fn commit(&mut self, at_ms: i64) {
-        self.doc.commit_with(CommitOptions::default().with_time(at_ms / 1000));
+        match &mut self.deferred {
+            Some(latest) => *latest = (*latest).max(at_ms),
+            None => {
+                self.doc.commit_with(CommitOptions::default().with_time(at_ms / 1000));
+            }
+        }
+    }
+
+    /// Gathers the writes that follow into one change (an import's many entries), until
+    /// [`PatientSummary::commit_deferred`]: one change is stored, logged and sent instead of
+    /// one per entry, and the document is the same.
+    pub fn defer_commits(&mut self) {
+        self.deferred.get_or_insert(i64::MIN);
+    }
+
+    /// Commits what was gathered since [`PatientSummary::defer_commits`] as one change.
+    pub fn commit_deferred(&mut self) {
+        if let Some(at_ms) = self.deferred.take()
+            && self.doc.pending_ops() > 0
+        {
+            self.doc.commit_with(CommitOptions::default().with_time(at_ms.max(0) / 1000));
+        }
     }
 
     fn map_at(&self, parent: &ObjId, key: &str) -> Result<Option<ObjId>, SummaryError> {
@@ -484,21 +508,32 @@ impl PatientSummary {
     pub fn upsert<T: SectionEntry>(&mut self, id: EntryId, entry: &T) -> Result<bool, SummaryError> {
         let section = self.section_obj(T::SECTION)?;
         let key = id.to_string();
-        let before = self.doc.get_heads();
+        let before = self.doc.pending_ops();
         self.register_actor(entry.provenance())?;
-        let existing_error = match self.map_at(&section, &key)? {
-            Some(obj) => self.entered_in_error_of(&obj)?,
+        let existing = self.map_at(&section, &key)?;
+        let existing_error = match &existing {
+            Some(obj) => self.entered_in_error_of(obj)?,
             None => None,
         };
-        reconcile_prop(&mut self.doc, &section, key.as_str(), entry)?;
+        match existing {
+            Some(_) => reconcile_prop(&mut self.doc, &section, key.as_str(), entry)?,
+            None => reconcile_prop(
+                &mut self.doc,
+                ROOT,
+                T::SECTION.key(),
+                PutFresh { key: key.as_str(), value: entry },
+            )?,
+        }
         if let Some(error) = existing_error {
             // Re-assert the sticky marker in case the incoming data carried another status.
             let obj = self.map_at(&section, &key)?.expect("entry just written");
             self.doc.put(&obj, "verification_status", ENTERED_IN_ERROR)?;
             reconcile_prop(&mut self.doc, &obj, "entered_in_error", &error)?;
         }
+        // Reconciling writes only what differs: any operation is a change.
+        let changed = self.doc.pending_ops() > before;
         self.commit(entry.provenance().recorded_at_ms);
-        Ok(self.doc.get_heads() != before)
+        Ok(changed)
     }
 
     fn entered_in_error_of(&self, entry: &ObjId) -> Result<Option<EnteredInError>, SummaryError> {
@@ -609,6 +644,23 @@ impl PatientSummary {
         lines::<Encounter>(self, &mut out)?;
         lines::<Report>(self, &mut out)?;
         Ok(out)
+    }
+
+    /// How many entries of a section a clinician sees (entered-in-error ones left out), without
+    /// reading the entries themselves.
+    pub fn clinical_count(&self, section: Section) -> Result<usize, SummaryError> {
+        let Some(obj) = self.map_at(&ROOT, section.key())? else { return Ok(0) };
+        let mut count = 0;
+        for key in self.doc.keys(&obj) {
+            // As `entries` reads them: the entry each key holds now.
+            let Some((Value::Object(ObjType::Map), entry)) = self.doc.get(&obj, key.as_str())? else {
+                return Err(SummaryError::Layout("an entry is not a map".into()));
+            };
+            if self.entered_in_error_of(&entry)?.is_none() {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// The entries a clinician sees by default: entered-in-error ones left out.
@@ -824,6 +876,48 @@ fn hydrate_obj<T: Hydrate>(doc: &AutoCommit, obj: &ObjId) -> Result<T, autosurge
 /// clinical facts are marked entered-in-error, never deleted.
 pub fn change_deletes(change: &Change) -> bool {
     change.decode().operations.iter().any(|op| matches!(op.action, automerge::legacy::OpType::Delete))
+}
+
+/// A map, left as it is but for one key: `value` put there as a new object ([`Fresh`]).
+struct PutFresh<'a, T> {
+    key: &'a str,
+    value: &'a T,
+}
+
+impl<T: Reconcile> Reconcile for PutFresh<'_, T> {
+    type Key<'k> = autosurgeon::reconcile::NoKey;
+
+    fn reconcile<R: autosurgeon::Reconciler>(&self, mut reconciler: R) -> Result<(), R::Error> {
+        use autosurgeon::reconcile::MapReconciler;
+        reconciler.map()?.put(self.key, Fresh(self.value))
+    }
+}
+
+/// A value written where its key is not yet in the map, as one new object: Automerge creates it
+/// in two op-set splices instead of one per field (autosurgeon's batch path, which it takes for
+/// values with a key, when put into a map), and the document is the one field-by-field
+/// reconciling makes. Never used over an existing object, which it would replace instead of
+/// merging into.
+struct Fresh<'a, T>(&'a T);
+
+impl<T: Reconcile> Reconcile for Fresh<'_, T> {
+    type Key<'k> = ();
+
+    fn reconcile<R: autosurgeon::Reconciler>(&self, reconciler: R) -> Result<(), R::Error> {
+        self.0.reconcile(reconciler)
+    }
+
+    fn hydrate_key<'k, D: autosurgeon::ReadDoc>(
+        _doc: &D,
+        _obj: &ObjId,
+        _prop: autosurgeon::Prop<'_>,
+    ) -> Result<autosurgeon::reconcile::LoadKey<Self::Key<'k>>, autosurgeon::ReconcileError> {
+        Ok(autosurgeon::reconcile::LoadKey::KeyNotFound)
+    }
+
+    fn key(&self) -> autosurgeon::reconcile::LoadKey<Self::Key<'_>> {
+        autosurgeon::reconcile::LoadKey::Found(())
+    }
 }
 
 #[cfg(test)]

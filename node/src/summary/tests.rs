@@ -327,3 +327,43 @@ fn records_print_no_patient_data_in_debug_output() {
         "{shown}"
     );
 }
+
+#[test]
+fn a_new_entry_written_in_one_batch_is_the_document_field_by_field_writing_makes() {
+    let mut entry = allergy("penicillin", "device-a", 5);
+    entry.onset = None;
+    entry.code = Some(Code::snomed("91936005", "Allergy to penicillin"));
+    let actor = ActorId::from(&[0u8; 16][..]);
+    let id = Uuid::new_v4();
+    let mut batch = PatientSummary::create(id, &demographics(), actor.clone(), 0).unwrap();
+    let mut fields = PatientSummary::create(id, &demographics(), actor, 0).unwrap();
+    let entry_id = Uuid::new_v4();
+    assert!(batch.upsert(entry_id, &entry).unwrap());
+    // The same steps as `upsert`, reconciling field by field.
+    fields.register_actor(entry.provenance()).unwrap();
+    let section = fields.section_obj(Allergy::SECTION).unwrap();
+    reconcile_prop(&mut fields.doc, &section, entry_id.to_string().as_str(), &entry).unwrap();
+    fields.commit(5);
+    assert_eq!(batch.doc.hydrate(ROOT, None).unwrap(), fields.doc.hydrate(ROOT, None).unwrap());
+    let data = |s: &mut PatientSummary| {
+        s.entries::<Allergy>().unwrap().into_iter().map(|e| (e.id, e.data)).collect::<Vec<_>>()
+    };
+    assert_eq!(data(&mut batch), data(&mut fields));
+    // Written again with a change, the batch-made entry merges field by field like any other.
+    entry.severity = Some("severe".into());
+    assert!(batch.upsert(entry_id, &entry).unwrap());
+    assert_eq!(batch.entries::<Allergy>().unwrap()[0].data.severity.as_deref(), Some("severe"));
+}
+
+#[test]
+fn the_clinical_count_of_a_section_is_the_entries_a_clinician_sees() {
+    let (mut s, _, _) = replicas();
+    let ids: Vec<EntryId> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        s.upsert(*id, &allergy(&format!("substance {i}"), "device-a", i as i64)).unwrap();
+    }
+    s.mark_entered_in_error(Section::Allergies, ids[1], "wrong patient", &provenance("device-a", 9)).unwrap();
+    assert_eq!(s.clinical_count(Section::Allergies).unwrap(), 2);
+    assert_eq!(s.clinical_count(Section::Allergies).unwrap(), s.clinical_entries::<Allergy>().unwrap().len());
+    assert_eq!(s.clinical_count(Section::Problems).unwrap(), 0);
+}

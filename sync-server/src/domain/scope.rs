@@ -228,7 +228,7 @@ impl PatientIndex {
                 });
             }
         }
-        if summary.clinical_entries::<s::Encounter>()?.len() >= FREQUENT_ATTENDANCES {
+        if summary.clinical_count(s::Section::Encounters)? >= FREQUENT_ATTENDANCES {
             flags.push(FREQUENT_ATTENDER.to_string());
         }
         flags.sort();

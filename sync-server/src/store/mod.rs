@@ -365,6 +365,96 @@ pub trait DeviceRegistry: Send + Sync {
 /// parses it for its own).
 pub type Listed = (Vec<u8>, Option<Listing>);
 
+/// What a backend stores beside a saved document: worked out once per save, from the document.
+#[derive(Debug, Clone)]
+pub struct Derived {
+    pub saved: Vec<u8>,
+    /// `None` for a record merged away (its number went to the record that absorbed it).
+    pub nhs_number: Option<String>,
+    pub merged: bool,
+    pub index: crate::domain::scope::PatientIndex,
+    /// `None` when the demographics do not read as a listing (devices then parse).
+    pub listing: Option<Listing>,
+}
+
+impl Derived {
+    pub fn of(patient: &PatientId, summary: &mut PatientSummary) -> Result<Self, StoreError> {
+        let document =
+            |e| StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e));
+        let merged = summary.merged_into().map_err(document)?.is_some();
+        let nhs_number = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
+        let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
+        let listing = summary.listing().ok();
+        Ok(Derived { saved: summary.save(), nhs_number, merged, index, listing })
+    }
+
+    /// The risk flags as stored: `,a,b,` (so `LIKE '%,a,%'` finds one), `,` for none.
+    pub fn flags(&self) -> String {
+        if self.index.flags.is_empty() {
+            ",".to_string()
+        } else {
+            format!(",{},", self.index.flags.join(","))
+        }
+    }
+}
+
+/// A new patient's document with its changes and what is stored beside it, worked out before
+/// the write (so that many threads can prepare what one writer stores).
+pub struct NewDocument {
+    pub patient: PatientId,
+    pub nhs_number: Option<String>,
+    pub changes: Vec<automerge::Change>,
+    pub derived: Derived,
+}
+
+impl NewDocument {
+    pub fn of(summary: &mut PatientSummary) -> Result<Self, StoreError> {
+        let new = |e| StoreError::Document("new".into(), Box::new(e));
+        let patient = summary.patient_id().map_err(new)?;
+        let nhs_number = match summary.nhs_number() {
+            Ok(nhs) => Some(nhs.as_str().to_string()),
+            Err(care_node::summary::SummaryError::NoNhsNumber) => None,
+            Err(e) => {
+                return Err(StoreError::Document(
+                    care_node::identity::short_hex(patient.as_bytes()),
+                    Box::new(e),
+                ));
+            }
+        };
+        let changes = summary.all_changes();
+        let derived = Derived::of(&patient, summary)?;
+        Ok(NewDocument { patient, nhs_number, changes, derived })
+    }
+}
+
+/// One write of a batch that commits as one ([`PatientRecords::write_batch`]).
+pub enum BatchWrite {
+    /// A new patient's document, stored whole with its changes logged as server-authored.
+    NewPatient(Box<NewDocument>),
+    /// Server-authored changes to a stored patient, applied on top of what it holds now.
+    Changes(PatientId, Vec<automerge::Change>),
+    /// An audit entry.
+    Audit { actor: String, action: &'static str, patient: Option<PatientId>, detail: String, at_ms: i64 },
+    /// How far an import has read a source, committed with what it read from it.
+    Progress(ImportProgress),
+}
+
+/// How far an import has read one source file: a rerun of the same file resumes here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportProgress {
+    /// The file, by its canonical path.
+    pub source: String,
+    /// The file's size and modification time when it was read: another file at that path (or
+    /// this one rewritten) is read from the start again.
+    pub fingerprint: String,
+    /// Bytes read and committed (or refused).
+    pub offset: u64,
+    /// Lines read, for line numbers after a resume.
+    pub line: u64,
+    /// Patients refused in the part read.
+    pub refused: u64,
+}
+
 /// Patient documents: creation, server-side changes, lookups, merges.
 pub trait PatientRecords: Send + Sync {
     /// Stores new patient documents in one transaction and logs their changes as server-authored.
@@ -381,6 +471,20 @@ pub trait PatientRecords: Send + Sync {
     /// The saved document and its listing, for sending it whole to a device.
     fn load_listed(&self, patient: &PatientId) -> Result<Option<Listed>, StoreError>;
     fn patient_count(&self) -> Result<u64, StoreError>;
+    /// Commits every write in one transaction (one durable commit), in order: all of them, or on
+    /// any error none. Feeds and bulk imports write many patients at the cost of one commit.
+    fn write_batch(&self, writes: &mut [BatchWrite]) -> Result<(), StoreError>;
+    /// How far an earlier import read `source` (committed with what it read).
+    fn import_progress(&self, source: &str) -> Result<Option<ImportProgress>, StoreError>;
+    /// Group commit: runs `work`, whose commits on this thread need not wait for the disk, then
+    /// makes every one of them durable at once. Only when this returns `Ok` may what `work`
+    /// wrote be acknowledged (a feed's ACKs). Each commit inside stays atomic; a crash before
+    /// the end may lose some of them whole, never part of one. A backend without a cheaper way
+    /// commits each durably, as here by default.
+    fn group_commit(&self, work: &mut dyn FnMut()) -> Result<(), StoreError> {
+        work();
+        Ok(())
+    }
 
     /// Merges `merged` into `keep` atomically: `keep` absorbs every entry, `merged` is marked
     /// and leaves every scope (devices purge it), and the audit records who did it.

@@ -241,15 +241,33 @@ enum Command {
         /// Write one FHIR IPS Bundle per patient into this directory instead of the store.
         #[arg(long)]
         fhir_out: Option<PathBuf>,
+        /// How full each record is.
+        #[arg(long, value_enum, default_value_t = demo::population::Records::Synthetic)]
+        records: demo::population::Records,
+        /// With --fhir-out: write one NDJSON file (patients.ndjson: each patient's Patient line,
+        /// then its resources, as a Bulk Data export grouped by patient) instead of a Bundle per
+        /// patient.
+        #[arg(long, requires = "fhir_out")]
+        ndjson: bool,
     },
-    /// Imports FHIR R4 Bundles (one patient each); each Bundle is applied whole or not at all.
+    /// Imports FHIR R4 patients: Bundles (one patient per .json file), NDJSON (.ndjson, .jsonl:
+    /// one resource per line, each patient's Patient line first, as a Bulk Data export grouped by
+    /// patient) and directories of them. Each patient is imported whole or refused whole; the
+    /// import uses every core, commits many patients at a time, and a rerun after a crash or
+    /// Ctrl-C resumes where the last commit left off.
     ImportFhir {
-        /// The files to read.
+        /// The files and directories to read (directories recursively, in name order).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The name recorded as the source of entries without care-sync provenance.
         #[arg(long, default_value = "FHIR import")]
         feed: String,
+        /// Threads that parse and build records (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Patients written per transaction.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        batch: u64,
     },
     /// Writes a patient's summary as a FHIR IPS document Bundle.
     ExportFhir {
@@ -422,10 +440,16 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         Command::RevokeDevice { name } => devices::revoke(open(&dir)?.as_ref(), &name)?,
         Command::Caseload { action } => devices::caseload(open(&dir)?.as_ref(), action)?,
         #[cfg(feature = "demo")]
-        Command::Generate { patients, seed, fhir_out } => {
-            records::generate(open(&dir)?.as_ref(), patients, seed, fhir_out)?
+        Command::Generate { patients, seed, fhir_out, records, ndjson } => records::generate(
+            open(&dir)?.as_ref(),
+            patients,
+            seed,
+            fhir_out.map(|dir| (dir, ndjson)),
+            records,
+        )?,
+        Command::ImportFhir { files, feed, workers, batch } => {
+            records::import_fhir(open(&dir)?.as_ref(), &files, &feed, workers, batch as usize)?
         }
-        Command::ImportFhir { files, feed } => records::import_fhir(open(&dir)?.as_ref(), &files, &feed)?,
         Command::ExportFhir { nhs, out } => records::export_fhir(open(&dir)?.as_ref(), &nhs, out)?,
         Command::MergePatients { keep, merge } => {
             records::merge(open(&dir)?.as_ref(), &keep, &merge, ops::acting())?

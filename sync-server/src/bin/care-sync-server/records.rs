@@ -14,11 +14,13 @@ pub fn ingest_adt(store: &dyn ServerStore, files: &[PathBuf], options: &AdtOptio
     let (mut accepted, mut refused) = (0, 0);
     for file in files {
         let text = crate::read_text(file)?;
-        for message in care_sync_server::ingest::hl7::adt::split_messages(&text) {
-            let ack =
-                care_sync_server::ingest::hl7::adt::process(store, &message, care_node::now_ms(), options);
-            println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
-            if ack.code == "AA" { accepted += 1 } else { refused += 1 }
+        let messages = care_sync_server::ingest::hl7::adt::split_messages(&text);
+        // Group commits of many messages; each outcome is printed once its group is on disk.
+        for group in messages.chunks(500) {
+            for ack in care_sync_server::ingest::hl7::adt::process_group(store, group, options)? {
+                println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
+                if ack.code == "AA" { accepted += 1 } else { refused += 1 }
+            }
         }
     }
     println!("{accepted} message(s) accepted, {refused} refused");
@@ -31,7 +33,14 @@ pub fn ingest_adt(store: &dyn ServerStore, files: &[PathBuf], options: &AdtOptio
 
 /// `generate`: synthetic patients into the store, or as FHIR IPS Bundles into a folder.
 #[cfg(feature = "demo")]
-pub fn generate(store: &dyn ServerStore, patients: usize, seed: u64, fhir_out: Option<PathBuf>) -> CliResult {
+pub fn generate(
+    store: &dyn ServerStore,
+    patients: usize,
+    seed: u64,
+    fhir_out: Option<(PathBuf, bool)>,
+    records: care_sync_server::demo::population::Records,
+) -> CliResult {
+    use std::io::Write;
     let identity = store.server_identity()?;
     // Into a store that already has synthetic patients: new people, new NHS numbers.
     let exists = |n: &care_node::nhs::NhsNumber| store.patient_by_nhs(n).ok().flatten().is_some();
@@ -44,10 +53,18 @@ pub fn generate(store: &dyn ServerStore, patients: usize, seed: u64, fhir_out: O
         seed,
         care_sync_server::server_actor(&identity),
         first,
-    );
+    )
+    .with_records(records);
     let now = care_node::now_ms();
-    if let Some(out) = &fhir_out {
+    let mut ndjson = None;
+    if let Some((out, lines)) = &fhir_out {
         std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        if *lines {
+            let path = out.join("patients.ndjson");
+            let file =
+                std::fs::File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            ndjson = Some((path, std::io::BufWriter::new(file)));
+        }
     }
     let mut made = 0;
     while made < patients {
@@ -61,13 +78,26 @@ pub fn generate(store: &dyn ServerStore, patients: usize, seed: u64, fhir_out: O
             }
         }
         match &fhir_out {
-            Some(out) => {
+            Some((out, _)) => {
                 for summary in &mut summaries {
                     let bundle = care_sync_server::ingest::fhir::export::export_ips(summary, now)?;
-                    let path = out.join(format!("patient-{:06}.json", made + 1));
-                    let text = serde_json::to_string_pretty(&bundle)?;
-                    std::fs::write(&path, text)
-                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    match &mut ndjson {
+                        Some((path, file)) => {
+                            let lines = care_sync_server::ingest::fhir::bulk::ndjson_of(
+                                &serde_json::to_value(&bundle)?,
+                            );
+                            for line in lines {
+                                writeln!(file, "{line}")
+                                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                            }
+                        }
+                        None => {
+                            let path = out.join(format!("patient-{:06}.json", made + 1));
+                            let text = serde_json::to_string_pretty(&bundle)?;
+                            std::fs::write(&path, text)
+                                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                        }
+                    }
                     made += 1;
                 }
             }
@@ -79,49 +109,92 @@ pub fn generate(store: &dyn ServerStore, patients: usize, seed: u64, fhir_out: O
         eprint!("\rgenerated {made}/{patients}");
     }
     eprintln!();
+    if let Some((path, mut file)) = ndjson {
+        file.flush().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
 
     Ok(())
 }
 
-/// `import-fhir FILE…`: FHIR IPS Bundles, each imported whole or refused whole.
-pub fn import_fhir(store: &dyn ServerStore, files: &[PathBuf], feed: &str) -> CliResult {
-    let (mut ok, mut failed) = (0, 0);
-    for file in files {
-        // Refused before reading: a file over the limit never reaches memory.
-        let size = std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?.len();
-        if size > care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES as u64 {
-            eprintln!(
-                "{}: refused: the Bundle is too large: {size} bytes (the limit is {})",
-                file.display(),
-                care_sync_server::ingest::fhir::import::MAX_BUNDLE_BYTES
-            );
-            failed += 1;
-            continue;
-        }
-        let text = crate::read_text(file)?;
-        let result = care_sync_server::ingest::fhir::import::parse_bundle(&text).and_then(|bundle| {
-            care_sync_server::ingest::fhir::import::import_bundle(store, &bundle, feed, care_node::now_ms())
-        });
-        match result {
-            Ok(outcome) => {
-                ok += 1;
-                println!(
-                    "{}: {} patient, {} entries written, {} unchanged",
-                    file.display(),
-                    if outcome.created { "new" } else { "existing" },
-                    outcome.entries_written,
-                    outcome.entries_unchanged
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("{}: refused, nothing imported: {e}", file.display());
-            }
-        }
+/// `import-fhir FILE…`: FHIR patients from Bundles, NDJSON and directories, each imported whole
+/// or refused whole, with progress on a terminal.
+pub fn import_fhir(
+    store: &dyn ServerStore,
+    files: &[PathBuf],
+    feed: &str,
+    workers: Option<usize>,
+    batch: usize,
+) -> CliResult {
+    use care_sync_server::ingest::fhir::bulk::{self, BulkOptions, Event};
+    use std::io::IsTerminal;
+    let mut options = BulkOptions { feed: feed.to_string(), batch, ..BulkOptions::default() };
+    if let Some(workers) = workers {
+        options.workers = workers.max(1);
     }
-    println!("{ok} bundle(s) imported, {failed} refused");
-    if failed > 0 {
-        return Err(format!("{failed} bundle(s) refused").into());
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown = std::time::Instant::now();
+    let mut last_line = false;
+    let result = bulk::import(store, files, &options, &mut |event| match event {
+        Event::Refused { at, reason } => {
+            if std::mem::take(&mut last_line) {
+                eprintln!();
+            }
+            eprintln!("{at}: refused, nothing of this patient imported: {reason}");
+        }
+        Event::Resumed { source, bytes, refused_then } => eprintln!(
+            "{}: resuming after the {bytes} bytes an earlier run committed ({refused_then} patient(s) refused then)",
+            source.display()
+        ),
+        Event::Progress(p) => {
+            let every = if terminal {
+                std::time::Duration::from_millis(250)
+            } else {
+                std::time::Duration::from_secs(10)
+            };
+            if shown.elapsed() < every {
+                return;
+            }
+            shown = std::time::Instant::now();
+            let eta = p
+                .eta()
+                .map_or("–".to_string(), |d| format!("{}:{:02}", d.as_secs() / 60, d.as_secs() % 60));
+            let line = format!(
+                "{} patients imported, {} refused; {:.1}% of {} MB; {:.0} patients/s; {} left",
+                p.imported,
+                p.refused,
+                100.0 * p.bytes_done as f64 / p.bytes_total.max(1) as f64,
+                p.bytes_total / 1_000_000,
+                p.rate(),
+                eta
+            );
+            if terminal {
+                eprint!("\r{line}\x1b[K");
+                last_line = true;
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    });
+    if last_line {
+        eprintln!();
+    }
+    let p = result?;
+    println!(
+        "{} patient(s) imported ({} new), {} refused, in {:.1} s ({:.0} patients/s){}",
+        p.imported,
+        p.created,
+        p.refused,
+        p.elapsed.as_secs_f64(),
+        p.rate(),
+        if p.bytes_resumed > 0 {
+            format!("; {} bytes skipped, committed by an earlier run", p.bytes_resumed)
+        } else {
+            String::new()
+        }
+    );
+    if p.refused > 0 {
+        return Err(format!("{} patient(s) refused", p.refused).into());
     }
 
     Ok(())

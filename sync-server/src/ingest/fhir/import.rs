@@ -11,7 +11,7 @@ use care_node::summary::{self as s, Demographics, PatientId, PatientSummary};
 use super::import_map::{Ctx, Mapped, map_resource};
 use super::model::{self as f, Resource};
 use super::*;
-use crate::store::{ServerStore, StoreError};
+use crate::store::{BatchWrite, NewDocument, ServerStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,19 +54,21 @@ pub fn parse_bundle(json: &str) -> Result<f::Bundle, ImportError> {
     if json.len() > MAX_BUNDLE_BYTES {
         return Err(ImportError::TooLarge(format!("{} bytes (the limit is {MAX_BUNDLE_BYTES})", json.len())));
     }
-    // serde_json's messages can quote the offending value: keep its kind and position only.
-    let raw: serde_json::Value = serde_json::from_str(json).map_err(|e| {
-        ImportError::NotABundle(format!(
-            "{:?} error at line {} column {}",
-            e.classify(),
-            e.line(),
-            e.column()
-        ))
-    })?;
+    parse_bundle_value(serde_json::from_str(json).map_err(not_json)?)
+}
+
+/// serde_json's messages can quote the offending value: keep its kind and position only.
+pub(super) fn not_json(e: serde_json::Error) -> ImportError {
+    ImportError::NotABundle(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+}
+
+/// [`parse_bundle`] of JSON already read (a Bundle assembled from NDJSON lines, say).
+pub fn parse_bundle_value(raw: serde_json::Value) -> Result<f::Bundle, ImportError> {
     if raw.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
         return Err(ImportError::NotABundle("resourceType is not Bundle".into()));
     }
-    let entries = match raw.get("entry") {
+    let mut raw = raw;
+    let entries = match raw.get_mut("entry").map(serde_json::Value::take) {
         None => Vec::new(),
         Some(serde_json::Value::Array(entries)) if entries.len() > MAX_BUNDLE_ENTRIES => {
             return Err(ImportError::TooLarge(format!(
@@ -74,15 +76,14 @@ pub fn parse_bundle(json: &str) -> Result<f::Bundle, ImportError> {
                 entries.len()
             )));
         }
-        Some(serde_json::Value::Array(entries)) => entries.clone(),
+        Some(serde_json::Value::Array(entries)) => entries,
         Some(_) => return Err(ImportError::NotABundle("entry is not an array".into())),
     };
     let mut parsed = Vec::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
-        let resource = entry.get("resource").cloned().ok_or_else(|| ImportError::Invalid {
-            index,
-            resource: "?".into(),
-            reason: "the entry has no resource".into(),
+        let mut entry = entry;
+        let resource = entry.get_mut("resource").map(serde_json::Value::take).ok_or_else(|| {
+            ImportError::Invalid { index, resource: "?".into(), reason: "the entry has no resource".into() }
         })?;
         // Named by entry number and type only: a sender's resource id may itself be identifying.
         let name =
@@ -113,6 +114,45 @@ pub fn import_bundle(
     feed: &str,
     now_ms: i64,
 ) -> Result<ImportOutcome, ImportError> {
+    let prepared = prepare_bundle(store, bundle, feed, now_ms)?;
+    let outcome = prepared.outcome.clone();
+    store.write_batch(&mut prepared.into_writes())?;
+    Ok(outcome)
+}
+
+/// A Bundle mapped onto its patient's document, not yet written: its writes commit with others
+/// in one transaction ([`crate::store::PatientRecords::write_batch`]).
+pub struct Prepared {
+    pub outcome: ImportOutcome,
+    /// The new document, or the changes to the stored one (none when nothing changed).
+    write: Option<BatchWrite>,
+    audit: BatchWrite,
+    /// What names this patient (NHS number, care-sync id): two Bundles in one import that share
+    /// any of these are the same person, and the second is prepared after the first is written.
+    pub keys: Vec<String>,
+}
+
+impl Prepared {
+    /// The writes, in order: the document, then its audit entry.
+    pub fn into_writes(self) -> Vec<BatchWrite> {
+        self.write.into_iter().chain([self.audit]).collect()
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("outcome", &self.outcome).finish_non_exhaustive()
+    }
+}
+
+/// Maps a Bundle onto its patient's document (read from the store, or created), writing
+/// nothing: the first problem is an error naming the entry and nothing is prepared.
+pub fn prepare_bundle(
+    store: &dyn ServerStore,
+    bundle: &f::Bundle,
+    feed: &str,
+    now_ms: i64,
+) -> Result<Prepared, ImportError> {
     let ctx_for =
         |index: usize, r: &Resource| Ctx { index, resource: r.type_name().to_string(), feed, now_ms };
     // The patient, first.
@@ -128,19 +168,41 @@ pub fn import_bundle(
     if !created && summary.demographics()? != demographics {
         summary.set_demographics(&demographics, now_ms)?;
     }
-    let (written, unchanged) = apply_entries(&mut summary, &patient_id, mapped)?;
-    save(store, &mut summary, created, &patient_id, &before)?;
-    store.append_audit(
-        feed,
-        "import-fhir",
-        Some(&patient_id),
-        &format!(
+    // One change for the whole Bundle, not one per entry.
+    summary.defer_commits();
+    let applied = apply_entries(&mut summary, &patient_id, mapped);
+    summary.commit_deferred();
+    let (written, unchanged) = applied?;
+    let write = if created {
+        Some(BatchWrite::NewPatient(Box::new(NewDocument::of(&mut summary)?)))
+    } else {
+        let changes = summary.changes_since(&before);
+        (!changes.is_empty()).then_some(BatchWrite::Changes(patient_id, changes))
+    };
+    let audit = BatchWrite::Audit {
+        actor: feed.to_string(),
+        action: "import-fhir",
+        patient: Some(patient_id),
+        detail: format!(
             "{} record; {written} entries written, {unchanged} unchanged",
             if created { "new" } else { "existing" }
         ),
-        now_ms,
-    )?;
-    Ok(ImportOutcome { patient: patient_id, created, entries_written: written, entries_unchanged: unchanged })
+        at_ms: now_ms,
+    };
+    let mut keys = vec![format!("id:{patient_id}")];
+    keys.extend(demographics.nhs_number.map(|n| format!("nhs:{n}")));
+    keys.extend(care_sync_patient_id(patient).map(|id| format!("id:{id}")));
+    Ok(Prepared {
+        outcome: ImportOutcome {
+            patient: patient_id,
+            created,
+            entries_written: written,
+            entries_unchanged: unchanged,
+        },
+        write,
+        audit,
+        keys,
+    })
 }
 
 /// The Bundle's one Patient, with its entry index.
@@ -384,23 +446,4 @@ fn apply_entries(
         }
     }
     Ok((written, unchanged))
-}
-
-/// Stores the document: whole when new, else only its changes since `before`.
-fn save(
-    store: &dyn ServerStore,
-    summary: &mut PatientSummary,
-    created: bool,
-    patient_id: &PatientId,
-    before: &[automerge::ChangeHash],
-) -> Result<(), ImportError> {
-    if created {
-        store.insert_patients(std::slice::from_mut(summary))?;
-    } else {
-        let changes = summary.changes_since(before);
-        if !changes.is_empty() {
-            store.apply_server_changes(patient_id, &changes)?;
-        }
-    }
-    Ok(())
 }

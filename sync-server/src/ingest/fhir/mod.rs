@@ -1,5 +1,6 @@
 //! FHIR R4 in and out: International Patient Summary bundles.
 //!
+//! - [`bulk`]: many patients from files, directories and NDJSON, on every core, resumable.
 //! - [`model`]: serde types for the resources we use.
 //! - [`import`]: a Bundle for one patient, validated whole, applied atomically and idempotently.
 //! - `import_map`: what each resource of an imported Bundle becomes in the summary.
@@ -10,6 +11,7 @@
 //! re-import updates instead of duplicating. Exports carry each entry's id and provenance in
 //! care-sync identifiers and extensions, so export → import is lossless.
 
+pub mod bulk;
 pub mod export;
 pub mod import;
 mod import_map;

@@ -331,6 +331,25 @@ pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOp
     ack
 }
 
+/// Processes messages in order as one group commit: each message's writes commit without
+/// waiting for the disk, then one durable commit covers them all, and only then are the ACKs
+/// returned (one per message, in order). `Err` when the group could not be made durable: no
+/// ACK may be sent, the sender sends again, and a message that did commit is then answered as
+/// already processed (by MSH-10), never applied twice.
+pub fn process_group(
+    store: &dyn ServerStore,
+    texts: &[String],
+    options: &AdtOptions,
+) -> Result<Vec<Ack>, StoreError> {
+    let mut acks = Vec::with_capacity(texts.len());
+    store.group_commit(&mut || {
+        for text in texts {
+            acks.push(process(store, text, care_node::now_ms(), options));
+        }
+    })?;
+    Ok(acks)
+}
+
 fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOptions) -> Ack {
     let text =
         text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");

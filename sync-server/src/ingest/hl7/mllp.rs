@@ -63,6 +63,7 @@ pub async fn start_with(
 ) -> std::io::Result<MllpListener> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let feed = Feed::start(store, options.adt.clone());
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let task = tokio::spawn(async move {
         loop {
@@ -76,11 +77,10 @@ pub async fn start_with(
                 continue;
             }
             open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (store, counted, idle) = (store.clone(), Counted(open.clone()), options.idle_timeout);
-            let adt = Arc::new(options.adt.clone());
+            let (feed, counted, idle) = (feed.clone(), Counted(open.clone()), options.idle_timeout);
             tokio::spawn(async move {
                 let _counted = counted; // released however the task ends
-                if let Err(e) = serve(socket, store, idle, adt).await {
+                if let Err(e) = serve(socket, feed, idle).await {
                     tracing::info!(%peer, error = %e, "MLLP connection ended");
                 }
             });
@@ -99,19 +99,75 @@ impl Drop for Counted {
     }
 }
 
-async fn serve(
-    mut socket: tokio::net::TcpStream,
-    store: Arc<dyn ServerStore>,
-    idle: std::time::Duration,
-    adt: Arc<super::adt::AdtOptions>,
-) -> std::io::Result<()> {
+/// The most messages committed as one group.
+const MAX_GROUP: usize = 256;
+/// The most messages of one connection in the feed at once.
+const PER_CONNECTION: usize = 32;
+
+type Reply = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// The one thread that applies every connection's messages, in the order they arrive (so a
+/// patient's messages apply in order whichever connection brought them), as group commits:
+/// all the messages waiting when a group starts are committed with one wait for the disk, and
+/// each is acknowledged only after it.
+#[derive(Clone)]
+struct Feed(std::sync::mpsc::Sender<(String, Reply)>);
+
+impl Feed {
+    fn start(store: Arc<dyn ServerStore>, adt: super::adt::AdtOptions) -> Self {
+        let (send, receive) = std::sync::mpsc::channel::<(String, Reply)>();
+        std::thread::Builder::new()
+            .name("mllp-feed".into())
+            .spawn(move || {
+                while let Ok(first) = receive.recv() {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match receive.try_recv() {
+                            Ok(next) => group.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let (texts, replies): (Vec<String>, Vec<Reply>) = group.into_iter().unzip();
+                    match super::adt::process_group(store.as_ref(), &texts, &adt) {
+                        Ok(acks) => {
+                            for (ack, reply) in acks.into_iter().zip(replies) {
+                                let _ = reply.send(Ok(ack.message));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, messages = texts.len(), "ADT group not made durable; no ACK sent");
+                            for reply in replies {
+                                let _ = reply.send(Err(e.to_string()));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("start the MLLP feed thread");
+        Feed(send)
+    }
+
+    fn submit(&self, text: String) -> tokio::sync::oneshot::Receiver<Result<String, String>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.0.send((text, reply)); // a feed that stopped drops `reply`: answered as an error
+        answer
+    }
+}
+
+async fn serve(mut socket: tokio::net::TcpStream, feed: Feed, idle: std::time::Duration) -> std::io::Result<()> {
     let mut buffer: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     // Where the search for the end of a frame resumes: each byte is looked at once.
     let mut scanned = 0;
     loop {
-        // Extract every complete frame in the buffer.
-        while let Some(at) = buffer[scanned.min(buffer.len())..].windows(2).position(|w| w == END) {
+        // Every complete frame in the buffer goes to the feed at once (a sender that does not
+        // wait for each ACK gets its messages into one group), then the ACKs go back in order.
+        let mut answers = Vec::new();
+        // At most this many of one connection's messages wait in the feed at once, so that a
+        // sender with thousands queued cannot hold back the others' ACKs for long.
+        while answers.len() < PER_CONNECTION
+            && let Some(at) = buffer[scanned.min(buffer.len())..].windows(2).position(|w| w == END)
+        {
             let end = scanned + at;
             scanned = 0;
             let frame: Vec<u8> = buffer.drain(..end + 2).collect();
@@ -119,17 +175,22 @@ async fn serve(
                 Some(start) => &frame[start + 1..frame.len() - 2],
                 None => &frame[..frame.len() - 2],
             };
-            let text = String::from_utf8_lossy(body).into_owned();
-            let (store, adt) = (store.clone(), adt.clone());
-            let ack = tokio::task::spawn_blocking(move || {
-                super::adt::process(store.as_ref(), &text, care_node::now_ms(), &adt)
-            })
-            .await
-            .map_err(std::io::Error::other)?;
+            answers.push(feed.submit(String::from_utf8_lossy(body).into_owned()));
+        }
+        for answer in answers {
+            let ack = match answer.await {
+                Ok(Ok(ack)) => ack,
+                // Not durable: no ACK, and the connection ends, so the sender sends again.
+                Ok(Err(e)) => return Err(std::io::Error::other(format!("message not stored: {e}"))),
+                Err(_) => return Err(std::io::Error::other("the feed stopped")),
+            };
             let mut out = vec![START];
-            out.extend_from_slice(ack.message.as_bytes());
+            out.extend_from_slice(ack.as_bytes());
             out.extend_from_slice(&END);
             socket.write_all(&out).await?;
+        }
+        if buffer.windows(2).any(|w| w == END) {
+            continue; // more complete frames wait: answer them before reading again
         }
         scanned = buffer.len().saturating_sub(1);
         if buffer.len() > MAX_MESSAGE {

@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
 use crate::store::{
-    AlertRecord, AuditFilter, AuditRecord, ChangesByDoc, CheckedChanges, Compacted, ConsentFlags,
-    DeviceRecord, EnrolError, Grant, GrantKind, MergeOutcome, QuarantineRecord, QuarantineReview, Role,
-    RoundOutcome, StoreError, UploadError, UploadOutcome,
+    AlertRecord, AuditFilter, AuditRecord, BatchWrite, ChangesByDoc, CheckedChanges, Compacted, ConsentFlags,
+    Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, MergeOutcome, NewDocument,
+    QuarantineRecord, QuarantineReview, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
 
 const FORMAT: &str = "care-sync-server/1";
@@ -154,6 +154,17 @@ CREATE TABLE IF NOT EXISTS audit (
     patient_id BLOB,
     detail TEXT NOT NULL
 );
+-- How far each import read each source file (committed with what it read), so a rerun resumes.
+CREATE TABLE IF NOT EXISTS import_progress (
+    source TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    refused INTEGER NOT NULL
+);
+-- One row a group commit writes last, so that its commit syncs the WAL (and every commit before).
+CREATE TABLE IF NOT EXISTS group_commit (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO group_commit VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS scope_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
 INSERT OR IGNORE INTO scope_epoch VALUES (1, 0);
 -- Change-log entries with seq <= this were dropped by compaction (documents are stored whole).
@@ -284,6 +295,48 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     })
 }
 
+thread_local! {
+    /// Set while this thread runs inside [`SqliteStore::group_commit_in`].
+    static GROUPED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The writing connection, held: inside a group commit its commits do not wait for the disk
+/// (`synchronous=NORMAL`) until the group's last; outside, every commit is synced (`FULL`).
+struct Writer<'c>(std::sync::MutexGuard<'c, Connection>, bool);
+
+impl<'c> Writer<'c> {
+    fn new(conn: std::sync::MutexGuard<'c, Connection>) -> Self {
+        let grouped = GROUPED.with(|g| g.get());
+        if grouped && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+            tracing::error!(error = %e, "could not defer a grouped commit; it is synced");
+        }
+        Writer(conn, grouped)
+    }
+}
+
+impl std::ops::Deref for Writer<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Writer<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.0
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        if self.1
+            && let Err(e) = self.0.pragma_update(None, "synchronous", "FULL")
+        {
+            tracing::error!(error = %e, "could not restore synchronous=FULL");
+        }
+    }
+}
+
 /// Round bookkeeping (what a device was sent, what it confirmed) is committed without waiting for
 /// the disk: lost in a crash, it only makes the server send some documents again (applying them
 /// is idempotent), and the device's next `Hello` says where it is. Everything else, and every
@@ -387,8 +440,33 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn conn(&self) -> Writer<'_> {
+        let guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Writer::new(guard)
+    }
+
+    /// [`PatientRecords::group_commit`]: inside `work`, this thread's commits use
+    /// `synchronous=NORMAL` (in WAL mode: atomic, appended to the WAL, not yet synced); then one
+    /// commit with `synchronous=FULL` syncs the WAL, and with it every frame written before it.
+    pub(super) fn group_commit_in(&self, work: &mut dyn FnMut()) -> Result<(), StoreError> {
+        /// Puts the flag back however `work` ends (a panic included).
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                GROUPED.with(|g| g.set(self.0));
+            }
+        }
+        let outer = GROUPED.with(|g| g.replace(true));
+        {
+            let _restore = Restore(outer);
+            work();
+        }
+        if outer {
+            return Ok(()); // the outermost group makes it durable
+        }
+        // A write, so that the commit appends a frame and syncs the WAL.
+        self.conn().execute("UPDATE group_commit SET n = n + 1 WHERE id = 1", [])?;
+        Ok(())
     }
 
     /// A read-only connection to the store (opened after the writer made the schema).
@@ -423,6 +501,22 @@ fn log_changes(
     changes: &[automerge::Change],
     summary: &mut PatientSummary,
 ) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let derived = Derived::of(patient, summary)?;
+    log_derived(tx, patient, author, changes, &derived)
+}
+
+/// [`log_changes`] with the saved document and its index already worked out (by an import's
+/// workers, beside the one writer).
+fn log_derived(
+    tx: &Transaction<'_>,
+    patient: &PatientId,
+    author: Option<i64>,
+    changes: &[automerge::Change],
+    derived: &Derived,
+) -> Result<(), StoreError> {
     let mut last = None;
     for change in changes {
         tx.execute(
@@ -432,24 +526,19 @@ fn log_changes(
         last = Some(tx.last_insert_rowid());
     }
     if let Some(seq) = last {
-        let document = |e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e));
-        let merged = summary.merged_into().map_err(document)?.is_some();
-        let nhs = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
-        let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
-        let flags = format!(",{},", index.flags.join(","));
         // A document without a readable listing is stored without one: devices parse it.
-        let listing = summary.listing().ok().and_then(|l| encode_listing(&l));
+        let listing = derived.listing.as_ref().and_then(encode_listing);
         tx.execute(
             "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,
                  review_date = ?6, merged = ?7, listing = ?9 WHERE id = ?8",
             params![
-                summary.save(),
+                derived.saved,
                 seq,
-                nhs,
-                index.district,
-                if flags == ",," { ",".to_string() } else { flags },
-                index.review_date,
-                merged,
+                derived.nhs_number,
+                derived.index.district,
+                derived.flags(),
+                derived.index.review_date,
+                derived.merged,
                 patient.as_bytes().as_slice(),
                 listing
             ],

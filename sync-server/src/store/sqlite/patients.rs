@@ -6,25 +6,10 @@ impl PatientRecords for SqliteStore {
     fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let mut ids = Vec::with_capacity(summaries.len());
-        for summary in summaries.iter_mut() {
-            let id = summary.patient_id().map_err(|e| StoreError::Document("new".into(), Box::new(e)))?;
-            let nhs = match summary.nhs_number() {
-                Ok(nhs) => Some(nhs.as_str().to_string()),
-                Err(care_node::summary::SummaryError::NoNhsNumber) => None,
-                Err(e) => return Err(StoreError::Document(short_hex(id.as_bytes()), Box::new(e))),
-            };
-            let inserted = tx.execute(
-                "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
-                params![id.as_bytes().as_slice(), nhs],
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::DuplicatePatient);
-            }
-            let changes = summary.all_changes();
-            log_changes(&tx, &id, None, &changes, summary)?;
-            ids.push(id);
-        }
+        let ids = summaries
+            .iter_mut()
+            .map(|summary| insert_in(&tx, &NewDocument::of(summary)?))
+            .collect::<Result<_, _>>()?;
         tx.commit()?;
         Ok(ids)
     }
@@ -34,28 +19,61 @@ impl PatientRecords for SqliteStore {
         patient: &PatientId,
         changes: &[automerge::Change],
     ) -> Result<(), StoreError> {
-        let doc_id = short_hex(patient.as_bytes());
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let saved: Vec<u8> = tx
-            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .ok_or(StoreError::UnknownPatient)?;
-        let mut summary =
-            PatientSummary::load(&saved).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
-        let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
-        summary.apply_changes(new.clone()).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
-        if summary.has_missing_deps() {
-            return Err(StoreError::Document(
-                doc_id,
-                Box::new(care_node::summary::SummaryError::Layout("changes lack their dependencies".into())),
-            ));
-        }
-        log_changes(&tx, patient, None, &new, &mut summary)?;
+        apply_in(&tx, patient, changes)?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn write_batch(&self, writes: &mut [BatchWrite]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for write in writes.iter_mut() {
+            match write {
+                BatchWrite::NewPatient(document) => {
+                    insert_in(&tx, document)?;
+                }
+                BatchWrite::Changes(patient, changes) => apply_in(&tx, patient, changes)?,
+                BatchWrite::Audit { actor, action, patient, detail, at_ms } => {
+                    audit_in(&tx, actor, action, patient.as_ref(), detail, *at_ms)?
+                }
+                BatchWrite::Progress(p) => {
+                    tx.execute(
+                        "INSERT INTO import_progress (source, fingerprint, offset, line, refused)
+                             VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (source) DO UPDATE SET fingerprint = excluded.fingerprint,
+                             offset = excluded.offset, line = excluded.line, refused = excluded.refused",
+                        params![p.source, p.fingerprint, p.offset as i64, p.line as i64, p.refused as i64],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn group_commit(&self, work: &mut dyn FnMut()) -> Result<(), StoreError> {
+        self.group_commit_in(work)
+    }
+
+    fn import_progress(&self, source: &str) -> Result<Option<ImportProgress>, StoreError> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT fingerprint, offset, line, refused FROM import_progress WHERE source = ?1",
+                [source],
+                |r| {
+                    Ok(ImportProgress {
+                        source: source.to_string(),
+                        fingerprint: r.get(0)?,
+                        offset: r.get::<_, i64>(1)? as u64,
+                        line: r.get::<_, i64>(2)? as u64,
+                        refused: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     fn merge_patients(
@@ -170,4 +188,37 @@ impl PatientRecords for SqliteStore {
     fn patient_count(&self) -> Result<u64, StoreError> {
         Ok(self.read().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
     }
+}
+
+/// Stores a new patient's document inside the caller's transaction.
+fn insert_in(tx: &Transaction<'_>, document: &NewDocument) -> Result<PatientId, StoreError> {
+    let id = document.patient;
+    let inserted = tx.execute(
+        "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
+        params![id.as_bytes().as_slice(), document.nhs_number],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::DuplicatePatient);
+    }
+    log_derived(tx, &id, None, &document.changes, &document.derived)?;
+    Ok(id)
+}
+
+/// Applies server-authored changes to a stored document inside the caller's transaction.
+fn apply_in(
+    tx: &Transaction<'_>,
+    patient: &PatientId,
+    changes: &[automerge::Change],
+) -> Result<(), StoreError> {
+    let doc_id = short_hex(patient.as_bytes());
+    let mut summary = load_in(tx, patient)?;
+    let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();
+    summary.apply_changes(new.clone()).map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
+    if summary.has_missing_deps() {
+        return Err(StoreError::Document(
+            doc_id,
+            Box::new(care_node::summary::SummaryError::Layout("changes lack their dependencies".into())),
+        ));
+    }
+    log_changes(tx, patient, None, &new, &mut summary)
 }
