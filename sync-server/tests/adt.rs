@@ -378,7 +378,8 @@ async fn an_mllp_sender_whose_connection_drops_before_its_ack_resends_and_nothin
     let ack = read_ack(&mut socket).await;
     assert!(ack.contains("MSA|AA|DROP1"), "{ack}");
     // One admission, however the two copies met the feed.
-    let admitted: Vec<_> = encounters(store.as_ref()).into_iter().filter(|e| e.status == "in-progress").collect();
+    let admitted: Vec<_> =
+        encounters(store.as_ref()).into_iter().filter(|e| e.status == "in-progress").collect();
     assert_eq!(admitted.len(), 1, "{admitted:?}");
     assert_eq!(encounters(store.as_ref()).len(), 1);
     listener.stop();
@@ -406,4 +407,64 @@ async fn mllp_messages_sent_without_waiting_are_acknowledged_in_order_after_thei
     }
     assert_eq!(encounters(store.as_ref()).len(), 40);
     listener.stop();
+}
+
+#[test]
+fn a_feed_s_kept_copy_of_a_record_is_never_used_once_another_writer_changed_it() {
+    use care_sync_server::ingest::hl7::adt::{DocCache, process_group};
+    let (store, _d) = store();
+    let options = AdtOptions::default();
+    let mut cache = DocCache::new(8);
+    let group = |texts: &[String], cache: &mut DocCache| {
+        for ack in process_group(store.as_ref(), texts, &options, cache) {
+            accepted(&ack);
+        }
+    };
+    group(&[adt("A01", "C1", "")], &mut cache);
+    // Another writer (a second feed, without the copy) records another visit meanwhile.
+    accepted(&process(store.as_ref(), &adt("A01", "C2", "").replace("V100", "V200"), 1));
+    // The first feed's next message must start from the record as stored, with both visits.
+    group(&[adt("A03", "C3", "")], &mut cache);
+    let visits: Vec<(Option<String>, String)> =
+        encounters(store.as_ref()).into_iter().map(|e| (e.visit.clone(), e.status)).collect();
+    assert_eq!(visits.len(), 2, "{visits:?}");
+    assert!(visits.contains(&(Some("V200".into()), "in-progress".into())), "{visits:?}");
+    assert!(visits.contains(&(Some("V100".into()), "finished".into())), "{visits:?}");
+    // And a message after that, with the copy kept again, still sees everything.
+    group(&[adt("A01", "C4", "").replace("V100", "V300")], &mut cache);
+    assert_eq!(encounters(store.as_ref()).len(), 3);
+}
+
+#[test]
+fn changes_saved_on_a_copy_another_writer_overtook_are_merged_and_the_copy_is_disowned() {
+    let (store, _d) = store();
+    accepted(&process(store.as_ref(), &adt("A01", "R1", ""), 1));
+    let id = store.patient_by_nhs(&care_node::nhs::NhsNumber::parse("9990000018").unwrap()).unwrap().unwrap();
+    let (saved, seq) = store.load_document_seq(&id).unwrap().unwrap();
+    let mut copy = PatientSummary::load(&saved).unwrap();
+    copy.set_actor(&[5; 32]);
+    let before = copy.heads();
+    let mut note =
+        Encounter::new("attendance", "finished", care_node::summary::Provenance::new("x", "x", "server", 2));
+    note.visit = Some("V999".into());
+    copy.add(&note).unwrap();
+    let changes = copy.changes_since(&before);
+    // Another writer moves the record on after the copy was read.
+    accepted(&process(store.as_ref(), &adt("A01", "R2", "").replace("V100", "V200"), 3));
+    assert_eq!(store.apply_server_changes_on(&id, &changes, &mut copy, seq).unwrap(), None);
+    let mut visits: Vec<_> = encounters(store.as_ref()).into_iter().filter_map(|e| e.visit).collect();
+    visits.sort();
+    assert_eq!(visits, ["V100", "V200", "V999"]);
+    // On a copy that is the stored document, it is saved as it is and the new position returned.
+    let (saved, seq) = store.load_document_seq(&id).unwrap().unwrap();
+    let mut copy = PatientSummary::load(&saved).unwrap();
+    copy.set_actor(&[5; 32]);
+    let before = copy.heads();
+    note.visit = Some("V1000".into());
+    copy.add(&note).unwrap();
+    let changes = copy.changes_since(&before);
+    let after = store.apply_server_changes_on(&id, &changes, &mut copy, seq).unwrap();
+    assert_eq!(after, store.document_seq(&id).unwrap());
+    assert!(after.unwrap() > seq);
+    assert_eq!(encounters(store.as_ref()).len(), 4);
 }

@@ -594,6 +594,19 @@ impl PatientSummary {
         Ok(())
     }
 
+    /// One entry's data by its id (entered in error or not), reading that entry alone.
+    pub fn entry_data<T: SectionEntry>(&self, id: EntryId) -> Result<Option<T>, SummaryError> {
+        let Some(section) = self.map_at(&ROOT, T::SECTION.key())? else { return Ok(None) };
+        let key = id.to_string();
+        match self.doc.get(&section, key.as_str())? {
+            None => Ok(None),
+            Some((Value::Object(ObjType::Map), _)) => {
+                Ok(Some(hydrate_prop(&self.doc, &section, key.as_str())?))
+            }
+            Some(_) => Err(SummaryError::Layout("an entry is not a map".into())),
+        }
+    }
+
     /// Every entry of a section, entered-in-error ones included, in causal order.
     pub fn entries<T: SectionEntry>(&mut self) -> Result<Vec<Entry<T>>, SummaryError> {
         let section = match self.map_at(&ROOT, T::SECTION.key())? {

@@ -367,3 +367,15 @@ fn the_clinical_count_of_a_section_is_the_entries_a_clinician_sees() {
     assert_eq!(s.clinical_count(Section::Allergies).unwrap(), s.clinical_entries::<Allergy>().unwrap().len());
     assert_eq!(s.clinical_count(Section::Problems).unwrap(), 0);
 }
+
+#[test]
+fn one_entry_read_by_id_is_the_entry_that_entries_list() {
+    let (mut s, _, _) = replicas();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    s.upsert(a, &allergy("penicillin", "device-a", 1)).unwrap();
+    s.upsert(b, &allergy("latex", "device-a", 2)).unwrap();
+    let listed = s.entries::<Allergy>().unwrap().into_iter().find(|e| e.id == b).unwrap().data;
+    assert_eq!(s.entry_data::<Allergy>(b).unwrap(), Some(listed));
+    assert_eq!(s.entry_data::<Allergy>(Uuid::new_v4()).unwrap(), None);
+    assert_eq!(s.entry_data::<Problem>(a).unwrap(), None);
+}

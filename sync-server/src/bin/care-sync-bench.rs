@@ -20,6 +20,9 @@
 //! beside the sync's (cold sync against the time the link's bandwidth allows for its bytes,
 //! reconnects in round trips) and skips the live test unless `--live D` is given.
 //!
+//! `--feeds P` adds the feeds: P patients imported from NDJSON (`import-fhir`), HL7 v2 ADT from a
+//! file and over MLLP, and the ACK latency at a steady rate.
+//!
 //! Run it optimised: `cargo run --release -p care-sync-server --bin care-sync-bench [--link L] [N...]`.
 
 use std::io::Write;
@@ -447,6 +450,11 @@ struct Args {
     /// hospital events each, one in 200 with a history of 500 changes).
     #[arg(long, value_name = "RECORDS", value_enum, default_value_t = Records::Synthetic)]
     records: Records,
+    /// Also bench the feeds with this many patients: `import-fhir` of them as NDJSON, then HL7
+    /// v2 ADT from a file (group commits against one commit per message) and over MLLP from 10
+    /// senders, and the ACK latency at 200 messages/s (0: skip).
+    #[arg(long, value_name = "PATIENTS", default_value_t = 0)]
+    feeds: usize,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
@@ -489,5 +497,8 @@ fn main() {
     }
     if live_devices > 0 {
         runtime.block_on(live(live_devices, link));
+    }
+    if args.feeds > 0 {
+        runtime.block_on(care_sync_server::demo::feeds::run(args.feeds));
     }
 }

@@ -10,6 +10,7 @@
 //! that makes loopback behave like a 3G, EDGE or flaky Wi-Fi link.
 
 pub mod bench;
+pub mod feeds;
 pub mod link;
 pub mod population;
 

@@ -468,6 +468,24 @@ pub trait PatientRecords: Send + Sync {
     ) -> Result<(), StoreError>;
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError>;
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The saved document and the log position of its last change (which moves with every
+    /// write of the document: a copy read at that position is the stored document).
+    fn load_document_seq(&self, patient: &PatientId) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
+    /// The log position of the document's last change (`None`: no such patient).
+    fn document_seq(&self, patient: &PatientId) -> Result<Option<u64>, StoreError>;
+    /// [`PatientRecords::apply_server_changes`] for a caller that holds the document as it is
+    /// after the changes, made on the stored one at `base_seq`: if the stored one is still
+    /// there, `updated` is saved as it is (not read and merged again); otherwise the changes are
+    /// applied on top of what is stored now. Returns the document's new log position when
+    /// `updated` is what is stored now, `None` when another writer had changed it (then
+    /// `updated` lacks that writer's changes and must not be used again).
+    fn apply_server_changes_on(
+        &self,
+        patient: &PatientId,
+        changes: &[automerge::Change],
+        updated: &mut PatientSummary,
+        base_seq: u64,
+    ) -> Result<Option<u64>, StoreError>;
     /// The saved document and its listing, for sending it whole to a device.
     fn load_listed(&self, patient: &PatientId) -> Result<Option<Listed>, StoreError>;
     fn patient_count(&self) -> Result<u64, StoreError>;

@@ -12,12 +12,14 @@ use crate::CliResult;
 /// `ingest-adt FILE…`: HL7 v2 ADT messages from files, each answered as over MLLP.
 pub fn ingest_adt(store: &dyn ServerStore, files: &[PathBuf], options: &AdtOptions) -> CliResult {
     let (mut accepted, mut refused) = (0, 0);
+    let mut cache =
+        care_sync_server::ingest::hl7::adt::DocCache::new(care_sync_server::ingest::hl7::adt::FEED_CACHE);
     for file in files {
         let text = crate::read_text(file)?;
         let messages = care_sync_server::ingest::hl7::adt::split_messages(&text);
         // Group commits of many messages; each outcome is printed once its group is on disk.
         for group in messages.chunks(500) {
-            for ack in care_sync_server::ingest::hl7::adt::process_group(store, group, options)? {
+            for ack in care_sync_server::ingest::hl7::adt::process_group(store, group, options, &mut cache) {
                 println!("{}: MSH-10 {}: {} {}", file.display(), ack.control_id, ack.code, ack.text);
                 if ack.code == "AA" { accepted += 1 } else { refused += 1 }
             }

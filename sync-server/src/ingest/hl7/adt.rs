@@ -324,7 +324,57 @@ fn update_demographics(current: &Demographics, incoming: &Demographics) -> Demog
 /// Processes one ADT message and returns the ACK to send; records its outcome (with the
 /// control id of a refused one) for the feed status and metrics.
 pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOptions) -> Ack {
-    let ack = process_message(store, text, now_ms, options);
+    process_with(store, text, now_ms, options, None)
+}
+
+/// Documents a feed wrote lately, kept parsed with the log position they were stored at: the
+/// next message about the same patient (a discharge after its admission) starts from the copy
+/// instead of reading and parsing the document again, as long as nothing else wrote it since.
+/// Documents a feed keeps parsed ([`DocCache`]); a realistic summary is a few hundred
+/// kilobytes in memory.
+pub const FEED_CACHE: usize = 512;
+
+pub struct DocCache {
+    docs: std::collections::HashMap<PatientId, (PatientSummary, u64)>,
+    order: std::collections::VecDeque<PatientId>,
+    capacity: usize,
+}
+
+impl DocCache {
+    pub fn new(capacity: usize) -> Self {
+        DocCache { docs: Default::default(), order: Default::default(), capacity }
+    }
+
+    fn take(&mut self, patient: &PatientId) -> Option<(PatientSummary, u64)> {
+        self.docs.remove(patient)
+    }
+
+    fn put(&mut self, patient: PatientId, summary: PatientSummary, seq: u64) {
+        self.docs.insert(patient, (summary, seq));
+        self.order.push_back(patient);
+        while self.docs.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.docs.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        if self.order.len() > 4 * self.capacity.max(1) {
+            let docs = &self.docs;
+            self.order.retain(|id| docs.contains_key(id));
+        }
+    }
+}
+
+fn process_with(
+    store: &dyn ServerStore,
+    text: &str,
+    now_ms: i64,
+    options: &AdtOptions,
+    cache: Option<&mut DocCache>,
+) -> Ack {
+    let ack = process_message(store, text, now_ms, options, cache);
     if let Err(e) = store.feed_record(ack.code, &ack.control_id, &ack.text, now_ms) {
         tracing::error!(error = %e, "could not record a feed message's outcome");
     }
@@ -333,24 +383,64 @@ pub fn process(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOp
 
 /// Processes messages in order as one group commit: each message's writes commit without
 /// waiting for the disk, then one durable commit covers them all, and only then are the ACKs
-/// returned (one per message, in order). `Err` when the group could not be made durable: no
-/// ACK may be sent, the sender sends again, and a message that did commit is then answered as
-/// already processed (by MSH-10), never applied twice.
+/// returned (one per message, in order). When the group could not be made durable, every
+/// message it accepted is answered AE instead (the sender sends it again, and one that did reach
+/// the disk is then answered as already processed, by MSH-10: never applied twice).
 pub fn process_group(
     store: &dyn ServerStore,
     texts: &[String],
     options: &AdtOptions,
-) -> Result<Vec<Ack>, StoreError> {
+    cache: &mut DocCache,
+) -> Vec<Ack> {
     let mut acks = Vec::with_capacity(texts.len());
-    store.group_commit(&mut || {
+    let durable = store.group_commit(&mut || {
         for text in texts {
-            acks.push(process(store, text, care_node::now_ms(), options));
+            acks.push(process_with(store, text, care_node::now_ms(), options, Some(&mut *cache)));
         }
-    })?;
-    Ok(acks)
+    });
+    if let Err(e) = durable {
+        // Not on disk: no message may be acknowledged as stored. Each accepted one is answered
+        // AE instead (send it again), as a store error inside it would have been; one that did
+        // reach the disk is then answered as a duplicate.
+        tracing::error!(error = %e, messages = texts.len(), "an ADT group could not be made durable");
+        *cache = DocCache::new(cache.capacity);
+        for (ack, text) in acks.iter_mut().zip(texts) {
+            if ack.code == "AA" {
+                *ack = not_stored(text, &e, care_node::now_ms());
+            }
+        }
+    }
+    acks
 }
 
-fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64, options: &AdtOptions) -> Ack {
+/// The AE for a message whose group could not be made durable.
+fn not_stored(text: &str, e: &StoreError, now_ms: i64) -> Ack {
+    let text =
+        text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");
+    let header = Message::parse(&text).ok().map(|msg| header_of(&msg));
+    let control_id = header.as_ref().map(|h| h.control_id.clone()).unwrap_or_default();
+    let problem =
+        Problem::at("MSH", 1, INTERNAL_ERROR, format!("the server could not store the message: {e}"));
+    refuse(header.as_ref(), "AE", &control_id, problem, now_ms)
+}
+
+fn header_of(msg: &Message<'_>) -> Header {
+    Header {
+        control_id: field(msg, "MSH", 10),
+        event: some(component(msg, "MSH", 9, 2)).unwrap_or_else(|| field(msg, "EVN", 1)),
+        sending_app: field(msg, "MSH", 3),
+        sending_facility: field(msg, "MSH", 4),
+        version: some(field(msg, "MSH", 12)).unwrap_or_else(|| "2.4".into()),
+    }
+}
+
+fn process_message(
+    store: &dyn ServerStore,
+    text: &str,
+    now_ms: i64,
+    options: &AdtOptions,
+    cache: Option<&mut DocCache>,
+) -> Ack {
     let text =
         text.trim_matches(|c| c == '\n' || c == '\r' || c == ' ').replace("\r\n", "\r").replace('\n', "\r");
     let Ok(msg) = Message::parse(&text) else {
@@ -358,13 +448,7 @@ fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64, options: &A
             Problem::at("MSH", 1, SEGMENT_SEQUENCE_ERROR, "the message could not be parsed as HL7 v2");
         return refuse(None, "AR", "", problem, now_ms);
     };
-    let header = Header {
-        control_id: field(&msg, "MSH", 10),
-        event: some(component(&msg, "MSH", 9, 2)).unwrap_or_else(|| field(&msg, "EVN", 1)),
-        sending_app: field(&msg, "MSH", 3),
-        sending_facility: field(&msg, "MSH", 4),
-        version: some(field(&msg, "MSH", 12)).unwrap_or_else(|| "2.4".into()),
-    };
+    let header = header_of(&msg);
     let h = Some(&header);
     if header.control_id.trim().is_empty() {
         let problem =
@@ -390,7 +474,7 @@ fn process_message(store: &dyn ServerStore, text: &str, now_ms: i64, options: &A
             return refuse(h, "AE", &header.control_id, problem, now_ms);
         }
     }
-    let result = apply(store, &msg, &header, now_ms, options);
+    let result = apply(store, &msg, &header, now_ms, options, cache);
     let (code, text, problem) = match result {
         Ok(text) => ("AA", text, None),
         Err(Refusal::Content(p)) => ("AE", p.text.clone(), Some(p)),
@@ -447,6 +531,7 @@ fn apply(
     header: &Header,
     now_ms: i64,
     options: &AdtOptions,
+    cache: Option<&mut DocCache>,
 ) -> Result<String, Refusal> {
     let event = header.event.to_ascii_uppercase();
     const SUPPORTED: &[&str] = &["A01", "A02", "A03", "A04", "A08", "A11", "A12", "A13", "A28", "A31", "A40"];
@@ -460,7 +545,9 @@ fn apply(
         return request_merge(store, msg, header, &nhs, now_ms);
     }
 
-    let (mut summary, created) = open_record(store, header, &nhs, &incoming, options, now_ms)?;
+    let mut cache = cache;
+    let (mut summary, created, base) =
+        open_record(store, header, &nhs, &incoming, options, now_ms, cache.as_deref_mut())?;
     let patient = summary.patient_id()?;
     let before = summary.heads();
     if !created && matches!(event.as_str(), "A04" | "A08" | "A28" | "A31") {
@@ -477,8 +564,14 @@ fn apply(
         flag_new_record(store, header, &patient, now_ms)?;
     } else {
         let changes = summary.changes_since(&before);
-        if !changes.is_empty() {
-            store.apply_server_changes(&patient, &changes)?;
+        let seq = if changes.is_empty() {
+            Some(base)
+        } else {
+            store.apply_server_changes_on(&patient, &changes, &mut summary, base)?
+        };
+        // Kept only if it is the stored document (no other writer came between).
+        if let (Some(cache), Some(seq)) = (cache, seq) {
+            cache.put(patient, summary, seq);
         }
     }
     Ok(if created { format!("{outcome}; new record created for review") } else { outcome.to_string() })
@@ -526,22 +619,27 @@ fn open_record(
     incoming: &Demographics,
     options: &AdtOptions,
     now_ms: i64,
-) -> Result<(PatientSummary, bool), Refusal> {
+    cache: Option<&mut DocCache>,
+) -> Result<(PatientSummary, bool, u64), Refusal> {
     let identity = store.server_identity()?;
     let actor = crate::server_actor(&identity);
     let opened = match store.patient_by_nhs(nhs)? {
-        Some(id) => {
-            let saved = store.load_document(&id)?.ok_or(StoreError::UnknownPatient)?;
-            let mut summary = PatientSummary::load(&saved)?;
-            summary.set_actor(actor.to_bytes());
-            (summary, false)
-        }
+        Some(id) => match cache.and_then(|c| c.take(&id)) {
+            // The copy a feed wrote last, if nothing has written the document since.
+            Some((summary, seq)) if store.document_seq(&id)? == Some(seq) => (summary, false, seq),
+            _ => {
+                let (saved, seq) = store.load_document_seq(&id)?.ok_or(StoreError::UnknownPatient)?;
+                let mut summary = PatientSummary::load(&saved)?;
+                summary.set_actor(actor.to_bytes());
+                (summary, false, seq)
+            }
+        },
         None if options.unknown_patient_from(&header.sending_facility) == UnknownPatient::Refuse => {
             let text =
                 "no record in this region has the NHS number in PID-3; this feed does not create records";
             return Err(Problem::at("PID", 3, UNKNOWN_KEY_IDENTIFIER, text).into());
         }
-        None => (PatientSummary::create(uuid::Uuid::new_v4(), incoming, actor.clone(), now_ms)?, true),
+        None => (PatientSummary::create(uuid::Uuid::new_v4(), incoming, actor.clone(), now_ms)?, true, 0),
     };
     Ok(opened)
 }
@@ -592,7 +690,7 @@ fn record_visit(
     let visit = Visit::read(msg, header, options, now_ms)?;
     let admission =
         PatientSummary::source_entry_id(patient, Section::Encounters, &format!("visit:{}", visit.id));
-    let existing = summary.entries::<Encounter>()?.into_iter().find(|e| e.id == admission).map(|e| e.data);
+    let existing = summary.entry_data::<Encounter>(admission)?;
     Ok(match event {
         "A01" => {
             let start = time_field(msg, "PV1", 44, options)?;

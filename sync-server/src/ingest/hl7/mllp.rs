@@ -104,7 +104,7 @@ const MAX_GROUP: usize = 256;
 /// The most messages of one connection in the feed at once.
 const PER_CONNECTION: usize = 32;
 
-type Reply = tokio::sync::oneshot::Sender<Result<String, String>>;
+type Reply = tokio::sync::oneshot::Sender<String>;
 
 /// The one thread that applies every connection's messages, in the order they arrive (so a
 /// patient's messages apply in order whichever connection brought them), as group commits:
@@ -119,6 +119,7 @@ impl Feed {
         std::thread::Builder::new()
             .name("mllp-feed".into())
             .spawn(move || {
+                let mut cache = super::adt::DocCache::new(super::adt::FEED_CACHE);
                 while let Ok(first) = receive.recv() {
                     let mut group = vec![first];
                     while group.len() < MAX_GROUP {
@@ -128,18 +129,9 @@ impl Feed {
                         }
                     }
                     let (texts, replies): (Vec<String>, Vec<Reply>) = group.into_iter().unzip();
-                    match super::adt::process_group(store.as_ref(), &texts, &adt) {
-                        Ok(acks) => {
-                            for (ack, reply) in acks.into_iter().zip(replies) {
-                                let _ = reply.send(Ok(ack.message));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, messages = texts.len(), "ADT group not made durable; no ACK sent");
-                            for reply in replies {
-                                let _ = reply.send(Err(e.to_string()));
-                            }
-                        }
+                    let acks = super::adt::process_group(store.as_ref(), &texts, &adt, &mut cache);
+                    for (ack, reply) in acks.into_iter().zip(replies) {
+                        let _ = reply.send(ack.message);
                     }
                 }
             })
@@ -147,14 +139,20 @@ impl Feed {
         Feed(send)
     }
 
-    fn submit(&self, text: String) -> tokio::sync::oneshot::Receiver<Result<String, String>> {
+    fn submit(&self, text: String) -> tokio::sync::oneshot::Receiver<String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let _ = self.0.send((text, reply)); // a feed that stopped drops `reply`: answered as an error
         answer
     }
 }
 
-async fn serve(mut socket: tokio::net::TcpStream, feed: Feed, idle: std::time::Duration) -> std::io::Result<()> {
+async fn serve(
+    mut socket: tokio::net::TcpStream,
+    feed: Feed,
+    idle: std::time::Duration,
+) -> std::io::Result<()> {
+    // Each ACK leaves at once (Nagle's algorithm would hold it back behind the last one).
+    socket.set_nodelay(true)?;
     let mut buffer: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     // Where the search for the end of a frame resumes: each byte is looked at once.
@@ -177,20 +175,20 @@ async fn serve(mut socket: tokio::net::TcpStream, feed: Feed, idle: std::time::D
             };
             answers.push(feed.submit(String::from_utf8_lossy(body).into_owned()));
         }
+        // Stopped at the share, not at the end of what was read.
+        let full = answers.len() == PER_CONNECTION;
         for answer in answers {
-            let ack = match answer.await {
-                Ok(Ok(ack)) => ack,
-                // Not durable: no ACK, and the connection ends, so the sender sends again.
-                Ok(Err(e)) => return Err(std::io::Error::other(format!("message not stored: {e}"))),
-                Err(_) => return Err(std::io::Error::other("the feed stopped")),
+            let Ok(ack) = answer.await else {
+                // No ACK, and the connection ends, so the sender sends again.
+                return Err(std::io::Error::other("the feed stopped"));
             };
             let mut out = vec![START];
             out.extend_from_slice(ack.as_bytes());
             out.extend_from_slice(&END);
             socket.write_all(&out).await?;
         }
-        if buffer.windows(2).any(|w| w == END) {
-            continue; // more complete frames wait: answer them before reading again
+        if full {
+            continue; // more complete frames may wait: answer them before reading again
         }
         scanned = buffer.len().saturating_sub(1);
         if buffer.len() > MAX_MESSAGE {

@@ -169,6 +169,61 @@ impl PatientRecords for SqliteStore {
             .optional()?)
     }
 
+    fn load_document_seq(&self, patient: &PatientId) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT doc, last_seq FROM patients WHERE id = ?1",
+                [patient.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()?)
+    }
+
+    fn document_seq(&self, patient: &PatientId) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .read()
+            .query_row("SELECT last_seq FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .map(|seq| seq as u64))
+    }
+
+    fn apply_server_changes_on(
+        &self,
+        patient: &PatientId,
+        changes: &[automerge::Change],
+        updated: &mut PatientSummary,
+        base_seq: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let seq_of = |tx: &Transaction<'_>| -> Result<Option<i64>, StoreError> {
+            Ok(tx
+                .query_row(
+                    "SELECT last_seq FROM patients WHERE id = ?1",
+                    [patient.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let current = match seq_of(&tx)? {
+            None => return Err(StoreError::UnknownPatient),
+            Some(seq) if seq as u64 == base_seq => {
+                log_changes(&tx, patient, None, changes, updated)?;
+                true
+            }
+            Some(_) => {
+                apply_in(&tx, patient, changes)?;
+                false
+            }
+        };
+        let seq = seq_of(&tx)?.ok_or(StoreError::UnknownPatient)?;
+        tx.commit()?;
+        Ok(current.then_some(seq as u64))
+    }
+
     fn load_listed(&self, patient: &PatientId) -> Result<Option<crate::store::Listed>, StoreError> {
         let row: Option<(Vec<u8>, Option<Vec<u8>>)> = self
             .read()
