@@ -664,11 +664,17 @@ impl PatientSummary {
     pub fn clinical_count(&self, section: Section) -> Result<usize, SummaryError> {
         let Some(obj) = self.map_at(&ROOT, section.key())? else { return Ok(0) };
         let mut count = 0;
-        for key in self.doc.keys(&obj) {
-            // As `entries` reads them: the entry each key holds now.
-            let Some((Value::Object(ObjType::Map), entry)) = self.doc.get(&obj, key.as_str())? else {
-                return Err(SummaryError::Layout("an entry is not a map".into()));
-            };
+        // As `entries` reads them: the entry each key holds now (one pass over the section,
+        // not a lookup per key).
+        let entries: Vec<ObjId> = self
+            .doc
+            .map_range(&obj, ..)
+            .map(|item| match item.value {
+                automerge::ValueRef::Object(ObjType::Map) => Ok(item.id()),
+                _ => Err(SummaryError::Layout("an entry is not a map".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        for entry in entries {
             if self.entered_in_error_of(&entry)?.is_none() {
                 count += 1;
             }

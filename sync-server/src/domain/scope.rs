@@ -208,10 +208,16 @@ pub struct PatientIndex {
 
 impl PatientIndex {
     pub fn of(summary: &mut PatientSummary) -> Result<Self, s::SummaryError> {
-        let district = summary
-            .demographics()?
-            .postcode
-            .and_then(|p| p.split_whitespace().next().map(|d| d.to_ascii_uppercase()));
+        let postcode = summary.demographics()?.postcode;
+        Self::with_postcode(summary, postcode.as_deref())
+    }
+
+    /// [`PatientIndex::of`] for a summary whose postcode is already read.
+    pub fn with_postcode(
+        summary: &mut PatientSummary,
+        postcode: Option<&str>,
+    ) -> Result<Self, s::SummaryError> {
+        let district = postcode.and_then(|p| p.split_whitespace().next().map(|d| d.to_ascii_uppercase()));
         let mut flags = Vec::new();
         let mut review_date: Option<String> = None;
         for alert in summary.clinical_entries::<s::Alert>()? {

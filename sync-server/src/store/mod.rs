@@ -382,9 +382,20 @@ impl Derived {
         let document =
             |e| StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e));
         let merged = summary.merged_into().map_err(document)?.is_some();
-        let nhs_number = if merged { None } else { summary.demographics().map_err(document)?.nhs_number };
-        let index = crate::domain::scope::PatientIndex::of(summary).map_err(document)?;
+        // The listing reads the few demographic fields straight from the document (hydrating
+        // the demographics costs more than the rest of this); the full read is the fallback
+        // for a document whose listing cannot be read.
         let listing = summary.listing().ok();
+        let (nhs_number, postcode) = match &listing {
+            Some(l) => (l.nhs_number.clone(), l.postcode.clone()),
+            None => {
+                let d = summary.demographics().map_err(document)?;
+                (d.nhs_number, d.postcode)
+            }
+        };
+        let nhs_number = if merged { None } else { nhs_number };
+        let index = crate::domain::scope::PatientIndex::with_postcode(summary, postcode.as_deref())
+            .map_err(document)?;
         Ok(Derived { saved: summary.save(), nhs_number, merged, index, listing })
     }
 

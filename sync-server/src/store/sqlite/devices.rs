@@ -5,20 +5,24 @@ use super::*;
 impl DeviceRegistry for SqliteStore {
     fn server_identity(&self) -> Result<Identity, StoreError> {
         let conn = self.conn();
-        let seed: Option<Vec<u8>> =
-            conn.query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| r.get(0)).optional()?;
+        let seed: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT value FROM meta WHERE name = 'identity'")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
         if let Some(seed) = seed {
             return Ok(Identity::from_seed(&fixed_bytes("server identity", seed)?));
         }
         let identity = Identity::generate();
-        conn.execute("INSERT INTO meta VALUES ('identity', ?1)", [identity.seed().as_slice()])?;
+        conn.prepare_cached("INSERT INTO meta VALUES ('identity', ?1)")?
+            .execute([identity.seed().as_slice()])?;
         Ok(identity)
     }
 
     fn incarnation(&self) -> Result<[u8; 16], StoreError> {
         let conn = self.conn();
         let value: Option<Vec<u8>> = conn
-            .query_row("SELECT value FROM meta WHERE name = 'incarnation'", [], |r| r.get(0))
+            .prepare_cached("SELECT value FROM meta WHERE name = 'incarnation'")?
+            .query_row([], |r| r.get(0))
             .optional()?;
         if let Some(value) = value {
             return Ok(fixed_bytes("store incarnation", value)?);
@@ -29,7 +33,8 @@ impl DeviceRegistry for SqliteStore {
     fn next_server_identity(&self) -> Result<Option<Identity>, StoreError> {
         let seed: Option<Vec<u8>> = self
             .conn()
-            .query_row("SELECT value FROM meta WHERE name = 'next_identity'", [], |r| r.get(0))
+            .prepare_cached("SELECT value FROM meta WHERE name = 'next_identity'")?
+            .query_row([], |r| r.get(0))
             .optional()?;
         Ok(seed
             .map(|s| fixed_bytes("staged server identity", s))
@@ -42,15 +47,17 @@ impl DeviceRegistry for SqliteStore {
             return Ok(next);
         }
         let identity = Identity::generate();
-        self.conn().execute("INSERT INTO meta VALUES ('next_identity', ?1)", [identity.seed().as_slice()])?;
+        self.conn()
+            .prepare_cached("INSERT INTO meta VALUES ('next_identity', ?1)")?
+            .execute([identity.seed().as_slice()])?;
         Ok(identity)
     }
 
     fn cancel_server_key(&self) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let n = tx.execute("DELETE FROM meta WHERE name = 'next_identity'", [])?;
-        tx.execute("DELETE FROM device_staged_keys", [])?;
+        let n = tx.prepare_cached("DELETE FROM meta WHERE name = 'next_identity'")?.execute([])?;
+        tx.prepare_cached("DELETE FROM device_staged_keys")?.execute([])?;
         tx.commit()?;
         Ok(n > 0)
     }
@@ -61,26 +68,30 @@ impl DeviceRegistry for SqliteStore {
         })?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO meta (name, value) SELECT 'previous_identity', value FROM meta WHERE name = 'identity'
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            [],
+        tx.prepare_cached("INSERT INTO meta (name, value) SELECT 'previous_identity', value FROM meta WHERE name = 'identity'
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value")?.execute([],
         )?;
-        tx.execute("UPDATE meta SET value = ?1 WHERE name = 'identity'", [next.seed().as_slice()])?;
-        tx.execute("DELETE FROM meta WHERE name = 'next_identity'", [])?;
-        tx.execute("DELETE FROM device_staged_keys", [])?;
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = 'identity'")?
+            .execute([next.seed().as_slice()])?;
+        tx.prepare_cached("DELETE FROM meta WHERE name = 'next_identity'")?.execute([])?;
+        tx.prepare_cached("DELETE FROM device_staged_keys")?.execute([])?;
         tx.commit()?;
         Ok(next)
     }
 
     fn set_device_staged_key(&self, device: i64, key: Option<PublicKey>) -> Result<(), StoreError> {
         match key {
-            Some(key) => self.conn().execute(
-                "INSERT INTO device_staged_keys (device_id, key) VALUES (?1, ?2)
+            Some(key) => self
+                .conn()
+                .prepare_cached(
+                    "INSERT INTO device_staged_keys (device_id, key) VALUES (?1, ?2)
                  ON CONFLICT (device_id) DO UPDATE SET key = excluded.key",
-                params![device, key.as_slice()],
-            )?,
-            None => self.conn().execute("DELETE FROM device_staged_keys WHERE device_id = ?1", [device])?,
+                )?
+                .execute(params![device, key.as_slice()])?,
+            None => self
+                .conn()
+                .prepare_cached("DELETE FROM device_staged_keys WHERE device_id = ?1")?
+                .execute([device])?,
         };
         Ok(())
     }
@@ -107,39 +118,45 @@ impl DeviceRegistry for SqliteStore {
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let existing =
-            tx.query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row).optional()?;
+        let existing = tx
+            .prepare_cached("SELECT * FROM devices WHERE name = ?1")?
+            .query_row([name], device_from_row)
+            .optional()?;
         let device_id = match existing {
             // A revoked device gives up its name, so a replacement tablet for the same vehicle
             // can take it: the old record stays (its key, audit and any pending wipe) as
             // `name#id`.
             Some(d) if d.revoked_at_ms.is_some() => {
                 let retired = format!("{name}#{}", d.id);
-                tx.execute("UPDATE devices SET name = ?1 WHERE id = ?2", params![retired, d.id])?;
-                tx.execute("INSERT INTO devices (name, role) VALUES (?1, ?2)", params![name, role.as_str()])?;
+                tx.prepare_cached("UPDATE devices SET name = ?1 WHERE id = ?2")?
+                    .execute(params![retired, d.id])?;
+                tx.prepare_cached("INSERT INTO devices (name, role) VALUES (?1, ?2)")?
+                    .execute(params![name, role.as_str()])?;
                 tx.last_insert_rowid()
             }
             Some(d) if d.public_key.is_some() => {
                 return Err(StoreError::AlreadyEnrolled(name.to_string()));
             }
             Some(d) => {
-                tx.execute("UPDATE devices SET role = ?1 WHERE id = ?2", params![role.as_str(), d.id])?;
+                tx.prepare_cached("UPDATE devices SET role = ?1 WHERE id = ?2")?
+                    .execute(params![role.as_str(), d.id])?;
                 // A new token replaces any earlier unused one.
-                tx.execute(
+                tx.prepare_cached(
                     "DELETE FROM enrolment_tokens WHERE device_id = ?1 AND used_at_ms IS NULL",
-                    [d.id],
-                )?;
+                )?
+                .execute([d.id])?;
                 d.id
             }
             None => {
-                tx.execute("INSERT INTO devices (name, role) VALUES (?1, ?2)", params![name, role.as_str()])?;
+                tx.prepare_cached("INSERT INTO devices (name, role) VALUES (?1, ?2)")?
+                    .execute(params![name, role.as_str()])?;
                 tx.last_insert_rowid()
             }
         };
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO enrolment_tokens (secret_hash, device_id, expires_at_ms) VALUES (?1, ?2, ?3)",
-            params![secret_hash.as_slice(), device_id, expires_at_ms],
-        )?;
+        )?
+        .execute(params![secret_hash.as_slice(), device_id, expires_at_ms])?;
         tx.commit()?;
         Ok(())
     }
@@ -206,14 +223,16 @@ impl DeviceRegistry for SqliteStore {
     fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
         Ok(self
             .read()
-            .query_row("SELECT * FROM devices WHERE name = ?1", [name], device_from_row)
+            .prepare_cached("SELECT * FROM devices WHERE name = ?1")?
+            .query_row([name], device_from_row)
             .optional()?)
     }
 
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError> {
         Ok(self
             .read()
-            .query_row("SELECT * FROM devices WHERE public_key = ?1", [key.as_slice()], device_from_row)
+            .prepare_cached("SELECT * FROM devices WHERE public_key = ?1")?
+            .query_row([key.as_slice()], device_from_row)
             .optional()?)
     }
 
@@ -235,12 +254,10 @@ impl DeviceRegistry for SqliteStore {
     fn confirm_wipe(&self, device: i64, now_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE devices SET wiped_at_ms = coalesce(wiped_at_ms, ?1), revoked_at_ms = coalesce(revoked_at_ms, ?1)
-             WHERE id = ?2",
-            params![now_ms, device],
+        tx.prepare_cached("UPDATE devices SET wiped_at_ms = coalesce(wiped_at_ms, ?1), revoked_at_ms = coalesce(revoked_at_ms, ?1)
+             WHERE id = ?2")?.execute(params![now_ms, device],
         )?;
-        tx.execute("DELETE FROM device_docs WHERE device_id = ?1", [device])?;
+        tx.prepare_cached("DELETE FROM device_docs WHERE device_id = ?1")?.execute([device])?;
         tx.commit()?;
         Ok(())
     }
@@ -249,9 +266,7 @@ impl DeviceRegistry for SqliteStore {
 /// Gives the store at `conn` a new random incarnation (made with the store, and by a restore).
 pub(super) fn new_incarnation(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
     let fresh: [u8; 16] = rand::random();
-    conn.execute(
-        "INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        [fresh.as_slice()],
+    conn.prepare_cached("INSERT INTO meta (name, value) VALUES ('incarnation', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value")?.execute([fresh.as_slice()],
     )?;
     Ok(fresh)
 }
@@ -266,8 +281,9 @@ impl SqliteStore {
             params![now_ms, name],
         )?;
         if changed == 0 {
-            let exists: i64 =
-                conn.query_row("SELECT count(*) FROM devices WHERE name = ?1", [name], |r| r.get(0))?;
+            let exists: i64 = conn
+                .prepare_cached("SELECT count(*) FROM devices WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))?;
             if exists == 0 {
                 return Err(StoreError::UnknownDevice(name.to_string()));
             }

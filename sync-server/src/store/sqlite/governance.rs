@@ -47,24 +47,23 @@ impl Governance for SqliteStore {
     }
 
     fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            params![name, value],
+        self.conn().prepare_cached("INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")?.execute(params![name, value],
         )?;
         Ok(())
     }
 
     fn device_budget(&self, device: i64) -> Result<Option<u64>, StoreError> {
-        let budget: Option<i64> =
-            self.read().query_row("SELECT budget FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        let budget: Option<i64> = self
+            .read()
+            .prepare_cached("SELECT budget FROM devices WHERE id = ?1")?
+            .query_row([device], |r| r.get(0))?;
         Ok(budget.map(|b| b.max(0) as u64))
     }
 
     fn set_device_budget(&self, device: i64, budget: Option<u64>) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE devices SET budget = ?1 WHERE id = ?2",
-            params![budget.map(|b| b as i64), device],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE devices SET budget = ?1 WHERE id = ?2")?
+            .execute(params![budget.map(|b| b as i64), device])?;
         Ok(())
     }
 
@@ -78,11 +77,18 @@ impl Governance for SqliteStore {
         now_ms: i64,
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO grants (device_id, patient_id, kind, reason, created_at_ms, expires_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![device, patient.as_bytes().as_slice(), kind.as_str(), reason, now_ms, expires_at_ms],
-        )?;
+        )?
+        .execute(params![
+            device,
+            patient.as_bytes().as_slice(),
+            kind.as_str(),
+            reason,
+            now_ms,
+            expires_at_ms
+        ])?;
         Ok(conn.last_insert_rowid())
     }
 
@@ -93,11 +99,13 @@ impl Governance for SqliteStore {
         kind: GrantKind,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
-        Ok(self.conn().execute(
-            "UPDATE grants SET closed_at_ms = ?1 WHERE device_id = ?2 AND patient_id = ?3 AND kind = ?4
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "UPDATE grants SET closed_at_ms = ?1 WHERE device_id = ?2 AND patient_id = ?3 AND kind = ?4
                  AND closed_at_ms IS NULL AND expires_at_ms > ?1",
-            params![now_ms, device, patient.as_bytes().as_slice(), kind.as_str()],
-        )?)
+            )?
+            .execute(params![now_ms, device, patient.as_bytes().as_slice(), kind.as_str()])?)
     }
 
     fn grants(&self, device: Option<i64>, now_ms: i64) -> Result<Vec<Grant>, StoreError> {
@@ -122,10 +130,13 @@ impl Governance for SqliteStore {
     }
 
     fn area_add(&self, device: i64, district: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "INSERT INTO device_areas (device_id, district) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            params![device, district.trim().to_ascii_uppercase()],
-        )? > 0)
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO device_areas (device_id, district) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![device, district.trim().to_ascii_uppercase()])?
+            > 0)
     }
 
     fn area_add_many(&self, entries: &[(i64, String)]) -> Result<Vec<(i64, String)>, StoreError> {
@@ -148,10 +159,11 @@ impl Governance for SqliteStore {
     }
 
     fn area_remove(&self, device: i64, district: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "DELETE FROM device_areas WHERE device_id = ?1 AND district = ?2",
-            params![device, district.trim().to_ascii_uppercase()],
-        )? > 0)
+        Ok(self
+            .conn()
+            .prepare_cached("DELETE FROM device_areas WHERE device_id = ?1 AND district = ?2")?
+            .execute(params![device, district.trim().to_ascii_uppercase()])?
+            > 0)
     }
 
     fn areas(&self, device: i64) -> Result<Vec<String>, StoreError> {
@@ -164,20 +176,19 @@ impl Governance for SqliteStore {
 
     fn consent(&self, patient: &PatientId) -> Result<ConsentFlags, StoreError> {
         self.read()
-            .query_row(
-                "SELECT objection, opt_out FROM patients WHERE id = ?1",
-                [patient.as_bytes().as_slice()],
-                |r| Ok(ConsentFlags { objection: r.get(0)?, opt_out: r.get(1)? }),
-            )
+            .prepare_cached("SELECT objection, opt_out FROM patients WHERE id = ?1")?
+            .query_row([patient.as_bytes().as_slice()], |r| {
+                Ok(ConsentFlags { objection: r.get(0)?, opt_out: r.get(1)? })
+            })
             .optional()?
             .ok_or(StoreError::UnknownPatient)
     }
 
     fn set_consent(&self, patient: &PatientId, flags: ConsentFlags) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE patients SET objection = ?1, opt_out = ?2 WHERE id = ?3",
-            params![flags.objection, flags.opt_out, patient.as_bytes().as_slice()],
-        )?;
+        let n = self
+            .conn()
+            .prepare_cached("UPDATE patients SET objection = ?1, opt_out = ?2 WHERE id = ?3")?
+            .execute(params![flags.objection, flags.opt_out, patient.as_bytes().as_slice()])?;
         if n == 0 {
             return Err(StoreError::UnknownPatient);
         }
@@ -247,10 +258,10 @@ impl Governance for SqliteStore {
         now_ms: i64,
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO alerts (at_ms, kind, device_id, patient_id, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![now_ms, kind, device, patient.map(|p| p.as_bytes().to_vec()), reason],
-        )?;
+        )?
+        .execute(params![now_ms, kind, device, patient.map(|p| p.as_bytes().to_vec()), reason])?;
         Ok(conn.last_insert_rowid())
     }
 
@@ -278,27 +289,23 @@ impl Governance for SqliteStore {
     }
 
     fn acknowledge_alert(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "UPDATE alerts SET acknowledged_at_ms = ?1, note = ?2 WHERE id = ?3 AND acknowledged_at_ms IS NULL",
-            params![now_ms, note, id],
+        Ok(self.conn().prepare_cached("UPDATE alerts SET acknowledged_at_ms = ?1, note = ?2 WHERE id = ?3 AND acknowledged_at_ms IS NULL")?.execute(params![now_ms, note, id],
         )? > 0)
     }
 
     fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError> {
-        let (seq, hash): (i64, Option<Vec<u8>>) = self.read().query_row(
-            "SELECT view_seq, view_hash FROM devices WHERE id = ?1",
-            [device],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (seq, hash): (i64, Option<Vec<u8>>) = self
+            .read()
+            .prepare_cached("SELECT view_seq, view_hash FROM devices WHERE id = ?1")?
+            .query_row([device], |r| Ok((r.get(0)?, r.get(1)?)))?;
         // No hash yet: the chain starts from zeroes (`viewlog`'s genesis).
         Ok((seq as u64, hash.map(|h| super::fixed_bytes("view log head", h)).transpose()?.unwrap_or([0; 32])))
     }
 
     fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE devices SET view_seq = ?1, view_hash = ?2 WHERE id = ?3",
-            params![seq as i64, hash.as_slice(), device],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE devices SET view_seq = ?1, view_hash = ?2 WHERE id = ?3")?
+            .execute(params![seq as i64, hash.as_slice(), device])?;
         Ok(())
     }
 
@@ -329,11 +336,14 @@ impl Governance for SqliteStore {
     }
 
     fn review_quarantine(&self, id: i64, note: &str, now_ms: i64) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "INSERT INTO quarantine_reviews (quarantine_id, at_ms, note)
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO quarantine_reviews (quarantine_id, at_ms, note)
              SELECT id, ?2, ?3 FROM quarantine WHERE id = ?1 ON CONFLICT DO NOTHING",
-            params![id, now_ms, note],
-        )? > 0)
+            )?
+            .execute(params![id, now_ms, note])?
+            > 0)
     }
 
     fn quarantine_count(&self, device: i64, since_ms: i64) -> Result<u64, StoreError> {
@@ -347,10 +357,13 @@ impl Governance for SqliteStore {
     }
 
     fn caseload_add(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "INSERT INTO caseload (device_id, patient_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            params![device, patient.as_bytes().as_slice()],
-        )? > 0)
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO caseload (device_id, patient_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![device, patient.as_bytes().as_slice()])?
+            > 0)
     }
 
     fn caseload_add_many(&self, entries: &[(i64, PatientId)]) -> Result<Vec<(i64, PatientId)>, StoreError> {
@@ -380,37 +393,38 @@ impl Governance for SqliteStore {
     }
 
     fn caseload_remove(&self, device: i64, patient: &PatientId) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "DELETE FROM caseload WHERE device_id = ?1 AND patient_id = ?2",
-            params![device, patient.as_bytes().as_slice()],
-        )? > 0)
+        Ok(self
+            .conn()
+            .prepare_cached("DELETE FROM caseload WHERE device_id = ?1 AND patient_id = ?2")?
+            .execute(params![device, patient.as_bytes().as_slice()])?
+            > 0)
     }
 
     fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT count(*) FROM hl7_messages WHERE control_id = ?1",
-            [control_id],
-            |r| r.get::<_, i64>(0),
-        )? > 0)
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT count(*) FROM hl7_messages WHERE control_id = ?1")?
+            .query_row([control_id], |r| r.get::<_, i64>(0))?
+            > 0)
     }
 
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO feed_counts (code, n, last_at_ms) VALUES (?1, 1, ?2)
              ON CONFLICT (code) DO UPDATE SET n = n + 1, last_at_ms = excluded.last_at_ms",
-            params![code, now_ms],
-        )?;
+        )?
+        .execute(params![code, now_ms])?;
         if code != "AA" {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO feed_refusals (at_ms, code, reason, control_id) VALUES (?1, ?2, ?3, ?4)",
-                params![now_ms, code, reason, control_id],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![now_ms, code, reason, control_id])?;
+            tx.prepare_cached(
                 "DELETE FROM feed_refusals WHERE id <= (SELECT max(id) FROM feed_refusals) - ?1",
-                [crate::store::FEED_ERRORS_KEPT as i64],
-            )?;
+            )?
+            .execute([crate::store::FEED_ERRORS_KEPT as i64])?;
         }
         tx.commit()?;
         Ok(())
@@ -445,9 +459,7 @@ impl Governance for SqliteStore {
     }
 
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO hl7_messages (control_id, event, received_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-            params![control_id, event, now_ms],
+        self.conn().prepare_cached("INSERT INTO hl7_messages (control_id, event, received_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?.execute(params![control_id, event, now_ms],
         )?;
         Ok(())
     }

@@ -367,7 +367,7 @@ impl SqliteStore {
         let conn = Connection::open(dir.join("server.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.set_prepared_statement_cache_capacity(64);
+        conn.set_prepared_statement_cache_capacity(256);
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
@@ -375,11 +375,13 @@ impl SqliteStore {
         add_column(&conn, "device_docs", "since", "INTEGER NOT NULL DEFAULT 0")?;
         add_column(&conn, "patients", "listing", "BLOB")?;
         let format: Option<String> = conn
-            .query_row("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'", [], |r| r.get(0))
+            .prepare_cached("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'")?
+            .query_row([], |r| r.get(0))
             .optional()?;
         match format.as_deref() {
             None => {
-                conn.execute("INSERT INTO meta VALUES ('format', ?1)", [FORMAT.as_bytes()])?;
+                conn.prepare_cached("INSERT INTO meta VALUES ('format', ?1)")?
+                    .execute([FORMAT.as_bytes()])?;
             }
             Some(FORMAT) => {}
             Some(_) => return Err(StoreError::UnknownFormat),
@@ -395,11 +397,10 @@ impl SqliteStore {
     fn migrate_documents(&self) -> Result<(), StoreError> {
         let done: Option<i64> = self
             .conn()
-            .query_row(
+            .prepare_cached(
                 "SELECT CAST(CAST(value AS TEXT) AS INTEGER) FROM meta WHERE name = 'doc_schema'",
-                [],
-                |r| r.get(0),
-            )
+            )?
+            .query_row([], |r| r.get(0))
             .optional()?;
         if done.is_some_and(|v| v as u64 >= SCHEMA_VERSION) {
             return Ok(());
@@ -413,10 +414,9 @@ impl SqliteStore {
         };
         let mut migrated = 0;
         for id in ids {
-            let saved: Vec<u8> =
-                tx.query_row("SELECT doc FROM patients WHERE id = ?1", [id.as_bytes().as_slice()], |r| {
-                    r.get(0)
-                })?;
+            let saved: Vec<u8> = tx
+                .prepare_cached("SELECT doc FROM patients WHERE id = ?1")?
+                .query_row([id.as_bytes().as_slice()], |r| r.get(0))?;
             let mut summary = PatientSummary::load(&saved)
                 .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?;
             let before = summary.heads();
@@ -429,9 +429,7 @@ impl SqliteStore {
                 migrated += 1;
             }
         }
-        tx.execute(
-            "INSERT INTO meta (name, value) VALUES ('doc_schema', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            [SCHEMA_VERSION.to_string().as_bytes()],
+        tx.prepare_cached("INSERT INTO meta (name, value) VALUES ('doc_schema', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value")?.execute([SCHEMA_VERSION.to_string().as_bytes()],
         )?;
         tx.commit()?;
         if migrated > 0 {
@@ -465,7 +463,7 @@ impl SqliteStore {
             return Ok(()); // the outermost group makes it durable
         }
         // A write, so that the commit appends a frame and syncs the WAL.
-        self.conn().execute("UPDATE group_commit SET n = n + 1 WHERE id = 1", [])?;
+        self.conn().prepare_cached("UPDATE group_commit SET n = n + 1 WHERE id = 1")?.execute([])?;
         Ok(())
     }
 
@@ -474,7 +472,7 @@ impl SqliteStore {
         use rusqlite::OpenFlags;
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(dir.join("server.db"), flags)?;
-        conn.set_prepared_statement_cache_capacity(64);
+        conn.set_prepared_statement_cache_capacity(256);
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(conn)
     }
@@ -519,30 +517,35 @@ fn log_derived(
 ) -> Result<(), StoreError> {
     let mut last = None;
     for change in changes {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO changes (patient_id, author_device, hash, body) VALUES (?1, ?2, ?3, ?4)",
-            params![patient.as_bytes().as_slice(), author, change.hash().0.as_slice(), change.raw_bytes()],
-        )?;
+        )?
+        .execute(params![
+            patient.as_bytes().as_slice(),
+            author,
+            change.hash().0.as_slice(),
+            change.raw_bytes()
+        ])?;
         last = Some(tx.last_insert_rowid());
     }
     if let Some(seq) = last {
         // A document without a readable listing is stored without one: devices parse it.
         let listing = derived.listing.as_ref().and_then(encode_listing);
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE patients SET doc = ?1, last_seq = ?2, nhs_number = ?3, district = ?4, risk_flags = ?5,
                  review_date = ?6, merged = ?7, listing = ?9 WHERE id = ?8",
-            params![
-                derived.saved,
-                seq,
-                derived.nhs_number,
-                derived.index.district,
-                derived.flags(),
-                derived.index.review_date,
-                derived.merged,
-                patient.as_bytes().as_slice(),
-                listing
-            ],
-        )
+        )?
+        .execute(params![
+            derived.saved,
+            seq,
+            derived.nhs_number,
+            derived.index.district,
+            derived.flags(),
+            derived.index.review_date,
+            derived.merged,
+            patient.as_bytes().as_slice(),
+            listing
+        ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::DuplicatePatient,
             _ => StoreError::from(e),
@@ -553,7 +556,8 @@ fn log_derived(
 
 fn load_in(tx: &Transaction<'_>, patient: &PatientId) -> Result<PatientSummary, StoreError> {
     let saved: Vec<u8> = tx
-        .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| r.get(0))
+        .prepare_cached("SELECT doc FROM patients WHERE id = ?1")?
+        .query_row([patient.as_bytes().as_slice()], |r| r.get(0))
         .optional()?
         .ok_or(StoreError::UnknownPatient)?;
     PatientSummary::load(&saved).map_err(|e| StoreError::Document(short_hex(patient.as_bytes()), Box::new(e)))
@@ -567,10 +571,10 @@ fn audit_in(
     detail: &str,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit (at_ms, actor, action, patient_id, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail],
-    )?;
+    )?
+    .execute(params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail])?;
     Ok(())
 }
 

@@ -39,13 +39,19 @@ impl PatientRecords for SqliteStore {
                     audit_in(&tx, actor, action, patient.as_ref(), detail, *at_ms)?
                 }
                 BatchWrite::Progress(p) => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT INTO import_progress (source, fingerprint, offset, line, refused)
                              VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (source) DO UPDATE SET fingerprint = excluded.fingerprint,
                              offset = excluded.offset, line = excluded.line, refused = excluded.refused",
-                        params![p.source, p.fingerprint, p.offset as i64, p.line as i64, p.refused as i64],
-                    )?;
+                    )?
+                    .execute(params![
+                        p.source,
+                        p.fingerprint,
+                        p.offset as i64,
+                        p.line as i64,
+                        p.refused as i64
+                    ])?;
                 }
             }
         }
@@ -60,19 +66,18 @@ impl PatientRecords for SqliteStore {
     fn import_progress(&self, source: &str) -> Result<Option<ImportProgress>, StoreError> {
         Ok(self
             .read()
-            .query_row(
+            .prepare_cached(
                 "SELECT fingerprint, offset, line, refused FROM import_progress WHERE source = ?1",
-                [source],
-                |r| {
-                    Ok(ImportProgress {
-                        source: source.to_string(),
-                        fingerprint: r.get(0)?,
-                        offset: r.get::<_, i64>(1)? as u64,
-                        line: r.get::<_, i64>(2)? as u64,
-                        refused: r.get::<_, i64>(3)? as u64,
-                    })
-                },
-            )
+            )?
+            .query_row([source], |r| {
+                Ok(ImportProgress {
+                    source: source.to_string(),
+                    fingerprint: r.get(0)?,
+                    offset: r.get::<_, i64>(1)? as u64,
+                    line: r.get::<_, i64>(2)? as u64,
+                    refused: r.get::<_, i64>(3)? as u64,
+                })
+            })
             .optional()?)
     }
 
@@ -125,11 +130,10 @@ impl PatientRecords for SqliteStore {
         log_changes(&tx, merged, None, &changes, &mut gone)?;
         let changes = kept.changes_since(&kept_before);
         log_changes(&tx, keep, None, &changes, &mut kept)?;
-        let caseloads = tx.execute(
-            "INSERT OR IGNORE INTO caseload (device_id, patient_id) SELECT device_id, ?1 FROM caseload WHERE patient_id = ?2",
-            params![keep.as_bytes().as_slice(), merged.as_bytes().as_slice()],
+        let caseloads = tx.prepare_cached("INSERT OR IGNORE INTO caseload (device_id, patient_id) SELECT device_id, ?1 FROM caseload WHERE patient_id = ?2")?.execute(params![keep.as_bytes().as_slice(), merged.as_bytes().as_slice()],
         )?;
-        tx.execute("DELETE FROM caseload WHERE patient_id = ?1", [merged.as_bytes().as_slice()])?;
+        tx.prepare_cached("DELETE FROM caseload WHERE patient_id = ?1")?
+            .execute([merged.as_bytes().as_slice()])?;
         audit_in(
             &tx,
             operator,
@@ -155,7 +159,8 @@ impl PatientRecords for SqliteStore {
     fn patient_by_nhs(&self, nhs: &NhsNumber) -> Result<Option<PatientId>, StoreError> {
         let id: Option<Vec<u8>> = self
             .read()
-            .query_row("SELECT id FROM patients WHERE nhs_number = ?1", [nhs.as_str()], |r| r.get(0))
+            .prepare_cached("SELECT id FROM patients WHERE nhs_number = ?1")?
+            .query_row([nhs.as_str()], |r| r.get(0))
             .optional()?;
         Ok(id.map(patient_id).transpose()?)
     }
@@ -163,29 +168,24 @@ impl PatientRecords for SqliteStore {
     fn load_document(&self, patient: &PatientId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .read()
-            .query_row("SELECT doc FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT doc FROM patients WHERE id = ?1")?
+            .query_row([patient.as_bytes().as_slice()], |r| r.get(0))
             .optional()?)
     }
 
     fn load_document_seq(&self, patient: &PatientId) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
         Ok(self
             .read()
-            .query_row(
-                "SELECT doc, last_seq FROM patients WHERE id = ?1",
-                [patient.as_bytes().as_slice()],
-                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
-            )
+            .prepare_cached("SELECT doc, last_seq FROM patients WHERE id = ?1")?
+            .query_row([patient.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
             .optional()?)
     }
 
     fn document_seq(&self, patient: &PatientId) -> Result<Option<u64>, StoreError> {
         Ok(self
             .read()
-            .query_row("SELECT last_seq FROM patients WHERE id = ?1", [patient.as_bytes().as_slice()], |r| {
-                r.get::<_, i64>(0)
-            })
+            .prepare_cached("SELECT last_seq FROM patients WHERE id = ?1")?
+            .query_row([patient.as_bytes().as_slice()], |r| r.get::<_, i64>(0))
             .optional()?
             .map(|seq| seq as u64))
     }
@@ -199,11 +199,8 @@ impl PatientRecords for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let seq_of = |tx: &Transaction<'_>| -> Result<Option<i64>, StoreError> {
             Ok(tx
-                .query_row(
-                    "SELECT last_seq FROM patients WHERE id = ?1",
-                    [patient.as_bytes().as_slice()],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT last_seq FROM patients WHERE id = ?1")?
+                .query_row([patient.as_bytes().as_slice()], |r| r.get(0))
                 .optional()?)
         };
         let mut conn = self.conn();
@@ -227,11 +224,8 @@ impl PatientRecords for SqliteStore {
     fn load_listed(&self, patient: &PatientId) -> Result<Option<crate::store::Listed>, StoreError> {
         let row: Option<(Vec<u8>, Option<Vec<u8>>)> = self
             .read()
-            .query_row(
-                "SELECT doc, listing FROM patients WHERE id = ?1",
-                [patient.as_bytes().as_slice()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT doc, listing FROM patients WHERE id = ?1")?
+            .query_row([patient.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(row.map(|(doc, listing)| {
             // An unreadable listing is sent as none: the device then parses the document.
@@ -241,16 +235,17 @@ impl PatientRecords for SqliteStore {
     }
 
     fn patient_count(&self) -> Result<u64, StoreError> {
-        Ok(self.read().query_row("SELECT count(*) FROM patients", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .read()
+            .prepare_cached("SELECT count(*) FROM patients")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 }
 
 /// Stores a new patient's document inside the caller's transaction.
 fn insert_in(tx: &Transaction<'_>, document: &NewDocument) -> Result<PatientId, StoreError> {
     let id = document.patient;
-    let inserted = tx.execute(
-        "INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING",
-        params![id.as_bytes().as_slice(), document.nhs_number],
+    let inserted = tx.prepare_cached("INSERT INTO patients (id, nhs_number, doc, last_seq) VALUES (?1, ?2, x'', 0) ON CONFLICT DO NOTHING")?.execute(params![id.as_bytes().as_slice(), document.nhs_number],
     )?;
     if inserted == 0 {
         return Err(StoreError::DuplicatePatient);

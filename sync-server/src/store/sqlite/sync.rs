@@ -178,9 +178,10 @@ impl SyncLog for SqliteStore {
     }
 
     fn pending_round(&self, device: i64) -> Result<Option<u64>, StoreError> {
-        let round: Option<i64> =
-            self.read()
-                .query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        let round: Option<i64> = self
+            .read()
+            .prepare_cached("SELECT pending_round FROM devices WHERE id = ?1")?
+            .query_row([device], |r| r.get(0))?;
         Ok(round.map(|r| r as u64))
     }
 
@@ -198,7 +199,8 @@ impl SyncLog for SqliteStore {
         let conn = self.conn();
         let _bookkeeping = Bookkeeping::new(&conn)?;
         let tx = conn.unchecked_transaction()?;
-        tx.execute("UPDATE devices SET pending_round = ?1 WHERE id = ?2", params![round as i64, device])?;
+        tx.prepare_cached("UPDATE devices SET pending_round = ?1 WHERE id = ?2")?
+            .execute(params![round as i64, device])?;
         let sending = if priority { SENDING_FIRST } else { SENDING };
         // A document sent whole holds every change up to the round; one purged keeps what it
         // had (if the purge is not applied it stays held, and lacks what came since).
@@ -227,8 +229,9 @@ impl SyncLog for SqliteStore {
         let conn = self.conn();
         let _bookkeeping = Bookkeeping::new(&conn)?;
         let tx = conn.unchecked_transaction()?;
-        let pending: Option<i64> =
-            tx.query_row("SELECT pending_round FROM devices WHERE id = ?1", [device], |r| r.get(0))?;
+        let pending: Option<i64> = tx
+            .prepare_cached("SELECT pending_round FROM devices WHERE id = ?1")?
+            .query_row([device], |r| r.get(0))?;
         if pending == Some(round as i64) {
             // Confirmed rows: `sending` becomes held and `purging` goes; unconfirmed rows revert.
             // The priority part comes before the rest: a device that reached the rest confirmed
@@ -272,13 +275,13 @@ impl SyncLog for SqliteStore {
                 &format!("UPDATE device_docs SET state = {HELD} WHERE device_id = ?1 AND state = {PURGING} AND {unconfirmed_sql}"),
                 params![device, through],
             )?;
-            tx.execute("UPDATE devices SET pending_round = NULL WHERE id = ?1", [device])?;
+            tx.prepare_cached("UPDATE devices SET pending_round = NULL WHERE id = ?1")?.execute([device])?;
         }
         if outcome == RoundOutcome::Complete {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE devices SET acked_cursor = max(acked_cursor, ?1), last_sync_ms = ?2 WHERE id = ?3",
-                params![round as i64, now_ms, device],
-            )?;
+            )?
+            .execute(params![round as i64, now_ms, device])?;
         }
         tx.commit()?;
         Ok(())
@@ -295,22 +298,22 @@ impl SqliteStore {
         loop {
             let mut conn = self.conn();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let current: i64 = tx.query_row("SELECT seq FROM log_horizon WHERE id = 1", [], |r| r.get(0))?;
+            let current: i64 =
+                tx.prepare_cached("SELECT seq FROM log_horizon WHERE id = 1")?.query_row([], |r| r.get(0))?;
             if horizon as i64 <= current {
                 return Ok(dropped);
             }
             // The seq of the step's last entry, or the horizon if fewer remain.
             let step_end: i64 = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT seq FROM changes WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT 1 OFFSET ?3",
-                    params![current, horizon as i64, step - 1],
-                    |r| r.get(0),
-                )
+                )?
+                .query_row(params![current, horizon as i64, step - 1], |r| r.get(0))
                 .optional()?
                 .unwrap_or(horizon as i64);
             let step = below(&tx, step_end as u64)?;
-            tx.execute("DELETE FROM changes WHERE seq <= ?1", [step_end])?;
-            tx.execute("UPDATE log_horizon SET seq = ?1 WHERE id = 1", [step_end])?;
+            tx.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?.execute([step_end])?;
+            tx.prepare_cached("UPDATE log_horizon SET seq = ?1 WHERE id = 1")?.execute([step_end])?;
             tx.commit()?;
             dropped.entries += step.entries;
             dropped.bytes += step.bytes;
