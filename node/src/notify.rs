@@ -1,11 +1,10 @@
 //! Notifications: what changed for a patient, in words, derived on the device from received
 //! changes (so they come the same way from hospital feeds, imports and other devices).
 
-use std::collections::HashMap;
-
+use automerge::ChangeHash;
 use serde::{Deserialize, Serialize};
 
-use crate::summary::{Encounter, EntryId, PatientId, PatientSummary, SummaryError};
+use crate::summary::{Encounter, PatientId, PatientSummary, Section, SummaryError};
 
 /// One notification, stored sealed on the device.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,30 +26,21 @@ impl std::fmt::Debug for Notification {
     }
 }
 
-/// What a notification compares: each encounter's kind, status and location.
-pub type Snapshot = HashMap<EntryId, (String, String, Option<String>)>;
-
-pub fn snapshot(summary: &mut PatientSummary) -> Result<Snapshot, SummaryError> {
-    Ok(summary
-        .clinical_entries::<Encounter>()?
-        .into_iter()
-        .map(|e| (e.id, (e.data.kind.clone(), e.data.status.clone(), e.data.location.clone())))
-        .collect())
-}
-
 fn place(e: &Encounter) -> String {
     let parts: Vec<&str> = [e.location.as_deref(), e.facility.as_deref()].into_iter().flatten().collect();
     if parts.is_empty() { "hospital".into() } else { parts.join(", ") }
 }
 
-/// The notifications that the change from `before` to `after` calls for.
-pub fn changes(before: &Snapshot, after: &mut PatientSummary) -> Result<Vec<String>, SummaryError> {
+/// The notifications that the changes since `before` (the document's heads before they were
+/// applied) call for: the encounters they created or changed, each compared with what it was.
+pub fn changes(before: &[ChangeHash], after: &mut PatientSummary) -> Result<Vec<String>, SummaryError> {
     let mut out = Vec::new();
-    for entry in after.clinical_entries::<Encounter>()? {
-        let e = &entry.data;
-        let previous = before.get(&entry.id);
+    for id in after.entries_changed_since(Section::Encounters, before)? {
+        let Some(e) = after.clinical_entry::<Encounter>(id)? else { continue };
+        let e = &e;
+        let previous = after.clinical_text_at(Section::Encounters, id, "status", before)?;
         let when = |t: &Option<String>| t.as_ref().map(|t| format!(" ({t})")).unwrap_or_default();
-        let text = match (e.kind.as_str(), e.status.as_str(), previous.map(|p| p.1.as_str())) {
+        let text = match (e.kind.as_str(), e.status.as_str(), previous.as_deref()) {
             (_, "cancelled", Some(prev)) if prev != "cancelled" => {
                 Some(format!("{} cancelled by {}", e.kind, e.provenance.device_name))
             }
@@ -74,4 +64,72 @@ pub fn changes(before: &Snapshot, after: &mut PatientSummary) -> Result<Vec<Stri
         out.extend(text);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summary::tests::{demographics, provenance};
+    use crate::summary::{EntryId, PatientSummary};
+
+    fn visit(kind: &str, status: &str, ward: &str) -> Encounter {
+        Encounter {
+            kind: kind.into(),
+            status: status.into(),
+            class: None,
+            location: Some(ward.into()),
+            facility: Some("Wessex General".into()),
+            start: None,
+            end: None,
+            reason: None,
+            visit: None,
+            vitals: None,
+            verification_status: "confirmed".into(),
+            provenance: provenance("pas", 1),
+        }
+    }
+
+    #[test]
+    fn news_is_told_for_the_encounters_a_change_touched_and_only_for_them() {
+        let mut summary =
+            PatientSummary::create(uuid::Uuid::from_bytes([1; 16]), &demographics(), "aa".try_into().unwrap(), 0)
+                .unwrap();
+        let id = |n: u8| EntryId::from_bytes([n; 16]);
+        // Twenty earlier admissions, ten still in progress: news already told.
+        for n in 0..20 {
+            let status = if n % 2 == 0 { "in-progress" } else { "finished" };
+            summary.upsert(id(n + 100), &visit("admission", status, "Ward 1")).unwrap();
+        }
+        summary.upsert(id(1), &visit("admission", "in-progress", "Ward 7")).unwrap();
+        summary.upsert(id(2), &visit("admission", "in-progress", "Ward 8")).unwrap();
+        summary.upsert(id(3), &visit("transfer", "in-progress", "Ward 9")).unwrap();
+        let before = summary.heads();
+        assert!(changes(&before, &mut summary).unwrap().is_empty(), "no change, no news");
+
+        // One new admission, one discharge, one cancellation, one entered in error, and a field
+        // of an old admission corrected without its status changing.
+        summary.upsert(id(4), &visit("admission", "in-progress", "Ward 4")).unwrap();
+        summary.upsert(id(1), &visit("admission", "finished", "Ward 7")).unwrap();
+        let mut cancelled = visit("transfer", "cancelled", "Ward 9");
+        cancelled.provenance.device_name = "PAS".into();
+        summary.upsert(id(3), &cancelled).unwrap();
+        summary.mark_entered_in_error(Section::Encounters, id(2), "wrong patient", &provenance("pas", 2)).unwrap();
+        summary.upsert(id(100), &visit("admission", "in-progress", "Ward 1, bay 2")).unwrap();
+
+        let mut told = changes(&before, &mut summary).unwrap();
+        told.sort();
+        assert_eq!(
+            told,
+            vec![
+                "admitted to Ward 4, Wessex General".to_string(),
+                "discharged from Ward 7, Wessex General".to_string(),
+                "transfer cancelled by PAS".to_string(),
+            ]
+        );
+        // From the start, the news is every admission still shown (entered in error is not).
+        let from_start = changes(&[], &mut summary).unwrap();
+        assert_eq!(from_start.iter().filter(|t| t.starts_with("admitted to")).count(), 11);
+        assert_eq!(from_start.iter().filter(|t| t.starts_with("discharged from")).count(), 11);
+        assert!(!from_start.iter().any(|t| t.contains("Ward 8")), "entered in error is never news");
+    }
 }

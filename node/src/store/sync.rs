@@ -273,7 +273,7 @@ fn apply_one(
             // compacted away on the server: merged, and its news told as changes would be.
             (Some(existing), _) => {
                 let mut summary = PatientSummary::load(&existing.automerge)?;
-                let before = crate::notify::snapshot(&mut summary)?;
+                let before = summary.heads();
                 summary.merge_saved(saved)?;
                 check_received(&mut summary, &item.doc)?;
                 notified += notify(tx, key, &item.doc, &before, &mut summary, now_ms)?;
@@ -299,7 +299,7 @@ fn apply_one(
             let existing = read_body(tx, key, &doc_key)?
                 .ok_or_else(|| StoreError::MissingDependencies { doc: short_hex(item.doc.as_bytes()) })?;
             let mut summary = PatientSummary::load(&existing.automerge)?;
-            let before = crate::notify::snapshot(&mut summary)?;
+            let before = summary.heads();
             let decoded = changes
                 .iter()
                 .map(|c| automerge::Change::try_from(c.as_slice()))
@@ -323,7 +323,7 @@ fn notify(
     tx: &Transaction<'_>,
     key: &DataKey,
     doc: &PatientId,
-    before: &crate::notify::Snapshot,
+    before: &[automerge::ChangeHash],
     after: &mut PatientSummary,
     now_ms: i64,
 ) -> Result<u64, StoreError> {

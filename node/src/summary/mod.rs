@@ -27,7 +27,7 @@ pub mod migrate;
 mod vitals;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 use autosurgeon::{Hydrate, Reconcile, hydrate_prop, reconcile_prop};
 use uuid::Uuid;
 
@@ -605,6 +605,91 @@ impl PatientSummary {
             }
             Some(_) => Err(SummaryError::Layout("an entry is not a map".into())),
         }
+    }
+
+    /// The entries of `section` created or written since `before` (heads of this document),
+    /// in the order [`PatientSummary::entries`] lists them: what a received change touched,
+    /// found from the section's diff instead of reading every entry twice.
+    pub fn entries_changed_since(
+        &mut self,
+        section: Section,
+        before: &[ChangeHash],
+    ) -> Result<Vec<EntryId>, SummaryError> {
+        let Some(section_obj) = self.map_at(&ROOT, section.key())? else { return Ok(Vec::new()) };
+        let after = self.doc.get_heads();
+        let mut keys = std::collections::BTreeSet::new();
+        for patch in self.doc.diff_obj(&section_obj, before, &after, true)? {
+            if patch.obj == section_obj {
+                if let automerge::PatchAction::PutMap { key, .. } = &patch.action {
+                    keys.insert(key.clone());
+                }
+            } else if let Some((_, automerge::Prop::Map(key))) =
+                patch.path.iter().find(|(o, _)| *o == section_obj)
+            {
+                keys.insert(key.clone());
+            }
+        }
+        let mut found = Vec::new();
+        for key in keys {
+            let Some((Value::Object(ObjType::Map), obj)) = self.doc.get(&section_obj, key.as_str())? else {
+                continue;
+            };
+            let id: EntryId =
+                key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
+            let order = match &obj {
+                ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
+                ObjId::Root => (0, Vec::new()),
+            };
+            found.push((order, id));
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// One entry as a clinician sees it: `None` if it is not there or was entered in error.
+    pub fn clinical_entry<T: SectionEntry>(&self, id: EntryId) -> Result<Option<T>, SummaryError> {
+        let Some(section) = self.map_at(&ROOT, T::SECTION.key())? else { return Ok(None) };
+        let Some(obj) = self.map_at(&section, &id.to_string())? else { return Ok(None) };
+        if self.entered_in_error_of(&obj)?.is_some() {
+            return Ok(None);
+        }
+        self.entry_data(id)
+    }
+
+    /// A text field of an entry as it stood at `heads` (an earlier version of this document),
+    /// as a clinician saw it then: `None` if the entry was not there, was entered in error, or
+    /// the field was empty.
+    pub fn clinical_text_at(
+        &self,
+        section: Section,
+        id: EntryId,
+        field: &str,
+        heads: &[ChangeHash],
+    ) -> Result<Option<String>, SummaryError> {
+        let map_at = |parent: &ObjId, key: &str| -> Result<Option<ObjId>, SummaryError> {
+            Ok(match self.doc.get_at(parent, key, heads)? {
+                Some((Value::Object(ObjType::Map), id)) => Some(id),
+                _ => None,
+            })
+        };
+        let Some(section_obj) = map_at(&ROOT, section.key())? else { return Ok(None) };
+        let Some(entry) = map_at(&section_obj, &id.to_string())? else { return Ok(None) };
+        let in_error = self
+            .doc
+            .get_all_at(&entry, "entered_in_error", heads)?
+            .into_iter()
+            .any(|(value, _)| matches!(value, Value::Object(ObjType::Map)));
+        if in_error {
+            return Ok(None);
+        }
+        Ok(match self.doc.get_at(&entry, field, heads)? {
+            Some((Value::Scalar(v), _)) => match v.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            Some((Value::Object(ObjType::Text), text)) => Some(self.doc.text_at(&text, heads)?),
+            _ => None,
+        })
     }
 
     /// Every entry of a section, entered-in-error ones included, in causal order.
