@@ -91,9 +91,13 @@ mod tests {
 
     #[test]
     fn news_is_told_for_the_encounters_a_change_touched_and_only_for_them() {
-        let mut summary =
-            PatientSummary::create(uuid::Uuid::from_bytes([1; 16]), &demographics(), "aa".try_into().unwrap(), 0)
-                .unwrap();
+        let mut summary = PatientSummary::create(
+            uuid::Uuid::from_bytes([1; 16]),
+            &demographics(),
+            "aa".try_into().unwrap(),
+            0,
+        )
+        .unwrap();
         let id = |n: u8| EntryId::from_bytes([n; 16]);
         // Twenty earlier admissions, ten still in progress: news already told.
         for n in 0..20 {
@@ -113,7 +117,9 @@ mod tests {
         let mut cancelled = visit("transfer", "cancelled", "Ward 9");
         cancelled.provenance.device_name = "PAS".into();
         summary.upsert(id(3), &cancelled).unwrap();
-        summary.mark_entered_in_error(Section::Encounters, id(2), "wrong patient", &provenance("pas", 2)).unwrap();
+        summary
+            .mark_entered_in_error(Section::Encounters, id(2), "wrong patient", &provenance("pas", 2))
+            .unwrap();
         summary.upsert(id(100), &visit("admission", "in-progress", "Ward 1, bay 2")).unwrap();
 
         let mut told = changes(&before, &mut summary).unwrap();
