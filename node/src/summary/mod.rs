@@ -636,10 +636,7 @@ impl PatientSummary {
             };
             let id: EntryId =
                 key.parse().map_err(|_| SummaryError::Layout("entry key is not a UUID".into()))?;
-            let order = match &obj {
-                ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
-                ObjId::Root => (0, Vec::new()),
-            };
+            let order = creation_order(&obj);
             found.push((order, id));
         }
         found.sort();
@@ -649,11 +646,12 @@ impl PatientSummary {
     /// One entry as a clinician sees it: `None` if it is not there or was entered in error.
     pub fn clinical_entry<T: SectionEntry>(&self, id: EntryId) -> Result<Option<T>, SummaryError> {
         let Some(section) = self.map_at(&ROOT, T::SECTION.key())? else { return Ok(None) };
-        let Some(obj) = self.map_at(&section, &id.to_string())? else { return Ok(None) };
+        let key = id.to_string();
+        let Some(obj) = self.map_at(&section, &key)? else { return Ok(None) };
         if self.entered_in_error_of(&obj)?.is_some() {
             return Ok(None);
         }
-        self.entry_data(id)
+        Ok(Some(hydrate_prop(&self.doc, &section, key.as_str())?))
     }
 
     /// A text field of an entry as it stood at `heads` (an earlier version of this document),
@@ -709,10 +707,7 @@ impl PatientSummary {
             let data: T = hydrate_prop(&self.doc, &section, key.as_str())?;
             let entered_in_error = self.entered_in_error_of(&obj)?;
             let conflicts = self.conflicts_of(&obj)?;
-            let order = match &obj {
-                ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
-                ObjId::Root => (0, Vec::new()),
-            };
+            let order = creation_order(&obj);
             found.push((order, Entry { id, data, entered_in_error, conflicts }));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -969,6 +964,15 @@ impl PatientSummary {
     /// ([`crate::policy::check_summary`]) and tests.
     pub(crate) fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc
+    }
+}
+
+/// The order [`PatientSummary::entries`] lists an entry in: its object's creation (counter,
+/// then actor).
+fn creation_order(obj: &ObjId) -> (u64, Vec<u8>) {
+    match obj {
+        ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
+        ObjId::Root => (0, Vec::new()),
     }
 }
 
