@@ -122,14 +122,18 @@ mod tests {
             .unwrap();
         summary.upsert(id(100), &visit("admission", "in-progress", "Ward 1, bay 2")).unwrap();
 
-        let mut told = changes(&before, &mut summary).unwrap();
-        told.sort();
+        // Exactly the five entries written, none of the twenty untouched, in the order the
+        // record lists them (creation order); news in that order too.
         assert_eq!(
-            told,
+            summary.entries_changed_since(Section::Encounters, &before).unwrap(),
+            vec![id(100), id(1), id(2), id(3), id(4)]
+        );
+        assert_eq!(
+            changes(&before, &mut summary).unwrap(),
             vec![
-                "admitted to Ward 4, Wessex General".to_string(),
                 "discharged from Ward 7, Wessex General".to_string(),
                 "transfer cancelled by PAS".to_string(),
+                "admitted to Ward 4, Wessex General".to_string(),
             ]
         );
         // From the start, the news is every admission still shown (entered in error is not).
@@ -137,5 +141,60 @@ mod tests {
         assert_eq!(from_start.iter().filter(|t| t.starts_with("admitted to")).count(), 11);
         assert_eq!(from_start.iter().filter(|t| t.starts_with("discharged from")).count(), 11);
         assert!(!from_start.iter().any(|t| t.contains("Ward 8")), "entered in error is never news");
+    }
+
+    #[test]
+    fn news_of_changes_from_several_authors_applied_at_once_is_told_for_each() {
+        let mut server = PatientSummary::create(
+            uuid::Uuid::from_bytes([2; 16]),
+            &demographics(),
+            "aa".try_into().unwrap(),
+            0,
+        )
+        .unwrap();
+        let id = |n: u8| EntryId::from_bytes([n; 16]);
+        server.upsert(id(1), &visit("admission", "in-progress", "Ward 7")).unwrap();
+        let mut receiver = PatientSummary::load(&server.save()).unwrap();
+        let mut device = PatientSummary::load(&server.save()).unwrap();
+        device.set_actor(&[0xbb; 32]);
+        let base = server.heads();
+
+        // Concurrently: the hospital discharges, a crew records an attendance.
+        server.upsert(id(1), &visit("admission", "finished", "Ward 7")).unwrap();
+        let mut attended = visit("attendance", "finished", "home");
+        attended.provenance.device_name = "ambulance-7".into();
+        device.upsert(id(2), &attended).unwrap();
+
+        let mut received = server.changes_since(&base);
+        received.extend(device.changes_since(&base));
+        let before = receiver.heads();
+        receiver.apply_changes(received).unwrap();
+        let mut told = changes(&before, &mut receiver).unwrap();
+        told.sort();
+        assert_eq!(
+            told,
+            vec!["attended by ambulance-7".to_string(), "discharged from Ward 7, Wessex General".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_change_that_replaces_the_encounters_map_tells_the_news_of_what_it_now_shows() {
+        let patient = uuid::Uuid::from_bytes([3; 16]);
+        let id = |n: u8| EntryId::from_bytes([n; 16]);
+        let mut receiver =
+            PatientSummary::create(patient, &demographics(), "aa".try_into().unwrap(), 0).unwrap();
+        receiver.upsert(id(1), &visit("admission", "in-progress", "Ward 1")).unwrap();
+        // A second creation of the record (another actor, its own section maps): merged in, its
+        // encounters map wins the conflict at the root, so what is shown is all new.
+        let mut other =
+            PatientSummary::create(patient, &demographics(), "ff".try_into().unwrap(), 0).unwrap();
+        other.upsert(id(9), &visit("admission", "in-progress", "Ward 9")).unwrap();
+        let before = receiver.heads();
+        receiver.merge_saved(&other.save()).unwrap();
+        assert_eq!(receiver.entries_changed_since(Section::Encounters, &before).unwrap(), vec![id(9)]);
+        assert_eq!(
+            changes(&before, &mut receiver).unwrap(),
+            vec!["admitted to Ward 9, Wessex General".to_string()]
+        );
     }
 }

@@ -537,15 +537,10 @@ impl PatientSummary {
     }
 
     fn entered_in_error_of(&self, entry: &ObjId) -> Result<Option<EnteredInError>, SummaryError> {
-        // Any concurrent value that is a marker counts: a merge can never hide it.
-        for (value, id) in self.doc.get_all(entry, "entered_in_error")? {
-            if let Value::Object(ObjType::Map) = value {
-                let marker: EnteredInError = autosurgeon::hydrate_prop(&self.doc, entry, "entered_in_error")
-                    .or_else(|_| hydrate_obj(&self.doc, &id))?;
-                return Ok(Some(marker));
-            }
-        }
-        Ok(None)
+        let Some(id) = marker_among(self.doc.get_all(entry, "entered_in_error")?) else { return Ok(None) };
+        let marker: EnteredInError = autosurgeon::hydrate_prop(&self.doc, entry, "entered_in_error")
+            .or_else(|_| hydrate_obj(&self.doc, &id))?;
+        Ok(Some(marker))
     }
 
     /// Marks an entry as recorded by mistake. It stays in the record, hidden from the clinical
@@ -609,7 +604,9 @@ impl PatientSummary {
 
     /// The entries of `section` created or written since `before` (heads of this document),
     /// in the order [`PatientSummary::entries`] lists them: what a received change touched,
-    /// found from the section's diff instead of reading every entry twice.
+    /// found from the section's diff instead of reading every entry twice. A section map that
+    /// did not exist at `before` (one that won a conflict at the root, say) diffs as wholly new,
+    /// so all it shows is counted (tested in `notify`).
     pub fn entries_changed_since(
         &mut self,
         section: Section,
@@ -672,12 +669,7 @@ impl PatientSummary {
         };
         let Some(section_obj) = map_at(&ROOT, section.key())? else { return Ok(None) };
         let Some(entry) = map_at(&section_obj, &id.to_string())? else { return Ok(None) };
-        let in_error = self
-            .doc
-            .get_all_at(&entry, "entered_in_error", heads)?
-            .into_iter()
-            .any(|(value, _)| matches!(value, Value::Object(ObjType::Map)));
-        if in_error {
+        if marker_among(self.doc.get_all_at(&entry, "entered_in_error", heads)?).is_some() {
             return Ok(None);
         }
         Ok(match self.doc.get_at(&entry, field, heads)? {
@@ -965,6 +957,12 @@ impl PatientSummary {
     pub(crate) fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc
     }
+}
+
+/// The entered-in-error marker among the concurrent values of an entry's `entered_in_error`:
+/// any value that is a marker counts, so a merge can never hide one.
+fn marker_among(values: Vec<(Value<'_>, ObjId)>) -> Option<ObjId> {
+    values.into_iter().find_map(|(value, id)| matches!(value, Value::Object(ObjType::Map)).then_some(id))
 }
 
 /// The order [`PatientSummary::entries`] lists an entry in: its object's creation (counter,

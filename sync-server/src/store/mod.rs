@@ -382,17 +382,11 @@ impl Derived {
         let document =
             |e| StoreError::Document(care_node::identity::short_hex(patient.as_bytes()), Box::new(e));
         let merged = summary.merged_into().map_err(document)?.is_some();
-        // The listing reads the few demographic fields straight from the document (hydrating
-        // the demographics costs more than the rest of this); the full read is the fallback
-        // for a document whose listing cannot be read.
+        // Demographics that do not hydrate are refused, as every other read of them would
+        // fail on a device: read once, and the NHS number and postcode taken from that read.
+        let d = summary.demographics().map_err(document)?;
+        let (nhs_number, postcode) = (d.nhs_number, d.postcode);
         let listing = summary.listing().ok();
-        let (nhs_number, postcode) = match &listing {
-            Some(l) => (l.nhs_number.clone(), l.postcode.clone()),
-            None => {
-                let d = summary.demographics().map_err(document)?;
-                (d.nhs_number, d.postcode)
-            }
-        };
         let nhs_number = if merged { None } else { nhs_number };
         let index = crate::domain::scope::PatientIndex::with_postcode(summary, postcode.as_deref())
             .map_err(document)?;
@@ -765,4 +759,47 @@ impl<T: DeviceRegistry + PatientRecords + Governance + SyncLog> ServerStore for 
 /// The store traits, for `dyn ServerStore` callers.
 pub mod prelude {
     pub use super::{DeviceRegistry, Governance, PatientRecords, ServerStore, SyncLog};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{ReadDoc, transaction::Transactable};
+    use care_node::summary::Demographics;
+
+    fn demographics() -> Demographics {
+        Demographics {
+            nhs_number: Some("9434765919".into()),
+            nhs_number_status: None,
+            name: "Test Patient".into(),
+            family: None,
+            given: None,
+            date_of_birth: Some("1950-01-01".into()),
+            sex: None,
+            address_lines: None,
+            city: None,
+            postcode: Some("so16 6yd".into()),
+            gp_practice_code: None,
+            gp_practice_name: None,
+        }
+    }
+
+    #[test]
+    fn a_record_whose_demographics_do_not_read_is_refused_even_when_its_listing_does() {
+        let patient = uuid::Uuid::new_v4();
+        let actor = automerge::ActorId::random();
+        let mut good = PatientSummary::create(patient, &demographics(), actor, 0).unwrap();
+        let derived = Derived::of(&patient, &mut good).unwrap();
+        assert_eq!(derived.nhs_number.as_deref(), Some("9434765919"));
+        assert_eq!(derived.index.district.as_deref(), Some("SO16"));
+        assert!(derived.listing.is_some());
+
+        // The four fields a listing reads stay well formed; `sex` becomes a number.
+        let mut doc = automerge::AutoCommit::load(&good.save()).unwrap();
+        let Some((_, demo)) = doc.get(automerge::ROOT, "demographics").unwrap() else { panic!() };
+        doc.put(&demo, "sex", 7_i64).unwrap();
+        let mut bad = PatientSummary::load(&doc.save()).unwrap();
+        assert!(bad.listing().is_ok(), "the listing alone does not see the damage");
+        assert!(matches!(Derived::of(&patient, &mut bad), Err(StoreError::Document(..))));
+    }
 }
