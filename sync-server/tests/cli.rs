@@ -83,12 +83,18 @@ fn serve_logs_json_lines_with_the_flag_and_policy_comes_from_the_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Every line up to the listening one (the policy is applied before) is a JSON event.
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next().expect("a log line").unwrap();
+    loop {
+        let line = lines.next().expect("a log line saying the server listens").unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event["level"].is_string() && event["timestamp"].is_string(), "{event}");
+        if event["message"] == "care-sync server listening" {
+            break;
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let event: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
-    assert!(event["level"].is_string() && event["timestamp"].is_string(), "{event}");
 
     let audit = run(dir.path(), &["audit"]);
     assert!(text(&audit.stdout).contains("budget = 1234"), "the file's policy is applied and audited");

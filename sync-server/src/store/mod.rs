@@ -24,8 +24,9 @@ use care_node::summary::{Listing, PatientId, PatientSummary};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The database under the store failed (its own error, from whichever backend).
     #[error("the server database failed: {0}")]
-    Sqlite(Box<rusqlite::Error>),
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// The disk under the store is full: the write was rolled back whole (nothing acknowledged
     /// is lost) and works again once there is space.
     #[error(
@@ -56,15 +57,6 @@ pub enum StoreError {
     /// this is a damaged store, or one written by another program): said, never defaulted.
     #[error("the store holds an unreadable {0}: {1}")]
     Unreadable(&'static str, String),
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DiskFull) => Self::StorageFull,
-            _ => Self::Sqlite(Box::new(e)),
-        }
-    }
 }
 
 /// Why an upload batch was refused as a whole (the session ends; nothing of it is applied and

@@ -705,7 +705,7 @@ impl Batch {
         }
         writes.extend(touched.iter().map(|&s| BatchWrite::Progress(read[s].clone())));
         if let Err(e) = store.write_batch(&mut writes) {
-            if matches!(e, StoreError::StorageFull | StoreError::Sqlite(_) | StoreError::Io(_)) {
+            if matches!(e, StoreError::StorageFull | StoreError::Backend(_) | StoreError::Io(_)) {
                 return Err(e.into());
             }
             // One at a time: each patient with its own writes.
