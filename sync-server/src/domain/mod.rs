@@ -11,6 +11,7 @@
 //! - [`settings`]: the settings an operator changes at run time (leases, grant hours, budget,
 //!   prefetch flags), typed, with their defaults and precedence.
 //! - [`compaction`]: how far back the change log must reach, and which devices fall below it.
+//! - [`merge`]: when two records of one person may be merged, and the changes that do it.
 //! - [`upload`]: where an upload gets checked: bounds, scope and the write policy
 //!   ([`care_node::policy`]), before anything is committed.
 
@@ -19,6 +20,7 @@ pub mod device;
 pub mod governance;
 pub mod grant;
 pub mod limits;
+pub mod merge;
 pub mod scope;
 pub mod settings;
 pub mod upload;

@@ -59,6 +59,18 @@ pub enum StoreError {
     Unreadable(&'static str, String),
 }
 
+impl From<crate::domain::merge::MergeError> for StoreError {
+    fn from(e: crate::domain::merge::MergeError) -> Self {
+        use crate::domain::merge::MergeError;
+        match e {
+            MergeError::Refused(why) => StoreError::Merge(why.into()),
+            MergeError::Document(id, e) => {
+                StoreError::Document(care_node::identity::short_hex(id.as_bytes()), e)
+            }
+        }
+    }
+}
+
 /// Why an upload batch was refused as a whole (the session ends; nothing of it is applied and
 /// the device keeps its changes). Refusals of single documents by the write policy are not
 /// errors: they are quarantined and reported in the acknowledgement (see `domain::upload`).

@@ -88,48 +88,16 @@ impl PatientRecords for SqliteStore {
         operator: &str,
         now_ms: i64,
     ) -> Result<MergeOutcome, StoreError> {
-        if keep == merged {
-            return Err(StoreError::Merge("a record cannot be merged into itself".into()));
-        }
+        crate::domain::merge::check_pair(keep, merged)?;
         let actor = crate::server_actor(&self.server_identity()?);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        fn document(id: &PatientId) -> impl Fn(care_node::summary::SummaryError) -> StoreError + '_ {
-            move |e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e))
-        }
-        let mut kept = load_in(&tx, keep)?;
-        let mut gone = load_in(&tx, merged)?;
-        if kept.merged_into().map_err(document(keep))?.is_some() {
-            return Err(StoreError::Merge("the record to keep was itself merged away".into()));
-        }
-        if let Some(into) = gone.merged_into().map_err(document(merged))?
-            && into != *keep
-        {
-            return Err(StoreError::Merge("that record was already merged into another one".into()));
-        }
-        let (a, b) =
-            (kept.demographics().map_err(document(keep))?, gone.demographics().map_err(document(merged))?);
-        if let (Some(x), Some(y)) = (&a.nhs_number, &b.nhs_number)
-            && x != y
-        {
-            return Err(StoreError::Merge("the two records have different NHS numbers".into()));
-        }
-        kept.set_actor(actor.to_bytes());
-        gone.set_actor(actor.to_bytes());
-        let (kept_before, gone_before) = (kept.heads(), gone.heads());
-        let mut provenance =
-            care_node::summary::Provenance::new("server", "regional server", "server", now_ms);
-        provenance.clock_offset_ms = Some(0);
-        provenance.person = Some(operator.to_string());
-        if gone.merged_into().map_err(document(merged))?.is_none() {
-            gone.mark_merged_into(*keep, now_ms).map_err(document(merged))?;
-        }
-        let moved = kept.absorb(&mut gone, &provenance).map_err(document(keep))?;
-        // The merged record gives its NHS number up first, so the kept one may take it.
-        let changes = gone.changes_since(&gone_before);
-        log_changes(&tx, merged, None, &changes, &mut gone)?;
-        let changes = kept.changes_since(&kept_before);
-        log_changes(&tx, keep, None, &changes, &mut kept)?;
+        let (mut kept, mut gone) = (load_in(&tx, keep)?, load_in(&tx, merged)?);
+        let merge =
+            crate::domain::merge::merge(keep, &mut kept, merged, &mut gone, &actor, operator, now_ms)?;
+        log_changes(&tx, merged, None, &merge.merged_changes, &mut gone)?;
+        log_changes(&tx, keep, None, &merge.kept_changes, &mut kept)?;
+        let moved = merge.entries_moved;
         let caseloads = tx.prepare_cached("INSERT OR IGNORE INTO caseload (device_id, patient_id) SELECT device_id, ?1 FROM caseload WHERE patient_id = ?2")?.execute(params![keep.as_bytes().as_slice(), merged.as_bytes().as_slice()],
         )?;
         tx.prepare_cached("DELETE FROM caseload WHERE patient_id = ?1")?
@@ -139,10 +107,7 @@ impl PatientRecords for SqliteStore {
             operator,
             "merge-patients",
             Some(keep),
-            &format!(
-                "merged record {} into this one; {moved} entries moved; {caseloads} caseload(s) moved",
-                short_hex(merged.as_bytes())
-            ),
+            &crate::domain::merge::audit_detail(merged, moved, caseloads),
             now_ms,
         )?;
         tx.commit()?;
