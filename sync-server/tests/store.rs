@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use care_node::summary::{Alert, Allergy, Demographics, PatientId, PatientSummary, Provenance};
+use care_sync_server::store::postgres::PostgresStore;
 use care_sync_server::store::prelude::*;
 use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{
@@ -42,22 +43,98 @@ impl Backend for Sqlite {
     }
 }
 
+/// A database of its own in the PostgreSQL cluster at `CARE_SYNC_POSTGRES_URL` (`.ci/test`
+/// starts one), dropped afterwards. Without the variable the PostgreSQL tests say so and pass,
+/// unless `CARE_SYNC_REQUIRE_POSTGRES=1` (CI), when they fail.
+struct Postgres {
+    admin: String,
+    name: String,
+    url: String,
+    store: Option<Arc<dyn ServerStore>>,
+}
+
+fn postgres_admin_url() -> Option<String> {
+    match std::env::var("CARE_SYNC_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CARE_SYNC_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!(
+                "CARE_SYNC_REQUIRE_POSTGRES=1 but CARE_SYNC_POSTGRES_URL is not set (.ci/test starts a cluster)"
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Runs one statement on the cluster's administrative database.
+fn postgres_admin(url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        client.batch_execute(sql).await.unwrap();
+        drop(client);
+        let _ = connection.await;
+    });
+}
+
+impl Postgres {
+    fn try_fresh() -> Option<Self> {
+        let admin = postgres_admin_url()?;
+        let name = format!("care_test_{}", uuid::Uuid::new_v4().simple());
+        postgres_admin(&admin, &format!("CREATE DATABASE {name}"));
+        let url = format!("{}/{name}", admin.rsplit_once('/').expect("a URL naming a database").0);
+        let store: Arc<dyn ServerStore> = Arc::new(PostgresStore::open(&url).unwrap());
+        Some(Postgres { admin, name, url, store: Some(store) })
+    }
+}
+
+impl Backend for Postgres {
+    fn fresh() -> Self {
+        Self::try_fresh().expect("checked by the caller")
+    }
+    fn store(&self) -> Arc<dyn ServerStore> {
+        self.store.clone().unwrap()
+    }
+    fn another_instance(&self) -> Arc<dyn ServerStore> {
+        Arc::new(PostgresStore::open(&self.url).unwrap())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.store = None;
+        if !std::thread::panicking() {
+            postgres_admin(&self.admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+    }
+}
+
 /// Instantiates every test of [`suite`] for one backend, in a module named after it.
 macro_rules! store_suite {
-    ($backend:ident: $ty:ty => $($test:ident),* $(,)?) => {
+    ($backend:ident: $make:expr => $($test:ident),* $(,)?) => {
         mod $backend {
             $(
                 #[test]
                 fn $test() {
-                    let backend = <$ty as super::Backend>::fresh();
-                    super::suite::$test(&backend);
+                    let make: fn() -> Option<_> = $make;
+                    match make() {
+                        Some(backend) => super::suite::$test(&backend),
+                        None => eprintln!("skipped: no database for this backend (see its Backend)"),
+                    }
                 }
             )*
         }
     };
 }
 
-store_suite!(sqlite: super::Sqlite =>
+macro_rules! every_backend {
+    ($($test:ident),* $(,)?) => {
+        store_suite!(sqlite: || Some(<super::Sqlite as super::Backend>::fresh()) => $($test),*);
+        store_suite!(postgres: super::Postgres::try_fresh => $($test),*);
+    };
+}
+
+every_backend!(
     an_enrolment_token_binds_one_key_once_even_raced_through_two_instances,
     revocation_and_wipe_are_recorded_once,
     patients_are_found_by_nhs_number_and_every_write_moves_their_log_position,
@@ -571,4 +648,55 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     drop(store);
     // Opened again: no step runs twice.
     assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 1);
+}
+
+/// Issue 12's skipped-sequence hazard, made to happen if it can: two instances write at once,
+/// each holding its transaction open for 50 ms after its changes are numbered (a trigger made
+/// for this test sleeps after each insert into the log), while a reader follows the log as a
+/// device's cursor does. At every read, the log below the newest number holds every number
+/// (none committed later can appear below a cursor), and at the end each change is there once.
+#[test]
+fn postgres_log_numbers_are_never_skipped_by_a_cursor_while_two_instances_write_slowly() {
+    let Some(pg) = Postgres::try_fresh() else { return eprintln!("skipped: no PostgreSQL") };
+    postgres_admin(
+        &pg.url,
+        "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(coalesce(nullif(current_setting('care_sync.test_delay', true), ''), '0')::float); RETURN NULL; END $$;
+         CREATE TRIGGER test_slow_commit AFTER INSERT ON changes FOR EACH STATEMENT EXECUTE FUNCTION test_slow_commit();",
+    );
+    let store = pg.store();
+    let ids = patients(&*store, 12, 20);
+    let slow = format!("{}?options=-c%20care_sync.test_delay%3D0.05", pg.url);
+    let writers: Vec<_> = ids
+        .chunks(10)
+        .map(|chunk| {
+            let (instance, chunk): (Arc<dyn ServerStore>, Vec<PatientId>) =
+                (Arc::new(PostgresStore::open(&slow).unwrap()), chunk.to_vec());
+            std::thread::spawn(move || {
+                for id in &chunk {
+                    instance.apply_server_changes(id, &server_change(&*instance, id, false)).unwrap();
+                }
+            })
+        })
+        .collect();
+    let reader = pg.another_instance();
+    let (mut reads, mut cursor, mut seen) =
+        (0, reader.log_horizon().unwrap(), std::collections::HashSet::new());
+    while writers.iter().any(|w| !w.is_finished()) {
+        let newest = reader.max_seq().unwrap();
+        assert_eq!(
+            reader.log_below(newest).unwrap().entries,
+            newest,
+            "every number up to {newest} is in the log"
+        );
+        seen.extend(reader.changed_docs(cursor, newest).unwrap());
+        cursor = newest;
+        reads += 1;
+    }
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    let newest = reader.max_seq().unwrap();
+    seen.extend(reader.changed_docs(cursor, newest).unwrap());
+    assert_eq!(seen, ids.iter().copied().collect(), "the cursor met every document's change");
+    assert_eq!(reader.log_below(newest).unwrap().entries, newest);
+    assert!(reads > 5, "the reader read while the writers were slow ({reads} reads)");
 }

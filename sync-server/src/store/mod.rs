@@ -8,6 +8,7 @@
 //! The change log: every accepted Automerge change gets a global, increasing sequence number.
 //! A device's cursor names a position in it; a round sends only what lies after the cursor.
 
+pub mod postgres;
 pub mod sqlite;
 
 pub use crate::domain::device::{DeviceRecord, Role};
@@ -404,6 +405,22 @@ impl Derived {
         } else {
             format!(",{},", self.index.flags.join(","))
         }
+    }
+}
+
+/// The `listing` column's format: this byte, then the postcard `Listing` (postcard names no
+/// fields, so a later `Listing` of another shape gets another byte, and older rows read as none).
+const LISTING_FORMAT: u8 = 1;
+
+pub(crate) fn encode_listing(listing: &Listing) -> Option<Vec<u8>> {
+    postcard::to_extend(listing, vec![LISTING_FORMAT]).ok()
+}
+
+/// A stored listing; `None` for one of another format or unreadable (the device then parses).
+pub(crate) fn decode_listing(bytes: &[u8]) -> Option<Listing> {
+    match bytes.split_first() {
+        Some((&LISTING_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
     }
 }
 

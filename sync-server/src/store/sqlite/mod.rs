@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use care_node::identity::{Identity, PublicKey, short_hex};
 use care_node::nhs::NhsNumber;
-use care_node::summary::{Listing, PatientId, PatientSummary, SCHEMA_VERSION};
+use care_node::summary::{PatientId, PatientSummary, SCHEMA_VERSION};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::store::prelude::*;
@@ -24,6 +24,7 @@ use crate::store::{
     Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, MergeOutcome, NewDocument,
     QuarantineRecord, QuarantineReview, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
+use crate::store::{decode_listing, encode_listing};
 
 const FORMAT: &str = "care-sync-server/1";
 
@@ -404,20 +405,4 @@ fn audit_in(
     )?
     .execute(params![now_ms, actor, action, patient.map(|p| p.as_bytes().to_vec()), detail])?;
     Ok(())
-}
-
-/// The `listing` column's format: this byte, then the postcard `Listing` (postcard names no
-/// fields, so a later `Listing` of another shape gets another byte, and older rows read as none).
-const LISTING_FORMAT: u8 = 1;
-
-fn encode_listing(listing: &Listing) -> Option<Vec<u8>> {
-    postcard::to_extend(listing, vec![LISTING_FORMAT]).ok()
-}
-
-/// A stored listing; `None` for one of another format or unreadable (the device then parses).
-fn decode_listing(bytes: &[u8]) -> Option<Listing> {
-    match bytes.split_first() {
-        Some((&LISTING_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
-    }
 }

@@ -1,0 +1,83 @@
+//! Numbered schema migrations of the PostgreSQL store: `sync-server/migrations/postgres/`,
+//! applied in order, each once, in one transaction with the row that records it. Instances
+//! starting together take turns on an advisory lock, so each step runs once in the region.
+
+use crate::store::StoreError;
+
+pub(super) struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every step, in order; each file of `migrations/postgres` is here (tested).
+pub(super) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
+}];
+
+/// The advisory lock instances take turns on while migrating.
+const MIGRATION_LOCK: i64 = 7400;
+
+/// Brings the database to the newest step; returns the steps applied now.
+pub(super) async fn migrate(c: &mut super::Client, now_ms: i64) -> Result<Vec<u32>, StoreError> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY,
+             name TEXT NOT NULL,
+             applied_at_ms BIGINT NOT NULL
+         )",
+    )
+    .await?;
+    let recorded: Vec<i32> =
+        tx.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    if recorded.iter().any(|v| *v as u32 > newest) {
+        return Err(StoreError::UnknownFormat);
+    }
+    let mut done = Vec::new();
+    for step in MIGRATIONS.iter().filter(|m| !recorded.contains(&(m.version as i32))) {
+        tx.batch_execute(step.sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)",
+            &[&(step.version as i32), &step.name, &now_ms],
+        )
+        .await?;
+        tracing::info!(version = step.version, name = step.name, "store schema migrated");
+        done.push(step.version);
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// The steps recorded in the database, in order: `(version, name)`.
+pub(super) async fn recorded(c: &mut super::Client) -> Result<Vec<(u32, String)>, StoreError> {
+    let rows = c.query("SELECT version, name FROM schema_migrations ORDER BY version", &[]).await?;
+    rows.iter().map(|r| Ok((r.try_get::<_, i32>(0)? as u32, r.try_get(1)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_of_the_migrations_folder_is_a_step_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let steps: Vec<String> =
+            MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
+        assert_eq!(files, steps);
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1, "steps are numbered 1, 2, … without gaps");
+            assert_eq!(std::fs::read_to_string(dir.join(&steps[i])).unwrap(), m.sql);
+        }
+    }
+}
