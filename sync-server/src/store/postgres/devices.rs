@@ -5,7 +5,11 @@ use super::*;
 impl PostgresStore {
     /// A value of `meta`, made by `make` if absent: the first instance to store it wins and
     /// every instance returns the stored one.
-    fn meta_once(&self, name: &'static str, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    pub(super) fn meta_once(
+        &self,
+        name: &'static str,
+        make: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
         self.run(async |c| {
             if let Some(row) = c.query_opt("SELECT value FROM meta WHERE name = $1", &[&name]).await? {
                 return Ok(row.try_get(0)?);
@@ -147,7 +151,8 @@ impl DeviceRegistry for PostgresStore {
     ) -> Result<(), StoreError> {
         self.run(async |c| {
             let tx = c.transaction().await?;
-            let existing = tx.query_opt("SELECT * FROM devices WHERE name = $1 FOR UPDATE", &[&name]).await?;
+            let existing =
+                tx.query_opt("SELECT * FROM devices WHERE name = $1 FOR NO KEY UPDATE", &[&name]).await?;
             let existing = existing.as_ref().map(device_from_row).transpose()?;
             let insert = "INSERT INTO devices (name, role) VALUES ($1, $2) RETURNING id";
             let device_id: i64 = match existing {
@@ -218,7 +223,7 @@ impl DeviceRegistry for PostgresStore {
                 return Ok(Err(EnrolError::Expired));
             }
             let device = device_from_row(
-                &tx.query_one("SELECT * FROM devices WHERE id = $1 FOR UPDATE", &[&device_id]).await?,
+                &tx.query_one("SELECT * FROM devices WHERE id = $1 FOR NO KEY UPDATE", &[&device_id]).await?,
             )?;
             if device.revoked_at_ms.is_some() {
                 return Ok(Err(EnrolError::Revoked));

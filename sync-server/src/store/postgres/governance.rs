@@ -406,7 +406,7 @@ impl Governance for PostgresStore {
                 )
                 .await?;
                 tx.execute(
-                    "DELETE FROM feed_refusals WHERE id <= (SELECT max(id) FROM feed_refusals) - $1",
+                    "DELETE FROM feed_refusals WHERE id < (SELECT id FROM feed_refusals ORDER BY id DESC OFFSET $1::BIGINT - 1 LIMIT 1)",
                     &[&(crate::store::FEED_ERRORS_KEPT as i64)],
                 )
                 .await?;

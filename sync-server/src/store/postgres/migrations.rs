@@ -32,8 +32,12 @@ pub(super) async fn migrate(c: &mut super::Client, now_ms: i64) -> Result<Vec<u3
          )",
     )
     .await?;
-    let recorded: Vec<i32> =
-        tx.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let recorded: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     let newest = MIGRATIONS.last().map_or(0, |m| m.version);
     if recorded.iter().any(|v| *v as u32 > newest) {
         return Err(StoreError::UnknownFormat);

@@ -11,8 +11,11 @@
 //!   reader that sees number n sees every number below it (no skipped sequences: a cursor can
 //!   never move past a change that commits later).
 //! - **Documents are read for update.** Every read-modify-write of a patient's document locks
-//!   its row (`FOR UPDATE`) in the writing transaction, so two instances merging changes into
-//!   one document never lose one another's.
+//!   its row (`FOR NO KEY UPDATE`, which foreign-key checks do not wait for) in the writing
+//!   transaction, so two instances merging changes into one document never lose one another's.
+//! - **One lock order.** A transaction that logs changes takes the log head first, then
+//!   documents, then (by trigger) the scope epoch; so no two writers wait on each other in a
+//!   cycle, at the cost of committing such writers one after another.
 //! - **Once-only actions are conditional writes** (an enrolment token's redemption, a review,
 //!   an acknowledgement) under a row lock, as the store suite checks through two instances.
 
@@ -50,17 +53,29 @@ const PURGING: i64 = 2;
 /// Sent whole in the priority part of the pending round, not yet confirmed.
 const SENDING_FIRST: i64 = 3;
 
+const FORMAT: &str = "care-sync-server/1";
+
 /// Connections each instance keeps to the database at most.
 const POOL_SIZE: usize = 16;
 
 pub struct PostgresStore {
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until dropped (a runtime dropped inside async code would panic, so `Drop`
+    /// shuts it down in the background instead).
+    runtime: Option<tokio::runtime::Runtime>,
     pool: deadpool_postgres::Pool,
 }
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PostgresStore")
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -105,8 +120,13 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
-        let store = Self { runtime, pool };
+        let store = Self { runtime: Some(runtime), pool };
         store.run(async |c| migrations::migrate(c, care_node::now_ms()).await.map(drop))?;
+        // The same format mark as a SQLite store's: a database of another program is refused.
+        let format = store.meta_once("format", || FORMAT.as_bytes().to_vec())?;
+        if format != FORMAT.as_bytes() {
+            return Err(StoreError::UnknownFormat);
+        }
         store.migrate_documents()?;
         Ok(store)
     }
@@ -116,7 +136,8 @@ impl PostgresStore {
         &self,
         work: impl AsyncFnOnce(&mut Client) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.runtime.block_on(async {
+        let runtime = self.runtime.as_ref().expect("the runtime lives as long as the store");
+        runtime.block_on(async {
             let mut client = self.pool.get().await.map_err(StoreError::from)?;
             work(&mut client).await
         })
@@ -133,7 +154,7 @@ impl PostgresStore {
         use care_node::summary::SCHEMA_VERSION;
         let actor = crate::server_actor(&self.server_identity()?);
         self.run(async |c| {
-            let tx = c.transaction().await?;
+            let tx = logging(c).await?;
             // One instance at a time migrates; the others wait here and then find it done.
             tx.execute("SELECT pg_advisory_xact_lock(7401)", &[]).await?;
             let done = tx.query_opt("SELECT value FROM meta WHERE name = 'doc_schema'", &[]).await?;
@@ -304,10 +325,23 @@ async fn log_derived(
     Ok(())
 }
 
+/// Begins a transaction that will log changes. It takes the log head first, so that every
+/// writer locks in one order (the log head, then documents, then the scope epoch by trigger)
+/// and none waits on another in a cycle. Writers that log changes therefore commit one after
+/// another (docs/storage.md).
+async fn logging(c: &mut Client) -> Result<Tx<'_>, StoreError> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT 1 FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
+    Ok(tx)
+}
+
 /// A stored patient's document, its row locked for the rest of the transaction.
 async fn load_in(tx: &Tx<'_>, patient: &PatientId) -> Result<PatientSummary, StoreError> {
     let saved: Vec<u8> = tx
-        .query_opt("SELECT doc FROM patients WHERE id = $1 FOR UPDATE", &[&patient.as_bytes().as_slice()])
+        .query_opt(
+            "SELECT doc FROM patients WHERE id = $1 FOR NO KEY UPDATE",
+            &[&patient.as_bytes().as_slice()],
+        )
         .await?
         .ok_or(StoreError::UnknownPatient)?
         .try_get(0)?;

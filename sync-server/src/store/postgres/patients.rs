@@ -6,7 +6,7 @@ impl PatientRecords for PostgresStore {
     fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError> {
         let documents = summaries.iter_mut().map(NewDocument::of).collect::<Result<Vec<_>, _>>()?;
         self.run(async |c| {
-            let tx = c.transaction().await?;
+            let tx = logging(c).await?;
             let mut ids = Vec::with_capacity(documents.len());
             for document in &documents {
                 ids.push(insert_in(&tx, document).await?);
@@ -22,7 +22,7 @@ impl PatientRecords for PostgresStore {
         changes: &[automerge::Change],
     ) -> Result<(), StoreError> {
         self.run(async |c| {
-            let tx = c.transaction().await?;
+            let tx = logging(c).await?;
             apply_in(&tx, patient, changes).await?;
             tx.commit().await?;
             Ok(())
@@ -77,9 +77,9 @@ impl PatientRecords for PostgresStore {
     ) -> Result<Option<u64>, StoreError> {
         let id = patient.as_bytes().as_slice();
         self.run(async |c| {
-            let tx = c.transaction().await?;
+            let tx = logging(c).await?;
             let stored =
-                tx.query_opt("SELECT last_seq FROM patients WHERE id = $1 FOR UPDATE", &[&id]).await?;
+                tx.query_opt("SELECT last_seq FROM patients WHERE id = $1 FOR NO KEY UPDATE", &[&id]).await?;
             let stored: i64 = stored.ok_or(StoreError::UnknownPatient)?.try_get(0)?;
             let current = if stored as u64 == base_seq {
                 log_changes(&tx, patient, None, changes, updated).await?;
@@ -118,7 +118,7 @@ impl PatientRecords for PostgresStore {
 
     fn write_batch(&self, writes: &mut [BatchWrite]) -> Result<(), StoreError> {
         self.run(async |c| {
-            let tx = c.transaction().await?;
+            let tx = logging(c).await?;
             for write in writes.iter_mut() {
                 match write {
                     BatchWrite::NewPatient(document) => {
@@ -174,8 +174,8 @@ impl PatientRecords for PostgresStore {
         crate::domain::merge::check_pair(keep, merged)?;
         let actor = crate::server_actor(&self.server_identity()?);
         self.run(async |c| {
-            let tx = c.transaction().await?;
-            // Locked in id order, so two merges of the same pair never wait on each other.
+            let tx = logging(c).await?;
+            // Locked in id order, so two merges of the same pair never deadlock.
             let (first, second) = if keep < merged { (keep, merged) } else { (merged, keep) };
             let (a, b) = (load_in(&tx, first).await?, load_in(&tx, second).await?);
             let (mut kept, mut gone) = if first == keep { (a, b) } else { (b, a) };

@@ -26,16 +26,13 @@ impl SyncLog for PostgresStore {
         docs: &[CheckedChanges],
     ) -> Result<UploadOutcome, UploadError> {
         self.run(async |c| {
-            let tx = c.transaction().await.map_err(StoreError::from)?;
+            let tx = logging(c).await?;
             let (mut accepted, mut merged) = (0, Vec::new());
-            // Documents locked in id order, so two uploads touching the same ones never deadlock.
-            let mut order: Vec<&CheckedChanges> = docs.iter().collect();
-            order.sort_by_key(|d| d.doc);
-            for CheckedChanges { doc, changes, checked_at } in order {
+            for CheckedChanges { doc, changes, checked_at } in docs {
                 let doc_id = short_hex(doc.as_bytes());
                 let saved: Vec<u8> = tx
                     .query_opt(
-                        "SELECT doc FROM patients WHERE id = $1 FOR UPDATE",
+                        "SELECT doc FROM patients WHERE id = $1 FOR NO KEY UPDATE",
                         &[&doc.as_bytes().as_slice()],
                     )
                     .await
@@ -308,7 +305,7 @@ impl SyncLog for PostgresStore {
             let tx = c.transaction().await?;
             tx.batch_execute(BOOKKEEPING).await?;
             let pending: Option<i64> = tx
-                .query_opt("SELECT pending_round FROM devices WHERE id = $1 FOR UPDATE", &[&device])
+                .query_opt("SELECT pending_round FROM devices WHERE id = $1 FOR NO KEY UPDATE", &[&device])
                 .await?
                 .ok_or_else(|| StoreError::UnknownDevice(device.to_string()))?
                 .try_get(0)?;

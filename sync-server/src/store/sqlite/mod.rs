@@ -196,6 +196,10 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(256);
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Every write transaction takes the write lock when it begins: one that read first and
+        // then wrote would fail at once ("database is locked") when another process (the CLI
+        // beside `serve`, a second instance) wrote in between, instead of waiting its turn.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         migrations::migrate(&mut conn, care_node::now_ms())?;
         let format: Option<String> = conn
             .prepare_cached("SELECT CAST(value AS TEXT) FROM meta WHERE name = 'format'")?
