@@ -9,6 +9,7 @@
 //! A device's cursor names a position in it; a round sends only what lies after the cursor.
 
 pub mod postgres;
+mod schema;
 pub mod sqlite;
 
 pub use crate::domain::device::{DeviceRecord, Role};

@@ -4,11 +4,7 @@
 
 use crate::store::StoreError;
 
-pub(super) struct Migration {
-    pub version: u32,
-    pub name: &'static str,
-    pub sql: &'static str,
-}
+use crate::store::schema::Migration;
 
 /// Every step, in order; each file of `migrations/postgres` is here (tested).
 pub(super) const MIGRATIONS: &[Migration] = &[Migration {
@@ -38,7 +34,7 @@ pub(super) async fn migrate(c: &mut super::Client, now_ms: i64) -> Result<Vec<u3
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
-    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let newest = crate::store::schema::newest(MIGRATIONS);
     if recorded.iter().any(|v| *v as u32 > newest) {
         return Err(StoreError::UnknownFormat);
     }
@@ -69,19 +65,6 @@ mod tests {
 
     #[test]
     fn every_file_of_the_migrations_folder_is_a_step_in_order() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-        let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let steps: Vec<String> =
-            MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
-        assert_eq!(files, steps);
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(m.version as usize, i + 1, "steps are numbered 1, 2, … without gaps");
-            assert_eq!(std::fs::read_to_string(dir.join(&steps[i])).unwrap(), m.sql);
-        }
+        crate::store::schema::assert_steps_are_the_folder("postgres", MIGRATIONS);
     }
 }

@@ -11,11 +11,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use crate::store::StoreError;
 
-pub(super) struct Migration {
-    pub version: u32,
-    pub name: &'static str,
-    pub sql: &'static str,
-}
+use crate::store::schema::Migration;
 
 /// Every step, in order; each file of `migrations/sqlite` is here (tested).
 pub(super) const MIGRATIONS: &[Migration] = &[Migration {
@@ -33,7 +29,7 @@ pub(super) fn migrate(conn: &mut Connection, now_ms: i64) -> Result<Vec<u32>, St
              applied_at_ms INTEGER NOT NULL
          )",
     )?;
-    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let newest = crate::store::schema::newest(MIGRATIONS);
     let mut done = Vec::new();
     for step in MIGRATIONS {
         // Immediate: another process opening the store at the same moment waits here, then
@@ -104,20 +100,7 @@ mod tests {
 
     #[test]
     fn every_file_of_the_migrations_folder_is_a_step_in_order() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let steps: Vec<String> =
-            MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
-        assert_eq!(files, steps);
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(m.version as usize, i + 1, "steps are numbered 1, 2, … without gaps");
-            assert_eq!(std::fs::read_to_string(dir.join(&steps[i])).unwrap(), m.sql);
-        }
+        crate::store::schema::assert_steps_are_the_folder("sqlite", MIGRATIONS);
     }
 
     #[test]
