@@ -79,35 +79,99 @@ impl DeviceConnection {
         Self::open_with(&token.server_addr, &[token.server_fingerprint], None, ALPN_ENROL).await
     }
 
+    /// Connects to the first of the server's addresses that answers. `addrs` is one address
+    /// or several separated by commas, each an IP address and port or a name and port (a name
+    /// may resolve to several): the instances of one region. The one that answered last in
+    /// this process is tried first; each next one is tried when the one before fails, or
+    /// [`FAILOVER_STAGGER`] after it started without an answer, whichever comes first, and the
+    /// first to connect is kept (the others are dropped). A server that answers and refuses
+    /// (a revoked device, a closed session) is the region's answer: no other address is tried.
     async fn open_with(
-        addr: &str,
+        addrs: &str,
         fingerprints: &[[u8; 32]],
         identity: Option<&Identity>,
         alpn: &[u8],
     ) -> Result<Self, ClientError> {
-        let addr: SocketAddr = addr.parse().map_err(|_| ClientError::BadAddress(addr.to_string()))?;
-        let bind: SocketAddr =
-            if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid bind address");
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(identity, fingerprints, alpn)?);
-        let connecting =
-            endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        let wait = connect_timeout();
-        let connection = tokio::time::timeout(wait, connecting)
-            .await
-            .map_err(|_| ClientError::Unreachable(format!("no answer within {wait:?}")))?
-            .map_err(|e| match e {
-                quinn::ConnectionError::TransportError(ref t) if is_crypto_error(u64::from(t.code)) => {
-                    ClientError::ServerKeyMismatch
+        let mut targets = resolve(addrs).await?;
+        if let Some(good) = last_good(addrs)
+            && let Some(at) = targets.iter().position(|t| *t == good)
+        {
+            targets[..=at].rotate_right(1);
+        }
+        let config = client_config(identity, fingerprints, alpn)?;
+        let mut waiting = targets.into_iter();
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut failure: Option<ClientError> = None;
+        loop {
+            if attempts.is_empty() {
+                match waiting.next() {
+                    Some(addr) => {
+                        attempts.spawn(Self::open_at(addr, config.clone()));
+                    }
+                    None => {
+                        return Err(failure.unwrap_or_else(|| ClientError::BadAddress(addrs.to_string())));
+                    }
                 }
-                quinn::ConnectionError::TimedOut => {
-                    ClientError::Unreachable("no answer from the server".into())
+            }
+            let more = waiting.len() > 0;
+            tokio::select! {
+                done = attempts.join_next() => match done {
+                    Some(Ok((addr, Ok(connection)))) => {
+                        remember_good(addrs, addr);
+                        return Ok(connection);
+                    }
+                    Some(Ok((_, Err(e)))) if fails_over(&e) => {
+                        // A key mismatch says more than "no answer": it is the one reported.
+                        if !matches!(failure, Some(ClientError::ServerKeyMismatch)) {
+                            failure = Some(e);
+                        }
+                        if let Some(addr) = waiting.next() {
+                            attempts.spawn(Self::open_at(addr, config.clone()));
+                        }
+                    }
+                    Some(Ok((_, Err(e)))) => return Err(e),
+                    Some(Err(e)) => failure = Some(ClientError::Connection(e.to_string())),
+                    None => {}
+                },
+                _ = tokio::time::sleep(FAILOVER_STAGGER), if more => {
+                    if let Some(addr) = waiting.next() {
+                        attempts.spawn(Self::open_at(addr, config.clone()));
+                    }
                 }
-                other => map_connection_error(&other),
-            })?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| map_connection_error(&e))?;
-        Ok(Self { endpoint, connection, send, recv, sent: 0, received: 0 })
+            }
+        }
+    }
+
+    /// One connection attempt to one address.
+    async fn open_at(
+        addr: SocketAddr,
+        config: quinn::ClientConfig,
+    ) -> (SocketAddr, Result<Self, ClientError>) {
+        let attempt = async {
+            let bind: SocketAddr =
+                if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid bind address");
+            let mut endpoint =
+                quinn::Endpoint::client(bind).map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            endpoint.set_default_client_config(config);
+            let connecting =
+                endpoint.connect(addr, SERVER_NAME).map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            let wait = connect_timeout();
+            let connection = tokio::time::timeout(wait, connecting)
+                .await
+                .map_err(|_| ClientError::Unreachable(format!("no answer within {wait:?}")))?
+                .map_err(|e| match e {
+                    quinn::ConnectionError::TransportError(ref t) if is_crypto_error(u64::from(t.code)) => {
+                        ClientError::ServerKeyMismatch
+                    }
+                    quinn::ConnectionError::TimedOut => {
+                        ClientError::Unreachable("no answer from the server".into())
+                    }
+                    other => map_connection_error(&other),
+                })?;
+            let (send, recv) = connection.open_bi().await.map_err(|e| map_connection_error(&e))?;
+            Ok(Self { endpoint, connection, send, recv, sent: 0, received: 0 })
+        };
+        (addr, attempt.await)
     }
 
     /// Sends one message.
@@ -178,6 +242,55 @@ impl DeviceConnection {
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
         Ok((self.sent, self.received, stats))
     }
+}
+
+/// How long a connection attempt to one of a region's addresses waits for an answer before the
+/// next address is tried beside it.
+pub const FAILOVER_STAGGER: Duration = Duration::from_millis(400);
+
+/// Whether another of the region's addresses may do better than the one that gave `e`.
+fn fails_over(e: &ClientError) -> bool {
+    matches!(e, ClientError::Unreachable(_) | ClientError::ServerKeyMismatch | ClientError::Connection(_))
+}
+
+/// The server's addresses, in the order given: each `host:port` (an IP address, or a name that
+/// may resolve to several), separated by commas.
+pub async fn resolve(addrs: &str) -> Result<Vec<SocketAddr>, ClientError> {
+    let mut targets = Vec::new();
+    for part in addrs.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<SocketAddr>() {
+            Ok(addr) => targets.push(addr),
+            Err(_) => {
+                if !part.contains(':') {
+                    return Err(ClientError::BadAddress(part.to_string()));
+                }
+                let found = tokio::net::lookup_host(part)
+                    .await
+                    .map_err(|e| ClientError::Unreachable(format!("cannot resolve `{part}`: {e}")))?;
+                targets.extend(found);
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    targets.retain(|t| seen.insert(*t));
+    if targets.is_empty() {
+        return Err(ClientError::BadAddress(addrs.to_string()));
+    }
+    Ok(targets)
+}
+
+/// The address of `addrs` that answered last in this process.
+static LAST_GOOD: std::sync::Mutex<Option<(String, SocketAddr)>> = std::sync::Mutex::new(None);
+
+fn last_good(addrs: &str) -> Option<SocketAddr> {
+    match &*LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some((of, addr)) if of == addrs => Some(*addr),
+        _ => None,
+    }
+}
+
+fn remember_good(addrs: &str, addr: SocketAddr) {
+    *LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner()) = Some((addrs.to_string(), addr));
 }
 
 fn is_crypto_error(code: u64) -> bool {

@@ -30,7 +30,7 @@ pub enum ClientError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("the server address `{0}` is not a valid IP address and port")]
+    #[error("the server address `{0}` is not an address and port (or several, separated by commas)")]
     BadAddress(String),
     #[error("could not reach the server: {0}")]
     Unreachable(String),

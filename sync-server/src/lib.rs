@@ -42,3 +42,19 @@ pub fn server_actor(identity: &Identity) -> ActorId {
     let hash = blake3::derive_key("care-sync server actor v1", &identity.public_key());
     ActorId::from(&hash[..16])
 }
+
+/// The actor this process's feed edits a copy of a stored document as (the copy is read
+/// before the writing transaction, and each feed applies its messages one after another): the
+/// server's key and a number drawn once per process. Two processes (two instances over one PostgreSQL, or the operator's `import-fhir`
+/// beside `serve`) that each edit a copy of one document would otherwise make two different
+/// changes with one actor and sequence number, which Automerge refuses when the second is
+/// merged into the first. Writers that read the document inside their transaction (merges,
+/// schema migrations) keep [`server_actor`]. 16 bytes, as [`server_actor`].
+pub fn instance_actor(identity: &Identity) -> ActorId {
+    static INSTANCE: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    let instance = INSTANCE.get_or_init(rand::random);
+    let mut hasher = blake3::Hasher::new_derive_key("care-sync server instance actor v1");
+    hasher.update(&identity.public_key());
+    hasher.update(instance);
+    ActorId::from(&hasher.finalize().as_bytes()[..16])
+}

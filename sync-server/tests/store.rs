@@ -47,44 +47,15 @@ impl Backend for Sqlite {
 /// starts one), dropped afterwards. Without the variable the PostgreSQL tests say so and pass,
 /// unless `CARE_SYNC_REQUIRE_POSTGRES=1` (CI), when they fail.
 struct Postgres {
-    admin: String,
-    name: String,
-    url: String,
+    database: care_sync_server::store::postgres::scratch::ScratchDatabase,
     store: Option<Arc<dyn ServerStore>>,
-}
-
-fn postgres_admin_url() -> Option<String> {
-    match std::env::var("CARE_SYNC_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CARE_SYNC_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-            panic!(
-                "CARE_SYNC_REQUIRE_POSTGRES=1 but CARE_SYNC_POSTGRES_URL is not set (.ci/test starts a cluster)"
-            )
-        }
-        _ => None,
-    }
-}
-
-/// Runs one statement on the cluster's administrative database.
-fn postgres_admin(url: &str, sql: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        let connection = tokio::spawn(connection);
-        client.batch_execute(sql).await.unwrap();
-        drop(client);
-        let _ = connection.await;
-    });
 }
 
 impl Postgres {
     fn try_fresh() -> Option<Self> {
-        let admin = postgres_admin_url()?;
-        let name = format!("care_test_{}", uuid::Uuid::new_v4().simple());
-        postgres_admin(&admin, &format!("CREATE DATABASE {name}"));
-        let url = format!("{}/{name}", admin.rsplit_once('/').expect("a URL naming a database").0);
-        let store: Arc<dyn ServerStore> = Arc::new(PostgresStore::open(&url).unwrap());
-        Some(Postgres { admin, name, url, store: Some(store) })
+        let database = care_sync_server::store::postgres::scratch::ScratchDatabase::from_env()?;
+        let store: Arc<dyn ServerStore> = Arc::new(PostgresStore::open(&database.url).unwrap());
+        Some(Postgres { database, store: Some(store) })
     }
 }
 
@@ -96,16 +67,14 @@ impl Backend for Postgres {
         self.store.clone().unwrap()
     }
     fn another_instance(&self) -> Arc<dyn ServerStore> {
-        Arc::new(PostgresStore::open(&self.url).unwrap())
+        Arc::new(PostgresStore::open(&self.database.url).unwrap())
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        // The store's connections go before its database is dropped.
         self.store = None;
-        if !std::thread::panicking() {
-            postgres_admin(&self.admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
-        }
     }
 }
 
@@ -714,18 +683,19 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
 #[test]
 fn postgres_log_numbers_are_never_skipped_by_a_cursor_while_two_instances_write_slowly() {
     let Some(pg) = Postgres::try_fresh() else { return eprintln!("skipped: no PostgreSQL") };
-    postgres_admin(
-        &pg.url,
+    care_sync_server::store::postgres::scratch::execute(
+        &pg.database.url,
         "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(coalesce(nullif(current_setting('care_sync.test_delay', true), ''), '0')::float); RETURN NULL; END $$;
          CREATE TRIGGER test_slow_commit AFTER INSERT ON changes FOR EACH STATEMENT EXECUTE FUNCTION test_slow_commit();",
-    );
+    )
+    .unwrap();
     let store = pg.store();
     let ids = patients(&*store, 12, 20);
     // One instance holds each transaction 300 ms after numbering, the other not at all: with
     // numbers from a SEQUENCE, the fast one's later numbers would commit first, a gap below.
-    let slow = format!("{}?options=-c%20care_sync.test_delay%3D0.3", pg.url);
-    let writers: Vec<_> = [(&slow, &ids[..4]), (&pg.url, &ids[4..])]
+    let slow = format!("{}?options=-c%20care_sync.test_delay%3D0.3", pg.database.url);
+    let writers: Vec<_> = [(&slow, &ids[..4]), (&pg.database.url, &ids[4..])]
         .into_iter()
         .map(|(url, chunk)| {
             let (instance, chunk): (Arc<dyn ServerStore>, Vec<PatientId>) =

@@ -162,7 +162,7 @@ impl TestConsole {
             listen: "127.0.0.1:0".parse().unwrap(),
             token: OPERATOR_TOKEN.into(),
             stale_after_ms: stale_after.as_millis() as i64,
-            sync_addr: server.addr,
+            sync_addr: server.addr.into(),
         };
         let console = care_sync_server::operator::admin::start(server.store.clone(), options)
             .await

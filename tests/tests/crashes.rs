@@ -113,7 +113,7 @@ impl Campaign {
         store.insert_patients(&mut summaries).unwrap();
         let nhs: Vec<String> =
             summaries.iter().map(|s| s.nhs_number().unwrap().as_str().to_string()).collect();
-        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let tokens = (0..DEVICES)
             .map(|d| {
                 let name = format!("nurse-{d}");

@@ -509,7 +509,6 @@ impl PatientSummary {
         let section = self.section_obj(T::SECTION)?;
         let key = id.to_string();
         let before = self.doc.pending_ops();
-        self.register_actor(entry.provenance())?;
         let existing = self.map_at(&section, &key)?;
         let existing_error = match &existing {
             Some(obj) => self.entered_in_error_of(obj)?,
@@ -530,8 +529,13 @@ impl PatientSummary {
             self.doc.put(&obj, "verification_status", ENTERED_IN_ERROR)?;
             reconcile_prop(&mut self.doc, &obj, "entered_in_error", &error)?;
         }
-        // Reconciling writes only what differs: any operation is a change.
+        // Reconciling writes only what differs: any operation is a change. The writer is named
+        // only when it wrote something (a feed's re-import of what is there writes nothing, even
+        // as an actor the document has not seen).
         let changed = self.doc.pending_ops() > before;
+        if changed {
+            self.register_actor(entry.provenance())?;
+        }
         self.commit(entry.provenance().recorded_at_ms);
         Ok(changed)
     }

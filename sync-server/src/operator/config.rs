@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::operator::addrs::ServerAddrs;
 use crate::store::{Role, ServerStore};
 
 /// The default address of QUIC sync and enrolment.
@@ -32,8 +33,10 @@ pub const DEFAULT_LOG_FILTER: &str = "warn,care_sync_server=info";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the server keeps its store.
+    /// Where the server keeps its store (on SQLite), its operator token and its advertised
+    /// address.
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
     pub sync: SyncConfig,
     pub feeds: FeedsConfig,
     pub admin: AdminConfig,
@@ -82,15 +85,61 @@ impl CompactionConfig {
     }
 }
 
+/// Which database holds the store (docs/storage.md).
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/database` for PostgreSQL, shared by every instance of a
+    /// region; left out, the embedded SQLite store in `data_dir`. Keep a password out of the
+    /// file with `password_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the database password (one line), readable only by the server's user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// The URL may carry a password: never shown.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_deref().map(crate::store::redact_url))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    /// Opens the store this section names (SQLite in `data_dir` when it names none).
+    pub fn open(&self, data_dir: &Path) -> Result<std::sync::Arc<dyn ServerStore>, crate::store::StoreError> {
+        let password = match &self.password_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        crate::store::StoreError::Backend(
+                            format!("cannot read store.password_file {}: {e}", file.display()).into(),
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        crate::store::open(self.url.as_deref(), password.as_deref(), data_dir)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncConfig {
     /// QUIC address devices sync and enrol on.
     pub listen: SocketAddr,
     /// The address written into enrolment tokens, when devices reach the server through another
-    /// address than `listen` (a public interface, NAT). Default: `listen`.
+    /// address than `listen` (a public interface, NAT). Several instances of a region: every
+    /// instance's address, separated by commas (or a name that resolves to them all); a device
+    /// tries the next when one does not answer. Default: `listen`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub advertised_addr: Option<SocketAddr>,
+    pub advertised_addr: Option<ServerAddrs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +286,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             feeds: FeedsConfig::default(),
             admin: AdminConfig::default(),
+            store: StoreConfig::default(),
             logging: LoggingConfig::default(),
             policy: PolicyConfig::default(),
             limits: crate::domain::limits::Limits::default(),
@@ -354,7 +404,10 @@ impl Config {
 
     /// The configuration as TOML.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the configuration serialises")
+        // A password in the store URL is not printed (the file keeps it).
+        let mut shown = self.clone();
+        shown.store.url = shown.store.url.as_deref().map(crate::store::redact_url);
+        toml::to_string(&shown).expect("the configuration serialises")
     }
 
     /// Where the operator token lives.
@@ -438,7 +491,10 @@ mod tests {
     fn the_printed_configuration_reads_back_as_itself() {
         let config = Config {
             policy: PolicyConfig::defaults(),
-            sync: SyncConfig { advertised_addr: Some(addr("192.0.2.1:7400")), ..SyncConfig::default() },
+            sync: SyncConfig {
+                advertised_addr: Some(addr("192.0.2.1:7400").into()),
+                ..SyncConfig::default()
+            },
             ..Config::default()
         };
         assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);

@@ -5,7 +5,6 @@
 //!
 //! Over 600 lines because it is one function per operator action (29), each a few lines.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use care_node::nhs::NhsNumber;
@@ -65,11 +64,11 @@ pub fn issue_token(
     store: &dyn ServerStore,
     name: &str,
     role: Role,
-    server_addr: SocketAddr,
+    server_addr: impl Into<crate::operator::addrs::ServerAddrs>,
     ttl: Duration,
 ) -> Result<String, OpsError> {
     let identity = store.server_identity()?;
-    let token = EnrolmentToken::new(server_addr.to_string(), identity.fingerprint());
+    let token = EnrolmentToken::new(server_addr.into().to_string(), identity.fingerprint());
     let expires = now() + ttl.as_millis() as i64;
     store.create_enrolment(name, role, EnrolmentToken::secret_hash(&token.secret), expires)?;
     store.append_audit(

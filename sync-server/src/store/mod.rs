@@ -23,6 +23,41 @@ use care_node::identity::{Identity, PublicKey};
 use care_node::nhs::NhsNumber;
 use care_node::summary::{Listing, PatientId, PatientSummary};
 
+/// Opens the server's store: PostgreSQL when `url` is a `postgres://` (or `postgresql://`) URL,
+/// with `password` if given apart from it; SQLite in `data_dir` when there is none.
+pub fn open(
+    url: Option<&str>,
+    password: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn ServerStore>, StoreError> {
+    match url {
+        None => Ok(std::sync::Arc::new(sqlite::SqliteStore::open(data_dir)?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(std::sync::Arc::new(postgres::PostgresStore::open_with_password(url, password)?))
+        }
+        Some(url) => Err(StoreError::Backend(
+            format!(
+                "store.url `{}` is not a postgres:// URL (leave it out for the embedded SQLite store in the data directory)",
+                redact_url(url)
+            )
+            .into(),
+        )),
+    }
+}
+
+/// `url` with any password replaced by `***`, for showing it.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{name}:***@{host}{path}")
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

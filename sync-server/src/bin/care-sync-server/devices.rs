@@ -1,7 +1,6 @@
 //! Operator commands about devices and the server itself: the device list, caseloads, the
 //! server key's rotation, compaction of the change log.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use care_sync_server::operator::{config, ops};
@@ -164,11 +163,11 @@ pub fn enrol(
     store: &dyn ServerStore,
     name: &str,
     role: Role,
-    addr: SocketAddr,
+    addr: care_sync_server::operator::config::ServerAddrs,
     expires_in_hours: u64,
 ) -> CliResult {
     let ttl = Duration::from_secs(expires_in_hours * 3600);
-    let token = ops::issue_token(store, name, role, addr, ttl)?;
+    let token = ops::issue_token(store, name, role, addr.clone(), ttl)?;
     eprintln!(
         "one-time token for {name} ({}), valid for {expires_in_hours} h, server {addr}:",
         role.as_str()

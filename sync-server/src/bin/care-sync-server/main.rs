@@ -9,7 +9,6 @@ use std::sync::Arc;
 use care_sync_server::demo::{self, DemoOptions};
 use care_sync_server::operator::config::{self, Config, LogFormat};
 use care_sync_server::operator::ops;
-use care_sync_server::store::sqlite::SqliteStore;
 use care_sync_server::store::{Role, ServerStore};
 use clap::{Parser, Subcommand};
 
@@ -41,6 +40,18 @@ struct Cli {
         help_heading = "Global options"
     )]
     data_dir: Option<PathBuf>,
+    /// The store's database: `postgres://user@host:port/database` for PostgreSQL (every
+    /// instance of a region names the same one) [default: `store.url` of the configuration,
+    /// else the embedded SQLite store in the data directory].
+    #[arg(
+        long,
+        global = true,
+        env = "CARE_SYNC_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
+    store_url: Option<String>,
     /// Log format: `text` (default) or `json` (one object per line, for log shippers).
     #[arg(long, global = true, value_parser = parse_log_format, value_name = "FORMAT", help_heading = "Global options")]
     log_format: Option<LogFormat>,
@@ -112,9 +123,11 @@ enum Command {
         /// The device's role.
         #[arg(long, value_parser = role_parser())]
         role: Role,
-        /// The address devices reach the server on (default: where `serve` last listened).
-        #[arg(long)]
-        server_addr: Option<SocketAddr>,
+        /// The address devices reach the server on, or every instance's, separated by commas
+        /// (`host:port`; a device tries the next when one does not answer) [default:
+        /// `sync.advertised_addr`, else where `serve` last listened].
+        #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
+        server_addr: Option<care_sync_server::operator::config::ServerAddrs>,
         /// How long the token stays valid.
         #[arg(long, default_value_t = 24)]
         expires_in_hours: u64,
@@ -362,8 +375,21 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
-fn open(dir: &std::path::Path) -> Result<Arc<dyn ServerStore>, Box<dyn std::error::Error>> {
-    Ok(Arc::new(SqliteStore::open(dir)?))
+/// The store the configuration names (`[store]`, `--store-url`).
+fn open(config: &Config) -> Result<Arc<dyn ServerStore>, Box<dyn std::error::Error>> {
+    Ok(config.store.open(&config.data_dir)?)
+}
+
+/// `backup` and `restore` copy the embedded SQLite store; a database server's store is backed
+/// up with its own tools.
+fn embedded_only(config: &Config, command: &str) -> CliResult {
+    match &config.store.url {
+        None => Ok(()),
+        Some(_) => Err(format!(
+            "`{command}` copies the embedded SQLite store; this server's store is PostgreSQL: back it up with pg_dump or continuous archiving (docs/operations.md, Several instances on PostgreSQL)"
+        )
+        .into()),
+    }
 }
 
 /// `care-sync-server patients | head` ends quietly when `head` has had enough, as Unix tools
@@ -394,6 +420,9 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    if let Some(url) = cli.store_url {
+        config.store.url = Some(url);
+    }
     let dir = config.data_dir.clone();
     match cli.command {
         Command::Serve { listen, mllp_listen, admin_listen } => {
@@ -402,7 +431,7 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             config.admin.listen = admin_listen.unwrap_or(config.admin.listen);
             serve::serve(config).await?;
         }
-        Command::ServerKey { action } => devices::server_key(open(&dir)?.as_ref(), action)?,
+        Command::ServerKey { action } => devices::server_key(open(&config)?.as_ref(), action)?,
         Command::Config => {
             // Policy keys the file leaves out are shown with the built-in defaults; a value
             // changed with `set` is kept in the store and shown by `set`'s audit line.
@@ -417,64 +446,72 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
             }
             println!("{token}");
         }
-        Command::Backup { out } => records::backup(&dir, &out)?,
-        Command::Restore { from, force } => records::restore(&from, &dir, force)?,
+        Command::Backup { out } => {
+            embedded_only(&config, "backup")?;
+            records::backup(&dir, &out)?
+        }
+        Command::Restore { from, force } => {
+            embedded_only(&config, "restore")?;
+            records::restore(&from, &dir, force)?
+        }
         Command::IngestAdt { files } => {
-            records::ingest_adt(open(&dir)?.as_ref(), &files, &config.feeds.adt_options())?
+            records::ingest_adt(open(&config)?.as_ref(), &files, &config.feeds.adt_options())?
         }
         Command::EnrolDevice { name, role, server_addr, expires_in_hours } => {
-            let store = open(&dir)?;
-            let addr = server_addr.or(config.sync.advertised_addr).unwrap_or_else(|| {
+            let store = open(&config)?;
+            let addr = server_addr.or(config.sync.advertised_addr.clone()).unwrap_or_else(|| {
                 std::fs::read_to_string(serve::advertised_addr_file(&dir))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(config.sync.listen)
+                    .unwrap_or_else(|| config.sync.listen.into())
             });
             devices::enrol(store.as_ref(), &name, role, addr, expires_in_hours)?
         }
         Command::CompactLog { hold_days, dry_run } => {
             let hold = devices::hold(hold_days, config.compaction.hold())?;
-            devices::compact_log(open(&dir)?.as_ref(), hold, dry_run)?
+            devices::compact_log(open(&config)?.as_ref(), hold, dry_run)?
         }
-        Command::Devices => devices::list(open(&dir)?.as_ref(), config.admin.stale_after_hours)?,
-        Command::RevokeDevice { name } => devices::revoke(open(&dir)?.as_ref(), &name)?,
-        Command::Caseload { action } => devices::caseload(open(&dir)?.as_ref(), action)?,
+        Command::Devices => devices::list(open(&config)?.as_ref(), config.admin.stale_after_hours)?,
+        Command::RevokeDevice { name } => devices::revoke(open(&config)?.as_ref(), &name)?,
+        Command::Caseload { action } => devices::caseload(open(&config)?.as_ref(), action)?,
         #[cfg(feature = "demo")]
         Command::Generate { patients, seed, fhir_out, records, ndjson } => records::generate(
-            open(&dir)?.as_ref(),
+            open(&config)?.as_ref(),
             patients,
             seed,
             fhir_out.map(|dir| (dir, ndjson)),
             records,
         )?,
         Command::ImportFhir { files, feed, workers, batch } => {
-            records::import_fhir(open(&dir)?.as_ref(), &files, &feed, workers, batch as usize)?
+            records::import_fhir(open(&config)?.as_ref(), &files, &feed, workers, batch as usize)?
         }
-        Command::ExportFhir { nhs, out } => records::export_fhir(open(&dir)?.as_ref(), &nhs, out)?,
+        Command::ExportFhir { nhs, out } => records::export_fhir(open(&config)?.as_ref(), &nhs, out)?,
         Command::MergePatients { keep, merge } => {
-            records::merge(open(&dir)?.as_ref(), &keep, &merge, ops::acting())?
+            records::merge(open(&config)?.as_ref(), &keep, &merge, ops::acting())?
         }
-        Command::Patients { provisional } => records::patients(open(&dir)?.as_ref(), provisional)?,
-        Command::WipeDevice { name } => devices::wipe(open(&dir)?.as_ref(), &name)?,
-        Command::Incident { action } => governance::incident(open(&dir)?.as_ref(), action)?,
-        Command::Area { action } => governance::area(open(&dir)?.as_ref(), action)?,
-        Command::Consent { action } => governance::consent(open(&dir)?.as_ref(), action)?,
+        Command::Patients { provisional } => records::patients(open(&config)?.as_ref(), provisional)?,
+        Command::WipeDevice { name } => devices::wipe(open(&config)?.as_ref(), &name)?,
+        Command::Incident { action } => governance::incident(open(&config)?.as_ref(), action)?,
+        Command::Area { action } => governance::area(open(&config)?.as_ref(), action)?,
+        Command::Consent { action } => governance::consent(open(&config)?.as_ref(), action)?,
         Command::Budget { device, documents } => {
-            governance::budget(open(&dir)?.as_ref(), &device, documents)?
+            governance::budget(open(&config)?.as_ref(), &device, documents)?
         }
-        Command::Set { name, value } => governance::set(open(&dir)?.as_ref(), &name, &value)?,
-        Command::Settings => governance::settings(open(&dir)?.as_ref())?,
+        Command::Set { name, value } => governance::set(open(&config)?.as_ref(), &name, &value)?,
+        Command::Settings => governance::settings(open(&config)?.as_ref())?,
         Command::Quarantine { device, all, action } => {
-            governance::quarantine(open(&dir)?.as_ref(), device.as_deref(), all, action)?
+            governance::quarantine(open(&config)?.as_ref(), device.as_deref(), all, action)?
         }
         Command::Alerts { action } => {
             let action = action.unwrap_or(governance::AlertAction::List { all: false });
-            governance::alerts(open(&dir)?.as_ref(), action)?
+            governance::alerts(open(&config)?.as_ref(), action)?
         }
-        Command::Audit { nhs, device, since } => governance::audit(open(&dir)?.as_ref(), nhs, device, since)?,
+        Command::Audit { nhs, device, since } => {
+            governance::audit(open(&config)?.as_ref(), nhs, device, since)?
+        }
         Command::ExportPlanning { out, by } => {
             let grouping = care_sync_server::operator::planning::Grouping::parse(&by)?;
-            governance::export_planning(open(&dir)?.as_ref(), out, grouping)?
+            governance::export_planning(open(&config)?.as_ref(), out, grouping)?
         }
         #[cfg(feature = "demo")]
         Command::Demo { .. } => unreachable!("handled above"),

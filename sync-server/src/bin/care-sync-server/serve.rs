@@ -1,6 +1,7 @@
 //! `care-sync-server serve`: the QUIC sync server, the MLLP listener and the admin console,
 //! configured by one [`Config`].
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use care_sync_server::operator::admin::{self, AdminOptions};
@@ -15,7 +16,7 @@ pub fn advertised_addr_file(dir: &Path) -> PathBuf {
 
 pub async fn serve(config: Config) -> CliResult {
     let dir = &config.data_dir;
-    let store = crate::open(dir)?;
+    let store = crate::open(&config)?;
     for (setting, applied) in config.apply_policy(store.as_ref())? {
         use care_sync_server::domain::settings::Applied;
         match applied {
@@ -38,13 +39,20 @@ pub async fn serve(config: Config) -> CliResult {
     }
     let running =
         care_sync_server::transport::start_with(store.clone(), config.sync.listen, config.limits).await?;
-    let advertised = config.sync.advertised_addr.unwrap_or(running.addr);
+    let advertised = config.sync.advertised_addr.clone().unwrap_or_else(|| running.addr.into());
+    // On PostgreSQL the data directory holds only this instance's files (the operator token,
+    // the advertised address), private to the server's user as a SQLite store's is.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
     std::fs::write(advertised_addr_file(dir), advertised.to_string())?;
-    println!(
-        "care-sync server: QUIC sync on {} (devices are told {advertised}); data in {}",
-        running.addr,
-        dir.display()
-    );
+    let kept = match &config.store.url {
+        Some(url) => format!("store {}", care_sync_server::store::redact_url(url)),
+        None => format!("data in {}", dir.display()),
+    };
+    println!("care-sync server: QUIC sync on {} (devices are told {advertised}); {kept}", running.addr);
     let mllp = if config.feeds.mllp_enabled {
         let mllp = care_sync_server::ingest::hl7::mllp::start_with(
             store.clone(),

@@ -389,8 +389,11 @@ fn open_document(
         (Some(id), _) => Some(id),
         (None, by_nhs) => by_nhs,
     };
-    let identity = store.server_identity()?;
-    let actor = crate::server_actor(&identity);
+    // An actor of its own for each import of a document: bundles are prepared in parallel
+    // from copies read before the batch that writes them, so two bundles of one patient (in
+    // two files, or a rerun beside another import) would otherwise make two different changes
+    // with one actor and sequence number, which Automerge refuses to merge.
+    let actor = automerge::ActorId::random();
     Ok(match existing {
         Some(id) => {
             let saved = store.load_document(&id)?.ok_or(StoreError::UnknownPatient)?;

@@ -622,7 +622,7 @@ fn open_record(
     cache: Option<&mut DocCache>,
 ) -> Result<(PatientSummary, bool, u64), Refusal> {
     let identity = store.server_identity()?;
-    let actor = crate::server_actor(&identity);
+    let actor = crate::instance_actor(&identity);
     let opened = match store.patient_by_nhs(nhs)? {
         Some(id) => match cache.and_then(|c| c.take(&id)) {
             // The copy a feed wrote last, if nothing has written the document since.

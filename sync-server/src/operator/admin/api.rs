@@ -241,13 +241,14 @@ async fn enrol_device(
     if !(hours > 0.0 && hours <= 24.0 * 30.0) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "expires_in_hours must be between 0 and 720"));
     }
-    let addr = state.sync_addr;
+    let addr = state.sync_addr.clone();
     let ttl = Duration::from_secs_f64(hours * 3600.0);
+    let shown = addr.to_string();
     let token = blocking(&state, move |store| Ok(ops::issue_token(store, &name, role, addr, ttl)?)).await?;
     let expires = care_node::now_ms() + ttl.as_millis() as i64;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "token": token, "server_addr": addr.to_string(), "expires_at": iso(Some(expires)) })),
+        Json(json!({ "token": token, "server_addr": shown, "expires_at": iso(Some(expires)) })),
     ))
 }
 

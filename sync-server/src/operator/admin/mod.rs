@@ -36,14 +36,14 @@ pub struct AdminOptions {
     /// Devices that have not synced for this long are reported as stale.
     pub stale_after_ms: i64,
     /// The QUIC address written into enrolment tokens.
-    pub sync_addr: SocketAddr,
+    pub sync_addr: crate::operator::config::ServerAddrs,
 }
 
 struct AdminState {
     store: Arc<dyn ServerStore>,
     token_hash: [u8; 32],
     stale_after_ms: i64,
-    sync_addr: SocketAddr,
+    sync_addr: crate::operator::config::ServerAddrs,
 }
 
 /// A running admin server.

@@ -8,7 +8,7 @@ impl PostgresStore {
     pub(super) fn meta_once(
         &self,
         name: &'static str,
-        make: impl FnOnce() -> Vec<u8>,
+        make: impl FnOnce() -> Vec<u8> + Send,
     ) -> Result<Vec<u8>, StoreError> {
         self.run(async |c| {
             if let Some(row) = c.query_opt("SELECT value FROM meta WHERE name = $1", &[&name]).await? {

@@ -23,6 +23,7 @@ mod devices;
 mod governance;
 mod migrations;
 mod patients;
+pub mod scratch;
 mod sync;
 
 use std::collections::{HashMap, HashSet};
@@ -102,9 +103,20 @@ impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user:password@host:port/database`) and
     /// brings its schema to this release's (each step once, whichever instance starts first).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        Self::open_with_password(url, None)
+    }
+
+    /// [`PostgresStore::open`] with the password given apart from the URL (a file's).
+    pub fn open_with_password(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Backend(format!("the store URL: {e}").into()))?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("care-sync-server");
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("care-sync-postgres")
@@ -131,16 +143,30 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Runs `work` with a pooled connection, blocking this (non-async) thread until it is done.
-    fn run<T, E: From<StoreError>>(
+    /// Runs `work` with a pooled connection, blocking the calling thread until it is done.
+    ///
+    /// The server calls the store on blocking threads, where this blocks on the store's own
+    /// runtime. Called from async code instead (a task of a multi-threaded runtime, or a
+    /// single-threaded one such as a test's), it still works rather than panicking: on a
+    /// multi-threaded runtime the worker is handed over for the wait (`block_in_place`), on a
+    /// single-threaded one the wait moves to a thread of its own, so the caller's runtime
+    /// (which cannot block on another) is not asked to.
+    fn run<T: Send, E: From<StoreError> + Send>(
         &self,
-        work: impl AsyncFnOnce(&mut Client) -> Result<T, E>,
+        work: impl AsyncFnOnce(&mut Client) -> Result<T, E> + Send,
     ) -> Result<T, E> {
         let runtime = self.runtime.as_ref().expect("the runtime lives as long as the store");
-        runtime.block_on(async {
-            let mut client = self.pool.get().await.map_err(StoreError::from)?;
-            work(&mut client).await
-        })
+        let wait = || {
+            runtime.block_on(async {
+                let mut client = self.pool.get().await.map_err(StoreError::from)?;
+                work(&mut client).await
+            })
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => wait(),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            Ok(_) => std::thread::scope(|s| s.spawn(wait).join().expect("a store call panicked")),
+        }
     }
 
     /// The schema steps recorded in the store, in order: `(number, name)`.

@@ -520,7 +520,7 @@ mod tests {
     fn a_stored_role_or_grant_kind_this_server_does_not_know_is_an_error_not_a_guess() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let addr = "127.0.0.1:7400".parse().unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:7400".parse().unwrap();
         crate::operator::ops::issue_token(
             &store,
             "ambulance-1",
@@ -569,7 +569,7 @@ mod tests {
             assert_eq!(stored(name), vec![1, 2], "{name}: kept as found, not replaced by a new one");
         }
 
-        let addr = "127.0.0.1:7400".parse().unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:7400".parse().unwrap();
         let ttl = crate::operator::ops::DEFAULT_TOKEN_TTL;
         crate::operator::ops::issue_token(&store, "nurse-1", Role::CommunityNurse, addr, ttl).unwrap_err();
         store.conn().execute("DELETE FROM meta WHERE name = 'identity'", []).unwrap();
