@@ -114,6 +114,7 @@ every_backend!(
     the_audit_is_filtered_and_in_order,
     quarantine_reviews_and_alert_acknowledgements_happen_once,
     hospital_feeds_are_counted_and_their_refusals_kept_newest_first,
+    a_feed_message_is_claimed_by_one_instance_at_a_time_until_done_or_its_lease_lapses,
     a_provisional_record_merges_into_its_person_once,
     round_settlement_confirms_what_the_device_applied,
     the_server_identity_and_incarnation_are_made_once_and_rotate_by_staging,
@@ -472,6 +473,31 @@ mod suite {
         assert_eq!(s.alerts(true).unwrap()[0].note.as_deref(), Some("reviewed"));
     }
 
+    pub fn a_feed_message_is_claimed_by_one_instance_at_a_time_until_done_or_its_lease_lapses(
+        b: &impl Backend,
+    ) {
+        use care_sync_server::store::{HL7_CLAIM_LEASE_MS, Hl7Claim};
+        let (s, other) = (b.store(), b.another_instance());
+        assert_eq!(s.hl7_claim("C1", "A01", T0).unwrap(), Hl7Claim::Claimed);
+        // The same retransmission on another instance meanwhile: busy, not applied twice.
+        assert_eq!(other.hl7_claim("C1", "A01", T0 + 5).unwrap(), Hl7Claim::Busy);
+        assert!(!other.hl7_seen("C1").unwrap(), "claimed is not applied");
+        s.hl7_record("C1", "A01", T0 + 10).unwrap();
+        assert_eq!(other.hl7_claim("C1", "A01", T0 + 20).unwrap(), Hl7Claim::Done);
+        assert!(other.hl7_seen("C1").unwrap());
+        // A refused message is released: a resend is applied afresh.
+        assert_eq!(s.hl7_claim("C2", "A01", T0).unwrap(), Hl7Claim::Claimed);
+        s.hl7_release("C2").unwrap();
+        assert_eq!(other.hl7_claim("C2", "A01", T0 + 1).unwrap(), Hl7Claim::Claimed);
+        // A release never undoes a message that was applied.
+        s.hl7_release("C1").unwrap();
+        assert!(s.hl7_seen("C1").unwrap());
+        // The holder died: its claim lapses after the lease, not before.
+        assert_eq!(other.hl7_claim("C2", "A01", T0 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+        assert_eq!(s.hl7_claim("C2", "A01", T0 + 1 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Claimed);
+        assert_eq!(other.hl7_claim("C2", "A01", T0 + 2 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+    }
+
     pub fn hospital_feeds_are_counted_and_their_refusals_kept_newest_first(b: &impl Backend) {
         let s = b.store();
         assert!(!s.hl7_seen("M1").unwrap());
@@ -653,7 +679,10 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     };
     let before = counts(&fixture);
     let store = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(store.schema_steps().unwrap(), vec![(1, "initial".to_string())]);
+    assert_eq!(
+        store.schema_steps().unwrap(),
+        vec![(1, "initial".to_string()), (2, "hl7_claims".to_string())]
+    );
     assert_eq!(counts(&dir.path().join("server.db")), before, "nothing lost or added by the upgrade");
 
     // What it held reads as before, and it takes new writes.
@@ -672,7 +701,7 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     assert!(store.document_seq(&id).unwrap().unwrap() > seq);
     drop(store);
     // Opened again: no step runs twice.
-    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 1);
+    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 2);
 }
 
 /// Issue 12's skipped-sequence hazard, made to happen if it can: two instances write at once,

@@ -23,6 +23,21 @@ use care_node::identity::{Identity, PublicKey};
 use care_node::nhs::NhsNumber;
 use care_node::summary::{Listing, PatientId, PatientSummary};
 
+/// How long a claim on a feed message holds off another process ([`Governance`]'s
+/// `hl7_claim`): far longer than applying one message takes.
+pub const HL7_CLAIM_LEASE_MS: i64 = 30_000;
+
+/// What [`Governance::hl7_claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hl7Claim {
+    /// This writer holds the message now: apply it, then record or release it.
+    Claimed,
+    /// It was applied before: a duplicate.
+    Done,
+    /// Another writer is applying it now.
+    Busy,
+}
+
 /// Opens the server's store: PostgreSQL when `url` is a `postgres://` (or `postgresql://`) URL,
 /// with `password` if given apart from it; SQLite in `data_dir` when there is none.
 pub fn open(
@@ -694,8 +709,19 @@ pub trait Governance: Send + Sync {
 
     // --- hospital feeds
     /// Whether an HL7 message with this control id (MSH-10) was already processed.
+    /// Whether the feed message `control_id` was applied.
     fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError>;
+    /// Claims the feed message `control_id` before applying it, so that two processes given
+    /// one retransmission at once never both apply it: [`Hl7Claim::Claimed`] for the first (or
+    /// for a claim older than [`HL7_CLAIM_LEASE_MS`], whose holder died: applying an ADT
+    /// message again from the stored record writes nothing twice), [`Hl7Claim::Done`] when it
+    /// was applied, [`Hl7Claim::Busy`] while another holds it.
+    fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError>;
+    /// Records the feed message `control_id` as applied (its claim, if any, is done).
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Gives up a claim on a message that was not applied (refused, or failed): a resend is
+    /// applied afresh.
+    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError>;
     /// Counts a processed message by its ACK code; a refusal's reason (never patient data) is kept
     /// among the last [`FEED_ERRORS_KEPT`].
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;

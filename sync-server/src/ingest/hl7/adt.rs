@@ -29,7 +29,7 @@ use care_node::nhs::NhsNumber;
 use care_node::summary::{Demographics, Encounter, EntryId, PatientId, PatientSummary, Provenance, Section};
 use hl7_parser::Message;
 
-use crate::store::{ServerStore, StoreError};
+use crate::store::{Hl7Claim, ServerStore, StoreError};
 
 /// An acknowledgement: `AA` accepted, `AE` error, `AR` rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,11 +459,22 @@ fn process_message(
         let problem = Problem::at("MSH", 9, UNSUPPORTED_MESSAGE_TYPE, "only ADT messages are accepted");
         return refuse(h, "AR", &header.control_id, problem, now_ms);
     }
-    match store.hl7_seen(&header.control_id) {
-        Ok(true) => {
+    // Claimed before it is applied: another instance given the same retransmission at the same
+    // moment answers it as busy instead of applying it a second time.
+    match store.hl7_claim(&header.control_id, &header.event, now_ms) {
+        Ok(Hl7Claim::Done) => {
             return ack(h, "AA", &header.control_id, "already processed (duplicate MSH-10)", None, now_ms);
         }
-        Ok(false) => {}
+        Ok(Hl7Claim::Busy) => {
+            let problem = Problem::at(
+                "MSH",
+                10,
+                INTERNAL_ERROR,
+                "another server instance is applying this message now (MSH-10): send it again",
+            );
+            return refuse(h, "AE", &header.control_id, problem, now_ms);
+        }
+        Ok(Hl7Claim::Claimed) => {}
         Err(e) => {
             let problem = Problem::at(
                 "MSH",
@@ -486,10 +497,15 @@ fn process_message(
             ("AE", p.text.clone(), Some(p))
         }
     };
-    if code == "AA"
-        && let Err(e) = store.hl7_record(&header.control_id, &header.event, now_ms)
-    {
-        tracing::error!(error = %e, "could not record a processed ADT message");
+    let settled = if code == "AA" {
+        store.hl7_record(&header.control_id, &header.event, now_ms)
+    } else {
+        store.hl7_release(&header.control_id)
+    };
+    if let Err(e) = settled {
+        // An unrecorded claim lapses after its lease; a resend is then applied again, which
+        // writes nothing twice (entries are keyed by the visit).
+        tracing::error!(error = %e, "could not record the outcome of an ADT message");
     }
     let _ = store.append_audit(
         &format!("hl7:{}", header.sending_facility),

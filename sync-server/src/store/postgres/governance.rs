@@ -1,6 +1,7 @@
 //! Scopes, grants, consent, settings, alerts, feeds, quarantine and the audit in PostgreSQL.
 
 use super::*;
+use crate::store::{HL7_CLAIM_LEASE_MS, Hl7Claim};
 
 fn bytes(p: &PatientId) -> &[u8] {
     p.as_bytes().as_slice()
@@ -375,7 +376,7 @@ impl Governance for PostgresStore {
 
     fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError> {
         self.run(async |c| {
-            Ok(c.query_opt("SELECT 1 FROM hl7_messages WHERE control_id = $1", &[&control_id])
+            Ok(c.query_opt("SELECT 1 FROM hl7_messages WHERE control_id = $1 AND done", &[&control_id])
                 .await?
                 .is_some())
         })
@@ -383,10 +384,38 @@ impl Governance for PostgresStore {
 
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO hl7_messages (control_id, event, received_at_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES ($1, $2, $3, true)
+             ON CONFLICT (control_id) DO UPDATE SET done = true",
             &[&control_id, &event, &now_ms],
         )
         .map(drop)
+    }
+
+    fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError> {
+        self.run(async |c| {
+            // One statement: of two instances claiming at once, one inserts and the other
+            // waits for its row, then finds it claimed.
+            let claimed = c
+                .execute(
+                    "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES ($1, $2, $3, false)
+                     ON CONFLICT (control_id) DO UPDATE SET received_at_ms = excluded.received_at_ms
+                     WHERE NOT hl7_messages.done AND hl7_messages.received_at_ms <= $4",
+                    &[&control_id, &event, &now_ms, &(now_ms - HL7_CLAIM_LEASE_MS)],
+                )
+                .await?;
+            if claimed > 0 {
+                return Ok(Hl7Claim::Claimed);
+            }
+            let done: bool = c
+                .query_one("SELECT done FROM hl7_messages WHERE control_id = $1", &[&control_id])
+                .await?
+                .try_get(0)?;
+            Ok(if done { Hl7Claim::Done } else { Hl7Claim::Busy })
+        })
+    }
+
+    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError> {
+        self.execute("DELETE FROM hl7_messages WHERE control_id = $1 AND NOT done", &[&control_id]).map(drop)
     }
 
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {

@@ -7,11 +7,18 @@ use crate::store::StoreError;
 use crate::store::schema::Migration;
 
 /// Every step, in order; each file of `migrations/postgres` is here (tested).
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "hl7_claims",
+        sql: include_str!("../../../migrations/postgres/0002_hl7_claims.sql"),
+    },
+];
 
 /// The advisory lock instances take turns on while migrating.
 const MIGRATION_LOCK: i64 = 7400;

@@ -1,6 +1,7 @@
 //! Scopes, consent and the audit in SQLite.
 
 use super::*;
+use crate::store::{HL7_CLAIM_LEASE_MS, Hl7Claim};
 
 impl Governance for SqliteStore {
     fn append_audit(
@@ -403,9 +404,34 @@ impl Governance for SqliteStore {
     fn hl7_seen(&self, control_id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT count(*) FROM hl7_messages WHERE control_id = ?1")?
+            .prepare_cached("SELECT count(*) FROM hl7_messages WHERE control_id = ?1 AND done")?
             .query_row([control_id], |r| r.get::<_, i64>(0))?
             > 0)
+    }
+
+    fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError> {
+        let conn = self.conn();
+        let claimed = conn
+            .prepare_cached(
+                "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES (?1, ?2, ?3, 0)
+                 ON CONFLICT (control_id) DO UPDATE SET received_at_ms = excluded.received_at_ms
+                 WHERE NOT hl7_messages.done AND hl7_messages.received_at_ms <= ?4",
+            )?
+            .execute(params![control_id, event, now_ms, now_ms - HL7_CLAIM_LEASE_MS])?;
+        if claimed > 0 {
+            return Ok(Hl7Claim::Claimed);
+        }
+        let done: bool = conn
+            .prepare_cached("SELECT done FROM hl7_messages WHERE control_id = ?1")?
+            .query_row([control_id], |r| r.get(0))?;
+        Ok(if done { Hl7Claim::Done } else { Hl7Claim::Busy })
+    }
+
+    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("DELETE FROM hl7_messages WHERE control_id = ?1 AND NOT done")?
+            .execute([control_id])?;
+        Ok(())
     }
 
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
@@ -459,8 +485,12 @@ impl Governance for SqliteStore {
     }
 
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.conn().prepare_cached("INSERT INTO hl7_messages (control_id, event, received_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?.execute(params![control_id, event, now_ms],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT (control_id) DO UPDATE SET done = 1",
+            )?
+            .execute(params![control_id, event, now_ms])?;
         Ok(())
     }
 }

@@ -14,11 +14,18 @@ use crate::store::StoreError;
 use crate::store::schema::Migration;
 
 /// Every step, in order; each file of `migrations/sqlite` is here (tested).
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "hl7_claims",
+        sql: include_str!("../../../migrations/sqlite/0002_hl7_claims.sql"),
+    },
+];
 
 /// Brings the store to the newest step; returns the steps applied now.
 pub(super) fn migrate(conn: &mut Connection, now_ms: i64) -> Result<Vec<u32>, StoreError> {
@@ -106,9 +113,11 @@ mod tests {
     #[test]
     fn each_step_runs_once_and_a_store_from_a_newer_release_is_refused() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(migrate(&mut conn, 1).unwrap(), vec![1]);
+        let every: Vec<u32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert_eq!(migrate(&mut conn, 1).unwrap(), every);
         assert_eq!(migrate(&mut conn, 2).unwrap(), Vec::<u32>::new(), "nothing twice");
-        assert_eq!(recorded(&conn).unwrap(), vec![(1, "initial".to_string())]);
+        let names: Vec<(u32, String)> = MIGRATIONS.iter().map(|m| (m.version, m.name.to_string())).collect();
+        assert_eq!(recorded(&conn).unwrap(), names);
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'from-the-future', 3)", []).unwrap();
         assert!(matches!(migrate(&mut conn, 4), Err(StoreError::UnknownFormat)));
     }
