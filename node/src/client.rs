@@ -83,7 +83,7 @@ impl DeviceConnection {
     /// or several separated by commas, each an IP address and port or a name and port (a name
     /// may resolve to several): the instances of one region. The one that answered last in
     /// this process is tried first; each next one is tried when the one before fails, or
-    /// [`FAILOVER_STAGGER`] after it started without an answer, whichever comes first, and the
+    /// [`FAILOVER_STAGGER`] (or [`set_failover_stagger`]) after it started without an answer, whichever comes first, and the
     /// first to connect is kept (the others are dropped). A server that answers and refuses
     /// (a revoked device, a closed session) is the region's answer: no other address is tried.
     async fn open_with(
@@ -130,10 +130,17 @@ impl DeviceConnection {
                         }
                     }
                     Some(Ok((_, Err(e)))) => return Err(e),
-                    Some(Err(e)) => failure = Some(ClientError::Connection(e.to_string())),
+                    Some(Err(e)) => {
+                        if failure.is_none() {
+                            failure = Some(ClientError::Connection(format!("a connection attempt failed: {e}")));
+                        }
+                        if let Some(addr) = waiting.next() {
+                            attempts.spawn(Self::open_at(addr, config.clone()));
+                        }
+                    }
                     None => {}
                 },
-                _ = tokio::time::sleep(FAILOVER_STAGGER), if more => {
+                _ = tokio::time::sleep(failover_stagger()), if more => {
                     if let Some(addr) = waiting.next() {
                         attempts.spawn(Self::open_at(addr, config.clone()));
                     }
@@ -245,8 +252,23 @@ impl DeviceConnection {
 }
 
 /// How long a connection attempt to one of a region's addresses waits for an answer before the
-/// next address is tried beside it.
+/// next address is tried beside it, unless [`set_failover_stagger`] says otherwise.
 pub const FAILOVER_STAGGER: Duration = Duration::from_millis(400);
+
+static FAILOVER_STAGGER_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(FAILOVER_STAGGER.as_millis() as u64);
+
+/// Sets how long an attempt on one of the region's addresses goes unanswered before the next is
+/// tried beside it (process-wide; at least 10 ms). Longer keeps devices on the first address
+/// through slow handshakes; shorter fails over sooner.
+pub fn set_failover_stagger(stagger: Duration) {
+    let ms = (stagger.as_millis() as u64).max(10);
+    FAILOVER_STAGGER_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn failover_stagger() -> Duration {
+    Duration::from_millis(FAILOVER_STAGGER_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 /// Whether another of the region's addresses may do better than the one that gave `e`.
 fn fails_over(e: &ClientError) -> bool {
@@ -257,26 +279,26 @@ fn fails_over(e: &ClientError) -> bool {
 /// may resolve to several), separated by commas.
 pub async fn resolve(addrs: &str) -> Result<Vec<SocketAddr>, ClientError> {
     let mut targets = Vec::new();
+    let mut unresolved = None;
     for part in addrs.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.parse::<SocketAddr>() {
             Ok(addr) => targets.push(addr),
-            Err(_) => {
-                if !part.contains(':') {
-                    return Err(ClientError::BadAddress(part.to_string()));
-                }
-                let found = tokio::net::lookup_host(part)
-                    .await
-                    .map_err(|e| ClientError::Unreachable(format!("cannot resolve `{part}`: {e}")))?;
-                targets.extend(found);
-            }
+            Err(_) if !part.contains(':') => return Err(ClientError::BadAddress(part.to_string())),
+            // A name that does not resolve (in time) is passed over: the others may answer.
+            Err(_) => match tokio::time::timeout(connect_timeout(), tokio::net::lookup_host(part)).await {
+                Ok(Ok(found)) => targets.extend(found),
+                Ok(Err(e)) => unresolved = Some(format!("cannot resolve `{part}`: {e}")),
+                Err(_) => unresolved = Some(format!("no answer resolving `{part}`")),
+            },
         }
     }
     let mut seen = std::collections::HashSet::new();
     targets.retain(|t| seen.insert(*t));
-    if targets.is_empty() {
-        return Err(ClientError::BadAddress(addrs.to_string()));
+    match (targets.is_empty(), unresolved) {
+        (false, _) => Ok(targets),
+        (true, Some(why)) => Err(ClientError::Unreachable(why)),
+        (true, None) => Err(ClientError::BadAddress(addrs.to_string())),
     }
-    Ok(targets)
 }
 
 /// The address of `addrs` that answered last in this process.

@@ -43,8 +43,9 @@ pub fn server_actor(identity: &Identity) -> ActorId {
     ActorId::from(&hash[..16])
 }
 
-/// The actor this process's feed edits a copy of a stored document as (the copy is read
-/// before the writing transaction, and each feed applies its messages one after another): the
+/// The actor this process's feeds and imports edit a copy of a stored document as (the copy
+/// is read before the writing transaction; within a process, a feed applies its messages one
+/// after another and an import never prepares a patient while a write of it is in flight): the
 /// server's key and a number drawn once per process. Two processes (two instances over one PostgreSQL, or the operator's `import-fhir`
 /// beside `serve`) that each edit a copy of one document would otherwise make two different
 /// changes with one actor and sequence number, which Automerge refuses when the second is

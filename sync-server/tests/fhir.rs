@@ -621,3 +621,43 @@ fn two_bundles_of_one_person_in_one_import_make_one_record_with_both() {
     let problems = stored(&store, &id).clinical_entries::<s::Problem>().unwrap().len();
     assert_eq!(problems, originals[0].clinical_entries::<s::Problem>().unwrap().len() + 1);
 }
+
+/// Two files with news of one stored patient, imported by parallel workers in one run: both
+/// are applied (the second is prepared from the record as the first left it, never from a copy
+/// read before the first was written).
+#[test]
+fn two_files_about_one_stored_patient_imported_in_parallel_both_apply() {
+    let (store, _d) = store();
+    let input = tempfile::tempdir().unwrap();
+    let (_, bundles) = realistic_bundles(31, 1);
+    let full = &bundles[0];
+    let entries = full["entry"].as_array().unwrap();
+    let n = entries.len();
+    // The two entries each file adds are the last two, neither of them the Patient.
+    assert!(n > 3 && entries[n - 2..].iter().all(|e| e["resource"]["resourceType"] != "Patient"));
+    let with = |keep: &[usize]| {
+        let mut b = full.clone();
+        b["entry"] = keep.iter().map(|i| entries[*i].clone()).collect::<Vec<_>>().into();
+        b
+    };
+    let base: Vec<usize> = (0..n - 2).collect();
+    std::fs::write(input.path().join("base.json"), with(&base).to_string()).unwrap();
+    let (first, refused, _) = bulk_import(&store, &[input.path().join("base.json")]);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(first.created, 1);
+    let news = tempfile::tempdir().unwrap();
+    for (file, extra) in [("one.json", n - 2), ("two.json", n - 1)] {
+        let keep: Vec<usize> = base.iter().copied().chain([extra]).collect();
+        std::fs::write(news.path().join(file), with(&keep).to_string()).unwrap();
+    }
+    let (progress, refused, _) = bulk_import(&store, &[news.path().to_path_buf()]);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!((progress.imported, progress.created, progress.refused), (2, 0, 0));
+    // The stored record is the full bundle's: what each file added is there.
+    std::fs::write(input.path().join("full.json"), full.to_string()).unwrap();
+    let id = store.patient_ids().unwrap()[0].0;
+    let held = snapshot(&mut stored(&store, &id), false);
+    let (again, _, _) = bulk_import(&store, &[input.path().join("full.json")]);
+    assert_eq!(again.imported, 1);
+    assert_eq!(snapshot(&mut stored(&store, &id), false), held, "the full bundle adds nothing more");
+}

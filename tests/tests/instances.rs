@@ -139,8 +139,17 @@ async fn sync_until_done(device: &mut TestDevice, cursors: &mut Vec<u64>) {
     }
 }
 
-/// What a watching device heard: each pushed round's stats, as they came.
-type Heard = tokio::sync::mpsc::UnboundedReceiver<(Instant, SyncStats)>;
+/// What one pushed round brought (a session's stats add up over its rounds: these are one
+/// round's share).
+#[derive(Debug, Clone, Copy, Default)]
+struct Round {
+    changes: u64,
+    notifications: u64,
+    documents: u64,
+}
+
+/// What a watching device heard: each pushed round, as it came.
+type Heard = tokio::sync::mpsc::UnboundedReceiver<(Instant, Round)>;
 
 /// Watches (reconnecting, through whichever instance answers, whenever a session ends) until
 /// `stop`; returns the device and how its last session ended.
@@ -153,8 +162,15 @@ fn watch(
         let mut ended = Vec::new();
         while !*stop.borrow() {
             let heard_tx = heard_tx.clone();
+            let mut before = SyncStats::default();
             let mut on_round = move |stats: &SyncStats| {
-                let _ = heard_tx.send((Instant::now(), stats.clone()));
+                let round = Round {
+                    changes: stats.changes_received - before.changes_received,
+                    notifications: stats.notifications - before.notifications,
+                    documents: stats.documents_received - before.documents_received,
+                };
+                before = stats.clone();
+                let _ = heard_tx.send((Instant::now(), round));
             };
             let mut stopping = stop.clone();
             let stopped = async move {
@@ -184,7 +200,7 @@ async fn heard_within(
     rounds: &mut Heard,
     what: &str,
     wait: Duration,
-    wanted: impl Fn(Instant, &SyncStats) -> bool,
+    wanted: impl Fn(Instant, &Round) -> bool,
 ) -> Instant {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -198,8 +214,14 @@ async fn heard_within(
 }
 
 /// [`heard_within`] 10 s, judging the round alone.
-async fn heard(rounds: &mut Heard, what: &str, wanted: impl Fn(&SyncStats) -> bool) -> Instant {
-    heard_within(rounds, what, Duration::from_secs(10), |_, stats| wanted(stats)).await
+async fn heard(rounds: &mut Heard, what: &str, wanted: impl Fn(&Round) -> bool) -> Instant {
+    heard_within(rounds, what, Duration::from_secs(10), |_, round| wanted(round)).await
+}
+
+/// Waits until the watcher has heard nothing for 300 ms, dropping what it heard: what it hears
+/// next comes from what the test does next.
+async fn quiet(rounds: &mut Heard) {
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rounds.recv()).await {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -217,6 +239,9 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
     let ids = store.insert_patients(&mut summaries).unwrap();
     let nhs: Vec<NhsNumber> = summaries.iter().map(|s| s.nhs_number().unwrap()).collect();
 
+    // Each device stays on the instance its token names first while it answers (however slow
+    // a handshake is on a busy machine), and goes to the other 2 s after it stops answering.
+    care_node::client::set_failover_stagger(Duration::from_secs(2));
     let (port_a, port_b) = (free_port(), free_port());
     let (a_first, b_first) =
         (format!("127.0.0.1:{port_a},127.0.0.1:{port_b}"), format!("127.0.0.1:{port_b},127.0.0.1:{port_a}"));
@@ -231,10 +256,18 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
         let addrs = if name.ends_with("-a") { &a_first } else { &b_first };
         devices.insert(name, enrolled(store.as_ref(), name, addrs).await);
     }
+    // Which patients each holds: watch-b does not hold patients 0 and 2, watch-a not patient 1,
+    // so a round a watcher hears about them can only come through the other instance.
+    let holds = |name: &str, patient: usize| match name {
+        "big-a" => patient < BIG,
+        "watch-a" => patient < SHARED && patient != 1,
+        "watch-b" => patient < SHARED && patient != 0 && patient != 2,
+        _ => patient < SHARED,
+    };
     let device_id = |name: &str| store.device_by_name(name).unwrap().unwrap().id;
     for name in names {
-        let held = if name == "big-a" { BIG } else { SHARED };
-        let entries: Vec<_> = ids[..held].iter().map(|id| (device_id(name), *id)).collect();
+        let entries: Vec<_> =
+            (0..BIG).filter(|p| holds(name, *p)).map(|p| (device_id(name), ids[p])).collect();
         store.caseload_add_many(&entries).unwrap();
     }
     let enrolled_devices = store.devices().unwrap().len();
@@ -254,40 +287,41 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
     // the watcher on B.
     let mut acknowledged: Vec<(usize, String)> = Vec::new();
     for (uploader, watcher, patient) in [("upload-b", &mut heard_a, 0), ("upload-a", &mut heard_b, 1)] {
+        quiet(watcher).await;
         let device = devices.get_mut(uploader).unwrap();
         let substance = format!("live-{uploader}");
         device.add_allergy(&nhs[patient], &substance);
         sync_until_done(device, cursors.entry(uploader).or_default()).await;
         let uploaded = Instant::now();
-        let at = heard(watcher, "the other instance's upload", |s| s.changes_received > 0).await;
+        let at = heard(watcher, "the other instance's upload", |r| r.changes > 0).await;
         let latency = at.saturating_duration_since(uploaded);
         assert!(latency < Duration::from_secs(1), "{uploader}'s change pushed after {latency:?}");
         acknowledged.push((patient, substance));
     }
 
     // An admission received by B reaches the watcher on A as a notification within a second.
+    quiet(&mut heard_a).await;
     let sent = Instant::now();
     let ack = admit_over_mllp(b.mllp, &nhs[2], "INSTANCES1").await;
     assert!(ack.contains("MSA|AA|INSTANCES1"), "{ack}");
-    let at = heard(&mut heard_a, "the admission", |s| s.notifications > 0).await;
+    let at = heard(&mut heard_a, "the admission", |r| r.notifications > 0).await;
     assert!(at.duration_since(sent) < Duration::from_secs(1), "admission pushed after {:?}", at - sent);
 
-    // A scope change made by an operator reaches the watcher on A within a second.
-    let changed = Instant::now();
+    // A scope change made by an operator reaches the watcher on A within a second of the
+    // command returning.
+    quiet(&mut heard_a).await;
     operator(&url, &["caseload", "add", "--device", "watch-a", "--nhs", nhs[SHARED].as_str()]);
-    let at = heard(&mut heard_a, "the new caseload patient", |s| s.documents_received > 0).await;
-    assert!(
-        at.duration_since(changed) < Duration::from_secs(2),
-        "scope change pushed after {:?}",
-        at - changed
-    );
+    let changed = Instant::now();
+    let at = heard(&mut heard_a, "the new caseload patient", |r| r.documents > 0).await;
+    let latency = at.saturating_duration_since(changed);
+    assert!(latency < Duration::from_secs(1), "scope change pushed after {latency:?}");
 
     // A revocation ends the live session on A within a second of the command returning.
     operator(&url, &["revoke-device", "revoked-a"]);
     let revoked_at = Instant::now();
     let (_, ended) = within(10, revoked).await.unwrap();
     assert!(
-        revoked_at.elapsed() < Duration::from_secs(2),
+        revoked_at.elapsed() < Duration::from_secs(1),
         "revoked session ended after {:?}",
         revoked_at.elapsed()
     );
@@ -295,7 +329,10 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
 
     // Now uploads through both at once while the large first sync runs through A, and A is
     // killed when that round is under way.
+    // When the large round asked for the kill, and when the killed process was reaped.
     let a_killed = Arc::new(Mutex::new(None::<Instant>));
+    let a_dead = Arc::new(Mutex::new(None::<Instant>));
+    let dead = a_dead.clone();
     let mut big = devices.remove("big-a").unwrap();
     let mut up_a = devices.remove("upload-a").unwrap();
     let mut up_b = devices.remove("upload-b").unwrap();
@@ -303,6 +340,7 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
     let killer = std::thread::spawn(move || {
         if kill_rx.recv_timeout(Duration::from_secs(60)).is_ok() {
             a.kill();
+            *dead.lock().unwrap() = Some(Instant::now());
         }
         a
     });
@@ -358,14 +396,15 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
     // The watcher on A notices its instance is gone within the QUIC idle timeout (30 s: a
     // killed process sends nothing, and loopback's refusals do not reach QUIC), reconnects
     // through B, and hears B's changes within a second again.
-    let killed_at = a_killed.lock().unwrap().unwrap();
-    heard_within(&mut heard_a, "a session on B", Duration::from_secs(45), |at, _| at > killed_at).await;
+    let dead_at = a_dead.lock().unwrap().expect("A was killed");
+    heard_within(&mut heard_a, "a session on B", Duration::from_secs(45), |at, _| at > dead_at).await;
+    quiet(&mut heard_a).await;
     up_b.add_allergy(&nhs[3], "after-failover");
     let mut trail = cursors.remove("upload-b").unwrap_or_default();
     sync_until_done(&mut up_b, &mut trail).await;
     cursors.insert("upload-b", trail);
     let uploaded = Instant::now();
-    let at = heard(&mut heard_a, "B's upload after the failover", |s| s.changes_received > 0).await;
+    let at = heard(&mut heard_a, "B's upload after the failover", |r| r.changes > 0).await;
     assert!(
         at.saturating_duration_since(uploaded) < Duration::from_secs(1),
         "pushed after {:?}",
@@ -389,13 +428,13 @@ async fn two_instances_over_one_postgres_survive_losing_one_in_the_middle_of_a_r
         let mut trail = cursors.remove(name).unwrap_or_default();
         sync_until_done(device, &mut trail).await;
         sync_until_done(device, &mut trail).await;
-        for (patient, substance) in &acknowledged {
+        for (patient, substance) in acknowledged.iter().filter(|(p, _)| holds(name, *p)) {
             let count = device.allergies(&nhs[*patient]).iter().filter(|a| *a == substance).count();
             assert_eq!(count, 1, "{name} holds {substance} of patient {patient} {count} times");
         }
         assert_eq!(device.store.enrolment().unwrap().unwrap().device_name, name);
     }
-    // No device enrolled again, and the server's log holds each upload once.
+    // No device enrolled again.
     assert_eq!(store.devices().unwrap().len(), enrolled_devices);
     drop((a, b));
 }

@@ -47,19 +47,53 @@ impl std::str::FromStr for ServerAddrs {
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         for part in &parts {
-            let port = part.rsplit_once(':').map(|(host, port)| (host.trim_matches(['[', ']']), port));
-            match port {
-                Some((host, port))
-                    if !host.is_empty()
-                        && port.parse::<u16>().is_ok_and(|p| p != 0)
-                        && !host.chars().any(|c| c.is_whitespace() || c.is_control()) => {}
-                _ => {
-                    return Err(format!(
-                        "`{part}` is not a host and port (e.g. 192.0.2.1:7400 or sync.example.nhs.uk:7400; several separated by commas)"
-                    ));
-                }
+            if !valid(part) {
+                return Err(format!(
+                    "`{part}` is not a host and port (e.g. 192.0.2.1:7400, [2001:db8::1]:7400 or sync.example.nhs.uk:7400; several separated by commas)"
+                ));
             }
         }
         Ok(ServerAddrs(parts.join(",")))
+    }
+}
+
+/// An IP address and port, or a host name and port (letters, digits, `-` and `.`).
+fn valid(part: &str) -> bool {
+    if part.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return true;
+    }
+    let Some((host, port)) = part.rsplit_once(':') else { return false };
+    !host.is_empty()
+        && host.len() <= 253
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !host.starts_with(['-', '.'])
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerAddrs;
+
+    #[test]
+    fn server_addresses_are_ip_or_host_names_with_ports_and_nothing_else() {
+        for good in ["192.0.2.1:7400", "[2001:db8::1]:7400", "sync-a.example.nhs.uk:7400", "a:1, b:2"] {
+            assert!(good.parse::<ServerAddrs>().is_ok(), "{good}");
+        }
+        assert_eq!("a:1 , b:2".parse::<ServerAddrs>().unwrap().as_str(), "a:1,b:2");
+        for bad in [
+            "",
+            "192.0.2.1",
+            "a:0",
+            "a:1,",
+            "a b:1",
+            "[host]:7400",
+            "[::1:7400",
+            "::1]:7400",
+            "a:b:7400",
+            "a:99999",
+            "-a:1",
+        ] {
+            assert!(bad.parse::<ServerAddrs>().is_err(), "{bad}");
+        }
     }
 }

@@ -112,17 +112,30 @@ impl std::fmt::Debug for StoreConfig {
 impl StoreConfig {
     /// Opens the store this section names (SQLite in `data_dir` when it names none).
     pub fn open(&self, data_dir: &Path) -> Result<std::sync::Arc<dyn ServerStore>, crate::store::StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        let refuse = |why: String| crate::store::StoreError::Backend(why.into());
         let password = match &self.password_file {
-            Some(file) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| {
-                        crate::store::StoreError::Backend(
-                            format!("cannot read store.password_file {}: {e}", file.display()).into(),
-                        )
-                    })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
+            Some(_) if self.url.is_none() => {
+                return Err(refuse(
+                    "store.password_file is set but store.url is not: name the database".into(),
+                ));
+            }
+            Some(file) => {
+                let shown = file.display();
+                let mode = std::fs::metadata(file)
+                    .map_err(|e| refuse(format!("cannot read store.password_file {shown}: {e}")))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(refuse(format!(
+                        "store.password_file {shown} may be read by other users (mode {:o}): chmod 600 it",
+                        mode & 0o777
+                    )));
+                }
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| refuse(format!("cannot read store.password_file {shown}: {e}")))?;
+                Some(text.trim_end_matches(['\n', '\r']).to_string())
+            }
             None => None,
         };
         crate::store::open(self.url.as_deref(), password.as_deref(), data_dir)

@@ -60,17 +60,33 @@ pub fn open(
     }
 }
 
-/// `url` with any password replaced by `***`, for showing it.
+/// `url` with any password replaced by `***`, for showing it. PostgreSQL takes the user and
+/// password up to the first `@` (a password may hold `/` or `?` unescaped), and a password may
+/// also come as a `password=` option; a `key=value` connection string is not shown at all.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(a connection string, not shown)".into();
+    };
+    let rest = match rest.split_once('@') {
         Some((user, host)) if user.contains(':') => {
-            let name = user.split(':').next().unwrap_or_default();
-            format!("{scheme}://{name}:***@{host}{path}")
+            format!("{}:***@{host}", user.split(':').next().unwrap_or_default())
         }
-        _ => url.to_string(),
-    }
+        _ => rest.to_string(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let options: Vec<String> = query
+                .split('&')
+                .map(|option| match option.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => option.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", options.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{rest}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -846,6 +862,27 @@ pub mod prelude {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_store_url_is_shown_without_its_password_however_it_is_written() {
+        use super::redact_url;
+        for (url, shown) in [
+            ("postgres://care:pw@db:5432/region", "postgres://care:***@db:5432/region"),
+            (
+                "postgres://care:p%40x@db/region?sslmode=disable",
+                "postgres://care:***@db/region?sslmode=disable",
+            ),
+            ("postgres://care:pa/ss?w@db/region", "postgres://care:***@db/region"),
+            (
+                "postgresql://care@db/region?password=pw&application_name=a",
+                "postgresql://care@db/region?password=***&application_name=a",
+            ),
+            ("postgres://care@db/region", "postgres://care@db/region"),
+            ("host=db user=care password=pw", "(a connection string, not shown)"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
+
     use super::*;
     use automerge::{ReadDoc, transaction::Transactable};
     use care_node::summary::Demographics;

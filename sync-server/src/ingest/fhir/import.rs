@@ -389,11 +389,10 @@ fn open_document(
         (Some(id), _) => Some(id),
         (None, by_nhs) => by_nhs,
     };
-    // An actor of its own for each import of a document: bundles are prepared in parallel
-    // from copies read before the batch that writes them, so two bundles of one patient (in
-    // two files, or a rerun beside another import) would otherwise make two different changes
-    // with one actor and sequence number, which Automerge refuses to merge.
-    let actor = automerge::ActorId::random();
+    // This process's actor: another process (an instance's feed, another import) editing the
+    // same document from its own copy writes as another actor. Within the process, the bulk
+    // import never prepares a patient while a write of it is in flight.
+    let actor = crate::instance_actor(&store.server_identity()?);
     Ok(match existing {
         Some(id) => {
             let saved = store.load_document(&id)?.ok_or(StoreError::UnknownPatient)?;
