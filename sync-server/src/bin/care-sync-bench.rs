@@ -110,7 +110,8 @@ async fn cut(n: usize, link: Profile, every: Duration, kind: CutKind) {
     );
 }
 
-async fn run(n: usize, link: Option<Profile>) {
+/// One size's run on the current backend; returns the cold sync's and the reconnects' times.
+async fn run(n: usize, link: Option<Profile>) -> Vec<(String, Duration)> {
     let figures = bench::measure(n, link).await;
     let mut population = bench::population(automerge::ActorId::random());
     let sample: Vec<Vec<u8>> =
@@ -215,6 +216,12 @@ async fn run(n: usize, link: Option<Profile>) {
         "  peak memory: server process {:.0} MB, device process {:.0} MB",
         figures.server_peak_mb, figures.device_peak_mb
     );
+    let mut times = vec![
+        ("cold sync".to_string(), figures.cold.duration),
+        ("reconnect, 0 changed".to_string(), figures.idle.duration),
+    ];
+    times.extend(figures.changed.iter().map(|(k, r)| (format!("reconnect, {k} changed"), r.duration)));
+    times
 }
 
 /// Raises the open-file limit to its hard maximum: each live device has a UDP socket and its
@@ -455,6 +462,11 @@ struct Args {
     /// senders, and the ACK latency at 200 messages/s (0: skip).
     #[arg(long, value_name = "PATIENTS", default_value_t = 0)]
     feeds: usize,
+    /// The store of the bench servers: `sqlite`, `postgres` (a fresh database in the cluster of
+    /// `CARE_SYNC_POSTGRES_URL`, dropped after), or both, each scenario run on each, side by
+    /// side with the ratios (the feeds bench runs on SQLite only).
+    #[arg(long, value_name = "BACKEND", value_enum, value_delimiter = ',', default_value = "sqlite")]
+    backend: Vec<bench::Backend>,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
@@ -484,19 +496,41 @@ fn main() {
     println!("care-sync bench: {cpus} CPU(s); server and devices in two processes, QUIC over 127.0.0.1");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let live_devices = args.live.unwrap_or(if link.is_some() { 0 } else { 1_000 });
+    let mut backends = args.backend.clone();
+    backends.dedup();
     for n in sizes {
-        match cut_every {
-            Some(every) => runtime.block_on(cut(
-                n,
-                link.clone().unwrap_or_else(|| Profile::named("loopback").expect("loopback")),
-                every,
-                cut_kind,
-            )),
-            None => runtime.block_on(run(n, link.clone())),
+        let mut by_backend = Vec::new();
+        for backend in &backends {
+            bench::use_backend(*backend);
+            println!("\nstore: {backend:?}");
+            match cut_every {
+                Some(every) => runtime.block_on(cut(
+                    n,
+                    link.clone().unwrap_or_else(|| Profile::named("loopback").expect("loopback")),
+                    every,
+                    cut_kind,
+                )),
+                None => by_backend.push((*backend, runtime.block_on(run(n, link.clone())))),
+            }
+        }
+        if let [(first, base), (second, other)] = by_backend.as_slice() {
+            println!("\nN = {n}: {second:?} / {first:?}, measured in this run");
+            for ((name, a), (_, b)) in base.iter().zip(other) {
+                println!(
+                    "  {name:<24} {:>9.1} ms {:>9.1} ms  {:.2}x",
+                    ms(*a),
+                    ms(*b),
+                    b.as_secs_f64() / a.as_secs_f64()
+                );
+            }
         }
     }
     if live_devices > 0 {
-        runtime.block_on(live(live_devices, link));
+        for backend in &backends {
+            bench::use_backend(*backend);
+            println!("\nstore: {backend:?}");
+            runtime.block_on(live(live_devices, link.clone()));
+        }
     }
     if args.feeds > 0 {
         runtime.block_on(care_sync_server::demo::feeds::run(args.feeds));

@@ -5,7 +5,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use care_node::client::{self, SyncReport};
@@ -14,8 +13,7 @@ use care_node::store::DeviceStore;
 use care_node::summary::{Allergy, PatientId, PatientSummary, Provenance};
 
 use crate::demo::population::{Population, Records};
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Role, ServerStore};
+use crate::store::Role;
 
 /// The population seed of every run, so runs are comparable.
 pub const SEED: u64 = 7;
@@ -32,6 +30,28 @@ pub fn use_records(records: Records) {
 /// The bench population's records ([`use_records`]).
 pub fn records() -> Records {
     RECORDS.get().copied().unwrap_or_default()
+}
+
+/// Which store every bench server of this process runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// The embedded SQLite store in a temporary directory.
+    #[default]
+    Sqlite,
+    /// A fresh database in the PostgreSQL cluster of `CARE_SYNC_POSTGRES_URL`, dropped after.
+    Postgres,
+}
+
+static BACKEND: std::sync::Mutex<Backend> = std::sync::Mutex::new(Backend::Sqlite);
+
+/// Makes the bench servers this process starts from now on use `backend`.
+pub fn use_backend(backend: Backend) {
+    *BACKEND.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+}
+
+/// The backend of the next bench server ([`use_backend`]).
+pub fn backend() -> Backend {
+    *BACKEND.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The bench population: seed [`SEED`], records as [`use_records`] set them.
@@ -69,7 +89,9 @@ pub fn ms(d: Duration) -> f64 {
 /// `peak`, `quit`.
 pub fn server_role(dir: &str, n: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let store: Arc<dyn ServerStore> = Arc::new(SqliteStore::open(std::path::Path::new(dir)).expect("store"));
+    // DIR is a directory for SQLite, or a postgres:// URL.
+    let url = dir.starts_with("postgres").then_some(dir);
+    let store = crate::store::open(url, None, std::path::Path::new(dir)).expect("store");
     let actor = crate::server_actor(&store.server_identity().expect("identity"));
     let t = Instant::now();
     let mut population = population(actor.clone());
@@ -169,14 +191,27 @@ pub struct Server {
     pub stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     _dir: tempfile::TempDir,
+    /// The PostgreSQL database of a `--backend postgres` server, dropped after it.
+    _database: Option<crate::store::postgres::scratch::ScratchDatabase>,
 }
 
 impl Server {
     pub fn start(n: usize) -> (Server, Vec<String>) {
         let dir = tempfile::tempdir().expect("temp dir");
+        let database = match backend() {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                crate::store::postgres::scratch::ScratchDatabase::from_env()
+                    .expect("--backend postgres needs a cluster: set CARE_SYNC_POSTGRES_URL"),
+            ),
+        };
+        let place: std::ffi::OsString = match &database {
+            Some(db) => db.url.clone().into(),
+            None => dir.path().into(),
+        };
         let mut child = Command::new(std::env::current_exe().expect("own path"))
             .arg("--server-role")
-            .arg(dir.path())
+            .arg(place)
             .arg(n.to_string())
             .arg("--records")
             .arg(clap::ValueEnum::to_possible_value(&records()).expect("a named value").get_name())
@@ -186,7 +221,7 @@ impl Server {
             .expect("server process");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut server = Server { child, stdin, stdout, _dir: dir };
+        let mut server = Server { child, stdin, stdout, _dir: dir, _database: database };
         let ready = server.line();
         let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
         assert_eq!(words[0], "ready", "{ready}");
