@@ -489,8 +489,18 @@ fn the_store_is_chosen_by_one_setting_and_its_password_never_shown() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listed = text(&out.stdout);
     assert_eq!(listed.lines().filter(|l| !l.trim().is_empty()).count(), 3, "{listed}");
+    // After a pg_restore: the store's incarnation moves (devices resend and resync), audited.
+    let incarnation = || {
+        use care_sync_server::store::DeviceRegistry;
+        care_sync_server::store::postgres::PostgresStore::open(url).unwrap().incarnation().unwrap()
+    };
+    let before = incarnation();
+    let out = on_pg(&["restored"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(incarnation(), before);
     let out = on_pg(&["audit"]);
-    assert!(text(&out.stdout).contains("enrolment-token"), "{}", text(&out.stdout));
+    let audit = text(&out.stdout);
+    assert!(audit.contains("enrolment-token") && audit.contains("restored"), "{audit}");
     // A bad address list is refused before anything is written.
     let out =
         on_pg(&["enrol-device", "--name", "x", "--role", "community-nurse", "--server-addr", "192.0.2.1"]);

@@ -117,6 +117,7 @@ every_backend!(
     a_feed_message_is_claimed_by_one_instance_at_a_time_until_done_or_its_lease_lapses,
     a_provisional_record_merges_into_its_person_once,
     round_settlement_confirms_what_the_device_applied,
+    a_newer_session_of_a_device_fences_off_the_older_one_on_another_instance,
     the_server_identity_and_incarnation_are_made_once_and_rotate_by_staging,
     concurrent_writers_through_two_instances_lose_nothing_and_never_deadlock,
 );
@@ -555,17 +556,18 @@ mod suite {
         let s = b.store();
         let ids = patients(&*s, 9, 4);
         let crew = device(&*s, "crew", Role::AmbulanceCrew, 9);
-        s.record_round_page(crew.id, 1, false, &ids[..2], &[]).unwrap();
+        let session = s.begin_session(crew.id).unwrap();
+        s.record_round_page(crew.id, session, 1, false, &ids[..2], &[]).unwrap();
         assert_eq!(s.pending_round(crew.id).unwrap(), Some(1));
         assert!(s.held(crew.id).unwrap().is_empty(), "nothing held before the device confirms");
-        s.settle_round(crew.id, 1, RoundOutcome::Complete, T0).unwrap();
+        s.settle_round(crew.id, session, 1, RoundOutcome::Complete, T0).unwrap();
         assert_eq!(b.another_instance().held(crew.id).unwrap(), ids[..2].iter().copied().collect());
         assert_eq!(s.pending_round(crew.id).unwrap(), None);
         assert_eq!(s.held_counts().unwrap().get(&crew.id), Some(&2));
 
         // A round applied by the device up to its first document, and one applied not at all.
-        s.record_round_page(crew.id, 2, false, &ids[2..], &[ids[0]]).unwrap();
-        s.settle_round(crew.id, 2, RoundOutcome::Nothing, T0 + 1).unwrap();
+        s.record_round_page(crew.id, session, 2, false, &ids[2..], &[ids[0]]).unwrap();
+        s.settle_round(crew.id, session, 2, RoundOutcome::Nothing, T0 + 1).unwrap();
         assert_eq!(
             s.held(crew.id).unwrap(),
             ids[..2].iter().copied().collect(),
@@ -574,9 +576,15 @@ mod suite {
         // A round's documents go in patient id order; `through` names the last one applied.
         let mut rest = ids[2..].to_vec();
         rest.sort();
-        s.record_round_page(crew.id, 3, false, &rest, &[]).unwrap();
-        s.settle_round(crew.id, 3, RoundOutcome::Through { priority: false, through: rest[0] }, T0 + 2)
-            .unwrap();
+        s.record_round_page(crew.id, session, 3, false, &rest, &[]).unwrap();
+        s.settle_round(
+            crew.id,
+            session,
+            3,
+            RoundOutcome::Through { priority: false, through: rest[0] },
+            T0 + 2,
+        )
+        .unwrap();
         assert!(s.held(crew.id).unwrap().contains(&rest[0]));
         assert!(!s.held(crew.id).unwrap().contains(&rest[1]), "after `through`: not applied");
 
@@ -589,6 +597,37 @@ mod suite {
         let held = s.held(crew.id).unwrap();
         assert_eq!(changes.keys().copied().collect::<std::collections::HashSet<_>>(), held);
         assert!(changes.values().all(|c| c.windows(2).all(|w| w[0].0 < w[1].0)), "in sequence order");
+    }
+
+    /// A device reconnected to another instance while its old session there still runs (the
+    /// instance has not noticed the device is gone): the old session's writes of the round
+    /// state are refused and change nothing of what the new one wrote.
+    pub fn a_newer_session_of_a_device_fences_off_the_older_one_on_another_instance(b: &impl Backend) {
+        use care_sync_server::store::{ScopeCache, StoreError};
+        let (s, other) = (b.store(), b.another_instance());
+        let ids = patients(&*s, 17, 4);
+        let crew = device(&*s, "crew", Role::AmbulanceCrew, 17);
+        let old = s.begin_session(crew.id).unwrap();
+        s.record_round_page(crew.id, old, 1, false, &ids[..2], &[]).unwrap();
+        // The device comes back through the other instance.
+        let new = other.begin_session(crew.id).unwrap();
+        assert!(new > old);
+        other.settle_round(crew.id, new, 1, RoundOutcome::Nothing, T0).unwrap();
+        other.record_round_page(crew.id, new, 2, false, &ids[2..], &[]).unwrap();
+        let cache = ScopeCache { epoch: 1, valid_until_ms: T0, in_scope: 4, left_out: 0 };
+        // The stale session: every write refused.
+        let superseded = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Superseded));
+        assert!(superseded(s.record_round_page(crew.id, old, 1, false, &ids[..2], &[])));
+        assert!(superseded(s.settle_round(crew.id, old, 1, RoundOutcome::Complete, T0 + 1)));
+        assert!(superseded(s.set_scope_cache(crew.id, old, &cache)));
+        assert_eq!(s.pending_round(crew.id).unwrap(), Some(2), "the new session's round stands");
+        assert!(s.held(crew.id).unwrap().is_empty(), "the stale settlement confirmed nothing");
+        assert_eq!(s.scope_cache(crew.id).unwrap(), None);
+        // The new one goes on.
+        other.settle_round(crew.id, new, 2, RoundOutcome::Complete, T0 + 2).unwrap();
+        other.set_scope_cache(crew.id, new, &cache).unwrap();
+        assert_eq!(s.held(crew.id).unwrap(), ids[2..].iter().copied().collect());
+        assert_eq!(s.scope_cache(crew.id).unwrap(), Some(cache));
     }
 
     pub fn concurrent_writers_through_two_instances_lose_nothing_and_never_deadlock(b: &impl Backend) {
@@ -681,7 +720,7 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     let store = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(
         store.schema_steps().unwrap(),
-        vec![(1, "initial".to_string()), (2, "hl7_claims".to_string())]
+        vec![(1, "initial".to_string()), (2, "hl7_claims".to_string()), (3, "session_fence".to_string())]
     );
     assert_eq!(counts(&dir.path().join("server.db")), before, "nothing lost or added by the upgrade");
 
@@ -701,7 +740,7 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     assert!(store.document_seq(&id).unwrap().unwrap() > seq);
     drop(store);
     // Opened again: no step runs twice.
-    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 2);
+    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 3);
 }
 
 /// Issue 12's skipped-sequence hazard, made to happen if it can: two instances write at once,

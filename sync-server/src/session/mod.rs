@@ -120,6 +120,9 @@ pub struct ServerSession {
     /// to concern it.
     live: Option<LiveView>,
     rounds_planned: u64,
+    /// This session's number among the device's ([`crate::store::SyncLog::begin_session`]),
+    /// taken at the hello: its writes of the device's session state carry it.
+    fence: u64,
 }
 
 /// A watching device as its last acknowledged round left it.
@@ -175,6 +178,7 @@ impl ServerSession {
             applied_bytes: 0,
             live: None,
             rounds_planned: 0,
+            fence: 0,
         }
     }
 
@@ -492,9 +496,9 @@ impl ServerSession {
         if !self.unapplied.is_empty() {
             return Err(SessionError::Protocol("acknowledged a round before applying all its pages".into()));
         }
-        store.settle_round(self.device.id, round, RoundOutcome::Complete, now_ms)?;
+        store.settle_round(self.device.id, self.fence, round, RoundOutcome::Complete, now_ms)?;
         if let Some(round) = self.round.as_ref().filter(|r| r.establishes) {
-            store.set_scope_cache(self.device.id, &round.decided)?;
+            store.set_scope_cache(self.device.id, self.fence, &round.decided)?;
         }
         if let Some(key) = self.announced_key.take() {
             store.set_device_staged_key(self.device.id, Some(key))?;

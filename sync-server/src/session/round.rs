@@ -2,7 +2,7 @@
 //! sends (whole documents newly in scope, changes of held ones, purges), in which order (the
 //! priority part first), and its pages, one at a time within a byte and item budget.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use care_node::identity::short_hex;
 use care_node::protocol::{DocBody, DocItem, Resume, ServerMessage, TARGET_BATCH_BYTES};
@@ -32,7 +32,24 @@ pub(super) struct Round {
     /// The round decided the scope afresh: recorded when the device acknowledges it (`false`:
     /// the round reused the recorded scope, which stays true).
     pub(super) establishes: bool,
+    /// Documents read ahead for the pages to come, in one call to the store each few pages.
+    pub(super) ahead: ReadAhead,
 }
+
+/// Whole documents read ahead of the page that sends them ([`crate::store::PatientRecords::load_listed_many`]:
+/// one round trip to the store for [`READ_AHEAD`] of them, not one each). `Debug` counts them:
+/// they are patient data.
+#[derive(Default)]
+pub(super) struct ReadAhead(HashMap<PatientId, crate::store::Listed>);
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadAhead({} documents)", self.0.len())
+    }
+}
+
+/// How many whole documents a round reads from the store at once.
+const READ_AHEAD: usize = 128;
 
 /// The fewest items a page at a round's end is cut down to (see [`tail_page_items`]).
 const MIN_TAIL_ITEMS: usize = 8;
@@ -55,6 +72,9 @@ impl ServerSession {
         store: &dyn ServerStore,
         now_ms: i64,
     ) -> Result<(), SessionError> {
+        // From here on, a session of this device still running elsewhere (an instance that lost
+        // it) can no longer write its round state: this one is the newest.
+        self.fence = store.begin_session(self.device.id)?;
         let max = store.max_seq()?;
         self.cursor = if cursor > max {
             // A server restored from an older backup: resend from the start (applying is idempotent).
@@ -71,7 +91,7 @@ impl ServerSession {
                 }
                 _ => RoundOutcome::Nothing,
             };
-            store.settle_round(self.device.id, pending, outcome, now_ms)?;
+            store.settle_round(self.device.id, self.fence, pending, outcome, now_ms)?;
             self.resume =
                 resume.filter(|r| r.round == pending && r.round <= max && outcome != RoundOutcome::Complete);
         }
@@ -124,6 +144,7 @@ impl ServerSession {
                 rewhole,
                 decided: cache,
                 establishes: false,
+                ahead: ReadAhead::default(),
             });
             return Ok(());
         }
@@ -163,6 +184,7 @@ impl ServerSession {
             next: 0,
             decided: ScopeCache { epoch, valid_until_ms, in_scope: scope.len() as u64, left_out },
             establishes: true,
+            ahead: ReadAhead::default(),
             scope,
             held,
             changes,
@@ -204,7 +226,19 @@ impl ServerSession {
                 purged.push(doc);
                 DocBody::Purge
             } else if !round.held.contains(&doc) || round.rewhole.contains(&doc) {
-                let Some((saved, listing)) = store.load_listed(&doc)? else {
+                if !round.ahead.0.contains_key(&doc) {
+                    // The next documents this round sends whole, from this one on, in one read.
+                    let wanted: Vec<PatientId> = round.order[round.next - 1..end]
+                        .iter()
+                        .filter(|d| {
+                            round.scope.contains(d) && (!round.held.contains(d) || round.rewhole.contains(d))
+                        })
+                        .take(READ_AHEAD)
+                        .copied()
+                        .collect();
+                    round.ahead.0.extend(store.load_listed_many(&wanted)?);
+                }
+                let Some((saved, listing)) = round.ahead.0.remove(&doc) else {
                     tracing::warn!(doc = %short_hex(doc.as_bytes()), "patient in scope has no document");
                     continue;
                 };
@@ -220,7 +254,7 @@ impl ServerSession {
             };
             items.push(DocItem { doc, body });
         }
-        store.record_round_page(self.device.id, round.seq, priority, &whole, &purged)?;
+        store.record_round_page(self.device.id, self.fence, round.seq, priority, &whole, &purged)?;
         self.unapplied.push_back(bytes);
         let round_items = round.order.len() as u64;
         Ok(Some(ServerMessage::Docs { round: round.seq, priority, round_items, items }))

@@ -121,6 +121,10 @@ pub enum StoreError {
     KeyRotation(String),
     #[error("the server database is from a newer care-sync-server")]
     UnknownFormat,
+    /// A newer session of the device began (on this instance or another): this one's writes of
+    /// the device's session state are refused, and it ends.
+    #[error("a newer sync session of this device has taken over")]
+    Superseded,
     /// A stored value that this server cannot read (settings are checked when written, so
     /// this is a damaged store, or one written by another program): said, never defaulted.
     #[error("the store holds an unreadable {0}: {1}")]
@@ -392,6 +396,9 @@ pub trait DeviceRegistry: Send + Sync {
     /// The store's incarnation: random, made with the store and made anew by a restore from
     /// backup, so that devices learn that the server may have forgotten what it acknowledged.
     fn incarnation(&self) -> Result<[u8; 16], StoreError>;
+    /// Makes the incarnation anew: for a store put back from a backup by other means than
+    /// `restore` (a PostgreSQL dump or point-in-time recovery).
+    fn renew_incarnation(&self) -> Result<(), StoreError>;
     /// The staged next server key of a key rotation, if one is staged.
     fn next_server_identity(&self) -> Result<Option<Identity>, StoreError>;
     /// Stages a next server key (a new one, or the one already staged).
@@ -581,6 +588,17 @@ pub trait PatientRecords: Send + Sync {
     ) -> Result<Option<u64>, StoreError>;
     /// The saved document and its listing, for sending it whole to a device.
     fn load_listed(&self, patient: &PatientId) -> Result<Option<Listed>, StoreError>;
+    /// [`PatientRecords::load_listed`] of several at once, in no particular order (patients
+    /// with no document are left out): one round trip to a database server for many.
+    fn load_listed_many(&self, patients: &[PatientId]) -> Result<Vec<(PatientId, Listed)>, StoreError> {
+        let mut found = Vec::with_capacity(patients.len());
+        for patient in patients {
+            if let Some(listed) = self.load_listed(patient)? {
+                found.push((*patient, listed));
+            }
+        }
+        Ok(found)
+    }
     fn patient_count(&self) -> Result<u64, StoreError>;
     /// Commits every write in one transaction (one durable commit), in order: all of them, or on
     /// any error none. Feeds and bulk imports write many patients at the cost of one commit.
@@ -829,11 +847,16 @@ pub trait SyncLog: Send + Sync {
     fn scope_epoch(&self) -> Result<u64, StoreError>;
     /// What the device's last complete round established, if recorded.
     fn scope_cache(&self, device: i64) -> Result<Option<ScopeCache>, StoreError>;
-    fn set_scope_cache(&self, device: i64, cache: &ScopeCache) -> Result<(), StoreError>;
+    /// Starts a sync session of the device: its number, above every earlier session's. The
+    /// writes of a session's state below take the number, and refuse with
+    /// [`StoreError::Superseded`] once a newer session has begun (on any instance).
+    fn begin_session(&self, device: i64) -> Result<u64, StoreError>;
+    fn set_scope_cache(&self, device: i64, session: u64, cache: &ScopeCache) -> Result<(), StoreError>;
     /// Records, before a page is sent, which documents it sends whole and which it purges.
     fn record_round_page(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         priority: bool,
         whole: &[PatientId],
@@ -843,6 +866,7 @@ pub trait SyncLog: Send + Sync {
     fn settle_round(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         outcome: RoundOutcome,
         now_ms: i64,

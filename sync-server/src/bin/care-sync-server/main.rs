@@ -94,6 +94,11 @@ enum Command {
     Config,
     /// Prints the operator token of the admin API (created by the first `serve`).
     AdminToken,
+    /// After the store's database was put back from a backup by other means than `restore`
+    /// (pg_restore of a dump, point-in-time recovery): tells every device at its next sync that
+    /// the server may have lost what it acknowledged since, so each sends again what it
+    /// recorded and resyncs. Run once, before the instances start.
+    Restored,
     /// Copies the store to FILE while the server runs (consistent, integrity-checked).
     Backup {
         /// Write to this file.
@@ -449,6 +454,18 @@ async fn run(cli: Cli, mut config: Config) -> CliResult {
         Command::Backup { out } => {
             embedded_only(&config, "backup")?;
             records::backup(&dir, &out)?
+        }
+        Command::Restored => {
+            let store = open(&config)?;
+            store.renew_incarnation()?;
+            store.append_audit(
+                ops::acting(),
+                "restored",
+                None,
+                "the store was put back from a backup; devices resend their changes",
+                care_node::now_ms(),
+            )?;
+            println!("recorded: every device sends again what it recorded, and resyncs, at its next sync");
         }
         Command::Restore { from, force } => {
             embedded_only(&config, "restore")?;

@@ -55,6 +55,19 @@ impl DeviceRegistry for PostgresStore {
         Ok(Identity::from_seed(&fixed_bytes("server identity", seed)?))
     }
 
+    fn renew_incarnation(&self) -> Result<(), StoreError> {
+        let fresh: [u8; 16] = rand::random();
+        self.run(async |c| {
+            c.execute(
+                "INSERT INTO meta (name, value) VALUES ('incarnation', $1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                &[&fresh.to_vec()],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     fn incarnation(&self) -> Result<[u8; 16], StoreError> {
         fixed_bytes(
             "store incarnation",

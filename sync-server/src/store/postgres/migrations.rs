@@ -18,6 +18,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "hl7_claims",
         sql: include_str!("../../../migrations/postgres/0002_hl7_claims.sql"),
     },
+    Migration {
+        version: 3,
+        name: "session_fence",
+        sql: include_str!("../../../migrations/postgres/0003_session_fence.sql"),
+    },
 ];
 
 /// The advisory lock instances take turns on while migrating.

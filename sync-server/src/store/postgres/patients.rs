@@ -110,6 +110,25 @@ impl PatientRecords for PostgresStore {
         })
     }
 
+    fn load_listed_many(
+        &self,
+        patients: &[PatientId],
+    ) -> Result<Vec<(PatientId, crate::store::Listed)>, StoreError> {
+        let ids: Vec<Vec<u8>> = patients.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.run(async |c| {
+            let rows = c.query("SELECT id, doc, listing FROM patients WHERE id = ANY($1)", &[&ids]).await?;
+            rows.iter()
+                .map(|row| {
+                    let listing: Option<Vec<u8>> = row.try_get(2)?;
+                    Ok((
+                        patient_id(row.try_get(0)?)?,
+                        (row.try_get(1)?, listing.and_then(|b| decode_listing(&b))),
+                    ))
+                })
+                .collect()
+        })
+    }
+
     fn patient_count(&self) -> Result<u64, StoreError> {
         self.run(async |c| {
             Ok(c.query_one("SELECT count(*) FROM patients", &[]).await?.try_get::<_, i64>(0)? as u64)

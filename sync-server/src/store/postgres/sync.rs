@@ -238,10 +238,29 @@ impl SyncLog for PostgresStore {
         })
     }
 
-    fn set_scope_cache(&self, device: i64, cache: &crate::store::ScopeCache) -> Result<(), StoreError> {
+    fn begin_session(&self, device: i64) -> Result<u64, StoreError> {
+        self.run(async |c| {
+            let row = c
+                .query_opt(
+                    "UPDATE devices SET session_epoch = session_epoch + 1 WHERE id = $1 RETURNING session_epoch",
+                    &[&device],
+                )
+                .await?
+                .ok_or_else(|| StoreError::UnknownDevice(device.to_string()))?;
+            Ok(row.try_get::<_, i64>(0)? as u64)
+        })
+    }
+
+    fn set_scope_cache(
+        &self,
+        device: i64,
+        session: u64,
+        cache: &crate::store::ScopeCache,
+    ) -> Result<(), StoreError> {
         self.run(async |c| {
             let tx = c.transaction().await?;
             tx.batch_execute(BOOKKEEPING).await?;
+            fenced(&tx, device, session).await?;
             tx.execute(
                 "INSERT INTO device_scope_cache (device_id, epoch, valid_until_ms, in_scope, left_out)
                  VALUES ($1, $2, $3, $4, $5)
@@ -258,6 +277,7 @@ impl SyncLog for PostgresStore {
     fn record_round_page(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         priority: bool,
         whole: &[PatientId],
@@ -270,6 +290,7 @@ impl SyncLog for PostgresStore {
         self.run(async |c| {
             let tx = c.transaction().await?;
             tx.batch_execute(BOOKKEEPING).await?;
+            fenced(&tx, device, session).await?;
             tx.execute("UPDATE devices SET pending_round = $1 WHERE id = $2", &[&(round as i64), &device]).await?;
             // A document sent whole holds every change up to the round; one purged keeps what
             // it had (if the purge is not applied it stays held, and lacks what came since).
@@ -297,6 +318,7 @@ impl SyncLog for PostgresStore {
     fn settle_round(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         outcome: RoundOutcome,
         now_ms: i64,
@@ -304,6 +326,7 @@ impl SyncLog for PostgresStore {
         self.run(async |c| {
             let tx = c.transaction().await?;
             tx.batch_execute(BOOKKEEPING).await?;
+            fenced(&tx, device, session).await?;
             let pending: Option<i64> = tx
                 .query_opt("SELECT pending_round FROM devices WHERE id = $1 FOR NO KEY UPDATE", &[&device])
                 .await?
@@ -343,4 +366,18 @@ impl SyncLog for PostgresStore {
             Ok(())
         })
     }
+}
+
+/// Refuses a write of the device's session state by a session a newer one has replaced; the
+/// device's row stays locked to the end of the transaction, so a newer session begins after it
+/// or is seen by it.
+async fn fenced(tx: &Tx<'_>, device: i64, session: u64) -> Result<(), StoreError> {
+    let row = tx
+        .query_opt("SELECT session_epoch FROM devices WHERE id = $1 FOR NO KEY UPDATE", &[&device])
+        .await?
+        .ok_or_else(|| StoreError::UnknownDevice(device.to_string()))?;
+    if row.try_get::<_, i64>(0)? as u64 != session {
+        return Err(StoreError::Superseded);
+    }
+    Ok(())
 }

@@ -18,6 +18,11 @@ impl DeviceRegistry for SqliteStore {
         Ok(identity)
     }
 
+    fn renew_incarnation(&self) -> Result<(), StoreError> {
+        new_incarnation(&self.conn())?;
+        Ok(())
+    }
+
     fn incarnation(&self) -> Result<[u8; 16], StoreError> {
         let conn = self.conn();
         let value: Option<Vec<u8>> = conn

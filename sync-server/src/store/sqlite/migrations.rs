@@ -25,6 +25,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "hl7_claims",
         sql: include_str!("../../../migrations/sqlite/0002_hl7_claims.sql"),
     },
+    Migration {
+        version: 3,
+        name: "session_fence",
+        sql: include_str!("../../../migrations/sqlite/0003_session_fence.sql"),
+    },
 ];
 
 /// Brings the store to the newest step; returns the steps applied now.

@@ -158,12 +158,28 @@ impl SyncLog for SqliteStore {
             .optional()?)
     }
 
-    fn set_scope_cache(&self, device: i64, cache: &crate::store::ScopeCache) -> Result<(), StoreError> {
+    fn begin_session(&self, device: i64) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let session: Option<i64> = conn
+            .prepare_cached(
+                "UPDATE devices SET session_epoch = session_epoch + 1 WHERE id = ?1 RETURNING session_epoch",
+            )?
+            .query_row([device], |r| r.get(0))
+            .optional()?;
+        session.map(|s| s as u64).ok_or_else(|| StoreError::UnknownDevice(device.to_string()))
+    }
+
+    fn set_scope_cache(
+        &self,
+        device: i64,
+        session: u64,
+        cache: &crate::store::ScopeCache,
+    ) -> Result<(), StoreError> {
         let conn = self.conn();
         let _bookkeeping = Bookkeeping::new(&conn)?;
-        conn.prepare_cached(
+        let written = conn.prepare_cached(
             "INSERT INTO device_scope_cache (device_id, epoch, valid_until_ms, in_scope, left_out)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1 AND session_epoch = ?6)
              ON CONFLICT (device_id) DO UPDATE SET epoch = excluded.epoch,
                  valid_until_ms = excluded.valid_until_ms, in_scope = excluded.in_scope, left_out = excluded.left_out",
         )?
@@ -172,8 +188,12 @@ impl SyncLog for SqliteStore {
             cache.epoch as i64,
             cache.valid_until_ms,
             cache.in_scope as i64,
-            cache.left_out as i64
+            cache.left_out as i64,
+            session as i64
         ])?;
+        if written == 0 {
+            return Err(StoreError::Superseded);
+        }
         Ok(())
     }
 
@@ -188,6 +208,7 @@ impl SyncLog for SqliteStore {
     fn record_round_page(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         priority: bool,
         whole: &[PatientId],
@@ -199,6 +220,7 @@ impl SyncLog for SqliteStore {
         let conn = self.conn();
         let _bookkeeping = Bookkeeping::new(&conn)?;
         let tx = conn.unchecked_transaction()?;
+        fenced(&tx, device, session)?;
         tx.prepare_cached("UPDATE devices SET pending_round = ?1 WHERE id = ?2")?
             .execute(params![round as i64, device])?;
         let sending = if priority { SENDING_FIRST } else { SENDING };
@@ -222,6 +244,7 @@ impl SyncLog for SqliteStore {
     fn settle_round(
         &self,
         device: i64,
+        session: u64,
         round: u64,
         outcome: RoundOutcome,
         now_ms: i64,
@@ -229,6 +252,7 @@ impl SyncLog for SqliteStore {
         let conn = self.conn();
         let _bookkeeping = Bookkeeping::new(&conn)?;
         let tx = conn.unchecked_transaction()?;
+        fenced(&tx, device, session)?;
         let pending: Option<i64> = tx
             .prepare_cached("SELECT pending_round FROM devices WHERE id = ?1")?
             .query_row([device], |r| r.get(0))?;
@@ -330,6 +354,19 @@ fn below(conn: &rusqlite::Connection, seq: u64) -> Result<Compacted, StoreError>
         .prepare_cached("SELECT count(*), coalesce(sum(length(body)), 0) FROM changes WHERE seq <= ?1")?
         .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(Compacted { entries: entries as u64, bytes: bytes as u64 })
+}
+
+/// Refuses a write of the device's session state by a session a newer one has replaced.
+fn fenced(conn: &rusqlite::Connection, device: i64, session: u64) -> Result<(), StoreError> {
+    let current: Option<i64> = conn
+        .prepare_cached("SELECT session_epoch FROM devices WHERE id = ?1")?
+        .query_row([device], |r| r.get(0))
+        .optional()?;
+    match current {
+        None => Err(StoreError::UnknownDevice(device.to_string())),
+        Some(current) if current as u64 != session => Err(StoreError::Superseded),
+        Some(_) => Ok(()),
+    }
 }
 
 #[cfg(all(test, feature = "demo"))] // patients from the synthetic population
