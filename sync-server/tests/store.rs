@@ -388,7 +388,9 @@ mod suite {
         moves("a feed count", false);
         s.set_device_budget(nurse.id, Some(50)).unwrap();
         moves("the same budget again", false);
-        s.set_view_head(nurse.id, 3, [5; 32]).unwrap();
+        let session = s.begin_session(nurse.id).unwrap();
+        moves("a sync session begun", false);
+        s.set_view_head(nurse.id, session, 3, [5; 32]).unwrap();
         moves("a view-log head", false);
         s.set_consent(&ids[1], ConsentFlags { objection: true, opt_out: true }).unwrap();
         moves("the national data opt-out (planning only)", false);
@@ -478,25 +480,38 @@ mod suite {
         b: &impl Backend,
     ) {
         use care_sync_server::store::{HL7_CLAIM_LEASE_MS, Hl7Claim};
+        // Times far ahead of any clock, so the lease follows them (PostgreSQL times a lease by
+        // its own clock unless the caller's is ahead).
+        const T: i64 = 4_000_000_000_000;
         let (s, other) = (b.store(), b.another_instance());
-        assert_eq!(s.hl7_claim("C1", "A01", T0).unwrap(), Hl7Claim::Claimed);
+        let claimed = |c: Hl7Claim| matches!(c, Hl7Claim::Claimed(_));
+        assert!(claimed(s.hl7_claim("C1", "A01", T).unwrap()));
         // The same retransmission on another instance meanwhile: busy, not applied twice.
-        assert_eq!(other.hl7_claim("C1", "A01", T0 + 5).unwrap(), Hl7Claim::Busy);
+        assert_eq!(other.hl7_claim("C1", "A01", T + 5).unwrap(), Hl7Claim::Busy);
         assert!(!other.hl7_seen("C1").unwrap(), "claimed is not applied");
-        s.hl7_record("C1", "A01", T0 + 10).unwrap();
-        assert_eq!(other.hl7_claim("C1", "A01", T0 + 20).unwrap(), Hl7Claim::Done);
+        s.hl7_record("C1", "A01", T + 10).unwrap();
+        assert_eq!(other.hl7_claim("C1", "A01", T + 20).unwrap(), Hl7Claim::Done);
         assert!(other.hl7_seen("C1").unwrap());
         // A refused message is released: a resend is applied afresh.
-        assert_eq!(s.hl7_claim("C2", "A01", T0).unwrap(), Hl7Claim::Claimed);
-        s.hl7_release("C2").unwrap();
-        assert_eq!(other.hl7_claim("C2", "A01", T0 + 1).unwrap(), Hl7Claim::Claimed);
+        let Hl7Claim::Claimed(first) = s.hl7_claim("C2", "A01", T).unwrap() else { panic!("claimed") };
+        s.hl7_release("C2", first).unwrap();
+        let Hl7Claim::Claimed(second) = other.hl7_claim("C2", "A01", T + 1).unwrap() else {
+            panic!("claimed")
+        };
         // A release never undoes a message that was applied.
-        s.hl7_release("C1").unwrap();
+        s.hl7_release("C1", first).unwrap();
         assert!(s.hl7_seen("C1").unwrap());
         // The holder died: its claim lapses after the lease, not before.
-        assert_eq!(other.hl7_claim("C2", "A01", T0 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
-        assert_eq!(s.hl7_claim("C2", "A01", T0 + 1 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Claimed);
-        assert_eq!(other.hl7_claim("C2", "A01", T0 + 2 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+        assert_eq!(s.hl7_claim("C2", "A01", T + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+        let Hl7Claim::Claimed(third) = s.hl7_claim("C2", "A01", T + 1 + HL7_CLAIM_LEASE_MS).unwrap() else {
+            panic!("a lapsed claim is taken over")
+        };
+        assert_eq!(other.hl7_claim("C2", "A01", T + 2 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+        // The first holder's late release leaves the new holder's claim alone.
+        other.hl7_release("C2", second).unwrap();
+        assert_eq!(other.hl7_claim("C2", "A01", T + 3 + HL7_CLAIM_LEASE_MS).unwrap(), Hl7Claim::Busy);
+        s.hl7_release("C2", third).unwrap();
+        assert!(claimed(other.hl7_claim("C2", "A01", T + 4 + HL7_CLAIM_LEASE_MS).unwrap()));
     }
 
     pub fn hospital_feeds_are_counted_and_their_refusals_kept_newest_first(b: &impl Backend) {
@@ -620,6 +635,9 @@ mod suite {
         assert!(superseded(s.record_round_page(crew.id, old, 1, false, &ids[..2], &[])));
         assert!(superseded(s.settle_round(crew.id, old, 1, RoundOutcome::Complete, T0 + 1)));
         assert!(superseded(s.set_scope_cache(crew.id, old, &cache)));
+        other.set_view_head(crew.id, new, 4, [4; 32]).unwrap();
+        assert!(superseded(s.set_view_head(crew.id, old, 2, [2; 32])));
+        assert_eq!(s.view_head(crew.id).unwrap(), (4, [4; 32]), "the view-log head never moves back");
         assert_eq!(s.pending_round(crew.id).unwrap(), Some(2), "the new session's round stands");
         assert!(s.held(crew.id).unwrap().is_empty(), "the stale settlement confirmed nothing");
         assert_eq!(s.scope_cache(crew.id).unwrap(), None);

@@ -116,6 +116,7 @@ pub fn decide_access(
 pub fn record_views(
     store: &dyn ServerStore,
     device: &DeviceRecord,
+    session: u64,
     entries: &[SignedView],
     now_ms: i64,
 ) -> Result<ServerMessage, StoreError> {
@@ -183,7 +184,7 @@ pub fn record_views(
             now_ms,
         )?;
     }
-    store.set_view_head(device.id, check.head.0, check.head.1)?;
+    store.set_view_head(device.id, session, check.head.0, check.head.1)?;
     let through = entries.iter().map(|e| e.entry.seq).max().unwrap_or(head.0);
     Ok(ServerMessage::ViewLogAck { through })
 }

@@ -364,7 +364,7 @@ impl ServerSession {
                         care_node::sync::VIEWS_PER_FRAME
                     )));
                 }
-                Ok(vec![governance::record_views(store, &self.device, &entries, now_ms)?])
+                Ok(vec![governance::record_views(store, &self.device, self.fence, &entries, now_ms)?])
             }
             (Phase::Uploading, ClientMessage::Upload { through, docs }) => {
                 Ok(vec![self.upload(store, through, &docs, now_ms)?])

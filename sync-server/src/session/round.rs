@@ -49,7 +49,7 @@ impl std::fmt::Debug for ReadAhead {
 }
 
 /// How many whole documents a round reads from the store at once.
-const READ_AHEAD: usize = 128;
+const READ_AHEAD: usize = 64;
 
 /// The fewest items a page at a round's end is cut down to (see [`tail_page_items`]).
 const MIN_TAIL_ITEMS: usize = 8;

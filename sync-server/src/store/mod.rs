@@ -24,14 +24,16 @@ use care_node::nhs::NhsNumber;
 use care_node::summary::{Listing, PatientId, PatientSummary};
 
 /// How long a claim on a feed message holds off another process ([`Governance`]'s
-/// `hl7_claim`): far longer than applying one message takes.
+/// `hl7_claim`), by the database's clock on PostgreSQL (instances' clocks may differ): far
+/// longer than applying one message takes.
 pub const HL7_CLAIM_LEASE_MS: i64 = 30_000;
 
 /// What [`Governance::hl7_claim`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hl7Claim {
-    /// This writer holds the message now: apply it, then record or release it.
-    Claimed,
+    /// This writer holds the message now: apply it, then record it, or release it with this
+    /// claim (the time it was taken, by the store's clock).
+    Claimed(i64),
     /// It was applied before: a duplicate.
     Done,
     /// Another writer is applying it now.
@@ -753,9 +755,10 @@ pub trait Governance: Send + Sync {
     fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError>;
     /// Records the feed message `control_id` as applied (its claim, if any, is done).
     fn hl7_record(&self, control_id: &str, event: &str, now_ms: i64) -> Result<(), StoreError>;
-    /// Gives up a claim on a message that was not applied (refused, or failed): a resend is
-    /// applied afresh.
-    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError>;
+    /// Gives up this writer's claim (`claim`, as [`Hl7Claim::Claimed`] gave it) on a message that
+    /// was not applied (refused, or failed): a resend is applied afresh. A claim another writer
+    /// took over since is left alone.
+    fn hl7_release(&self, control_id: &str, claim: i64) -> Result<(), StoreError>;
     /// Counts a processed message by its ACK code; a refusal's reason (never patient data) is kept
     /// among the last [`FEED_ERRORS_KEPT`].
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;
@@ -764,7 +767,10 @@ pub trait Governance: Send + Sync {
     // --- device view audits
     /// The last verified entry of a device's view log: `(seq, hash)`.
     fn view_head(&self, device: i64) -> Result<(u64, [u8; 32]), StoreError>;
-    fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError>;
+    /// Moves the device's view-log head, for its sync session `session` (refused with
+    /// [`StoreError::Superseded`] once a newer session began, so a stale one never moves it
+    /// back).
+    fn set_view_head(&self, device: i64, session: u64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError>;
 
     // --- quarantine of refused uploads
     #[allow(clippy::too_many_arguments)]

@@ -461,7 +461,7 @@ fn process_message(
     }
     // Claimed before it is applied: another instance given the same retransmission at the same
     // moment answers it as busy instead of applying it a second time.
-    match store.hl7_claim(&header.control_id, &header.event, now_ms) {
+    let claim = match store.hl7_claim(&header.control_id, &header.event, now_ms) {
         Ok(Hl7Claim::Done) => {
             return ack(h, "AA", &header.control_id, "already processed (duplicate MSH-10)", None, now_ms);
         }
@@ -474,7 +474,7 @@ fn process_message(
             );
             return refuse(h, "AE", &header.control_id, problem, now_ms);
         }
-        Ok(Hl7Claim::Claimed) => {}
+        Ok(Hl7Claim::Claimed(claim)) => claim,
         Err(e) => {
             let problem = Problem::at(
                 "MSH",
@@ -484,7 +484,7 @@ fn process_message(
             );
             return refuse(h, "AE", &header.control_id, problem, now_ms);
         }
-    }
+    };
     let result = apply(store, &msg, &header, now_ms, options, cache);
     let (code, text, problem) = match result {
         Ok(text) => ("AA", text, None),
@@ -500,7 +500,7 @@ fn process_message(
     let settled = if code == "AA" {
         store.hl7_record(&header.control_id, &header.event, now_ms)
     } else {
-        store.hl7_release(&header.control_id)
+        store.hl7_release(&header.control_id, claim)
     };
     if let Err(e) = settled {
         // An unrecorded claim lapses after its lease; a resend is then applied again, which

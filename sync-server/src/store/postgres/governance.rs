@@ -392,30 +392,43 @@ impl Governance for PostgresStore {
     }
 
     fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError> {
+        // The lease is timed by the database's clock (the instances' clocks may differ), unless
+        // the caller's `now_ms` is ahead of it (tests pass a time of their own).
         self.run(async |c| {
+            let tx = c.transaction().await?;
             // One statement: of two instances claiming at once, one inserts and the other
             // waits for its row, then finds it claimed.
-            let claimed = c
-                .execute(
-                    "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES ($1, $2, $3, false)
+            let claimed = tx
+                .query_opt(
+                    "INSERT INTO hl7_messages (control_id, event, received_at_ms, done)
+                     VALUES ($1, $2, GREATEST($3, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT), false)
                      ON CONFLICT (control_id) DO UPDATE SET received_at_ms = excluded.received_at_ms
-                     WHERE NOT hl7_messages.done AND hl7_messages.received_at_ms <= $4",
-                    &[&control_id, &event, &now_ms, &(now_ms - HL7_CLAIM_LEASE_MS)],
+                     WHERE NOT hl7_messages.done AND hl7_messages.received_at_ms <= excluded.received_at_ms - $4
+                     RETURNING received_at_ms",
+                    &[&control_id, &event, &now_ms, &HL7_CLAIM_LEASE_MS],
                 )
                 .await?;
-            if claimed > 0 {
-                return Ok(Hl7Claim::Claimed);
-            }
-            let done: bool = c
-                .query_one("SELECT done FROM hl7_messages WHERE control_id = $1", &[&control_id])
-                .await?
-                .try_get(0)?;
-            Ok(if done { Hl7Claim::Done } else { Hl7Claim::Busy })
+            let found = match claimed {
+                Some(row) => Hl7Claim::Claimed(row.try_get(0)?),
+                None => {
+                    let done: bool = tx
+                        .query_one("SELECT done FROM hl7_messages WHERE control_id = $1", &[&control_id])
+                        .await?
+                        .try_get(0)?;
+                    if done { Hl7Claim::Done } else { Hl7Claim::Busy }
+                }
+            };
+            tx.commit().await?;
+            Ok(found)
         })
     }
 
-    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError> {
-        self.execute("DELETE FROM hl7_messages WHERE control_id = $1 AND NOT done", &[&control_id]).map(drop)
+    fn hl7_release(&self, control_id: &str, claim: i64) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM hl7_messages WHERE control_id = $1 AND NOT done AND received_at_ms = $2",
+            &[&control_id, &claim],
+        )
+        .map(drop)
     }
 
     fn feed_record(&self, code: &str, control_id: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
@@ -486,12 +499,15 @@ impl Governance for PostgresStore {
         })
     }
 
-    fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
-        self.execute(
-            "UPDATE devices SET view_seq = $1, view_hash = $2 WHERE id = $3",
-            &[&(seq as i64), &hash.as_slice(), &device],
-        )
-        .map(drop)
+    fn set_view_head(&self, device: i64, session: u64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
+        let moved = self.execute(
+            "UPDATE devices SET view_seq = $1, view_hash = $2 WHERE id = $3 AND session_epoch = $4",
+            &[&(seq as i64), &hash.as_slice(), &device, &(session as i64)],
+        )?;
+        if moved == 0 {
+            return Err(StoreError::Superseded);
+        }
+        Ok(())
     }
 
     fn quarantine(

@@ -303,10 +303,16 @@ impl Governance for SqliteStore {
         Ok((seq as u64, hash.map(|h| super::fixed_bytes("view log head", h)).transpose()?.unwrap_or([0; 32])))
     }
 
-    fn set_view_head(&self, device: i64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
-        self.conn()
-            .prepare_cached("UPDATE devices SET view_seq = ?1, view_hash = ?2 WHERE id = ?3")?
-            .execute(params![seq as i64, hash.as_slice(), device])?;
+    fn set_view_head(&self, device: i64, session: u64, seq: u64, hash: [u8; 32]) -> Result<(), StoreError> {
+        let moved = self
+            .conn()
+            .prepare_cached(
+                "UPDATE devices SET view_seq = ?1, view_hash = ?2 WHERE id = ?3 AND session_epoch = ?4",
+            )?
+            .execute(params![seq as i64, hash.as_slice(), device, session as i64])?;
+        if moved == 0 {
+            return Err(StoreError::Superseded);
+        }
         Ok(())
     }
 
@@ -411,26 +417,33 @@ impl Governance for SqliteStore {
 
     fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError> {
         let conn = self.conn();
-        let claimed = conn
+        // One writer at a time (the claim and the look after it are one transaction).
+        let tx = conn.unchecked_transaction()?;
+        let claimed = tx
             .prepare_cached(
                 "INSERT INTO hl7_messages (control_id, event, received_at_ms, done) VALUES (?1, ?2, ?3, 0)
                  ON CONFLICT (control_id) DO UPDATE SET received_at_ms = excluded.received_at_ms
                  WHERE NOT hl7_messages.done AND hl7_messages.received_at_ms <= ?4",
             )?
             .execute(params![control_id, event, now_ms, now_ms - HL7_CLAIM_LEASE_MS])?;
-        if claimed > 0 {
-            return Ok(Hl7Claim::Claimed);
-        }
-        let done: bool = conn
-            .prepare_cached("SELECT done FROM hl7_messages WHERE control_id = ?1")?
-            .query_row([control_id], |r| r.get(0))?;
-        Ok(if done { Hl7Claim::Done } else { Hl7Claim::Busy })
+        let found = if claimed > 0 {
+            Hl7Claim::Claimed(now_ms)
+        } else {
+            let done: bool = tx
+                .prepare_cached("SELECT done FROM hl7_messages WHERE control_id = ?1")?
+                .query_row([control_id], |r| r.get(0))?;
+            if done { Hl7Claim::Done } else { Hl7Claim::Busy }
+        };
+        tx.commit()?;
+        Ok(found)
     }
 
-    fn hl7_release(&self, control_id: &str) -> Result<(), StoreError> {
+    fn hl7_release(&self, control_id: &str, claim: i64) -> Result<(), StoreError> {
         self.conn()
-            .prepare_cached("DELETE FROM hl7_messages WHERE control_id = ?1 AND NOT done")?
-            .execute([control_id])?;
+            .prepare_cached(
+                "DELETE FROM hl7_messages WHERE control_id = ?1 AND NOT done AND received_at_ms = ?2",
+            )?
+            .execute(params![control_id, claim])?;
         Ok(())
     }
 
