@@ -342,6 +342,106 @@ fn spawn_devices(
     tasks
 }
 
+/// A shift change: `devices` devices, enrolled and synced, each record one entry offline, then
+/// all reconnect within `window` (starts spread evenly over it), each uploading its entry and
+/// receiving what changed. Prints each sync's time (p50, p99, max) and the server's CPU.
+async fn storm(devices: usize, window: Duration) {
+    let files = raise_file_limit();
+    assert!(files as usize > devices * 5, "open-file limit {files} is too low for {devices} devices");
+    let (mut server, _) = Server::start(2_000);
+    let tokens = device_tokens(&mut server, devices);
+    let dir = device_dir();
+    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    let t = Instant::now();
+    let mut ready = Vec::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let path = dir.path().join(format!("storm-{i}.db"));
+        let gate = gate.clone();
+        ready.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.expect("gate");
+            let mut store =
+                DeviceStore::open(&path, &PassphraseWrapper::with_params("bench", cheap)).expect("store");
+            client::enrol(&mut store, &token).await.expect("enrol");
+            client::sync(&mut store).await.expect("first sync");
+            store
+        }));
+    }
+    let mut stores = Vec::new();
+    for task in ready {
+        stores.push(task.await.expect("device"));
+    }
+    let setup = t.elapsed();
+    // Offline, each device records one allergy on the patient it shares with the fewest others
+    // (every device holds patient 0, and two of its own).
+    let lists: Vec<Vec<String>> = stores
+        .iter()
+        .map(|s| s.list().expect("list").into_iter().filter_map(|c| c.nhs_number).collect())
+        .collect();
+    let mut holders = std::collections::HashMap::<&str, usize>::new();
+    for nhs in lists.iter().flatten() {
+        *holders.entry(nhs).or_default() += 1;
+    }
+    for (store, list) in stores.iter_mut().zip(&lists) {
+        let nhs = list.iter().min_by_key(|n| holders[n.as_str()]).expect("a patient");
+        let nhs = care_node::nhs::NhsNumber::parse(nhs).expect("an NHS number");
+        let entry = care_node::summary::Allergy::new(
+            "Shift-change allergen",
+            store.provenance().expect("provenance"),
+        );
+        store.add_entry(&nhs, &entry).expect("entry");
+    }
+    let cpu_before = cpu_seconds(server.pid());
+    let started = Instant::now();
+    let step = window / devices as u32;
+    let mut syncs = Vec::new();
+    for (i, mut store) in stores.into_iter().enumerate() {
+        let at = started + step * i as u32;
+        syncs.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let report = client::sync(&mut store).await.expect("reconnect");
+            assert_eq!(report.stats.uploaded_changes, 1);
+            report.duration
+        }));
+    }
+    let mut took = Vec::new();
+    for sync in syncs {
+        took.push(ms(sync.await.expect("reconnect")));
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    server.stop();
+    took.sort_by(f64::total_cmp);
+    let pct = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+    println!(
+        "\nShift change: {devices} devices ({:.1} s to enrol and sync them), each with one entry, reconnect within {:.0} s",
+        setup.as_secs_f64(),
+        window.as_secs_f64()
+    );
+    println!(
+        "  each sync: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all done after {:.1} s; server process CPU {:.1} s ({:.0}% of one core over that time; a database server's own not counted)",
+        pct(0.50),
+        pct(0.99),
+        took.last().copied().unwrap_or(f64::NAN),
+        wall.as_secs_f64(),
+        cpu,
+        cpu / wall.as_secs_f64() * 100.0
+    );
+}
+
+/// CPU seconds (user and system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) are space-separated; utime and
+    // stime are the 14th and 15th of the line, in clock ticks.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
 /// What the live test saw of the hot patient's changes.
 struct Propagation {
     /// Milliseconds from each change to each device applying it.
@@ -467,6 +567,10 @@ struct Args {
     /// side with the ratios (the feeds bench runs on SQLite only).
     #[arg(long, value_name = "BACKEND", value_enum, value_delimiter = ',', default_value = "sqlite")]
     backend: Vec<bench::Backend>,
+    /// A shift change: this many devices, enrolled and synced, each record one entry and all
+    /// reconnect within 10 s: each sync's p50/p99 and the server's CPU (0: skip).
+    #[arg(long, value_name = "DEVICES", default_value_t = 0)]
+    storm: usize,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
@@ -530,6 +634,13 @@ fn main() {
             bench::use_backend(*backend);
             println!("\nstore: {backend:?}");
             runtime.block_on(live(live_devices, link.clone()));
+        }
+    }
+    if args.storm > 0 {
+        for backend in &backends {
+            bench::use_backend(*backend);
+            println!("\nstore: {backend:?}");
+            runtime.block_on(storm(args.storm, Duration::from_secs(10)));
         }
     }
     if args.feeds > 0 {

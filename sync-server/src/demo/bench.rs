@@ -234,6 +234,11 @@ impl Server {
         line.trim().to_string()
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn ask(&mut self, command: &str) -> String {
         writeln!(self.stdin, "{command}").expect("server command");
         self.stdin.flush().expect("flush");
