@@ -82,7 +82,8 @@ impl DeviceConnection {
     /// Connects to the first of the server's addresses that answers. `addrs` is one address
     /// or several separated by commas, each an IP address and port or a name and port (a name
     /// may resolve to several): the instances of one region. The one that answered last in
-    /// this process is tried first; each next one is tried when the one before fails, or
+    /// this process is tried first, and one whose connection went quiet or could not serve
+    /// (its database unreachable) last; each next one is tried when the one before fails, or
     /// [`FAILOVER_STAGGER`] (or [`set_failover_stagger`]) after it started without an answer, whichever comes first, and the
     /// first to connect is kept (the others are dropped). A server that answers and refuses
     /// (a revoked device, a closed session) is the region's answer: no other address is tried.
@@ -97,6 +98,12 @@ impl DeviceConnection {
             && let Some(at) = targets.iter().position(|t| *t == good)
         {
             targets[..=at].rotate_right(1);
+        }
+        // One that went quiet or could not serve last time goes last.
+        if let Some(bad) = last_bad()
+            && let Some(at) = targets.iter().position(|t| *t == bad)
+        {
+            targets[at..].rotate_left(1);
         }
         let config = client_config(identity, fingerprints, alpn)?;
         let mut waiting = targets.into_iter();
@@ -187,7 +194,7 @@ impl DeviceConnection {
     }
 
     async fn send_any<T: serde::Serialize>(&mut self, message: &T) -> Result<(), ClientError> {
-        let n = write_frame(&mut self.send, message).await.map_err(|e| map_wire_error(&e))?;
+        let n = write_frame(&mut self.send, message).await.map_err(|e| self.failed(map_wire_error(&e)))?;
         self.sent += n as u64;
         Ok(())
     }
@@ -205,8 +212,8 @@ impl DeviceConnection {
     async fn recv_any<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ClientError> {
         let read = tokio::time::timeout(STEP_TIMEOUT, read_frame::<T>(&mut self.recv))
             .await
-            .map_err(|_| ClientError::Timeout(STEP_TIMEOUT))?;
-        match read.map_err(|e| map_wire_error(&e))? {
+            .map_err(|_| self.failed(ClientError::Timeout(STEP_TIMEOUT)))?;
+        match read.map_err(|e| self.failed(map_wire_error(&e)))? {
             Some((message, n)) => {
                 self.received += n as u64;
                 Ok(Some(message))
@@ -218,13 +225,28 @@ impl DeviceConnection {
     /// Receives one message with no deadline (a live session may be quiet for hours; QUIC
     /// keep-alives and the idle timeout notice a dead peer).
     pub async fn recv_live(&mut self) -> Result<Option<ServerMessage>, ClientError> {
-        match read_frame::<ServerMessage>(&mut self.recv).await.map_err(|e| map_wire_error(&e))? {
+        match read_frame::<ServerMessage>(&mut self.recv)
+            .await
+            .map_err(|e| self.failed(map_wire_error(&e)))?
+        {
             Some((message, n)) => {
                 self.received += n as u64;
                 Ok(Some(message))
             }
             None => Ok(None),
         }
+    }
+
+    /// `e`, having noted that the server this connection reached went quiet or could not serve:
+    /// the next connection of this process tries the region's other addresses first.
+    fn failed(&self, e: ClientError) -> ClientError {
+        if matches!(
+            e,
+            ClientError::Unreachable(_) | ClientError::ServerUnavailable(_) | ClientError::Timeout(_)
+        ) {
+            demote(self.connection.remote_address());
+        }
+        e
     }
 
     /// Closes at once, without waiting for the server's side: for leaving a live session, where
@@ -313,6 +335,26 @@ fn last_good(addrs: &str) -> Option<SocketAddr> {
 
 fn remember_good(addrs: &str, addr: SocketAddr) {
     *LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner()) = Some((addrs.to_string(), addr));
+    let mut bad = LAST_BAD.lock().unwrap_or_else(|p| p.into_inner());
+    if *bad == Some(addr) {
+        *bad = None;
+    }
+}
+
+/// The address whose connection last went quiet or could not serve, in this process.
+static LAST_BAD: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+
+fn last_bad() -> Option<SocketAddr> {
+    *LAST_BAD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tries `addr` last from now on (until it answers again), and no longer first.
+fn demote(addr: SocketAddr) {
+    *LAST_BAD.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    let mut good = LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner());
+    if good.as_ref().is_some_and(|(_, a)| *a == addr) {
+        *good = None;
+    }
 }
 
 fn is_crypto_error(code: u64) -> bool {

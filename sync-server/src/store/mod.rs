@@ -750,7 +750,8 @@ pub trait Governance: Send + Sync {
     /// Claims the feed message `control_id` before applying it, so that two processes given
     /// one retransmission at once never both apply it: [`Hl7Claim::Claimed`] for the first (or
     /// for a claim older than [`HL7_CLAIM_LEASE_MS`], whose holder died: applying an ADT
-    /// message again from the stored record writes nothing twice), [`Hl7Claim::Done`] when it
+    /// message again from the stored record updates the visit's entries rather than adding
+    /// more, though an A40's alert and the audit line come again), [`Hl7Claim::Done`] when it
     /// was applied, [`Hl7Claim::Busy`] while another holds it.
     fn hl7_claim(&self, control_id: &str, event: &str, now_ms: i64) -> Result<Hl7Claim, StoreError>;
     /// Records the feed message `control_id` as applied (its claim, if any, is done).

@@ -44,6 +44,11 @@ impl Allowance {
 pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
     let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
         Some(Ok(Some(device))) if device.admitted() => device,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "device lookup failed");
+            conn.close(close::INTERNAL.into(), b"the server cannot reach its database now; try again");
+            return Err(ConnectionError::Session(SessionError::Store(e)));
+        }
         _ => {
             metrics().refused_handshakes.inc();
             conn.close(close::REFUSED.into(), b"not an enrolled device");

@@ -130,7 +130,8 @@ enum Command {
         role: Role,
         /// The address devices reach the server on, or every instance's, separated by commas
         /// (`host:port`; a device tries the next when one does not answer) [default:
-        /// `sync.advertised_addr`, else where `serve` last listened].
+        /// `sync.advertised_addr`, else where `serve` last listened with this data directory,
+        /// else `sync.listen`].
         #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
         server_addr: Option<care_sync_server::operator::config::ServerAddrs>,
         /// How long the token stays valid.

@@ -504,7 +504,8 @@ fn process_message(
     };
     if let Err(e) = settled {
         // An unrecorded claim lapses after its lease; a resend is then applied again, which
-        // writes nothing twice (entries are keyed by the visit).
+        // updates the visit's entries rather than adding more (an A40's alert and the audit
+        // line come again).
         tracing::error!(error = %e, "could not record the outcome of an ADT message");
     }
     let _ = store.append_audit(

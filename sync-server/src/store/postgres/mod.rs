@@ -58,6 +58,10 @@ const FORMAT: &str = "care-sync-server/1";
 
 /// Connections each instance keeps to the database at most.
 const POOL_SIZE: usize = 16;
+/// How long connecting to the database may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a store call waits for a free connection of the pool.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct PostgresStore {
     /// Always `Some` until dropped (a runtime dropped inside async code would panic, so `Drop`
@@ -117,6 +121,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("care-sync-server");
         }
+        // A database host that does not answer is an error in seconds, not at the OS's TCP
+        // timeout: devices are told to try again, feeds are answered AE.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("care-sync-postgres")
@@ -129,6 +138,8 @@ impl PostgresStore {
         );
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Backend(Box::new(e)))?;

@@ -42,6 +42,11 @@ impl ScratchDatabase {
         Ok(Self { admin: admin.to_string(), name, url })
     }
 
+    /// The URL of the cluster's administrative database this one was made from.
+    pub fn admin_url(&self) -> &str {
+        &self.admin
+    }
+
     /// A database in the cluster of [`cluster_from_env`], or `None` without one.
     pub fn from_env() -> Option<Self> {
         let admin = cluster_from_env()?;
