@@ -99,11 +99,11 @@ impl DeviceConnection {
         {
             targets[..=at].rotate_right(1);
         }
-        // One that went quiet or could not serve last time goes last.
-        if let Some(bad) = last_bad()
-            && let Some(at) = targets.iter().position(|t| *t == bad)
-        {
-            targets[at..].rotate_left(1);
+        // Those that went quiet or could not serve go last, the latest last.
+        for bad in demoted() {
+            if let Some(at) = targets.iter().position(|t| *t == bad) {
+                targets[at..].rotate_left(1);
+            }
         }
         let config = client_config(identity, fingerprints, alpn)?;
         let mut waiting = targets.into_iter();
@@ -335,22 +335,29 @@ fn last_good(addrs: &str) -> Option<SocketAddr> {
 
 fn remember_good(addrs: &str, addr: SocketAddr) {
     *LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner()) = Some((addrs.to_string(), addr));
-    let mut bad = LAST_BAD.lock().unwrap_or_else(|p| p.into_inner());
-    if *bad == Some(addr) {
-        *bad = None;
-    }
+    DEMOTED.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| *a != addr);
 }
 
-/// The address whose connection last went quiet or could not serve, in this process.
-static LAST_BAD: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+/// Addresses whose connections went quiet or could not serve in this process, the latest last
+/// (at most [`DEMOTED_KEPT`]); one leaves the list when it answers again.
+static DEMOTED: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+const DEMOTED_KEPT: usize = 16;
 
-fn last_bad() -> Option<SocketAddr> {
-    *LAST_BAD.lock().unwrap_or_else(|p| p.into_inner())
+fn demoted() -> Vec<SocketAddr> {
+    DEMOTED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Tries `addr` last from now on (until it answers again), and no longer first.
+/// Tries `addr` after the addresses not demoted from now on (until it answers again), and no
+/// longer first.
 fn demote(addr: SocketAddr) {
-    *LAST_BAD.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    {
+        let mut demoted = DEMOTED.lock().unwrap_or_else(|p| p.into_inner());
+        demoted.retain(|a| *a != addr);
+        demoted.push(addr);
+        if demoted.len() > DEMOTED_KEPT {
+            demoted.remove(0);
+        }
+    }
     let mut good = LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner());
     if good.as_ref().is_some_and(|(_, a)| *a == addr) {
         *good = None;

@@ -454,6 +454,17 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A device enrolled under `name` with a token naming `addrs` (one `host:port` or several,
+/// separated by commas: a region's instances), straight through the store, over real QUIC.
+pub async fn enrolled_with_addrs(store: &dyn ServerStore, name: &str, addrs: &str) -> TestDevice {
+    let mut device = TestDevice::new(name);
+    let addrs = addrs.parse::<care_sync_server::operator::config::ServerAddrs>().expect("addresses");
+    let token =
+        ops::issue_token(store, name, Role::CommunityNurse, addrs, ops::DEFAULT_TOKEN_TTL).expect("token");
+    within(30, care_node::driver::enrol(&mut device.store, &token, &mut Quic)).await.expect("enrolment");
+    device
+}
+
 /// A binary of the workspace (`care-node`, `care-sync-server`), beside the test's own
 /// executable: `cargo test --workspace` builds every package's binaries before running tests.
 pub fn workspace_binary(name: &str) -> PathBuf {

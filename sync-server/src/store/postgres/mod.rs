@@ -58,7 +58,8 @@ const FORMAT: &str = "care-sync-server/1";
 
 /// Connections each instance keeps to the database at most.
 const POOL_SIZE: usize = 16;
-/// How long connecting to the database may take.
+/// How long connecting to one of the database's addresses may take (each host of a multi-host
+/// URL has its own: a dead primary does not keep the standby from being tried).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a store call waits for a free connection of the pool.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -139,7 +140,6 @@ impl PostgresStore {
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
