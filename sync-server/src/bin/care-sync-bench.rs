@@ -301,7 +301,19 @@ async fn start_relay(link: Option<&Profile>, tokens: &[String]) -> Option<Relay>
     }
 }
 
-/// One task per device: it enrols (32 at a time), points at the relay if there is one, and
+/// Simulated devices that enrol at once (each enrolment is a handshake and a commit).
+const ENROLLING: usize = 32;
+
+/// A simulated device's store at `path` (a cheap passphrase KDF: a thousand devices on one
+/// machine), enrolled with `token`.
+async fn enrolled(path: &Path, token: &str) -> DeviceStore {
+    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+    let mut store = DeviceStore::open(path, &PassphraseWrapper::with_params("bench", cheap)).expect("store");
+    client::enrol(&mut store, token).await.expect("enrol");
+    store
+}
+
+/// One task per device: it enrols ([`ENROLLING`] at a time), points at the relay if there is one, and
 /// keeps a live session, sending `(device, unix ms)` for every round until `stop` turns true.
 fn spawn_devices(
     tokens: Vec<String>,
@@ -310,9 +322,8 @@ fn spawn_devices(
     arrivals: &UnboundedSender<(usize, i64)>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
     let mut tasks = Vec::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    let gate = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
     for (i, token) in tokens.into_iter().enumerate() {
         let path = dir.join(format!("live-{i}.db"));
         let arrivals = arrivals.clone();
@@ -322,9 +333,7 @@ fn spawn_devices(
         tasks.push(tokio::spawn(async move {
             let mut store = {
                 let _permit = gate.acquire().await.expect("gate");
-                let mut store =
-                    DeviceStore::open(&path, &PassphraseWrapper::with_params("bench", cheap)).expect("store");
-                client::enrol(&mut store, &token).await.expect("enrol");
+                let store = enrolled(&path, &token).await;
                 if let Some(addr) = &relay_addr {
                     store.update_server_addr(addr).expect("point at the relay");
                 }
@@ -351,8 +360,7 @@ async fn storm(devices: usize, window: Duration) {
     let (mut server, _) = Server::start(2_000);
     let tokens = device_tokens(&mut server, devices);
     let dir = device_dir();
-    let cheap = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    let gate = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
     let t = Instant::now();
     let mut ready = Vec::new();
     for (i, token) in tokens.into_iter().enumerate() {
@@ -360,9 +368,7 @@ async fn storm(devices: usize, window: Duration) {
         let gate = gate.clone();
         ready.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.expect("gate");
-            let mut store =
-                DeviceStore::open(&path, &PassphraseWrapper::with_params("bench", cheap)).expect("store");
-            client::enrol(&mut store, &token).await.expect("enrol");
+            let mut store = enrolled(&path, &token).await;
             client::sync(&mut store).await.expect("first sync");
             store
         }));
