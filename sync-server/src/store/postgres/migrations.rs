@@ -23,6 +23,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "session_fence",
         sql: include_str!("../../../migrations/postgres/0003_session_fence.sql"),
     },
+    Migration {
+        version: 4,
+        name: "late_log_head",
+        sql: include_str!("../../../migrations/postgres/0004_late_log_head.sql"),
+    },
 ];
 
 /// The advisory lock instances take turns on while migrating.

@@ -7,15 +7,17 @@
 //!
 //! What makes several writers safe:
 //! - **The change log is numbered in commit order.** A writer takes its sequence numbers by
-//!   updating the one row of `log_head`, and holds that row's lock until it commits, so a
-//!   reader that sees number n sees every number below it (no skipped sequences: a cursor can
-//!   never move past a change that commits later).
+//!   updating the one row of `log_head` as its last statement ([`Logging::commit`]), and holds
+//!   that row's lock until it commits, so a reader that sees number n sees every number below
+//!   it (no skipped sequences: a cursor can never move past a change that commits later).
 //! - **Documents are read for update.** Every read-modify-write of a patient's document locks
 //!   its row (`FOR NO KEY UPDATE`, which foreign-key checks do not wait for) in the writing
 //!   transaction, so two instances merging changes into one document never lose one another's.
-//! - **One lock order.** A transaction that logs changes takes the log head first, then
-//!   documents, then (by trigger) the scope epoch; so no two writers wait on each other in a
-//!   cycle, at the cost of committing such writers one after another.
+//! - **One lock order.** Documents first (in id order when several), then the log head, then
+//!   (by deferred triggers, at commit) the scope epoch; nothing waits for a document while
+//!   holding the head or the epoch, so no two writers wait on each other in a cycle through
+//!   them, and writers merge and save side by side. A transaction PostgreSQL still ends to
+//!   break a deadlock or a serialization conflict is tried again ([`PostgresStore::run_tx`]).
 //! - **Once-only actions are conditional writes** (an enrolment token's redemption, a review,
 //!   an acknowledgement) under a row lock, as the store suite checks through two instances.
 
@@ -100,6 +102,27 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
+/// An error that says PostgreSQL rolled the transaction back to settle a conflict with another
+/// (a deadlock or a serialization failure): the same work, tried again, can succeed.
+trait Contended {
+    fn contended(&self) -> bool;
+}
+
+impl Contended for StoreError {
+    fn contended(&self) -> bool {
+        let Self::Backend(e) = self else { return false };
+        e.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.code()).is_some_and(|code| {
+            *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        })
+    }
+}
+
+impl Contended for UploadError {
+    fn contended(&self) -> bool {
+        matches!(self, Self::Store(e) if e.contended())
+    }
+}
+
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
@@ -180,6 +203,30 @@ impl PostgresStore {
         }
     }
 
+    /// [`PostgresStore::run`] for work that is one transaction: it runs again (three tries in
+    /// all) when PostgreSQL ended it to break a deadlock or a serialization conflict with
+    /// another writer, which rolled it back whole. (Writers lock documents in id order and the
+    /// log head last, but a batch of new patients can still meet another's in the unique index.)
+    fn run_tx<T: Send, E: From<StoreError> + Contended + Send>(
+        &self,
+        work: impl AsyncFn(&mut Client) -> Result<T, E> + Send + Sync,
+    ) -> Result<T, E> {
+        const TRIES: u32 = 3;
+        let mut tried = 1;
+        loop {
+            match self.run(async |c| work(c).await) {
+                Err(e) if e.contended() && tried < TRIES => {
+                    tracing::info!(tried, "a store transaction met another writer's; trying it again");
+                    // Apart from the other writer's retry, which would meet it again.
+                    let jitter = care_node::now_ms().rem_euclid(20) as u64;
+                    std::thread::sleep(std::time::Duration::from_millis(10 * u64::from(tried) + jitter));
+                    tried += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// The schema steps recorded in the store, in order: `(number, name)`.
     pub fn schema_steps(&self) -> Result<Vec<(u32, String)>, StoreError> {
         self.run(async |c| migrations::recorded(c).await)
@@ -191,7 +238,7 @@ impl PostgresStore {
         use care_node::summary::SCHEMA_VERSION;
         let actor = crate::server_actor(&self.server_identity()?);
         self.run(async |c| {
-            let tx = logging(c).await?;
+            let mut tx = logging(c).await?;
             // One instance at a time migrates; the others wait here and then find it done.
             tx.execute("SELECT pg_advisory_xact_lock(7401)", &[]).await?;
             let done = tx.query_opt("SELECT value FROM meta WHERE name = 'doc_schema'", &[]).await?;
@@ -205,7 +252,7 @@ impl PostgresStore {
                 return Ok(());
             }
             let ids: Vec<PatientId> = tx
-                .query("SELECT id FROM patients", &[])
+                .query("SELECT id FROM patients ORDER BY id", &[])
                 .await?
                 .iter()
                 .map(|r| patient_id(r.try_get(0)?))
@@ -219,7 +266,7 @@ impl PostgresStore {
                     .map_err(|e| StoreError::Document(short_hex(id.as_bytes()), Box::new(e)))?
                 {
                     let changes = summary.changes_since(&before);
-                    log_changes(&tx, &id, None, &changes, &mut summary).await?;
+                    log_changes(&mut tx, &id, None, &changes, &mut summary).await?;
                     migrated += 1;
                 }
             }
@@ -291,9 +338,9 @@ fn device_from_row(r: &Row) -> Result<DeviceRecord, StoreError> {
     })
 }
 
-/// Appends changes to the log and saves the document, inside the caller's transaction.
+/// Saves the document and queues its changes for the log, inside the caller's transaction.
 async fn log_changes(
-    tx: &Tx<'_>,
+    tx: &mut Logging<'_>,
     patient: &PatientId,
     author: Option<i64>,
     changes: &[automerge::Change],
@@ -306,11 +353,11 @@ async fn log_changes(
     log_derived(tx, patient, author, changes, &derived).await
 }
 
-/// [`log_changes`] with the saved document and its index already worked out. Takes the
-/// changes' sequence numbers from the log head, whose lock the transaction then holds until it
-/// commits (numbers in commit order, no gaps).
+/// [`log_changes`] with the saved document and its index already worked out. The document and
+/// its index are written now; the changes are numbered when the transaction commits
+/// ([`Logging::commit`]).
 async fn log_derived(
-    tx: &Tx<'_>,
+    tx: &mut Logging<'_>,
     patient: &PatientId,
     author: Option<i64>,
     changes: &[automerge::Change],
@@ -319,35 +366,13 @@ async fn log_derived(
     if changes.is_empty() {
         return Ok(());
     }
-    let n = changes.len() as i64;
-    let head: i64 = tx
-        .query_one("UPDATE log_head SET seq = seq + $1 WHERE id = 1 RETURNING seq", &[&n])
-        .await?
-        .try_get(0)?;
-    let (seqs, hashes, bodies): (Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>) = changes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (head - n + 1 + i as i64, c.hash().0.to_vec(), c.raw_bytes().to_vec()))
-        .fold((Vec::new(), Vec::new(), Vec::new()), |(mut s, mut h, mut b), (seq, hash, body)| {
-            s.push(seq);
-            h.push(hash);
-            b.push(body);
-            (s, h, b)
-        });
-    tx.execute(
-        "INSERT INTO changes (seq, patient_id, author_device, hash, body)
-         SELECT seq, $2, $3, hash, body FROM unnest($1::BIGINT[], $4::BYTEA[], $5::BYTEA[]) AS t (seq, hash, body)",
-        &[&seqs, &patient.as_bytes().as_slice(), &author, &hashes, &bodies],
-    )
-    .await?;
     // A document without a readable listing is stored without one: devices parse it.
     let listing = derived.listing.as_ref().and_then(encode_listing);
     tx.execute(
-        "UPDATE patients SET doc = $1, last_seq = $2, nhs_number = $3, district = $4, risk_flags = $5,
-             review_date = $6, merged = $7, listing = $9 WHERE id = $8",
+        "UPDATE patients SET doc = $1, nhs_number = $2, district = $3, risk_flags = $4,
+             review_date = $5, merged = $6, listing = $8 WHERE id = $7",
         &[
             &derived.saved,
-            &head,
             &derived.nhs_number,
             &derived.index.district,
             &derived.flags(),
@@ -359,17 +384,93 @@ async fn log_derived(
     )
     .await
     .map_err(|e| if is_unique_violation(&e) { StoreError::DuplicatePatient } else { StoreError::from(e) })?;
+    tx.log.queue(patient, author, changes);
     Ok(())
 }
 
-/// Begins a transaction that will log changes. It takes the log head first, so that every
-/// writer locks in one order (the log head, then documents, then the scope epoch by trigger)
-/// and none waits on another in a cycle. Writers that log changes therefore commit one after
-/// another (docs/storage.md).
-async fn logging(c: &mut Client) -> Result<Tx<'_>, StoreError> {
-    let tx = c.transaction().await?;
-    tx.execute("SELECT 1 FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
-    Ok(tx)
+/// A transaction that logs changes. Its changes are numbered as its last statement, by
+/// updating the one row of `log_head`, whose lock it then holds only until it commits: numbers
+/// are given in commit order, without gaps, and writers do their reading, merging and saving
+/// side by side, waiting for one another only for that last statement and the commit.
+///
+/// The log head is the last lock such a transaction takes (documents before it, the scope
+/// epoch after it, by deferred triggers at commit), and nothing waits for a document while
+/// holding it, so no two writers wait on each other in a cycle through it.
+struct Logging<'a> {
+    tx: Tx<'a>,
+    log: PendingLog,
+}
+
+/// Changes queued for the log in one transaction, in order.
+#[derive(Default)]
+struct PendingLog {
+    patients: Vec<Vec<u8>>,
+    authors: Vec<Option<i64>>,
+    hashes: Vec<Vec<u8>>,
+    bodies: Vec<Vec<u8>>,
+    /// Each document's last change, by its place in the queue (from 1).
+    last: HashMap<PatientId, i64>,
+}
+
+impl PendingLog {
+    /// Queues `changes` to `patient`, to be numbered at commit.
+    fn queue(&mut self, patient: &PatientId, author: Option<i64>, changes: &[automerge::Change]) {
+        for change in changes {
+            self.patients.push(patient.as_bytes().to_vec());
+            self.authors.push(author);
+            self.hashes.push(change.hash().0.to_vec());
+            self.bodies.push(change.raw_bytes().to_vec());
+        }
+        if !changes.is_empty() {
+            self.last.insert(*patient, self.patients.len() as i64);
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for Logging<'a> {
+    type Target = Tx<'a>;
+    fn deref(&self) -> &Tx<'a> {
+        &self.tx
+    }
+}
+
+impl Logging<'_> {
+    /// Numbers the queued changes, appends them to the log, records each document's last
+    /// number, and commits; returns the log head after this transaction's changes (`None` if
+    /// it logged none).
+    async fn commit(self) -> Result<Option<i64>, StoreError> {
+        let Self { tx, log } = self;
+        let head = if log.patients.is_empty() {
+            None
+        } else {
+            let n = log.patients.len() as i64;
+            let (docs, lasts): (Vec<Vec<u8>>, Vec<i64>) =
+                log.last.iter().map(|(id, last)| (id.as_bytes().to_vec(), *last)).unzip();
+            let row = tx
+                .query_one(
+                    "WITH head AS (UPDATE log_head SET seq = seq + $1 WHERE id = 1 RETURNING seq - $1 AS base),
+                     logged AS (
+                         INSERT INTO changes (seq, patient_id, author_device, hash, body)
+                         SELECT head.base + t.n, t.patient, t.author, t.hash, t.body
+                         FROM head, unnest($2::BYTEA[], $3::BIGINT[], $4::BYTEA[], $5::BYTEA[])
+                             WITH ORDINALITY AS t (patient, author, hash, body, n)),
+                     numbered AS (
+                         UPDATE patients p SET last_seq = head.base + l.n
+                         FROM head, unnest($6::BYTEA[], $7::BIGINT[]) AS l (id, n) WHERE p.id = l.id)
+                     SELECT base + $1 FROM head",
+                    &[&n, &log.patients, &log.authors, &log.hashes, &log.bodies, &docs, &lasts],
+                )
+                .await?;
+            Some(row.try_get::<_, i64>(0)?)
+        };
+        tx.commit().await?;
+        Ok(head)
+    }
+}
+
+/// Begins a transaction that will log changes ([`Logging`]).
+async fn logging(c: &mut Client) -> Result<Logging<'_>, StoreError> {
+    Ok(Logging { tx: c.transaction().await?, log: PendingLog::default() })
 }
 
 /// A stored patient's document, its row locked for the rest of the transaction.

@@ -5,12 +5,9 @@ use super::*;
 impl PatientRecords for PostgresStore {
     fn insert_patients(&self, summaries: &mut [PatientSummary]) -> Result<Vec<PatientId>, StoreError> {
         let documents = summaries.iter_mut().map(NewDocument::of).collect::<Result<Vec<_>, _>>()?;
-        self.run(async |c| {
-            let tx = logging(c).await?;
-            let mut ids = Vec::with_capacity(documents.len());
-            for document in &documents {
-                ids.push(insert_in(&tx, document).await?);
-            }
+        self.run_tx(async |c| {
+            let mut tx = logging(c).await?;
+            let ids = insert_many(&mut tx, &documents).await?;
             tx.commit().await?;
             Ok(ids)
         })
@@ -21,9 +18,9 @@ impl PatientRecords for PostgresStore {
         patient: &PatientId,
         changes: &[automerge::Change],
     ) -> Result<(), StoreError> {
-        self.run(async |c| {
-            let tx = logging(c).await?;
-            apply_in(&tx, patient, changes).await?;
+        self.run_tx(async |c| {
+            let mut tx = logging(c).await?;
+            apply_in(&mut tx, patient, changes).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -77,20 +74,19 @@ impl PatientRecords for PostgresStore {
     ) -> Result<Option<u64>, StoreError> {
         let id = patient.as_bytes().as_slice();
         self.run(async |c| {
-            let tx = logging(c).await?;
+            let mut tx = logging(c).await?;
             let stored =
                 tx.query_opt("SELECT last_seq FROM patients WHERE id = $1 FOR NO KEY UPDATE", &[&id]).await?;
             let stored: i64 = stored.ok_or(StoreError::UnknownPatient)?.try_get(0)?;
             let current = if stored as u64 == base_seq {
-                log_changes(&tx, patient, None, changes, updated).await?;
+                log_changes(&mut tx, patient, None, changes, updated).await?;
                 true
             } else {
-                apply_in(&tx, patient, changes).await?;
+                apply_in(&mut tx, patient, changes).await?;
                 false
             };
-            let seq: i64 =
-                tx.query_one("SELECT last_seq FROM patients WHERE id = $1", &[&id]).await?.try_get(0)?;
-            tx.commit().await?;
+            // The transaction logged this document's changes only: its last number is the head.
+            let seq = tx.commit().await?.unwrap_or(stored);
             Ok(current.then_some(seq as u64))
         })
     }
@@ -136,14 +132,30 @@ impl PatientRecords for PostgresStore {
     }
 
     fn write_batch(&self, writes: &mut [BatchWrite]) -> Result<(), StoreError> {
-        self.run(async |c| {
-            let tx = logging(c).await?;
-            for write in writes.iter_mut() {
+        self.run_tx(async |c| {
+            let mut tx = logging(c).await?;
+            // The stored documents the batch changes are locked first, in id order, as every
+            // writer locks several documents.
+            let changed: Vec<&[u8]> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    BatchWrite::Changes(patient, _) => Some(patient.as_bytes().as_slice()),
+                    _ => None,
+                })
+                .collect();
+            if !changed.is_empty() {
+                tx.execute(
+                    "SELECT 1 FROM patients WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+                    &[&changed],
+                )
+                .await?;
+            }
+            for write in writes.iter() {
                 match write {
                     BatchWrite::NewPatient(document) => {
-                        insert_in(&tx, document).await?;
+                        insert_in(&mut tx, document).await?;
                     }
-                    BatchWrite::Changes(patient, changes) => apply_in(&tx, patient, changes).await?,
+                    BatchWrite::Changes(patient, changes) => apply_in(&mut tx, patient, changes).await?,
                     BatchWrite::Audit { actor, action, patient, detail, at_ms } => {
                         audit_in(&tx, actor, action, patient.as_ref(), detail, *at_ms).await?
                     }
@@ -192,15 +204,15 @@ impl PatientRecords for PostgresStore {
     ) -> Result<MergeOutcome, StoreError> {
         crate::domain::merge::check_pair(keep, merged)?;
         let actor = crate::server_actor(&self.server_identity()?);
-        self.run(async |c| {
-            let tx = logging(c).await?;
+        self.run_tx(async |c| {
+            let mut tx = logging(c).await?;
             // Locked in id order, so two merges of the same pair never deadlock.
             let (first, second) = if keep < merged { (keep, merged) } else { (merged, keep) };
             let (a, b) = (load_in(&tx, first).await?, load_in(&tx, second).await?);
             let (mut kept, mut gone) = if first == keep { (a, b) } else { (b, a) };
             let merge = crate::domain::merge::merge(keep, &mut kept, merged, &mut gone, &actor, operator, now_ms)?;
-            log_changes(&tx, merged, None, &merge.merged_changes, &mut gone).await?;
-            log_changes(&tx, keep, None, &merge.kept_changes, &mut kept).await?;
+            log_changes(&mut tx, merged, None, &merge.merged_changes, &mut gone).await?;
+            log_changes(&mut tx, keep, None, &merge.kept_changes, &mut kept).await?;
             let (k, m) = (keep.as_bytes().as_slice(), merged.as_bytes().as_slice());
             let caseloads = tx
                 .execute(
@@ -225,8 +237,46 @@ impl PatientRecords for PostgresStore {
     }
 }
 
+/// Stores new patients' documents inside the caller's transaction, in one statement (an import
+/// or a generated population writes thousands at a time); refuses the lot if any of them is
+/// already stored, by id or NHS number.
+async fn insert_many(tx: &mut Logging<'_>, documents: &[NewDocument]) -> Result<Vec<PatientId>, StoreError> {
+    if documents.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Vec<u8>> = documents.iter().map(|d| d.patient.as_bytes().to_vec()).collect();
+    let nhs: Vec<Option<&str>> = documents.iter().map(|d| d.derived.nhs_number.as_deref()).collect();
+    let docs: Vec<&[u8]> = documents.iter().map(|d| d.derived.saved.as_slice()).collect();
+    let districts: Vec<Option<&str>> =
+        documents.iter().map(|d| d.derived.index.district.as_deref()).collect();
+    let flags: Vec<String> = documents.iter().map(|d| d.derived.flags()).collect();
+    let reviews: Vec<Option<&str>> =
+        documents.iter().map(|d| d.derived.index.review_date.as_deref()).collect();
+    let merged: Vec<bool> = documents.iter().map(|d| d.derived.merged).collect();
+    // A document without a readable listing is stored without one: devices parse it.
+    let listings: Vec<Option<Vec<u8>>> =
+        documents.iter().map(|d| d.derived.listing.as_ref().and_then(encode_listing)).collect();
+    let inserted = tx
+        .execute(
+            "INSERT INTO patients (id, nhs_number, doc, last_seq, district, risk_flags, review_date, merged, listing)
+             SELECT id, nhs, doc, 0, district, flags, review, merged, listing
+             FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BOOLEAN[], $8::BYTEA[])
+                 AS t (id, nhs, doc, district, flags, review, merged, listing)
+             ON CONFLICT DO NOTHING",
+            &[&ids, &nhs, &docs, &districts, &flags, &reviews, &merged, &listings],
+        )
+        .await?;
+    if inserted as usize != documents.len() {
+        return Err(StoreError::DuplicatePatient);
+    }
+    for document in documents {
+        tx.log.queue(&document.patient, None, &document.changes);
+    }
+    Ok(documents.iter().map(|d| d.patient).collect())
+}
+
 /// Stores a new patient's document inside the caller's transaction.
-async fn insert_in(tx: &Tx<'_>, document: &NewDocument) -> Result<PatientId, StoreError> {
+async fn insert_in(tx: &mut Logging<'_>, document: &NewDocument) -> Result<PatientId, StoreError> {
     let id = document.patient;
     let inserted = tx
         .execute(
@@ -242,7 +292,11 @@ async fn insert_in(tx: &Tx<'_>, document: &NewDocument) -> Result<PatientId, Sto
 }
 
 /// Applies server-authored changes to a stored document inside the caller's transaction.
-async fn apply_in(tx: &Tx<'_>, patient: &PatientId, changes: &[automerge::Change]) -> Result<(), StoreError> {
+async fn apply_in(
+    tx: &mut Logging<'_>,
+    patient: &PatientId,
+    changes: &[automerge::Change],
+) -> Result<(), StoreError> {
     let doc_id = short_hex(patient.as_bytes());
     let mut summary = load_in(tx, patient).await?;
     let new: Vec<_> = changes.iter().filter(|c| !summary.has_change(&c.hash())).cloned().collect();

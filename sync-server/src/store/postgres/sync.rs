@@ -25,21 +25,38 @@ impl SyncLog for PostgresStore {
         device: &DeviceRecord,
         docs: &[CheckedChanges],
     ) -> Result<UploadOutcome, UploadError> {
-        self.run(async |c| {
-            let tx = logging(c).await?;
+        self.run_tx(async |c| {
+            let mut tx = logging(c).await?;
+            // Every document of the upload is read and locked in one statement, in id order (as
+            // every writer locks several documents), so two uploads never wait on each other.
+            let ids: Vec<&[u8]> = docs.iter().map(|d| d.doc.as_bytes().as_slice()).collect();
+            let mut locked: HashMap<PatientId, Vec<u8>> = tx
+                .query(
+                    "SELECT id, doc FROM patients WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+                    &[&ids],
+                )
+                .await
+                .map_err(StoreError::from)?
+                .iter()
+                .map(|r| Ok((patient_id(r.try_get(0)?)?, r.try_get(1)?)))
+                .collect::<Result<_, StoreError>>()?;
             let (mut accepted, mut merged) = (0, Vec::new());
             for CheckedChanges { doc, changes, checked_at } in docs {
                 let doc_id = short_hex(doc.as_bytes());
-                let saved: Vec<u8> = tx
-                    .query_opt(
-                        "SELECT doc FROM patients WHERE id = $1 FOR NO KEY UPDATE",
-                        &[&doc.as_bytes().as_slice()],
-                    )
-                    .await
-                    .map_err(StoreError::from)?
-                    .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?
-                    .try_get(0)
-                    .map_err(StoreError::from)?;
+                let saved: Vec<u8> = match locked.remove(doc) {
+                    Some(saved) => saved,
+                    // Named twice in one upload: read again, as the first one left it.
+                    None => tx
+                        .query_opt(
+                            "SELECT doc FROM patients WHERE id = $1 FOR NO KEY UPDATE",
+                            &[&doc.as_bytes().as_slice()],
+                        )
+                        .await
+                        .map_err(StoreError::from)?
+                        .ok_or_else(|| UploadError::NotHeld(doc_id.clone()))?
+                        .try_get(0)
+                        .map_err(StoreError::from)?,
+                };
                 let mut summary = PatientSummary::load(&saved)
                     .map_err(|e| StoreError::Document(doc_id.clone(), Box::new(e)))?;
                 let mut heads = summary.heads();
@@ -61,12 +78,12 @@ impl SyncLog for PostgresStore {
                     return Err(UploadError::MissingDependencies(doc_id));
                 }
                 accepted += new.len();
-                log_changes(&tx, doc, Some(device.id), &new, &mut summary).await?;
+                log_changes(&mut tx, doc, Some(device.id), &new, &mut summary).await?;
                 if let Ok(Some(into)) = summary.merged_into() {
                     merged.push((*doc, into));
                 }
             }
-            tx.commit().await.map_err(StoreError::from)?;
+            tx.commit().await?;
             Ok(UploadOutcome { accepted, merged })
         })
     }
