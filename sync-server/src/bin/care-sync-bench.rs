@@ -124,6 +124,14 @@ async fn run(n: usize, link: Option<Profile>) -> Vec<(String, Duration)> {
         figures.generation.as_secs_f64(),
         figures.plain_bytes as f64 / n as f64 / 1024.0
     );
+    if bench::region() > n {
+        println!(
+            "  a region's store: {} patients in all, the other {} held by no device (written in {:.0} s)",
+            bench::region(),
+            bench::region() - n,
+            figures.region_fill.as_secs_f64()
+        );
+    }
     println!(
         "  {:<24} {:>9} {:>10} {:>10} {:>9} {:>12} {:>11}",
         "", "total ms", "handshake", "exchange", "close", "frame bytes", "UDP bytes"
@@ -577,9 +585,27 @@ struct Args {
     /// reconnect within 10 s: each sync's p50/p99 and the server's CPU (0: skip).
     #[arg(long, value_name = "DEVICES", default_value_t = 0)]
     storm: usize,
+    /// Also runs each N on a region's store: this many patients in the database (at least
+    /// 1,000,000 is a region), N of them in the device's scope and the rest held by no device,
+    /// beside the run on a store of N, with the ratios (0: skip). Past the test range's NHS
+    /// numbers (about 909,000), records are of unidentified patients.
+    #[arg(long, value_name = "PATIENTS", default_value_t = 0)]
+    region: usize,
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
+}
+
+/// Prints two runs' figures side by side, with the second's over the first's.
+fn ratios(base: &[(String, Duration)], other: &[(String, Duration)]) {
+    for ((name, a), (_, b)) in base.iter().zip(other) {
+        println!(
+            "  {name:<24} {:>9.1} ms {:>9.1} ms  {:.2}x",
+            ms(*a),
+            ms(*b),
+            b.as_secs_f64() / a.as_secs_f64()
+        );
+    }
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -593,6 +619,7 @@ fn main() {
     let args = <Args as clap::Parser>::parse();
     bench::use_records(args.records);
     if let Some(role) = &args.server_role {
+        bench::use_region(args.region);
         let n =
             role[1].parse().unwrap_or_else(|_| panic!("--server-role DIR N: `{}` is not a size", role[1]));
         bench::server_role(&role[0], n);
@@ -620,19 +647,25 @@ fn main() {
                     every,
                     cut_kind,
                 )),
-                None => by_backend.push((*backend, runtime.block_on(run(n, link.clone())))),
+                None => {
+                    let plain = runtime.block_on(run(n, link.clone()));
+                    if args.region > n {
+                        bench::use_region(args.region);
+                        let region = runtime.block_on(run(n, link.clone()));
+                        bench::use_region(0);
+                        println!(
+                            "\nN = {n} on {backend:?}: a store of {} / a store of {n}, measured in this run",
+                            args.region
+                        );
+                        ratios(&plain, &region);
+                    }
+                    by_backend.push((*backend, plain));
+                }
             }
         }
         if let [(first, base), (second, other)] = by_backend.as_slice() {
             println!("\nN = {n}: {second:?} / {first:?}, measured in this run");
-            for ((name, a), (_, b)) in base.iter().zip(other) {
-                println!(
-                    "  {name:<24} {:>9.1} ms {:>9.1} ms  {:.2}x",
-                    ms(*a),
-                    ms(*b),
-                    b.as_secs_f64() / a.as_secs_f64()
-                );
-            }
+            ratios(base, other);
         }
     }
     if live_devices > 0 {

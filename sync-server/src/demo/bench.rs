@@ -54,6 +54,104 @@ pub fn backend() -> Backend {
     *BACKEND.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Patients in the store of every bench server this process starts from now on, when more than
+/// the size of the run: the run's N in the device's scope, the rest held by no device (a
+/// region's store); 0 for none but the N.
+static REGION: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// Makes the bench servers this process starts from now on hold `total` patients ([`REGION`]).
+pub fn use_region(total: usize) {
+    *REGION.lock().unwrap_or_else(|p| p.into_inner()) = total;
+}
+
+/// The region size of the next bench server ([`use_region`]).
+pub fn region() -> usize {
+    *REGION.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fills `store` up to `total` patients that no device holds, on two threads, each its own
+/// population with NHS numbers of its own from the test range; past the range's numbers,
+/// unidentified records. Progress goes to stderr. Returns how long it took.
+fn fill_region(
+    store: &std::sync::Arc<dyn crate::store::ServerStore>,
+    actor: &automerge::ActorId,
+    total: usize,
+) -> Duration {
+    use crate::demo::population::first_free_stem;
+    const LAST_STEM: u32 = 999_999_999;
+    const BATCH: usize = 1_000;
+    let t = Instant::now();
+    let have = store.patient_count().expect("count") as usize;
+    let wanted = total.saturating_sub(have);
+    let first = first_free_stem(|nhs| store.patient_by_nhs(nhs).expect("lookup").is_some());
+    let mid = first + (LAST_STEM - first) / 2;
+    let valid = |from: u32, to: u32| {
+        (from..to).filter(|s| care_node::nhs::NhsNumber::from_stem(*s).is_some()).count()
+    };
+    let halves = [(first, valid(first, mid)), (mid, valid(mid, LAST_STEM + 1))];
+    let identified: usize = halves.iter().map(|(_, n)| n).sum::<usize>().min(wanted);
+    let unidentified = wanted - identified;
+    // The numbered records split evenly between the halves, as far as each half has numbers.
+    let mut first_half = halves[0].1.min(identified.div_ceil(2));
+    first_half += (identified - first_half).saturating_sub(halves[1].1);
+    let shares = [
+        (halves[0].0, first_half, unidentified.div_ceil(2)),
+        (halves[1].0, identified - first_half, unidentified / 2),
+    ];
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for (half, (start, numbered, unnumbered)) in shares.into_iter().enumerate() {
+            let (store, made, actor) = (store.clone(), &made, actor.clone());
+            scope.spawn(move || {
+                let seed = SEED ^ (0x7e61_0000 + half as u64);
+                let mut numbered_people =
+                    Population::starting_at(seed, actor.clone(), start).with_records(records());
+                let mut unnumbered_people =
+                    Population::starting_at(seed ^ 1, actor, start).with_records(records()).unidentified();
+                let mut left = (numbered, unnumbered);
+                while left.0 + left.1 > 0 {
+                    let mut batch = Vec::with_capacity(BATCH);
+                    while batch.len() < BATCH && left.0 + left.1 > 0 {
+                        let people = if left.0 > 0 {
+                            left.0 -= 1;
+                            &mut numbered_people
+                        } else {
+                            left.1 -= 1;
+                            &mut unnumbered_people
+                        };
+                        batch.push(people.next_patient(0).expect("patient"));
+                    }
+                    store.insert_patients(&mut batch).expect("insert");
+                    let before = made.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+                    let after = before + batch.len();
+                    if after / 100_000 > before / 100_000 || after == wanted {
+                        let rate = after as f64 / t.elapsed().as_secs_f64().max(1e-9);
+                        eprintln!("  region store: {after} of {wanted} more patients written ({rate:.0}/s)");
+                    }
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// The database's own housekeeping after a bulk load, so that the region's figures are of a
+/// store in its steady state rather than of the load's aftermath: on SQLite the write-ahead
+/// log is checkpointed into the database (otherwise the next commit, a sync's, would copy
+/// the gigabytes the load wrote), on PostgreSQL `VACUUM (ANALYZE)` (what autovacuum does soon
+/// after a load: visibility, hint bits and the planner's statistics).
+fn settle_after_fill(url: Option<&str>, dir: &std::path::Path) {
+    let t = Instant::now();
+    match url {
+        Some(url) => crate::store::postgres::scratch::execute(url, "VACUUM (ANALYZE)").expect("vacuum"),
+        None => {
+            let conn = rusqlite::Connection::open(dir.join("server.db")).expect("store file");
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).expect("checkpoint");
+        }
+    }
+    eprintln!("  region store: housekeeping after the load took {:.0} s", t.elapsed().as_secs_f64());
+}
+
 /// The bench population: seed [`SEED`], records as [`use_records`] set them.
 pub fn population(actor: automerge::ActorId) -> Population {
     Population::new(SEED, actor).with_records(records())
@@ -107,6 +205,14 @@ pub fn server_role(dir: &str, n: usize) {
     }
     let generation = t.elapsed();
     let ids: Vec<PatientId> = store.patient_ids().expect("ids").into_iter().map(|(id, _)| id).collect();
+    // A region's store: the rest of the patients, held by no device.
+    let filling = if region() > n {
+        let filling = fill_region(&store, &actor, region());
+        settle_after_fill(url, std::path::Path::new(dir));
+        filling
+    } else {
+        Duration::ZERO
+    };
     let running = runtime
         .block_on(crate::transport::start(store.clone(), "127.0.0.1:0".parse().expect("addr")))
         .expect("server");
@@ -132,7 +238,7 @@ pub fn server_role(dir: &str, n: usize) {
         token
     };
     let device = holding_all("tablet");
-    println!("ready {addr} {device} {} {plain_bytes}", generation.as_millis());
+    println!("ready {addr} {device} {} {plain_bytes} {}", generation.as_millis(), filling.as_millis());
     let change = |id: &PatientId, label: &str| {
         let mut s = PatientSummary::load(&store.load_document(id).expect("doc").expect("doc")).expect("load");
         s.set_actor(actor.to_bytes());
@@ -215,6 +321,7 @@ impl Server {
             .arg(n.to_string())
             .arg("--records")
             .arg(clap::ValueEnum::to_possible_value(&records()).expect("a named value").get_name())
+            .args(if region() > n { vec!["--region".to_string(), region().to_string()] } else { Vec::new() })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -255,6 +362,8 @@ impl Server {
 pub struct Figures {
     pub n: usize,
     pub generation: Duration,
+    /// How long filling the store up to the region's size took ([`use_region`]; zero if none).
+    pub region_fill: Duration,
     /// Bytes of the N documents saved plainly by Automerge.
     pub plain_bytes: u64,
     pub cold: SyncReport,
@@ -269,7 +378,7 @@ pub struct Figures {
 }
 
 /// Runs the device side against a new server process of `n` patients: cold sync, then
-/// reconnects with 0, 1 and 100 changed — over `link` when given (a relay of
+/// reconnects with 0, 1 (the median of five) and 100 changed — over `link` when given (a relay of
 /// [`crate::demo::link`] between the device and the server). The calling binary must hand
 /// `--server-role DIR N` to [`server_role`].
 pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figures {
@@ -295,10 +404,17 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
     let idle = client::sync(&mut device).await.expect("reconnect");
     let mut changed = Vec::new();
     for k in [1usize, 100] {
-        assert_eq!(server.ask(&format!("change {k}")), format!("changed {k}"));
-        let report = client::sync(&mut device).await.expect("reconnect");
-        assert_eq!(report.stats.changes_received as usize, k);
-        changed.push((k, report));
+        // One change is the figure a region's store is judged by: the median of five.
+        let tries = if k == 1 { 5 } else { 1 };
+        let mut reports = Vec::with_capacity(tries);
+        for _ in 0..tries {
+            assert_eq!(server.ask(&format!("change {k}")), format!("changed {k}"));
+            let report = client::sync(&mut device).await.expect("reconnect");
+            assert_eq!(report.stats.changes_received as usize, k);
+            reports.push(report);
+        }
+        reports.sort_by_key(|r| r.duration);
+        changed.push((k, reports.swap_remove(tries / 2)));
     }
     let device_peak_mb = peak_rss_mb("self");
     let server_peak_mb: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
@@ -306,6 +422,7 @@ pub async fn measure(n: usize, link: Option<crate::demo::link::Profile>) -> Figu
     Figures {
         n,
         generation: Duration::from_millis(generation_ms),
+        region_fill: Duration::from_millis(ready.get(4).and_then(|ms| ms.parse().ok()).unwrap_or(0)),
         plain_bytes,
         cold,
         idle,

@@ -257,6 +257,8 @@ pub struct Population {
     detail: StdRng,
     /// Patients made so far.
     made: u64,
+    /// False for records of people not (yet) identified: no NHS number ([`Population::unidentified`]).
+    identified: bool,
 }
 
 /// Provenance of the synthetic GP record.
@@ -293,7 +295,16 @@ impl Population {
             records: Records::Synthetic,
             detail: StdRng::seed_from_u64(seed ^ 0x5eed_de7a),
             made: 0,
+            identified: true,
         }
+    }
+
+    /// People whose records carry no NHS number (as an unidentified patient's do until they
+    /// are traced): for stores larger than the test range's numbers (999 000 0000 to 999 999
+    /// 9999, about 909,000 valid), and takes none of them.
+    pub fn unidentified(mut self) -> Self {
+        self.identified = false;
+        self
     }
 
     fn next_nhs(&mut self) -> NhsNumber {
@@ -312,15 +323,19 @@ impl Population {
 
     /// The next patient's summary, created as the server would create it.
     pub fn next_patient(&mut self, now_ms: i64) -> Result<PatientSummary, SummaryError> {
-        let nhs = self.next_nhs();
+        let nhs = self.identified.then(|| self.next_nhs());
         let age: i32 = self.rng.random_range(1..100);
         let female = self.rng.random_bool(0.5);
         let given = *self.pick(if female { GIVEN_F } else { GIVEN_M });
         let family = *self.pick(FAMILY);
-        let demographics = self.demographics(&nhs, age, female, given, family);
+        let demographics = self.demographics(nhs.as_ref(), age, female, given, family);
         let patient_id = uuid::Uuid::from_bytes(self.rng.random());
         let summary = PatientSummary::create(patient_id, &demographics, self.actor.clone(), now_ms)?;
-        let mut draft = Draft { summary, patient_id, nhs, added: 0, now_ms };
+        let label = match &nhs {
+            Some(nhs) => nhs.as_str().to_string(),
+            None => format!("u{}", patient_id.simple()),
+        };
+        let mut draft = Draft { summary, patient_id, label, added: 0, now_ms };
 
         let had = self.add_conditions(&mut draft, age)?;
         self.add_medications(&mut draft, &had, age)?;
@@ -338,7 +353,7 @@ impl Population {
     /// The rest of the person: birth date, address and GP practice.
     fn demographics(
         &mut self,
-        nhs: &NhsNumber,
+        nhs: Option<&NhsNumber>,
         age: i32,
         female: bool,
         given: &str,
@@ -348,8 +363,8 @@ impl Population {
         let practice = self.rng.random_range(1..40);
         let street = *self.pick(STREETS);
         Demographics {
-            nhs_number: Some(nhs.as_str().to_string()),
-            nhs_number_status: Some("number-present-and-verified".into()),
+            nhs_number: nhs.map(|n| n.as_str().to_string()),
+            nhs_number_status: nhs.map(|_| "number-present-and-verified".into()),
             name: format!("{given} {family}"),
             family: Some(family.into()),
             given: Some(given.into()),
@@ -629,7 +644,8 @@ impl Population {
 struct Draft {
     summary: PatientSummary,
     patient_id: PatientId,
-    nhs: NhsNumber,
+    /// What the record's source ids are made of: the NHS number, or the record's id.
+    label: String,
     added: u32,
     now_ms: i64,
 }
@@ -637,7 +653,7 @@ struct Draft {
 impl Draft {
     fn next_source(&mut self, kind: &str) -> String {
         self.added += 1;
-        format!("{kind}/syn-{}-{}", self.nhs.as_str(), self.added)
+        format!("{kind}/syn-{}-{}", self.label, self.added)
     }
 
     fn upsert<T: SectionEntry>(

@@ -216,9 +216,13 @@ impl Governance for SqliteStore {
         }
         let conn = self.read();
         let mut rows = ScopeRows::default();
+        // Each query reads the device's own rows first and looks their patients up by id:
+        // `CROSS JOIN` makes SQLite keep that order. Without it (and without statistics) SQLite
+        // may walk every patient of the store and look each up among the device's rows, which
+        // in a region's store of 1,000,000 made a cold sync of 10,000 thirteen times slower.
         // Narrowed to grants not yet ended (closed ones and the lapsed pile up over the years).
         let mut grants = conn.prepare_cached(&format!(
-            "SELECT {FACTS}, g.kind, g.expires_at_ms, g.closed_at_ms FROM grants g JOIN patients p ON p.id = g.patient_id
+            "SELECT {FACTS}, g.kind, g.expires_at_ms, g.closed_at_ms FROM grants g CROSS JOIN patients p ON p.id = g.patient_id
              WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2"
         ))?;
         let found = grants.query_map(params![device, now_ms], |r| {
@@ -230,7 +234,7 @@ impl Governance for SqliteStore {
         })?;
         rows.grants = found.collect::<Result<_, _>>()?;
         let mut caseload = conn.prepare_cached(&format!(
-            "SELECT {FACTS} FROM caseload c JOIN patients p ON p.id = c.patient_id WHERE c.device_id = ?1"
+            "SELECT {FACTS} FROM caseload c CROSS JOIN patients p ON p.id = c.patient_id WHERE c.device_id = ?1"
         ))?;
         rows.caseload = caseload.query_map([device], facts)?.collect::<Result<_, _>>()?;
         if !prefetch_flags.is_empty() {
@@ -240,8 +244,8 @@ impl Governance for SqliteStore {
                 .collect::<Vec<_>>()
                 .join(" OR ");
             let mut area = conn.prepare_cached(&format!(
-                "SELECT {FACTS} FROM device_areas a JOIN patients p ON p.district = a.district
-                 WHERE a.device_id = ?1 AND ({flag_test})"
+                "SELECT {FACTS} FROM device_areas a CROSS JOIN patients p ON p.district = a.district
+                 WHERE a.device_id = ?1 AND p.risk_flags != ',' AND ({flag_test})"
             ))?;
             let mut values: Vec<&dyn rusqlite::ToSql> = vec![&device];
             values.extend(prefetch_flags.iter().map(|f| f as &dyn rusqlite::ToSql));

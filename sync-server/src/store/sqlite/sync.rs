@@ -76,7 +76,9 @@ impl SyncLog for SqliteStore {
     fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
-            "SELECT d.patient_id FROM device_docs d JOIN patients p ON p.id = d.patient_id
+            // The device's documents first, each looked up by id (`CROSS JOIN` keeps the order;
+            // see `scope_rows`).
+            "SELECT d.patient_id FROM device_docs d CROSS JOIN patients p ON p.id = d.patient_id
              WHERE d.device_id = ?1 AND d.state = ?2 AND p.last_seq > ?3",
         )?;
         let rows = stmt.query_map(params![device, HELD, after as i64], |r| patient_id(r.get(0)?))?;
