@@ -3,6 +3,44 @@
 use super::*;
 use crate::store::{HL7_CLAIM_LEASE_MS, Hl7Claim};
 
+// The queries a device's scope is decided on. Each reads the device's own rows first and looks
+// their patients up (by id, or by district in the partial index of flagged patients):
+// `CROSS JOIN` makes SQLite keep that order. Without it, and without statistics, SQLite may walk
+// every patient of the store and look each up among the device's rows, which in a region's
+// store of 1,000,000 made a cold sync of 10,000 thirteen times slower (docs/benchmarks.md).
+
+/// The patient facts a scope is decided on.
+const FACTS: &str = "p.id, p.review_date, p.objection, p.risk_flags, p.merged";
+
+/// A device's grants not yet ended (closed ones and the lapsed pile up over the years): `?1`
+/// the device, `?2` now.
+fn grants_sql() -> String {
+    format!(
+        "SELECT {FACTS}, g.kind, g.expires_at_ms, g.closed_at_ms FROM grants g CROSS JOIN patients p ON p.id = g.patient_id
+         WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2"
+    )
+}
+
+/// A device's caseload: `?1` the device.
+fn caseload_sql() -> String {
+    format!(
+        "SELECT {FACTS} FROM caseload c CROSS JOIN patients p ON p.id = c.patient_id WHERE c.device_id = ?1"
+    )
+}
+
+/// The patients of a device's areas with one of `flags` prefetch flags (`?2`…): a district has
+/// thousands without. `risk_flags != ','` is the partial index's own condition, so it is used.
+fn area_sql(flags: usize) -> String {
+    let flag_test = (0..flags)
+        .map(|i| format!("instr(p.risk_flags, ',' || ?{} || ',') > 0", i + 2))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    format!(
+        "SELECT {FACTS} FROM device_areas a CROSS JOIN patients p ON p.district = a.district
+         WHERE a.device_id = ?1 AND p.risk_flags != ',' AND ({flag_test})"
+    )
+}
+
 impl Governance for SqliteStore {
     fn append_audit(
         &self,
@@ -203,7 +241,6 @@ impl Governance for SqliteStore {
         now_ms: i64,
     ) -> Result<crate::domain::scope::ScopeRows, StoreError> {
         use crate::domain::scope::{GrantFacts, PatientFacts, ScopeRows};
-        const FACTS: &str = "p.id, p.review_date, p.objection, p.risk_flags, p.merged";
         fn facts(r: &rusqlite::Row<'_>) -> rusqlite::Result<PatientFacts> {
             let flags: String = r.get(3)?;
             Ok(PatientFacts {
@@ -216,15 +253,7 @@ impl Governance for SqliteStore {
         }
         let conn = self.read();
         let mut rows = ScopeRows::default();
-        // Each query reads the device's own rows first and looks their patients up by id:
-        // `CROSS JOIN` makes SQLite keep that order. Without it (and without statistics) SQLite
-        // may walk every patient of the store and look each up among the device's rows, which
-        // in a region's store of 1,000,000 made a cold sync of 10,000 thirteen times slower.
-        // Narrowed to grants not yet ended (closed ones and the lapsed pile up over the years).
-        let mut grants = conn.prepare_cached(&format!(
-            "SELECT {FACTS}, g.kind, g.expires_at_ms, g.closed_at_ms FROM grants g CROSS JOIN patients p ON p.id = g.patient_id
-             WHERE g.device_id = ?1 AND g.closed_at_ms IS NULL AND g.expires_at_ms > ?2"
-        ))?;
+        let mut grants = conn.prepare_cached(&grants_sql())?;
         let found = grants.query_map(params![device, now_ms], |r| {
             let kind: String = r.get(5)?;
             // A kind this server does not know is a damaged or newer store: said so, never
@@ -233,20 +262,10 @@ impl Governance for SqliteStore {
             Ok(GrantFacts { kind, expires_at_ms: r.get(6)?, closed_at_ms: r.get(7)?, patient: facts(r)? })
         })?;
         rows.grants = found.collect::<Result<_, _>>()?;
-        let mut caseload = conn.prepare_cached(&format!(
-            "SELECT {FACTS} FROM caseload c CROSS JOIN patients p ON p.id = c.patient_id WHERE c.device_id = ?1"
-        ))?;
+        let mut caseload = conn.prepare_cached(&caseload_sql())?;
         rows.caseload = caseload.query_map([device], facts)?.collect::<Result<_, _>>()?;
         if !prefetch_flags.is_empty() {
-            // Narrowed to patients with one of the flags: a district has thousands without.
-            let flag_test = (0..prefetch_flags.len())
-                .map(|i| format!("instr(p.risk_flags, ',' || ?{} || ',') > 0", i + 2))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            let mut area = conn.prepare_cached(&format!(
-                "SELECT {FACTS} FROM device_areas a CROSS JOIN patients p ON p.district = a.district
-                 WHERE a.device_id = ?1 AND p.risk_flags != ',' AND ({flag_test})"
-            ))?;
+            let mut area = conn.prepare_cached(&area_sql(prefetch_flags.len()))?;
             let mut values: Vec<&dyn rusqlite::ToSql> = vec![&device];
             values.extend(prefetch_flags.iter().map(|f| f as &dyn rusqlite::ToSql));
             rows.area = area.query_map(values.as_slice(), facts)?.collect::<Result<_, _>>()?;
@@ -645,5 +664,38 @@ mod tests {
         store.set_setting("lease-hours.community-nurse", "-3").unwrap();
         let err = store.setting_hours_ms(Setting::LeaseHours(Role::CommunityNurse)).unwrap_err().to_string();
         assert!(err.contains("lease-hours"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod plans {
+    use super::*;
+
+    /// SQLite's plan for `sql`, one line per step (`EXPLAIN QUERY PLAN`, parameters unbound).
+    fn plan(store: &SqliteStore, sql: &str) -> Vec<String> {
+        let conn = store.read();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let mut rows = stmt.raw_query();
+        let mut plan = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            plan.push(row.get::<_, String>(3).unwrap());
+        }
+        plan
+    }
+
+    /// The plans SQLite makes for a store without statistics (a new one, or a region's store of
+    /// a million patients before `ANALYZE`) are the same whatever its size: each scope query
+    /// starts from the device's own rows and searches `patients`, never scans it.
+    #[test]
+    fn the_scope_queries_start_from_the_device_s_rows_and_never_scan_the_patients() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for sql in
+            [grants_sql(), caseload_sql(), area_sql(2), super::super::sync::HELD_CHANGED_SQL.to_string()]
+        {
+            let plan = plan(&store, &sql);
+            assert!(!plan.iter().any(|step| step.starts_with("SCAN p")), "{plan:?} for {sql}");
+            assert!(plan.iter().any(|step| step.starts_with("SEARCH p")), "{plan:?} for {sql}");
+        }
     }
 }

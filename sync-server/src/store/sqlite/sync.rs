@@ -2,6 +2,13 @@
 
 use super::*;
 
+/// A device's held documents changed after a number: `?1` the device, `?2` the held state, `?3`
+/// the number. The device's documents first, each looked up by id (`CROSS JOIN` keeps the order;
+/// see the scope queries in `governance.rs`).
+pub(super) const HELD_CHANGED_SQL: &str =
+    "SELECT d.patient_id FROM device_docs d CROSS JOIN patients p ON p.id = d.patient_id
+     WHERE d.device_id = ?1 AND d.state = ?2 AND p.last_seq > ?3";
+
 impl SyncLog for SqliteStore {
     fn commit_device_changes(
         &self,
@@ -75,12 +82,7 @@ impl SyncLog for SqliteStore {
 
     fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
         let conn = self.read();
-        let mut stmt = conn.prepare_cached(
-            // The device's documents first, each looked up by id (`CROSS JOIN` keeps the order;
-            // see `scope_rows`).
-            "SELECT d.patient_id FROM device_docs d CROSS JOIN patients p ON p.id = d.patient_id
-             WHERE d.device_id = ?1 AND d.state = ?2 AND p.last_seq > ?3",
-        )?;
+        let mut stmt = conn.prepare_cached(HELD_CHANGED_SQL)?;
         let rows = stmt.query_map(params![device, HELD, after as i64], |r| patient_id(r.get(0)?))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
