@@ -246,19 +246,27 @@ fn raise_file_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// The live test: `devices` devices keep live sessions; the hot patient changes LIVE_CHANGES times.
-async fn live(devices: usize, link: Option<Profile>) {
-    let files = raise_file_limit();
-    assert!(files as usize > devices * 5, "open-file limit {files} is too low for {devices} devices");
+/// Simulated live devices per device process: each holds a UDP socket and its store's files
+/// open, and one process may hold 20,000 files on this machine.
+const DEVICES_PER_PROCESS: usize = 2_000;
+
+/// The live test: `devices` devices keep live sessions, spread over `instances` server
+/// instances (one after another); the first `holders` of them hold the hot patient, which changes
+/// LIVE_CHANGES times. The devices run in processes of their own ([`DeviceProcesses`]).
+async fn live(devices: usize, link: Option<Profile>, instances: usize, holders: usize) {
     let (mut server, _) = Server::start(2_000);
-    let tokens = device_tokens(&mut server, devices);
-    let dir = device_dir();
+    let others: Vec<(Server, String)> = (1..instances).map(|_| server.instance()).collect();
+    let tokens = device_tokens(&mut server, devices, holders);
     let relay = start_relay(link.as_ref(), &tokens).await;
     let relay_addr = relay.as_ref().map(|r| r.addr.to_string());
+    let addrs = (0..devices).map(|i| match (&relay_addr, i % instances) {
+        (Some(relay), _) => Some(relay.clone()),
+        (None, 0) => None,
+        (None, k) => Some(others[k - 1].1.clone()),
+    });
     let t = Instant::now();
     let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let tasks = spawn_devices(tokens, dir.path(), relay_addr, &arrivals_tx, &stop);
+    let processes = DeviceProcesses::start(tokens.into_iter().zip(addrs).collect(), &arrivals_tx);
     // Every device reports its first round once it is live.
     let mut live = std::collections::HashSet::new();
     while live.len() < devices {
@@ -266,20 +274,29 @@ async fn live(devices: usize, link: Option<Profile>) {
         live.insert(i);
     }
     let setup = t.elapsed();
-    let propagation = measure_propagation(&mut server, &mut arrivals, devices, link.as_ref()).await;
-    let server_peak: f64 = server.ask("peak").trim_start_matches("peak ").parse().expect("peak");
-    let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
+    let propagation = measure_propagation(&mut server, &mut arrivals, holders, link.as_ref()).await;
+    let mut others = others;
+    let server_peaks: Vec<f64> =
+        std::iter::once(&mut server).chain(others.iter_mut().map(|(s, _)| s)).map(server_peak).collect();
+    let device_peak = processes.stop();
+    for (other, _) in others {
+        other.stop();
     }
     server.stop();
-    print_live(devices, link.as_ref(), relay.as_ref(), setup, propagation, server_peak);
+    let shape = Shape { devices, instances, holders };
+    print_live(shape, link.as_ref(), relay.as_ref(), setup, propagation, &server_peaks, device_peak);
 }
 
-/// The one-time tokens of `devices` devices, from the server.
-fn device_tokens(server: &mut Server, devices: usize) -> Vec<String> {
+/// A server process's peak memory in MB.
+fn server_peak(server: &mut Server) -> f64 {
+    server.ask("peak").trim_start_matches("peak ").parse().expect("peak")
+}
+
+/// The one-time tokens of `devices` devices, from the server; the first `holders` hold the hot
+/// patient.
+fn device_tokens(server: &mut Server, devices: usize, holders: usize) -> Vec<String> {
     let mut tokens = Vec::new();
-    writeln!(server.stdin, "devices {devices}").expect("command");
+    writeln!(server.stdin, "devices {devices} {holders}").expect("command");
     server.stdin.flush().expect("flush");
     for _ in 0..devices {
         tokens.push(server.line().trim_start_matches("token ").to_string());
@@ -309,6 +326,131 @@ async fn start_relay(link: Option<&Profile>, tokens: &[String]) -> Option<Relay>
     }
 }
 
+/// The processes of the live test's simulated devices (this binary again, `--device-role
+/// FIRST`), [`DEVICES_PER_PROCESS`] each. Each is given its devices' tokens and addresses on
+/// stdin (`device TOKEN [ADDR]` lines, then `go`), reports `round I MS` for every round each
+/// device applies, and on `stop` ends its sessions and reports `peak MB`.
+struct DeviceProcesses {
+    children: Vec<(std::process::Child, std::process::ChildStdin, std::thread::JoinHandle<f64>)>,
+}
+
+impl DeviceProcesses {
+    fn start(devices: Vec<(String, Option<String>)>, arrivals: &UnboundedSender<(usize, i64)>) -> Self {
+        let mut children = Vec::new();
+        for (chunk, first) in devices.chunks(DEVICES_PER_PROCESS).zip((0..).step_by(DEVICES_PER_PROCESS)) {
+            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+                .arg("--device-role")
+                .arg(first.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("device process");
+            let mut stdin = child.stdin.take().expect("stdin");
+            for (token, addr) in chunk {
+                writeln!(stdin, "device {token} {}", addr.as_deref().unwrap_or("")).expect("devices");
+            }
+            writeln!(stdin, "go").expect("go");
+            stdin.flush().expect("flush");
+            let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+            let arrivals = arrivals.clone();
+            let reader = std::thread::spawn(move || {
+                let mut peak = 0.0;
+                for line in std::io::BufRead::lines(stdout) {
+                    let line = line.expect("device process output");
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    match words.as_slice() {
+                        ["round", i, at] => {
+                            let _ = arrivals.send((i.parse().expect("device"), at.parse().expect("time")));
+                        }
+                        ["peak", mb] => peak = mb.parse().expect("peak"),
+                        other => panic!("device process said {other:?}"),
+                    }
+                }
+                peak
+            });
+            children.push((child, stdin, reader));
+        }
+        Self { children }
+    }
+
+    /// Ends every device's session; returns the processes' peak memory, summed, in MB.
+    fn stop(self) -> f64 {
+        let mut total = 0.0;
+        for (mut child, mut stdin, reader) in self.children {
+            let _ = writeln!(stdin, "stop");
+            let _ = stdin.flush();
+            total += reader.join().expect("device process reader");
+            let _ = child.wait();
+        }
+        total
+    }
+}
+
+/// The device role (`--device-role FIRST`): the devices given on stdin, numbered from FIRST,
+/// in live sessions until `stop` ([`DeviceProcesses`]).
+fn device_role(first: usize) {
+    // Each simulated device has a QUIC endpoint whose receive buffer (3 MB) is allocated zeroed.
+    // Past glibc's adaptive mmap threshold such buffers come from the heap and are zeroed by
+    // hand, every page resident; with the threshold fixed they stay mapped pages the kernel
+    // zeroes when touched. 2 MB a device against 0.4 MB: a cost of simulating thousands of
+    // devices in one process, not of any device.
+    // SAFETY: mallopt only changes the allocator's tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+    let files = raise_file_limit();
+    let mut devices = Vec::new();
+    // (The lock on stdin goes with the loop; its buffer stays with stdin for the thread below.)
+    for line in std::io::stdin().lines() {
+        let line = line.expect("devices");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["device", token, addr @ ..] => {
+                devices.push((token.to_string(), addr.first().map(|a| a.to_string())))
+            }
+            ["go"] => break,
+            other => panic!("unknown command {other:?}"),
+        }
+    }
+    assert!(
+        files as usize > devices.len() * 5,
+        "open-file limit {files} is too low for {} devices",
+        devices.len()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let dir = device_dir();
+        let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let tasks = spawn_devices(devices, first, dir.path(), &arrivals_tx, &stop);
+        drop(arrivals_tx);
+        // `stop` (or the bench gone) on stdin ends the sessions.
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                if line.map_or(true, |l| l.trim() == "stop") {
+                    break;
+                }
+            }
+            let _ = stop_tx.send(true);
+        });
+        let report = tokio::spawn(async move {
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            while let Some((i, at)) = arrivals.recv().await {
+                writeln!(out, "round {i} {at}").expect("stdout");
+                while let Ok((i, at)) = arrivals.try_recv() {
+                    writeln!(out, "round {i} {at}").expect("stdout");
+                }
+                out.flush().expect("stdout");
+            }
+        });
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = report.await;
+    });
+    println!("peak {:.0}", peak_rss_mb("self"));
+}
+
 /// Simulated devices that enrol at once (each enrolment is a handshake and a commit).
 const ENROLLING: usize = 32;
 
@@ -321,29 +463,30 @@ async fn enrolled(path: &Path, token: &str) -> DeviceStore {
     store
 }
 
-/// One task per device: it enrols ([`ENROLLING`] at a time), points at the relay if there is one, and
-/// keeps a live session, sending `(device, unix ms)` for every round until `stop` turns true.
+/// One task per device (numbered from `first`): it enrols ([`ENROLLING`] at a time), points at
+/// its address if it has one (a relay, or another instance), and keeps a live session, sending
+/// `(device, unix ms)` for every round until `stop` turns true.
 fn spawn_devices(
-    tokens: Vec<String>,
+    devices: Vec<(String, Option<String>)>,
+    first: usize,
     dir: &Path,
-    relay_addr: Option<String>,
     arrivals: &UnboundedSender<(usize, i64)>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
-    for (i, token) in tokens.into_iter().enumerate() {
+    for (i, (token, addr)) in devices.into_iter().enumerate() {
+        let i = first + i;
         let path = dir.join(format!("live-{i}.db"));
         let arrivals = arrivals.clone();
         let mut stop = stop.clone();
         let gate = gate.clone();
-        let relay_addr = relay_addr.clone();
         tasks.push(tokio::spawn(async move {
             let mut store = {
                 let _permit = gate.acquire().await.expect("gate");
                 let store = enrolled(&path, &token).await;
-                if let Some(addr) = &relay_addr {
-                    store.update_server_addr(addr).expect("point at the relay");
+                if let Some(addr) = &addr {
+                    store.update_server_addr(addr).expect("point at its address");
                 }
                 store
             };
@@ -362,11 +505,12 @@ fn spawn_devices(
 /// A shift change: `devices` devices, enrolled and synced, each record one entry offline, then
 /// all reconnect within `window` (starts spread evenly over it), each uploading its entry and
 /// receiving what changed. Prints each sync's time (p50, p99, max) and the server's CPU.
-async fn storm(devices: usize, window: Duration) {
+async fn storm(devices: usize, window: Duration, instances: usize) {
     let files = raise_file_limit();
     assert!(files as usize > devices * 5, "open-file limit {files} is too low for {devices} devices");
     let (mut server, _) = Server::start(2_000);
-    let tokens = device_tokens(&mut server, devices);
+    let others: Vec<(Server, String)> = (1..instances).map(|_| server.instance()).collect();
+    let tokens = device_tokens(&mut server, devices, devices);
     let dir = device_dir();
     let gate = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
     let t = Instant::now();
@@ -374,9 +518,14 @@ async fn storm(devices: usize, window: Duration) {
     for (i, token) in tokens.into_iter().enumerate() {
         let path = dir.path().join(format!("storm-{i}.db"));
         let gate = gate.clone();
+        // Devices one after another on each instance.
+        let addr = (i % instances > 0).then(|| others[i % instances - 1].1.clone());
         ready.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.expect("gate");
             let mut store = enrolled(&path, &token).await;
+            if let Some(addr) = &addr {
+                store.update_server_addr(addr).expect("point at its instance");
+            }
             client::sync(&mut store).await.expect("first sync");
             store
         }));
@@ -405,7 +554,9 @@ async fn storm(devices: usize, window: Duration) {
         );
         store.add_entry(&nhs, &entry).expect("entry");
     }
-    let cpu_before = cpu_seconds(server.pid());
+    let pids: Vec<u32> = std::iter::once(server.pid()).chain(others.iter().map(|(s, _)| s.pid())).collect();
+    let servers_cpu = || pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+    let cpu_before = servers_cpu();
     let started = Instant::now();
     let step = window / devices as u32;
     let mut syncs = Vec::new();
@@ -423,17 +574,20 @@ async fn storm(devices: usize, window: Duration) {
         took.push(ms(sync.await.expect("reconnect")));
     }
     let wall = started.elapsed();
-    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    let cpu = servers_cpu() - cpu_before;
+    for (other, _) in others {
+        other.stop();
+    }
     server.stop();
     took.sort_by(f64::total_cmp);
     let pct = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
     println!(
-        "\nShift change: {devices} devices ({:.1} s to enrol and sync them), each with one entry, reconnect within {:.0} s",
+        "\nShift change: {devices} devices over {instances} instance(s) ({:.1} s to enrol and sync them), each with one entry, reconnect within {:.0} s",
         setup.as_secs_f64(),
         window.as_secs_f64()
     );
     println!(
-        "  each sync: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all done after {:.1} s; server process CPU {:.1} s ({:.0}% of one core over that time; a database server's own not counted)",
+        "  each sync: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all done after {:.1} s; server processes' CPU {:.1} s ({:.0}% of one core over that time; a database server's own not counted)",
         pct(0.50),
         pct(0.99),
         took.last().copied().unwrap_or(f64::NAN),
@@ -464,11 +618,12 @@ struct Propagation {
     missing: usize,
 }
 
-/// Changes the hot patient LIVE_CHANGES times and waits for every device to apply each change.
+/// Changes the hot patient LIVE_CHANGES times and waits for each of its holders (devices
+/// `0..holders`) to apply each change.
 async fn measure_propagation(
     server: &mut Server,
     arrivals: &mut UnboundedReceiver<(usize, i64)>,
-    devices: usize,
+    holders: usize,
     link: Option<&Profile>,
 ) -> Propagation {
     let mut latencies = Vec::new();
@@ -477,17 +632,17 @@ async fn measure_propagation(
         let touched: i64 = server.ask("touch").trim_start_matches("touched ").parse().expect("time");
         let mut seen = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while seen.len() < devices {
+        while seen.len() < holders {
             match tokio::time::timeout_at(deadline, arrivals.recv()).await {
                 Ok(Some((i, at))) => {
-                    if seen.insert(i) {
+                    if i < holders && seen.insert(i) {
                         latencies.push((at - touched).max(0) as f64);
                     }
                 }
                 _ => break,
             }
         }
-        missing += devices - seen.len();
+        missing += holders - seen.len();
         // Over a link with outages, the changes are spread over more than one outage period.
         let pause = match link {
             Some(Profile { outages: Some((every, _)), .. }) => *every / (LIVE_CHANGES as u32 / 2),
@@ -501,22 +656,25 @@ async fn measure_propagation(
 
 /// The live test's figures: setup time, propagation percentiles, memory.
 fn print_live(
-    devices: usize,
+    shape: Shape,
     link: Option<&Profile>,
     relay: Option<&Relay>,
     setup: Duration,
     propagation: Propagation,
-    server_peak: f64,
+    server_peaks: &[f64],
+    device_peak: f64,
 ) {
+    let Shape { devices, instances, holders } = shape;
     let Propagation { mut latencies, missing } = propagation;
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct =
         |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)).copied();
     println!(
-        "\nLive: {devices} devices with live sessions{} ({:.1} s to enrol, sync and connect them all); \
-         the hot patient changed {LIVE_CHANGES} times",
+        "\nLive: {devices} devices with live sessions{} over {instances} server instance(s) ({:.1} s to enrol, sync and connect them all); \
+         {} hold the hot patient, which changed {LIVE_CHANGES} times",
         link.map_or(String::new(), |l| format!(" over {}", l.name)),
-        setup.as_secs_f64()
+        setup.as_secs_f64(),
+        if holders == devices { "all".to_string() } else { holders.to_string() }
     );
     if let Some(relay) = relay {
         println!("  relay: {:?}", relay.stats());
@@ -528,10 +686,20 @@ fn print_live(
         latencies.last().copied().unwrap_or(f64::NAN),
         latencies.len()
     );
+    let servers: Vec<String> = server_peaks.iter().map(|p| format!("{p:.0} MB")).collect();
     println!(
-        "  peak memory: server process {server_peak:.0} MB, devices' process {:.0} MB",
-        peak_rss_mb("self")
+        "  peak memory: server process(es) {}, devices' processes {device_peak:.0} MB together",
+        servers.join(" and ")
     );
+}
+
+/// How the live test's devices are spread.
+#[derive(Clone, Copy)]
+struct Shape {
+    devices: usize,
+    instances: usize,
+    /// Devices holding the hot patient.
+    holders: usize,
 }
 
 /// Sync figures on this machine, printed as tables (docs/benchmarks.md has the published ones).
@@ -581,6 +749,15 @@ struct Args {
     /// side with the ratios (the feeds bench runs on SQLite only).
     #[arg(long, value_name = "BACKEND", value_enum, value_delimiter = ',', default_value = "sqlite")]
     backend: Vec<bench::Backend>,
+    /// Server instances over one PostgreSQL database in the live and shift-change runs, devices
+    /// spread over them one after another; the hot patient changes through the first (needs
+    /// `--backend postgres`; SQLite runs use one).
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    instances: u16,
+    /// Of the --live devices, how many hold the hot patient (the first ones, spread over the
+    /// instances like the rest) [default: all].
+    #[arg(long, value_name = "H")]
+    live_holders: Option<usize>,
     /// A shift change: this many devices, enrolled and synced, each record one entry and all
     /// reconnect within 10 s: each sync's p50/p99 and the server's CPU (0: skip).
     #[arg(long, value_name = "DEVICES", default_value_t = 0)]
@@ -594,6 +771,12 @@ struct Args {
     /// The server's role, started by the bench itself: `--server-role DIR N`.
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "N"])]
     server_role: Option<Vec<String>>,
+    /// Another server instance's role, started by the bench itself: `--instance-role URL`.
+    #[arg(long, hide = true, value_name = "URL")]
+    instance_role: Option<String>,
+    /// Simulated live devices' role, started by the bench itself: `--device-role FIRST`.
+    #[arg(long, hide = true, value_name = "FIRST")]
+    device_role: Option<usize>,
 }
 
 /// Prints two runs' figures side by side, with the second's over the first's.
@@ -625,6 +808,26 @@ fn main() {
         bench::server_role(&role[0], n);
         return;
     }
+    if let Some(url) = &args.instance_role {
+        bench::instance_role(url);
+        return;
+    }
+    if let Some(first) = args.device_role {
+        device_role(first);
+        return;
+    }
+    let instances = usize::from(args.instances);
+    if instances > 1 && !args.backend.contains(&bench::Backend::Postgres) {
+        eprintln!("--instances {instances} needs --backend postgres: instances share a PostgreSQL database");
+        std::process::exit(2);
+    }
+    if instances > 1 && args.link.is_some() {
+        eprintln!("--instances and --link do not go together: the relay leads to one server");
+        std::process::exit(2);
+    }
+    // SQLite has one instance; PostgreSQL runs as many as asked.
+    let instances_on =
+        |backend: bench::Backend| if backend == bench::Backend::Postgres { instances } else { 1 };
     let link = args.link.as_deref().map(|name| Profile::named(name).expect("a profile the parser accepted"));
     let cut_every = args.cut_every.map(Duration::from_secs_f64);
     let cut_kind = if args.cut_kind == "moved" { CutKind::Moved } else { CutKind::Lost };
@@ -672,14 +875,15 @@ fn main() {
         for backend in &backends {
             bench::use_backend(*backend);
             println!("\nstore: {backend:?}");
-            runtime.block_on(live(live_devices, link.clone()));
+            let holders = args.live_holders.unwrap_or(live_devices).min(live_devices);
+            runtime.block_on(live(live_devices, link.clone(), instances_on(*backend), holders));
         }
     }
     if args.storm > 0 {
         for backend in &backends {
             bench::use_backend(*backend);
             println!("\nstore: {backend:?}");
-            runtime.block_on(storm(args.storm, Duration::from_secs(10)));
+            runtime.block_on(storm(args.storm, Duration::from_secs(10), instances_on(*backend)));
         }
     }
     if args.feeds > 0 {

@@ -181,8 +181,8 @@ pub fn ms(d: Duration) -> f64 {
 // ---------------------------------------------------------------- server role (child process)
 
 /// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
-/// answers commands on stdin, one line each: `devices K` (K tokens, each device gets patient 0 and
-/// two of its own), `token NAME` (a device holding every patient, as the first one),
+/// answers commands on stdin, one line each: `devices K [H]` (K tokens, each device gets two
+/// patients of its own and the first H, all without H, patient 0), `token NAME` (a device holding every patient, as the first one),
 /// `change K` (K documents changed), `touch` (patient 0 changed), `sent` (documents sent so far),
 /// `peak`, `quit`.
 pub fn server_role(dir: &str, n: usize) {
@@ -256,13 +256,15 @@ pub fn server_role(dir: &str, n: usize) {
                 }
                 println!("changed {k}");
             }
-            ["devices", k] => {
+            ["devices", k, holders @ ..] => {
                 let k: usize = k.parse().expect("count");
+                let holders: usize = holders.first().map_or(k, |h| h.parse().expect("holders"));
                 for d in 0..k {
                     let name = format!("live-{d}");
                     let t = token(&name);
                     let id = store.device_by_name(&name).expect("device").expect("device").id;
-                    for p in [0, 1 + 2 * d % (n - 1), 2 + 2 * d % (n - 2)] {
+                    let hot = (d < holders).then_some(0);
+                    for p in hot.into_iter().chain([1 + 2 * d % (n - 1), 2 + 2 * d % (n - 2)]) {
                         store.caseload_add(id, &ids[p]).expect("caseload");
                     }
                     println!("token {t}");
@@ -291,11 +293,35 @@ pub fn server_role(dir: &str, n: usize) {
     runtime.block_on(running.shutdown());
 }
 
+/// Another instance over the database of a PostgreSQL bench server:
+/// `care-sync-bench --instance-role URL`. Serves on a port of its own, prints `ready ADDR`, and
+/// answers `peak` and `quit` on stdin.
+pub fn instance_role(url: &str) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let store = crate::store::open(Some(url), None, std::path::Path::new(url)).expect("store");
+    let running = runtime
+        .block_on(crate::transport::start(store, "127.0.0.1:0".parse().expect("addr")))
+        .expect("server");
+    println!("ready {}", running.addr);
+    std::io::stdout().flush().expect("stdout");
+    for line in std::io::stdin().lock().lines() {
+        match line.expect("command").trim() {
+            "peak" => println!("peak {:.0}", peak_rss_mb("self")),
+            "quit" => break,
+            other => panic!("unknown command {other:?}"),
+        }
+        std::io::stdout().flush().expect("stdout");
+    }
+    runtime.block_on(running.shutdown());
+}
+
 /// The server child process and its command pipe.
 pub struct Server {
     child: Child,
     pub stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// The store's directory (SQLite) or URL (PostgreSQL).
+    place: std::ffi::OsString,
     _dir: tempfile::TempDir,
     /// The PostgreSQL database of a `--backend postgres` server, dropped after it.
     _database: Option<crate::store::postgres::scratch::ScratchDatabase>,
@@ -317,7 +343,7 @@ impl Server {
         };
         let mut child = Command::new(std::env::current_exe().expect("own path"))
             .arg("--server-role")
-            .arg(place)
+            .arg(&place)
             .arg(n.to_string())
             .arg("--records")
             .arg(clap::ValueEnum::to_possible_value(&records()).expect("a named value").get_name())
@@ -328,11 +354,32 @@ impl Server {
             .expect("server process");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut server = Server { child, stdin, stdout, _dir: dir, _database: database };
+        let mut server = Server { child, stdin, stdout, place, _dir: dir, _database: database };
         let ready = server.line();
         let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
         assert_eq!(words[0], "ready", "{ready}");
         (server, words[1..].to_vec())
+    }
+
+    /// Another instance over this PostgreSQL server's database ([`instance_role`]) and its
+    /// address. Stop it before this server, which drops the database.
+    pub fn instance(&self) -> (Server, String) {
+        assert!(self._database.is_some(), "only a PostgreSQL store has several instances");
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .arg("--instance-role")
+            .arg(&self.place)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("instance process");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut instance =
+            Server { child, stdin, stdout, place: self.place.clone(), _dir: dir, _database: None };
+        let ready = instance.line();
+        let addr = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("{ready}")).to_string();
+        (instance, addr)
     }
 
     pub fn line(&mut self) -> String {

@@ -26,7 +26,7 @@ use care_node::summary::PatientId;
 use crate::domain::limits::Limits;
 use crate::domain::settings::Setting;
 use crate::domain::upload::RefusedUpload;
-use crate::store::{DeviceRecord, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError};
+use crate::store::{DeviceRecord, LogEntry, RoundOutcome, ScopeCache, ServerStore, StoreError, UploadError};
 use round::Round;
 
 /// Most items in one `Docs` frame.
@@ -130,12 +130,15 @@ pub struct ServerSession {
 struct LiveView {
     /// Changes up to this sequence number are on the device or could not concern it.
     seen: u64,
-    /// The scope epoch its scope was decided at.
-    epoch: u64,
-    /// The earliest end of its grants: past it the scope must be decided again.
-    valid_until_ms: i64,
+    /// The scope it holds: the epoch it was decided at and the earliest end of its grants (past
+    /// it the scope must be decided again).
+    decided: ScopeCache,
     holds: HashSet<PatientId>,
 }
+
+/// Log entries at most that one look at the store carries for the live sessions
+/// ([`StoreMoved::entries`]); past it (a big import) each session reads its own.
+const MOVED_ENTRIES: usize = 2_000;
 
 /// What moved in the store after sequence number `after`, read once for every live session
 /// ([`StoreMoved::read`]): the transport's watcher hands it to each.
@@ -146,6 +149,9 @@ pub struct StoreMoved {
     pub scope_epoch: u64,
     /// Documents with a change in `(after, seq]`.
     pub docs: std::sync::Arc<HashSet<PatientId>>,
+    /// The log's entries in `(after, seq]`, when there are at most [`MOVED_ENTRIES`]: a live
+    /// round of changes only is then made from them, with no read of the store per session.
+    pub entries: Option<std::sync::Arc<Vec<LogEntry>>>,
 }
 
 impl StoreMoved {
@@ -154,9 +160,20 @@ impl StoreMoved {
     /// every live session plans.
     pub fn read(store: &dyn ServerStore, after: u64) -> Result<Self, StoreError> {
         let seq = store.max_seq()?;
-        let docs = if seq > after { store.changed_docs(after, seq)? } else { HashSet::new() };
+        let entries =
+            if seq > after { store.log_entries(after, seq, MOVED_ENTRIES)? } else { Some(Vec::new()) };
+        let docs = match &entries {
+            Some(entries) => entries.iter().map(|e| e.doc).collect(),
+            None => store.changed_docs(after, seq)?,
+        };
         let after = if store.log_horizon()? > after { u64::MAX } else { after };
-        Ok(Self { after, seq, scope_epoch: store.scope_epoch()?, docs: std::sync::Arc::new(docs) })
+        Ok(Self {
+            after,
+            seq,
+            scope_epoch: store.scope_epoch()?,
+            docs: std::sync::Arc::new(docs),
+            entries: entries.map(std::sync::Arc::new),
+        })
     }
 }
 
@@ -226,7 +243,7 @@ impl ServerSession {
         self.live
             .as_ref()
             .filter(|_| self.phase == Phase::Watching)
-            .map(|l| l.valid_until_ms)
+            .map(|l| l.decided.valid_until_ms)
             .filter(|&t| t < i64::MAX)
     }
 
@@ -260,17 +277,34 @@ impl ServerSession {
             return Ok(false);
         }
         if let Some(live) = &mut self.live {
-            if moved.seq <= live.seen && moved.scope_epoch == live.epoch && now_ms < live.valid_until_ms {
+            let same_scope = moved.scope_epoch == live.decided.epoch && now_ms < live.decided.valid_until_ms;
+            if moved.seq <= live.seen && same_scope {
                 return Ok(false); // nothing new
             }
             let follows = moved.after <= live.seen;
-            if follows
-                && moved.scope_epoch == live.epoch
-                && now_ms < live.valid_until_ms
-                && moved.docs.is_disjoint(&live.holds)
-            {
+            if follows && same_scope && moved.docs.is_disjoint(&live.holds) {
                 live.seen = moved.seq;
                 return Ok(false);
+            }
+            // Changes to documents it holds, and nothing else: the round is what moved, as the
+            // store would give it (changes after what the device has, not its own).
+            if let Some(entries) =
+                moved.entries.as_ref().filter(|_| follows && same_scope && self.resume.is_none())
+            {
+                let mut changes = crate::store::ChangesByDoc::new();
+                for e in entries.iter() {
+                    if e.seq > live.seen && e.author != Some(self.device.id) && live.holds.contains(&e.doc) {
+                        changes.entry(e.doc).or_default().push((e.seq, e.change.clone()));
+                    }
+                }
+                if changes.is_empty() {
+                    live.seen = moved.seq; // only its own changes came back
+                    return Ok(false);
+                }
+                self.rounds_planned += 1;
+                self.round = Some(Round::of_changes(moved.seq, changes, live.decided));
+                self.phase = Phase::Downloading;
+                return Ok(true);
             }
         }
         self.rounds_planned += 1;
@@ -522,8 +556,7 @@ impl ServerSession {
             (false, Some(live)) => live.holds,
             (false, None) => store.held(self.device.id)?,
         };
-        let ScopeCache { epoch, valid_until_ms, .. } = round.decided;
-        Ok(LiveView { seen: round.seq, epoch, valid_until_ms, holds })
+        Ok(LiveView { seen: round.seq, decided: round.decided, holds })
     }
 
     /// Keeps refused uploads for review, audits each, and raises one alert per device until an

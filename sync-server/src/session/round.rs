@@ -36,6 +36,27 @@ pub(super) struct Round {
     pub(super) ahead: ReadAhead,
 }
 
+impl Round {
+    /// A round of `changes` to documents the device holds, in the scope it holds (`decided`).
+    pub(super) fn of_changes(seq: u64, changes: ChangesByDoc, decided: ScopeCache) -> Self {
+        let order: Vec<PatientId> = changes.keys().copied().collect(); // ascending: a BTreeMap's keys
+        let docs: HashSet<PatientId> = order.iter().copied().collect();
+        Round {
+            seq,
+            order,
+            priority: 0,
+            next: 0,
+            scope: docs.clone(),
+            held: docs,
+            changes,
+            rewhole: HashSet::new(),
+            decided,
+            establishes: false,
+            ahead: ReadAhead::default(),
+        }
+    }
+}
+
 /// Whole documents read ahead of the page that sends them ([`crate::store::PatientRecords::load_listed_many`]:
 /// one round trip to the store for [`READ_AHEAD`] of them, not one each). `Debug` counts them:
 /// they are patient data.
@@ -130,22 +151,13 @@ impl ServerSession {
             let mut changes = store.changes_for_device(self.device.id, self.cursor, seq)?;
             let rewhole = self.below_horizon(store)?;
             changes.retain(|doc, list| !list.is_empty() && !rewhole.contains(doc));
-            let mut order: Vec<PatientId> = changes.keys().chain(&rewhole).copied().collect();
-            order.sort_unstable();
-            let docs: HashSet<PatientId> = order.iter().copied().collect();
-            self.round = Some(Round {
-                seq,
-                order,
-                priority: 0,
-                next: 0,
-                scope: docs.clone(),
-                held: docs,
-                changes,
-                rewhole,
-                decided: cache,
-                establishes: false,
-                ahead: ReadAhead::default(),
-            });
+            let mut round = Round::of_changes(seq, changes, cache);
+            round.order.extend(&rewhole);
+            round.order.sort_unstable();
+            round.scope.extend(&rewhole);
+            round.held.extend(&rewhole);
+            round.rewhole = rewhole;
+            self.round = Some(round);
             return Ok(());
         }
         let valid_until_ms = store

@@ -391,6 +391,23 @@ pub struct MergeOutcome {
 /// The changes in a cursor window, grouped by document, in sequence order.
 pub type ChangesByDoc = BTreeMap<PatientId, Vec<(u64, Vec<u8>)>>;
 
+/// One entry of the change log ([`SyncLog::log_entries`]). `Debug` leaves the change out: it is
+/// patient data.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub doc: PatientId,
+    /// The device that uploaded the change (`None`: the server's own, from a feed or an operator).
+    pub author: Option<i64>,
+    pub change: Vec<u8>,
+}
+
+impl std::fmt::Debug for LogEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogEntry {{ seq: {}, author: {:?}, {} bytes }}", self.seq, self.author, self.change.len())
+    }
+}
+
 /// Devices, enrolment tokens and the server's own identity.
 pub trait DeviceRegistry: Send + Sync {
     /// The server's ed25519 identity, created on first use.
@@ -843,6 +860,9 @@ pub trait SyncLog: Send + Sync {
     fn changes_for_device(&self, device: i64, after: u64, upto: u64) -> Result<ChangesByDoc, StoreError>;
     /// The documents with a change `after < seq <= upto`, whoever wrote it.
     fn changed_docs(&self, after: u64, upto: u64) -> Result<HashSet<PatientId>, StoreError>;
+    /// The log's entries `after < seq <= upto` in sequence order, whoever wrote them; `None` when
+    /// there are more than `most` (then [`SyncLog::changed_docs`] says which documents moved).
+    fn log_entries(&self, after: u64, upto: u64, most: usize) -> Result<Option<Vec<LogEntry>>, StoreError>;
     /// Documents the device holds for sure (its confirmed set).
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError>;
     /// How many documents each device holds (devices holding none are left out).

@@ -39,7 +39,7 @@ use tokio_postgres::error::SqlState;
 use crate::store::prelude::*;
 use crate::store::{
     AlertRecord, AuditFilter, AuditRecord, BatchWrite, ChangesByDoc, CheckedChanges, Compacted, ConsentFlags,
-    Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, MergeOutcome, NewDocument,
+    Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, LogEntry, MergeOutcome, NewDocument,
     QuarantineRecord, QuarantineReview, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
     decode_listing, encode_listing,
 };

@@ -198,6 +198,29 @@ impl SyncLog for PostgresStore {
         })
     }
 
+    fn log_entries(&self, after: u64, upto: u64, most: usize) -> Result<Option<Vec<LogEntry>>, StoreError> {
+        self.run(async |c| {
+            let rows = c
+                .query(
+                    "SELECT seq, patient_id, author_device, body FROM changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                    &[&(after as i64), &(upto as i64), &(most as i64 + 1)],
+                )
+                .await?;
+            if rows.len() > most {
+                return Ok(None);
+            }
+            let entry = |r: &Row| -> Result<LogEntry, StoreError> {
+                Ok(LogEntry {
+                    seq: r.try_get::<_, i64>(0)? as u64,
+                    doc: patient_id(r.try_get(1)?)?,
+                    author: r.try_get(2)?,
+                    change: r.try_get(3)?,
+                })
+            };
+            Ok(Some(rows.iter().map(entry).collect::<Result<_, _>>()?))
+        })
+    }
+
     fn held(&self, device: i64) -> Result<HashSet<PatientId>, StoreError> {
         self.run(async |c| {
             let rows = c
@@ -341,6 +364,29 @@ impl SyncLog for PostgresStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.run(async |c| {
+            if outcome == RoundOutcome::Complete {
+                // The usual end of a round of changes only (no page recorded it as pending):
+                // one round trip. The values are this server's own numbers, not input.
+                let sql = format!(
+                    "BEGIN; {BOOKKEEPING};
+                     UPDATE devices SET acked_cursor = GREATEST(acked_cursor, {round}), last_sync_ms = {now_ms}
+                      WHERE id = {device} AND session_epoch = {session} AND pending_round IS DISTINCT FROM {round};
+                     COMMIT"
+                );
+                let done = match c.simple_query(&sql).await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A statement failed: the rest of the string was skipped, so the
+                        // transaction is still open; end it before the connection is reused.
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        return Err(e.into());
+                    }
+                };
+                if done.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1))) {
+                    return Ok(());
+                }
+                // Superseded, pending, or no such device: the full path below says which.
+            }
             let tx = c.transaction().await?;
             tx.batch_execute(BOOKKEEPING).await?;
             fenced(&tx, device, session).await?;

@@ -21,7 +21,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::store::prelude::*;
 use crate::store::{
     AlertRecord, AuditFilter, AuditRecord, BatchWrite, ChangesByDoc, CheckedChanges, Compacted, ConsentFlags,
-    Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, MergeOutcome, NewDocument,
+    Derived, DeviceRecord, EnrolError, Grant, GrantKind, ImportProgress, LogEntry, MergeOutcome, NewDocument,
     QuarantineRecord, QuarantineReview, Role, RoundOutcome, StoreError, UploadError, UploadOutcome,
 };
 use crate::store::{decode_listing, encode_listing};

@@ -80,6 +80,23 @@ impl SyncLog for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn log_entries(&self, after: u64, upto: u64, most: usize) -> Result<Option<Vec<LogEntry>>, StoreError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, patient_id, author_device, body FROM changes WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after as i64, upto as i64, most as i64 + 1], |r| {
+            Ok(LogEntry {
+                seq: r.get::<_, i64>(0)? as u64,
+                doc: patient_id(r.get(1)?)?,
+                author: r.get(2)?,
+                change: r.get(3)?,
+            })
+        })?;
+        let entries: Vec<LogEntry> = rows.collect::<Result<_, _>>()?;
+        Ok((entries.len() <= most).then_some(entries))
+    }
+
     fn held_changed_since(&self, device: i64, after: u64) -> Result<HashSet<PatientId>, StoreError> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(HELD_CHANGED_SQL)?;
