@@ -182,8 +182,8 @@ pub fn ms(d: Duration) -> f64 {
 
 /// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
 /// answers commands on stdin, one line each: `devices K [H]` (K tokens, each device gets two
-/// patients of its own and the first H, all without H, patient 0), `token NAME` (a device holding every patient, as the first one),
-/// `change K` (K documents changed), `touch` (patient 0 changed), `sent` (documents sent so far),
+/// patients of its own, and the first H devices, all without H, patient 0), `token NAME` (a
+/// device holding every patient, as the first one), `change K` (K documents changed), `touch` (patient 0 changed), `sent` (documents sent so far),
 /// `peak`, `quit`.
 pub fn server_role(dir: &str, n: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -341,45 +341,44 @@ impl Server {
             Some(db) => db.url.clone().into(),
             None => dir.path().into(),
         };
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
+        let mut command = Command::new(std::env::current_exe().expect("own path"));
+        command
             .arg("--server-role")
             .arg(&place)
             .arg(n.to_string())
             .arg("--records")
             .arg(clap::ValueEnum::to_possible_value(&records()).expect("a named value").get_name())
-            .args(if region() > n { vec!["--region".to_string(), region().to_string()] } else { Vec::new() })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("server process");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut server = Server { child, stdin, stdout, place, _dir: dir, _database: database };
-        let ready = server.line();
-        let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
-        assert_eq!(words[0], "ready", "{ready}");
-        (server, words[1..].to_vec())
+            .args(if region() > n { vec!["--region".to_string(), region().to_string()] } else { Vec::new() });
+        Server::spawn(command, place, dir, database)
     }
 
     /// Another instance over this PostgreSQL server's database ([`instance_role`]) and its
     /// address. Stop it before this server, which drops the database.
     pub fn instance(&self) -> (Server, String) {
         assert!(self._database.is_some(), "only a PostgreSQL store has several instances");
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .arg("--instance-role")
-            .arg(&self.place)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("instance process");
+        let mut command = Command::new(std::env::current_exe().expect("own path"));
+        command.arg("--instance-role").arg(&self.place);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (instance, mut ready) = Server::spawn(command, self.place.clone(), dir, None);
+        (instance, ready.remove(0))
+    }
+
+    /// Starts `command` (a server role of this binary) with its stdin and stdout piped and
+    /// waits for its `ready …` line; returns the words after `ready`.
+    fn spawn(
+        mut command: Command,
+        place: std::ffi::OsString,
+        dir: tempfile::TempDir,
+        database: Option<crate::store::postgres::scratch::ScratchDatabase>,
+    ) -> (Server, Vec<String>) {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("server process");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut instance =
-            Server { child, stdin, stdout, place: self.place.clone(), _dir: dir, _database: None };
-        let ready = instance.line();
-        let addr = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("{ready}")).to_string();
-        (instance, addr)
+        let mut server = Server { child, stdin, stdout, place, _dir: dir, _database: database };
+        let ready = server.line();
+        let words: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
+        assert_eq!(words.first().map(String::as_str), Some("ready"), "{ready}");
+        (server, words[1..].to_vec())
     }
 
     pub fn line(&mut self) -> String {
