@@ -507,6 +507,40 @@ fn a_live_session_plans_a_round_only_when_what_moved_can_concern_its_device() {
     assert!(s3.live_round(&w3.server, &moved, 2).unwrap(), "the new caseload patient is pushed");
 }
 
+/// A live round of changes only is made from the entries the watcher's look carried (no read of
+/// the store per session); the same round read from the store, as when there were too many
+/// entries to carry, sends the same pages: the changes of the documents the device holds, and
+/// nothing of the one it does not.
+#[test]
+fn a_live_round_made_from_the_carried_entries_sends_what_one_read_from_the_store_sends() {
+    use care_sync_server::session::StoreMoved;
+    let mut w = world(2);
+    let elsewhere = one_more_patient(&w, 2);
+    // Two sessions of the device in the same state (the second supersedes the first for writes,
+    // which a round of changes only does not make before it is acknowledged).
+    let (_c1, mut carried) = watching(&mut w);
+    let (_c2, mut read) = watching(&mut w);
+    let seen = StoreMoved::read(&w.server, 0).unwrap();
+    let held = w.server.patient_by_nhs(&w.patients[0]).unwrap().unwrap();
+    server_change(&w, &elsewhere, "Latex");
+    server_change(&w, &held, "Penicillin");
+    server_change(&w, &held, "Nuts");
+    let moved = StoreMoved::read(&w.server, seen.seq).unwrap();
+    assert_eq!(moved.entries.as_ref().map(|e| e.len()), Some(3), "the look carries the entries");
+    let uncarried = StoreMoved { entries: None, ..moved.clone() };
+    assert!(carried.live_round(&w.server, &moved, 2).unwrap());
+    assert!(read.live_round(&w.server, &uncarried, 2).unwrap());
+    let pages = |s: &mut ServerSession| {
+        std::iter::from_fn(|| s.next_page(&w.server, care_node::protocol::TARGET_BATCH_BYTES).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (from_entries, from_store) = (pages(&mut carried), pages(&mut read));
+    assert_eq!(from_entries, from_store);
+    let ServerMessage::Docs { items, .. } = &from_entries[0] else { panic!("a page first") };
+    assert_eq!(items.len(), 1, "only the held document");
+    assert!(matches!(&items[0].body, DocBody::Changes(c) if c.len() == 2));
+}
+
 /// What a clinician is shown of a record: its entries' lines (sorted), its demographics, its heads.
 type Shown = (Vec<(&'static str, String, String)>, care_node::summary::Listing, Vec<automerge::ChangeHash>);
 
