@@ -106,6 +106,7 @@ macro_rules! every_backend {
 every_backend!(
     an_enrolment_token_binds_one_key_once_even_raced_through_two_instances,
     revocation_and_wipe_are_recorded_once,
+    the_devices_revoked_asked_to_wipe_or_wiped_since_a_time_are_found_and_no_others,
     patients_are_found_by_nhs_number_and_every_write_moves_their_log_position,
     a_batch_commits_whole_or_not_at_all_with_its_import_progress,
     the_change_log_only_grows_and_compaction_moves_its_horizon_forward,
@@ -223,6 +224,36 @@ mod suite {
         assert_eq!(s.device_by_name("tablet").unwrap().unwrap().wiped_at_ms, Some(T0 + 5));
         assert!(matches!(s.revoke_device("nobody", T0), Err(StoreError::UnknownDevice(_))));
         assert_eq!(s.devices().unwrap().len(), 1);
+    }
+
+    pub fn the_devices_revoked_asked_to_wipe_or_wiped_since_a_time_are_found_and_no_others(b: &impl Backend) {
+        let s = b.store();
+        device(&*s, "quiet", Role::AmbulanceCrew, 3);
+        device(&*s, "early", Role::AmbulanceCrew, 4);
+        device(&*s, "revoked", Role::CommunityNurse, 5);
+        device(&*s, "asked", Role::AmbulanceCrew, 6);
+        let wiped = device(&*s, "wiped", Role::AmbulanceCrew, 7);
+        s.revoke_device("early", T0 + 1).unwrap();
+        s.revoke_device("revoked", T0 + 10).unwrap();
+        s.request_wipe("asked", T0 + 10).unwrap();
+        s.request_wipe("wiped", T0 + 2).unwrap();
+        s.revoke_device("wiped", T0 + 2).unwrap();
+        s.confirm_wipe(wiped.id, T0 + 10).unwrap();
+        let names = |since: i64| -> Vec<String> {
+            let mut names: Vec<String> = b
+                .another_instance()
+                .devices_controlled_since(since)
+                .unwrap()
+                .into_iter()
+                .map(|d| d.name)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(T0 + 10), ["asked", "revoked", "wiped"]);
+        assert_eq!(names(T0 + 3), ["asked", "revoked", "wiped"], "the wiped device by its confirmation");
+        assert_eq!(names(T0), ["asked", "early", "revoked", "wiped"], "never a device nothing happened to");
+        assert!(names(T0 + 11).is_empty());
     }
 
     pub fn patients_are_found_by_nhs_number_and_every_write_moves_their_log_position(b: &impl Backend) {
@@ -820,7 +851,9 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     let store = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(
         store.schema_steps().unwrap(),
-        vec![(1, "initial".to_string()), (2, "hl7_claims".to_string()), (3, "session_fence".to_string())]
+        [(1, "initial"), (2, "hl7_claims"), (3, "session_fence"), (4, "device_controls")]
+            .map(|(n, name)| (n, name.to_string()))
+            .to_vec()
     );
     assert_eq!(counts(&dir.path().join("server.db")), before, "nothing lost or added by the upgrade");
 
@@ -840,7 +873,7 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     assert!(store.document_seq(&id).unwrap().unwrap() > seq);
     drop(store);
     // Opened again: no step runs twice.
-    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 3);
+    assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 4);
 }
 
 /// Issue 12's skipped-sequence hazard, made to happen if it can: two instances write at once,

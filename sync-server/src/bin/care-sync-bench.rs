@@ -34,7 +34,7 @@ use care_node::client::{self, SyncReport};
 use care_node::crypto::{DataKey, KdfParams, PassphraseWrapper};
 use care_node::store::DeviceStore;
 use care_node::summary::PatientSummary;
-use care_sync_server::demo::bench::{self, CutKind, SEED, Server, ms, peak_rss_mb, unix_ms};
+use care_sync_server::demo::bench::{self, CutKind, SEED, Server, holds_hot, ms, peak_rss_mb, unix_ms};
 use care_sync_server::demo::link::{Profile, Relay};
 use care_sync_server::demo::population::Records;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -251,7 +251,7 @@ fn raise_file_limit() -> u64 {
 const DEVICES_PER_PROCESS: usize = 2_000;
 
 /// The live test: `devices` devices keep live sessions, spread over `instances` server
-/// instances (one after another); the first `holders` of them hold the hot patient, which changes
+/// instances (one after another); `holders` of them, spread over them, hold the hot patient, which changes
 /// LIVE_CHANGES times. The devices run in processes of their own ([`DeviceProcesses`]).
 async fn live(devices: usize, link: Option<Profile>, instances: usize, holders: usize) {
     let (mut server, _) = Server::start(2_000);
@@ -274,7 +274,12 @@ async fn live(devices: usize, link: Option<Profile>, instances: usize, holders: 
         live.insert(i);
     }
     let setup = t.elapsed();
-    let propagation = measure_propagation(&mut server, &mut arrivals, holders, link.as_ref()).await;
+    eprintln!(
+        "live: {devices} devices in live sessions after {:.1} s; measuring propagation",
+        setup.as_secs_f64()
+    );
+    let propagation =
+        measure_propagation(&mut server, &mut arrivals, (devices, holders), link.as_ref()).await;
     let mut others = others;
     let server_peaks: Vec<f64> =
         std::iter::once(&mut server).chain(others.iter_mut().map(|(s, _)| s)).map(server_peak).collect();
@@ -292,8 +297,8 @@ fn server_peak(server: &mut Server) -> f64 {
     server.ask("peak").trim_start_matches("peak ").parse().expect("peak")
 }
 
-/// The one-time tokens of `devices` devices, from the server; the first `holders` hold the hot
-/// patient.
+/// The one-time tokens of `devices` devices, from the server; `holders` of them
+/// ([`holds_hot`]) hold the hot patient.
 fn device_tokens(server: &mut Server, devices: usize, holders: usize) -> Vec<String> {
     let mut tokens = Vec::new();
     writeln!(server.stdin, "devices {devices} {holders}").expect("command");
@@ -328,7 +333,8 @@ async fn start_relay(link: Option<&Profile>, tokens: &[String]) -> Option<Relay>
 
 /// The processes of the live test's simulated devices (this binary again, `--device-role
 /// FIRST`), [`DEVICES_PER_PROCESS`] each. Each is given its devices' tokens and addresses on
-/// stdin (`device TOKEN [ADDR]` lines, then `go`), reports `round I MS` for every round each
+/// stdin (`enrolling N`, its share of [`ENROLLING`], so that the processes together stay under
+/// the server's limit on enrolments at once; `device TOKEN [ADDR]` lines; then `go`), reports `round I MS` for every round each
 /// device applies, and on `stop` ends its sessions and reports `peak MB`.
 struct DeviceProcesses {
     children: Vec<(std::process::Child, std::process::ChildStdin, std::thread::JoinHandle<f64>)>,
@@ -337,6 +343,7 @@ struct DeviceProcesses {
 impl DeviceProcesses {
     fn start(devices: Vec<(String, Option<String>)>, arrivals: &UnboundedSender<(usize, i64)>) -> Self {
         let mut children = Vec::new();
+        let enrolling = (ENROLLING / devices.len().div_ceil(DEVICES_PER_PROCESS)).max(1);
         for (chunk, first) in devices.chunks(DEVICES_PER_PROCESS).zip((0..).step_by(DEVICES_PER_PROCESS)) {
             let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
                 .arg("--device-role")
@@ -346,6 +353,7 @@ impl DeviceProcesses {
                 .spawn()
                 .expect("device process");
             let mut stdin = child.stdin.take().expect("stdin");
+            writeln!(stdin, "enrolling {enrolling}").expect("enrolling");
             for (token, addr) in chunk {
                 writeln!(stdin, "device {token} {}", addr.as_deref().unwrap_or("")).expect("devices");
             }
@@ -393,13 +401,16 @@ fn device_role(first: usize) {
     // Past glibc's adaptive mmap threshold such buffers come from the heap and are zeroed by
     // hand, every page resident; with the threshold fixed they stay mapped pages the kernel
     // zeroes when touched. 2 MB a device against 0.4 MB: a cost of simulating thousands of
-    // devices in one process, not of any device.
+    // devices in one process, not of any device. The threshold is 1 MB, above the deflate
+    // buffers (up to 256 KB) each document save makes: below them, every save mapped, faulted
+    // in, zeroed and unmapped them again.
     // SAFETY: mallopt only changes the allocator's tuning.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
     }
     let files = raise_file_limit();
     let mut devices = Vec::new();
+    let mut enrolling = ENROLLING;
     // (The lock on stdin goes with the loop; its buffer stays with stdin for the thread below.)
     for line in std::io::stdin().lines() {
         let line = line.expect("devices");
@@ -408,6 +419,7 @@ fn device_role(first: usize) {
             ["device", token, addr @ ..] => {
                 devices.push((token.to_string(), addr.first().map(|a| a.to_string())))
             }
+            ["enrolling", n] => enrolling = n.parse().expect("enrolments at once"),
             ["go"] => break,
             other => panic!("unknown command {other:?}"),
         }
@@ -417,12 +429,19 @@ fn device_role(first: usize) {
         "open-file limit {files} is too low for {} devices",
         devices.len()
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    // Each device applies its pages off the runtime (`block_in_place`, a thread taking over the
+    // runtime's worker): with a thousand devices in one process, threads kept a minute instead
+    // of ten seconds are not made again at every change.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(Duration::from_secs(60))
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         let dir = device_dir();
         let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let tasks = spawn_devices(devices, first, dir.path(), &arrivals_tx, &stop);
+        let tasks = spawn_devices(devices, first, enrolling, dir.path(), &arrivals_tx, &stop);
         drop(arrivals_tx);
         // `stop` (or the bench gone) on stdin ends the sessions.
         std::thread::spawn(move || {
@@ -463,18 +482,19 @@ async fn enrolled(path: &Path, token: &str) -> DeviceStore {
     store
 }
 
-/// One task per device (numbered from `first`): it enrols ([`ENROLLING`] at a time), points at
+/// One task per device (numbered from `first`): it enrols (`enrolling` at a time), points at
 /// its address if it has one (a relay, or another instance), and keeps a live session, sending
 /// `(device, unix ms)` for every round until `stop` turns true.
 fn spawn_devices(
     devices: Vec<(String, Option<String>)>,
     first: usize,
+    enrolling: usize,
     dir: &Path,
     arrivals: &UnboundedSender<(usize, i64)>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
+    let gate = Arc::new(tokio::sync::Semaphore::new(enrolling));
     for (i, (token, addr)) in devices.into_iter().enumerate() {
         let i = first + i;
         let path = dir.join(format!("live-{i}.db"));
@@ -618,24 +638,24 @@ struct Propagation {
     missing: usize,
 }
 
-/// Changes the hot patient LIVE_CHANGES times and waits for each of its holders (devices
-/// `0..holders`) to apply each change.
+/// Changes the hot patient LIVE_CHANGES times and waits for each of its holders (`holders` of the
+/// `devices`, spread over them: [`holds_hot`]) to apply each change.
 async fn measure_propagation(
     server: &mut Server,
     arrivals: &mut UnboundedReceiver<(usize, i64)>,
-    holders: usize,
+    (devices, holders): (usize, usize),
     link: Option<&Profile>,
 ) -> Propagation {
     let mut latencies = Vec::new();
     let mut missing = 0;
-    for _ in 0..LIVE_CHANGES {
+    for change in 0..LIVE_CHANGES {
         let touched: i64 = server.ask("touch").trim_start_matches("touched ").parse().expect("time");
         let mut seen = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while seen.len() < holders {
             match tokio::time::timeout_at(deadline, arrivals.recv()).await {
                 Ok(Some((i, at))) => {
-                    if i < holders && seen.insert(i) {
+                    if holds_hot(i, devices, holders) && seen.insert(i) {
                         latencies.push((at - touched).max(0) as f64);
                     }
                 }
@@ -643,6 +663,12 @@ async fn measure_propagation(
             }
         }
         missing += holders - seen.len();
+        let last = latencies[latencies.len() - seen.len()..].iter().copied().fold(0.0, f64::max);
+        eprintln!(
+            "live: change {} reached {} of {holders} holders, the last after {last:.0} ms",
+            change + 1,
+            seen.len()
+        );
         // Over a link with outages, the changes are spread over more than one outage period.
         let pause = match link {
             Some(Profile { outages: Some((every, _)), .. }) => *every / (LIVE_CHANGES as u32 / 2),

@@ -180,13 +180,23 @@ pub fn ms(d: Duration) -> f64 {
 
 // ---------------------------------------------------------------- server role (child process)
 
+/// Whether bench device `d` of `devices` is one of the `holders` that hold the hot patient: one
+/// in each run of `devices / holders` devices, at a different place in each run, so the holders
+/// spread over the instances (devices alternate between them) and the device processes (each
+/// runs a block of devices) instead of all being the first few.
+pub fn holds_hot(d: usize, devices: usize, holders: usize) -> bool {
+    let stride = (devices / holders.max(1)).max(1);
+    let run = d / stride;
+    holders > 0 && run < holders && d % stride == run % stride
+}
+
 /// The server role: `care-sync-bench --server-role DIR N`. Generates N patients, serves, and
 /// answers commands on stdin, one line each: `devices K [H]` (K tokens, each device gets two
-/// patients of its own, and the first H devices, all without H, patient 0), `token NAME` (a
+/// patients of its own, and H devices spread over the K ([`holds_hot`]), all without H, patient 0), `token NAME` (a
 /// device holding every patient, as the first one), `change K` (K documents changed), `touch` (patient 0 changed), `sent` (documents sent so far),
 /// `peak`, `quit`.
 pub fn server_role(dir: &str, n: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = crate::transport::runtime().expect("runtime");
     // DIR is a directory for SQLite, or a postgres:// URL.
     let url = dir.starts_with("postgres").then_some(dir);
     let store = crate::store::open(url, None, std::path::Path::new(dir)).expect("store");
@@ -263,7 +273,7 @@ pub fn server_role(dir: &str, n: usize) {
                     let name = format!("live-{d}");
                     let t = token(&name);
                     let id = store.device_by_name(&name).expect("device").expect("device").id;
-                    let hot = (d < holders).then_some(0);
+                    let hot = holds_hot(d, k, holders).then_some(0);
                     for p in hot.into_iter().chain([1 + 2 * d % (n - 1), 2 + 2 * d % (n - 2)]) {
                         store.caseload_add(id, &ids[p]).expect("caseload");
                     }
@@ -297,7 +307,7 @@ pub fn server_role(dir: &str, n: usize) {
 /// `care-sync-bench --instance-role URL`. Serves on a port of its own, prints `ready ADDR`, and
 /// answers `peak` and `quit` on stdin.
 pub fn instance_role(url: &str) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = crate::transport::runtime().expect("runtime");
     let store = crate::store::open(Some(url), None, std::path::Path::new(url)).expect("store");
     let running = runtime
         .block_on(crate::transport::start(store, "127.0.0.1:0".parse().expect("addr")))

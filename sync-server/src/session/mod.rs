@@ -78,6 +78,17 @@ impl From<UploadError> for SessionError {
     }
 }
 
+/// What a change in the store means for a watching session ([`ServerSession::live_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveStep {
+    /// Nothing to send.
+    Nothing,
+    /// A round made without the store, ready to send.
+    Round,
+    /// The round must be planned from the store ([`ServerSession::plan_live_round`]).
+    Plan,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitHello,
@@ -273,40 +284,56 @@ impl ServerSession {
         moved: &StoreMoved,
         now_ms: i64,
     ) -> Result<bool, SessionError> {
+        match self.live_step(moved, now_ms) {
+            LiveStep::Nothing => Ok(false),
+            LiveStep::Round => Ok(true),
+            LiveStep::Plan => self.plan_live_round(store, now_ms),
+        }
+    }
+
+    /// The part of [`ServerSession::live_round`] that needs no store: whether `moved` concerns
+    /// the device at all, and its round when that is made from the entries `moved` carries.
+    /// Most changes in a region concern few of its watching devices, so the transport asks this
+    /// first, on the session's own task, and goes to the store only for [`LiveStep::Plan`].
+    pub fn live_step(&mut self, moved: &StoreMoved, now_ms: i64) -> LiveStep {
         if self.phase != Phase::Watching {
-            return Ok(false);
+            return LiveStep::Nothing;
         }
-        if let Some(live) = &mut self.live {
-            let same_scope = moved.scope_epoch == live.decided.epoch && now_ms < live.decided.valid_until_ms;
-            if moved.seq <= live.seen && same_scope {
-                return Ok(false); // nothing new
-            }
-            let follows = moved.after <= live.seen;
-            if follows && same_scope && moved.docs.is_disjoint(&live.holds) {
-                live.seen = moved.seq;
-                return Ok(false);
-            }
-            // Changes to documents it holds, and nothing else: the round is what moved, as the
-            // store would give it (changes after what the device has, not its own).
-            if let Some(entries) =
-                moved.entries.as_ref().filter(|_| follows && same_scope && self.resume.is_none())
-            {
-                let mut changes = crate::store::ChangesByDoc::new();
-                for e in entries.iter() {
-                    if e.seq > live.seen && e.author != Some(self.device.id) && live.holds.contains(&e.doc) {
-                        changes.entry(e.doc).or_default().push((e.seq, e.change.clone()));
-                    }
-                }
-                if changes.is_empty() {
-                    live.seen = moved.seq; // only its own changes came back
-                    return Ok(false);
-                }
-                self.rounds_planned += 1;
-                self.round = Some(Round::of_changes(moved.seq, changes, live.decided));
-                self.phase = Phase::Downloading;
-                return Ok(true);
+        let Some(live) = &mut self.live else { return LiveStep::Plan };
+        let same_scope = moved.scope_epoch == live.decided.epoch && now_ms < live.decided.valid_until_ms;
+        if moved.seq <= live.seen && same_scope {
+            return LiveStep::Nothing; // nothing new
+        }
+        let follows = moved.after <= live.seen;
+        if follows && same_scope && moved.docs.is_disjoint(&live.holds) {
+            live.seen = moved.seq;
+            return LiveStep::Nothing;
+        }
+        // Changes to documents it holds, and nothing else: the round is what moved, as the
+        // store would give it (changes after what the device has, not its own).
+        let Some(entries) = moved.entries.as_ref().filter(|_| follows && same_scope && self.resume.is_none())
+        else {
+            return LiveStep::Plan;
+        };
+        let mut changes = crate::store::ChangesByDoc::new();
+        for e in entries.iter() {
+            if e.seq > live.seen && e.author != Some(self.device.id) && live.holds.contains(&e.doc) {
+                changes.entry(e.doc).or_default().push((e.seq, e.change.clone()));
             }
         }
+        if changes.is_empty() {
+            live.seen = moved.seq; // only its own changes came back
+            return LiveStep::Nothing;
+        }
+        self.rounds_planned += 1;
+        self.round = Some(Round::of_changes(moved.seq, changes, live.decided));
+        self.phase = Phase::Downloading;
+        LiveStep::Round
+    }
+
+    /// Plans a live round from the store, after [`ServerSession::live_step`] said
+    /// [`LiveStep::Plan`]; returns whether there is something to send.
+    pub fn plan_live_round(&mut self, store: &dyn ServerStore, now_ms: i64) -> Result<bool, SessionError> {
         self.rounds_planned += 1;
         self.plan_round(store, now_ms)?;
         let round = self.round.as_ref().expect("a round was just planned");

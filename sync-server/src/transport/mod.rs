@@ -86,8 +86,27 @@ struct Shared {
     clock: Clock,
 }
 
+/// Threads the server's runtime runs store calls on, at most. Past a few dozen at once a call
+/// only queues for the store's connections (16 to PostgreSQL; one writer and four readers in
+/// SQLite), so more threads would only be made, wait, and be dropped again: 1,000 live rounds
+/// at once over two instances made some 300 threads in each every 25 s, each a fresh stack.
+const STORE_THREADS: usize = 64;
+
+/// The server's tokio runtime (the `serve` command's, and the bench's servers'): store calls on
+/// at most [`STORE_THREADS`] threads, kept a minute between bursts.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(STORE_THREADS)
+        .thread_keep_alive(Duration::from_secs(60))
+        .build()
+}
+
 /// How often the server looks for revocations and wipes of connected devices.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// How far another instance's clock may be behind this one's, for the watch for revocations.
+const CLOCK_MARGIN_MS: i64 = 10 * 60 * 1000;
 
 /// Closes the connections of devices revoked or told to wipe since they connected, so a
 /// revocation (from the CLI in another process or the admin API) ends a live session at once.
@@ -105,8 +124,13 @@ async fn watch_revocations(shared: Arc<Shared>) {
         if live.is_empty() {
             continue;
         }
+        // Only the devices whose revocation or wipe moved since the oldest of these sessions
+        // began: a few, however many devices the region has.
+        // (Less a margin for another instance's clock, which stamped a revocation made there.)
+        let oldest = live.iter().map(|(_, since, _)| *since).min().unwrap_or(0) - CLOCK_MARGIN_MS;
         let store = shared.store.clone();
-        let devices = match tokio::task::spawn_blocking(move || store.devices()).await {
+        let devices = match tokio::task::spawn_blocking(move || store.devices_controlled_since(oldest)).await
+        {
             Ok(Ok(devices)) => devices,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read the devices to apply revocations and wipes to live sessions");
@@ -114,8 +138,9 @@ async fn watch_revocations(shared: Arc<Shared>) {
             }
             Err(_) => continue,
         };
+        let devices: HashMap<i64, _> = devices.into_iter().map(|d| (d.id, d)).collect();
         for (id, since, stable) in live {
-            let Some(d) = devices.iter().find(|d| d.id == id) else { continue };
+            let Some(d) = devices.get(&id) else { continue };
             let revoked = d.revoked_at_ms.is_some_and(|at| at >= since)
                 || (d.revoked_at_ms.is_some() && !d.wipe_pending());
             let wipe = d.wipe_pending() && d.wipe_requested_at_ms.is_some_and(|at| at >= since);

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::pacer::Pacer;
 use super::{ConnectionError, LINGER, Shared, close_with, closed_by_device, peer_key};
 use crate::operator::metrics::{OutcomeLabel, RECEIVED, SENT, metrics};
-use crate::session::{ServerSession, SessionError, StoreMoved};
+use crate::session::{LiveStep, ServerSession, SessionError, StoreMoved};
 use crate::store::{DeviceRecord, ServerStore};
 
 /// A token bucket of upload bytes (`Limits::upload_bytes_per_minute`), so a device back from a
@@ -42,6 +42,9 @@ impl Allowance {
 }
 
 pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+    // Taken before the lookup: a revocation after the lookup is stamped at or after it, so the
+    // watch for revocations ends this session.
+    let admitted = shared.clock.now_ms();
     let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
         Some(Ok(Some(device))) if device.admitted() => device,
         Some(Err(e)) => {
@@ -57,7 +60,6 @@ pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) ->
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
-        let admitted = shared.clock.now_ms();
         if let Some((old, _)) =
             shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))
         {
@@ -332,11 +334,21 @@ async fn push_round(
     shared: &Shared,
 ) -> Result<Option<ServerSession>, ConnectionError> {
     let now = shared.clock.now_ms();
-    let (session, live) =
-        on_store(session, shared.store.clone(), move |s, store| s.live_round(store, &moved, now)).await?;
-    if !live? {
-        return Ok(Some(session));
-    }
+    let mut session = session;
+    // Without the store first: most changes concern few of the watching devices.
+    let session = match session.live_step(&moved, now) {
+        LiveStep::Nothing => return Ok(Some(session)),
+        LiveStep::Round => session,
+        LiveStep::Plan => {
+            let (session, live) =
+                on_store(session, shared.store.clone(), move |s, store| s.plan_live_round(store, now))
+                    .await?;
+            if !live? {
+                return Ok(Some(session));
+            }
+            session
+        }
+    };
     match send_round(session, conn, send, inbox, shared).await {
         Ok(session) => Ok(Some(session)),
         Err(e) if closed_by_device(&e) => Ok(None),

@@ -585,7 +585,7 @@ fn main() -> ExitCode {
         eprintln!("error: --operator: {e}");
         return ExitCode::FAILURE;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = care_sync_server::transport::runtime().expect("tokio runtime");
     match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

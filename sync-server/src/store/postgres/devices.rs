@@ -299,6 +299,19 @@ impl DeviceRegistry for PostgresStore {
         })
     }
 
+    fn devices_controlled_since(&self, since_ms: i64) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.run(async |c| {
+            c.query(
+                "SELECT * FROM devices WHERE revoked_at_ms >= $1 OR wipe_requested_at_ms >= $1 OR wiped_at_ms >= $1 ORDER BY id",
+                &[&since_ms],
+            )
+            .await?
+            .iter()
+            .map(device_from_row)
+            .collect()
+        })
+    }
+
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.stamp_once(name, "revoked_at_ms", now_ms)
     }

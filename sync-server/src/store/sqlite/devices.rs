@@ -248,6 +248,15 @@ impl DeviceRegistry for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn devices_controlled_since(&self, since_ms: i64) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM devices WHERE revoked_at_ms >= ?1 OR wipe_requested_at_ms >= ?1 OR wiped_at_ms >= ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([since_ms], device_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.stamp_once(name, "revoked_at_ms", now_ms)
     }
