@@ -245,7 +245,10 @@ async fn sync_once(
             .recv()
             .await?
             .ok_or_else(|| ClientError::Protocol("the server ended the session early".into()))?;
-        for reply in off_the_runtime(|| session.handle_reporting(message, store, store.now(), progress))? {
+        let heavy = is_heavy(&message);
+        for reply in
+            off_the_runtime(heavy, || session.handle_reporting(message, store, store.now(), progress))?
+        {
             link.send(&reply).await?;
         }
     }
@@ -320,7 +323,8 @@ pub async fn watch(
                     ended_by_server = true;
                     break;
                 };
-                for reply in off_the_runtime(|| session.handle(message, store, store.now()))? {
+                let heavy = is_heavy(&message);
+                for reply in off_the_runtime(heavy, || session.handle(message, store, store.now()))? {
                     link.send(&reply).await?;
                 }
                 if session.rounds_completed() > rounds {
@@ -348,13 +352,31 @@ pub async fn watch(
 /// Runs a step of store work (applying a page: parsing, sealing and committing its documents,
 /// tens of milliseconds) without holding up the runtime's other tasks, among them the QUIC
 /// connection's driver, whose acknowledgements pace the server: on a multi-threaded runtime
-/// the worker first hands its queued tasks to another thread.
-fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+/// the worker first hands its queued tasks to another thread. Only for `heavy` work (a
+/// message [`is_heavy`]): handing the worker over costs more than applying a live round's few
+/// changes, or ending a round.
+fn off_the_runtime<T>(heavy: bool, work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+        Ok(h) if heavy && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)
         }
         _ => work(),
+    }
+}
+
+/// Messages whose handling may take milliseconds of store work: a page of more than a few
+/// documents or with a whole one (parsed when it merges into a held copy), and a Welcome (which
+/// may wipe the store). A live round's page of a few changes and the messages that end a round
+/// or acknowledge an upload are small commits.
+fn is_heavy(message: &ServerMessage) -> bool {
+    const FEW: usize = 4;
+    match message {
+        ServerMessage::Docs { items, .. } => {
+            items.len() > FEW
+                || items.iter().any(|i| matches!(i.body, crate::protocol::DocBody::Whole { .. }))
+        }
+        ServerMessage::Welcome { .. } => true,
+        _ => false,
     }
 }
 
