@@ -876,6 +876,36 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     assert_eq!(SqliteStore::open(dir.path()).unwrap().schema_steps().unwrap().len(), 4);
 }
 
+/// TLS to the database. `.ci/postgres`'s cluster takes TLS connections only (pg_hba `hostssl`),
+/// with a certificate from a CA of its own that the cluster URL names
+/// (`sslmode=require&sslrootcert=…`), so every PostgreSQL test already connects over verified
+/// TLS. Here: that works; the same URL without the CA is refused, saying how to name it (the
+/// certificate is verified, against the system's roots then); and without TLS the cluster
+/// refuses the connection, so the tests' connections were encrypted.
+#[test]
+fn postgres_connections_use_tls_verified_against_the_url_s_root_certificate() {
+    let Some(pg) = Postgres::try_fresh() else { return eprintln!("skipped: no PostgreSQL") };
+    let url = pg.database.url.clone();
+    if !url.contains("sslrootcert=") {
+        assert!(
+            std::env::var("CARE_SYNC_REQUIRE_POSTGRES").map_or(true, |v| v != "1"),
+            "CI's cluster (.ci/postgres) names its CA in CARE_SYNC_POSTGRES_URL: {}",
+            care_sync_server::store::redact_url(&url)
+        );
+        return eprintln!("skipped: the cluster's URL names no sslrootcert (a cluster without TLS)");
+    }
+    let (base, query) = url.split_once('?').unwrap();
+    let without = |key: &str| query.split('&').filter(|p| !p.starts_with(key)).collect::<Vec<_>>().join("&");
+    assert_eq!(PostgresStore::open(&url).unwrap().devices().unwrap().len(), 0, "over TLS, verified");
+
+    let e = PostgresStore::open(&format!("{base}?{}", without("sslrootcert="))).expect_err("not trusted");
+    assert!(e.to_string().contains("not trusted") && e.to_string().contains("sslrootcert=PATH"), "{e}");
+
+    let plain = format!("{base}?{}", without("sslrootcert=").replace("sslmode=require", "sslmode=disable"));
+    let e = PostgresStore::open(&plain).expect_err("the cluster takes TLS only");
+    assert!(format!("{e} {e:?}").contains("no encryption"), "{e:?}");
+}
+
 /// Issue 12's skipped-sequence hazard, made to happen if it can: two instances write at once,
 /// one holding each transaction open for 300 ms after its changes are numbered (a trigger made
 /// for this test sleeps after each insert into the log), while a reader follows the log as a
@@ -895,7 +925,9 @@ fn postgres_log_numbers_are_never_skipped_by_a_cursor_while_two_instances_write_
     let ids = patients(&*store, 12, 20);
     // One instance holds each transaction 300 ms after numbering, the other not at all: with
     // numbers from a SEQUENCE, the fast one's later numbers would commit first, a gap below.
-    let slow = format!("{}?options=-c%20care_sync.test_delay%3D0.3", pg.database.url);
+    let url = &pg.database.url;
+    let slow =
+        format!("{url}{}options=-c%20care_sync.test_delay%3D0.3", if url.contains('?') { '&' } else { '?' });
     let writers: Vec<_> = [(&slow, &ids[..4]), (&pg.database.url, &ids[4..])]
         .into_iter()
         .map(|(url, chunk)| {

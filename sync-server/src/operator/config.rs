@@ -91,7 +91,8 @@ impl CompactionConfig {
 pub struct StoreConfig {
     /// `postgres://user@host:port/database` for PostgreSQL, shared by every instance of a
     /// region; left out, the embedded SQLite store in `data_dir`. Keep a password out of the
-    /// file with `password_file`.
+    /// file with `password_file`. TLS as libpq's `sslmode` and `sslrootcert` say
+    /// (`?sslmode=require&sslrootcert=/etc/care-sync/db-ca.pem`), the certificate always verified.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// A file holding the database password (one line), readable only by the server's user.

@@ -42,9 +42,6 @@ impl Allowance {
 }
 
 pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnectionError> {
-    // Taken before the lookup: a revocation after the lookup is stamped at or after it, so the
-    // watch for revocations ends this session.
-    let admitted = shared.clock.now_ms();
     let device = match peer_key(&conn).map(|k| shared.store.device_by_key(&k)) {
         Some(Ok(Some(device))) if device.admitted() => device,
         Some(Err(e)) => {
@@ -60,6 +57,9 @@ pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) ->
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
+        // (A revocation between the lookup and now is stamped a moment before this: the watch
+        // for revocations reads ten minutes further back, and ends the session.)
+        let admitted = shared.clock.now_ms();
         if let Some((old, _)) =
             shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))
         {

@@ -41,8 +41,9 @@ struct Cli {
     )]
     data_dir: Option<PathBuf>,
     /// The store's database: `postgres://user@host:port/database` for PostgreSQL (every
-    /// instance of a region names the same one) [default: `store.url` of the configuration,
-    /// else the embedded SQLite store in the data directory].
+    /// instance of a region names the same one; `?sslmode=require&sslrootcert=CA.pem` for TLS,
+    /// always verified) [default: `store.url` of the configuration, else the embedded SQLite
+    /// store in the data directory].
     #[arg(
         long,
         global = true,

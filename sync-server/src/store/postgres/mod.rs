@@ -27,6 +27,7 @@ mod migrations;
 mod patients;
 pub mod scratch;
 mod sync;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 
@@ -98,6 +99,25 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        if let Some(problem) = tls::certificate_problem(&e) {
+            return Self::Backend(
+                format!(
+                    "the database's TLS certificate is not trusted ({problem}): name the authority that \
+                     signed it with sslrootcert=PATH in the store URL (or sslmode=disable, on a network you trust)"
+                )
+                .into(),
+            );
+        }
+        // Refused at connection (authentication, pg_hba, no such database): PostgreSQL's own
+        // words, which name no data, only the user, host and database. (Errors of statements
+        // stay opaque: their details may quote a row.)
+        if let deadpool_postgres::PoolError::Backend(pg) = &e
+            && let Some(db) = pg.as_db_error()
+        {
+            return Self::Backend(
+                format!("the database refused the connection: {} {}", db.severity(), db.message()).into(),
+            );
+        }
         Self::Backend(Box::new(e))
     }
 }
@@ -136,9 +156,7 @@ impl PostgresStore {
 
     /// [`PostgresStore::open`] with the password given apart from the URL (a file's).
     pub fn open_with_password(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Backend(format!("the store URL: {e}").into()))?;
+        let tls::Connect { mut config, tls } = tls::Connect::parse(url)?;
         if let Some(password) = password {
             config.password(password);
         }
@@ -155,11 +173,12 @@ impl PostgresStore {
             .thread_name("care-sync-postgres")
             .enable_all()
             .build()?;
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
-        );
+        let recycling =
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast };
+        let manager = match tls {
+            tls::Tls::Off(none) => deadpool_postgres::Manager::from_config(config, none, recycling),
+            tls::Tls::Verified(rustls) => deadpool_postgres::Manager::from_config(config, rustls, recycling),
+        };
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(POOL_WAIT))

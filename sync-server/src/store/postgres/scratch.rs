@@ -38,7 +38,9 @@ impl ScratchDatabase {
             .rsplit_once('/')
             .filter(|(c, _)| c.contains("://") && !c.ends_with('/'))
             .ok_or_else(|| StoreError::Backend("the cluster URL must name a database".into()))?;
-        let url = format!("{cluster}/{name}");
+        // The cluster URL's parameters (sslmode, sslrootcert…) apply to the new database too.
+        let query = admin.split_once('?').map_or(String::new(), |(_, q)| format!("?{q}"));
+        let url = format!("{cluster}/{name}{query}");
         Ok(Self { admin: admin.to_string(), name, url })
     }
 
@@ -72,15 +74,31 @@ pub fn execute(url: &str, sql: &str) -> Result<(), StoreError> {
     let work = move || -> Result<(), StoreError> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            let connection = tokio::spawn(connection);
-            let done = client.batch_execute(&sql).await;
-            drop(client);
-            let _ = connection.await;
-            Ok(done?)
+            let super::tls::Connect { config, tls } = super::tls::Connect::parse(&url)?;
+            match tls {
+                super::tls::Tls::Off(none) => run_on(config.connect(none).await?, &sql).await?,
+                super::tls::Tls::Verified(rustls) => run_on(config.connect(rustls).await?, &sql).await?,
+            }
+            Ok(())
         })
     };
     std::thread::spawn(work)
         .join()
         .map_err(|_| StoreError::Backend("the admin connection panicked".into()))?
+}
+
+/// Runs `sql` on a connection just made, then closes it.
+async fn run_on<S, T>(
+    (client, connection): (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+    sql: &str,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    let connection = tokio::spawn(connection);
+    let done = client.batch_execute(sql).await;
+    drop(client);
+    let _ = connection.await;
+    done
 }
