@@ -6,7 +6,8 @@
 //! `require` refuses a database that does not. TLS 1.3 only, rustls with ring (as the QUIC side).
 //!
 //! tokio-postgres reads `sslmode` itself but not `sslrootcert`, which is taken out of the URL
-//! here before it is parsed, so one URL serves the store, `psql` and `pg_dump` alike.
+//! here before it is parsed, so one URL serves the store, `psql` and `pg_dump` alike. libpq's
+//! `verify-ca` and `verify-full` are read as `require` (which verifies as `verify-full` does).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +74,7 @@ fn take_root_cert(url: &str) -> Result<(String, Option<Roots>), StoreError> {
             }
             Some(("sslrootcert", "system")) => roots = Some(Roots::System),
             Some(("sslrootcert", path)) => roots = Some(Roots::File(PathBuf::from(path))),
+            Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
             _ => kept.push(pair),
         }
     }
@@ -149,6 +151,8 @@ mod tests {
         let (url, roots) = take_root_cert("postgres://u@h/db?sslrootcert=system").unwrap();
         assert_eq!((url.as_str(), roots), ("postgres://u@h/db", Some(Roots::System)));
         assert_eq!(take_root_cert("postgres://u@h/db").unwrap(), ("postgres://u@h/db".into(), None));
+        let (url, _) = take_root_cert("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").unwrap();
+        assert_eq!(url, "postgres://u@h/db?sslmode=require", "libpq's verify-full: we always verify");
         assert!(take_root_cert("postgres://u@h/db?sslrootcert=").is_err());
     }
 
