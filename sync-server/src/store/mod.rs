@@ -449,9 +449,9 @@ pub trait DeviceRegistry: Send + Sync {
     fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError>;
     fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceRecord>, StoreError>;
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
-    /// The devices revoked, asked to wipe or wiped at or after `since_ms` (a few, however many
-    /// devices the region has): what the live sessions' watch for revocations reads.
-    fn devices_controlled_since(&self, since_ms: i64) -> Result<Vec<DeviceRecord>, StoreError>;
+    /// Of the devices `ids`, those ever revoked or asked to wipe: what the live sessions' watch
+    /// for revocations reads (by id: no clock of any instance decides what it finds).
+    fn controlled_devices(&self, ids: &[i64]) -> Result<Vec<DeviceRecord>, StoreError>;
     /// Revokes a device; false if it was revoked already.
     fn revoke_device(&self, name: &str, now_ms: i64) -> Result<bool, StoreError>;
     /// Asks a device to destroy its data at its next contact (even after revocation); false if

@@ -105,9 +105,6 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// How often the server looks for revocations and wipes of connected devices.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
-/// How far another instance's clock may be behind this one's, for the watch for revocations.
-const CLOCK_MARGIN_MS: i64 = 10 * 60 * 1000;
-
 /// Closes the connections of devices revoked or told to wipe since they connected, so a
 /// revocation (from the CLI in another process or the admin API) ends a live session at once.
 /// A wipe ends the session too; the device's next connection is told to wipe.
@@ -124,13 +121,11 @@ async fn watch_revocations(shared: Arc<Shared>) {
         if live.is_empty() {
             continue;
         }
-        // Only the devices whose revocation or wipe moved since the oldest of these sessions
-        // began: a few, however many devices the region has.
-        // (Less a margin for another instance's clock, which stamped a revocation made there.)
-        let oldest = live.iter().map(|(_, since, _)| *since).min().unwrap_or(0) - CLOCK_MARGIN_MS;
+        // Only the live devices ever revoked or asked to wipe: a few, however many devices the
+        // region has, each found by its id.
+        let ids: Vec<i64> = live.iter().map(|(id, _, _)| *id).collect();
         let store = shared.store.clone();
-        let devices = match tokio::task::spawn_blocking(move || store.devices_controlled_since(oldest)).await
-        {
+        let devices = match tokio::task::spawn_blocking(move || store.controlled_devices(&ids)).await {
             Ok(Ok(devices)) => devices,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read the devices to apply revocations and wipes to live sessions");

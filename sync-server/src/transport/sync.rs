@@ -57,8 +57,8 @@ pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) ->
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
-        // (A revocation between the lookup and now is stamped a moment before this: the watch
-        // for revocations reads ten minutes further back, and ends the session.)
+        // (A revocation between the lookup and now is stamped before this: the watch for
+        // revocations ends the session all the same, as any revoked device's without a wipe.)
         let admitted = shared.clock.now_ms();
         if let Some((old, _)) =
             shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))

@@ -299,11 +299,12 @@ impl DeviceRegistry for PostgresStore {
         })
     }
 
-    fn devices_controlled_since(&self, since_ms: i64) -> Result<Vec<DeviceRecord>, StoreError> {
+    fn controlled_devices(&self, ids: &[i64]) -> Result<Vec<DeviceRecord>, StoreError> {
         self.run(async |c| {
             c.query(
-                "SELECT * FROM devices WHERE revoked_at_ms >= $1 OR wipe_requested_at_ms >= $1 OR wiped_at_ms >= $1 ORDER BY id",
-                &[&since_ms],
+                "SELECT * FROM devices WHERE id = ANY($1)
+                 AND (revoked_at_ms IS NOT NULL OR wipe_requested_at_ms IS NOT NULL) ORDER BY id",
+                &[&ids],
             )
             .await?
             .iter()

@@ -28,11 +28,6 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "late_log_head",
         sql: include_str!("../../../migrations/postgres/0004_late_log_head.sql"),
     },
-    Migration {
-        version: 5,
-        name: "device_controls",
-        sql: include_str!("../../../migrations/postgres/0005_device_controls.sql"),
-    },
 ];
 
 /// The advisory lock instances take turns on while migrating.

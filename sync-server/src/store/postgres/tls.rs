@@ -8,13 +8,14 @@
 //! tokio-postgres reads `sslmode` itself but not `sslrootcert`, which is taken out of the URL
 //! here before it is parsed, so one URL serves the store, `psql` and `pg_dump` alike. libpq's
 //! `verify-ca` and `verify-full` are read as `require` (which verifies as `verify-full` does).
+//! As in libpq, a Unix socket never uses TLS: a URL whose hosts are all sockets connects without.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode};
 
 use crate::store::StoreError;
 
@@ -45,7 +46,11 @@ impl Connect {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Backend(format!("the store URL: {e}").into()))?;
+        let sockets_only = !config.get_hosts().is_empty()
+            && config.get_hosts().iter().all(|h| matches!(h, Host::Unix(_)))
+            && config.get_hostaddrs().is_empty();
         let tls = match (config.get_ssl_mode(), roots) {
+            _ if sockets_only => Tls::Off(tokio_postgres::NoTls),
             (SslMode::Disable, Some(_)) => {
                 return Err(StoreError::Backend(
                     "the store URL names sslrootcert but says sslmode=disable: leave one out".into(),
@@ -73,7 +78,7 @@ fn take_root_cert(url: &str) -> Result<(String, Option<Roots>), StoreError> {
                 ));
             }
             Some(("sslrootcert", "system")) => roots = Some(Roots::System),
-            Some(("sslrootcert", path)) => roots = Some(Roots::File(PathBuf::from(path))),
+            Some(("sslrootcert", path)) => roots = Some(Roots::File(PathBuf::from(percent_decoded(path)?))),
             Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
             _ => kept.push(pair),
         }
@@ -83,6 +88,24 @@ fn take_root_cert(url: &str) -> Result<(String, Option<Roots>), StoreError> {
         false => format!("{base}?{}", kept.join("&")),
     };
     Ok((url, roots))
+}
+
+/// A URL parameter's value with its `%XX` escapes decoded, as libpq reads it.
+fn percent_decoded(value: &str) -> Result<String, StoreError> {
+    let bad = || StoreError::Backend("the store URL's sslrootcert has a malformed %-escape".into());
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut rest = value.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(bad)?;
+            bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
 }
 
 /// A rustls client configuration that trusts `roots` only.
@@ -154,6 +177,10 @@ mod tests {
         let (url, _) = take_root_cert("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").unwrap();
         assert_eq!(url, "postgres://u@h/db?sslmode=require", "libpq's verify-full: we always verify");
         assert!(take_root_cert("postgres://u@h/db?sslrootcert=").is_err());
+        let (_, roots) = take_root_cert("postgres://u@h/db?sslrootcert=%2Fetc%2Fmy%20ca.pem").unwrap();
+        assert_eq!(roots, Some(Roots::File("/etc/my ca.pem".into())), "decoded as libpq decodes it");
+        assert!(take_root_cert("postgres://u@h/db?sslrootcert=%2").is_err());
+        assert!(take_root_cert("postgres://u@h/db?sslrootcert=%zz").is_err());
     }
 
     #[test]
@@ -171,5 +198,8 @@ mod tests {
         assert!(e.to_string().contains("sslmode=disable"), "{e}");
         assert!(matches!(Connect::parse("postgres://u@h/db?sslmode=disable").unwrap().tls, Tls::Off(_)));
         assert!(matches!(Connect::parse("postgres://u@h/db").unwrap().tls, Tls::Verified(_)));
+        // A Unix socket, as libpq: no TLS there (tokio-postgres would name no host to verify).
+        let socket = Connect::parse("postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=require").unwrap();
+        assert!(matches!(socket.tls, Tls::Off(_)));
     }
 }

@@ -248,12 +248,14 @@ impl DeviceRegistry for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn devices_controlled_since(&self, since_ms: i64) -> Result<Vec<DeviceRecord>, StoreError> {
+    fn controlled_devices(&self, ids: &[i64]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let ids = serde_json::to_string(ids).expect("numbers");
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
-            "SELECT * FROM devices WHERE revoked_at_ms >= ?1 OR wipe_requested_at_ms >= ?1 OR wiped_at_ms >= ?1 ORDER BY id",
+            "SELECT * FROM devices WHERE id IN (SELECT value FROM json_each(?1))
+             AND (revoked_at_ms IS NOT NULL OR wipe_requested_at_ms IS NOT NULL) ORDER BY id",
         )?;
-        let rows = stmt.query_map([since_ms], device_from_row)?;
+        let rows = stmt.query_map([ids], device_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -30,11 +30,6 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "session_fence",
         sql: include_str!("../../../migrations/sqlite/0003_session_fence.sql"),
     },
-    Migration {
-        version: 4,
-        name: "device_controls",
-        sql: include_str!("../../../migrations/sqlite/0004_device_controls.sql"),
-    },
 ];
 
 /// Brings the store to the newest step; returns the steps applied now.
