@@ -26,7 +26,7 @@ use sync::{Allowance, handle_sync};
 use crate::domain::limits::Limits;
 use crate::operator::metrics::{RECEIVED, SENT, metrics};
 use crate::session::{SessionError, StoreMoved};
-use crate::store::ServerStore;
+use crate::store::{DeviceRecord, ServerStore};
 
 /// How long the server waits for a device to close after the session ended.
 pub const LINGER: Duration = Duration::from_secs(10);
@@ -75,8 +75,9 @@ struct Shared {
     /// The newest change sequence number, published whenever it moves (live sessions wait on it).
     changes: tokio::sync::watch::Receiver<StoreMoved>,
     server_key: PublicKey,
-    /// The live connection of each device, with when it was admitted; a newer one supersedes it.
-    live: Mutex<HashMap<i64, (quinn::Connection, i64)>>,
+    /// The live connection of each device, with what its record said when it was admitted; a
+    /// newer one supersedes it.
+    live: Mutex<HashMap<i64, (quinn::Connection, Admitted)>>,
     /// Enrolment connections open now (peers that have not authenticated).
     enrolling: std::sync::atomic::AtomicUsize,
     /// Each device's upload allowance.
@@ -105,18 +106,46 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// How often the server looks for revocations and wipes of connected devices.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
+/// What a live session's device record said when the session was admitted (what its Welcome
+/// told the device): the watch for revocations closes the session when the record moves past
+/// it. No clock is compared, so another instance's or the CLI's clock cannot hide a revocation.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    revoked: bool,
+    wipe: bool,
+}
+
+impl Admitted {
+    fn from(device: &DeviceRecord) -> Self {
+        Self { revoked: device.revoked_at_ms.is_some(), wipe: device.wipe_pending() }
+    }
+
+    /// Whether a session admitted so must end now that its device's record is `now`: revoked
+    /// since (even with a wipe pending: the next connection is told to wipe), revoked with no
+    /// wipe pending (its wipe confirmed: never served again), or asked to wipe since.
+    fn ends(self, now: &DeviceRecord) -> Option<&'static [u8]> {
+        let revoked = now.revoked_at_ms.is_some() && (!self.revoked || !now.wipe_pending());
+        let wipe = now.wipe_pending() && !self.wipe;
+        match (revoked, wipe) {
+            (_, true) => Some(b"reconnect: the operator asked this device to wipe"),
+            (true, false) => Some(b"this device has been revoked"),
+            (false, false) => None,
+        }
+    }
+}
+
 /// Closes the connections of devices revoked or told to wipe since they connected, so a
 /// revocation (from the CLI in another process or the admin API) ends a live session at once.
 /// A wipe ends the session too; the device's next connection is told to wipe.
 async fn watch_revocations(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(REVOCATION_POLL).await;
-        let live: Vec<(i64, i64, usize)> = shared
+        let live: Vec<(i64, Admitted, usize)> = shared
             .live
             .lock()
             .expect("live map")
             .iter()
-            .map(|(id, (conn, since))| (*id, *since, conn.stable_id()))
+            .map(|(id, (conn, admitted))| (*id, *admitted, conn.stable_id()))
             .collect();
         if live.is_empty() {
             continue;
@@ -134,14 +163,9 @@ async fn watch_revocations(shared: Arc<Shared>) {
             Err(_) => continue,
         };
         let devices: HashMap<i64, _> = devices.into_iter().map(|d| (d.id, d)).collect();
-        for (id, since, stable) in live {
+        for (id, admitted, stable) in live {
             let Some(d) = devices.get(&id) else { continue };
-            let revoked = d.revoked_at_ms.is_some_and(|at| at >= since)
-                || (d.revoked_at_ms.is_some() && !d.wipe_pending());
-            let wipe = d.wipe_pending() && d.wipe_requested_at_ms.is_some_and(|at| at >= since);
-            if !(revoked || wipe) {
-                continue;
-            }
+            let Some(reason) = admitted.ends(d) else { continue };
             // Only the connection looked at: a newer one (the reconnect after a wipe) stays.
             let conn = {
                 let mut live = shared.live.lock().expect("live map");
@@ -152,11 +176,6 @@ async fn watch_revocations(shared: Arc<Shared>) {
             };
             if let Some((conn, _)) = conn {
                 tracing::warn!(device = %d.name, "closing the live session of a revoked or wiped device");
-                let reason: &[u8] = if wipe {
-                    b"reconnect: the operator asked this device to wipe"
-                } else {
-                    b"this device has been revoked"
-                };
                 conn.close(close::REFUSED.into(), reason);
             }
         }
@@ -347,4 +366,48 @@ fn close_with(conn: &quinn::Connection, error: &ConnectionError) {
     };
     let reason = error.to_string();
     conn.close(code.into(), &reason.as_bytes()[..reason.len().min(512)]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::device::Role;
+
+    fn record(revoked: bool, wipe_requested: bool, wiped: bool) -> DeviceRecord {
+        DeviceRecord {
+            id: 1,
+            name: "tablet".into(),
+            role: Role::AmbulanceCrew,
+            public_key: None,
+            enrolled_at_ms: Some(1),
+            revoked_at_ms: revoked.then_some(5),
+            acked_cursor: 0,
+            last_sync_ms: None,
+            wipe_requested_at_ms: wipe_requested.then_some(5),
+            wiped_at_ms: wiped.then_some(6),
+            left_out: 0,
+        }
+    }
+
+    #[test]
+    fn a_live_session_ends_when_its_device_s_record_moves_past_what_it_was_admitted_with() {
+        let clean = Admitted::from(&record(false, false, false));
+        assert_eq!(clean.ends(&record(false, false, false)), None);
+        assert_eq!(clean.ends(&record(true, false, false)), Some(&b"this device has been revoked"[..]));
+        let wipe = Some(&b"reconnect: the operator asked this device to wipe"[..]);
+        assert_eq!(clean.ends(&record(false, true, false)), wipe, "asked to wipe during the session");
+        assert_eq!(
+            clean.ends(&record(true, true, false)),
+            wipe,
+            "revoked with a wipe: told at its next connection"
+        );
+        // Admitted (revoked) only to be told to wipe: served until it confirms, then never again.
+        let to_wipe = Admitted::from(&record(true, true, false));
+        assert_eq!(to_wipe.ends(&record(true, true, false)), None);
+        assert_eq!(to_wipe.ends(&record(true, true, true)), Some(&b"this device has been revoked"[..]));
+        // Told to wipe in its Welcome, not revoked: no second telling.
+        let wiping = Admitted::from(&record(false, true, false));
+        assert_eq!(wiping.ends(&record(false, true, false)), None);
+        assert_eq!(wiping.ends(&record(true, true, false)), Some(&b"this device has been revoked"[..]));
+    }
 }

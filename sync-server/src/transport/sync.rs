@@ -57,9 +57,10 @@ pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) ->
     };
     let span = tracing::info_span!("sync", device = %device.name);
     async move {
-        // (A revocation between the lookup and now is stamped before this: the watch for
-        // revocations ends the session all the same, as any revoked device's without a wipe.)
-        let admitted = shared.clock.now_ms();
+        // What the lookup said: a revocation or wipe after it (even before this line) ends the
+        // session.
+        let admitted = super::Admitted::from(&device);
+        let started_ms = shared.clock.now_ms();
         if let Some((old, _)) =
             shared.live.lock().expect("live map").insert(device.id, (conn.clone(), admitted))
         {
@@ -84,7 +85,7 @@ pub(super) async fn handle_sync(conn: quinn::Connection, shared: Arc<Shared>) ->
             Err(e) => tracing::warn!(error = %e, "sync session failed"),
             // One line per session at the default level: who synced, for how long.
             Ok(()) => tracing::info!(
-                seconds = (shared.clock.now_ms() - admitted) as f64 / 1000.0,
+                seconds = (shared.clock.now_ms() - started_ms) as f64 / 1000.0,
                 "sync session ended"
             ),
         }
