@@ -845,9 +845,7 @@ fn a_store_made_before_numbered_migrations_is_adopted_and_keeps_everything() {
     let store = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(
         store.schema_steps().unwrap(),
-        [(1, "initial"), (2, "hl7_claims"), (3, "session_fence")]
-            .map(|(n, name)| (n, name.to_string()))
-            .to_vec()
+        vec![(1, "initial".to_string()), (2, "hl7_claims".to_string()), (3, "session_fence".to_string())]
     );
     assert_eq!(counts(&dir.path().join("server.db")), before, "nothing lost or added by the upgrade");
 

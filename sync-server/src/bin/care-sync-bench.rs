@@ -429,9 +429,9 @@ fn device_role(first: usize) {
         "open-file limit {files} is too low for {} devices",
         devices.len()
     );
-    // Each device applies its pages off the runtime (`block_in_place`, a thread taking over the
-    // runtime's worker): with a thousand devices in one process, threads kept a minute instead
-    // of ten seconds are not made again at every change.
+    // Each device applies its first sync's pages off the runtime (`block_in_place`, a thread
+    // taking over the runtime's worker): with a thousand devices in one process, threads kept a
+    // minute instead of ten seconds are not made again for each wave of first syncs.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_keep_alive(Duration::from_secs(60))
